@@ -1,0 +1,1 @@
+//! propd-gossip (being built; see docs/ARCHITECTURE.md).

@@ -1,0 +1,1 @@
+//! propd-merkle (being built; see docs/ARCHITECTURE.md).

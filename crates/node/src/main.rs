@@ -1,0 +1,3 @@
+//! The `propd` binary (being built; see docs/ARCHITECTURE.md).
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! propd-repair (being built; see docs/ARCHITECTURE.md).

@@ -1,0 +1,1 @@
+//! propd-store (being built; see docs/ARCHITECTURE.md).

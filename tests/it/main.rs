@@ -1,0 +1,1 @@
+//! Whole-system tests, one binary with a module per suite.

@@ -1,0 +1,1 @@
+//! Support code shared by the whole-system tests in `it/`.

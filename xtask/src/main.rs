@@ -1,0 +1,147 @@
+//! Project automation, one binary with subcommands (`cargo xtask help`).
+//!
+//! `ci` is the one command that CI and every developer runs before a commit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const HELP: &str = "\
+cargo xtask <command>
+
+commands:
+  ci       format check, clippy (warnings denied), purity checks, every test
+  bench    run the criterion benches (release build); extra args go to `cargo bench`
+  help     this text
+";
+
+/// Crates whose protocol cores must stay free of the async runtime.
+const PURE_CRATES: &[&str] = &["propd-merkle", "propd-gossip", "propd-repair"];
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match command.as_str() {
+        "ci" => ci(),
+        "bench" => bench(&rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown xtask command `{other}`\n\n{HELP}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn ci() -> Result<()> {
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    for krate in PURE_CRATES {
+        check_pure(krate)?;
+    }
+    // The slow multi-process suites are gated by this variable; CI runs them.
+    // SAFETY of intent: set before any child process is spawned.
+    let mut test = if has_nextest() {
+        cargo(&[
+            "nextest",
+            "run",
+            "--workspace",
+            "--all-features",
+            "--locked",
+            "--no-fail-fast",
+        ])
+    } else {
+        cargo(&[
+            "test",
+            "--workspace",
+            "--all-features",
+            "--locked",
+            "--no-fail-fast",
+        ])
+    };
+    test.env("PROPD_SLOW_TESTS", "1");
+    status(test)?;
+    if has_nextest() {
+        // nextest does not run doctests.
+        run(
+            "cargo",
+            &["test", "--workspace", "--all-features", "--locked", "--doc"],
+        )?;
+    }
+    eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
+
+/// Proves a crate's boundary: no tokio anywhere in its normal dependency tree.
+fn check_pure(krate: &str) -> Result<()> {
+    let output = Command::new("cargo")
+        .args([
+            "tree", "--locked", "-p", krate, "-e", "normal", "-i", "tokio",
+        ])
+        .output()
+        .context("running cargo tree")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !stdout.trim().is_empty() {
+        bail!("{krate} must not depend on tokio, but cargo tree finds:\n{stdout}");
+    }
+    eprintln!("xtask ci: {krate} is free of tokio");
+    Ok(())
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let mut command = cargo(&["bench", "--package", "propd-benches", "--locked"]);
+    command.args(extra);
+    status(command)
+}
+
+fn has_nextest() -> bool {
+    Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut command = Command::new("cargo");
+    command.args(args);
+    command
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let mut command = Command::new(program);
+    command.args(args);
+    status(command)
+}
+
+fn status(mut command: Command) -> Result<()> {
+    eprintln!("xtask: {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("spawning {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
