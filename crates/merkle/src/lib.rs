@@ -1,1 +1,36 @@
-//! propd-merkle (being built; see docs/ARCHITECTURE.md).
+//! The Merkle tree of one (group, shard): canonical property bytes, leaf and node digests, tree
+//! positions, an incremental tree over a storage trait, a tree built from a stream, a level-by-level
+//! diff with its bandwidth model, and a versioned snapshot file format.
+//!
+//! The tree has the levels **root → slots → bucket levels → leaves** (see [`Shape`] and
+//! [`NodeId`]). A leaf is `(entity, digest of the canonical bytes)`; leaves are ordered everywhere
+//! (tree, diff, snapshot, wire) by `(bucket index, entity bytes)`: within one bucket by entity
+//! bytes. The exact byte layouts are in `docs/formats.md`.
+//!
+//! What this crate does not do: no IO, no async, no clock reads and no logging. It never touches a
+//! disk or a socket: the store persists the live tree through [`TreeStorage`], and the repair
+//! protocol moves digests over the wire itself.
+
+pub mod build;
+
+pub mod digest;
+pub mod entity;
+pub mod live;
+pub mod position;
+pub mod property;
+pub mod shape;
+
+pub mod storage;
+pub mod version;
+
+pub use build::{BuildError, Leaf, Tree, TreeBuilder};
+
+pub use digest::{Algorithm, Digest, DigestError, MAX_DIGEST_WIDTH, NodeHasher};
+pub use entity::{Entity, EntityError};
+pub use live::{LiveError, LiveTree};
+pub use position::{NodeId, TREE_SEED, position, shard_of};
+pub use property::{Property, TagValue};
+pub use shape::{FORMAT_VERSION, Shape, ShapeError};
+
+pub use storage::{InnerNode, MemStorage, TreeStorage};
+pub use version::version_order;

@@ -1,0 +1,206 @@
+//! Where a leaf sits in the tree (a seeded xxh3 independent of the shard hash), node addressing,
+//! and the shard function everyone shares.
+
+use std::num::NonZeroU32;
+use std::ops::Range;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::entity::Entity;
+use crate::shape::Shape;
+
+/// The seed of the position hash. It makes positions independent of the shard hash (plain
+/// `xxh3_64` without seed): otherwise every leaf of a shard would land in the few slots that
+/// share factors with `shard_num` (the reference's collapse). Part of format version 1.
+pub const TREE_SEED: u64 = 0x7072_6f70_642d_6d6b; // "propd-mk"
+
+/// The position of a leaf: `xxh3_64_with_seed(entity bytes, TREE_SEED)`.
+pub fn position(entity: &Entity) -> u64 {
+    xxh3_64_with_seed(entity.as_bytes(), TREE_SEED)
+}
+
+/// The shard of an entity in a group of `shard_num` shards: `xxh3_64(entity bytes) % shard_num`
+/// (no seed). Part of the data format: never changed without a version bump.
+pub fn shard_of(entity: &Entity, shard_num: NonZeroU32) -> u32 {
+    (xxh3_64(entity.as_bytes()) % shard_num.get() as u64) as u32
+}
+
+/// The address of an inner node: its level (0 the root, 1 the slots, 2..=depth+1 the bucket
+/// levels) and its index within the level. Under a node of level >= 1 with index `i` the children
+/// have indexes `i * fanout .. (i + 1) * fanout`; under the root, `0..slot_count`.
+///
+/// Ordered by (level, index): the order of storage keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    /// The level, 0 = root.
+    pub level: u32,
+    /// The index within the level.
+    pub index: u64,
+}
+
+impl NodeId {
+    /// The root.
+    pub const ROOT: NodeId = NodeId { level: 0, index: 0 };
+
+    /// A node id from its parts (not checked against a shape; see [`Shape::contains`]).
+    pub fn new(level: u32, index: u64) -> Self {
+        NodeId { level, index }
+    }
+
+    /// The parent, or `None` for the root. Needs the shape for the fanout.
+    pub fn parent(self, shape: &Shape) -> Option<NodeId> {
+        shape.parent(self)
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.level, self.index)
+    }
+}
+
+impl Shape {
+    /// The bucket index of a position: the slot is `p % slot_count`; each bucket level below
+    /// appends the next base-`fanout` digit of `p / slot_count`, least significant first.
+    pub fn bucket_index(&self, position: u64) -> u64 {
+        let slot_count = self.slot_count as u64;
+        let fanout = self.fanout as u64;
+        let mut index = position % slot_count;
+        let mut rest = position / slot_count;
+        for _ in 0..self.depth {
+            index = index * fanout + rest % fanout;
+            rest /= fanout;
+        }
+        index
+    }
+
+    /// The bucket (node at [`Shape::bucket_level`]) that holds an entity's leaf.
+    pub fn bucket_of(&self, entity: &Entity) -> NodeId {
+        NodeId {
+            level: self.bucket_level(),
+            index: self.bucket_index(position(entity)),
+        }
+    }
+
+    /// Whether the node exists in a tree of this shape.
+    pub fn contains(&self, node: NodeId) -> bool {
+        node.level <= self.bucket_level() && node.index < self.level_width(node.level)
+    }
+
+    /// The parent of a node, `None` for the root.
+    pub fn parent(&self, node: NodeId) -> Option<NodeId> {
+        match node.level {
+            0 => None,
+            1 => Some(NodeId::ROOT),
+            level => Some(NodeId {
+                level: level - 1,
+                index: node.index / self.fanout as u64,
+            }),
+        }
+    }
+
+    /// The ancestor of `node` at `level` (the node itself at its own level). `level` must not be
+    /// below the node's level.
+    pub fn ancestor(&self, node: NodeId, level: u32) -> NodeId {
+        if level == 0 {
+            return NodeId::ROOT;
+        }
+        let up = node.level.saturating_sub(level);
+        NodeId {
+            level: node.level.min(level),
+            index: node.index / (self.fanout as u64).pow(up),
+        }
+    }
+
+    /// The position of a node under its parent: its slot under the root, else `index % fanout`.
+    pub fn child_position(&self, node: NodeId) -> u32 {
+        match node.level {
+            0 => 0,
+            1 => node.index as u32,
+            _ => (node.index % self.fanout as u64) as u32,
+        }
+    }
+
+    /// The indexes, at `level + 1`, of a node's children (empty for a bucket).
+    pub fn child_range(&self, node: NodeId) -> Range<u64> {
+        if node.level >= self.bucket_level() {
+            return 0..0;
+        }
+        if node.level == 0 {
+            return 0..self.slot_count as u64;
+        }
+        let fanout = self.fanout as u64;
+        node.index * fanout..(node.index + 1) * fanout
+    }
+
+    /// A node's children (empty for a bucket).
+    pub fn children(&self, node: NodeId) -> impl Iterator<Item = NodeId> + use<> {
+        let level = node.level + 1;
+        self.child_range(node)
+            .map(move |index| NodeId { level, index })
+    }
+
+    /// The bucket indexes under a node: contiguous because a child's index is
+    /// `parent * fanout + digit`. The root covers every bucket; a bucket covers itself.
+    pub fn bucket_range(&self, node: NodeId) -> Range<u64> {
+        if node.level == 0 {
+            return 0..self.bucket_count();
+        }
+        let span = (self.fanout as u64).pow(self.bucket_level().saturating_sub(node.level));
+        node.index * span..(node.index + 1) * span
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_digits_follow_the_documented_rule() {
+        let shape = Shape {
+            slot_count: 32,
+            fanout: 16,
+            depth: 2,
+            ..Shape::default()
+        };
+        // p = 5 + 32 * (3 + 16 * 7): slot 5, then digits 3 and 7.
+        let p = 5 + 32 * (3 + 16 * 7);
+        assert_eq!(shape.bucket_index(p), (5 * 16 + 3) * 16 + 7);
+        let bucket = NodeId::new(3, shape.bucket_index(p));
+        assert_eq!(shape.ancestor(bucket, 1), NodeId::new(1, 5));
+        assert_eq!(shape.ancestor(bucket, 2), NodeId::new(2, 5 * 16 + 3));
+        assert_eq!(bucket.parent(&shape), Some(NodeId::new(2, 5 * 16 + 3)));
+        assert_eq!(shape.child_position(bucket), 7);
+        assert_eq!(NodeId::new(1, 5).parent(&shape), Some(NodeId::ROOT));
+        assert_eq!(NodeId::ROOT.parent(&shape), None);
+    }
+
+    #[test]
+    fn bucket_ranges_nest() {
+        let shape = Shape::default();
+        assert_eq!(shape.bucket_range(NodeId::ROOT), 0..131_072);
+        assert_eq!(shape.bucket_range(NodeId::new(1, 2)), 2 * 4096..3 * 4096);
+        assert_eq!(shape.bucket_range(NodeId::new(4, 9)), 9..10);
+        let children: Vec<NodeId> = shape.children(NodeId::new(1, 2)).collect();
+        assert_eq!(children.len(), 16);
+        assert_eq!(children[0], NodeId::new(2, 32));
+        assert_eq!(shape.children(NodeId::ROOT).count(), 32);
+        assert_eq!(shape.children(NodeId::new(4, 0)).count(), 0);
+    }
+
+    #[test]
+    fn depth_zero_buckets_are_the_slots() {
+        let shape = Shape::reference();
+        let entity = Entity::parse("g/n/i").expect("valid");
+        let bucket = shape.bucket_of(&entity);
+        assert_eq!(bucket, NodeId::new(1, position(&entity) % 32));
+    }
+
+    #[test]
+    fn shard_of_is_plain_xxh3_modulo() {
+        let entity = Entity::parse("g/n/i").expect("valid");
+        let n = NonZeroU32::new(7).expect("non-zero");
+        assert_eq!(shard_of(&entity, n) as u64, xxh3_64(b"g/n/i") % 7);
+        assert_ne!(position(&entity), xxh3_64(b"g/n/i"));
+    }
+}

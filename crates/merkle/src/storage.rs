@@ -1,0 +1,208 @@
+//! The small storage trait the live tree persists itself through, and its in-memory
+//! implementation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::ops::Range;
+
+use crate::digest::Digest;
+use crate::entity::Entity;
+use crate::position::NodeId;
+
+/// A stored inner node (any level from the root down to the buckets): its digest and the number
+/// of leaves under it. Empty nodes are not stored; they read as [`InnerNode::empty`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InnerNode {
+    /// The node's digest.
+    pub digest: Digest,
+    /// The leaves under the node.
+    pub leaf_count: u64,
+}
+
+impl InnerNode {
+    /// The node of an empty subtree: the empty digest (`width` zero bytes) and no leaves.
+    pub fn empty(width: usize) -> Self {
+        InnerNode {
+            digest: Digest::zero(width),
+            leaf_count: 0,
+        }
+    }
+
+    /// Whether no leaf is under the node.
+    pub fn is_empty(&self) -> bool {
+        self.leaf_count == 0
+    }
+}
+
+/// Where a [`crate::LiveTree`] keeps its leaves, inner nodes and dirty set. The store implements
+/// it over redb tables inside its write transaction; [`MemStorage`] keeps everything in memory.
+///
+/// Leaves are keyed by `(bucket index, entity)` and iterate in that order. Inner nodes are keyed
+/// by [`NodeId`] (level, index) and only non-empty ones are stored. The dirty set holds nodes whose
+/// stored digest may be stale; the live tree marks buckets only, and a flush recomputes each dirty
+/// node and its ancestors.
+pub trait TreeStorage {
+    /// The storage's error.
+    type Error: std::error::Error + 'static;
+
+    /// The digest of a leaf, if stored.
+    fn get_leaf(&self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, Self::Error>;
+    /// Stores a leaf; returns the digest it replaced.
+    fn put_leaf(
+        &mut self,
+        bucket: u64,
+        entity: &Entity,
+        digest: Digest,
+    ) -> Result<Option<Digest>, Self::Error>;
+    /// Removes a leaf; returns its digest if it was stored.
+    fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, Self::Error>;
+    /// Calls `visit(bucket, entity, digest)` for every leaf whose bucket is in `buckets`, in
+    /// `(bucket, entity bytes)` order.
+    fn visit_leaves(
+        &self,
+        buckets: Range<u64>,
+        visit: &mut dyn FnMut(u64, &Entity, Digest),
+    ) -> Result<(), Self::Error>;
+
+    /// A stored inner node (`None` when empty).
+    fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, Self::Error>;
+    /// Stores a non-empty inner node.
+    fn put_inner(&mut self, node: NodeId, inner: InnerNode) -> Result<(), Self::Error>;
+    /// Removes an inner node that became empty.
+    fn remove_inner(&mut self, node: NodeId) -> Result<(), Self::Error>;
+    /// Calls `visit(node, inner)` for every stored node of `level` whose index is in `indexes`,
+    /// in index order.
+    fn visit_inner(
+        &self,
+        level: u32,
+        indexes: Range<u64>,
+        visit: &mut dyn FnMut(NodeId, InnerNode),
+    ) -> Result<(), Self::Error>;
+
+    /// Adds a node to the dirty set.
+    fn mark_dirty(&mut self, node: NodeId) -> Result<(), Self::Error>;
+    /// The dirty set, in (level, index) order.
+    fn dirty(&self) -> Result<Vec<NodeId>, Self::Error>;
+    /// Whether the dirty set is non-empty.
+    fn has_dirty(&self) -> Result<bool, Self::Error>;
+    /// Empties the dirty set.
+    fn clear_dirty(&mut self) -> Result<(), Self::Error>;
+}
+
+/// A [`TreeStorage`] in memory, over `BTreeMap`s. Cannot fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemStorage {
+    leaves: BTreeMap<u64, BTreeMap<Entity, Digest>>,
+    inner: BTreeMap<NodeId, InnerNode>,
+    dirty: BTreeSet<NodeId>,
+}
+
+impl MemStorage {
+    /// An empty storage (the same as `MemStorage::default()`).
+    pub fn new() -> Self {
+        MemStorage::default()
+    }
+
+    /// The number of stored leaves.
+    pub fn leaf_count(&self) -> usize {
+        self.leaves.values().map(BTreeMap::len).sum()
+    }
+}
+
+impl TreeStorage for MemStorage {
+    type Error = Infallible;
+
+    fn get_leaf(&self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, Infallible> {
+        Ok(self
+            .leaves
+            .get(&bucket)
+            .and_then(|leaves| leaves.get(entity))
+            .copied())
+    }
+
+    fn put_leaf(
+        &mut self,
+        bucket: u64,
+        entity: &Entity,
+        digest: Digest,
+    ) -> Result<Option<Digest>, Infallible> {
+        let leaves = self.leaves.entry(bucket).or_default();
+        if let Some(slot) = leaves.get_mut(entity) {
+            return Ok(Some(std::mem::replace(slot, digest)));
+        }
+        leaves.insert(entity.clone(), digest);
+        Ok(None)
+    }
+
+    fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, Infallible> {
+        let Some(leaves) = self.leaves.get_mut(&bucket) else {
+            return Ok(None);
+        };
+        let removed = leaves.remove(entity);
+        if leaves.is_empty() {
+            self.leaves.remove(&bucket);
+        }
+        Ok(removed)
+    }
+
+    fn visit_leaves(
+        &self,
+        buckets: Range<u64>,
+        visit: &mut dyn FnMut(u64, &Entity, Digest),
+    ) -> Result<(), Infallible> {
+        for (&bucket, leaves) in self.leaves.range(buckets) {
+            for (entity, digest) in leaves {
+                visit(bucket, entity, *digest);
+            }
+        }
+        Ok(())
+    }
+
+    fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, Infallible> {
+        Ok(self.inner.get(&node).copied())
+    }
+
+    fn put_inner(&mut self, node: NodeId, inner: InnerNode) -> Result<(), Infallible> {
+        self.inner.insert(node, inner);
+        Ok(())
+    }
+
+    fn remove_inner(&mut self, node: NodeId) -> Result<(), Infallible> {
+        self.inner.remove(&node);
+        Ok(())
+    }
+
+    fn visit_inner(
+        &self,
+        level: u32,
+        indexes: Range<u64>,
+        visit: &mut dyn FnMut(NodeId, InnerNode),
+    ) -> Result<(), Infallible> {
+        if indexes.start >= indexes.end {
+            return Ok(());
+        }
+        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        for (&node, &inner) in self.inner.range(range) {
+            visit(node, inner);
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&mut self, node: NodeId) -> Result<(), Infallible> {
+        self.dirty.insert(node);
+        Ok(())
+    }
+
+    fn dirty(&self) -> Result<Vec<NodeId>, Infallible> {
+        Ok(self.dirty.iter().copied().collect())
+    }
+
+    fn has_dirty(&self) -> Result<bool, Infallible> {
+        Ok(!self.dirty.is_empty())
+    }
+
+    fn clear_dirty(&mut self) -> Result<(), Infallible> {
+        self.dirty.clear();
+        Ok(())
+    }
+}
