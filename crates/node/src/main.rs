@@ -1,3 +1,22 @@
-//! The `propd` binary (being built; see docs/ARCHITECTURE.md).
+//! The `propd` binary: `propd serve` runs a node; the other commands drive one.
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = propd_node::cli::Cli::parse();
+    match propd_node::cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line on stderr: the error and its causes.
+            let causes: Vec<String> = error.chain().map(ToString::to_string).collect();
+            #[allow(clippy::print_stderr, reason = "the CLI's error line")]
+            {
+                eprintln!("error: {}", causes.join(": "));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,874 @@
+//! The command line: `propd serve` and the client commands that drive a node over gRPC.
+//!
+//! Every client command prints its result on stdout (`--output text|json`) and exits 0, or
+//! prints one line on stderr and exits non-zero.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use propd_proto::v1;
+use propd_proto::v1::admin_service_client::AdminServiceClient;
+use propd_proto::v1::property_service_client::PropertyServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{DEFAULT_LISTEN, GroupConfig, Member, Partial, PartialRepair};
+
+/// propd: a replicated property store whose replicas repair themselves.
+#[derive(Debug, Parser)]
+#[command(name = "propd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node (with no config: one local node with safe defaults, printed at start).
+    Serve(Box<ServeArgs>),
+    /// Create or update a property.
+    Put(PutArgs),
+    /// Read a property.
+    Get(GetArgs),
+    /// Delete a property (every copy stores the same tombstone).
+    Delete(DeleteArgs),
+    /// Query the properties of a group.
+    Query(QueryArgs),
+    /// Start a repair round for a shard with this node as origin, or pause/resume background repair.
+    Repair(RepairArgs),
+    /// Show a shard's Merkle tree: shape, root, revision, per-slot digests and counts.
+    Tree(TreeArgs),
+    /// Show the cluster as this node sees it and the repair status of its shards.
+    Status(StatusArgs),
+}
+
+/// Flags of `propd serve`; each is also a `PROPD_*` environment variable and a config key.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "PROPD_CONFIG")]
+    config: Option<PathBuf>,
+    /// `node_id`: this node's id.
+    #[arg(long, env = "PROPD_NODE_ID")]
+    node_id: Option<String>,
+    /// `listen`: gRPC address (property API, gossip, repair, admin).
+    #[arg(long, env = "PROPD_LISTEN")]
+    listen: Option<String>,
+    /// `http`: HTTP address for /metrics and /health.
+    #[arg(long, env = "PROPD_HTTP")]
+    http: Option<String>,
+    /// `data_dir`: where the store keeps its files.
+    #[arg(long, env = "PROPD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `[[members]]`, as ID=ADDR (repeat, or comma-separate in the variable).
+    #[arg(long = "member", env = "PROPD_MEMBERS", value_delimiter = ',', value_parser = parse_member)]
+    members: Vec<Member>,
+    /// `[[groups]]`, as NAME:SHARD_NUM:REPLICAS (repeat, or comma-separate in the variable).
+    #[arg(long = "group", env = "PROPD_GROUPS", value_delimiter = ',', value_parser = parse_group)]
+    groups: Vec<GroupConfig>,
+    /// `write_acks`: copies that must acknowledge a coordinated write.
+    #[arg(long, env = "PROPD_WRITE_ACKS")]
+    write_acks: Option<u32>,
+    /// `max_property_bytes`: the largest accepted property.
+    #[arg(long, env = "PROPD_MAX_PROPERTY_BYTES")]
+    max_property_bytes: Option<usize>,
+    /// `repair.enabled`: run background repair rounds.
+    #[arg(long, env = "PROPD_REPAIR_ENABLED")]
+    repair_enabled: Option<bool>,
+    /// `repair.period`: every shard is repaired within this ("30s", "10m", "24h").
+    #[arg(long, env = "PROPD_REPAIR_PERIOD")]
+    repair_period: Option<String>,
+    /// `repair.cron`: a five-field cron window (UTC) outside which background rounds do not start.
+    #[arg(long, env = "PROPD_REPAIR_CRON")]
+    repair_cron: Option<String>,
+    /// `repair.sync_timeout`: bound on one pairwise sync.
+    #[arg(long, env = "PROPD_REPAIR_SYNC_TIMEOUT")]
+    repair_sync_timeout: Option<String>,
+    /// `repair.round_timeout`: bound on one propagation.
+    #[arg(long, env = "PROPD_REPAIR_ROUND_TIMEOUT")]
+    repair_round_timeout: Option<String>,
+    /// `repair.verify_interval`: how often trees are checked against a full rebuild.
+    #[arg(long, env = "PROPD_REPAIR_VERIFY_INTERVAL")]
+    repair_verify_interval: Option<String>,
+    /// `repair.tombstone_grace`: tombstones younger than this are never purged.
+    #[arg(long, env = "PROPD_REPAIR_TOMBSTONE_GRACE")]
+    repair_tombstone_grace: Option<String>,
+    /// `repair.throttle_bytes_per_second`: repair traffic limit (0: none).
+    #[arg(long, env = "PROPD_REPAIR_THROTTLE_BYTES_PER_SECOND")]
+    repair_throttle_bytes_per_second: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Flags and environment over the file over the defaults.
+    fn into_partial(self) -> Result<Partial> {
+        let file = match &self.config {
+            Some(path) => Partial::from_file(path)?,
+            None => Partial::default(),
+        };
+        let flags = Partial {
+            node_id: self.node_id,
+            listen: self.listen,
+            http: self.http,
+            data_dir: self.data_dir,
+            write_acks: self.write_acks,
+            max_property_bytes: self.max_property_bytes,
+            members: (!self.members.is_empty()).then_some(self.members),
+            groups: (!self.groups.is_empty()).then_some(self.groups),
+            repair: PartialRepair {
+                enabled: self.repair_enabled,
+                period: self.repair_period,
+                cron: self.repair_cron,
+                sync_timeout: self.repair_sync_timeout,
+                round_timeout: self.repair_round_timeout,
+                verify_interval: self.repair_verify_interval,
+                tombstone_grace: self.repair_tombstone_grace,
+                throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+            },
+        };
+        Ok(flags.over(file))
+    }
+}
+
+fn parse_member(text: &str) -> Result<Member, String> {
+    let (id, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("member `{text}`: expected ID=ADDR"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("member `{text}`: `{addr}` is not an address"))?;
+    Ok(Member {
+        id: id.to_owned(),
+        addr,
+    })
+}
+
+fn parse_group(text: &str) -> Result<GroupConfig, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [name, shard_num, replicas] = parts.as_slice() else {
+        return Err(format!("group `{text}`: expected NAME:SHARD_NUM:REPLICAS"));
+    };
+    Ok(GroupConfig {
+        name: (*name).to_owned(),
+        shard_num: shard_num
+            .parse()
+            .map_err(|_| format!("group `{text}`: bad shard_num"))?,
+        replicas: replicas
+            .parse()
+            .map_err(|_| format!("group `{text}`: bad replicas"))?,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct Client {
+    /// The node to talk to.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    server: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct PutArgs {
+    #[command(flatten)]
+    client: Client,
+    /// group/name/id
+    entity: String,
+    /// A tag, as KEY=VALUE (a string value); repeat for more.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// The revision to write (default: assigned by the coordinator).
+    #[arg(long)]
+    revision: Option<i64>,
+    /// Write only this node's own copy (no coordination).
+    #[arg(long)]
+    local: bool,
+}
+
+#[derive(Debug, Args)]
+struct GetArgs {
+    #[command(flatten)]
+    client: Client,
+    /// group/name/id
+    entity: String,
+    /// Read only this node's own copy (no coordination, no read repair).
+    #[arg(long)]
+    local: bool,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    client: Client,
+    /// group/name/id
+    entity: String,
+    /// The revision of the tombstone (default: assigned by the coordinator).
+    #[arg(long)]
+    revision: Option<i64>,
+    /// Delete only this node's own copy (no coordination).
+    #[arg(long)]
+    local: bool,
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    client: Client,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    name: Option<String>,
+    /// Match these ids (repeat).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Tag equality filter KEY=VALUE (repeat; all must match).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// At most this many properties.
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    #[arg(long)]
+    local: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RepairAction {
+    /// Pause background repair rounds on this node.
+    Pause,
+    /// Resume background repair rounds on this node.
+    Resume,
+}
+
+#[derive(Debug, Args)]
+struct RepairArgs {
+    #[command(flatten)]
+    client: Client,
+    /// `pause` or `resume` background repair instead of starting a round.
+    action: Option<RepairAction>,
+    #[arg(long, required_unless_present = "action")]
+    group: Option<String>,
+    #[arg(long, required_unless_present = "action")]
+    shard: Option<u32>,
+    /// Wait for the round's result and print its trace.
+    #[arg(long)]
+    wait: bool,
+    /// Compute the differences without applying them (implies --wait).
+    #[arg(long)]
+    preview: bool,
+}
+
+#[derive(Debug, Args)]
+struct TreeArgs {
+    #[command(flatten)]
+    client: Client,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    shard: u32,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    client: Client,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_partial()?.resolve()?;
+            crate::server::serve(config).await
+        }
+        Command::Put(args) => put(args).await,
+        Command::Get(args) => get(args).await,
+        Command::Delete(args) => delete(args).await,
+        Command::Query(args) => query(args).await,
+        Command::Repair(args) => repair(args).await,
+        Command::Tree(args) => tree(args).await,
+        Command::Status(args) => status(args).await,
+    }
+}
+
+async fn channel(server: &str) -> Result<Channel> {
+    let uri = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("--server `{server}` is not an address"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(60 * 60))
+        .connect()
+        .await
+        .map_err(|error| anyhow!("cannot reach {server}: {}", source_chain(&error)))
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(status.code()), status.message())
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::ResourceExhausted => "resource exhausted",
+        _ => "error",
+    }
+}
+
+fn split_entity(entity: &str) -> Result<(String, String, String)> {
+    let parsed: propd_merkle::Entity = entity
+        .parse()
+        .map_err(|error| anyhow!("entity `{entity}`: {error}"))?;
+    Ok((
+        parsed.group().to_owned(),
+        parsed.name().to_owned(),
+        parsed.id().to_owned(),
+    ))
+}
+
+fn parse_tags(tags: &[String]) -> Result<Vec<v1::Tag>> {
+    tags.iter()
+        .map(|tag| {
+            let (key, value) = tag
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--tag `{tag}`: expected KEY=VALUE"))?;
+            if key.is_empty() {
+                bail!("--tag `{tag}`: the key is empty");
+            }
+            Ok(v1::Tag {
+                key: key.to_owned(),
+                value: Some(v1::TagValue {
+                    value: Some(v1::tag_value::Value::Str(value.to_owned())),
+                }),
+            })
+        })
+        .collect()
+}
+
+fn print(output: Output, value: &Value, text: &str) {
+    #[allow(clippy::print_stdout, reason = "the CLI's own output")]
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => println!("{text}"),
+    }
+}
+
+fn tag_json(value: Option<&v1::TagValue>) -> Value {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(v1::tag_value::Value::Str(s)) => json!(s),
+        Some(v1::tag_value::Value::Int(i)) => json!(i),
+        Some(v1::tag_value::Value::Binary(b)) => json!(hex::encode(b)),
+        None => Value::Null,
+    }
+}
+
+fn property_json(property: &v1::Property) -> Value {
+    let tags: serde_json::Map<String, Value> = property
+        .tags
+        .iter()
+        .map(|t| (t.key.clone(), tag_json(t.value.as_ref())))
+        .collect();
+    json!({
+        "group": property.group,
+        "name": property.name,
+        "id": property.id,
+        "tags": tags,
+        "mod_revision": property.mod_revision,
+        "delete_time": property.delete_time,
+    })
+}
+
+fn property_text(property: &v1::Property) -> String {
+    let tags: Vec<String> = property
+        .tags
+        .iter()
+        .map(|t| format!("{}={}", t.key, tag_json(t.value.as_ref())))
+        .collect();
+    let state = if property.delete_time > 0 {
+        format!(" deleted_at={}", property.delete_time)
+    } else {
+        String::new()
+    };
+    format!(
+        "{}/{}/{} revision={}{} {}",
+        property.group,
+        property.name,
+        property.id,
+        property.mod_revision,
+        state,
+        tags.join(" ")
+    )
+}
+
+async fn put(args: PutArgs) -> Result<()> {
+    let (group, name, id) = split_entity(&args.entity)?;
+    let tags = parse_tags(&args.tags)?;
+    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let request = v1::ApplyRequest {
+        property: Some(v1::Property {
+            group,
+            name,
+            id,
+            tags,
+            mod_revision: args.revision.unwrap_or(0),
+            delete_time: 0,
+        }),
+        local: args.local,
+    };
+    let response = client
+        .apply(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print(
+        args.client.output,
+        &json!({"mod_revision": response.mod_revision, "acknowledged": response.acknowledged, "copies": response.copies}),
+        &format!(
+            "ok revision={} acknowledged={}/{}",
+            response.mod_revision, response.acknowledged, response.copies
+        ),
+    );
+    Ok(())
+}
+
+async fn get(args: GetArgs) -> Result<()> {
+    let (group, name, id) = split_entity(&args.entity)?;
+    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let request = v1::GetRequest {
+        group,
+        name,
+        id,
+        local: args.local,
+        include_deleted: false,
+    };
+    let response = client
+        .get(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match response.property {
+        Some(property) => {
+            print(
+                args.client.output,
+                &property_json(&property),
+                &property_text(&property),
+            );
+            Ok(())
+        }
+        None => bail!("not found: {}", args.entity),
+    }
+}
+
+async fn delete(args: DeleteArgs) -> Result<()> {
+    let (group, name, id) = split_entity(&args.entity)?;
+    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let request = v1::DeleteRequest {
+        group,
+        name,
+        id,
+        mod_revision: args.revision.unwrap_or(0),
+        delete_time: 0,
+        local: args.local,
+    };
+    let response = client
+        .delete(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print(
+        args.client.output,
+        &json!({
+            "found": response.found,
+            "mod_revision": response.mod_revision,
+            "delete_time": response.delete_time,
+            "acknowledged": response.acknowledged,
+            "copies": response.copies,
+        }),
+        &format!(
+            "ok {} revision={} delete_time={} acknowledged={}/{}",
+            if response.found {
+                "deleted"
+            } else {
+                "tombstone written (no live copy found)"
+            },
+            response.mod_revision,
+            response.delete_time,
+            response.acknowledged,
+            response.copies
+        ),
+    );
+    Ok(())
+}
+
+async fn query(args: QueryArgs) -> Result<()> {
+    let filters = parse_tags(&args.tags)?
+        .into_iter()
+        .map(|tag| v1::TagFilter {
+            key: tag.key,
+            value: tag.value,
+        })
+        .collect();
+    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let request = v1::QueryRequest {
+        group: args.group,
+        name: args.name.unwrap_or_default(),
+        ids: args.ids,
+        tags: filters,
+        limit: args.limit,
+        local: args.local,
+        include_deleted: false,
+    };
+    let response = client
+        .query(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let json = Value::Array(response.properties.iter().map(property_json).collect());
+    let text: Vec<String> = response.properties.iter().map(property_text).collect();
+    print(args.client.output, &json, &text.join("\n"));
+    Ok(())
+}
+
+async fn repair(args: RepairArgs) -> Result<()> {
+    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    if let Some(action) = args.action {
+        let response = match action {
+            RepairAction::Pause => client.pause_repair(v1::PauseRequest {}).await,
+            RepairAction::Resume => client.resume_repair(v1::ResumeRequest {}).await,
+        }
+        .map_err(status_error)?
+        .into_inner();
+        let word = if response.paused { "paused" } else { "running" };
+        print(
+            args.client.output,
+            &json!({"paused": response.paused}),
+            &format!("background repair {word}"),
+        );
+        return Ok(());
+    }
+    let (Some(group), Some(shard)) = (args.group, args.shard) else {
+        bail!("--group and --shard are required to start a round");
+    };
+    let wait = args.wait || args.preview;
+    let request = v1::PropagateNowRequest {
+        group: group.clone(),
+        shard,
+        wait,
+        preview: args.preview,
+        timeout_ms: 0,
+    };
+    let started = Instant::now();
+    let call = client.propagate_now(request);
+    let response = if wait && std::io::stderr().is_terminal() {
+        with_spinner(&format!("repairing {group}/{shard}"), call).await
+    } else {
+        call.await
+    }
+    .map_err(status_error)?
+    .into_inner();
+    let Some(result) = response.result else {
+        print(
+            args.client.output,
+            &json!({"message_id": response.message_id}),
+            &format!("started {}", response.message_id),
+        );
+        return Ok(());
+    };
+    let (json, text) = result_output(&response.message_id, &result, started.elapsed());
+    print(args.client.output, &json, &text);
+    let ok = result.outcome == v1::PropagationOutcome::Completed as i32;
+    if !ok {
+        bail!(
+            "repair round {} did not complete: {}",
+            response.message_id,
+            outcome_text(&result)
+        );
+    }
+    Ok(())
+}
+
+fn outcome_text(result: &v1::PropagationResult) -> String {
+    let outcome = v1::PropagationOutcome::try_from(result.outcome).map_or_else(
+        |_| format!("outcome {}", result.outcome),
+        |o| o.as_str_name().to_owned(),
+    );
+    if result.error.is_empty() {
+        outcome
+    } else {
+        format!("{outcome}: {}", result.error)
+    }
+}
+
+fn result_output(
+    message_id: &str,
+    result: &v1::PropagationResult,
+    elapsed: Duration,
+) -> (Value, String) {
+    let ok = result.outcome == v1::PropagationOutcome::Completed as i32;
+    let mut syncs = Vec::new();
+    let mut skipped = Vec::new();
+    let mut lines = vec![format!(
+        "{} {message_id} in {:.2}s ({})",
+        if ok { "ok" } else { "failed" },
+        elapsed.as_secs_f64(),
+        outcome_text(result)
+    )];
+    for span in &result.trace {
+        let report = span.report.clone().unwrap_or_default();
+        if span.kind == v1::trace_span::Kind::Skip as i32 {
+            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error}));
+            lines.push(format!(
+                "  skip {} -> {}: {}",
+                span.from, span.to, span.error
+            ));
+            continue;
+        }
+        syncs.push(json!({
+            "from": span.from,
+            "to": span.to,
+            "ok": span.error.is_empty(),
+            "compared": report.compared,
+            "sent": report.sent,
+            "received": report.received,
+            "applied": report.applied,
+            "bytes_sent": report.bytes_sent,
+            "bytes_received": report.bytes_received,
+            "error": span.error,
+        }));
+        lines.push(format!(
+            "  sync {} -> {} {}ms compared={} sent={} received={} applied={} bytes={}/{}{}",
+            span.from,
+            span.to,
+            span.duration_ms,
+            report.compared,
+            report.sent,
+            report.received,
+            report.applied,
+            report.bytes_sent,
+            report.bytes_received,
+            if span.error.is_empty() {
+                String::new()
+            } else {
+                format!(" error: {}", span.error)
+            }
+        ));
+    }
+    let json = json!({"ok": ok, "message_id": message_id, "syncs": syncs, "skipped": skipped, "error": result.error});
+    (json, lines.join("\n"))
+}
+
+/// Draws an elapsed-time spinner on stderr while `future` runs.
+async fn with_spinner<F: Future>(label: &str, future: F) -> F::Output {
+    let started = Instant::now();
+    let mut future = std::pin::pin!(future);
+    let mut tick = tokio::time::interval(Duration::from_millis(120));
+    let frames = ['|', '/', '-', '\\'];
+    let mut frame = 0;
+    loop {
+        tokio::select! {
+            output = &mut future => {
+                #[allow(clippy::print_stderr, reason = "the CLI's progress display")]
+                { eprint!("\r\x1b[2K"); }
+                return output;
+            }
+            _ = tick.tick() => {
+                frame = (frame + 1) % frames.len();
+                #[allow(clippy::print_stderr, reason = "the CLI's progress display")]
+                { eprint!("\r{} {label} {:.1}s", frames[frame], started.elapsed().as_secs_f64()); }
+            }
+        }
+    }
+}
+
+async fn tree(args: TreeArgs) -> Result<()> {
+    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    let request = v1::TreeRequest {
+        group: args.group,
+        shard: args.shard,
+    };
+    let tree = client
+        .tree(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let shape = tree.shape.clone().unwrap_or_default();
+    let algorithm = v1::HashAlgorithm::try_from(shape.algorithm).map_or("unknown", |a| match a {
+        v1::HashAlgorithm::Sha512 => "sha512",
+        v1::HashAlgorithm::Blake3 => "blake3",
+        v1::HashAlgorithm::Unspecified => "unspecified",
+    });
+    let slots: Vec<Value> = tree
+        .slots
+        .iter()
+        .map(|s| json!({"slot": s.slot, "digest": hex::encode(&s.digest), "leaves": s.leaves}))
+        .collect();
+    let json = json!({
+        "group": tree.group,
+        "shard": tree.shard,
+        "root": hex::encode(&tree.root),
+        "revision": tree.revision,
+        "leaves": tree.leaves,
+        "shape": {
+            "algorithm": algorithm,
+            "slot_count": shape.slot_count,
+            "fanout": shape.fanout,
+            "depth": shape.depth,
+            "digest_width": shape.digest_width,
+            "format_version": shape.format_version,
+        },
+        "slots": slots,
+    });
+    let mut lines = vec![format!(
+        "{}/{} root={} revision={} leaves={} shape={algorithm}/{}x{}^{}/{}B",
+        tree.group,
+        tree.shard,
+        hex::encode(&tree.root),
+        tree.revision,
+        tree.leaves,
+        shape.slot_count,
+        shape.fanout,
+        shape.depth,
+        shape.digest_width
+    )];
+    for slot in tree.slots.iter().filter(|s| s.leaves > 0) {
+        lines.push(format!(
+            "  slot {:>3} {} leaves={}",
+            slot.slot,
+            hex::encode(&slot.digest),
+            slot.leaves
+        ));
+    }
+    print(args.client.output, &json, &lines.join("\n"));
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    let status = client
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let members: Vec<Value> = status
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "addr": m.addr, "up": m.up}))
+        .collect();
+    let shards: Vec<Value> = status
+        .shards
+        .iter()
+        .map(|s| {
+            json!({
+                "group": s.group,
+                "shard": s.shard,
+                "last_repair_age_s": (s.last_repair_age_s >= 0).then_some(s.last_repair_age_s),
+                "pending": s.pending,
+            })
+        })
+        .collect();
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused});
+    let mut lines = vec![format!(
+        "node {} (background repair {})",
+        status.node,
+        if status.repair_paused {
+            "paused"
+        } else {
+            "running"
+        }
+    )];
+    for m in &status.members {
+        lines.push(format!(
+            "  member {} {} {}",
+            m.id,
+            m.addr,
+            if m.up { "up" } else { "DOWN" }
+        ));
+    }
+    for s in &status.shards {
+        let age = if s.last_repair_age_s >= 0 {
+            format!("{}s ago", s.last_repair_age_s)
+        } else {
+            "never".to_owned()
+        };
+        lines.push(format!(
+            "  shard {}/{} last repair {age}, pending {}",
+            s.group, s.shard, s.pending
+        ));
+    }
+    print(args.client.output, &json, &lines.join("\n"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_commands_parse() {
+        for line in [
+            "propd serve",
+            "propd serve --config c.toml --member n1=127.0.0.1:7001 --group g:4:2",
+            "propd put g/n/i --tag a=b --tag c=d --revision 5 --local --output json",
+            "propd get --server 127.0.0.1:7002 g/n/i/with/slashes --local",
+            "propd delete g/n/i --revision 9",
+            "propd query --group g --name n --id a --id b --tag k=v --local --output json",
+            "propd repair --group g --shard 3 --wait --preview",
+            "propd repair pause --server 127.0.0.1:7001",
+            "propd repair resume",
+            "propd tree --group g --shard 0 --output json",
+            "propd status --output json",
+        ] {
+            Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    #[test]
+    fn repair_without_a_shard_or_action_is_refused() {
+        assert!(Cli::try_parse_from(["propd", "repair", "--group", "g"]).is_err());
+    }
+
+    #[test]
+    fn groups_and_members_parse_from_flags() {
+        assert_eq!(
+            parse_group("g:4:2").unwrap(),
+            GroupConfig {
+                name: "g".into(),
+                shard_num: 4,
+                replicas: 2
+            }
+        );
+        assert!(
+            parse_group("g:4")
+                .unwrap_err()
+                .contains("NAME:SHARD_NUM:REPLICAS")
+        );
+        assert!(parse_member("n1").unwrap_err().contains("ID=ADDR"));
+    }
+}

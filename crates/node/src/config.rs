@@ -1,0 +1,617 @@
+//! Node configuration: a TOML file, `PROPD_*` environment variables and flags, merged in that
+//! order of increasing precedence over safe single-node defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration cannot be used. Each message names the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for our keys.
+    #[error("parsing config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with the line.
+        message: String,
+    },
+    /// A key has a value we cannot use.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The key, as written in the file (`repair.period`).
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// One data node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// Unique node id.
+    pub id: String,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+}
+
+/// One group: a namespace split into shards, each kept on `replicas + 1` nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The group name (no `/`).
+    pub name: String,
+    /// Number of shards (>= 1).
+    pub shard_num: u32,
+    /// Extra copies beyond the first (copies are capped at the member count).
+    #[serde(default)]
+    pub replicas: u32,
+}
+
+/// Background repair settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairConfig {
+    /// Whether background rounds run at all (admin-started rounds always may).
+    pub enabled: bool,
+    /// Every (group, shard) with two or more copies is repaired within this period.
+    pub period: Duration,
+    /// Optional cron window: background rounds start only at times it matches.
+    pub cron: Option<String>,
+    /// Bound on one pairwise sync.
+    pub sync_timeout: Duration,
+    /// Bound on one whole propagation.
+    pub round_timeout: Duration,
+    /// How often each shard's tree is verified against a full rebuild.
+    pub verify_interval: Duration,
+    /// Tombstones younger than this are never purged.
+    pub tombstone_grace: Duration,
+    /// Repair traffic limit in bytes per second; 0 for none.
+    pub throttle_bytes_per_second: u64,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            period: Duration::from_secs(10 * 60),
+            cron: None,
+            sync_timeout: Duration::from_secs(10 * 60),
+            round_timeout: Duration::from_secs(60 * 60),
+            verify_interval: Duration::from_secs(60 * 60),
+            tombstone_grace: Duration::from_secs(7 * 24 * 60 * 60),
+            throttle_bytes_per_second: 0,
+        }
+    }
+}
+
+/// The whole, validated configuration of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's id; must be one of `members` when members are given.
+    pub node_id: String,
+    /// gRPC address: property API, gossip, repair and admin.
+    pub listen: SocketAddr,
+    /// HTTP address: `/metrics` and `/health`.
+    pub http: SocketAddr,
+    /// Where the store keeps its files.
+    pub data_dir: PathBuf,
+    /// The data nodes of the cluster, this one included, sorted by id.
+    pub members: Vec<Member>,
+    /// The groups every node serves.
+    pub groups: Vec<GroupConfig>,
+    /// Copies that must acknowledge a coordinated write.
+    pub write_acks: u32,
+    /// Largest accepted property, in canonical bytes.
+    pub max_property_bytes: usize,
+    /// Background repair.
+    pub repair: RepairConfig,
+}
+
+/// The single-node default address of the gRPC port; the CLI's default `--server`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+/// The single-node default HTTP address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8001";
+
+/// Values from one source (file, environment or flags); `None` means "not given here".
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partial {
+    /// `node_id`
+    pub node_id: Option<String>,
+    /// `listen`
+    pub listen: Option<String>,
+    /// `http`
+    pub http: Option<String>,
+    /// `data_dir`
+    pub data_dir: Option<PathBuf>,
+    /// `write_acks`
+    pub write_acks: Option<u32>,
+    /// `max_property_bytes`
+    pub max_property_bytes: Option<usize>,
+    /// `[[members]]`
+    pub members: Option<Vec<Member>>,
+    /// `[[groups]]`
+    pub groups: Option<Vec<GroupConfig>>,
+    /// `[repair]`
+    #[serde(default)]
+    pub repair: PartialRepair,
+}
+
+/// The `[repair]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialRepair {
+    /// `repair.enabled`
+    pub enabled: Option<bool>,
+    /// `repair.period`
+    pub period: Option<String>,
+    /// `repair.cron`
+    pub cron: Option<String>,
+    /// `repair.sync_timeout`
+    pub sync_timeout: Option<String>,
+    /// `repair.round_timeout`
+    pub round_timeout: Option<String>,
+    /// `repair.verify_interval`
+    pub verify_interval: Option<String>,
+    /// `repair.tombstone_grace`
+    pub tombstone_grace: Option<String>,
+    /// `repair.throttle_bytes_per_second`
+    pub throttle_bytes_per_second: Option<u64>,
+}
+
+impl Partial {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })
+    }
+
+    /// Values of `self` win over `lower`.
+    #[must_use]
+    pub fn over(self, lower: Partial) -> Partial {
+        let r = self.repair;
+        let l = lower.repair;
+        Partial {
+            node_id: self.node_id.or(lower.node_id),
+            listen: self.listen.or(lower.listen),
+            http: self.http.or(lower.http),
+            data_dir: self.data_dir.or(lower.data_dir),
+            write_acks: self.write_acks.or(lower.write_acks),
+            max_property_bytes: self.max_property_bytes.or(lower.max_property_bytes),
+            members: self.members.or(lower.members),
+            groups: self.groups.or(lower.groups),
+            repair: PartialRepair {
+                enabled: r.enabled.or(l.enabled),
+                period: r.period.or(l.period),
+                cron: r.cron.or(l.cron),
+                sync_timeout: r.sync_timeout.or(l.sync_timeout),
+                round_timeout: r.round_timeout.or(l.round_timeout),
+                verify_interval: r.verify_interval.or(l.verify_interval),
+                tombstone_grace: r.tombstone_grace.or(l.tombstone_grace),
+                throttle_bytes_per_second: r
+                    .throttle_bytes_per_second
+                    .or(l.throttle_bytes_per_second),
+            },
+        }
+    }
+
+    /// Fills what is missing with the defaults and validates the result.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let node_id = self.node_id.unwrap_or_else(|| "n1".to_owned());
+        if node_id.is_empty() {
+            return Err(invalid("node_id", "must not be empty"));
+        }
+        let listen = parse_addr("listen", self.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+        let http = parse_addr("http", self.http.as_deref().unwrap_or(DEFAULT_HTTP))?;
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("data").join(&node_id));
+        let mut members = self.members.unwrap_or_else(|| {
+            vec![Member {
+                id: node_id.clone(),
+                addr: listen,
+            }]
+        });
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        for pair in members.windows(2) {
+            if pair[0].id == pair[1].id {
+                return Err(invalid(
+                    "members",
+                    format!("node id `{}` is listed twice", pair[0].id),
+                ));
+            }
+        }
+        if let Some(member) = members.iter().find(|m| m.id.is_empty()) {
+            return Err(invalid(
+                "members",
+                format!("a member at {} has an empty id", member.addr),
+            ));
+        }
+        if !members.iter().any(|m| m.id == node_id) {
+            return Err(invalid(
+                "node_id",
+                format!("`{node_id}` is not one of the members ({})", ids(&members)),
+            ));
+        }
+        let groups = self.groups.unwrap_or_else(|| {
+            vec![GroupConfig {
+                name: "default".to_owned(),
+                shard_num: 1,
+                replicas: 0,
+            }]
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        for group in &groups {
+            if group.name.is_empty() || group.name.contains('/') {
+                return Err(invalid(
+                    "groups.name",
+                    format!("`{}` must be non-empty and contain no `/`", group.name),
+                ));
+            }
+            if group.shard_num == 0 {
+                return Err(invalid(
+                    "groups.shard_num",
+                    format!("group `{}`: must be >= 1", group.name),
+                ));
+            }
+            if !seen.insert(group.name.as_str()) {
+                return Err(invalid(
+                    "groups.name",
+                    format!("group `{}` is listed twice", group.name),
+                ));
+            }
+        }
+        let write_acks = self.write_acks.unwrap_or(1);
+        if write_acks == 0 {
+            return Err(invalid("write_acks", "must be >= 1"));
+        }
+        let max_property_bytes = self.max_property_bytes.unwrap_or(1024 * 1024);
+        if max_property_bytes == 0 {
+            return Err(invalid("max_property_bytes", "must be >= 1"));
+        }
+        let defaults = RepairConfig::default();
+        let r = self.repair;
+        let repair = RepairConfig {
+            enabled: r.enabled.unwrap_or(defaults.enabled),
+            period: duration_or("repair.period", r.period, defaults.period)?,
+            cron: r.cron,
+            sync_timeout: duration_or(
+                "repair.sync_timeout",
+                r.sync_timeout,
+                defaults.sync_timeout,
+            )?,
+            round_timeout: duration_or(
+                "repair.round_timeout",
+                r.round_timeout,
+                defaults.round_timeout,
+            )?,
+            verify_interval: duration_or(
+                "repair.verify_interval",
+                r.verify_interval,
+                defaults.verify_interval,
+            )?,
+            tombstone_grace: duration_or(
+                "repair.tombstone_grace",
+                r.tombstone_grace,
+                defaults.tombstone_grace,
+            )?,
+            throttle_bytes_per_second: r.throttle_bytes_per_second.unwrap_or(0),
+        };
+        if repair.period.is_zero() {
+            return Err(invalid("repair.period", "must be longer than zero"));
+        }
+        if repair.period >= repair.tombstone_grace {
+            return Err(invalid(
+                "repair.period",
+                "must be shorter than repair.tombstone_grace, or deletes could be purged before every copy saw them",
+            ));
+        }
+        if let Some(cron) = &repair.cron {
+            crate::schedule::CronWindow::parse(cron)
+                .map_err(|message| invalid("repair.cron", message))?;
+        }
+        Ok(Config {
+            node_id,
+            listen,
+            http,
+            data_dir,
+            members,
+            groups,
+            write_acks,
+            max_property_bytes,
+            repair,
+        })
+    }
+}
+
+impl Config {
+    /// The configuration as TOML-like lines, printed at start so an operator sees what runs.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let mut line = |text: String| {
+            out.push_str(&text);
+            out.push('\n');
+        };
+        line(format!("node_id = {:?}", self.node_id));
+        line(format!("listen = \"{}\"", self.listen));
+        line(format!("http = \"{}\"", self.http));
+        line(format!(
+            "data_dir = {:?}",
+            self.data_dir.display().to_string()
+        ));
+        line(format!("write_acks = {}", self.write_acks));
+        line(format!("max_property_bytes = {}", self.max_property_bytes));
+        for member in &self.members {
+            line(format!(
+                "[[members]] id = {:?}, addr = \"{}\"",
+                member.id, member.addr
+            ));
+        }
+        for group in &self.groups {
+            line(format!(
+                "[[groups]] name = {:?}, shard_num = {}, replicas = {}",
+                group.name, group.shard_num, group.replicas
+            ));
+        }
+        let r = &self.repair;
+        line(format!(
+            "[repair] enabled = {}, period = \"{}\", cron = {}, sync_timeout = \"{}\", round_timeout = \"{}\", verify_interval = \"{}\", tombstone_grace = \"{}\", throttle_bytes_per_second = {}",
+            r.enabled,
+            format_duration(r.period),
+            r.cron
+                .as_deref()
+                .map_or_else(|| "none".to_owned(), |c| format!("{c:?}")),
+            format_duration(r.sync_timeout),
+            format_duration(r.round_timeout),
+            format_duration(r.verify_interval),
+            format_duration(r.tombstone_grace),
+            r.throttle_bytes_per_second,
+        ));
+        out
+    }
+
+    /// This node's member entry.
+    pub fn me(&self) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.id == self.node_id)
+            .expect("resolve() checked that node_id is a member")
+    }
+}
+
+fn ids(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| m.id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{text}` is not an address like 127.0.0.1:7001"),
+        )
+    })
+}
+
+fn duration_or(
+    key: &str,
+    text: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        None => Ok(default),
+        Some(text) => parse_duration(&text).map_err(|message| invalid(key, message)),
+    }
+}
+
+/// Parses durations like `500ms`, `30s`, `10m`, `24h`, `7d` (one number, one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like \"30s\", \"10m\" or \"24h\""))?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(value)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => 24 * 60 * 60,
+        _ => return Err(format!("`{text}` has no known unit (ms, s, m, h, d)")),
+    };
+    value
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// Formats a duration in the largest unit that divides it.
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis % 1000 != 0 {
+        return format!("{millis}ms");
+    }
+    let seconds = duration.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if seconds != 0 && seconds % size == 0 {
+            return format!("{}{unit}", seconds / size);
+        }
+    }
+    format!("{seconds}s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_gives_one_local_node_with_a_default_group() {
+        let config = Partial::default().resolve().unwrap();
+        assert_eq!(config.node_id, "n1");
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.members.len(), 1);
+        assert_eq!(
+            config.groups,
+            vec![GroupConfig {
+                name: "default".into(),
+                shard_num: 1,
+                replicas: 0
+            }]
+        );
+        assert_eq!(config.write_acks, 1);
+        assert!(config.describe().contains("name = \"default\""));
+    }
+
+    #[test]
+    fn the_documented_file_parses_and_flags_win_over_it() {
+        let file: Partial = toml::from_str(
+            r#"
+            node_id = "n1"
+            listen = "127.0.0.1:7001"
+            http = "127.0.0.1:8001"
+            data_dir = "data/n1"
+            [[members]]
+            id = "n2"
+            addr = "127.0.0.1:7002"
+            [[members]]
+            id = "n1"
+            addr = "127.0.0.1:7001"
+            [[groups]]
+            name = "g"
+            shard_num = 4
+            replicas = 2
+            [repair]
+            enabled = true
+            period = "30s"
+            "#,
+        )
+        .unwrap();
+        let flags = Partial {
+            http: Some("127.0.0.1:9009".into()),
+            ..Partial::default()
+        };
+        let config = flags.over(file).resolve().unwrap();
+        assert_eq!(config.http.to_string(), "127.0.0.1:9009");
+        assert_eq!(config.members[0].id, "n1", "members are sorted by id");
+        assert_eq!(config.repair.period, Duration::from_secs(30));
+        assert_eq!(config.groups[0].shard_num, 4);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: Vec<(Partial, &str)> = vec![
+            (
+                Partial {
+                    listen: Some("nowhere".into()),
+                    ..Partial::default()
+                },
+                "`listen`",
+            ),
+            (
+                Partial {
+                    node_id: Some("n9".into()),
+                    members: Some(vec![Member {
+                        id: "n1".into(),
+                        addr: "127.0.0.1:7001".parse().unwrap(),
+                    }]),
+                    ..Partial::default()
+                },
+                "`node_id`",
+            ),
+            (
+                Partial {
+                    groups: Some(vec![GroupConfig {
+                        name: "a/b".into(),
+                        shard_num: 1,
+                        replicas: 0,
+                    }]),
+                    ..Partial::default()
+                },
+                "`groups.name`",
+            ),
+            (
+                Partial {
+                    groups: Some(vec![GroupConfig {
+                        name: "g".into(),
+                        shard_num: 0,
+                        replicas: 0,
+                    }]),
+                    ..Partial::default()
+                },
+                "`groups.shard_num`",
+            ),
+            (
+                Partial {
+                    repair: PartialRepair {
+                        period: Some("10 parsecs".into()),
+                        ..PartialRepair::default()
+                    },
+                    ..Partial::default()
+                },
+                "`repair.period`",
+            ),
+            (
+                Partial {
+                    repair: PartialRepair {
+                        period: Some("8d".into()),
+                        ..PartialRepair::default()
+                    },
+                    ..Partial::default()
+                },
+                "`repair.period`",
+            ),
+        ];
+        for (partial, key) in cases {
+            let error = partial.resolve().unwrap_err().to_string();
+            assert!(error.contains(key), "`{error}` should name {key}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let error = toml::from_str::<Partial>("nodeid = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("nodeid"), "{error}");
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        for text in ["30s", "10m", "2h", "7d", "250ms"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! The propd node: it assembles the store, the gossip and the repair protocol into one server.
+//!
+//! It owns configuration (file, `PROPD_*` variables, flags), placement of shards on members,
+//! the one gRPC server (property API, gossip, repair, admin), the coordinator with read repair
+//! and write-miss triggered repair, the schedulers (repair rounds, verification, tombstone
+//! purge), metrics and `/health`, and the `propd` command line.
+//!
+//! It does not implement protocol logic: propagation rules live in `propd-gossip`, the
+//! two-node sync in `propd-repair`, the version order and the tree in `propd-store` and
+//! `propd-merkle`. Here they are wired to sockets, clocks and tasks.
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod http;
+pub mod metrics;
+pub mod placement;
+pub mod schedule;
+pub mod server;
