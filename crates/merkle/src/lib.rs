@@ -12,25 +12,25 @@
 //! protocol moves digests over the wire itself.
 
 pub mod build;
-
+pub mod diff;
 pub mod digest;
 pub mod entity;
 pub mod live;
 pub mod position;
 pub mod property;
 pub mod shape;
-
+pub mod snapshot;
 pub mod storage;
 pub mod version;
 
 pub use build::{BuildError, Leaf, Tree, TreeBuilder};
-
+pub use diff::{Diff, LevelCost, ShapeMismatch, diff};
 pub use digest::{Algorithm, Digest, DigestError, MAX_DIGEST_WIDTH, NodeHasher};
 pub use entity::{Entity, EntityError};
 pub use live::{LiveError, LiveTree};
 pub use position::{NodeId, TREE_SEED, position, shard_of};
 pub use property::{Property, TagValue};
 pub use shape::{FORMAT_VERSION, Shape, ShapeError};
-
+pub use snapshot::SnapshotError;
 pub use storage::{InnerNode, MemStorage, TreeStorage};
 pub use version::version_order;

@@ -298,7 +298,11 @@ impl<S: TreeStorage> LiveTree<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::build::TreeBuilder;
+    use crate::digest::Algorithm;
     use crate::storage::MemStorage;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn entity(i: u32) -> Entity {
         Entity::new("g", "n", &format!("id-{i}")).expect("valid")
@@ -369,5 +373,71 @@ mod tests {
                 found: 8
             })
         ));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Upsert(u32, u8),
+        Remove(u32),
+        Flush,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u32..40, 0u8..4).prop_map(|(id, v)| Op::Upsert(id, v)),
+            2 => (0u32..40).prop_map(Op::Remove),
+            1 => Just(Op::Flush),
+        ]
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        (
+            1u32..5,
+            2u32..5,
+            0u32..3,
+            prop_oneof![Just(Algorithm::Sha512), Just(Algorithm::Blake3)],
+        )
+            .prop_map(|(slot_count, fanout, depth, algorithm)| Shape {
+                algorithm,
+                slot_count,
+                fanout,
+                depth,
+                digest_width: 8,
+                ..Shape::default()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn incremental_tree_equals_the_tree_rebuilt_from_scratch(
+            shape in shape(), ops in proptest::collection::vec(op(), 0..80),
+        ) {
+            let mut live = LiveTree::new(shape, MemStorage::new()).expect("valid shape");
+            let mut model: BTreeMap<u32, u8> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Upsert(id, v) => {
+                        let previous = live.upsert(&entity(id), shape.digest(&[v])).expect("upsert");
+                        prop_assert_eq!(previous, model.insert(id, v).map(|old| shape.digest(&[old])));
+                    }
+                    Op::Remove(id) => {
+                        let removed = live.remove(&entity(id)).expect("remove");
+                        prop_assert_eq!(removed, model.remove(&id).map(|old| shape.digest(&[old])));
+                    }
+                    Op::Flush => {
+                        live.flush().expect("flush");
+                    }
+                }
+            }
+            live.flush().expect("flush");
+            let mut builder = TreeBuilder::new(shape).expect("valid shape");
+            for (&id, &v) in &model {
+                builder.push(entity(id), shape.digest(&[v])).expect("push");
+            }
+            let rebuilt = builder.finish().expect("build");
+            prop_assert_eq!(live.root().expect("flushed"), rebuilt.root());
+            prop_assert_eq!(live.to_tree().expect("flushed"), rebuilt);
+        }
     }
 }

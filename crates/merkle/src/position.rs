@@ -203,4 +203,44 @@ mod tests {
         assert_eq!(shard_of(&entity, n) as u64, xxh3_64(b"g/n/i") % 7);
         assert_ne!(position(&entity), xxh3_64(b"g/n/i"));
     }
+
+    #[test]
+    fn leaves_of_one_shard_spread_over_all_slots() {
+        // The reference took slots from the shard hash, so a shard's leaves met in
+        // slot_count / gcd(slot_count, shard_num) slots: one slot when shard_num = 32.
+        let shape = Shape::default();
+        let entities: Vec<Entity> = (0..20_000)
+            .map(|i| Entity::new("group", "name", &format!("id-{i}")).expect("valid"))
+            .collect();
+        for shard_num in [1u32, 2, 4, 8, 32] {
+            let n = NonZeroU32::new(shard_num).expect("non-zero");
+            for shard in [0, shard_num - 1] {
+                let mut per_slot = vec![0u32; shape.slot_count as usize];
+                let mut collapsed = std::collections::BTreeSet::new();
+                for entity in entities.iter().filter(|e| shard_of(e, n) == shard) {
+                    per_slot[shape.ancestor(shape.bucket_of(entity), 1).index as usize] += 1;
+                    collapsed.insert(xxh3_64(entity.as_bytes()) % shape.slot_count as u64);
+                }
+                let total: u32 = per_slot.iter().sum();
+                let mean = total as f64 / per_slot.len() as f64;
+                let (min, max) = (
+                    per_slot.iter().min().copied(),
+                    per_slot.iter().max().copied(),
+                );
+                assert!(
+                    min > Some(0),
+                    "shard_num {shard_num} shard {shard}: an empty slot in {per_slot:?}"
+                );
+                assert!(
+                    max.is_some_and(|m| (m as f64) < 2.5 * mean),
+                    "shard_num {shard_num}: {per_slot:?}"
+                );
+                assert_eq!(
+                    collapsed.len(),
+                    32 / shard_num as usize,
+                    "the reference's collapse"
+                );
+            }
+        }
+    }
 }
