@@ -1,1 +1,250 @@
-//! Support code shared by the whole-system tests in `it/`.
+//! Support for the whole-system tests in `it/`: a cluster of real `propd serve` processes on
+//! 127.0.0.1 with ports chosen at run time, and the `propd` CLI to drive it.
+//!
+//! Everything is bounded in time: waits poll with deadlines and every child is killed on drop.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `propd` binary of this build.
+///
+/// `cargo test --workspace` (and nextest) build it, because `propd-node` has an integration
+/// test of its own; when only this package is tested and the binary is missing, it is built.
+pub fn propd_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current test executable");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+        let binary = profile_dir.join("propd");
+        if !binary.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
+                .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
+                .status()
+                .expect("running cargo build for the propd binary");
+            assert!(status.success(), "building propd failed");
+        }
+        assert!(binary.exists(), "{} was not built", binary.display());
+        binary
+    })
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("binding a free port").local_addr().expect("addr").port()
+}
+
+/// One node's addresses and files.
+#[derive(Debug)]
+pub struct NodeSpec {
+    /// Node id (`n1`, `n2`, ...).
+    pub id: String,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+/// A running (or stopped) cluster of `propd serve` processes.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Holds the config files, data directories and logs.
+    pub dir: tempfile::TempDir,
+    /// The nodes, in id order.
+    pub nodes: Vec<NodeSpec>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    /// Writes the config of `n` nodes sharing `groups` (TOML `[[groups]]` tables) and `extra`
+    /// (more TOML appended to every file, e.g. a `[repair]` table), starts them and waits until
+    /// each answers.
+    pub fn start(n: usize, groups: &str, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes: Vec<NodeSpec> = (1..=n)
+            .map(|i| {
+                let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                NodeSpec {
+                    id: format!("n{i}"),
+                    listen,
+                    http,
+                    config: dir.path().join(format!("n{i}.toml")),
+                    log: dir.path().join(format!("n{i}.log")),
+                }
+            })
+            .collect();
+        let members: String = nodes
+            .iter()
+            .map(|node| format!("[[members]]\nid = \"{}\"\naddr = \"{}\"\n\n", node.id, node.listen))
+            .collect();
+        for node in &nodes {
+            let data_dir = dir.path().join(&node.id);
+            let text = format!(
+                "node_id = \"{}\"\nlisten = \"{}\"\nhttp = \"{}\"\ndata_dir = {:?}\n\n{members}{groups}\n{extra}\n",
+                node.id,
+                node.listen,
+                node.http,
+                data_dir.display().to_string(),
+            );
+            std::fs::write(&node.config, text).expect("writing a config file");
+        }
+        let children = nodes.iter().map(|_| None).collect();
+        let mut cluster = Cluster { dir, nodes, children };
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        for i in 0..n {
+            cluster.wait_ready(i);
+        }
+        cluster
+    }
+
+    /// Starts node `i` (index into `nodes`) and does not wait.
+    pub fn start_node(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("opening a log file");
+        let child = Command::new(propd_binary())
+            .args(["serve", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning propd serve");
+        self.children[i] = Some(child);
+    }
+
+    /// Waits (at most 30 s) until node `i` answers `/health`.
+    pub fn wait_ready(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_get(self.nodes[i].http, "/health").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {} did not become healthy; log:\n{}", self.nodes[i].id, self.log(i));
+    }
+
+    /// Kills node `i` with SIGKILL and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts node `i` and waits until it is ready.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.start_node(i);
+        self.wait_ready(i);
+    }
+
+    /// The log of node `i` so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// Runs `propd ARGS --server <node i>`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        cli_at(&self.nodes[i].listen.to_string(), args)
+    }
+
+    /// Runs `propd ARGS --server <node i> --output json`, asserts success, parses stdout.
+    pub fn json(&self, i: usize, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let output = self.cli(i, &all);
+        assert!(
+            output.status.success(),
+            "propd {all:?} at {} failed: {}\nlog:\n{}",
+            self.nodes[i].id,
+            String::from_utf8_lossy(&output.stderr),
+            self.log(i)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!("propd {all:?}: stdout is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Runs `propd ARGS --server ADDR`, with a time bound.
+pub fn cli_at(server: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(propd_binary());
+    command.args(args).args(["--server", server]).stdin(Stdio::null());
+    run_bounded(command, Duration::from_secs(120))
+}
+
+/// Runs a command, killing it if it outlives `limit`.
+pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning a command");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("polling a child").is_some() {
+            return child.wait_with_output().expect("collecting output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collecting output");
+            panic!("{command:?} ran longer than {limit:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A bare HTTP/1.1 GET: `(status code, body)`, or `None` when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Polls `condition` every 100 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,1 +1,2 @@
 //! Whole-system tests, one binary with a module per suite.
+mod canonical;
