@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn propd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_propd")).args(args).output().expect("running propd")
+    Command::new(env!("CARGO_BIN_EXE_propd"))
+        .args(args)
+        .output()
+        .expect("running propd")
 }
 
 #[test]
@@ -23,7 +26,10 @@ fn a_malformed_entity_is_refused_before_any_connection() {
         assert!(!output.status.success(), "{entity} should be refused");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&format!("entity `{entity}`")), "{stderr}");
-        assert!(!stderr.contains("cannot reach"), "validated before connecting: {stderr}");
+        assert!(
+            !stderr.contains("cannot reach"),
+            "validated before connecting: {stderr}"
+        );
     }
 }
 
