@@ -2,16 +2,25 @@
 //!
 //! `ci` is the one command that CI and every developer runs before a commit.
 
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "xtask is a command-line tool"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod demo;
 
 const HELP: &str = "\
 cargo xtask <command>
 
 commands:
   ci       format check, clippy (warnings denied), purity checks, every test
+  demo     start a local three-node cluster, make it diverge, repair it, show convergence
   bench    run the criterion benches (release build); extra args go to `cargo bench`
   help     this text
 ";
@@ -28,6 +37,7 @@ fn main() -> Result<()> {
     match command.as_str() {
         "ci" => ci(),
         "bench" => bench(&rest),
+        "demo" => demo::run(),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
