@@ -1,1 +1,40 @@
-//! propd-store (being built; see docs/ARCHITECTURE.md).
+//! propd-store: where one node keeps its properties, and the Merkle tree that the repair protocol
+//! reads.
+//!
+//! [`RedbStore`] keeps everything in one redb database per node (`<data_dir>/propd.redb`), with
+//! four tables per (group, shard): the properties by entity, the tree's leaves by (bucket,
+//! entity), its inner nodes and its dirty set (docs/formats.md, "Store tables (redb)"). Every
+//! write validates its input (DESIGN §9), applies it by the total version order of DESIGN §3, and
+//! in the same write transaction updates the property's leaf, marks its bucket dirty and bumps
+//! the shard's revision; dirty digests are recomputed when the tree is read. Acknowledged writes
+//! are synced to disk before the call returns.
+//!
+//! [`RepairStore`] is the narrow view the repair protocol uses; [`ModelStore`] implements it in
+//! memory and [`conformance`] checks that both implementations behave the same.
+//!
+//! What this crate does not do: no networking, no async, no clock reads (times such as `now`
+//! are parameters), no placement (it stores whatever (group, shard) it is given within the group
+//! definitions) and no scheduling of verification, repair or purges (the node does that).
+
+pub mod config;
+pub mod conformance;
+pub mod error;
+pub mod model;
+pub mod repair_view;
+pub mod store;
+
+mod codec;
+mod tables;
+mod tree_store;
+mod validate;
+
+pub use config::{
+    DATABASE_FILE, DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups, StoreConfig, TreeUpkeep,
+    WriteDurability,
+};
+pub use error::{ConfigError, StoreError, ValidationError};
+pub use model::ModelStore;
+pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
+pub use store::{
+    DeleteOutcome, PurgeReport, Query, RedbStore, ShardScan, Snapshot, TreeView, VerifyOutcome,
+};

@@ -1,0 +1,1 @@
+//! The conformance suite every `RepairStore` implementation must pass (being written).

@@ -1,0 +1,380 @@
+//! `ModelStore`: an in-memory store (a `BTreeMap` per shard and the merkle crate's `MemStorage`)
+//! with the same semantics as the redb store, cheap to build, for protocol tests.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
+
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
+use crate::error::{ConfigError, StoreError, ValidationError};
+use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order};
+use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
+use crate::validate::{Checked, Rules, WriteKind};
+
+/// An in-memory store with the redb store's semantics (version order, validation, tombstone
+/// purge rules, live tree), for tests of the repair protocol. Nothing is persisted.
+#[derive(Debug)]
+pub struct ModelStore {
+    rules: Rules,
+    shards: Mutex<BTreeMap<(String, u32), ModelShard>>,
+}
+
+#[derive(Debug)]
+struct ModelShard {
+    properties: BTreeMap<Entity, Property>,
+    tree: LiveTree<MemStorage>,
+    revision: u64,
+    last_complete_repair: i64,
+}
+
+impl ModelShard {
+    fn new(shape: Shape) -> Result<Self, StoreError> {
+        Ok(ModelShard {
+            properties: BTreeMap::new(),
+            tree: LiveTree::new(shape, MemStorage::new())
+                .map_err(|error| ConfigError::Shape(error.to_string()))?,
+            revision: 0,
+            last_complete_repair: 0,
+        })
+    }
+
+    fn put(&mut self, checked: Checked) -> Result<(), StoreError> {
+        self.tree
+            .upsert(&checked.entity, checked.digest)
+            .map_err(crate::store::tree_error)?;
+        self.properties.insert(checked.entity, checked.property);
+        self.revision += 1;
+        Ok(())
+    }
+
+    fn apply(&mut self, checked: Checked, shape: &Shape) -> Result<RepairOutcome, StoreError> {
+        let outcome = decide(
+            self.properties.get(&checked.entity),
+            &checked.property,
+            shape,
+        );
+        if outcome == RepairOutcome::Applied {
+            self.put(checked)?;
+        }
+        Ok(outcome)
+    }
+
+    fn flushed(&mut self) -> Result<&LiveTree<MemStorage>, StoreError> {
+        self.tree.flush().map_err(crate::store::tree_error)?;
+        Ok(&self.tree)
+    }
+}
+
+impl ModelStore {
+    /// An empty model store for these groups and tree shape, with the default size limit.
+    pub fn new(groups: Vec<GroupDef>, shape: Shape) -> Result<Self, StoreError> {
+        shape
+            .validate()
+            .map_err(|error| ConfigError::Shape(error.to_string()))?;
+        Ok(ModelStore {
+            rules: Rules {
+                groups: Groups::new(groups)?,
+                shape,
+                max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
+            },
+            shards: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<(String, u32), ModelShard>> {
+        self.shards.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn with_shard<T>(
+        &self,
+        group: &str,
+        shard: u32,
+        f: impl FnOnce(&mut ModelShard) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.rules.check_shard(group, shard)?;
+        let mut shards = self.lock();
+        let key = (group.to_owned(), shard);
+        if !shards.contains_key(&key) {
+            shards.insert(key.clone(), ModelShard::new(self.rules.shape)?);
+        }
+        match shards.get_mut(&key) {
+            Some(state) => f(state),
+            None => Err(StoreError::Tree {
+                detail: format!("model shard {group}/{shard} vanished"),
+            }),
+        }
+    }
+
+    fn write_one(&self, checked: Checked) -> Result<RepairOutcome, StoreError> {
+        let group = checked.entity.group().to_owned();
+        let shape = self.rules.shape;
+        self.with_shard(&group, checked.shard, |state| state.apply(checked, &shape))
+    }
+
+    /// Creates or updates a live property by the version order (`delete_time` must be 0).
+    pub fn apply(&self, property: Property) -> Result<RepairOutcome, StoreError> {
+        let checked = self.rules.check(property, WriteKind::Apply, None)?;
+        self.write_one(checked)
+    }
+
+    /// Stores a tombstone (no tags) with the caller's revision and delete time, by the version
+    /// order.
+    pub fn delete(
+        &self,
+        entity: &Entity,
+        mod_revision: i64,
+        delete_time: i64,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let tombstone = crate::store::tombstone(entity, mod_revision, delete_time);
+        let checked = self.rules.check(tombstone, WriteKind::Delete, None)?;
+        let group = entity.group().to_owned();
+        let shape = self.rules.shape;
+        self.with_shard(&group, checked.shard, |state| {
+            let found = state
+                .properties
+                .get(&checked.entity)
+                .is_some_and(|property| !property.is_tombstone());
+            let outcome = state.apply(checked, &shape)?;
+            Ok(DeleteOutcome { found, outcome })
+        })
+    }
+
+    /// Applies a copy from another node by the version order.
+    pub fn repair_apply(&self, property: Property) -> Result<RepairOutcome, StoreError> {
+        let checked = self.rules.check(property, WriteKind::Copy, None)?;
+        self.write_one(checked)
+    }
+
+    /// The stored copy of an entity (tombstones included).
+    pub fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
+        let shard = self.rules.shard_of(entity)?;
+        self.with_shard(entity.group(), shard, |state| {
+            Ok(state.properties.get(entity).cloned())
+        })
+    }
+
+    /// Every property of a shard in entity order (tombstones included).
+    pub fn properties(&self, group: &str, shard: u32) -> Result<Vec<Property>, StoreError> {
+        self.with_shard(group, shard, |state| {
+            Ok(state.properties.values().cloned().collect())
+        })
+    }
+
+    /// The shard's change counter.
+    pub fn revision(&self, group: &str, shard: u32) -> Result<u64, StoreError> {
+        self.with_shard(group, shard, |state| Ok(state.revision))
+    }
+
+    /// The shard's whole tree, fresh.
+    pub fn tree(&self, group: &str, shard: u32) -> Result<Tree, StoreError> {
+        self.with_shard(group, shard, |state| {
+            state.flushed()?.to_tree().map_err(crate::store::tree_error)
+        })
+    }
+
+    /// Records when the last repair round that reached every copy of the shard started (unix
+    /// nanoseconds); an earlier time than the stored one is ignored.
+    pub fn set_last_complete_repair(
+        &self,
+        group: &str,
+        shard: u32,
+        time: i64,
+    ) -> Result<(), StoreError> {
+        self.with_shard(group, shard, |state| {
+            state.last_complete_repair = state.last_complete_repair.max(time);
+            Ok(())
+        })
+    }
+
+    /// The last complete repair time, `None` if never set.
+    pub fn last_complete_repair(&self, group: &str, shard: u32) -> Result<Option<i64>, StoreError> {
+        self.with_shard(group, shard, |state| {
+            Ok((state.last_complete_repair > 0).then_some(state.last_complete_repair))
+        })
+    }
+
+    /// Removes tombstones older than both `now - grace` and the last complete repair.
+    pub fn purge_tombstones(
+        &self,
+        group: &str,
+        shard: u32,
+        now: i64,
+        grace: Duration,
+    ) -> Result<PurgeReport, StoreError> {
+        self.with_shard(group, shard, |state| {
+            let Some(cutoff) = purge_cutoff(now, grace, state.last_complete_repair) else {
+                return Ok(PurgeReport::default());
+            };
+            let doomed: Vec<Entity> = state
+                .properties
+                .iter()
+                .filter(|(_, property)| property.is_tombstone() && property.delete_time < cutoff)
+                .map(|(entity, _)| entity.clone())
+                .collect();
+            for entity in &doomed {
+                state.properties.remove(entity);
+                state
+                    .tree
+                    .remove(entity)
+                    .map_err(crate::store::tree_error)?;
+                state.revision += 1;
+            }
+            Ok(PurgeReport {
+                purged: doomed.len() as u64,
+                cutoff: Some(cutoff),
+            })
+        })
+    }
+}
+
+impl RepairStore for ModelStore {
+    type Error = StoreError;
+
+    fn shape(&self) -> Shape {
+        self.rules.shape
+    }
+
+    fn has_shard(&self, group: &str, shard: u32) -> bool {
+        self.rules.groups.has_shard(group, shard)
+    }
+
+    fn tree_node(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Option<InnerNode>, StoreError> {
+        self.with_shard(group, shard, |state| {
+            let inner = state
+                .flushed()?
+                .node(node)
+                .map_err(crate::store::tree_error)?;
+            Ok((!inner.is_empty()).then_some(inner))
+        })
+    }
+
+    fn tree_children(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Vec<(NodeId, InnerNode)>, StoreError> {
+        self.with_shard(group, shard, |state| {
+            state
+                .flushed()?
+                .children(node)
+                .map_err(crate::store::tree_error)
+        })
+    }
+
+    fn leaves_under(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+        after: Option<&LeafKey>,
+        limit: usize,
+    ) -> Result<Vec<Leaf>, StoreError> {
+        self.with_shard(group, shard, |state| {
+            let leaves = state
+                .tree
+                .leaves_under(node)
+                .map_err(crate::store::tree_error)?;
+            Ok(leaves
+                .into_iter()
+                .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
+                .take(limit)
+                .collect())
+        })
+    }
+
+    fn get_many(
+        &self,
+        group: &str,
+        shard: u32,
+        entities: &[Entity],
+    ) -> Result<Vec<Option<Property>>, StoreError> {
+        for entity in entities {
+            self.rules.check_member(entity, group, shard)?;
+        }
+        self.with_shard(group, shard, |state| {
+            Ok(entities
+                .iter()
+                .map(|entity| state.properties.get(entity).cloned())
+                .collect())
+        })
+    }
+
+    fn repair_apply_batch(
+        &self,
+        group: &str,
+        shard: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<RepairOutcome>, StoreError> {
+        self.rules.check_shard(group, shard)?;
+        let checked = self.rules.check_batch(group, shard, batch)?;
+        let order = entity_order(&checked, |item| &item.entity);
+        let shape = self.rules.shape;
+        self.with_shard(group, shard, |state| {
+            let mut outcomes = vec![RepairOutcome::Same; checked.len()];
+            for index in order {
+                outcomes[index] = state.apply(checked[index].clone(), &shape)?;
+            }
+            Ok(outcomes)
+        })
+    }
+}
+
+impl Rules {
+    /// Checks that an entity belongs to (group, shard).
+    pub(crate) fn check_member(
+        &self,
+        entity: &Entity,
+        group: &str,
+        shard: u32,
+    ) -> Result<(), ValidationError> {
+        self.check_shard(group, shard)?;
+        if entity.group() != group {
+            return Err(ValidationError::WrongGroup {
+                entity: entity.to_string(),
+                expected: group.to_owned(),
+            });
+        }
+        let actual = self.shard_of(entity)?;
+        if actual != shard {
+            return Err(ValidationError::WrongShard {
+                entity: entity.to_string(),
+                expected: shard,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates every item of a repair batch for (group, shard); the first refusal names its
+    /// index.
+    pub(crate) fn check_batch(
+        &self,
+        group: &str,
+        shard: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<Checked>, StoreError> {
+        batch
+            .into_iter()
+            .enumerate()
+            .map(|(index, property)| {
+                let checked = if property.group != group {
+                    Err(ValidationError::WrongGroup {
+                        entity: format!("{}/{}/{}", property.group, property.name, property.id),
+                        expected: group.to_owned(),
+                    })
+                } else {
+                    self.check(property, WriteKind::Copy, Some(shard))
+                };
+                checked.map_err(|source| StoreError::BatchItem { index, source })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,340 @@
+//! The merkle crate's `TreeStorage` over redb tables: one implementation inside a write
+//! transaction (the live tree's leaves, inner nodes and dirty set persist with the property), and
+//! one over a read snapshot that keeps a flush's recomputed digests in memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use propd_merkle::{Digest, Entity, InnerNode, NodeId, TreeStorage};
+use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table};
+
+use crate::codec::{DecodeError, decode_digest, decode_inner, encode_inner};
+use crate::error::StoreError;
+
+type LeafKey<'a> = (u64, &'a str);
+
+fn corrupt(table: &str, error: DecodeError) -> StoreError {
+    StoreError::Corrupt {
+        table: table.to_owned(),
+        detail: error.0,
+    }
+}
+
+fn read_leaf(
+    table: &impl ReadableTable<LeafKey<'static>, &'static [u8]>,
+    name: &str,
+    bucket: u64,
+    entity: &Entity,
+) -> Result<Option<Digest>, StoreError> {
+    match table.get((bucket, entity.as_str()))? {
+        Some(guard) => Ok(Some(
+            decode_digest(guard.value()).map_err(|error| corrupt(name, error))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn visit_leaf_range(
+    table: &impl ReadableTable<LeafKey<'static>, &'static [u8]>,
+    name: &str,
+    buckets: Range<u64>,
+    visit: &mut dyn FnMut(u64, &Entity, Digest),
+) -> Result<(), StoreError> {
+    if buckets.start >= buckets.end {
+        return Ok(());
+    }
+    for row in table.range((buckets.start, "")..(buckets.end, ""))? {
+        let (key, value) = row?;
+        let (bucket, text) = key.value();
+        let entity = Entity::parse(text).map_err(|error| StoreError::Corrupt {
+            table: name.to_owned(),
+            detail: format!("leaf key {text:?}: {error}"),
+        })?;
+        let digest = decode_digest(value.value()).map_err(|error| corrupt(name, error))?;
+        visit(bucket, &entity, digest);
+    }
+    Ok(())
+}
+
+fn read_inner(
+    table: &impl ReadableTable<(u32, u64), &'static [u8]>,
+    name: &str,
+    node: NodeId,
+) -> Result<Option<InnerNode>, StoreError> {
+    match table.get((node.level, node.index))? {
+        Some(guard) => Ok(Some(
+            decode_inner(guard.value()).map_err(|error| corrupt(name, error))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn visit_inner_range(
+    table: &impl ReadableTable<(u32, u64), &'static [u8]>,
+    name: &str,
+    level: u32,
+    indexes: Range<u64>,
+    visit: &mut dyn FnMut(NodeId, InnerNode),
+) -> Result<(), StoreError> {
+    if indexes.start >= indexes.end {
+        return Ok(());
+    }
+    for row in table.range((level, indexes.start)..(level, indexes.end))? {
+        let (key, value) = row?;
+        let (level, index) = key.value();
+        let inner = decode_inner(value.value()).map_err(|error| corrupt(name, error))?;
+        visit(NodeId::new(level, index), inner);
+    }
+    Ok(())
+}
+
+fn read_dirty(table: &impl ReadableTable<(u32, u64), ()>) -> Result<Vec<NodeId>, StoreError> {
+    let mut nodes = Vec::new();
+    for row in table.iter()? {
+        let (key, _) = row?;
+        let (level, index) = key.value();
+        nodes.push(NodeId::new(level, index));
+    }
+    Ok(nodes)
+}
+
+/// The tables of one shard's tree, opened in a write transaction.
+pub(crate) struct TxnTree<'a, 'txn> {
+    pub(crate) leaves: &'a mut Table<'txn, LeafKey<'static>, &'static [u8]>,
+    pub(crate) nodes: &'a mut Table<'txn, (u32, u64), &'static [u8]>,
+    pub(crate) dirty: &'a mut Table<'txn, (u32, u64), ()>,
+    /// Table names for error messages: leaves, nodes.
+    pub(crate) leaves_name: &'a str,
+    pub(crate) nodes_name: &'a str,
+}
+
+impl TreeStorage for TxnTree<'_, '_> {
+    type Error = StoreError;
+
+    fn get_leaf(&self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
+        read_leaf(self.leaves, self.leaves_name, bucket, entity)
+    }
+
+    fn put_leaf(
+        &mut self,
+        bucket: u64,
+        entity: &Entity,
+        digest: Digest,
+    ) -> Result<Option<Digest>, StoreError> {
+        let previous = self
+            .leaves
+            .insert((bucket, entity.as_str()), digest.as_bytes())?;
+        match previous {
+            Some(guard) => Ok(Some(
+                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
+        let removed = self.leaves.remove((bucket, entity.as_str()))?;
+        match removed {
+            Some(guard) => Ok(Some(
+                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn visit_leaves(
+        &self,
+        buckets: Range<u64>,
+        visit: &mut dyn FnMut(u64, &Entity, Digest),
+    ) -> Result<(), StoreError> {
+        visit_leaf_range(self.leaves, self.leaves_name, buckets, visit)
+    }
+
+    fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, StoreError> {
+        read_inner(self.nodes, self.nodes_name, node)
+    }
+
+    fn put_inner(&mut self, node: NodeId, inner: InnerNode) -> Result<(), StoreError> {
+        self.nodes
+            .insert((node.level, node.index), encode_inner(&inner).as_slice())?;
+        Ok(())
+    }
+
+    fn remove_inner(&mut self, node: NodeId) -> Result<(), StoreError> {
+        self.nodes.remove((node.level, node.index))?;
+        Ok(())
+    }
+
+    fn visit_inner(
+        &self,
+        level: u32,
+        indexes: Range<u64>,
+        visit: &mut dyn FnMut(NodeId, InnerNode),
+    ) -> Result<(), StoreError> {
+        visit_inner_range(self.nodes, self.nodes_name, level, indexes, visit)
+    }
+
+    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
+        self.dirty.insert((node.level, node.index), ())?;
+        Ok(())
+    }
+
+    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
+        read_dirty(self.dirty)
+    }
+
+    fn has_dirty(&self) -> Result<bool, StoreError> {
+        Ok(!self.dirty.is_empty()?)
+    }
+
+    fn clear_dirty(&mut self) -> Result<(), StoreError> {
+        self.dirty.retain(|_, _| false)?;
+        Ok(())
+    }
+}
+
+/// One shard's tree as of a read snapshot. Reads come from the snapshot; what a flush writes
+/// (inner nodes, the cleared dirty set) stays in memory, so a reader gets fresh digests without a
+/// write transaction. A missing table reads as empty.
+pub(crate) struct SnapshotTree {
+    pub(crate) leaves: Option<ReadOnlyTable<LeafKey<'static>, &'static [u8]>>,
+    pub(crate) nodes: Option<ReadOnlyTable<(u32, u64), &'static [u8]>>,
+    pub(crate) dirty: Option<ReadOnlyTable<(u32, u64), ()>>,
+    pub(crate) leaves_name: String,
+    pub(crate) nodes_name: String,
+    /// Inner nodes written (`Some`) or removed (`None`) by a flush.
+    pub(crate) inner_overlay: BTreeMap<NodeId, Option<InnerNode>>,
+    /// Whether a flush cleared the stored dirty set.
+    pub(crate) dirty_cleared: bool,
+    /// Nodes marked dirty in memory.
+    pub(crate) dirty_marked: BTreeSet<NodeId>,
+}
+
+impl SnapshotTree {
+    fn read_only(&self) -> StoreError {
+        StoreError::Corrupt {
+            table: self.leaves_name.clone(),
+            detail: "a snapshot's leaves are read-only".to_owned(),
+        }
+    }
+}
+
+impl TreeStorage for SnapshotTree {
+    type Error = StoreError;
+
+    fn get_leaf(&self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
+        match &self.leaves {
+            Some(table) => read_leaf(table, &self.leaves_name, bucket, entity),
+            None => Ok(None),
+        }
+    }
+
+    fn put_leaf(&mut self, _: u64, _: &Entity, _: Digest) -> Result<Option<Digest>, StoreError> {
+        Err(self.read_only())
+    }
+
+    fn remove_leaf(&mut self, _: u64, _: &Entity) -> Result<Option<Digest>, StoreError> {
+        Err(self.read_only())
+    }
+
+    fn visit_leaves(
+        &self,
+        buckets: Range<u64>,
+        visit: &mut dyn FnMut(u64, &Entity, Digest),
+    ) -> Result<(), StoreError> {
+        match &self.leaves {
+            Some(table) => visit_leaf_range(table, &self.leaves_name, buckets, visit),
+            None => Ok(()),
+        }
+    }
+
+    fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, StoreError> {
+        if let Some(overlaid) = self.inner_overlay.get(&node) {
+            return Ok(*overlaid);
+        }
+        match &self.nodes {
+            Some(table) => read_inner(table, &self.nodes_name, node),
+            None => Ok(None),
+        }
+    }
+
+    fn put_inner(&mut self, node: NodeId, inner: InnerNode) -> Result<(), StoreError> {
+        self.inner_overlay.insert(node, Some(inner));
+        Ok(())
+    }
+
+    fn remove_inner(&mut self, node: NodeId) -> Result<(), StoreError> {
+        self.inner_overlay.insert(node, None);
+        Ok(())
+    }
+
+    fn visit_inner(
+        &self,
+        level: u32,
+        indexes: Range<u64>,
+        visit: &mut dyn FnMut(NodeId, InnerNode),
+    ) -> Result<(), StoreError> {
+        if indexes.start >= indexes.end {
+            return Ok(());
+        }
+        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        let mut overlay = self.inner_overlay.range(range).peekable();
+        if overlay.peek().is_none() {
+            return match &self.nodes {
+                Some(table) => visit_inner_range(table, &self.nodes_name, level, indexes, visit),
+                None => Ok(()),
+            };
+        }
+        // Merge the stored nodes with the in-memory ones, which take precedence.
+        let mut merged: BTreeMap<NodeId, Option<InnerNode>> = BTreeMap::new();
+        if let Some(table) = &self.nodes {
+            visit_inner_range(
+                table,
+                &self.nodes_name,
+                level,
+                indexes,
+                &mut |node, inner| {
+                    merged.insert(node, Some(inner));
+                },
+            )?;
+        }
+        merged.extend(overlay.map(|(node, inner)| (*node, *inner)));
+        for (node, inner) in merged {
+            if let Some(inner) = inner {
+                visit(node, inner);
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
+        self.dirty_marked.insert(node);
+        Ok(())
+    }
+
+    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
+        let mut nodes: BTreeSet<NodeId> = self.dirty_marked.clone();
+        if !self.dirty_cleared
+            && let Some(table) = &self.dirty
+        {
+            nodes.extend(read_dirty(table)?);
+        }
+        Ok(nodes.into_iter().collect())
+    }
+
+    fn has_dirty(&self) -> Result<bool, StoreError> {
+        if !self.dirty_marked.is_empty() {
+            return Ok(true);
+        }
+        match &self.dirty {
+            Some(table) if !self.dirty_cleared => Ok(!table.is_empty()?),
+            _ => Ok(false),
+        }
+    }
+
+    fn clear_dirty(&mut self) -> Result<(), StoreError> {
+        self.dirty_cleared = true;
+        self.dirty_marked.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Validation of incoming properties and shard addresses (DESIGN §9), shared by both stores.
+
+use std::num::NonZeroU32;
+
+use propd_merkle::{Digest, Entity, Property, Shape, shard_of};
+
+use crate::config::{GroupDef, Groups};
+use crate::error::ValidationError;
+
+/// What a store checks every request against.
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    pub(crate) groups: Groups,
+    pub(crate) shape: Shape,
+    pub(crate) max_property_bytes: usize,
+}
+
+/// A property that passed validation, with what the store derives from it.
+#[derive(Debug, Clone)]
+pub(crate) struct Checked {
+    pub(crate) entity: Entity,
+    pub(crate) shard: u32,
+    pub(crate) digest: Digest,
+    pub(crate) property: Property,
+}
+
+/// What kind of write a property arrives with; each accepts different `delete_time`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteKind {
+    /// A create or update: live only.
+    Apply,
+    /// A delete: a tombstone only.
+    Delete,
+    /// A copy from another node (repair or replication): live or tombstone.
+    Copy,
+}
+
+impl Rules {
+    /// The definition of a known group.
+    pub(crate) fn group(&self, group: &str) -> Result<&GroupDef, ValidationError> {
+        self.groups
+            .get(group)
+            .ok_or_else(|| ValidationError::UnknownGroup {
+                group: group.to_owned(),
+            })
+    }
+
+    /// Checks that `shard` exists in `group`.
+    pub(crate) fn check_shard(
+        &self,
+        group: &str,
+        shard: u32,
+    ) -> Result<&GroupDef, ValidationError> {
+        let def = self.group(group)?;
+        if shard >= def.shard_num {
+            return Err(ValidationError::ShardOutOfRange {
+                group: group.to_owned(),
+                shard,
+                shard_num: def.shard_num,
+            });
+        }
+        Ok(def)
+    }
+
+    /// The shard an entity of a known group lives in.
+    pub(crate) fn shard_of(&self, entity: &Entity) -> Result<u32, ValidationError> {
+        let def = self.group(entity.group())?;
+        Ok(shard_of_def(def, entity))
+    }
+
+    /// Validates a property for a write of `kind`, optionally addressed to `shard`.
+    pub(crate) fn check(
+        &self,
+        property: Property,
+        kind: WriteKind,
+        shard: Option<u32>,
+    ) -> Result<Checked, ValidationError> {
+        let entity = Entity::new(&property.group, &property.name, &property.id)?;
+        let def = self.group(entity.group())?;
+        let actual = shard_of_def(def, &entity);
+        if let Some(expected) = shard {
+            self.check_shard(entity.group(), expected)?;
+            if expected != actual {
+                return Err(ValidationError::WrongShard {
+                    entity: entity.to_string(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let field =
+            |field: &'static str, value: i64, expected: &'static str| ValidationError::Field {
+                entity: entity.to_string(),
+                field,
+                value,
+                expected,
+            };
+        if property.mod_revision <= 0 {
+            return Err(field("mod_revision", property.mod_revision, "must be > 0"));
+        }
+        match kind {
+            WriteKind::Apply if property.delete_time != 0 => {
+                return Err(field(
+                    "delete_time",
+                    property.delete_time,
+                    "must be 0 for an apply (use delete)",
+                ));
+            }
+            WriteKind::Delete if property.delete_time <= 0 => {
+                return Err(field(
+                    "delete_time",
+                    property.delete_time,
+                    "must be > 0 for a delete",
+                ));
+            }
+            WriteKind::Copy if property.delete_time < 0 => {
+                return Err(field("delete_time", property.delete_time, "must be >= 0"));
+            }
+            _ => {}
+        }
+        let size = property.canonical_len();
+        if size > self.max_property_bytes {
+            return Err(ValidationError::TooLarge {
+                entity: entity.to_string(),
+                size,
+                max: self.max_property_bytes,
+            });
+        }
+        let digest = property.leaf_digest(&self.shape);
+        Ok(Checked {
+            entity,
+            shard: actual,
+            digest,
+            property,
+        })
+    }
+}
+
+fn shard_of_def(def: &GroupDef, entity: &Entity) -> u32 {
+    // `Groups::new` refuses shard_num 0, so the fallback is never taken.
+    NonZeroU32::new(def.shard_num).map_or(0, |shard_num| shard_of(entity, shard_num))
+}

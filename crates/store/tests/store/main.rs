@@ -1,0 +1,1 @@
+//! Integration tests of propd-store: one binary, a module per suite.
