@@ -1,1 +1,44 @@
-//! propd-gossip (being built; see docs/ARCHITECTURE.md).
+//! Chain gossip for propd: one repair round for a (group, shard) carried along the shard's
+//! node list, a pairwise sync at each hop, `2n - 3` syncs and skips in all, the result and its
+//! trace returned to the node that started it (DESIGN §6, `docs/protocol.md`).
+//!
+//! # Shape
+//!
+//! - [`Engine`] is the state machine of one node. It is pure and deterministic: the caller
+//!   feeds it inputs (`start`, `handle_propagate`, `handle_sync_done`, `handle_hand_off`,
+//!   `handle_report`, `handle_tick`), each with the current time as a [`Millis`], and drains
+//!   the [`Command`]s it emits with [`Engine::poll_command`] (the "engine emits commands"
+//!   shape of openraft). It owns no socket, spawns no task and reads no clock.
+//! - [`SyncWork`] is the work of one sync. The node crate implements it with the repair
+//!   client; the engine only sees a sync's outcome ([`SyncReport`] or [`SyncFailure`]).
+//! - [`RecentResults`] is the origin's bounded store of recent results, read by message id.
+//! - `transport` (cargo feature `transport`, off by default) is the tonic driver: the
+//!   `GossipService` server, a pool of lazily connected channels to known members, hand-off
+//!   with retry and backoff, and `start` / `wait` for the origin. It is behind a feature so that
+//!   `cargo tree -p propd-gossip -e normal -i tokio` finds nothing with default features: the
+//!   protocol logic provably does not depend on an async runtime.
+//! - `convert` maps the domain types to and from the `propd.v1` messages; nothing else in the
+//!   crate touches wire types.
+//!
+//! # What this crate does not do
+//!
+//! It knows nothing of Merkle trees, stores or properties (a sync is opaque), does not compute
+//! placement (the caller passes the node list) and does not discover members (the caller gives
+//! the driver each member's address).
+
+mod convert;
+mod engine;
+mod results;
+mod sync;
+#[cfg(feature = "transport")]
+pub mod transport;
+mod types;
+
+pub use convert::ConvertError;
+pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest};
+pub use results::RecentResults;
+pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
+pub use types::{
+    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    SpanKind, SyncReport, TraceSpan, max_count,
+};

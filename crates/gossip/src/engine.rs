@@ -1,0 +1,823 @@
+//! The propagation state machine: inputs in, [`Command`]s out, time as a parameter.
+//!
+//! One [`Engine`] per node. The caller feeds it what happened (`start`, `handle_propagate`,
+//! `handle_sync_done`, `handle_hand_off`, `handle_report`, `handle_tick`) and then drains the
+//! commands it emitted with [`Engine::poll_command`]. The engine owns no socket, spawns no task
+//! and reads no clock, so the same code runs under the tonic driver and under the in-memory
+//! router of the tests.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use crate::sync::{SyncFailure, SyncOutcome, SyncRequest};
+use crate::types::{
+    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    SpanKind, SyncReport, TraceSpan, max_count,
+};
+
+/// Timeouts of the state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// A sync that has not finished this long after it started fails the round as timed out.
+    /// A round that has made no progress for this long can be taken over by a new one.
+    pub sync_timeout: Duration,
+    /// A round older than this (measured from its start at the origin) ends as timed out; the
+    /// origin gives up waiting for its result after this long.
+    pub round_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            sync_timeout: Duration::from_secs(10 * 60),
+            round_timeout: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// What the origin asks for when it starts a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartRequest {
+    /// The (group, shard) to repair.
+    pub key: ShardKey,
+    /// The shard's node list in placement order (computed by the caller).
+    pub nodes: Vec<NodeId>,
+    /// Compute differences without applying them.
+    pub preview: bool,
+}
+
+/// A context that cannot be run, at the origin or on a hand-off.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// Fewer than two nodes: there is nothing to propagate.
+    #[error("a propagation needs at least 2 nodes, the node list has {count}")]
+    TooFewNodes {
+        /// The length of the node list.
+        count: usize,
+    },
+    /// A node id appears twice in the node list.
+    #[error("node list holds {node:?} more than once")]
+    DuplicateNode {
+        /// The repeated id.
+        node: NodeId,
+    },
+    /// A node id in the list is empty.
+    #[error("node list entry {index} is an empty node id")]
+    EmptyNodeId {
+        /// Its position in the list.
+        index: usize,
+    },
+    /// The group name is empty.
+    #[error("group is empty")]
+    EmptyGroup,
+    /// The message id is empty.
+    #[error("message_id is empty")]
+    EmptyMessageId,
+    /// The origin node id is empty.
+    #[error("origin_node is empty")]
+    EmptyOrigin,
+    /// The receiving node is not in the node list.
+    #[error("node {node:?} is not in the node list {nodes:?}")]
+    NotInList {
+        /// The receiving node.
+        node: NodeId,
+        /// The list it was sent.
+        nodes: Vec<NodeId>,
+    },
+    /// `max_count` is not `2n - 3` for the list's length.
+    #[error("max_count is {max_count}, expected {expected} for {n} nodes")]
+    MaxCountMismatch {
+        /// The value received.
+        max_count: u32,
+        /// `2n - 3`.
+        expected: u32,
+        /// The length of the node list.
+        n: usize,
+    },
+    /// The count is already spent: the sender should have reported instead of forwarding.
+    #[error("count {count} has reached max_count {max_count}")]
+    CountSpent {
+        /// The count received.
+        count: u32,
+        /// The round's max count.
+        max_count: u32,
+    },
+}
+
+/// The answer to a propagation handed to this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// This node now holds the round (or already held this very round).
+    Accepted,
+    /// A round for the same (group, shard) is running here; the sender reports a
+    /// [`Outcome::Refused`] result to the origin.
+    Refused {
+        /// Which round holds the shard, for the origin's result.
+        reason: String,
+    },
+}
+
+/// How a hand-off to the next node ended, as the driver saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandOffOutcome {
+    /// The next node accepted the round.
+    Accepted,
+    /// The next node refused it (a round for the shard is already running there).
+    Refused {
+        /// The receiver's reason.
+        reason: String,
+    },
+    /// The next node could not be reached (after the driver's retries): it is skipped.
+    Unreachable {
+        /// What went wrong.
+        error: String,
+    },
+    /// The next node rejected the request as invalid: the round is aborted.
+    Rejected {
+        /// The receiver's error.
+        error: String,
+    },
+}
+
+/// What the engine asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run this sync and feed its outcome to [`Engine::handle_sync_done`].
+    Sync(SyncRequest),
+    /// Stop the sync of `message_id` with `peer`: it timed out or its round was taken over.
+    /// Its outcome, if it still arrives, is ignored.
+    CancelSync {
+        /// The round.
+        message_id: MessageId,
+        /// The peer of the sync.
+        peer: NodeId,
+    },
+    /// Send the round to `to` and feed the answer to [`Engine::handle_hand_off`].
+    HandOff {
+        /// The next node.
+        to: NodeId,
+        /// The round as it leaves this node.
+        propagation: Propagation,
+    },
+    /// Send a round's result to its origin (another node) and feed it to its
+    /// [`Engine::handle_report`] there.
+    Report {
+        /// The origin.
+        to: NodeId,
+        /// The result.
+        result: PropagationResult,
+    },
+    /// A round this node started has ended: keep the result and wake whoever waits for it.
+    Finished(PropagationResult),
+}
+
+/// Where a held round is.
+#[derive(Clone, Debug)]
+enum HeldState {
+    /// Syncing with `peer` since `since`.
+    Syncing { peer: NodeId, since: Millis },
+    /// Handing the round to `to` since `since`.
+    HandingOff { to: NodeId, since: Millis },
+}
+
+/// A round this node holds.
+#[derive(Clone, Debug)]
+struct Held {
+    propagation: Propagation,
+    /// This node's position in the node list.
+    me: usize,
+    state: HeldState,
+    last_progress: Millis,
+}
+
+/// A round this node started and has no result for yet.
+#[derive(Clone, Debug)]
+struct OriginRound {
+    /// The context and trace as the origin last knew them.
+    propagation: Propagation,
+    /// The node the origin is handing the round to, while it does.
+    dispatching_to: Option<usize>,
+}
+
+/// The propagation state machine of one node.
+#[derive(Debug)]
+pub struct Engine {
+    me: NodeId,
+    config: Config,
+    sequence: u64,
+    held: BTreeMap<ShardKey, Held>,
+    origin_rounds: BTreeMap<MessageId, OriginRound>,
+    commands: VecDeque<Command>,
+}
+
+impl Engine {
+    /// An engine for node `me`.
+    #[must_use]
+    pub fn new(me: NodeId, config: Config) -> Self {
+        Engine {
+            me,
+            config,
+            sequence: 0,
+            held: BTreeMap::new(),
+            origin_rounds: BTreeMap::new(),
+            commands: VecDeque::new(),
+        }
+    }
+
+    /// This node's id.
+    #[must_use]
+    pub fn node_id(&self) -> &str {
+        &self.me
+    }
+
+    /// The engine's timeouts.
+    #[must_use]
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// The next command to carry out, in the order they were emitted.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// The round this node holds for `key`, if any.
+    #[must_use]
+    pub fn running(&self, key: &ShardKey) -> Option<&MessageId> {
+        self.held
+            .get(key)
+            .map(|h| &h.propagation.context.message_id)
+    }
+
+    /// The rounds this node started and has no result for yet.
+    pub fn pending(&self) -> impl Iterator<Item = &MessageId> {
+        self.origin_rounds.keys()
+    }
+
+    /// Starts a round as its origin: builds the context (`max_count = 2n - 3`, a fresh message
+    /// id) and hands the round to `nodes[0]`, or holds it here when this node is `nodes[0]`.
+    ///
+    /// The result arrives later as a [`Command::Finished`]; a refusal or an unreachable node
+    /// list ends as a result too, never as an error here.
+    pub fn start(&mut self, now: Millis, request: StartRequest) -> Result<MessageId, ContextError> {
+        validate_nodes(&request.nodes)?;
+        if request.key.group.is_empty() {
+            return Err(ContextError::EmptyGroup);
+        }
+        let n = request.nodes.len();
+        let max = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
+        self.sequence += 1;
+        let message_id = MessageId(format!("{}-{}-{}", self.me, now.0, self.sequence));
+        let context = Context {
+            nodes: request.nodes,
+            max_count: max,
+            count: 0,
+            origin: self.me.clone(),
+            message_id: message_id.clone(),
+            key: request.key,
+            started_at: now,
+            preview: request.preview,
+        };
+        tracing::debug!(
+            message_id = %message_id, group = %context.key.group, shard = context.key.shard,
+            nodes = n, "starting propagation"
+        );
+        let propagation = Propagation {
+            context,
+            trace: Vec::new(),
+        };
+        self.origin_rounds.insert(
+            message_id.clone(),
+            OriginRound {
+                propagation,
+                dispatching_to: None,
+            },
+        );
+        self.dispatch(now, &message_id, 0);
+        Ok(message_id)
+    }
+
+    /// Hands the origin's round to `nodes[index]`, or takes it here when that is this node.
+    fn dispatch(&mut self, now: Millis, message_id: &MessageId, index: usize) {
+        let Some(round) = self.origin_rounds.get_mut(message_id) else {
+            return;
+        };
+        let target = round.propagation.context.nodes[index].clone();
+        if target != self.me {
+            round.dispatching_to = Some(index);
+            let propagation = round.propagation.clone();
+            self.commands.push_back(Command::HandOff {
+                to: target,
+                propagation,
+            });
+            return;
+        }
+        round.dispatching_to = None;
+        let propagation = round.propagation.clone();
+        match self.admit(now, propagation.clone()) {
+            Ok(Admission::Accepted) => {}
+            Ok(Admission::Refused { reason }) => {
+                self.report(propagation, Outcome::Refused, Some(reason));
+            }
+            Err(error) => self.report(propagation, Outcome::Aborted, Some(error.to_string())),
+        }
+    }
+
+    /// A propagation handed to this node by its predecessor (or its origin).
+    ///
+    /// Accepts it and starts the sync with the successor, or refuses it when a round for the
+    /// same (group, shard) is running here. A running round that has made no progress for
+    /// `sync_timeout` is taken over: it ends as [`Outcome::TimedOut`] at its origin.
+    pub fn handle_propagate(
+        &mut self,
+        now: Millis,
+        propagation: Propagation,
+    ) -> Result<Admission, ContextError> {
+        self.admit(now, propagation)
+    }
+
+    fn admit(&mut self, now: Millis, propagation: Propagation) -> Result<Admission, ContextError> {
+        let context = &propagation.context;
+        validate_nodes(&context.nodes)?;
+        if context.key.group.is_empty() {
+            return Err(ContextError::EmptyGroup);
+        }
+        if context.message_id.0.is_empty() {
+            return Err(ContextError::EmptyMessageId);
+        }
+        if context.origin.is_empty() {
+            return Err(ContextError::EmptyOrigin);
+        }
+        let n = context.nodes.len();
+        let expected = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
+        if context.max_count != expected {
+            return Err(ContextError::MaxCountMismatch {
+                max_count: context.max_count,
+                expected,
+                n,
+            });
+        }
+        if context.count >= context.max_count {
+            return Err(ContextError::CountSpent {
+                count: context.count,
+                max_count: context.max_count,
+            });
+        }
+        let me = context
+            .index_of(&self.me)
+            .ok_or_else(|| ContextError::NotInList {
+                node: self.me.clone(),
+                nodes: context.nodes.clone(),
+            })?;
+        let key = context.key.clone();
+        if let Some(running) = self.held.get(&key) {
+            let running_id = running.propagation.context.message_id.clone();
+            if running_id == context.message_id {
+                // The same round delivered twice (a retried hand-off): nothing new to do.
+                return Ok(Admission::Accepted);
+            }
+            let idle = now.since(running.last_progress);
+            if idle < self.config.sync_timeout {
+                let reason = format!(
+                    "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
+                    running.propagation.context.origin, self.me, key.group, key.shard
+                );
+                tracing::info!(
+                    message_id = %context.message_id, running = %running_id,
+                    group = %key.group, shard = key.shard, "refusing propagation"
+                );
+                return Ok(Admission::Refused { reason });
+            }
+            let error = format!(
+                "no progress for {} ms; taken over on {} by propagation {}",
+                idle.as_millis(),
+                self.me,
+                context.message_id
+            );
+            tracing::warn!(
+                message_id = %running_id, by = %context.message_id,
+                group = %key.group, shard = key.shard, "taking over a stuck propagation"
+            );
+            self.end_held(&key, Outcome::TimedOut, Some(error), true);
+        }
+        let successor = context.next_index(me);
+        let peer = context.nodes[successor].clone();
+        self.held.insert(
+            key.clone(),
+            Held {
+                propagation,
+                me,
+                state: HeldState::Syncing {
+                    peer: peer.clone(),
+                    since: now,
+                },
+                last_progress: now,
+            },
+        );
+        if let Some(error) = self.round_expired(now, &key) {
+            self.end_held(&key, Outcome::TimedOut, Some(error), false);
+            return Ok(Admission::Accepted);
+        }
+        self.begin_sync(now, &key, peer);
+        Ok(Admission::Accepted)
+    }
+
+    /// Why the held round for `key` is past its round timeout, if it is.
+    fn round_expired(&self, now: Millis, key: &ShardKey) -> Option<String> {
+        let held = self.held.get(key)?;
+        let started = held.propagation.context.started_at;
+        let age = now.since(started);
+        (age >= self.config.round_timeout).then(|| {
+            format!(
+                "round is {} s old, past its timeout of {} s",
+                age.as_secs(),
+                self.config.round_timeout.as_secs()
+            )
+        })
+    }
+
+    fn begin_sync(&mut self, now: Millis, key: &ShardKey, peer: NodeId) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        held.state = HeldState::Syncing {
+            peer: peer.clone(),
+            since: now,
+        };
+        held.last_progress = now;
+        let context = &held.propagation.context;
+        self.commands.push_back(Command::Sync(SyncRequest {
+            message_id: context.message_id.clone(),
+            key: key.clone(),
+            peer,
+            preview: context.preview,
+        }));
+    }
+
+    /// The held round with this message id, if it is in `matches` state.
+    fn find_held(&self, message_id: &MessageId) -> Option<ShardKey> {
+        self.held
+            .iter()
+            .find(|(_, h)| &h.propagation.context.message_id == message_id)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// The outcome of a sync this engine asked for with [`Command::Sync`].
+    ///
+    /// An outcome for a sync that is no longer current (it timed out, or its round was taken
+    /// over) is ignored.
+    pub fn handle_sync_done(
+        &mut self,
+        now: Millis,
+        message_id: &MessageId,
+        peer: &str,
+        outcome: SyncOutcome,
+    ) {
+        let Some(key) = self.find_held(message_id) else {
+            tracing::debug!(message_id = %message_id, peer, "ignoring the outcome of a stale sync");
+            return;
+        };
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        let HeldState::Syncing {
+            peer: syncing,
+            since,
+        } = &held.state
+        else {
+            return;
+        };
+        if syncing != peer {
+            return;
+        }
+        let since = *since;
+        let span = |kind, report, error| TraceSpan {
+            kind,
+            from: self.me.clone(),
+            to: peer.to_owned(),
+            start: since,
+            duration: now.since(since),
+            report,
+            error,
+        };
+        match outcome {
+            Ok(report) => {
+                held.propagation
+                    .trace
+                    .push(span(SpanKind::Sync, Some(report), None));
+                held.propagation.context.count += 1;
+                held.last_progress = now;
+                if self.count_spent(&key) {
+                    self.end_held(&key, Outcome::Completed, None, false);
+                } else {
+                    self.hand_off(now, &key, peer.to_owned());
+                }
+            }
+            Err(SyncFailure::Unreachable { error }) => {
+                held.propagation
+                    .trace
+                    .push(span(SpanKind::Skip, None, Some(error)));
+                held.propagation.context.count += 1;
+                held.last_progress = now;
+                self.after_skip(now, &key, peer);
+            }
+            Err(SyncFailure::Failed { error, report }) => {
+                let report: Option<SyncReport> = report;
+                held.propagation
+                    .trace
+                    .push(span(SpanKind::Sync, report, Some(error.clone())));
+                let error = format!("sync {} -> {peer} failed: {error}", self.me);
+                self.end_held(&key, Outcome::Aborted, Some(error), false);
+            }
+        }
+    }
+
+    fn count_spent(&self, key: &ShardKey) -> bool {
+        self.held
+            .get(key)
+            .is_some_and(|h| h.propagation.context.count >= h.propagation.context.max_count)
+    }
+
+    /// After `skipped` was skipped: end when the count is spent, else sync with the node after
+    /// it, or end with no peers when that is this node again.
+    fn after_skip(&mut self, now: Millis, key: &ShardKey, skipped: &str) {
+        if self.count_spent(key) {
+            self.end_held(key, Outcome::Completed, None, false);
+            return;
+        }
+        let Some(held) = self.held.get(key) else {
+            return;
+        };
+        let context = &held.propagation.context;
+        let next = context
+            .index_of(skipped)
+            .map_or(held.me, |i| context.next_index(i));
+        if next == held.me {
+            let error = format!("no reachable successor of {} is left", self.me);
+            self.end_held(key, Outcome::NoPeers, Some(error), false);
+        } else {
+            let peer = context.nodes[next].clone();
+            self.begin_sync(now, key, peer);
+        }
+    }
+
+    fn hand_off(&mut self, now: Millis, key: &ShardKey, to: NodeId) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        held.state = HeldState::HandingOff {
+            to: to.clone(),
+            since: now,
+        };
+        held.last_progress = now;
+        let propagation = held.propagation.clone();
+        self.commands
+            .push_back(Command::HandOff { to, propagation });
+    }
+
+    /// The answer to a hand-off this engine asked for with [`Command::HandOff`].
+    pub fn handle_hand_off(
+        &mut self,
+        now: Millis,
+        message_id: &MessageId,
+        to: &str,
+        outcome: HandOffOutcome,
+    ) {
+        if self.handle_dispatch_answer(now, message_id, to, &outcome) {
+            return;
+        }
+        let Some(key) = self.find_held(message_id) else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        let HeldState::HandingOff { to: target, since } = &held.state else {
+            return;
+        };
+        if target != to {
+            return;
+        }
+        let since = *since;
+        match outcome {
+            HandOffOutcome::Accepted => {
+                tracing::debug!(message_id = %message_id, to, "propagation handed off");
+                self.held.remove(&key);
+            }
+            HandOffOutcome::Refused { reason } => {
+                self.end_held(&key, Outcome::Refused, Some(reason), false);
+            }
+            HandOffOutcome::Rejected { error } => {
+                let error = format!("{to} rejected the hand-off: {error}");
+                self.end_held(&key, Outcome::Aborted, Some(error), false);
+            }
+            HandOffOutcome::Unreachable { error } => {
+                held.propagation.trace.push(TraceSpan {
+                    kind: SpanKind::Skip,
+                    from: self.me.clone(),
+                    to: to.to_owned(),
+                    start: since,
+                    duration: now.since(since),
+                    report: None,
+                    error: Some(format!("hand-off failed: {error}")),
+                });
+                held.propagation.context.count += 1;
+                held.last_progress = now;
+                self.after_skip(now, &key, to);
+            }
+        }
+    }
+
+    /// Handles the answer to the origin's own hand-off; false when it is not one.
+    fn handle_dispatch_answer(
+        &mut self,
+        now: Millis,
+        message_id: &MessageId,
+        to: &str,
+        outcome: &HandOffOutcome,
+    ) -> bool {
+        let Some(round) = self.origin_rounds.get_mut(message_id) else {
+            return false;
+        };
+        let Some(index) = round.dispatching_to else {
+            return false;
+        };
+        if round.propagation.context.nodes[index] != to {
+            return false;
+        }
+        round.dispatching_to = None;
+        match outcome {
+            HandOffOutcome::Accepted => {}
+            HandOffOutcome::Refused { reason } => {
+                let propagation = round.propagation.clone();
+                self.report(propagation, Outcome::Refused, Some(reason.clone()));
+            }
+            HandOffOutcome::Rejected { error } => {
+                let propagation = round.propagation.clone();
+                let error = format!("{to} rejected the hand-off: {error}");
+                self.report(propagation, Outcome::Aborted, Some(error));
+            }
+            HandOffOutcome::Unreachable { error } => {
+                // The origin's skips are traced but not counted: the skipped node may be cut
+                // off from the origin only, and the chain may still reach it (see the docs).
+                round.propagation.trace.push(TraceSpan {
+                    kind: SpanKind::Skip,
+                    from: self.me.clone(),
+                    to: to.to_owned(),
+                    start: now,
+                    duration: Duration::ZERO,
+                    report: None,
+                    error: Some(format!("hand-off failed: {error}")),
+                });
+                let next = round.propagation.context.next_index(index);
+                if next == 0 {
+                    let propagation = round.propagation.clone();
+                    let error = "no node of the list could be reached".to_owned();
+                    self.report(propagation, Outcome::NoPeers, Some(error));
+                } else {
+                    self.dispatch(now, message_id, next);
+                }
+            }
+        }
+        true
+    }
+
+    /// Ends the held round for `key` and reports it to its origin.
+    fn end_held(&mut self, key: &ShardKey, outcome: Outcome, error: Option<String>, cancel: bool) {
+        let Some(held) = self.held.remove(key) else {
+            return;
+        };
+        if cancel && let HeldState::Syncing { peer, .. } = &held.state {
+            self.commands.push_back(Command::CancelSync {
+                message_id: held.propagation.context.message_id.clone(),
+                peer: peer.clone(),
+            });
+        }
+        self.report(held.propagation, outcome, error);
+    }
+
+    /// Sends a round's result to its origin, or keeps it when this node is the origin.
+    fn report(&mut self, propagation: Propagation, outcome: Outcome, error: Option<String>) {
+        let Propagation { context, trace } = propagation;
+        tracing::debug!(
+            message_id = %context.message_id, ?outcome, error = error.as_deref().unwrap_or(""),
+            "propagation ended"
+        );
+        let to = context.origin.clone();
+        let result = PropagationResult {
+            context,
+            outcome,
+            error,
+            trace,
+            reported_by: self.me.clone(),
+        };
+        if to == self.me {
+            self.deliver(result);
+        } else {
+            self.commands.push_back(Command::Report { to, result });
+        }
+    }
+
+    fn deliver(&mut self, result: PropagationResult) -> bool {
+        if self
+            .origin_rounds
+            .remove(&result.context.message_id)
+            .is_none()
+        {
+            tracing::debug!(
+                message_id = %result.context.message_id,
+                "ignoring a result for a round that is not pending here"
+            );
+            return false;
+        }
+        self.commands.push_back(Command::Finished(result));
+        true
+    }
+
+    /// A result sent to this node as the origin of a round. Returns false (and does nothing)
+    /// when the round is not pending here: not started here, already ended or timed out.
+    pub fn handle_report(&mut self, _now: Millis, result: PropagationResult) -> bool {
+        if result.context.origin != self.me {
+            return false;
+        }
+        self.deliver(result)
+    }
+
+    /// Lets time pass: ends syncs past the sync timeout and held rounds past the round
+    /// timeout (reporting them as [`Outcome::TimedOut`]), and gives up on rounds this node
+    /// started that have had no result within the round timeout.
+    pub fn handle_tick(&mut self, now: Millis) {
+        let keys: Vec<ShardKey> = self.held.keys().cloned().collect();
+        for key in keys {
+            let Some(held) = self.held.get_mut(&key) else {
+                continue;
+            };
+            if let HeldState::Syncing { peer, since } = &held.state {
+                let elapsed = now.since(*since);
+                if elapsed >= self.config.sync_timeout {
+                    let error = format!(
+                        "sync {} -> {peer} timed out after {} s",
+                        self.me,
+                        elapsed.as_secs()
+                    );
+                    held.propagation.trace.push(TraceSpan {
+                        kind: SpanKind::Sync,
+                        from: self.me.clone(),
+                        to: peer.clone(),
+                        start: *since,
+                        duration: elapsed,
+                        report: None,
+                        error: Some(error.clone()),
+                    });
+                    self.end_held(&key, Outcome::TimedOut, Some(error), true);
+                    continue;
+                }
+            }
+            if let Some(error) = self.round_expired(now, &key) {
+                self.end_held(&key, Outcome::TimedOut, Some(error), true);
+            }
+        }
+        let expired: Vec<MessageId> = self
+            .origin_rounds
+            .iter()
+            .filter(|(_, r)| {
+                now.since(r.propagation.context.started_at) >= self.config.round_timeout
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            let Some(round) = self.origin_rounds.get(&id) else {
+                continue;
+            };
+            let error = format!(
+                "no result within the round timeout of {} s",
+                self.config.round_timeout.as_secs()
+            );
+            let Propagation { context, trace } = round.propagation.clone();
+            self.deliver(PropagationResult {
+                context,
+                outcome: Outcome::TimedOut,
+                error: Some(error),
+                trace,
+                reported_by: self.me.clone(),
+            });
+        }
+    }
+}
+
+fn validate_nodes(nodes: &[NodeId]) -> Result<(), ContextError> {
+    if nodes.len() < 2 {
+        return Err(ContextError::TooFewNodes { count: nodes.len() });
+    }
+    let mut seen = BTreeSet::new();
+    for (index, node) in nodes.iter().enumerate() {
+        if node.is_empty() {
+            return Err(ContextError::EmptyNodeId { index });
+        }
+        if !seen.insert(node.as_str()) {
+            return Err(ContextError::DuplicateNode { node: node.clone() });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! The work of one sync, as the gossip sees it: a request out, a report or a failure back.
+//!
+//! The node crate implements [`SyncWork`] with the repair client; this crate never looks
+//! inside a sync. The pure [`crate::Engine`] only emits [`SyncRequest`]s and takes their
+//! outcomes back as inputs; the `transport` driver runs them through [`SyncWork`].
+
+use std::future::Future;
+
+use crate::types::{MessageId, NodeId, ShardKey, SyncReport};
+
+/// One pairwise sync to run: the holder of `message_id` against `peer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// The propagation the sync belongs to.
+    pub message_id: MessageId,
+    /// The (group, shard) to sync.
+    pub key: ShardKey,
+    /// The successor to sync with.
+    pub peer: NodeId,
+    /// Compute the differences without applying them.
+    pub preview: bool,
+}
+
+/// Why a sync did not succeed. The kind decides what the round does next.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncFailure {
+    /// The peer could not be reached (unknown, connect timeout, broken stream): the round
+    /// records a skip, counts it and tries the node after the peer.
+    #[error("peer unreachable: {error}")]
+    Unreachable {
+        /// What went wrong, for the trace.
+        error: String,
+    },
+    /// The sync itself failed (tree unreadable, shape mismatch, protocol error): the round
+    /// is aborted and reported to its origin.
+    #[error("sync failed: {error}")]
+    Failed {
+        /// What went wrong, for the trace.
+        error: String,
+        /// What the sync had done before it failed, when known.
+        report: Option<SyncReport>,
+    },
+}
+
+/// The outcome of one sync.
+pub type SyncOutcome = Result<SyncReport, SyncFailure>;
+
+/// The work of one sync, implemented by the node crate with the repair client.
+///
+/// The `transport` driver calls it from a spawned task and feeds the outcome back to the
+/// engine; a sync that outlives the sync timeout is dropped (its future is aborted).
+pub trait SyncWork: Send + Sync + 'static {
+    /// Runs the sync of `request.key` between this node and `request.peer`.
+    fn sync(&self, request: SyncRequest) -> impl Future<Output = SyncOutcome> + Send;
+}

@@ -1,0 +1,518 @@
+//! The tonic driver (feature `transport`): runs an [`Engine`] on tokio, serves `GossipService`,
+//! hands rounds to the next node through a pool of channels, and lets the origin wait for
+//! results.
+//!
+//! The driver is thin on purpose: every decision is the engine's. The driver only turns the
+//! engine's commands into tasks (a sync through [`SyncWork`], a `Propagate` or `Report` call)
+//! and feeds what they return back into the engine, under one lock, with the time read from
+//! tokio's clock (so `tokio::time::pause` drives it in tests).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::v1 as pb;
+use propd_proto::v1::gossip_service_client::GossipServiceClient;
+use propd_proto::v1::gossip_service_server::{GossipService, GossipServiceServer};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use crate::engine::{
+    Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest,
+};
+use crate::results::RecentResults;
+use crate::sync::SyncWork;
+use crate::types::{MessageId, Millis, NodeId, Propagation, PropagationResult, ShardKey};
+
+/// Settings of the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverConfig {
+    /// The engine's timeouts (sync 10 min, round 1 h by default).
+    pub engine: Config,
+    /// How long connecting to a member may take before the attempt fails (default 5 s).
+    pub connect_timeout: Duration,
+    /// How long one `Propagate` or `Report` call may take (default 30 s).
+    pub request_timeout: Duration,
+    /// Calls made for one hand-off or report before the peer counts as unreachable
+    /// (default 5); only `UNAVAILABLE` and similar transport failures are retried.
+    pub attempts: u32,
+    /// The wait before the first retry, doubled after each (default 200 ms).
+    pub backoff_initial: Duration,
+    /// The longest wait between retries (default 5 s).
+    pub backoff_max: Duration,
+    /// How often the engine is ticked to apply its timeouts (default 1 s).
+    pub tick_interval: Duration,
+    /// How many recent results the origin keeps (default 256).
+    pub results_capacity: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            engine: Config::default(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            attempts: 5,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            tick_interval: Duration::from_secs(1),
+            results_capacity: 256,
+        }
+    }
+}
+
+/// Why waiting for a result ended without one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The round was not started here, or its result is no longer kept.
+    #[error("no round {message_id} is pending or kept on this node")]
+    Unknown {
+        /// The round asked for.
+        message_id: MessageId,
+    },
+    /// The caller's timeout passed first (the round goes on; wait again or read it later).
+    #[error("no result for round {message_id} within {} ms", timeout.as_millis())]
+    TimedOut {
+        /// The round asked for.
+        message_id: MessageId,
+        /// The caller's timeout.
+        timeout: Duration,
+    },
+    /// The driver was dropped before the round ended.
+    #[error("the gossip driver stopped before round {message_id} ended")]
+    Stopped {
+        /// The round asked for.
+        message_id: MessageId,
+    },
+}
+
+/// Everything guarded by the driver's one lock.
+struct State {
+    engine: Engine,
+    members: HashMap<NodeId, String>,
+    channels: HashMap<NodeId, Channel>,
+    results: RecentResults,
+    waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
+    syncs: HashMap<(MessageId, NodeId), AbortHandle>,
+}
+
+struct Inner<S> {
+    me: NodeId,
+    config: DriverConfig,
+    sync: S,
+    state: Mutex<State>,
+    epoch_ms: i64,
+    epoch: tokio::time::Instant,
+}
+
+/// The gossip of one node on tokio: the engine, its tasks and its channels.
+///
+/// Cheap to clone (one shared state). Build it inside a tokio runtime: it spawns a task that
+/// ticks the engine, which stops when the last clone is dropped.
+pub struct GossipDriver<S: SyncWork> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: SyncWork> Clone for GossipDriver<S> {
+    fn clone(&self) -> Self {
+        GossipDriver {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: SyncWork> GossipDriver<S> {
+    /// A driver for node `me` that reaches the other nodes at `members` (node id to a URI such
+    /// as `http://10.0.0.7:7700`) and runs syncs through `sync`.
+    pub fn new(
+        me: NodeId,
+        members: HashMap<NodeId, String>,
+        sync: S,
+        config: DriverConfig,
+    ) -> Self {
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let state = State {
+            engine: Engine::new(me.clone(), config.engine),
+            members,
+            channels: HashMap::new(),
+            results: RecentResults::new(config.results_capacity),
+            waiters: HashMap::new(),
+            syncs: HashMap::new(),
+        };
+        let inner = Arc::new(Inner {
+            me,
+            config,
+            sync,
+            state: Mutex::new(state),
+            epoch_ms,
+            epoch: tokio::time::Instant::now(),
+        });
+        spawn_ticker(Arc::downgrade(&inner), config.tick_interval);
+        GossipDriver { inner }
+    }
+
+    /// This node's id.
+    #[must_use]
+    pub fn node_id(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// Replaces the membership. Channels to members whose address changed or who left are
+    /// dropped; new ones connect lazily on first use.
+    pub fn set_members(&self, members: HashMap<NodeId, String>) {
+        let mut state = self.inner.lock();
+        let State {
+            channels,
+            members: old,
+            ..
+        } = &mut *state;
+        channels.retain(|id, _| old.get(id).is_some_and(|a| members.get(id) == Some(a)));
+        *old = members;
+    }
+
+    /// The tonic service to add to this node's gRPC server.
+    #[must_use]
+    pub fn service(&self) -> GossipServiceServer<GossipServer<S>> {
+        GossipServiceServer::new(GossipServer {
+            driver: self.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Starts a round as its origin and returns its message id at once; the round runs in
+    /// the background. Read its result with [`GossipDriver::wait`] or
+    /// [`GossipDriver::result`].
+    pub fn start(&self, request: StartRequest) -> Result<MessageId, ContextError> {
+        self.inner.input(|engine, now| engine.start(now, request))
+    }
+
+    /// Waits up to `timeout` for the result of round `message_id`, started here.
+    pub async fn wait(
+        &self,
+        message_id: &MessageId,
+        timeout: Duration,
+    ) -> Result<PropagationResult, WaitError> {
+        let receiver = {
+            let mut state = self.inner.lock();
+            if let Some(result) = state.results.get(message_id) {
+                return Ok(result.clone());
+            }
+            if !state.engine.pending().any(|id| id == message_id) {
+                return Err(WaitError::Unknown {
+                    message_id: message_id.clone(),
+                });
+            }
+            let (sender, receiver) = oneshot::channel();
+            state
+                .waiters
+                .entry(message_id.clone())
+                .or_default()
+                .push(sender);
+            receiver
+        };
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(WaitError::Stopped {
+                message_id: message_id.clone(),
+            }),
+            Err(_) => Err(WaitError::TimedOut {
+                message_id: message_id.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// The result of round `message_id` if it ended and is still kept.
+    #[must_use]
+    pub fn result(&self, message_id: &MessageId) -> Option<PropagationResult> {
+        self.inner.lock().results.get(message_id).cloned()
+    }
+
+    /// The kept results of rounds started here, newest last.
+    #[must_use]
+    pub fn recent_results(&self) -> Vec<PropagationResult> {
+        self.inner.lock().results.iter().cloned().collect()
+    }
+
+    /// The round this node holds for `key`, if any.
+    #[must_use]
+    pub fn running(&self, key: &ShardKey) -> Option<MessageId> {
+        self.inner.lock().engine.running(key).cloned()
+    }
+}
+
+fn spawn_ticker<S: SyncWork>(inner: Weak<Inner<S>>, every: Duration) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                break;
+            };
+            inner.input(|engine, now| engine.handle_tick(now));
+        }
+    });
+}
+
+impl<S: SyncWork> Inner<S> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Now, on the wall clock at start plus tokio's monotonic time since.
+    fn now(&self) -> Millis {
+        Millis(self.epoch_ms).plus(self.epoch.elapsed())
+    }
+
+    /// Feeds one input to the engine and carries out the commands it emits.
+    fn input<R>(self: &Arc<Self>, f: impl FnOnce(&mut Engine, Millis) -> R) -> R {
+        let mut state = self.lock();
+        let result = f(&mut state.engine, self.now());
+        while let Some(command) = state.engine.poll_command() {
+            self.execute(&mut state, command);
+        }
+        result
+    }
+
+    fn execute(self: &Arc<Self>, state: &mut State, command: Command) {
+        match command {
+            Command::Sync(request) => {
+                let inner = Arc::clone(self);
+                let key = (request.message_id.clone(), request.peer.clone());
+                let task = tokio::spawn(async move {
+                    let (message_id, peer) = (request.message_id.clone(), request.peer.clone());
+                    let outcome = inner.sync.sync(request).await;
+                    inner
+                        .lock()
+                        .syncs
+                        .remove(&(message_id.clone(), peer.clone()));
+                    inner.input(|engine, now| {
+                        engine.handle_sync_done(now, &message_id, &peer, outcome);
+                    });
+                });
+                state.syncs.insert(key, task.abort_handle());
+            }
+            Command::CancelSync { message_id, peer } => {
+                if let Some(task) = state.syncs.remove(&(message_id, peer)) {
+                    task.abort();
+                }
+            }
+            Command::HandOff { to, propagation } => {
+                let channel = self.channel(state, &to);
+                let inner = Arc::clone(self);
+                tokio::spawn(async move {
+                    let message_id = propagation.context.message_id.clone();
+                    let outcome = inner.hand_off(channel, &to, propagation).await;
+                    inner.input(|engine, now| {
+                        engine.handle_hand_off(now, &message_id, &to, outcome)
+                    });
+                });
+            }
+            Command::Report { to, result } => {
+                let channel = self.channel(state, &to);
+                let inner = Arc::clone(self);
+                tokio::spawn(async move { inner.report(channel, &to, result).await });
+            }
+            Command::Finished(result) => {
+                let context = &result.context;
+                tracing::info!(
+                    message_id = %context.message_id, group = %context.key.group,
+                    shard = context.key.shard, outcome = ?result.outcome,
+                    syncs = result.syncs(), skips = result.skips(),
+                    reported_by = %result.reported_by,
+                    error = result.error.as_deref().unwrap_or(""), "propagation finished"
+                );
+                for span in &result.trace {
+                    tracing::debug!(
+                        message_id = %context.message_id, kind = ?span.kind, from = %span.from,
+                        to = %span.to, start_ms = span.start.0,
+                        duration_ms = span.duration.as_millis() as u64,
+                        report = ?span.report, error = span.error.as_deref().unwrap_or(""),
+                        "propagation step"
+                    );
+                }
+                for waiter in state
+                    .waiters
+                    .remove(&context.message_id)
+                    .unwrap_or_default()
+                {
+                    // A waiter that gave up has dropped its receiver: nothing to do.
+                    let _ = waiter.send(result.clone());
+                }
+                state.results.insert(result);
+            }
+        }
+    }
+
+    /// The pooled channel to member `to`, connected lazily; `None` for an unknown member or
+    /// an address that is not a URI.
+    fn channel(&self, state: &mut State, to: &str) -> Option<Channel> {
+        if let Some(channel) = state.channels.get(to) {
+            return Some(channel.clone());
+        }
+        let address = state.members.get(to)?;
+        let endpoint = match Endpoint::from_shared(address.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                tracing::warn!(peer = to, address, %error, "member address is not a valid URI");
+                return None;
+            }
+        };
+        let channel = endpoint
+            .connect_timeout(self.config.connect_timeout)
+            .timeout(self.config.request_timeout)
+            .connect_lazy();
+        state.channels.insert(to.to_owned(), channel.clone());
+        Some(channel)
+    }
+
+    /// Calls `call` up to `attempts` times, backing off between calls that fail with a
+    /// transport error.
+    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut backoff = self.config.backoff_initial;
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(status) if retryable(&status) && attempt < self.config.attempts => {
+                    tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.backoff_max);
+                    attempt += 1;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    async fn hand_off(
+        &self,
+        channel: Option<Channel>,
+        to: &str,
+        propagation: Propagation,
+    ) -> HandOffOutcome {
+        let Some(channel) = channel else {
+            return HandOffOutcome::Unreachable {
+                error: format!("{to} is not a known member"),
+            };
+        };
+        let request = pb::PropagationRequest::from(propagation);
+        let sent = self
+            .with_retries(|| {
+                let mut client = client(channel.clone());
+                let request = request.clone();
+                async move { client.propagate(request).await }
+            })
+            .await;
+        match sent {
+            Ok(response) => {
+                let response = response.into_inner();
+                if response.accepted {
+                    HandOffOutcome::Accepted
+                } else {
+                    HandOffOutcome::Refused {
+                        reason: response.reason,
+                    }
+                }
+            }
+            Err(status) if retryable(&status) => HandOffOutcome::Unreachable {
+                error: format!("{to}: {:?}: {}", status.code(), status.message()),
+            },
+            Err(status) => HandOffOutcome::Rejected {
+                error: format!("{:?}: {}", status.code(), status.message()),
+            },
+        }
+    }
+
+    async fn report(&self, channel: Option<Channel>, to: &str, result: PropagationResult) {
+        let message_id = result.context.message_id.clone();
+        let Some(channel) = channel else {
+            tracing::warn!(message_id = %message_id, origin = to, "origin is not a known member; result dropped");
+            return;
+        };
+        let request = pb::PropagationResult::from(result);
+        let sent = self
+            .with_retries(|| {
+                let mut client = client(channel.clone());
+                let request = request.clone();
+                async move { client.report(request).await }
+            })
+            .await;
+        if let Err(status) = sent {
+            tracing::warn!(
+                message_id = %message_id, origin = to, code = ?status.code(),
+                error = status.message(), "could not report a result to its origin"
+            );
+        }
+    }
+}
+
+fn client(channel: Channel) -> GossipServiceClient<Channel> {
+    GossipServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Whether a failed call says the peer could not be reached (worth a retry, then a skip).
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// The `GossipService` of one node; get it from [`GossipDriver::service`].
+pub struct GossipServer<S: SyncWork> {
+    driver: GossipDriver<S>,
+}
+
+#[tonic::async_trait]
+impl<S: SyncWork> GossipService for GossipServer<S> {
+    async fn propagate(
+        &self,
+        request: Request<pb::PropagationRequest>,
+    ) -> Result<Response<pb::PropagationResponse>, Status> {
+        let propagation = Propagation::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let admission = self
+            .driver
+            .inner
+            .input(|engine, now| engine.handle_propagate(now, propagation))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let response = match admission {
+            Admission::Accepted => pb::PropagationResponse {
+                accepted: true,
+                reason: String::new(),
+            },
+            Admission::Refused { reason } => pb::PropagationResponse {
+                accepted: false,
+                reason,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::PropagationResult>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let result = PropagationResult::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.driver
+            .inner
+            .input(|engine, now| engine.handle_report(now, result));
+        Ok(Response::new(pb::ReportAck {}))
+    }
+}

@@ -1,0 +1,109 @@
+//! Exhaustive convergence: for n = 2..6, every set of down nodes leaving at least two up, every
+//! assignment of versions to the up nodes, one propagation leaves every up node equal.
+//!
+//! The versions of the `m` up nodes range over `1..=m`: that covers every order pattern (ties
+//! included) of `m` values, and the toy sync only compares versions, so it covers every
+//! assignment. Origins: every up node for n <= 5; for n = 6 one up node per assignment, chosen
+//! in rotation, to keep the run short.
+
+use std::time::Duration;
+
+use propd_gossip::{Config, Outcome, SpanKind, max_count};
+
+use crate::router::{Router, key, spans};
+
+#[test]
+fn one_round_converges_every_reachable_node_for_n_up_to_6() {
+    let mut rounds = 0u64;
+    for n in 2..=6usize {
+        let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let max = max_count(n).expect("n >= 2");
+        for down_mask in 0u32..(1 << n) {
+            let up: Vec<&str> = (0..n)
+                .filter(|i| down_mask & (1 << i) == 0)
+                .map(|i| id_refs[i])
+                .collect();
+            let m = up.len();
+            if m < 2 {
+                continue;
+            }
+            let assignments = m.pow(m as u32);
+            for a in 0..assignments {
+                let mut digits = a;
+                let versions: Vec<u64> = (0..m)
+                    .map(|_| {
+                        let v = (digits % m) as u64 + 1;
+                        digits /= m;
+                        v
+                    })
+                    .collect();
+                let origins: Vec<&str> = if n <= 5 { up.clone() } else { vec![up[a % m]] };
+                for origin in origins {
+                    rounds += 1;
+                    check_round(&id_refs, &up, &versions, origin, max, down_mask);
+                }
+            }
+        }
+    }
+    assert!(rounds > 90_000, "only {rounds} rounds ran");
+}
+
+fn check_round(ids: &[&str], up: &[&str], versions: &[u64], origin: &str, max: u32, mask: u32) {
+    let mut router = Router::new(ids, Config::default());
+    for (i, id) in ids.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            router.down.insert((*id).to_owned());
+        }
+    }
+    for (id, v) in up.iter().zip(versions) {
+        router.set_versions(&[(id, *v)]);
+    }
+    let top = versions.iter().copied().max().unwrap_or(0);
+    let id = router
+        .start(origin, &key(0), ids)
+        .expect("a valid node list");
+    router.run();
+    let case = || format!("ids {ids:?} up {up:?} versions {versions:?} origin {origin}");
+    for node in up {
+        assert_eq!(
+            router.version(node),
+            top,
+            "{node} did not converge: {}",
+            case()
+        );
+    }
+    let result = router.result(&id);
+    assert_eq!(
+        result.outcome,
+        Outcome::Completed,
+        "{}: {:?}",
+        case(),
+        result.error
+    );
+    assert_eq!(result.context.count, max, "{}", case());
+    assert!(
+        result.syncs() <= max as usize,
+        "{} syncs: {}",
+        result.syncs(),
+        case()
+    );
+    assert_eq!(router.syncs_run, result.syncs(), "{}", case());
+    // The origin's own skips of the down nodes ahead of the first up node are traced, not
+    // counted.
+    let origin_skips = ids.iter().position(|i| up.contains(i)).unwrap_or(0);
+    assert!(
+        result.trace[..origin_skips]
+            .iter()
+            .all(|s| s.kind == SpanKind::Skip && s.from == origin)
+    );
+    let counted = result.trace.len() - origin_skips;
+    assert_eq!(counted, max as usize, "{}", case());
+    assert_eq!(
+        spans(result),
+        router.steps(&id),
+        "trace differs from what happened: {}",
+        case()
+    );
+    assert!(result.trace.iter().all(|s| s.duration == Duration::ZERO));
+}

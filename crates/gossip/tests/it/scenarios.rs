@@ -1,0 +1,412 @@
+//! The reference's scenarios, and the faults the router can inject, one test each.
+
+use std::time::Duration;
+
+use propd_gossip::{
+    Admission, Command, Config, Context, ContextError, Engine, MessageId, Millis, Outcome,
+    Propagation, SpanKind, SyncFailure,
+};
+
+use crate::router::{Kind, Router, key, spans};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn sync(from: &str, to: &str) -> (SpanKind, String, String) {
+    (SpanKind::Sync, from.to_owned(), to.to_owned())
+}
+
+fn skip(from: &str, to: &str) -> (SpanKind, String, String) {
+    (SpanKind::Skip, from.to_owned(), to.to_owned())
+}
+
+#[test]
+fn one_node_only_is_an_error_and_sends_nothing() {
+    let mut router = Router::new(&["a"], Config::default());
+    let err = router.start("a", &key(0), &["a"]).unwrap_err();
+    assert_eq!(err, ContextError::TooFewNodes { count: 1 });
+    assert_eq!(
+        err.to_string(),
+        "a propagation needs at least 2 nodes, the node list has 1"
+    );
+    assert_eq!(
+        router.start("a", &key(0), &[]).unwrap_err(),
+        ContextError::TooFewNodes { count: 0 }
+    );
+    assert!(router.engine("a").poll_command().is_none());
+    let dup = router.start("a", &key(0), &["a", "a"]).unwrap_err();
+    assert_eq!(dup, ContextError::DuplicateNode { node: "a".into() });
+}
+
+#[test]
+fn two_nodes_converge_in_one_sync_started_from_either() {
+    for origin in ["a", "b"] {
+        let mut router = Router::new(&["a", "b"], Config::default());
+        router.set_versions(&[("a", 1), ("b", 2)]);
+        let id = router.start(origin, &key(0), &["a", "b"]).expect("valid");
+        router.run();
+        let result = router.result(&id);
+        assert_eq!(result.outcome, Outcome::Completed);
+        assert_eq!(spans(result), [sync("a", "b")]);
+        assert_eq!(result.reported_by, "a");
+        assert_eq!(result.context.origin, origin);
+        assert_eq!((router.version("a"), router.version("b")), (2, 2));
+        let report = result.trace[0].report.expect("a sync span has a report");
+        assert_eq!((report.received, report.applied), (1, 1));
+    }
+}
+
+#[test]
+fn an_unknown_node_in_the_list_is_skipped() {
+    let mut router = Router::new(&["a", "b"], Config::default());
+    router.set_versions(&[("a", 1), ("b", 7)]);
+    let id = router
+        .start("b", &key(0), &["a", "b", "ghost"])
+        .expect("valid");
+    router.run();
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::Completed);
+    // a -> b (1), b -> ghost skipped (2), b -> a (3): the count is spent.
+    assert_eq!(
+        spans(result),
+        [sync("a", "b"), skip("b", "ghost"), sync("b", "a")]
+    );
+    assert!(
+        result.trace[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("ghost")
+    );
+    assert_eq!((router.version("a"), router.version("b")), (7, 7));
+}
+
+#[test]
+fn three_node_ring_of_the_reference() {
+    // A has version 2, B 1, C 3; B starts. The message goes to A first.
+    let mut router = Router::new(&["A", "B", "C"], Config::default());
+    router.set_versions(&[("A", 2), ("B", 1), ("C", 3)]);
+    let id = router.start("B", &key(0), &["A", "B", "C"]).expect("valid");
+    router.run();
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::Completed);
+    assert_eq!(
+        spans(result),
+        [sync("A", "B"), sync("B", "C"), sync("C", "A")]
+    );
+    assert_eq!(result.reported_by, "C");
+    assert_eq!(router.results[0].0, "B", "the result reaches the origin");
+    assert_eq!(result.context.count, 3);
+    for node in ["A", "B", "C"] {
+        assert_eq!(router.version(node), 3);
+    }
+}
+
+#[test]
+fn a_sync_error_aborts_the_round_and_reaches_the_origin() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    router.sync_failures.insert(
+        ("b".into(), "c".into()),
+        SyncFailure::Failed {
+            error: "tree shape mismatch".into(),
+            report: None,
+        },
+    );
+    let id = router.start("c", &key(0), &["a", "b", "c"]).expect("valid");
+    router.run();
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::Aborted);
+    assert_eq!(spans(result), [sync("a", "b"), sync("b", "c")]);
+    assert_eq!(
+        result.trace[1].error.as_deref(),
+        Some("tree shape mismatch")
+    );
+    let error = result.error.as_deref().unwrap_or("");
+    assert!(
+        error.contains("b -> c") && error.contains("tree shape mismatch"),
+        "{error}"
+    );
+    assert_eq!(result.reported_by, "b");
+    assert!(
+        router.engine("b").running(&key(0)).is_none(),
+        "the lock is released"
+    );
+}
+
+#[test]
+fn a_second_origin_is_refused_with_a_clear_result() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    router.set_delay(|e| {
+        if e.kind == Kind::Sync {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        }
+    });
+    router.set_versions(&[("a", 3), ("b", 1), ("c", 2)]);
+    let first = router.start("b", &key(0), &["a", "b", "c"]).expect("valid");
+    router.advance(Duration::from_millis(10));
+    assert_eq!(router.engine("a").running(&key(0)), Some(&first));
+    let second = router.start("c", &key(0), &["a", "b", "c"]).expect("valid");
+    router.run();
+    let refused = router.result(&second);
+    assert_eq!(refused.outcome, Outcome::Refused);
+    let reason = refused.error.as_deref().unwrap_or("");
+    assert!(
+        reason.contains(&first.0) && reason.contains("already running"),
+        "{reason}"
+    );
+    let done = router.result(&first);
+    assert_eq!(done.outcome, Outcome::Completed);
+    for node in ["a", "b", "c"] {
+        assert_eq!(router.version(node), 3);
+    }
+}
+
+#[test]
+fn a_slow_sync_refuses_requests_for_its_shard_and_serves_others() {
+    let mut router = Router::new(&["a", "b", "c", "d"], Config::default());
+    let nodes = ["a", "b", "c", "d"];
+    router.set_delay(|e| {
+        if e.kind == Kind::Sync && e.from == "a" {
+            5 * MIN
+        } else {
+            Duration::ZERO
+        }
+    });
+    router.set_versions(&[("a", 1), ("b", 2), ("c", 4), ("d", 3)]);
+    let slow = router.start("a", &key(0), &nodes).expect("valid");
+    let mut refused = Vec::new();
+    for origin in ["b", "c", "d"] {
+        router.advance(MIN);
+        refused.push(router.start(origin, &key(0), &nodes).expect("valid"));
+    }
+    let other = router.start("b", &key(1), &nodes).expect("valid");
+    router.advance(30 * MIN);
+    router.run();
+    for id in &refused {
+        let result = router.result(id);
+        assert_eq!(result.outcome, Outcome::Refused, "{id}");
+        assert!(result.error.as_deref().unwrap_or("").contains(&slow.0));
+    }
+    assert_eq!(router.result(&other).outcome, Outcome::Completed);
+    let slow = router.result(&slow);
+    assert_eq!(slow.outcome, Outcome::Completed);
+    assert_eq!(slow.syncs(), 5);
+    assert!(slow.trace[0].duration >= 5 * MIN);
+    for node in nodes {
+        assert_eq!(router.version(node), 4);
+    }
+}
+
+#[test]
+fn a_stuck_sync_times_out_and_the_shard_is_free_again() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    let nodes = ["a", "b", "c"];
+    router.stuck.insert(("a".into(), "b".into()));
+    let stuck = router.start("c", &key(0), &nodes).expect("valid");
+    router.advance(5 * MIN);
+    let early = router.start("b", &key(0), &nodes).expect("valid");
+    router.run();
+    assert_eq!(router.result(&early).outcome, Outcome::Refused);
+    router.advance(5 * MIN - Duration::from_millis(1));
+    assert!(
+        router
+            .results
+            .iter()
+            .all(|(_, r)| r.context.message_id != stuck),
+        "not yet"
+    );
+    router.advance(Duration::from_millis(1));
+    let timed_out = router.result(&stuck);
+    assert_eq!(timed_out.outcome, Outcome::TimedOut);
+    assert_eq!(timed_out.reported_by, "a");
+    assert!(
+        timed_out
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out after 600 s")
+    );
+    assert_eq!(spans(timed_out), [sync("a", "b")]);
+    assert!(router.engine("a").running(&key(0)).is_none());
+    router.stuck.clear();
+    let next = router.start("b", &key(0), &nodes).expect("valid");
+    router.run();
+    assert_eq!(router.result(&next).outcome, Outcome::Completed);
+}
+
+fn context(id: &str, origin: &str, started_at: Millis) -> Propagation {
+    Propagation {
+        context: Context {
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            max_count: 3,
+            count: 0,
+            origin: origin.into(),
+            message_id: MessageId(id.into()),
+            key: key(0),
+            started_at,
+            preview: false,
+        },
+        trace: Vec::new(),
+    }
+}
+
+#[test]
+fn a_round_without_progress_is_taken_over_by_the_next() {
+    // No tick runs here: the take-over itself ends the stuck round.
+    let mut engine = Engine::new("a".into(), Config::default());
+    let t0 = Millis(0);
+    let first = context("b-0-1", "b", t0);
+    assert_eq!(engine.handle_propagate(t0, first), Ok(Admission::Accepted));
+    assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
+    let early = context("c-1-1", "c", t0.plus(MIN));
+    assert!(matches!(
+        engine.handle_propagate(t0.plus(MIN), early),
+        Ok(Admission::Refused { .. })
+    ));
+    let late_at = t0.plus(10 * MIN);
+    let late = context("c-2-2", "c", late_at);
+    assert_eq!(
+        engine.handle_propagate(late_at, late),
+        Ok(Admission::Accepted)
+    );
+    let commands: Vec<Command> = std::iter::from_fn(|| engine.poll_command()).collect();
+    assert!(
+        matches!(&commands[0], Command::CancelSync { message_id, peer }
+        if message_id.0 == "b-0-1" && peer == "b")
+    );
+    match &commands[1] {
+        Command::Report { to, result } => {
+            assert_eq!(to, "b");
+            assert_eq!(result.outcome, Outcome::TimedOut);
+            assert!(result.error.as_deref().unwrap_or("").contains("taken over"));
+        }
+        other => panic!("expected the stuck round's report, got {other:?}"),
+    }
+    assert!(matches!(&commands[2], Command::Sync(s) if s.message_id.0 == "c-2-2"));
+    assert_eq!(engine.running(&key(0)).map(|m| m.0.as_str()), Some("c-2-2"));
+    // The stuck sync's outcome, arriving late, changes nothing.
+    engine.handle_sync_done(
+        late_at,
+        &MessageId("b-0-1".into()),
+        "b",
+        Ok(Default::default()),
+    );
+    assert!(engine.poll_command().is_none());
+}
+
+#[test]
+fn a_lost_result_times_out_at_the_origin_after_the_round_timeout() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    router.set_drop(|e| e.kind == Kind::Report);
+    let id = router.start("b", &key(0), &["a", "b", "c"]).expect("valid");
+    router.run();
+    assert_eq!(router.lost_reports, 1);
+    router.advance(59 * MIN);
+    assert!(router.results.is_empty());
+    router.advance(MIN);
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::TimedOut);
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("round timeout of 3600 s")
+    );
+}
+
+#[test]
+fn a_round_past_its_timeout_ends_at_the_next_holder() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let old = context("b-0-1", "b", Millis(0));
+    let now = Millis(0).plus(60 * MIN);
+    assert_eq!(engine.handle_propagate(now, old), Ok(Admission::Accepted));
+    match engine.poll_command() {
+        Some(Command::Report { result, .. }) => assert_eq!(result.outcome, Outcome::TimedOut),
+        other => panic!("expected a timed-out report, got {other:?}"),
+    }
+    assert!(engine.running(&key(0)).is_none());
+}
+
+#[test]
+fn an_invalid_hand_off_is_rejected_by_field() {
+    let mut engine = Engine::new("z".into(), Config::default());
+    let err = engine
+        .handle_propagate(Millis(0), context("b-0-1", "b", Millis(0)))
+        .unwrap_err();
+    assert!(matches!(err, ContextError::NotInList { ref node, .. } if node == "z"));
+    let mut engine = Engine::new("a".into(), Config::default());
+    let mut bad = context("b-0-1", "b", Millis(0));
+    bad.context.max_count = 9;
+    let err = engine.handle_propagate(Millis(0), bad).unwrap_err();
+    assert_eq!(err.to_string(), "max_count is 9, expected 3 for 3 nodes");
+}
+
+#[test]
+fn a_dropped_hand_off_skips_the_receiver() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    router.set_versions(&[("a", 1), ("b", 2), ("c", 3)]);
+    let mut dropped = false;
+    router.set_drop(move |e| {
+        let hit = !dropped && e.kind == Kind::HandOff && e.from == "a" && e.to == "b";
+        dropped |= hit;
+        hit
+    });
+    let id = router.start("a", &key(0), &["a", "b", "c"]).expect("valid");
+    router.run();
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::Completed);
+    assert_eq!(
+        spans(result),
+        [sync("a", "b"), skip("a", "b"), sync("a", "c")]
+    );
+    assert_eq!((router.version("a"), router.version("c")), (3, 3));
+}
+
+#[test]
+fn a_cut_link_makes_the_receiver_look_down_to_the_sender_only() {
+    let nodes = ["a", "b", "c", "d"];
+    let mut router = Router::new(&nodes, Config::default());
+    router.set_versions(&[("a", 4), ("b", 1), ("c", 2), ("d", 3)]);
+    router.partition("a", "b");
+    let id = router.start("c", &key(0), &nodes).expect("valid");
+    router.run();
+    let result = router.result(&id);
+    assert_eq!(result.outcome, Outcome::Completed);
+    assert_eq!(spans(result), router.steps(&id));
+    assert!(spans(result).contains(&skip("a", "b")));
+    for node in ["a", "c", "d"] {
+        assert_eq!(router.version(node), 4);
+    }
+}
+
+#[test]
+fn random_delays_change_timing_not_the_outcome() {
+    let nodes = ["a", "b", "c", "d", "e"];
+    for seed in 1..=20u64 {
+        let mut router = Router::new(&nodes, Config::default());
+        let mut state = seed;
+        router.set_delay(move |_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            Duration::from_millis((state >> 33) % 5_000)
+        });
+        for (i, node) in nodes.iter().enumerate() {
+            router.set_versions(&[(node, (seed + i as u64 * 7) % 5)]);
+        }
+        let top = router.versions.values().copied().max().unwrap_or(0);
+        let id = router
+            .start(nodes[(seed % 5) as usize], &key(0), &nodes)
+            .expect("valid");
+        router.run();
+        let result = router.result(&id);
+        assert_eq!(result.outcome, Outcome::Completed);
+        assert_eq!(result.syncs(), 7);
+        assert_eq!(spans(result), router.steps(&id));
+        for node in nodes {
+            assert_eq!(router.version(node), top, "seed {seed}");
+        }
+    }
+}
