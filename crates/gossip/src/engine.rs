@@ -208,8 +208,14 @@ pub struct Engine {
     sequence: u64,
     held: BTreeMap<ShardKey, Held>,
     origin_rounds: BTreeMap<MessageId, OriginRound>,
+    /// The last hops accepted here, as (message id, count), so that a hand-off delivered
+    /// twice (a retry after a lost answer) is not run twice.
+    accepted: VecDeque<(MessageId, u32)>,
     commands: VecDeque<Command>,
 }
+
+/// How many accepted hops [`Engine`] remembers to recognise a repeated hand-off.
+const REMEMBERED_HOPS: usize = 1024;
 
 impl Engine {
     /// An engine for node `me`.
@@ -221,6 +227,7 @@ impl Engine {
             sequence: 0,
             held: BTreeMap::new(),
             origin_rounds: BTreeMap::new(),
+            accepted: VecDeque::new(),
             commands: VecDeque::new(),
         }
     }
@@ -370,6 +377,11 @@ impl Engine {
                 node: self.me.clone(),
                 nodes: context.nodes.clone(),
             })?;
+        let hop = (context.message_id.clone(), context.count);
+        if self.accepted.contains(&hop) {
+            // The same hop delivered twice (a retried hand-off): it is already running or done.
+            return Ok(Admission::Accepted);
+        }
         let key = context.key.clone();
         if let Some(running) = self.held.get(&key) {
             let running_id = running.propagation.context.message_id.clone();
@@ -401,6 +413,10 @@ impl Engine {
             );
             self.end_held(&key, Outcome::TimedOut, Some(error), true);
         }
+        if self.accepted.len() == REMEMBERED_HOPS {
+            self.accepted.pop_front();
+        }
+        self.accepted.push_back(hop);
         let successor = context.next_index(me);
         let peer = context.nodes[successor].clone();
         self.held.insert(
