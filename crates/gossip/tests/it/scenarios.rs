@@ -415,16 +415,28 @@ fn random_delays_change_timing_not_the_outcome() {
 fn a_hand_off_delivered_twice_runs_once() {
     let mut engine = Engine::new("a".into(), Config::default());
     let hop = context("b-0-1", "b", Millis(0));
-    assert_eq!(engine.handle_propagate(Millis(0), hop.clone()), Ok(Admission::Accepted));
+    assert_eq!(
+        engine.handle_propagate(Millis(0), hop.clone()),
+        Ok(Admission::Accepted)
+    );
     assert!(matches!(engine.poll_command(), Some(Command::Sync(_))));
-    assert_eq!(engine.handle_propagate(Millis(1), hop.clone()), Ok(Admission::Accepted));
+    assert_eq!(
+        engine.handle_propagate(Millis(1), hop.clone()),
+        Ok(Admission::Accepted)
+    );
     assert!(engine.poll_command().is_none(), "the repeat starts nothing");
     // After the round has moved on, a late repeat still starts nothing.
     let id = MessageId("b-0-1".into());
     engine.handle_sync_done(Millis(2), &id, "b", Ok(Default::default()));
-    assert!(matches!(engine.poll_command(), Some(Command::HandOff { .. })));
+    assert!(matches!(
+        engine.poll_command(),
+        Some(Command::HandOff { .. })
+    ));
     engine.handle_hand_off(Millis(3), &id, "b", propd_gossip::HandOffOutcome::Accepted);
     assert!(engine.running(&key(0)).is_none());
-    assert_eq!(engine.handle_propagate(Millis(4), hop), Ok(Admission::Accepted));
+    assert_eq!(
+        engine.handle_propagate(Millis(4), hop),
+        Ok(Admission::Accepted)
+    );
     assert!(engine.poll_command().is_none());
 }
