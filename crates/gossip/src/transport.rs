@@ -374,29 +374,6 @@ impl<S: SyncWork> Inner<S> {
         Some(channel)
     }
 
-    /// Calls `call` up to `attempts` times, backing off between calls that fail with a
-    /// transport error.
-    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        let mut backoff = self.config.backoff_initial;
-        let mut attempt = 1;
-        loop {
-            match call().await {
-                Ok(value) => return Ok(value),
-                Err(status) if retryable(&status) && attempt < self.config.attempts => {
-                    tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.config.backoff_max);
-                    attempt += 1;
-                }
-                Err(status) => return Err(status),
-            }
-        }
-    }
-
     async fn hand_off(
         &self,
         channel: Option<Channel>,
@@ -409,13 +386,12 @@ impl<S: SyncWork> Inner<S> {
             };
         };
         let request = pb::PropagationRequest::from(propagation);
-        let sent = self
-            .with_retries(|| {
-                let mut client = client(channel.clone());
-                let request = request.clone();
-                async move { client.propagate(request).await }
-            })
-            .await;
+        let sent = with_retries(&self.config, || {
+            let mut client = client(channel.clone());
+            let request = request.clone();
+            async move { client.propagate(request).await }
+        })
+        .await;
         match sent {
             Ok(response) => {
                 let response = response.into_inner();
@@ -443,18 +419,40 @@ impl<S: SyncWork> Inner<S> {
             return;
         };
         let request = pb::PropagationResult::from(result);
-        let sent = self
-            .with_retries(|| {
-                let mut client = client(channel.clone());
-                let request = request.clone();
-                async move { client.report(request).await }
-            })
-            .await;
+        let sent = with_retries(&self.config, || {
+            let mut client = client(channel.clone());
+            let request = request.clone();
+            async move { client.report(request).await }
+        })
+        .await;
         if let Err(status) = sent {
             tracing::warn!(
                 message_id = %message_id, origin = to, code = ?status.code(),
                 error = status.message(), "could not report a result to its origin"
             );
+        }
+    }
+}
+
+/// Calls `call` up to `config.attempts` times, backing off between calls that fail with a
+/// transport error (see [`retryable`]); returns the last error when every call failed.
+async fn with_retries<T, F, Fut>(config: &DriverConfig, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut backoff = config.backoff_initial;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(status) if retryable(&status) && attempt < config.attempts => {
+                tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.backoff_max);
+                attempt += 1;
+            }
+            Err(status) => return Err(status),
         }
     }
 }
@@ -514,5 +512,65 @@ impl<S: SyncWork> GossipService for GossipServer<S> {
             .inner
             .input(|engine, now| engine.handle_report(now, result));
         Ok(Response::new(pb::ReportAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn config() -> DriverConfig {
+        DriverConfig {
+            attempts: 4,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(250),
+            ..DriverConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_is_retried_with_growing_backoff_until_it_succeeds() {
+        let calls = AtomicU32::new(0);
+        let begun = tokio::time::Instant::now();
+        let result = with_retries(&config(), || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 3 {
+                    Err(Status::unavailable("connection refused"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(result.ok(), Some(3));
+        // Paused time: the waits were exactly 100, 200 and then 250 (capped) ms.
+        assert_eq!(begun.elapsed(), Duration::from_millis(550));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_after_the_last_attempt_and_skip_other_errors() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), Status> = with_retries(&config(), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Status::unavailable("down")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        calls.store(0, Ordering::SeqCst);
+        let result: Result<(), Status> = with_retries(&config(), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Status::invalid_argument("max_count is 9")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "an invalid request is not retried"
+        );
     }
 }

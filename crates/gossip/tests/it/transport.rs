@@ -351,3 +351,37 @@ async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn five_nodes_two_down_converge_from_every_live_origin_over_tonic() {
+    let c = cluster(&[("n0", 0), ("n2", 0), ("n4", 0)], &["n1", "n3"], None).await;
+    let nodes = ["n0", "n1", "n2", "n3", "n4"];
+    let live = ["n0", "n2", "n4"];
+    for (round, origin) in live.into_iter().enumerate() {
+        // Fresh divergence, the newest copy on a different node each round.
+        let top = 10 * (round as u64 + 1);
+        for (i, node) in live.iter().enumerate() {
+            let version = if i == round { top } else { top - 1 - i as u64 };
+            c.world
+                .lock()
+                .expect("lock")
+                .versions
+                .insert((*node).to_owned(), version);
+        }
+        let id = c.start(origin, round as u32, &nodes);
+        let result = c.wait(origin, &id).await;
+        assert_eq!(result.outcome, Outcome::Completed, "{:?}", result.error);
+        assert_eq!(result.context.count, 7);
+        assert!(result.syncs() <= 7);
+        assert!(
+            result
+                .trace
+                .iter()
+                .filter(|s| s.kind == SpanKind::Skip)
+                .all(|s| s.to == "n1" || s.to == "n3")
+        );
+        for node in live {
+            assert_eq!(c.version(node), top, "origin {origin}");
+        }
+    }
+}
