@@ -1,1 +1,61 @@
 //! Integration tests of propd-store: one binary, a module per suite.
+
+mod conformance;
+mod crash;
+mod laws;
+mod model;
+mod snapshots;
+mod store;
+mod validation;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use propd_merkle::{Entity, Property, Shape, TagValue};
+use propd_store::{GroupDef, RedbStore, StoreConfig, WriteDurability};
+
+/// The groups every test store knows: `g` with 4 shards, `h` with 1.
+pub fn groups() -> Vec<GroupDef> {
+    vec![GroupDef::new("g", 4, 2), GroupDef::new("h", 1, 0)]
+}
+
+/// A test configuration in `dir` with the default shape. Writes are not synced (tests run on
+/// tmpfs-like speed); the crash test uses the synced default explicitly.
+pub fn config(dir: &Path) -> StoreConfig {
+    let mut config = StoreConfig::new(dir, groups(), Shape::default());
+    config.durability = WriteDurability::NotSynced;
+    config
+}
+
+/// Opens a test store in `dir`.
+pub fn open(dir: &Path) -> RedbStore {
+    RedbStore::open(config(dir)).unwrap_or_else(|error| panic!("open {}: {error}", dir.display()))
+}
+
+/// A live property.
+pub fn live(
+    group: &str,
+    name: &str,
+    id: &str,
+    revision: i64,
+    tags: &[(&str, TagValue)],
+) -> Property {
+    Property {
+        group: group.to_owned(),
+        name: name.to_owned(),
+        id: id.to_owned(),
+        tags: tags
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        mod_revision: revision,
+        delete_time: 0,
+    }
+}
+
+/// The entity of a property (panics on an invalid one: test data is valid).
+pub fn entity_of(property: &Property) -> Entity {
+    property
+        .entity()
+        .unwrap_or_else(|error| panic!("test entity: {error}"))
+}
