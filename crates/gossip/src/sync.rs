@@ -50,6 +50,11 @@ pub type SyncOutcome = Result<SyncReport, SyncFailure>;
 ///
 /// The `transport` driver calls it from a spawned task and feeds the outcome back to the
 /// engine; a sync that outlives the sync timeout is dropped (its future is aborted).
+///
+/// The implementation decides what "unreachable" means: it should return
+/// [`SyncFailure::Unreachable`] for a peer it does not know, cannot connect to in time, or whose
+/// stream breaks, and [`SyncFailure::Failed`] for anything that should stop the round. A failure
+/// to apply one property is not a failure of the sync: count it in [`SyncReport::failed`].
 pub trait SyncWork: Send + Sync + 'static {
     /// Runs the sync of `request.key` between this node and `request.peer`.
     fn sync(&self, request: SyncRequest) -> impl Future<Output = SyncOutcome> + Send;
