@@ -268,11 +268,7 @@ impl TreeBuilder {
 
     /// Sorts the leaves, rejects duplicates and hashes every level.
     pub fn finish(mut self) -> Result<Tree, BuildError> {
-        self.leaves.sort_unstable_by(|a, b| {
-            a.bucket
-                .cmp(&b.bucket)
-                .then_with(|| a.entity.cmp(&b.entity))
-        });
+        self.sort();
         if let Some(pair) = self
             .leaves
             .windows(2)
@@ -283,6 +279,32 @@ impl TreeBuilder {
             });
         }
         Ok(self.finish_sorted())
+    }
+
+    /// Sorts the leaves by `(bucket, entity)`. Sorting small `(bucket, index)` keys and moving
+    /// each leaf once is much cheaper than letting the sort move whole leaves around.
+    fn sort(&mut self) {
+        let is_sorted = self
+            .leaves
+            .is_sorted_by(|a, b| (a.bucket, &a.entity) <= (b.bucket, &b.entity));
+        if is_sorted {
+            return;
+        }
+        let leaves = &self.leaves;
+        let mut order: Vec<(u64, usize)> = leaves
+            .iter()
+            .enumerate()
+            .map(|(i, leaf)| (leaf.bucket, i))
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| leaves[a.1].entity.cmp(&leaves[b.1].entity))
+        });
+        let mut slots: Vec<Option<Leaf>> = std::mem::take(&mut self.leaves)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.leaves = order.iter().filter_map(|&(_, i)| slots[i].take()).collect();
     }
 
     fn finish_sorted(self) -> Tree {

@@ -39,9 +39,26 @@ impl Algorithm {
 
     /// The first `width` bytes of `H(data)`. `width` is clamped to 1..=64.
     pub fn hash(self, data: &[u8], width: usize) -> Digest {
-        let mut hasher = Hasher::new(self);
-        hasher.update(data);
-        hasher.finish(width)
+        // One-shot paths: no streaming state is built and moved around for a single input.
+        let width = width.clamp(1, MAX_DIGEST_WIDTH);
+        let mut digest = Digest {
+            len: width as u8,
+            bytes: [0; MAX_DIGEST_WIDTH],
+        };
+        match self {
+            Algorithm::Sha512 => {
+                digest.bytes[..width].copy_from_slice(&sha2::Sha512::digest(data)[..width])
+            }
+            Algorithm::Blake3 if width <= blake3::OUT_LEN => {
+                digest.bytes[..width].copy_from_slice(&blake3::hash(data).as_bytes()[..width])
+            }
+            Algorithm::Blake3 => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(data);
+                hasher.finalize_xof().fill(&mut digest.bytes[..width]);
+            }
+        }
+        digest
     }
 }
 
