@@ -15,7 +15,7 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1 as pb;
 use propd_proto::v1::gossip_service_client::GossipServiceClient;
 use propd_proto::v1::gossip_service_server::{GossipService, GossipServiceServer};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
@@ -98,6 +98,7 @@ struct State {
     results: RecentResults,
     waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
     syncs: HashMap<(MessageId, NodeId), AbortHandle>,
+    finished: broadcast::Sender<PropagationResult>,
 }
 
 struct Inner<S> {
@@ -144,6 +145,7 @@ impl<S: SyncWork> GossipDriver<S> {
             results: RecentResults::new(config.results_capacity),
             waiters: HashMap::new(),
             syncs: HashMap::new(),
+            finished: broadcast::channel(config.results_capacity.max(1)).0,
         };
         let inner = Arc::new(Inner {
             me,
@@ -239,6 +241,14 @@ impl<S: SyncWork> GossipDriver<S> {
     #[must_use]
     pub fn recent_results(&self) -> Vec<PropagationResult> {
         self.inner.lock().results.iter().cloned().collect()
+    }
+
+    /// Every result of a round started here from now on, as it arrives (for metrics and for
+    /// the "last round that reached every copy" of a shard). A subscriber that falls more than
+    /// `results_capacity` results behind loses the oldest ones.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<PropagationResult> {
+        self.inner.lock().finished.subscribe()
     }
 
     /// The round this node holds for `key`, if any.
@@ -347,6 +357,8 @@ impl<S: SyncWork> Inner<S> {
                     // A waiter that gave up has dropped its receiver: nothing to do.
                     let _ = waiter.send(result.clone());
                 }
+                // No subscriber is not an error.
+                let _ = state.finished.send(result.clone());
                 state.results.insert(result);
             }
         }

@@ -213,6 +213,14 @@ impl PropagationResult {
             .filter(|s| s.kind == SpanKind::Skip)
             .count()
     }
+
+    /// Whether the round completed without skipping any node: every copy of the shard took
+    /// part, so every copy now holds the newest version of every entity (the condition for
+    /// purging tombstones older than the round).
+    #[must_use]
+    pub fn reached_every_copy(&self) -> bool {
+        self.outcome == Outcome::Completed && self.skips() == 0
+    }
 }
 
 #[cfg(test)]

@@ -176,8 +176,14 @@ fn steps(result: &PropagationResult) -> Vec<(SpanKind, &str, &str)> {
 #[tokio::test]
 async fn three_node_ring_over_tonic() {
     let c = cluster(&[("A", 2), ("B", 1), ("C", 3)], &[], None).await;
+    let mut finished = c.drivers["B"].subscribe();
     let id = c.start("B", 0, &["A", "B", "C"]);
     let result = c.wait("B", &id).await;
+    assert_eq!(
+        finished.recv().await.expect("the result is published"),
+        result
+    );
+    assert!(result.reached_every_copy());
     assert_eq!(result.outcome, Outcome::Completed, "{:?}", result.error);
     assert_eq!(
         steps(&result),
@@ -216,6 +222,7 @@ async fn dead_and_unknown_nodes_are_skipped_over_tonic() {
     let result = c.wait("c", &id).await;
     assert_eq!(result.outcome, Outcome::Completed, "{:?}", result.error);
     assert_eq!(result.trace[0].kind, SpanKind::Skip, "the origin skips b");
+    assert!(!result.reached_every_copy());
     assert_eq!(result.trace[0].to, "b");
     assert!(
         result
@@ -241,15 +248,18 @@ async fn a_second_origin_is_refused_over_tonic() {
     let nodes = ["a", "b", "c"];
     let first = c.start("b", 0, &nodes);
     // Wait until a holds the first round (its sync is gated).
-    while c.drivers["a"]
-        .running(&ShardKey {
+    let holding = async {
+        let key = ShardKey {
             group: "g".into(),
             shard: 0,
-        })
-        .is_none()
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        };
+        while c.drivers["a"].running(&key).is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), holding)
+        .await
+        .expect("a holds the round");
     let second = c.start("c", 0, &nodes);
     let refused = c.wait("c", &second).await;
     assert_eq!(refused.outcome, Outcome::Refused);
