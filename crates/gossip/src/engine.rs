@@ -471,7 +471,7 @@ impl Engine {
         }));
     }
 
-    /// The held round with this message id, if it is in `matches` state.
+    /// The key of the held round with this message id, if this node holds it.
     fn find_held(&self, message_id: &MessageId) -> Option<ShardKey> {
         self.held
             .iter()
