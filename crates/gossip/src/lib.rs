@@ -17,8 +17,19 @@
 //!   with retry and backoff, and `start` / `wait` for the origin. It is behind a feature so that
 //!   `cargo tree -p propd-gossip -e normal -i tokio` finds nothing with default features: the
 //!   protocol logic provably does not depend on an async runtime.
-//! - `convert` maps the domain types to and from the `propd.v1` messages; nothing else in the
-//!   crate touches wire types.
+//! - `convert` maps the domain types to and from the `propd.v1` messages (as `From` /
+//!   `TryFrom` impls). The engine never sees a wire type; only `transport` uses them, at its
+//!   edge.
+//!
+//! # Use from the node
+//!
+//! Build one `transport::GossipDriver` per node with `GossipDriver::new(node_id, members,
+//! sync_work, DriverConfig::default())` inside the tokio runtime (`members` maps node ids to
+//! URIs such as `http://10.0.0.7:7700`, and should include this node), add
+//! `driver.service()` to the node's tonic server, and keep `set_members` up to date. To repair
+//! a shard: `driver.start(StartRequest { key, nodes, preview })` returns the message id at once;
+//! `driver.wait(&id, timeout)` waits for the result, `driver.result(&id)` and
+//! `driver.recent_results()` read the kept ones, `driver.subscribe()` streams every result.
 //!
 //! # What this crate does not do
 //!
