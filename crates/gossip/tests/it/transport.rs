@@ -264,8 +264,18 @@ async fn a_second_origin_is_refused_over_tonic() {
     let refused = c.wait("c", &second).await;
     assert_eq!(refused.outcome, Outcome::Refused);
     assert!(refused.error.as_deref().unwrap_or("").contains(&first.0));
-    // Open the gate for a's syncs in this round (a syncs once as the first holder and once
-    // more when the chain comes round).
+    // Another shard is not blocked by a's slow sync.
+    let other = c.start("c", 1, &["b", "c"]);
+    assert_eq!(c.wait("c", &other).await.outcome, Outcome::Completed);
+    assert_eq!(
+        c.drivers["a"].running(&ShardKey {
+            group: "g".into(),
+            shard: 0
+        }),
+        Some(first.clone())
+    );
+    // Open the gate for a's sync (a syncs once in this round: a -> b; the chain then runs
+    // b -> c and c -> a from the other nodes); retry in case the gate was opened too early.
     gate.notify_one();
     let done = loop {
         match c.drivers["b"].wait(&first, Duration::from_millis(50)).await {
