@@ -140,31 +140,51 @@ fn diverge(base: &Tree, d: u64) -> Tree {
     builder.finish().expect("unique entities")
 }
 
+/// The shapes whose diff cost is compared: the default, the reference's three levels, and a
+/// narrow, deep tree with short digests.
+fn diff_shapes() -> [(&'static str, Shape); 3] {
+    [
+        ("default", Shape::default()),
+        ("reference", Shape::reference()),
+        (
+            "narrow",
+            Shape {
+                fanout: 4,
+                depth: 7,
+                digest_width: 8,
+                ..Shape::default()
+            },
+        ),
+    ]
+}
+
 fn diffs(c: &mut Criterion) {
-    let mut base: Option<Tree> = None;
     let mut group = c.benchmark_group("merkle_diff_1m");
     group
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    for d in [1, 1000] {
-        let mut other: Option<Tree> = None;
-        group.bench_function(format!("d{d}"), |b| {
-            let base = base.get_or_insert_with(|| build_tree(Shape::default(), LEAVES));
-            let other = other.get_or_insert_with(|| {
-                let other = diverge(base, d);
-                let result = diff(base, &other).expect("same shape");
-                println!(
-                    "merkle_diff_1m d={d}: {} differences found, tree traffic {} bytes ({} digests), {:.0} bytes per difference",
-                    result.len(),
-                    result.bytes_sent(),
-                    result.digests_sent(),
-                    result.bytes_sent() as f64 / result.len().max(1) as f64,
-                );
-                other
+    for (name, shape) in diff_shapes() {
+        let mut base: Option<Tree> = None;
+        for d in [1, 1000] {
+            let mut other: Option<Tree> = None;
+            group.bench_function(format!("{name}/d{d}"), |b| {
+                let base = base.get_or_insert_with(|| build_tree(shape, LEAVES));
+                let other = other.get_or_insert_with(|| {
+                    let other = diverge(base, d);
+                    let result = diff(base, &other).expect("same shape");
+                    println!(
+                        "merkle_diff_1m {name} d={d}: {} differences found, tree traffic {} bytes ({} digests), {:.0} bytes per difference",
+                        result.len(),
+                        result.bytes_sent(),
+                        result.digests_sent(),
+                        result.bytes_sent() as f64 / result.len().max(1) as f64,
+                    );
+                    other
+                });
+                b.iter(|| black_box(diff(base, other).expect("same shape")))
             });
-            b.iter(|| black_box(diff(base, other).expect("same shape")))
-        });
+        }
     }
     group.finish();
 }
