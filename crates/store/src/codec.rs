@@ -1,99 +1,124 @@
 //! Byte encodings of the store's redb values (explicit little-endian; docs/formats.md).
 
-use std::collections::BTreeMap;
-
 use propd_merkle::{Digest, Entity, InnerNode, Property, TagValue};
-
-/// The version byte that starts every property record.
-pub(crate) const RECORD_VERSION: u8 = 1;
-
-const KIND_STR: u8 = 0;
-const KIND_INT: u8 = 1;
-const KIND_BINARY: u8 = 2;
 
 /// Why a stored value could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DecodeError(pub(crate) String);
 
-/// Encodes the value of a property row: everything but the entity, which is the key.
+const WIRE_VARINT: u64 = 0;
+const WIRE_LEN: u64 = 2;
+
+/// Decodes a property row stored under `entity`. The row's value is the property's canonical
+/// bytes (the deterministic protobuf encoding of `propd.v1.Property`, as
+/// `Property::canonical_bytes` writes it), so a rebuild hashes stored rows without decoding them.
 ///
-/// Layout: `u8 version (1)`, `i64 mod_revision`, `i64 delete_time`, `u32 tag count`, then per tag
-/// in key order: `u32 key length`, key bytes, `u8 kind` (0 str, 1 int, 2 binary), and for str
-/// and binary `u32 length` + bytes, for int an `i64`.
-pub(crate) fn encode_property(property: &Property) -> Vec<u8> {
-    let mut out = Vec::with_capacity(21 + property.tags.len() * 16);
-    out.push(RECORD_VERSION);
-    out.extend_from_slice(&property.mod_revision.to_le_bytes());
-    out.extend_from_slice(&property.delete_time.to_le_bytes());
-    out.extend_from_slice(&(property.tags.len() as u32).to_le_bytes());
-    for (key, value) in &property.tags {
-        put_bytes(&mut out, key.as_bytes());
-        match value {
-            TagValue::Str(text) => {
-                out.push(KIND_STR);
-                put_bytes(&mut out, text.as_bytes());
-            }
-            TagValue::Int(number) => {
-                out.push(KIND_INT);
-                out.extend_from_slice(&number.to_le_bytes());
-            }
-            TagValue::Binary(bytes) => {
-                out.push(KIND_BINARY);
-                put_bytes(&mut out, bytes);
-            }
-        }
-    }
-    out
-}
-
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// Decodes a property row stored under `entity`.
+/// The decoder is strict: fields in number order, known fields and wire types only, group, name
+/// and id equal to the key's, tags unique and in key order, every tag value set once.
 pub(crate) fn decode_property(entity: &Entity, bytes: &[u8]) -> Result<Property, DecodeError> {
+    let fail = |what: String| DecodeError(format!("{entity}: {what}"));
     let mut reader = Reader { bytes, at: 0 };
-    let version = reader.u8()?;
-    if version != RECORD_VERSION {
-        return Err(DecodeError(format!(
-            "{entity}: unknown record version {version}"
-        )));
-    }
-    let mod_revision = reader.i64()?;
-    let delete_time = reader.i64()?;
-    let count = reader.u32()?;
-    let mut tags = BTreeMap::new();
-    for _ in 0..count {
-        let key = reader.string()?;
-        let value = match reader.u8()? {
-            KIND_STR => TagValue::Str(reader.string()?),
-            KIND_INT => TagValue::Int(reader.i64()?),
-            KIND_BINARY => TagValue::Binary(reader.bytes()?.to_vec()),
-            kind => {
-                return Err(DecodeError(format!(
-                    "{entity}: unknown tag kind {kind} for tag {key:?}"
+    let mut property = Property::default();
+    let mut last_field = 0;
+    while !reader.done() {
+        let key = reader.varint().map_err(|e| fail(e.0))?;
+        let (field, wire) = (key >> 3, key & 7);
+        // Only the tags (field 4) repeat; every field comes in number order.
+        if field < last_field || (field == last_field && field != 4) {
+            return Err(fail(format!("field {field} out of order or repeated")));
+        }
+        last_field = field;
+        match (field, wire) {
+            (1..=3, WIRE_LEN) => {
+                let text = reader.string().map_err(|e| fail(e.0))?;
+                match field {
+                    1 => property.group = text,
+                    2 => property.name = text,
+                    _ => property.id = text,
+                }
+            }
+            (4, WIRE_LEN) => {
+                let body = reader.len_bytes().map_err(|e| fail(e.0))?;
+                let (key, value) = decode_tag(body).map_err(|e| fail(e.0))?;
+                if property
+                    .tags
+                    .last_key_value()
+                    .is_some_and(|(last, _)| *last >= key)
+                {
+                    return Err(fail(format!("tag {key:?} out of order or repeated")));
+                }
+                property.tags.insert(key, value);
+            }
+            (5, WIRE_VARINT) => {
+                property.mod_revision = reader.varint().map_err(|e| fail(e.0))? as i64
+            }
+            (6, WIRE_VARINT) => {
+                property.delete_time = reader.varint().map_err(|e| fail(e.0))? as i64
+            }
+            _ => {
+                return Err(fail(format!(
+                    "unexpected field {field} with wire type {wire}"
                 )));
             }
-        };
-        if tags.insert(key.clone(), value).is_some() {
-            return Err(DecodeError(format!("{entity}: tag {key:?} appears twice")));
         }
     }
-    if reader.at != bytes.len() {
-        return Err(DecodeError(format!(
-            "{entity}: {} trailing bytes",
-            bytes.len() - reader.at
+    if property.group != entity.group()
+        || property.name != entity.name()
+        || property.id != entity.id()
+    {
+        return Err(fail(format!(
+            "record names {}/{}/{}",
+            property.group, property.name, property.id
         )));
     }
-    Ok(Property {
-        group: entity.group().to_owned(),
-        name: entity.name().to_owned(),
-        id: entity.id().to_owned(),
-        tags,
-        mod_revision,
-        delete_time,
-    })
+    Ok(property)
+}
+
+fn decode_tag(bytes: &[u8]) -> Result<(String, TagValue), DecodeError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let mut key = String::new();
+    let mut value = None;
+    let mut last_field = 0;
+    while !reader.done() {
+        let header = reader.varint()?;
+        let (field, wire) = (header >> 3, header & 7);
+        if field <= last_field {
+            return Err(DecodeError(format!("tag field {field} out of order")));
+        }
+        last_field = field;
+        match (field, wire) {
+            (1, WIRE_LEN) => key = reader.string()?,
+            (2, WIRE_LEN) => value = Some(decode_tag_value(reader.len_bytes()?)?),
+            _ => {
+                return Err(DecodeError(format!(
+                    "unexpected tag field {field} with wire type {wire}"
+                )));
+            }
+        }
+    }
+    let value = value.ok_or_else(|| DecodeError(format!("tag {key:?} has no value")))?;
+    Ok((key, value))
+}
+
+fn decode_tag_value(bytes: &[u8]) -> Result<TagValue, DecodeError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let header = reader.varint()?;
+    let value = match (header >> 3, header & 7) {
+        (1, WIRE_LEN) => TagValue::Str(reader.string()?),
+        (2, WIRE_VARINT) => TagValue::Int(reader.varint()? as i64),
+        (3, WIRE_LEN) => TagValue::Binary(reader.len_bytes()?.to_vec()),
+        (field, wire) => {
+            return Err(DecodeError(format!(
+                "unexpected tag value field {field} with wire type {wire}"
+            )));
+        }
+    };
+    if !reader.done() {
+        return Err(DecodeError(
+            "a tag value holds more than one member".to_owned(),
+        ));
+    }
+    Ok(value)
 }
 
 /// Encodes an inner node: `u64 leaf_count`, then the digest bytes.
@@ -196,10 +221,6 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
@@ -208,14 +229,135 @@ impl<'a> Reader<'a> {
         Ok(i64::from_le_bytes(self.array()?))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let len = self.u32()? as usize;
+    fn done(&self) -> bool {
+        self.at >= self.bytes.len()
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let byte = self.u8()?;
+            if shift == 63 && byte > 1 {
+                return Err(DecodeError(format!("varint overflows at byte {}", self.at)));
+            }
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError(format!(
+            "varint longer than 10 bytes at byte {}",
+            self.at
+        )))
+    }
+
+    fn len_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = usize::try_from(self.varint()?)
+            .map_err(|_| DecodeError(format!("length too large at byte {}", self.at)))?;
         self.take(len)
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
-        let bytes = self.bytes()?;
+        let bytes = self.len_bytes()?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| DecodeError(format!("string at byte {} is not UTF-8", self.at)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tag_value() -> impl Strategy<Value = TagValue> {
+        prop_oneof![
+            ".{0,8}".prop_map(TagValue::Str),
+            any::<i64>().prop_map(TagValue::Int),
+            prop::collection::vec(any::<u8>(), 0..8).prop_map(TagValue::Binary),
+        ]
+    }
+
+    fn property() -> impl Strategy<Value = Property> {
+        (
+            "[a-z]{1,4}",
+            "[a-z]{1,4}",
+            "[a-z/]{1,6}",
+            prop::collection::btree_map(".{0,4}", tag_value(), 0..4),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(group, name, id, tags, mod_revision, delete_time)| Property {
+                    group,
+                    name,
+                    id,
+                    tags,
+                    mod_revision,
+                    delete_time,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn canonical_bytes_decode_to_the_property(property in property()) {
+            let entity = property.entity().unwrap_or_else(|e| panic!("{e}"));
+            let decoded = decode_property(&entity, &property.canonical_bytes());
+            prop_assert_eq!(decoded, Ok(property));
+        }
+
+        #[test]
+        fn damaged_records_are_refused_or_decode_without_panic(
+            property in property(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<(prop::sample::Index, u8)>(),
+        ) {
+            let entity = property.entity().unwrap_or_else(|e| panic!("{e}"));
+            let bytes = property.canonical_bytes();
+            let truncated = &bytes[..cut.index(bytes.len().max(1)).min(bytes.len())];
+            if truncated.len() < bytes.len() {
+                // A strict prefix can decode only when it cut exactly at a field boundary of
+                // the trailing optional fields; it must never equal the whole property.
+                prop_assert_ne!(decode_property(&entity, truncated), Ok(property.clone()));
+            }
+            let mut flipped = bytes.clone();
+            if !flipped.is_empty() {
+                let at = flip.0.index(flipped.len());
+                flipped[at] ^= flip.1 | 1;
+                let _ = decode_property(&entity, &flipped);
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_for_another_entity_is_refused() {
+        let property = Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: "i".into(),
+            mod_revision: 1,
+            ..Property::default()
+        };
+        let other = Entity::new("g", "n", "j").unwrap_or_else(|e| panic!("{e}"));
+        assert!(decode_property(&other, &property.canonical_bytes()).is_err());
+    }
+
+    #[test]
+    fn meta_and_inner_nodes_round_trip() {
+        let meta = ShardMeta {
+            revision: 7,
+            verified_revision: 5,
+            last_complete_repair: -1,
+        };
+        assert_eq!(ShardMeta::decode(&meta.encode()), Ok(meta));
+        assert!(ShardMeta::decode(&[0; 23]).is_err());
+        let inner = InnerNode {
+            digest: Digest::zero(16),
+            leaf_count: 3,
+        };
+        assert_eq!(decode_inner(&encode_inner(&inner)), Ok(inner));
+        assert!(decode_inner(&[1, 2, 3]).is_err());
     }
 }

@@ -14,7 +14,7 @@ use redb::{
     ReadableTableMetadata, Table, TableDefinition, TableError, WriteTransaction,
 };
 
-use crate::codec::{ShardMeta, decode_property, encode_property};
+use crate::codec::{ShardMeta, decode_property};
 use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError, ValidationError};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order};
@@ -270,6 +270,31 @@ fn decode_row(table: &str, key: &str, value: &[u8]) -> Result<Property, StoreErr
     })
 }
 
+/// Builds a shard's tree from its property rows. A row's value is the property's canonical bytes,
+/// so its leaf digest is the hash of the stored value: no decoding.
+fn build_from_rows(
+    shape: Shape,
+    props: &impl ReadableTable<&'static str, &'static [u8]>,
+    table: &str,
+) -> Result<Tree, StoreError> {
+    let tree_error = |detail: String| StoreError::Tree { detail };
+    let mut builder = TreeBuilder::with_capacity(shape, props.len()? as usize)
+        .map_err(|error| ConfigError::Shape(error.to_string()))?;
+    for row in props.iter()? {
+        let (key, value) = row?;
+        let entity = Entity::parse(key.value()).map_err(|error| StoreError::Corrupt {
+            table: table.to_owned(),
+            detail: format!("key {:?}: {error}", key.value()),
+        })?;
+        builder
+            .push(entity, shape.digest(value.value()))
+            .map_err(|error| tree_error(error.to_string()))?;
+    }
+    builder
+        .finish()
+        .map_err(|error| tree_error(error.to_string()))
+}
+
 /// The tables of one (group, shard) opened in a write transaction, and its bookkeeping.
 struct ShardWriter<'txn> {
     names: ShardTableNames,
@@ -339,9 +364,8 @@ impl<'txn> ShardWriter<'txn> {
     }
 
     fn put(&mut self, checked: &Checked) -> Result<(), StoreError> {
-        let record = encode_property(&checked.property);
         self.props
-            .insert(checked.entity.as_str(), record.as_slice())?;
+            .insert(checked.entity.as_str(), checked.bytes.as_slice())?;
         if self.upkeep == TreeUpkeep::Live {
             self.tree()?
                 .upsert(&checked.entity, checked.digest)
@@ -372,20 +396,7 @@ impl<'txn> ShardWriter<'txn> {
     /// Replaces the shard's tree (leaves, inner nodes, dirty set) by one built from its
     /// properties. Returns the rebuilt tree.
     fn rebuild_tree(&mut self) -> Result<Tree, StoreError> {
-        let mut builder = TreeBuilder::with_capacity(self.shape, self.props.len()? as usize)
-            .map_err(|error| ConfigError::Shape(error.to_string()))?;
-        for row in self.props.iter()? {
-            let (key, value) = row?;
-            let property = decode_row(&self.names.props, key.value(), value.value())?;
-            builder
-                .push_property(&property)
-                .map_err(|error| StoreError::Tree {
-                    detail: error.to_string(),
-                })?;
-        }
-        let tree = builder.finish().map_err(|error| StoreError::Tree {
-            detail: error.to_string(),
-        })?;
+        let tree = build_from_rows(self.shape, &self.props, &self.names.props)?;
         self.leaves.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
         self.dirty.retain(|_, _| false)?;
@@ -1113,18 +1124,13 @@ impl Snapshot {
 
     /// A tree built from scratch from a scan of the shard's properties in this snapshot.
     pub fn rebuild_tree(&self, group: &str, shard: u32) -> Result<Tree, StoreError> {
-        let mut builder = TreeBuilder::new(self.rules.shape)
-            .map_err(|error| ConfigError::Shape(error.to_string()))?;
-        for property in self.scan(group, shard)? {
-            builder
-                .push_property(&property?)
-                .map_err(|error| StoreError::Tree {
-                    detail: error.to_string(),
-                })?;
+        self.rules.check_shard(group, shard)?;
+        let names = ShardTableNames::new(group, shard);
+        match open_read(&self.txn, names.props())? {
+            Some(table) => build_from_rows(self.rules.shape, &table, &names.props),
+            None => Tree::empty(self.rules.shape)
+                .map_err(|error| ConfigError::Shape(error.to_string()).into()),
         }
-        builder.finish().map_err(|error| StoreError::Tree {
-            detail: error.to_string(),
-        })
     }
 
     /// Leaves under a node in `(bucket, entity)` order after `after`, at most `limit`.

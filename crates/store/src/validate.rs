@@ -21,6 +21,8 @@ pub(crate) struct Checked {
     pub(crate) entity: Entity,
     pub(crate) shard: u32,
     pub(crate) digest: Digest,
+    /// The canonical bytes: what the store keeps as the row's value.
+    pub(crate) bytes: Vec<u8>,
     pub(crate) property: Property,
 }
 
@@ -126,11 +128,13 @@ impl Rules {
                 max: self.max_property_bytes,
             });
         }
-        let digest = property.leaf_digest(&self.shape);
+        let bytes = property.canonical_bytes();
+        let digest = self.shape.digest(&bytes);
         Ok(Checked {
             entity,
             shard: actual,
             digest,
+            bytes,
             property,
         })
     }
