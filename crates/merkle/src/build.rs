@@ -162,7 +162,7 @@ impl Tree {
 
     /// The non-empty children of a node, by index (none for a bucket).
     pub fn children(&self, node: NodeId) -> Vec<(NodeId, InnerNode)> {
-        let level = node.level + 1;
+        let level = node.level.saturating_add(1);
         let nodes = self.level(level);
         let range = self.shape.child_range(node);
         let start = nodes.partition_point(|(index, _)| *index < range.start);

@@ -60,15 +60,20 @@ impl std::fmt::Display for NodeId {
 }
 
 impl Shape {
+    /// The fanout as a divisor: at least 1, so that no method panics even on an unvalidated shape.
+    fn fanout_u64(&self) -> u64 {
+        self.fanout.max(1) as u64
+    }
+
     /// The bucket index of a position: the slot is `p % slot_count`; each bucket level below
     /// appends the next base-`fanout` digit of `p / slot_count`, least significant first.
     pub fn bucket_index(&self, position: u64) -> u64 {
-        let slot_count = self.slot_count as u64;
-        let fanout = self.fanout as u64;
+        let slot_count = self.slot_count.max(1) as u64;
+        let fanout = self.fanout_u64();
         let mut index = position % slot_count;
         let mut rest = position / slot_count;
         for _ in 0..self.depth {
-            index = index * fanout + rest % fanout;
+            index = index.wrapping_mul(fanout).wrapping_add(rest % fanout);
             rest /= fanout;
         }
         index
@@ -94,7 +99,7 @@ impl Shape {
             1 => Some(NodeId::ROOT),
             level => Some(NodeId {
                 level: level - 1,
-                index: node.index / self.fanout as u64,
+                index: node.index / self.fanout_u64(),
             }),
         }
     }
@@ -108,7 +113,7 @@ impl Shape {
         let up = node.level.saturating_sub(level);
         NodeId {
             level: node.level.min(level),
-            index: node.index / (self.fanout as u64).pow(up),
+            index: node.index / self.fanout_u64().saturating_pow(up),
         }
     }
 
@@ -117,7 +122,7 @@ impl Shape {
         match node.level {
             0 => 0,
             1 => node.index as u32,
-            _ => (node.index % self.fanout as u64) as u32,
+            _ => (node.index % self.fanout_u64()) as u32,
         }
     }
 
@@ -129,13 +134,14 @@ impl Shape {
         if node.level == 0 {
             return 0..self.slot_count as u64;
         }
-        let fanout = self.fanout as u64;
-        node.index * fanout..(node.index + 1) * fanout
+        let fanout = self.fanout_u64();
+        // Saturating: a node id from the wire may be out of range; it then gets an empty range.
+        node.index.saturating_mul(fanout)..node.index.saturating_add(1).saturating_mul(fanout)
     }
 
     /// A node's children (empty for a bucket).
     pub fn children(&self, node: NodeId) -> impl Iterator<Item = NodeId> + use<> {
-        let level = node.level + 1;
+        let level = node.level.saturating_add(1);
         self.child_range(node)
             .map(move |index| NodeId { level, index })
     }
@@ -146,8 +152,10 @@ impl Shape {
         if node.level == 0 {
             return 0..self.bucket_count();
         }
-        let span = (self.fanout as u64).pow(self.bucket_level().saturating_sub(node.level));
-        node.index * span..(node.index + 1) * span
+        let span = self
+            .fanout_u64()
+            .saturating_pow(self.bucket_level().saturating_sub(node.level));
+        node.index.saturating_mul(span)..node.index.saturating_add(1).saturating_mul(span)
     }
 }
 
@@ -241,6 +249,27 @@ mod tests {
                     "the reference's collapse"
                 );
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn addressing_never_panics_on_any_shape_or_node(
+            slot_count: u32, fanout: u32, depth in 0u32..64, level: u32, index: u64, p: u64,
+        ) {
+            let shape = Shape { slot_count, fanout, depth, ..Shape::default() };
+            let node = NodeId::new(level, index);
+            let _ = shape.bucket_index(p);
+            let _ = (shape.parent(node), shape.ancestor(node, level / 2), shape.child_position(node));
+            let _ = (shape.child_range(node), shape.bucket_range(node), shape.contains(node));
+            let _ = (shape.level_width(level), shape.bucket_count());
+            // And a valid tree answers any node id, in range or not.
+            let tree = crate::Tree::empty(Shape::default()).expect("valid");
+            let _ = (tree.node(node), tree.children(node), tree.leaves_under(node));
+            let edge = NodeId::new(u32::MAX, u64::MAX);
+            let _ = (tree.node(edge), tree.children(edge), tree.leaves_under(edge), shape.children(edge).next());
+            let _ = (shape.child_range(edge), shape.bucket_range(edge), shape.parent(edge), shape.ancestor(edge, 1));
         }
     }
 }

@@ -132,7 +132,7 @@ impl Shape {
         match level {
             0 => 1,
             l if l <= self.bucket_level() => {
-                self.slot_count as u64 * (self.fanout as u64).pow(l - 1)
+                (self.slot_count as u64).saturating_mul((self.fanout as u64).saturating_pow(l - 1))
             }
             _ => 0,
         }
