@@ -121,6 +121,38 @@ fn decode_tag_value(bytes: &[u8]) -> Result<TagValue, DecodeError> {
     Ok(value)
 }
 
+/// One entry of a shard's leaf log: a leaf change written with its property and applied to the
+/// leaf table at the next flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogEntry {
+    pub(crate) entity: Entity,
+    /// The new leaf digest; `None` when the leaf was removed.
+    pub(crate) digest: Option<Digest>,
+}
+
+/// Encodes a log entry: `u8 digest length` (0 = removed), the digest bytes, the entity bytes.
+pub(crate) fn encode_log(entity: &Entity, digest: Option<&Digest>) -> Vec<u8> {
+    let digest = digest.map_or(&[][..], Digest::as_bytes);
+    let mut out = Vec::with_capacity(1 + digest.len() + entity.as_str().len());
+    out.push(digest.len() as u8);
+    out.extend_from_slice(digest);
+    out.extend_from_slice(entity.as_bytes());
+    out
+}
+
+/// Decodes a log entry written by [`encode_log`].
+pub(crate) fn decode_log(bytes: &[u8]) -> Result<LogEntry, DecodeError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let width = reader.u8()? as usize;
+    let digest = match width {
+        0 => None,
+        width => Some(decode_digest(reader.take(width)?)?),
+    };
+    let entity = Entity::from_bytes(&bytes[reader.at..])
+        .map_err(|error| DecodeError(format!("log entry entity: {error}")))?;
+    Ok(LogEntry { entity, digest })
+}
+
 /// Encodes an inner node: `u64 leaf_count`, then the digest bytes.
 pub(crate) fn encode_inner(node: &InnerNode) -> Vec<u8> {
     let digest = node.digest.as_bytes();
@@ -359,5 +391,18 @@ mod tests {
         };
         assert_eq!(decode_inner(&encode_inner(&inner)), Ok(inner));
         assert!(decode_inner(&[1, 2, 3]).is_err());
+        let entity = Entity::new("g", "n", "a/b").unwrap_or_else(|e| panic!("{e}"));
+        let digest = Digest::zero(16);
+        for digest in [Some(digest), None] {
+            let entry = decode_log(&encode_log(&entity, digest.as_ref()));
+            assert_eq!(
+                entry,
+                Ok(LogEntry {
+                    entity: entity.clone(),
+                    digest
+                })
+            );
+        }
+        assert!(decode_log(&[16, 1, 2]).is_err());
     }
 }

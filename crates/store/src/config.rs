@@ -123,7 +123,14 @@ pub struct StoreConfig {
     pub durability: WriteDurability,
     /// redb's page cache size in bytes; `None` keeps redb's default.
     pub cache_bytes: Option<usize>,
+    /// A write that leaves at least this many leaf changes in a shard's leaf log flushes the
+    /// shard's tree right after it commits (default [`DEFAULT_FLUSH_THRESHOLD`]). Tree reads
+    /// flush too; this bounds the log when nobody reads.
+    pub flush_threshold: u64,
 }
+
+/// The default [`StoreConfig::flush_threshold`].
+pub const DEFAULT_FLUSH_THRESHOLD: u64 = 32_768;
 
 impl StoreConfig {
     /// A configuration with the defaults for everything but the directory, groups and shape.
@@ -136,6 +143,7 @@ impl StoreConfig {
             tree_upkeep: TreeUpkeep::default(),
             durability: WriteDurability::default(),
             cache_bytes: None,
+            flush_threshold: DEFAULT_FLUSH_THRESHOLD,
         }
     }
 

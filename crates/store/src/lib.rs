@@ -29,8 +29,8 @@ mod tree_store;
 mod validate;
 
 pub use config::{
-    DATABASE_FILE, DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups, StoreConfig, TreeUpkeep,
-    WriteDurability,
+    DATABASE_FILE, DEFAULT_FLUSH_THRESHOLD, DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups,
+    StoreConfig, TreeUpkeep, WriteDurability,
 };
 pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;

@@ -1,6 +1,7 @@
 //! `RedbStore`: the node's properties on redb, with the live Merkle tree of every (group, shard)
 //! kept in the same write transactions.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,6 +133,7 @@ pub struct RedbStore {
     rules: Arc<Rules>,
     upkeep: TreeUpkeep,
     durability: WriteDurability,
+    flush_threshold: u64,
     path: PathBuf,
 }
 
@@ -270,6 +272,24 @@ fn decode_row(table: &str, key: &str, value: &[u8]) -> Result<Property, StoreErr
     })
 }
 
+/// The net leaf changes of a shard's leaf log: the last entry per entity wins.
+fn read_log(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    table: &str,
+) -> Result<BTreeMap<Entity, Option<propd_merkle::Digest>>, StoreError> {
+    let mut changes = BTreeMap::new();
+    for row in log.iter()? {
+        let (_, value) = row?;
+        let entry =
+            crate::codec::decode_log(value.value()).map_err(|error| StoreError::Corrupt {
+                table: table.to_owned(),
+                detail: error.0,
+            })?;
+        changes.insert(entry.entity, entry.digest);
+    }
+    Ok(changes)
+}
+
 /// Builds a shard's tree from its property rows. A row's value is the property's canonical bytes,
 /// so its leaf digest is the hash of the stored value: no decoding.
 fn build_from_rows(
@@ -304,6 +324,8 @@ struct ShardWriter<'txn> {
     leaves: Table<'txn, (u64, &'static str), &'static [u8]>,
     nodes: Table<'txn, (u32, u64), &'static [u8]>,
     dirty: Table<'txn, (u32, u64), ()>,
+    log: Table<'txn, u64, &'static [u8]>,
+    next_seq: Option<u64>,
     meta: ShardMeta,
     meta_changed: bool,
     shape: Shape,
@@ -325,6 +347,8 @@ impl<'txn> ShardWriter<'txn> {
             leaves: txn.open_table(names.leaves())?,
             nodes: txn.open_table(names.nodes())?,
             dirty: txn.open_table(names.dirty())?,
+            log: txn.open_table(names.log())?,
+            next_seq: None,
             names,
             group: group.to_owned(),
             shard,
@@ -366,22 +390,71 @@ impl<'txn> ShardWriter<'txn> {
     fn put(&mut self, checked: &Checked) -> Result<(), StoreError> {
         self.props
             .insert(checked.entity.as_str(), checked.bytes.as_slice())?;
-        if self.upkeep == TreeUpkeep::Live {
-            self.tree()?
-                .upsert(&checked.entity, checked.digest)
-                .map_err(tree_error)?;
-        }
+        self.log_leaf(&checked.entity, Some(&checked.digest))?;
         self.bump();
         Ok(())
     }
 
     fn remove(&mut self, entity: &Entity) -> Result<(), StoreError> {
         self.props.remove(entity.as_str())?;
-        if self.upkeep == TreeUpkeep::Live {
-            self.tree()?.remove(entity).map_err(tree_error)?;
-        }
+        self.log_leaf(entity, None)?;
         self.bump();
         Ok(())
+    }
+
+    /// Records a leaf change in the shard's leaf log, in the property's own transaction. The log
+    /// is keyed by a sequence number, so this is an append: the random-order leaf table is
+    /// written at the next flush, sorted, many changes at once.
+    fn log_leaf(
+        &mut self,
+        entity: &Entity,
+        digest: Option<&propd_merkle::Digest>,
+    ) -> Result<(), StoreError> {
+        if self.upkeep != TreeUpkeep::Live {
+            return Ok(());
+        }
+        let seq = match self.next_seq {
+            Some(seq) => seq,
+            None => match self.log.last()? {
+                Some((key, _)) => key.value() + 1,
+                None => 0,
+            },
+        };
+        self.log
+            .insert(seq, crate::codec::encode_log(entity, digest).as_slice())?;
+        self.next_seq = Some(seq + 1);
+        Ok(())
+    }
+
+    /// Leaf changes waiting in the log.
+    fn pending(&self) -> Result<u64, StoreError> {
+        Ok(self.log.len()?)
+    }
+
+    /// Applies the leaf log to the leaf table in (bucket, entity) order, recomputes every dirty
+    /// node and empties the log. Returns the number of inner nodes recomputed.
+    fn flush_tree(&mut self) -> Result<usize, StoreError> {
+        let changes = read_log(&self.log, &self.names.log)?;
+        let mut sorted: Vec<(u64, Entity, Option<propd_merkle::Digest>)> = changes
+            .into_iter()
+            .map(|(entity, digest)| (self.shape.bucket_of(&entity).index, entity, digest))
+            .collect();
+        sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut tree = self.tree()?;
+        for (_, entity, digest) in &sorted {
+            match digest {
+                Some(digest) => tree.upsert(entity, *digest).map(drop),
+                None => tree.remove(entity).map(drop),
+            }
+            .map_err(tree_error)?;
+        }
+        let recomputed = tree.flush().map_err(tree_error)?;
+        drop(tree);
+        if !sorted.is_empty() {
+            self.log.retain(|_, _| false)?;
+            self.next_seq = None;
+        }
+        Ok(recomputed)
     }
 
     fn apply(&mut self, checked: &Checked) -> Result<RepairOutcome, StoreError> {
@@ -400,6 +473,8 @@ impl<'txn> ShardWriter<'txn> {
         self.leaves.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
         self.dirty.retain(|_, _| false)?;
+        self.log.retain(|_, _| false)?;
+        self.next_seq = None;
         for leaf in tree.leaves() {
             self.leaves
                 .insert((leaf.bucket, leaf.entity.as_str()), leaf.digest.as_bytes())?;
@@ -457,6 +532,7 @@ impl RedbStore {
             }),
             upkeep: config.tree_upkeep,
             durability: config.durability,
+            flush_threshold: config.flush_threshold,
             path,
         };
         store.check_recorded_config()?;
@@ -576,12 +652,17 @@ impl RedbStore {
         shard: u32,
         f: impl FnOnce(&mut ShardWriter<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.write(self.data_durability(), |txn| {
+        let (value, pending) = self.write(self.data_durability(), |txn| {
             let mut writer = ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)?;
             let value = f(&mut writer)?;
+            let pending = writer.pending()?;
             writer.finish(txn)?;
-            Ok(value)
-        })
+            Ok((value, pending))
+        })?;
+        if pending >= self.flush_threshold {
+            self.flush(group, shard)?;
+        }
+        Ok(value)
     }
 
     fn write_one(&self, checked: Checked) -> Result<RepairOutcome, StoreError> {
@@ -683,20 +764,8 @@ impl RedbStore {
         // Flushed digests are derived data: after a crash the dirty marks of the last durable
         // commit come back and are recomputed, so the flush need not wait for the disk.
         self.write(Durability::None, |txn| {
-            let names = ShardTableNames::new(group, shard);
-            let mut leaves = txn.open_table(names.leaves())?;
-            let mut nodes = txn.open_table(names.nodes())?;
-            let mut dirty = txn.open_table(names.dirty())?;
-            let storage = TxnTree {
-                leaves: &mut leaves,
-                nodes: &mut nodes,
-                dirty: &mut dirty,
-                leaves_name: &names.leaves,
-                nodes_name: &names.nodes,
-            };
-            let mut tree = LiveTree::new(self.rules.shape, storage)
-                .map_err(|error| ConfigError::Shape(error.to_string()))?;
-            tree.flush().map_err(tree_error)
+            let mut writer = ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)?;
+            writer.flush_tree()
         })
     }
 
@@ -1084,9 +1153,18 @@ impl Snapshot {
         Ok(found)
     }
 
+    /// Whether the shard's tree has leaf changes or dirty nodes waiting for a flush.
     fn has_dirty(&self, group: &str, shard: u32) -> Result<bool, StoreError> {
         let names = ShardTableNames::new(group, shard);
-        match open_read(&self.txn, names.dirty())? {
+        let dirty = match open_read(&self.txn, names.dirty())? {
+            Some(table) => !table.is_empty()?,
+            None => false,
+        };
+        Ok(dirty || self.has_log(&names)?)
+    }
+
+    fn has_log(&self, names: &ShardTableNames) -> Result<bool, StoreError> {
+        match open_read(&self.txn, names.log())? {
             Some(table) => Ok(!table.is_empty()?),
             None => Ok(false),
         }
@@ -1100,14 +1178,24 @@ impl Snapshot {
             leaves: open_read(&self.txn, names.leaves())?,
             nodes: open_read(&self.txn, names.nodes())?,
             dirty: open_read(&self.txn, names.dirty())?,
-            leaves_name: names.leaves,
-            nodes_name: names.nodes,
+            leaves_name: names.leaves.clone(),
+            nodes_name: names.nodes.clone(),
+            leaf_overlay: Default::default(),
             inner_overlay: Default::default(),
             dirty_cleared: false,
             dirty_marked: Default::default(),
         };
         let mut tree = LiveTree::new(self.rules.shape, storage)
             .map_err(|error| ConfigError::Shape(error.to_string()))?;
+        if let Some(log) = open_read(&self.txn, names.log())? {
+            for (entity, digest) in read_log(&log, &names.log)? {
+                match digest {
+                    Some(digest) => tree.upsert(&entity, digest).map(drop),
+                    None => tree.remove(&entity).map(drop),
+                }
+                .map_err(tree_error)?;
+            }
+        }
         tree.flush().map_err(tree_error)?;
         Ok(tree)
     }
@@ -1151,6 +1239,19 @@ impl Snapshot {
         }
         let buckets = shape.bucket_range(node);
         let names = ShardTableNames::new(group, shard);
+        if self.has_log(&names)? {
+            // Leaf changes are still in the log: read the leaves through the snapshot's tree,
+            // which applies them in memory.
+            let leaves = self
+                .live_tree(group, shard)?
+                .leaves_under(node)
+                .map_err(tree_error)?;
+            return Ok(leaves
+                .into_iter()
+                .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
+                .take(limit)
+                .collect());
+        }
         let Some(table) = open_read(&self.txn, names.leaves())? else {
             return Ok(Vec::new());
         };

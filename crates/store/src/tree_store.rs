@@ -1,6 +1,7 @@
 //! The merkle crate's `TreeStorage` over redb tables: one implementation inside a write
 //! transaction (the live tree's leaves, inner nodes and dirty set persist with the property), and
-//! one over a read snapshot that keeps a flush's recomputed digests in memory.
+//! one over a read snapshot that keeps its changes (the leaf log applied, a flush's recomputed
+//! digests) in memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -193,15 +194,17 @@ impl TreeStorage for TxnTree<'_, '_> {
     }
 }
 
-/// One shard's tree as of a read snapshot. Reads come from the snapshot; what a flush writes
-/// (inner nodes, the cleared dirty set) stays in memory, so a reader gets fresh digests without a
-/// write transaction. A missing table reads as empty.
+/// One shard's tree as of a read snapshot. Reads come from the snapshot; writes (the leaf log's
+/// changes, a flush's inner nodes, the cleared dirty set) stay in memory, so a reader gets fresh
+/// digests without a write transaction. A missing table reads as empty.
 pub(crate) struct SnapshotTree {
     pub(crate) leaves: Option<ReadOnlyTable<LeafKey<'static>, &'static [u8]>>,
     pub(crate) nodes: Option<ReadOnlyTable<(u32, u64), &'static [u8]>>,
     pub(crate) dirty: Option<ReadOnlyTable<(u32, u64), ()>>,
     pub(crate) leaves_name: String,
     pub(crate) nodes_name: String,
+    /// Leaves written (`Some`) or removed (`None`) in memory.
+    pub(crate) leaf_overlay: BTreeMap<u64, BTreeMap<Entity, Option<Digest>>>,
     /// Inner nodes written (`Some`) or removed (`None`) by a flush.
     pub(crate) inner_overlay: BTreeMap<NodeId, Option<InnerNode>>,
     /// Whether a flush cleared the stored dirty set.
@@ -210,31 +213,44 @@ pub(crate) struct SnapshotTree {
     pub(crate) dirty_marked: BTreeSet<NodeId>,
 }
 
-impl SnapshotTree {
-    fn read_only(&self) -> StoreError {
-        StoreError::Corrupt {
-            table: self.leaves_name.clone(),
-            detail: "a snapshot's leaves are read-only".to_owned(),
-        }
-    }
-}
-
 impl TreeStorage for SnapshotTree {
     type Error = StoreError;
 
     fn get_leaf(&self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
+        if let Some(overlaid) = self
+            .leaf_overlay
+            .get(&bucket)
+            .and_then(|leaves| leaves.get(entity))
+        {
+            return Ok(*overlaid);
+        }
         match &self.leaves {
             Some(table) => read_leaf(table, &self.leaves_name, bucket, entity),
             None => Ok(None),
         }
     }
 
-    fn put_leaf(&mut self, _: u64, _: &Entity, _: Digest) -> Result<Option<Digest>, StoreError> {
-        Err(self.read_only())
+    fn put_leaf(
+        &mut self,
+        bucket: u64,
+        entity: &Entity,
+        digest: Digest,
+    ) -> Result<Option<Digest>, StoreError> {
+        let previous = self.get_leaf(bucket, entity)?;
+        self.leaf_overlay
+            .entry(bucket)
+            .or_default()
+            .insert(entity.clone(), Some(digest));
+        Ok(previous)
     }
 
-    fn remove_leaf(&mut self, _: u64, _: &Entity) -> Result<Option<Digest>, StoreError> {
-        Err(self.read_only())
+    fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
+        let previous = self.get_leaf(bucket, entity)?;
+        self.leaf_overlay
+            .entry(bucket)
+            .or_default()
+            .insert(entity.clone(), None);
+        Ok(previous)
     }
 
     fn visit_leaves(
@@ -242,10 +258,39 @@ impl TreeStorage for SnapshotTree {
         buckets: Range<u64>,
         visit: &mut dyn FnMut(u64, &Entity, Digest),
     ) -> Result<(), StoreError> {
-        match &self.leaves {
-            Some(table) => visit_leaf_range(table, &self.leaves_name, buckets, visit),
-            None => Ok(()),
+        if buckets.start >= buckets.end {
+            return Ok(());
         }
+        let mut overlay = self.leaf_overlay.range(buckets.clone()).peekable();
+        if overlay.peek().is_none() {
+            return match &self.leaves {
+                Some(table) => visit_leaf_range(table, &self.leaves_name, buckets, visit),
+                None => Ok(()),
+            };
+        }
+        // Merge the stored leaves with the in-memory ones, which take precedence.
+        let mut merged: BTreeMap<(u64, Entity), Option<Digest>> = BTreeMap::new();
+        if let Some(table) = &self.leaves {
+            visit_leaf_range(
+                table,
+                &self.leaves_name,
+                buckets.clone(),
+                &mut |bucket, entity, digest| {
+                    merged.insert((bucket, entity.clone()), Some(digest));
+                },
+            )?;
+        }
+        for (bucket, leaves) in overlay {
+            for (entity, digest) in leaves {
+                merged.insert((*bucket, entity.clone()), *digest);
+            }
+        }
+        for ((bucket, entity), digest) in merged {
+            if let Some(digest) = digest {
+                visit(bucket, &entity, digest);
+            }
+        }
+        Ok(())
     }
 
     fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, StoreError> {

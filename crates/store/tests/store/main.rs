@@ -19,11 +19,13 @@ pub fn groups() -> Vec<GroupDef> {
     vec![GroupDef::new("g", 4, 2), GroupDef::new("h", 1, 0)]
 }
 
-/// A test configuration in `dir` with the default shape. Writes are not synced (tests run on
-/// tmpfs-like speed); the crash test uses the synced default explicitly.
+/// A test configuration in `dir` with the default shape. Writes are not synced (the crash test
+/// uses the synced default explicitly), and a small flush threshold makes writes flush the tree
+/// now and then, so that tests meet both a flushed tree and pending leaf changes.
 pub fn config(dir: &Path) -> StoreConfig {
     let mut config = StoreConfig::new(dir, groups(), Shape::default());
     config.durability = WriteDurability::NotSynced;
+    config.flush_threshold = 5;
     config
 }
 
