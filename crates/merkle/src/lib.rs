@@ -7,6 +7,24 @@
 //! (tree, diff, snapshot, wire) by `(bucket index, entity bytes)`: within one bucket by entity
 //! bytes. The exact byte layouts are in `docs/formats.md`.
 //!
+//! ```
+//! use propd_merkle::{LiveTree, MemStorage, Property, Shape, TreeBuilder, diff};
+//!
+//! let shape = Shape::default();
+//! let property = Property { group: "g".into(), name: "n".into(), id: "1".into(), ..Property::default() };
+//!
+//! // A tree built in one pass and a live tree kept up to date leaf by leaf agree.
+//! let mut builder = TreeBuilder::new(shape)?;
+//! builder.push_property(&property)?;
+//! let built = builder.finish()?;
+//! let mut live = LiveTree::new(shape, MemStorage::new())?;
+//! live.upsert(&property.entity()?, property.leaf_digest(&shape))?;
+//! live.flush()?;
+//! assert_eq!(live.root()?, built.root());
+//! assert!(diff(&built, &live.to_tree()?)?.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! What this crate does not do: no IO, no async, no clock reads and no logging. It never touches a
 //! disk or a socket: the store persists the live tree through [`TreeStorage`], and the repair
 //! protocol moves digests over the wire itself.
