@@ -449,7 +449,6 @@ impl<'txn> ShardWriter<'txn> {
             .map_err(tree_error)?;
         }
         let recomputed = tree.flush().map_err(tree_error)?;
-        drop(tree);
         if !sorted.is_empty() {
             self.log.retain(|_, _| false)?;
             self.next_seq = None;
