@@ -300,11 +300,21 @@ impl TreeBuilder {
             a.0.cmp(&b.0)
                 .then_with(|| leaves[a.1].entity.cmp(&leaves[b.1].entity))
         });
-        let mut slots: Vec<Option<Leaf>> = std::mem::take(&mut self.leaves)
-            .into_iter()
-            .map(Some)
-            .collect();
-        self.leaves = order.iter().filter_map(|&(_, i)| slots[i].take()).collect();
+        // Apply the permutation in place, one cycle at a time: position `k` must receive the
+        // leaf now at `order[k].1`. No second copy of the leaves is ever allocated.
+        let mut placed = vec![false; order.len()];
+        for start in 0..order.len() {
+            let mut current = start;
+            while !placed[current] {
+                placed[current] = true;
+                let source = order[current].1;
+                if source == start {
+                    break;
+                }
+                self.leaves.swap(current, source);
+                current = source;
+            }
+        }
     }
 
     fn finish_sorted(self) -> Tree {
