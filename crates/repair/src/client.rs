@@ -1,0 +1,642 @@
+//! The client state machine: it holds the propagation, sends its tree level by level and its copies.
+
+use std::collections::{HashSet, VecDeque};
+
+use pb::repair_request::Msg as Out;
+use pb::repair_response::Msg as In;
+use propd_merkle::{NodeId, Shape};
+use propd_proto::v1 as pb;
+use prost::Message;
+
+use crate::common::{CopyQueue, Listed, validate_and_apply};
+use crate::config::Config;
+use crate::error::{ProtocolError, SyncError, malformed};
+use crate::report::SyncReport;
+use crate::store_api::{LeafKey, RepairStore, leaf_key};
+use crate::wire;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitRootCompare,
+    Descent,
+    AwaitSyncEnd,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitRootCompare => "awaiting RootCompare",
+            Phase::Descent => "descending the tree",
+            Phase::AwaitSyncEnd => "awaiting SyncEnd",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// A leaf merge in progress: the server's fingerprints under a node against our leaves.
+#[derive(Debug)]
+struct Merge {
+    node: NodeId,
+    theirs: HashSet<u64>,
+    after: Option<LeafKey>,
+}
+
+/// The client side of one sync of one (group, shard). Pure: it owns no socket and reads no clock;
+/// the store is passed to each call.
+///
+/// Drive it with [`Client::poll_transmit`] (the next message to send, if any) and
+/// [`Client::handle`] (a message from the server) until [`Client::is_done`]; then
+/// [`Client::report`]. Any error ends the sync: later calls do nothing.
+#[derive(Debug)]
+pub struct Client {
+    config: Config,
+    group: String,
+    shard: u32,
+    shape: Shape,
+    wire_width: usize,
+    phase: Phase,
+    out: VecDeque<pb::RepairRequest>,
+    /// The level whose digests are being sent (1 = slots).
+    level: u32,
+    /// Parents at `level - 1` whose children are still to be sent.
+    frontier: VecDeque<NodeId>,
+    /// Whether the last page of `level` has been sent.
+    level_sent: bool,
+    /// Parents of each sent page awaiting its LevelDiff, and whether it was the last page.
+    awaiting_diff: VecDeque<(Vec<NodeId>, bool)>,
+    next_frontier: Vec<NodeId>,
+    /// Nodes whose leaf lists the server announced and has not finished.
+    expected_leaves: VecDeque<NodeId>,
+    partial: HashSet<u64>,
+    listed: Listed,
+    merges: VecDeque<Merge>,
+    copies: CopyQueue,
+    missing: VecDeque<(NodeId, Vec<u64>)>,
+    missing_count: usize,
+    report: SyncReport,
+}
+
+impl Client {
+    /// Starts a sync of (group, shard): reads the local root and queues `TreeRoot`.
+    pub fn new<S: RepairStore>(
+        store: &S,
+        group: &str,
+        shard: u32,
+        config: Config,
+    ) -> Result<Self, SyncError> {
+        config.validate()?;
+        let shape = store.shape();
+        if config.wire_digest_width > shape.digest_width {
+            return Err(SyncError::Config {
+                field: "wire_digest_width",
+                value: config.wire_digest_width as u64,
+                reason: "must not exceed the shape's digest_width",
+            });
+        }
+        if !store.has_shard(group, shard) {
+            return Err(SyncError::NoLocalTree {
+                group: group.to_owned(),
+                shard,
+            });
+        }
+        let root = store
+            .tree_node(group, shard, NodeId::ROOT)
+            .map_err(SyncError::store("reading the root"))?;
+        let (root_digest, leaf_count) = match root {
+            Some(node) => (node.digest, node.leaf_count),
+            None => (shape.empty_digest(), 0),
+        };
+        let mut report = SyncReport::with_levels(shape.bucket_level() + 2);
+        report.preview = config.preview;
+        let mut client = Client {
+            wire_width: config.wire_digest_width as usize,
+            group: group.to_owned(),
+            shard,
+            shape,
+            phase: Phase::AwaitRootCompare,
+            out: VecDeque::new(),
+            level: 0,
+            frontier: VecDeque::new(),
+            level_sent: true,
+            awaiting_diff: VecDeque::new(),
+            next_frontier: Vec::new(),
+            expected_leaves: VecDeque::new(),
+            partial: HashSet::new(),
+            listed: Listed::default(),
+            merges: VecDeque::new(),
+            copies: CopyQueue::default(),
+            missing: VecDeque::new(),
+            missing_count: 0,
+            report,
+            config,
+        };
+        client.out.push_back(pb::RepairRequest {
+            msg: Some(Out::TreeRoot(pb::TreeRoot {
+                group: client.group.clone(),
+                shard,
+                shape: Some(wire::shape_to_proto(&shape)),
+                root: root_digest.as_bytes().to_vec(),
+                leaf_count,
+                preview: client.config.preview,
+                wire_digest_width: client.wire_width as u32,
+            })),
+        });
+        Ok(client)
+    }
+
+    /// Whether the sync has ended successfully.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Whether the sync has ended with an error.
+    pub fn is_failed(&self) -> bool {
+        self.phase == Phase::Failed
+    }
+
+    /// The account so far (final once [`Client::is_done`]).
+    pub fn report(&self) -> &SyncReport {
+        &self.report
+    }
+
+    /// Consumes the client and returns its account.
+    pub fn into_report(self) -> SyncReport {
+        self.report
+    }
+
+    /// The next message to send, reading the store as needed; `None` when the client waits for
+    /// the server (or is finished). Each call does a bounded amount of work.
+    pub fn poll_transmit<S: RepairStore>(
+        &mut self,
+        store: &S,
+    ) -> Result<Option<pb::RepairRequest>, SyncError> {
+        if matches!(self.phase, Phase::Done | Phase::Failed) {
+            return Ok(None);
+        }
+        let result = self.next_message(store);
+        match result {
+            Ok(Some(msg)) => {
+                self.count_sent(&msg);
+                Ok(Some(msg))
+            }
+            Ok(None) => Ok(None),
+            Err(err) => {
+                self.phase = Phase::Failed;
+                Err(err)
+            }
+        }
+    }
+
+    /// Handles one message from the server. A protocol violation fails the sync and applies
+    /// nothing from that message.
+    pub fn handle<S: RepairStore>(
+        &mut self,
+        store: &S,
+        msg: pb::RepairResponse,
+    ) -> Result<(), SyncError> {
+        if self.phase == Phase::Failed {
+            return Ok(());
+        }
+        let len = msg.encoded_len() as u64;
+        self.report.bytes_received += len;
+        let result = self.dispatch(store, msg, len);
+        if result.is_err() {
+            self.phase = Phase::Failed;
+        }
+        result
+    }
+
+    fn dispatch<S: RepairStore>(
+        &mut self,
+        store: &S,
+        msg: pb::RepairResponse,
+        len: u64,
+    ) -> Result<(), SyncError> {
+        let kind = wire::response_kind(&msg);
+        let unexpected = |phase: Phase| ProtocolError::Unexpected {
+            phase: phase.name(),
+            message: kind,
+        };
+        let Some(body) = msg.msg else {
+            return Err(ProtocolError::Empty.into());
+        };
+        match (self.phase, body) {
+            (Phase::AwaitRootCompare, In::RootCompare(answer)) => {
+                if let Some(level) = self.report.level_mut(0) {
+                    level.bytes_received += len;
+                }
+                self.on_root_compare(answer)
+            }
+            (Phase::Descent, In::LevelDiff(diff)) => {
+                if let Some(level) = self.report.level_mut(diff.level) {
+                    level.bytes_received += len;
+                }
+                self.on_level_diff(diff).map_err(Into::into)
+            }
+            (Phase::Descent, In::DifferTreeSummary(summary)) => {
+                self.on_summary(summary, len).map_err(Into::into)
+            }
+            (Phase::Descent | Phase::AwaitSyncEnd, In::PropertySync(page))
+                if !self.config.preview =>
+            {
+                self.report.record_bytes += page
+                    .properties
+                    .iter()
+                    .map(|p| p.encoded_len() as u64)
+                    .sum::<u64>();
+                self.report.received += page.properties.len() as u64;
+                let (_, done) =
+                    validate_and_apply(store, &self.group, self.shard, &self.listed, page)?;
+                self.report.applied += done.applied;
+                self.report.failed += done.failed;
+                // A copy of ours that is newer than what the server answered with was already sent
+                // to the server, which applied it; nothing to send back.
+                Ok(())
+            }
+            (Phase::AwaitSyncEnd, In::SyncEnd(end)) => {
+                self.report.peer_applied = end.applied;
+                self.report.peer_failed = end.failed;
+                self.phase = Phase::Done;
+                Ok(())
+            }
+            (phase, _) => Err(unexpected(phase).into()),
+        }
+    }
+
+    fn on_root_compare(&mut self, answer: pb::RootCompare) -> Result<(), SyncError> {
+        if !answer.tree_found {
+            return Err(SyncError::TreeNotFound {
+                group: self.group.clone(),
+                shard: self.shard,
+                reason: answer.error,
+            });
+        }
+        if !answer.shape_ok {
+            let theirs = answer
+                .server_shape
+                .as_ref()
+                .and_then(|s| wire::shape_from_proto(s).ok());
+            return Err(SyncError::ShapeMismatch {
+                ours: self.shape,
+                theirs,
+            });
+        }
+        if !answer.error.is_empty() {
+            return Err(SyncError::Refused {
+                reason: answer.error,
+            });
+        }
+        if answer.root_match {
+            self.report.in_sync = true;
+            self.phase = Phase::Done;
+            return Ok(());
+        }
+        self.phase = Phase::Descent;
+        self.start_level(1, vec![NodeId::ROOT]);
+        Ok(())
+    }
+
+    fn start_level(&mut self, level: u32, parents: Vec<NodeId>) {
+        self.level = level;
+        self.frontier = parents.into();
+        self.level_sent = self.frontier.is_empty();
+    }
+
+    fn on_level_diff(&mut self, diff: pb::LevelDiff) -> Result<(), ProtocolError> {
+        if diff.level != self.level {
+            return Err(ProtocolError::Level {
+                message: "LevelDiff",
+                expected: self.level,
+                found: diff.level,
+            });
+        }
+        let Some((parents, last)) = self.awaiting_diff.pop_front() else {
+            return Err(ProtocolError::Unexpected {
+                phase: "no LevelDigests page awaits an answer",
+                message: "LevelDiff",
+            });
+        };
+        if diff.last_page != last {
+            return Err(malformed(
+                "LevelDiff.last_page",
+                format!("is {}, the answered page's is {last}", diff.last_page),
+            ));
+        }
+        let bucket_level = self.shape.bucket_level();
+        let mut reader = wire::Reader::new("LevelDiff.packed", &diff.packed);
+        for parent in parents {
+            let range = self.shape.child_range(parent);
+            let n = (range.end - range.start) as usize;
+            let differ = reader.take(wire::bitmap_len(n))?;
+            let leaves = reader.take(wire::bitmap_len(n))?;
+            wire::check_bitmap("LevelDiff.packed", differ, n)?;
+            for (d, l) in differ.iter().zip(leaves) {
+                if l & !d != 0 {
+                    return Err(malformed(
+                        "LevelDiff.packed",
+                        "a listed child is not marked differing",
+                    ));
+                }
+            }
+            for i in 0..n {
+                if !wire::bit(differ, i) {
+                    continue;
+                }
+                let child = NodeId::new(self.level, range.start + i as u64);
+                if wire::bit(leaves, i) {
+                    self.expected_leaves.push_back(child);
+                    self.listed.insert(child);
+                } else if self.level == bucket_level {
+                    return Err(malformed(
+                        "LevelDiff.packed",
+                        format!("asks to descend below bucket {child}"),
+                    ));
+                } else {
+                    self.next_frontier.push(child);
+                }
+            }
+        }
+        reader.finish()?;
+        if last {
+            let next = std::mem::take(&mut self.next_frontier);
+            if next.is_empty() {
+                self.level_sent = true;
+                self.frontier.clear();
+            } else {
+                self.start_level(self.level + 1, next);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_summary(
+        &mut self,
+        summary: pb::DifferTreeSummary,
+        len: u64,
+    ) -> Result<(), ProtocolError> {
+        let mut attributed = false;
+        for node in summary.nodes {
+            let Some(&expected) = self.expected_leaves.front() else {
+                return Err(ProtocolError::UnlistedNode {
+                    message: "NodeLeaves",
+                    level: node.level,
+                    index: node.index,
+                });
+            };
+            if (node.level, node.index) != (expected.level, expected.index) {
+                return Err(ProtocolError::UnlistedNode {
+                    message: "NodeLeaves",
+                    level: node.level,
+                    index: node.index,
+                });
+            }
+            let fps = wire::fingerprints("NodeLeaves.fingerprints", &node.fingerprints)?;
+            if !node.exists && (!fps.is_empty() || node.more) {
+                return Err(malformed(
+                    "NodeLeaves.exists",
+                    "false, yet fingerprints follow",
+                ));
+            }
+            if let Some(level) = self.report.level_mut(expected.level) {
+                level.fingerprints += fps.len() as u64;
+                if !attributed {
+                    level.bytes_received += len;
+                    attributed = true;
+                }
+            }
+            self.partial.extend(fps);
+            if !node.more {
+                self.expected_leaves.pop_front();
+                let theirs = std::mem::take(&mut self.partial);
+                self.merges.push_back(Merge {
+                    node: expected,
+                    theirs,
+                    after: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn descent_answered(&self) -> bool {
+        self.level_sent
+            && self.frontier.is_empty()
+            && self.awaiting_diff.is_empty()
+            && self.expected_leaves.is_empty()
+    }
+
+    fn backlog(&self) -> usize {
+        self.copies.len()
+            + self.missing_count
+            + self
+                .merges
+                .iter()
+                .map(|m| m.theirs.len().max(1))
+                .sum::<usize>()
+    }
+
+    fn next_message<S: RepairStore>(
+        &mut self,
+        store: &S,
+    ) -> Result<Option<pb::RepairRequest>, SyncError> {
+        if let Some(msg) = self.out.pop_front() {
+            return Ok(Some(msg));
+        }
+        if self.phase != Phase::Descent {
+            return Ok(None);
+        }
+        let page_items = self.config.page_items;
+        while !self.merges.is_empty()
+            && self.copies.len() < page_items
+            && self.missing_count < page_items
+        {
+            self.merge_step(store)?;
+        }
+        let quiet = self.descent_answered() && self.merges.is_empty();
+        // Under pressure (too much pending to start the next level) partial pages go out too,
+        // or the descent would wait for pages that cannot fill.
+        let pressure = self.backlog() >= self.config.max_backlog;
+        let flush = quiet || pressure;
+        let missing_due = self.missing_count >= page_items || (flush && self.missing_count > 0);
+        let copies_due =
+            self.copies.len() >= page_items || ((flush || missing_due) && !self.copies.is_empty());
+        if copies_due {
+            let page = self.copies.next_page(
+                store,
+                &self.group,
+                self.shard,
+                page_items,
+                self.config.page_bytes,
+            )?;
+            if let Some((page, record_bytes)) = page {
+                self.report.sent += page.properties.len() as u64;
+                self.report.record_bytes += record_bytes;
+                return Ok(Some(pb::RepairRequest {
+                    msg: Some(Out::PropertySync(page)),
+                }));
+            }
+        }
+        if missing_due {
+            return Ok(Some(self.missing_page()));
+        }
+        if !self.level_sent && !pressure {
+            return self.digest_page(store).map(Some);
+        }
+        if quiet && self.copies.is_empty() && self.missing_count == 0 {
+            self.phase = Phase::AwaitSyncEnd;
+            return Ok(Some(pb::RepairRequest {
+                msg: Some(Out::NoMorePropertySync(pb::NoMorePropertySync {})),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Compares up to one page of our leaves under the front merge's node with the server's.
+    fn merge_step<S: RepairStore>(&mut self, store: &S) -> Result<(), SyncError> {
+        let limit = self.config.page_items;
+        let Some(merge) = self.merges.front_mut() else {
+            return Ok(());
+        };
+        let leaves = store
+            .leaves_under(
+                &self.group,
+                self.shard,
+                merge.node,
+                merge.after.as_ref(),
+                limit,
+            )
+            .map_err(SyncError::store("reading leaves to merge"))?;
+        for leaf in &leaves {
+            self.report.compared += 1;
+            if !merge.theirs.remove(&wire::fingerprint(&leaf.digest)) {
+                self.report.sent += u64::from(self.config.preview);
+                if !self.config.preview {
+                    self.copies.entities.push_back(leaf.entity.clone());
+                }
+            }
+        }
+        merge.after = leaves.last().map(leaf_key);
+        if leaves.len() < limit {
+            let Some(done) = self.merges.pop_front() else {
+                return Ok(());
+            };
+            let wanted = done.theirs.len();
+            self.report.compared += wanted as u64;
+            self.report.requested += wanted as u64;
+            if wanted > 0 && !self.config.preview {
+                let mut fps: Vec<u64> = done.theirs.into_iter().collect();
+                fps.sort_unstable();
+                self.missing_count += fps.len();
+                self.missing.push_back((done.node, fps));
+            }
+        }
+        Ok(())
+    }
+
+    fn missing_page(&mut self) -> pb::RepairRequest {
+        let mut budget = self.config.page_items;
+        let mut nodes = Vec::new();
+        while budget > 0 {
+            let Some((node, fps)) = self.missing.front_mut() else {
+                break;
+            };
+            let take = fps.len().min(budget);
+            let chunk: Vec<u64> = fps.drain(..take).collect();
+            let node = *node;
+            if fps.is_empty() {
+                self.missing.pop_front();
+            }
+            budget -= take;
+            self.missing_count -= take;
+            let mut bytes = Vec::with_capacity(take * wire::FINGERPRINT_BYTES);
+            for fp in &chunk {
+                bytes.extend_from_slice(&fp.to_le_bytes());
+            }
+            nodes.push(pb::MissingLeaves {
+                level: node.level,
+                index: node.index,
+                fingerprints: bytes,
+            });
+        }
+        let requested: u64 = nodes
+            .iter()
+            .map(|n| (n.fingerprints.len() / wire::FINGERPRINT_BYTES) as u64)
+            .sum();
+        let msg = pb::RepairRequest {
+            msg: Some(Out::PropertyMissing(pb::PropertyMissing { nodes })),
+        };
+        let leaves_level = self.shape.bucket_level() + 1;
+        let len = msg.encoded_len() as u64;
+        if let Some(level) = self.report.level_mut(leaves_level) {
+            level.fingerprints += requested;
+            level.bytes_sent += len;
+        }
+        msg
+    }
+
+    /// One page of child digests of the frontier.
+    fn digest_page<S: RepairStore>(&mut self, store: &S) -> Result<pb::RepairRequest, SyncError> {
+        let mut packed = Vec::new();
+        let mut parents = Vec::new();
+        let mut digests = 0u64;
+        while let Some(&parent) = self.frontier.front() {
+            let range = self.shape.child_range(parent);
+            let n = (range.end - range.start) as usize;
+            if !parents.is_empty()
+                && (digests as usize + n > self.config.page_items
+                    || packed.len() + wire::bitmap_len(n) + n * self.wire_width
+                        > self.config.page_bytes)
+            {
+                break;
+            }
+            self.frontier.pop_front();
+            let children = store
+                .tree_children(&self.group, self.shard, parent)
+                .map_err(SyncError::store("reading child digests"))?;
+            let mut bitmap = vec![0u8; wire::bitmap_len(n)];
+            let mut body = Vec::with_capacity(children.len() * self.wire_width);
+            for (child, node) in &children {
+                if node.leaf_count == 0 || !range.contains(&child.index) {
+                    continue;
+                }
+                wire::set_bit(&mut bitmap, (child.index - range.start) as usize);
+                body.extend_from_slice(&node.digest.as_bytes()[..self.wire_width]);
+                digests += 1;
+            }
+            packed.extend_from_slice(&bitmap);
+            packed.extend_from_slice(&body);
+            parents.push(parent);
+        }
+        let last = self.frontier.is_empty();
+        self.level_sent = last;
+        let msg = pb::RepairRequest {
+            msg: Some(Out::LevelDigests(pb::LevelDigests {
+                level: self.level,
+                last_page: last,
+                parents: parents.len() as u32,
+                packed,
+            })),
+        };
+        if let Some(level) = self.report.level_mut(self.level) {
+            level.digests += digests;
+        }
+        self.awaiting_diff.push_back((parents, last));
+        Ok(msg)
+    }
+
+    fn count_sent(&mut self, msg: &pb::RepairRequest) {
+        let len = msg.encoded_len() as u64;
+        self.report.bytes_sent += len;
+        let level = match &msg.msg {
+            Some(Out::TreeRoot(_)) => Some(0),
+            Some(Out::LevelDigests(page)) => Some(page.level),
+            _ => None,
+        };
+        if let Some(level) = level.and_then(|l| self.report.level_mut(l)) {
+            level.bytes_sent += len;
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The knobs of one sync: wire digest width, page limits, where the server lists leaves, preview.
+
+use crate::error::SyncError;
+
+/// Limits and choices of one sync. Both sides use their own `Config`; nothing in it has to match
+/// between the two peers (the client tells the server the wire digest width and preview).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Bytes of every node digest sent below the root: a prefix of the stored digest. 8 (the
+    /// default) keeps the chance that two different subtrees look equal at about 2^-64 per
+    /// comparison; it must lie in 8..=the shape's digest width.
+    pub wire_digest_width: u32,
+    /// Most entries (node digests, leaf fingerprints, properties) in one message. Default 1024.
+    pub page_items: usize,
+    /// Most bytes of one message, approximately (a single property larger than this still
+    /// travels alone in its page). Default 1 MiB, far below `propd_proto::MAX_MESSAGE_BYTES`.
+    pub page_bytes: usize,
+    /// Server: a differing node with at most this many leaves is answered with its leaf list
+    /// instead of a further descent. Default 16 (the default fanout): a list of 16 fingerprints
+    /// costs about what one more level of 16 child digests costs.
+    pub leaf_list_max: u64,
+    /// Client: compute the differences and apply nothing, on either side.
+    pub preview: bool,
+    /// Client: pending copies and requests (entries) above which it pauses the descent until
+    /// they are sent. Default 8 pages. Bounds the client's memory; the server is bounded by
+    /// reading one message only after it has sent the answers to the previous one.
+    pub max_backlog: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            wire_digest_width: 8,
+            page_items: 1024,
+            page_bytes: 1 << 20,
+            leaf_list_max: 16,
+            preview: false,
+            max_backlog: 8 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the bounds that do not depend on the tree shape.
+    pub fn validate(&self) -> Result<(), SyncError> {
+        let bad = |field: &'static str, value: u64, reason: &'static str| {
+            Err(SyncError::Config {
+                field,
+                value,
+                reason,
+            })
+        };
+        if !(8..=64).contains(&self.wire_digest_width) {
+            return bad(
+                "wire_digest_width",
+                self.wire_digest_width as u64,
+                "must lie in 8..=64",
+            );
+        }
+        if self.page_items == 0 || self.page_items > crate::wire::MAX_PAGE_ITEMS {
+            return bad(
+                "page_items",
+                self.page_items as u64,
+                "must lie in 1..=65536",
+            );
+        }
+        if self.page_bytes < 4096 || self.page_bytes > propd_proto::MAX_MESSAGE_BYTES / 4 {
+            return bad(
+                "page_bytes",
+                self.page_bytes as u64,
+                "must lie in 4096..=MAX_MESSAGE_BYTES/4",
+            );
+        }
+        if self.max_backlog < self.page_items {
+            return bad(
+                "max_backlog",
+                self.max_backlog as u64,
+                "must be at least page_items",
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Typed errors of a sync: refusals, shape mismatches, protocol violations, store and transport failures.
+
+use propd_merkle::Shape;
+
+/// Why a sync failed. Finding differences is not an error; failing to apply one property is
+/// counted in the report, not raised.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The peer does not hold the (group, shard).
+    #[error("the peer holds no tree for group {group:?} shard {shard}: {reason}")]
+    TreeNotFound {
+        /// The group.
+        group: String,
+        /// The shard.
+        shard: u32,
+        /// The peer's explanation.
+        reason: String,
+    },
+    /// This node does not hold the (group, shard) it was asked to sync.
+    #[error("this node holds no tree for group {group:?} shard {shard}")]
+    NoLocalTree {
+        /// The group.
+        group: String,
+        /// The shard.
+        shard: u32,
+    },
+    /// The two trees have different shapes.
+    #[error("tree shapes differ: ours {ours:?}, the peer's {theirs:?}")]
+    ShapeMismatch {
+        /// Our shape.
+        ours: Shape,
+        /// The peer's shape, when it could be decoded.
+        theirs: Option<Shape>,
+    },
+    /// The peer refused the sync for another reason.
+    #[error("the peer refused the sync: {reason}")]
+    Refused {
+        /// The peer's explanation.
+        reason: String,
+    },
+    /// The peer broke the protocol; nothing more was applied after it.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The local store failed.
+    #[error("store failed while {operation}: {source}")]
+    Store {
+        /// What the sync was doing.
+        operation: &'static str,
+        /// The store's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A configuration value is out of bounds.
+    #[error("config field `{field}` = {value}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// The rejected value.
+        value: u64,
+        /// The bound.
+        reason: &'static str,
+    },
+    /// The stream failed (transport driver only).
+    #[error("repair stream failed: {message}")]
+    Transport {
+        /// The gRPC status or IO error, as text.
+        message: String,
+    },
+    /// The sync did not finish within its timeout (transport driver only).
+    #[error("sync did not finish within {millis} ms")]
+    Timeout {
+        /// The timeout in milliseconds.
+        millis: u64,
+    },
+    /// The peer closed the stream before the sync ended.
+    #[error("the peer closed the stream during {phase}")]
+    PeerClosed {
+        /// The phase the sync was in.
+        phase: &'static str,
+    },
+}
+
+impl SyncError {
+    pub(crate) fn store<E: std::error::Error + Send + Sync + 'static>(
+        operation: &'static str,
+    ) -> impl FnOnce(E) -> SyncError {
+        move |source| SyncError::Store {
+            operation,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// A message the peer should not have sent: malformed, or out of protocol order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A message that the current phase does not accept.
+    #[error("unexpected {message} while {phase}")]
+    Unexpected {
+        /// What the receiver was doing.
+        phase: &'static str,
+        /// The message kind.
+        message: &'static str,
+    },
+    /// A message with an empty `msg` oneof.
+    #[error("message without content")]
+    Empty,
+    /// A page of another level than the one in progress.
+    #[error("{message} for level {found}, expected level {expected}")]
+    Level {
+        /// The message kind.
+        message: &'static str,
+        /// The level in progress.
+        expected: u32,
+        /// The level in the message.
+        found: u32,
+    },
+    /// A field that does not decode.
+    #[error("malformed `{field}`: {reason}")]
+    Malformed {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Leaves, a request or a copy for a node the protocol did not name.
+    #[error("{message} names node {level}:{index}, which the sync did not list")]
+    UnlistedNode {
+        /// The message kind.
+        message: &'static str,
+        /// The node's level.
+        level: u32,
+        /// The node's index.
+        index: u64,
+    },
+    /// A property the receiver could not accept as part of this sync.
+    #[error("property {entity:?} rejected: {reason}")]
+    Property {
+        /// The entity as received.
+        entity: String,
+        /// Why.
+        reason: String,
+    },
+    /// More entries in a page than the protocol allows.
+    #[error("`{field}` holds {count} entries, more than {max}")]
+    PageTooLarge {
+        /// The field.
+        field: &'static str,
+        /// The count.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+pub(crate) fn malformed(field: &'static str, reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed {
+        field,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,132 @@
+//! What one sync did: counts and bytes each way per tree level (the gossip trace and metrics read it).
+
+use propd_proto::v1 as pb;
+
+/// Traffic of one tree level, seen from the client. Level 0 is the root compare; levels
+/// `1..=depth + 1` the descent (digests the client sent, differences and leaf lists it
+/// received); level `depth + 2` the client's requests for the server's versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LevelTraffic {
+    /// The level.
+    pub level: u32,
+    /// Node digests the client sent.
+    pub digests: u64,
+    /// Leaf fingerprints the client received (at `depth + 2`: requested).
+    pub fingerprints: u64,
+    /// Bytes the client sent (encoded protobuf sizes).
+    pub bytes_sent: u64,
+    /// Bytes the client received.
+    pub bytes_received: u64,
+}
+
+/// The client's account of one sync. Bytes are encoded protobuf message sizes
+/// (`prost::Message::encoded_len` of each `RepairRequest` / `RepairResponse`), without gRPC and
+/// HTTP/2 framing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The roots matched: one round trip, nothing read.
+    pub in_sync: bool,
+    /// Nothing was applied (preview); `sent` and `requested` then say what a sync would move.
+    pub preview: bool,
+    /// Leaves compared leaf by leaf: the client's leaves under the listed nodes plus the
+    /// server's versions that matched none of them.
+    pub compared: u64,
+    /// Copies the client sent.
+    pub sent: u64,
+    /// Server versions the client asked for.
+    pub requested: u64,
+    /// Copies the client received.
+    pub received: u64,
+    /// Received copies the client stored (they were newer).
+    pub applied: u64,
+    /// Received copies the client's store failed to apply.
+    pub failed: u64,
+    /// Copies the server stored.
+    pub peer_applied: u64,
+    /// Copies the server's store failed to apply.
+    pub peer_failed: u64,
+    /// Bytes the client sent.
+    pub bytes_sent: u64,
+    /// Bytes the client received.
+    pub bytes_received: u64,
+    /// Bytes of the property records in `PropertySync` pages, both ways: what an ideal protocol
+    /// would also send. Everything else is tree traffic.
+    pub record_bytes: u64,
+    /// Per level, from 0 (root compare) to `depth + 2` (requests).
+    pub levels: Vec<LevelTraffic>,
+}
+
+impl SyncReport {
+    /// Bytes both ways that are not property records: the cost of finding the differences.
+    pub fn tree_bytes(&self) -> u64 {
+        (self.bytes_sent + self.bytes_received).saturating_sub(self.record_bytes)
+    }
+
+    pub(crate) fn with_levels(levels: u32) -> Self {
+        SyncReport {
+            levels: (0..levels)
+                .map(|level| LevelTraffic {
+                    level,
+                    ..LevelTraffic::default()
+                })
+                .collect(),
+            ..SyncReport::default()
+        }
+    }
+
+    pub(crate) fn level_mut(&mut self, level: u32) -> Option<&mut LevelTraffic> {
+        self.levels.get_mut(level as usize)
+    }
+}
+
+impl From<&SyncReport> for pb::SyncReport {
+    fn from(report: &SyncReport) -> Self {
+        pb::SyncReport {
+            compared: report.compared,
+            sent: report.sent,
+            received: report.received,
+            applied: report.applied,
+            failed: report.failed,
+            bytes_sent: report.bytes_sent,
+            bytes_received: report.bytes_received,
+            levels: report
+                .levels
+                .iter()
+                .map(|l| pb::LevelBytes {
+                    level: l.level,
+                    digests: l.digests,
+                    bytes: l.bytes_sent,
+                    bytes_received: l.bytes_received,
+                    fingerprints: l.fingerprints,
+                })
+                .collect(),
+            peer_applied: report.peer_applied,
+            peer_failed: report.peer_failed,
+            record_bytes: report.record_bytes,
+            requested: report.requested,
+            preview: report.preview,
+            in_sync: report.in_sync,
+        }
+    }
+}
+
+/// The server's account of one sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerReport {
+    /// The roots matched.
+    pub in_sync: bool,
+    /// The client asked for a preview: nothing was applied.
+    pub preview: bool,
+    /// Copies received from the client.
+    pub received: u64,
+    /// Received copies stored (they were newer).
+    pub applied: u64,
+    /// Received copies the store failed to apply.
+    pub failed: u64,
+    /// Copies sent to the client (answers to requests and newer copies sent back).
+    pub sent: u64,
+    /// Bytes sent (encoded protobuf sizes).
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+}

@@ -1,0 +1,548 @@
+//! The server state machine: it answers the client's tree pages, lists leaves and applies copies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use pb::repair_request::Msg as In;
+use pb::repair_response::Msg as Out;
+use propd_merkle::{Entity, NodeId, Shape};
+use propd_proto::v1 as pb;
+use prost::Message;
+
+use crate::common::{CopyQueue, Listed, validate_and_apply};
+use crate::config::Config;
+use crate::error::{ProtocolError, SyncError, malformed};
+use crate::report::ServerReport;
+use crate::store_api::{LeafKey, RepairStore, leaf_key};
+use crate::wire;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitTreeRoot,
+    Descent,
+    Draining,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitTreeRoot => "awaiting TreeRoot",
+            Phase::Descent => "answering the descent",
+            Phase::Draining => "draining after NoMorePropertySync",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Work queued for output, in the order the client must see it.
+#[derive(Debug)]
+enum Job {
+    Message(pb::RepairResponse),
+    /// List the leaves of these nodes (a cursor into the front one).
+    Leaves {
+        nodes: VecDeque<NodeId>,
+        after: Option<LeafKey>,
+    },
+    /// Find the versions the client asked for, then send them.
+    Resolve(Vec<(NodeId, HashSet<u64>)>),
+    Copies(CopyQueue),
+}
+
+/// The server side of one sync. Pure, like [`crate::Client`]: drive it with [`Server::handle`]
+/// and [`Server::poll_transmit`]. To bound its memory, a driver reads the next client message
+/// only when `poll_transmit` returns `None`.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    phase: Phase,
+    group: String,
+    shard: u32,
+    shape: Shape,
+    preview: bool,
+    wire_width: usize,
+    level: u32,
+    /// Parents at `level - 1` the client must send the children of, in order.
+    frontier: VecDeque<NodeId>,
+    next_frontier: Vec<NodeId>,
+    listed: Listed,
+    /// Entities we sent back as newer: not to be sent again when the client asks for them.
+    returned: HashSet<Entity>,
+    out: VecDeque<Job>,
+    report: ServerReport,
+}
+
+impl Server {
+    /// A server waiting for `TreeRoot`. The store is given to each call.
+    pub fn new(config: Config) -> Result<Self, SyncError> {
+        config.validate()?;
+        Ok(Server {
+            config,
+            phase: Phase::AwaitTreeRoot,
+            group: String::new(),
+            shard: 0,
+            shape: Shape::default(),
+            preview: false,
+            wire_width: 8,
+            level: 0,
+            frontier: VecDeque::new(),
+            next_frontier: Vec::new(),
+            listed: Listed::default(),
+            returned: HashSet::new(),
+            out: VecDeque::new(),
+            report: ServerReport::default(),
+        })
+    }
+
+    /// The group and shard of the sync (empty before `TreeRoot`).
+    pub fn target(&self) -> (&str, u32) {
+        (&self.group, self.shard)
+    }
+
+    /// Whether the sync has ended (its last message has been returned by `poll_transmit`).
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Whether the sync has ended with an error.
+    pub fn is_failed(&self) -> bool {
+        self.phase == Phase::Failed
+    }
+
+    /// The account so far.
+    pub fn report(&self) -> &ServerReport {
+        &self.report
+    }
+
+    /// Handles one client message. A protocol violation fails the sync and applies nothing
+    /// from that message.
+    pub fn handle<S: RepairStore>(
+        &mut self,
+        store: &S,
+        msg: pb::RepairRequest,
+    ) -> Result<(), SyncError> {
+        if self.phase == Phase::Failed {
+            return Ok(());
+        }
+        self.report.bytes_received += msg.encoded_len() as u64;
+        let result = self.dispatch(store, msg);
+        if result.is_err() {
+            self.phase = Phase::Failed;
+            self.out.clear();
+        }
+        result
+    }
+
+    /// The next message to send; `None` when waiting for the client or finished.
+    pub fn poll_transmit<S: RepairStore>(
+        &mut self,
+        store: &S,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        if matches!(self.phase, Phase::Done | Phase::Failed) {
+            return Ok(None);
+        }
+        match self.next_message(store) {
+            Ok(Some(msg)) => {
+                self.report.bytes_sent += msg.encoded_len() as u64;
+                Ok(Some(msg))
+            }
+            Ok(None) => Ok(None),
+            Err(err) => {
+                self.phase = Phase::Failed;
+                Err(err)
+            }
+        }
+    }
+
+    fn dispatch<S: RepairStore>(
+        &mut self,
+        store: &S,
+        msg: pb::RepairRequest,
+    ) -> Result<(), SyncError> {
+        let kind = wire::request_kind(&msg);
+        let unexpected = |phase: Phase| ProtocolError::Unexpected {
+            phase: phase.name(),
+            message: kind,
+        };
+        let Some(body) = msg.msg else {
+            return Err(ProtocolError::Empty.into());
+        };
+        match (self.phase, body) {
+            (Phase::AwaitTreeRoot, In::TreeRoot(root)) => self.on_tree_root(store, root),
+            (Phase::Descent, In::LevelDigests(page)) if self.level_open() => {
+                self.on_level_digests(store, page)
+            }
+            (Phase::Descent, In::PropertySync(page)) if !self.preview => {
+                self.report.received += page.properties.len() as u64;
+                let (_, done) =
+                    validate_and_apply(store, &self.group, self.shard, &self.listed, page)?;
+                self.report.applied += done.applied;
+                self.report.failed += done.failed;
+                if !done.newer_here.is_empty() {
+                    let mut queue = CopyQueue::default();
+                    for property in &done.newer_here {
+                        if let Ok(entity) = property.entity() {
+                            self.returned.insert(entity);
+                        }
+                        queue.ready.push_back(wire::property_to_proto(property));
+                    }
+                    self.out.push_back(Job::Copies(queue));
+                }
+                Ok(())
+            }
+            (Phase::Descent, In::PropertyMissing(request)) if !self.preview => {
+                self.on_missing(request).map_err(Into::into)
+            }
+            (Phase::Descent, In::NoMorePropertySync(_))
+                if self.frontier.is_empty() && !self.level_open() =>
+            {
+                self.phase = Phase::Draining;
+                Ok(())
+            }
+            (phase, _) => Err(unexpected(phase).into()),
+        }
+    }
+
+    /// Whether the client may still send pages of `level` (some parents were announced).
+    fn level_open(&self) -> bool {
+        !self.frontier.is_empty()
+    }
+
+    fn on_tree_root<S: RepairStore>(
+        &mut self,
+        store: &S,
+        root: pb::TreeRoot,
+    ) -> Result<(), SyncError> {
+        self.group = root.group.clone();
+        self.shard = root.shard;
+        self.preview = root.preview;
+        self.report.preview = root.preview;
+        let ours = store.shape();
+        let mut answer = pb::RootCompare {
+            server_shape: Some(wire::shape_to_proto(&ours)),
+            ..pb::RootCompare::default()
+        };
+        let done = |this: &mut Server, answer: pb::RootCompare| {
+            this.out.push_back(Job::Message(pb::RepairResponse {
+                msg: Some(Out::RootCompare(answer)),
+            }));
+            this.phase = Phase::Draining;
+        };
+        if root.group.is_empty()
+            || root.group.contains('/')
+            || !store.has_shard(&root.group, root.shard)
+        {
+            answer.error = format!("no tree for group {:?} shard {}", root.group, root.shard);
+            done(self, answer);
+            return Ok(());
+        }
+        answer.tree_found = true;
+        let theirs = root.shape.as_ref().map(wire::shape_from_proto);
+        if !matches!(theirs, Some(Ok(shape)) if shape == ours) {
+            answer.error = format!("tree shape differs: the server's is {ours:?}");
+            done(self, answer);
+            return Ok(());
+        }
+        answer.shape_ok = true;
+        let width = if root.wire_digest_width == 0 {
+            ours.digest_width
+        } else {
+            root.wire_digest_width
+        };
+        if width < 8 || width > ours.digest_width {
+            answer.error = format!(
+                "wire_digest_width {width} is outside 8..={}",
+                ours.digest_width
+            );
+            done(self, answer);
+            return Ok(());
+        }
+        self.shape = ours;
+        self.wire_width = width as usize;
+        let node = store
+            .tree_node(&self.group, self.shard, NodeId::ROOT)
+            .map_err(SyncError::store("reading the root"))?;
+        let (digest, count) = match node {
+            Some(node) => (node.digest, node.leaf_count),
+            None => (ours.empty_digest(), 0),
+        };
+        answer.leaf_count = count;
+        answer.root_match = digest.as_bytes() == root.root.as_slice();
+        if answer.root_match {
+            self.report.in_sync = true;
+            done(self, answer);
+            return Ok(());
+        }
+        self.out.push_back(Job::Message(pb::RepairResponse {
+            msg: Some(Out::RootCompare(answer)),
+        }));
+        self.phase = Phase::Descent;
+        self.level = 1;
+        self.frontier = VecDeque::from([NodeId::ROOT]);
+        Ok(())
+    }
+
+    fn on_level_digests<S: RepairStore>(
+        &mut self,
+        store: &S,
+        page: pb::LevelDigests,
+    ) -> Result<(), SyncError> {
+        if page.level != self.level {
+            return Err(ProtocolError::Level {
+                message: "LevelDigests",
+                expected: self.level,
+                found: page.level,
+            }
+            .into());
+        }
+        if page.parents as usize > self.frontier.len() {
+            return Err(malformed(
+                "LevelDigests.parents",
+                format!("{} parents, {} remain", page.parents, self.frontier.len()),
+            )
+            .into());
+        }
+        let bucket_level = self.shape.bucket_level();
+        let mut reader = wire::Reader::new("LevelDigests.packed", &page.packed);
+        let mut answer = Vec::new();
+        let mut to_list = VecDeque::new();
+        let mut descend = Vec::new();
+        // Parse and compare the whole page before changing any state.
+        for parent in self.frontier.iter().take(page.parents as usize) {
+            let range = self.shape.child_range(*parent);
+            let n = (range.end - range.start) as usize;
+            let present = reader.take(wire::bitmap_len(n))?;
+            wire::check_bitmap("LevelDigests.packed", present, n)?;
+            let count = present
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>();
+            let digests = reader.take(count * self.wire_width)?;
+            let ours: HashMap<u64, propd_merkle::InnerNode> = store
+                .tree_children(&self.group, self.shard, *parent)
+                .map_err(SyncError::store("reading child digests"))?
+                .into_iter()
+                .filter(|(_, node)| node.leaf_count > 0)
+                .map(|(child, node)| (child.index, node))
+                .collect();
+            let mut differ = vec![0u8; wire::bitmap_len(n)];
+            let mut leaves = vec![0u8; wire::bitmap_len(n)];
+            let mut next = 0usize;
+            for i in 0..n {
+                let theirs = if wire::bit(present, i) {
+                    let d = &digests[next * self.wire_width..(next + 1) * self.wire_width];
+                    next += 1;
+                    Some(d)
+                } else {
+                    None
+                };
+                let index = range.start + i as u64;
+                let mine = ours.get(&index);
+                let same = match (theirs, mine) {
+                    (None, None) => true,
+                    (Some(t), Some(m)) => &m.digest.as_bytes()[..self.wire_width] == t,
+                    _ => false,
+                };
+                if same {
+                    continue;
+                }
+                wire::set_bit(&mut differ, i);
+                let child = NodeId::new(self.level, index);
+                let list = self.level == bucket_level
+                    || theirs.is_none()
+                    || mine.is_none_or(|m| m.leaf_count <= self.config.leaf_list_max);
+                if list {
+                    wire::set_bit(&mut leaves, i);
+                    to_list.push_back(child);
+                } else {
+                    descend.push(child);
+                }
+            }
+            answer.extend_from_slice(&differ);
+            answer.extend_from_slice(&leaves);
+        }
+        reader.finish()?;
+        let remaining = self.frontier.len() - page.parents as usize;
+        if page.last_page != (remaining == 0) {
+            return Err(malformed(
+                "LevelDigests.last_page",
+                format!("is {} with {remaining} parents left", page.last_page),
+            )
+            .into());
+        }
+        self.frontier.drain(..page.parents as usize);
+        for node in &to_list {
+            self.listed.insert(*node);
+        }
+        self.next_frontier.extend(descend);
+        self.out.push_back(Job::Message(pb::RepairResponse {
+            msg: Some(Out::LevelDiff(pb::LevelDiff {
+                level: self.level,
+                last_page: page.last_page,
+                packed: answer,
+            })),
+        }));
+        if !to_list.is_empty() {
+            self.out.push_back(Job::Leaves {
+                nodes: to_list,
+                after: None,
+            });
+        }
+        if page.last_page {
+            self.frontier = std::mem::take(&mut self.next_frontier).into();
+            self.level += 1;
+        }
+        Ok(())
+    }
+
+    fn on_missing(&mut self, request: pb::PropertyMissing) -> Result<(), ProtocolError> {
+        let mut wanted = Vec::with_capacity(request.nodes.len());
+        let mut total = 0usize;
+        for node in request.nodes {
+            let id = NodeId::new(node.level, node.index);
+            if !self.listed.contains(id) {
+                return Err(ProtocolError::UnlistedNode {
+                    message: "PropertyMissing",
+                    level: node.level,
+                    index: node.index,
+                });
+            }
+            let fps = wire::fingerprints("MissingLeaves.fingerprints", &node.fingerprints)?;
+            total += fps.len();
+            wanted.push((id, fps.into_iter().collect::<HashSet<u64>>()));
+        }
+        if total > wire::MAX_PAGE_ITEMS {
+            return Err(ProtocolError::PageTooLarge {
+                field: "PropertyMissing.nodes",
+                count: total,
+                max: wire::MAX_PAGE_ITEMS,
+            });
+        }
+        self.out.push_back(Job::Resolve(wanted));
+        Ok(())
+    }
+
+    fn next_message<S: RepairStore>(
+        &mut self,
+        store: &S,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        loop {
+            let Some(job) = self.out.front_mut() else {
+                if self.phase == Phase::Draining {
+                    self.phase = Phase::Done;
+                    // A sync that ended at the root compare sends no SyncEnd.
+                    if self.level == 0 {
+                        return Ok(None);
+                    }
+                    return Ok(Some(pb::RepairResponse {
+                        msg: Some(Out::SyncEnd(pb::SyncEnd {
+                            applied: self.report.applied,
+                            failed: self.report.failed,
+                        })),
+                    }));
+                }
+                return Ok(None);
+            };
+            match job {
+                Job::Message(_) => {
+                    if let Some(Job::Message(msg)) = self.out.pop_front() {
+                        return Ok(Some(msg));
+                    }
+                }
+                Job::Leaves { nodes, after } => {
+                    let (group, shard, limit) = (&self.group, self.shard, self.config.page_items);
+                    let mut entries = Vec::new();
+                    let mut budget = limit;
+                    while budget > 0 && entries.len() < limit {
+                        let Some(&node) = nodes.front() else { break };
+                        let leaves = store
+                            .leaves_under(group, shard, node, after.as_ref(), budget)
+                            .map_err(SyncError::store("listing leaves"))?;
+                        let more = leaves.len() == budget;
+                        let mut fps = Vec::with_capacity(leaves.len() * wire::FINGERPRINT_BYTES);
+                        for leaf in &leaves {
+                            fps.extend_from_slice(&wire::fingerprint(&leaf.digest).to_le_bytes());
+                        }
+                        budget -= leaves.len();
+                        let exists = !leaves.is_empty() || after.is_some();
+                        if more {
+                            *after = leaves.last().map(leaf_key);
+                        } else {
+                            *after = None;
+                            nodes.pop_front();
+                        }
+                        entries.push(pb::NodeLeaves {
+                            level: node.level,
+                            index: node.index,
+                            exists,
+                            fingerprints: fps,
+                            more,
+                        });
+                    }
+                    if nodes.is_empty() {
+                        self.out.pop_front();
+                    }
+                    return Ok(Some(pb::RepairResponse {
+                        msg: Some(Out::DifferTreeSummary(pb::DifferTreeSummary {
+                            nodes: entries,
+                        })),
+                    }));
+                }
+                Job::Resolve(wanted) => {
+                    let wanted = std::mem::take(wanted);
+                    let mut queue = CopyQueue::default();
+                    for (node, mut fps) in wanted {
+                        let mut after: Option<LeafKey> = None;
+                        while !fps.is_empty() {
+                            let leaves = store
+                                .leaves_under(
+                                    &self.group,
+                                    self.shard,
+                                    node,
+                                    after.as_ref(),
+                                    self.config.page_items,
+                                )
+                                .map_err(SyncError::store("finding requested leaves"))?;
+                            for leaf in &leaves {
+                                if fps.remove(&wire::fingerprint(&leaf.digest))
+                                    && !self.returned.contains(&leaf.entity)
+                                {
+                                    queue.entities.push_back(leaf.entity.clone());
+                                }
+                            }
+                            if leaves.len() < self.config.page_items {
+                                break;
+                            }
+                            after = leaves.last().map(leaf_key);
+                        }
+                    }
+                    self.out.pop_front();
+                    if !queue.is_empty() {
+                        self.out.push_front(Job::Copies(queue));
+                    }
+                }
+                Job::Copies(queue) => {
+                    let page = queue.next_page(
+                        store,
+                        &self.group,
+                        self.shard,
+                        self.config.page_items,
+                        self.config.page_bytes,
+                    )?;
+                    match page {
+                        Some((page, _)) => {
+                            self.report.sent += page.properties.len() as u64;
+                            return Ok(Some(pb::RepairResponse {
+                                msg: Some(Out::PropertySync(page)),
+                            }));
+                        }
+                        None => {
+                            self.out.pop_front();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The tonic driver: the `RepairService` server and the client `sync` call over one bidirectional stream.
+//!
+//! The driver only moves messages between a stream and the pure state machines. The client reads
+//! the server's messages at all times (so the server can always send) and sends whenever its
+//! state machine has a message; the server reads the next client message only after sending
+//! everything the previous one produced, so a fast client is slowed by HTTP/2 flow control
+//! instead of filling the server's memory. Every sync is bounded by a timeout on both sides.
+//!
+//! Cancelling a sync (timeout, dropped future, broken stream, protocol error) leaves both stores
+//! consistent: each received page is applied in one store write transaction, so a store holds
+//! either all of a page or none of it, and its tree is updated in the same transaction. What was
+//! not yet applied is found again by the next sync.
+//!
+//! The store is called synchronously from the driver's task; its calls are short (one page).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pb::repair_service_client::RepairServiceClient;
+use pb::repair_service_server::{RepairService, RepairServiceServer};
+use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::error::SyncError;
+use crate::report::{ServerReport, SyncReport};
+use crate::server::Server;
+use crate::store_api::RepairStore;
+
+/// Driver settings for either side.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// The protocol settings (pages, wire digest width, preview on the client).
+    pub sync: Config,
+    /// The longest one sync may take, end to end (default 10 minutes, DESIGN §6).
+    pub timeout: Duration,
+    /// Messages buffered in each direction inside the driver (default 8).
+    pub buffer: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            sync: Config::default(),
+            timeout: Duration::from_secs(600),
+            buffer: 8,
+        }
+    }
+}
+
+/// A `RepairService` client with the message size limits set to [`MAX_MESSAGE_BYTES`].
+pub fn repair_client(channel: Channel) -> RepairServiceClient<Channel> {
+    RepairServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Syncs (group, shard) of `store` with the peer behind `channel`, as the client, and returns
+/// the client's report. Fails on a refusal, a shape mismatch, a protocol violation, a broken
+/// stream or the timeout; whatever was applied before stays applied (see the module docs).
+pub async fn sync<S: RepairStore>(
+    channel: Channel,
+    store: &S,
+    group: &str,
+    shard: u32,
+    config: &TransportConfig,
+) -> Result<SyncReport, SyncError> {
+    let millis = config.timeout.as_millis() as u64;
+    let run = run_client(repair_client(channel), store, group, shard, config);
+    match tokio::time::timeout(config.timeout, run).await {
+        Ok(result) => result,
+        Err(_) => Err(SyncError::Timeout { millis }),
+    }
+}
+
+async fn run_client<S: RepairStore>(
+    mut rpc: RepairServiceClient<Channel>,
+    store: &S,
+    group: &str,
+    shard: u32,
+    config: &TransportConfig,
+) -> Result<SyncReport, SyncError> {
+    let mut machine = Client::new(store, group, shard, config.sync.clone())?;
+    let (tx, rx) = mpsc::channel(config.buffer.max(1));
+    // The first message goes into the channel before the call, so the server has it at once.
+    if let Some(first) = machine.poll_transmit(store)? {
+        tx.send(first).await.map_err(|_| SyncError::PeerClosed {
+            phase: "opening the stream",
+        })?;
+    }
+    let mut inbound = rpc
+        .repair(ReceiverStream::new(rx))
+        .await
+        .map_err(transport)?
+        .into_inner();
+    let mut pending: Option<pb::RepairRequest> = None;
+    while !machine.is_done() {
+        if pending.is_none() {
+            pending = machine.poll_transmit(store)?;
+        }
+        let incoming = match pending.take() {
+            Some(msg) => {
+                tokio::select! {
+                    permit = tx.reserve() => {
+                        permit.map_err(|_| SyncError::PeerClosed { phase: "sending" })?.send(msg);
+                        continue;
+                    }
+                    incoming = inbound.message() => {
+                        pending = Some(msg);
+                        incoming
+                    }
+                }
+            }
+            None => inbound.message().await,
+        };
+        match incoming {
+            Ok(Some(msg)) => machine.handle(store, msg)?,
+            Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
+            Err(status) => return Err(transport(status)),
+        }
+    }
+    // Dropping the sender ends the request stream: the server sees the end and finishes.
+    drop(tx);
+    Ok(machine.into_report())
+}
+
+fn transport(status: Status) -> SyncError {
+    SyncError::Transport {
+        message: format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// The `RepairService` implementation: answers each incoming stream with a [`Server`] state
+/// machine over the shared store.
+#[derive(Debug)]
+pub struct RepairServer<S> {
+    store: Arc<S>,
+    config: TransportConfig,
+}
+
+impl<S: RepairStore + 'static> RepairServer<S> {
+    /// A server over `store`.
+    pub fn new(store: Arc<S>, config: TransportConfig) -> Self {
+        RepairServer { store, config }
+    }
+
+    /// The tonic service, with the message size limits set to [`MAX_MESSAGE_BYTES`].
+    pub fn into_service(self) -> RepairServiceServer<Self> {
+        RepairServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// The stream of server messages.
+pub type ResponseStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RepairResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
+    type RepairStream = ResponseStream;
+
+    async fn repair(
+        &self,
+        request: Request<Streaming<pb::RepairRequest>>,
+    ) -> Result<Response<Self::RepairStream>, Status> {
+        let inbound = request.into_inner();
+        let machine = Server::new(self.config.sync.clone())
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
+        let store = Arc::clone(&self.store);
+        let timeout = self.config.timeout;
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(timeout, serve(machine, &*store, inbound, &tx)).await;
+            let status = match result {
+                Ok(Ok(report)) => {
+                    tracing::debug!(
+                        received = report.received,
+                        applied = report.applied,
+                        sent = report.sent,
+                        "repair sync served"
+                    );
+                    return;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "repair sync failed");
+                    status_of(&err)
+                }
+                Err(_) => Status::deadline_exceeded(format!(
+                    "sync did not finish within {} ms",
+                    timeout.as_millis()
+                )),
+            };
+            // The client may be gone already; then there is no one to tell.
+            let _ = tx.send(Err(status)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve<S: RepairStore>(
+    mut machine: Server,
+    store: &S,
+    mut inbound: Streaming<pb::RepairRequest>,
+    tx: &mpsc::Sender<Result<pb::RepairResponse, Status>>,
+) -> Result<ServerReport, SyncError> {
+    loop {
+        while let Some(msg) = machine.poll_transmit(store)? {
+            tx.send(Ok(msg))
+                .await
+                .map_err(|_| SyncError::PeerClosed { phase: "sending" })?;
+        }
+        if machine.is_done() {
+            return Ok(machine.report().clone());
+        }
+        match inbound.message().await {
+            Ok(Some(msg)) => machine.handle(store, msg)?,
+            Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
+            Err(status) => return Err(transport(status)),
+        }
+    }
+}
+
+fn status_of(err: &SyncError) -> Status {
+    match err {
+        SyncError::Protocol(_) | SyncError::Config { .. } => {
+            Status::invalid_argument(err.to_string())
+        }
+        SyncError::Store { .. } => Status::internal(err.to_string()),
+        _ => Status::aborted(err.to_string()),
+    }
+}

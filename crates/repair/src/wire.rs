@@ -1,0 +1,293 @@
+//! The edge between wire and domain: shapes, properties, bitmaps, packed digests and fingerprints.
+
+use std::collections::BTreeMap;
+
+use propd_merkle::{Algorithm, Digest, Entity, Property, Shape, TagValue};
+use propd_proto::v1 as pb;
+
+use crate::error::{ProtocolError, malformed};
+
+/// Hard bound on the entries of one page, whatever the sender's config says.
+pub const MAX_PAGE_ITEMS: usize = 65_536;
+
+/// Width in bytes of a leaf fingerprint on the wire.
+pub const FINGERPRINT_BYTES: usize = 8;
+
+/// The fingerprint of a leaf: the first 8 bytes of its digest, read little-endian.
+pub(crate) fn fingerprint(digest: &Digest) -> u64 {
+    let mut bytes = [0u8; FINGERPRINT_BYTES];
+    let src = digest.as_bytes();
+    let n = src.len().min(FINGERPRINT_BYTES);
+    bytes[..n].copy_from_slice(&src[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+/// Splits a packed fingerprint field into fingerprints.
+pub(crate) fn fingerprints(field: &'static str, bytes: &[u8]) -> Result<Vec<u64>, ProtocolError> {
+    if !bytes.len().is_multiple_of(FINGERPRINT_BYTES) {
+        return Err(malformed(
+            field,
+            format!("{} bytes is not a multiple of 8", bytes.len()),
+        ));
+    }
+    let count = bytes.len() / FINGERPRINT_BYTES;
+    if count > MAX_PAGE_ITEMS {
+        return Err(ProtocolError::PageTooLarge {
+            field,
+            count,
+            max: MAX_PAGE_ITEMS,
+        });
+    }
+    Ok(bytes
+        .chunks_exact(FINGERPRINT_BYTES)
+        .map(|chunk| {
+            let mut word = [0u8; FINGERPRINT_BYTES];
+            word.copy_from_slice(chunk);
+            u64::from_le_bytes(word)
+        })
+        .collect())
+}
+
+/// Bytes of a bitmap of `n` bits.
+pub(crate) fn bitmap_len(n: usize) -> usize {
+    n.div_ceil(8)
+}
+
+pub(crate) fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap[i / 8] >> (i % 8) & 1 == 1
+}
+
+pub(crate) fn set_bit(bitmap: &mut [u8], i: usize) {
+    bitmap[i / 8] |= 1 << (i % 8);
+}
+
+/// Rejects bits at or beyond `n` (the unused high bits of the last byte must be zero).
+pub(crate) fn check_bitmap(
+    field: &'static str,
+    bitmap: &[u8],
+    n: usize,
+) -> Result<(), ProtocolError> {
+    if let Some(last) = bitmap.last()
+        && !n.is_multiple_of(8)
+        && last >> (n % 8) != 0
+    {
+        return Err(malformed(
+            field,
+            format!("bits set beyond the {n} children"),
+        ));
+    }
+    Ok(())
+}
+
+/// A cursor over a packed bytes field.
+pub(crate) struct Reader<'a> {
+    field: &'static str,
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(field: &'static str, bytes: &'a [u8]) -> Self {
+        Reader { field, bytes }
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.bytes.len() < n {
+            return Err(malformed(
+                self.field,
+                format!("ends {} bytes early", n - self.bytes.len()),
+            ));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ProtocolError> {
+        if !self.bytes.is_empty() {
+            return Err(malformed(
+                self.field,
+                format!("{} trailing bytes", self.bytes.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The wire form of a shape.
+pub fn shape_to_proto(shape: &Shape) -> pb::TreeShape {
+    let algorithm = match shape.algorithm {
+        Algorithm::Sha512 => pb::HashAlgorithm::Sha512,
+        Algorithm::Blake3 => pb::HashAlgorithm::Blake3,
+    };
+    pb::TreeShape {
+        algorithm: algorithm as i32,
+        slot_count: shape.slot_count,
+        fanout: shape.fanout,
+        depth: shape.depth,
+        digest_width: shape.digest_width,
+        format_version: shape.format_version,
+    }
+}
+
+/// The shape of a wire `TreeShape`, validated.
+pub fn shape_from_proto(shape: &pb::TreeShape) -> Result<Shape, ProtocolError> {
+    let algorithm = match pb::HashAlgorithm::try_from(shape.algorithm) {
+        Ok(pb::HashAlgorithm::Sha512) => Algorithm::Sha512,
+        Ok(pb::HashAlgorithm::Blake3) => Algorithm::Blake3,
+        _ => {
+            return Err(malformed(
+                "shape.algorithm",
+                format!("unknown algorithm {}", shape.algorithm),
+            ));
+        }
+    };
+    let shape = Shape {
+        algorithm,
+        slot_count: shape.slot_count,
+        fanout: shape.fanout,
+        depth: shape.depth,
+        digest_width: shape.digest_width,
+        format_version: shape.format_version,
+    };
+    shape
+        .validate()
+        .map_err(|err| malformed("shape", err.to_string()))?;
+    Ok(shape)
+}
+
+/// The wire form of a property (tags in key order, as the canonical encoding).
+pub fn property_to_proto(property: &Property) -> pb::Property {
+    pb::Property {
+        group: property.group.clone(),
+        name: property.name.clone(),
+        id: property.id.clone(),
+        tags: property
+            .tags
+            .iter()
+            .map(|(key, value)| pb::Tag {
+                key: key.clone(),
+                value: Some(pb::TagValue {
+                    value: Some(match value {
+                        TagValue::Str(s) => pb::tag_value::Value::Str(s.clone()),
+                        TagValue::Int(i) => pb::tag_value::Value::Int(*i),
+                        TagValue::Binary(b) => pb::tag_value::Value::Binary(b.clone()),
+                    }),
+                }),
+            })
+            .collect(),
+        mod_revision: property.mod_revision,
+        delete_time: property.delete_time,
+    }
+}
+
+/// The domain property of a wire property, with its validated entity. Rejects an invalid
+/// entity, a tag without a value and a repeated tag key.
+pub fn property_from_proto(property: pb::Property) -> Result<(Entity, Property), ProtocolError> {
+    let label = format!("{}/{}/{}", property.group, property.name, property.id);
+    let reject = |reason: String| ProtocolError::Property {
+        entity: label.clone(),
+        reason,
+    };
+    let entity = Entity::new(&property.group, &property.name, &property.id)
+        .map_err(|err| reject(err.to_string()))?;
+    let mut tags = BTreeMap::new();
+    for tag in property.tags {
+        let value = match tag.value.and_then(|v| v.value) {
+            Some(pb::tag_value::Value::Str(s)) => TagValue::Str(s),
+            Some(pb::tag_value::Value::Int(i)) => TagValue::Int(i),
+            Some(pb::tag_value::Value::Binary(b)) => TagValue::Binary(b),
+            None => return Err(reject(format!("tag {:?} has no value", tag.key))),
+        };
+        if tags.insert(tag.key.clone(), value).is_some() {
+            return Err(reject(format!("tag {:?} appears twice", tag.key)));
+        }
+    }
+    if property.delete_time < 0 {
+        return Err(reject(format!(
+            "delete_time {} is negative",
+            property.delete_time
+        )));
+    }
+    let domain = Property {
+        group: property.group,
+        name: property.name,
+        id: property.id,
+        tags,
+        mod_revision: property.mod_revision,
+        delete_time: property.delete_time,
+    };
+    Ok((entity, domain))
+}
+
+/// The name of a client message kind, for errors and logs.
+pub(crate) fn request_kind(msg: &pb::RepairRequest) -> &'static str {
+    use pb::repair_request::Msg;
+    match &msg.msg {
+        Some(Msg::TreeRoot(_)) => "TreeRoot",
+        Some(Msg::LevelDigests(_)) => "LevelDigests",
+        Some(Msg::PropertyMissing(_)) => "PropertyMissing",
+        Some(Msg::PropertySync(_)) => "PropertySync",
+        Some(Msg::NoMorePropertySync(_)) => "NoMorePropertySync",
+        None => "empty RepairRequest",
+    }
+}
+
+/// The name of a server message kind, for errors and logs.
+pub(crate) fn response_kind(msg: &pb::RepairResponse) -> &'static str {
+    use pb::repair_response::Msg;
+    match &msg.msg {
+        Some(Msg::RootCompare(_)) => "RootCompare",
+        Some(Msg::LevelDiff(_)) => "LevelDiff",
+        Some(Msg::DifferTreeSummary(_)) => "DifferTreeSummary",
+        Some(Msg::PropertySync(_)) => "PropertySync",
+        Some(Msg::SyncEnd(_)) => "SyncEnd",
+        None => "empty RepairResponse",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_are_lsb_first_and_reject_stray_bits() {
+        let mut map = vec![0u8; bitmap_len(10)];
+        set_bit(&mut map, 0);
+        set_bit(&mut map, 9);
+        assert_eq!(map, vec![0b0000_0001, 0b0000_0010]);
+        assert!(bit(&map, 9) && !bit(&map, 8));
+        check_bitmap("x", &map, 10).expect("bits within range");
+        assert!(check_bitmap("x", &[0, 0b0000_0100], 10).is_err());
+    }
+
+    #[test]
+    fn fingerprints_round_trip_and_reject_ragged_input() {
+        let digest = Digest::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).expect("digest");
+        let fp = fingerprint(&digest);
+        assert_eq!(
+            fingerprints("f", &fp.to_le_bytes()).expect("whole"),
+            vec![fp]
+        );
+        assert!(fingerprints("f", &[0; 9]).is_err());
+    }
+
+    #[test]
+    fn properties_round_trip_and_bad_ones_are_named() {
+        let mut property = Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: "a/b".into(),
+            mod_revision: 5,
+            ..Property::default()
+        };
+        property.tags.insert("k".into(), TagValue::Int(3));
+        let (entity, back) = property_from_proto(property_to_proto(&property)).expect("valid");
+        assert_eq!((entity.as_str(), &back), ("g/n/a/b", &property));
+        let mut wire = property_to_proto(&property);
+        wire.group = "g/x".into();
+        assert!(matches!(
+            property_from_proto(wire),
+            Err(ProtocolError::Property { .. })
+        ));
+    }
+}

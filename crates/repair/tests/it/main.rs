@@ -1,0 +1,8 @@
+//! Integration tests of the repair protocol: scenarios, convergence, bad input, tonic.
+
+mod convergence;
+mod malformed;
+mod scenarios;
+mod support;
+#[cfg(feature = "transport")]
+mod transport;

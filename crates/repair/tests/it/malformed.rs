@@ -1,0 +1,234 @@
+//! Malformed and out-of-order messages, injected at every step of a real sync, are rejected with a
+//! protocol error and change nothing on the receiving side.
+
+use propd_merkle::{Property, Shape};
+use propd_proto::v1 as pb;
+use propd_repair::pair::Pair;
+use propd_repair::{Config, SyncError};
+use propd_store::ModelStore;
+
+use crate::support::*;
+
+fn stores() -> (ModelStore, ModelStore) {
+    let shape = small_shape();
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(
+        &a,
+        0,
+        (0..12)
+            .map(|i| prop(&format!("k{i}"), 1 + i % 2, "a", 0))
+            .collect(),
+    );
+    put(
+        &b,
+        0,
+        (6..18).map(|i| prop(&format!("k{i}"), 2, "b", 0)).collect(),
+    );
+    (a, b)
+}
+
+fn config() -> Config {
+    Config {
+        page_items: 3,
+        max_backlog: 3,
+        leaf_list_max: 1,
+        ..Config::default()
+    }
+}
+
+fn foreign_copy() -> pb::Property {
+    let mut p = propd_repair::property_to_proto(&prop("x", 1, "v", 0));
+    p.group = "other".into();
+    p
+}
+
+fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
+    use pb::repair_request::Msg;
+    let mut bad = vec![
+        pb::RepairRequest { msg: None },
+        pb::RepairRequest {
+            msg: Some(Msg::LevelDigests(pb::LevelDigests {
+                level: 99,
+                last_page: true,
+                parents: 1,
+                packed: vec![0],
+            })),
+        },
+        pb::RepairRequest {
+            msg: Some(Msg::PropertySync(pb::PropertySync {
+                properties: vec![foreign_copy()],
+            })),
+        },
+        pb::RepairRequest {
+            msg: Some(Msg::PropertyMissing(pb::PropertyMissing {
+                nodes: vec![pb::MissingLeaves {
+                    level: 99,
+                    index: 0,
+                    fingerprints: vec![0; 8],
+                }],
+            })),
+        },
+    ];
+    if let Some(pb::RepairRequest {
+        msg: Some(Msg::LevelDigests(page)),
+    }) = next
+        && !page.packed.is_empty()
+    {
+        let mut cut = page.clone();
+        cut.packed.pop();
+        bad.push(pb::RepairRequest {
+            msg: Some(Msg::LevelDigests(cut)),
+        });
+    }
+    bad
+}
+
+fn bad_responses() -> Vec<pb::RepairResponse> {
+    use pb::repair_response::Msg;
+    vec![
+        pb::RepairResponse { msg: None },
+        pb::RepairResponse {
+            msg: Some(Msg::LevelDiff(pb::LevelDiff {
+                level: 99,
+                last_page: true,
+                packed: vec![],
+            })),
+        },
+        pb::RepairResponse {
+            msg: Some(Msg::DifferTreeSummary(pb::DifferTreeSummary {
+                nodes: vec![pb::NodeLeaves {
+                    level: 99,
+                    index: 0,
+                    exists: true,
+                    fingerprints: vec![0; 8],
+                    more: false,
+                }],
+            })),
+        },
+        pb::RepairResponse {
+            msg: Some(Msg::PropertySync(pb::PropertySync {
+                properties: vec![foreign_copy()],
+            })),
+        },
+    ]
+}
+
+fn snapshot(store: &ModelStore) -> (Vec<Property>, Option<Vec<u8>>) {
+    (contents(store, 0), root(store, 0))
+}
+
+/// Steps in a clean run, so that every phase gets an injection.
+fn clean_steps() -> usize {
+    let (a, b) = stores();
+    let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
+    pair.drive_bounded(10_000).expect("clean sync");
+    pair.steps()
+}
+
+#[test]
+fn the_server_rejects_bad_messages_at_every_step_and_changes_nothing() {
+    let steps = clean_steps();
+    assert!(
+        steps > 8,
+        "the clean run should have several phases, took {steps} steps"
+    );
+    for at in 0..steps {
+        for index in 0..5 {
+            let (a, b) = stores();
+            let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
+            for _ in 0..at {
+                pair.step().expect("clean prefix");
+            }
+            if pair.is_finished() {
+                continue;
+            }
+            let bad = bad_requests(pair.to_server.front());
+            let Some(msg) = bad.into_iter().nth(index) else {
+                continue;
+            };
+            let before = snapshot(&b);
+            let result = pair.server.handle(&b, msg.clone());
+            assert!(
+                matches!(result, Err(SyncError::Protocol(_))),
+                "step {at}, {msg:?}: {result:?}"
+            );
+            assert!(pair.server.is_failed());
+            assert_eq!(
+                pair.server
+                    .poll_transmit(&b)
+                    .expect("failed server is quiet"),
+                None
+            );
+            // Whatever the client still sends is ignored: nothing more is applied.
+            while let Some(next) = pair.to_server.pop_front() {
+                pair.server.handle(&b, next).expect("ignored after failure");
+            }
+            assert_eq!(snapshot(&b), before, "step {at}, {msg:?}");
+        }
+    }
+}
+
+#[test]
+fn the_client_rejects_bad_messages_at_every_step_and_changes_nothing() {
+    let steps = clean_steps();
+    for at in 0..steps {
+        for msg in bad_responses() {
+            let (a, b) = stores();
+            let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
+            for _ in 0..at {
+                pair.step().expect("clean prefix");
+            }
+            let before = snapshot(&a);
+            let result = pair.client.handle(&a, msg.clone());
+            assert!(
+                matches!(result, Err(SyncError::Protocol(_))),
+                "step {at}, {msg:?}: {result:?}"
+            );
+            assert!(pair.client.is_failed());
+            assert_eq!(
+                pair.client
+                    .poll_transmit(&a)
+                    .expect("failed client is quiet"),
+                None
+            );
+            while let Some(next) = pair.to_client.pop_front() {
+                pair.client.handle(&a, next).expect("ignored after failure");
+            }
+            assert_eq!(snapshot(&a), before, "step {at}, {msg:?}");
+        }
+    }
+}
+
+#[test]
+fn out_of_order_messages_are_named_in_the_error() {
+    let (a, b) = stores();
+    let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
+    let early_end = pb::RepairRequest {
+        msg: Some(pb::repair_request::Msg::NoMorePropertySync(
+            pb::NoMorePropertySync {},
+        )),
+    };
+    let err = pair
+        .server
+        .handle(&b, early_end)
+        .expect_err("NoMore before TreeRoot");
+    assert_eq!(
+        err.to_string(),
+        "unexpected NoMorePropertySync while awaiting TreeRoot"
+    );
+    let early_sync_end = pb::RepairResponse {
+        msg: Some(pb::repair_response::Msg::SyncEnd(pb::SyncEnd {
+            applied: 0,
+            failed: 0,
+        })),
+    };
+    let err = pair
+        .client
+        .handle(&a, early_sync_end)
+        .expect_err("SyncEnd before RootCompare");
+    assert_eq!(
+        err.to_string(),
+        "unexpected SyncEnd while awaiting RootCompare"
+    );
+    let _ = Shape::default();
+}

@@ -1,0 +1,268 @@
+//! The reference's scenarios, each run through the in-memory pair.
+
+use propd_merkle::Shape;
+use propd_repair::pair::{Pair, PairError, sync_in_memory};
+use propd_repair::{Config, SyncError};
+
+use crate::support::*;
+
+fn sync_model(
+    a: &propd_store::ModelStore,
+    b: &propd_store::ModelStore,
+    shard: u32,
+) -> propd_repair::SyncReport {
+    let (report, _) = sync_in_memory(a, b, GROUP, shard, Config::default()).expect("sync");
+    report
+}
+
+#[test]
+fn client_older_takes_the_servers_copy() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    put(&a, 0, vec![prop("x", 1, "old", 0)]);
+    put(&b, 0, vec![prop("x", 2, "new", 0)]);
+    let report = sync_model(&a, &b, 0);
+    assert_eq!(contents(&a, 0), vec![prop("x", 2, "new", 0)]);
+    assert_eq!(contents(&b, 0), vec![prop("x", 2, "new", 0)]);
+    assert_eq!(
+        (
+            report.sent,
+            report.received,
+            report.applied,
+            report.peer_applied
+        ),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(root(&a, 0), root(&b, 0));
+}
+
+#[test]
+fn server_older_takes_the_clients_copy() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    put(&a, 0, vec![prop("x", 3, "new", 0)]);
+    put(&b, 0, vec![prop("x", 2, "old", 0)]);
+    let report = sync_model(&a, &b, 0);
+    assert_eq!(contents(&b, 0), vec![prop("x", 3, "new", 0)]);
+    assert_eq!(
+        (report.sent, report.received, report.peer_applied),
+        (1, 0, 1)
+    );
+}
+
+#[test]
+fn equal_trees_end_after_one_round_trip_under_a_kilobyte() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    let data: Vec<_> = (0..500)
+        .map(|i| prop(&format!("p{i}"), 1, "v", 0))
+        .collect();
+    put(&a, 0, data.clone());
+    put(&b, 0, data);
+    let mut pair = Pair::new(&a, &b, GROUP, 0, Config::default()).expect("pair");
+    let (report, server) = pair.drive_bounded(10).expect("sync");
+    assert!(report.in_sync && server.in_sync);
+    assert!(
+        report.bytes_sent + report.bytes_received < 1024,
+        "{report:?}"
+    );
+    assert_eq!((report.compared, report.sent, report.received), (0, 0, 0));
+    assert!(pair.steps() <= 3, "took {} steps", pair.steps());
+}
+
+#[test]
+fn only_on_the_client_is_sent_and_only_on_the_server_is_fetched() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    put(&a, 0, vec![prop("mine", 1, "a", 0)]);
+    put(&b, 0, vec![prop("theirs", 1, "b", 0)]);
+    let report = sync_model(&a, &b, 0);
+    let both = vec![prop("mine", 1, "a", 0), prop("theirs", 1, "b", 0)];
+    assert_eq!(contents(&a, 0), both);
+    assert_eq!(contents(&b, 0), both);
+    assert_eq!((report.sent, report.requested, report.received), (1, 1, 1));
+}
+
+#[test]
+fn only_the_synced_shard_changes() {
+    let (a, b) = (model(Shape::default(), 2), model(Shape::default(), 2));
+    let ids: Vec<String> = (0..40).map(|i| format!("id{i}")).collect();
+    for id in &ids {
+        let shard = shard_of_id(id, 2);
+        put(&a, shard, vec![prop(id, 1, "a", 0)]);
+    }
+    let other_before = contents(&b, 1);
+    sync_model(&a, &b, 0);
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    assert!(!contents(&b, 0).is_empty());
+    assert_eq!(contents(&b, 1), other_before, "shard 1 was not synced");
+    assert_ne!(contents(&a, 1), contents(&b, 1));
+}
+
+#[test]
+fn a_one_slot_shape_syncs() {
+    let shape = Shape {
+        slot_count: 1,
+        depth: 0,
+        ..Shape::default()
+    };
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(
+        &a,
+        0,
+        (0..30).map(|i| prop(&format!("a{i}"), 1, "a", 0)).collect(),
+    );
+    put(
+        &b,
+        0,
+        (0..30).map(|i| prop(&format!("a{i}"), 2, "b", 0)).collect(),
+    );
+    sync_model(&a, &b, 0);
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    assert!(contents(&a, 0).iter().all(|p| p.mod_revision == 2));
+}
+
+#[test]
+fn a_tombstone_beats_a_live_copy_at_the_same_revision_both_ways() {
+    for client_has_tombstone in [true, false] {
+        let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+        let (tomb, live) = (prop("x", 5, "", 9), prop("x", 5, "live", 0));
+        let (mine, theirs) = if client_has_tombstone {
+            (tomb.clone(), live)
+        } else {
+            (live, tomb.clone())
+        };
+        put(&a, 0, vec![mine]);
+        put(&b, 0, vec![theirs]);
+        sync_model(&a, &b, 0);
+        assert_eq!(
+            contents(&a, 0),
+            vec![tomb.clone()],
+            "client has tombstone: {client_has_tombstone}"
+        );
+        assert_eq!(contents(&b, 0), vec![tomb]);
+    }
+}
+
+#[test]
+fn three_nodes_chained_converge_in_three_syncs() {
+    let nodes = [
+        model(Shape::default(), 1),
+        model(Shape::default(), 1),
+        model(Shape::default(), 1),
+    ];
+    // The reference's example: A(v2), B(v1), C(v3), plus one entity only on each node.
+    put(
+        &nodes[0],
+        0,
+        vec![prop("x", 2, "a", 0), prop("only-a", 1, "a", 0)],
+    );
+    put(
+        &nodes[1],
+        0,
+        vec![prop("x", 1, "b", 0), prop("only-b", 1, "b", 0)],
+    );
+    put(
+        &nodes[2],
+        0,
+        vec![prop("x", 3, "c", 0), prop("only-c", 1, "c", 0)],
+    );
+    for (from, to) in [(0, 1), (1, 2), (2, 0)] {
+        sync_model(&nodes[from], &nodes[to], 0);
+    }
+    let expected = vec![
+        prop("only-a", 1, "a", 0),
+        prop("only-b", 1, "b", 0),
+        prop("only-c", 1, "c", 0),
+        prop("x", 3, "c", 0),
+    ];
+    for node in &nodes {
+        assert_eq!(contents(node, 0), expected);
+    }
+}
+
+#[test]
+fn preview_finds_differences_and_applies_nothing() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    put(
+        &a,
+        0,
+        vec![prop("mine", 1, "a", 0), prop("both", 1, "a", 0)],
+    );
+    put(
+        &b,
+        0,
+        vec![prop("theirs", 1, "b", 0), prop("both", 2, "b", 0)],
+    );
+    let (before_a, before_b) = (contents(&a, 0), contents(&b, 0));
+    let config = Config {
+        preview: true,
+        ..Config::default()
+    };
+    let (report, server) = sync_in_memory(&a, &b, GROUP, 0, config).expect("preview");
+    assert!(report.preview && server.preview);
+    assert_eq!(
+        (
+            report.sent,
+            report.requested,
+            report.received,
+            report.applied
+        ),
+        (2, 2, 0, 0)
+    );
+    assert_eq!((contents(&a, 0), contents(&b, 0)), (before_a, before_b));
+}
+
+#[test]
+fn different_shapes_are_refused_with_both_shapes_named() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::reference(), 1));
+    put(&a, 0, vec![prop("x", 1, "a", 0)]);
+    let err = sync_in_memory(&a, &b, GROUP, 0, Config::default()).expect_err("shapes differ");
+    match err {
+        PairError::Client(SyncError::ShapeMismatch { ours, theirs }) => {
+            assert_eq!((ours, theirs), (Shape::default(), Some(Shape::reference())));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(contents(&b, 0).is_empty());
+}
+
+#[test]
+fn a_shard_the_server_lacks_is_reported_not_found() {
+    let (a, b) = (model(Shape::default(), 4), model(Shape::default(), 2));
+    let err = sync_in_memory(&a, &b, GROUP, 3, Config::default()).expect_err("no such shard");
+    assert!(
+        matches!(
+            err,
+            PairError::Client(SyncError::TreeNotFound { shard: 3, .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn paging_and_deep_descent_give_the_same_result() {
+    let shape = small_shape();
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(
+        &a,
+        0,
+        (0..60)
+            .map(|i| prop(&format!("k{i}"), 1 + i % 3, "a", 0))
+            .collect(),
+    );
+    put(
+        &b,
+        0,
+        (20..90)
+            .map(|i| prop(&format!("k{i}"), 2, "b", if i % 7 == 0 { 4 } else { 0 }))
+            .collect(),
+    );
+    let expected = merged(&contents(&a, 0), &contents(&b, 0), &shape);
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, tiny_pages()).expect("sync");
+    assert_eq!(contents(&a, 0), expected);
+    assert_eq!(contents(&b, 0), expected);
+    assert!(
+        report.levels.iter().filter(|l| l.digests > 0).count() >= 3,
+        "{report:?}"
+    );
+    // A second sync finds nothing.
+    let (again, _) = sync_in_memory(&a, &b, GROUP, 0, tiny_pages()).expect("second sync");
+    assert!(again.in_sync);
+}

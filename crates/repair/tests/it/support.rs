@@ -1,0 +1,112 @@
+//! Store builders and helpers shared by the suites.
+
+use std::num::NonZeroU32;
+
+use propd_merkle::{Entity, NodeId, Property, Shape, TagValue, shard_of, version_order};
+use propd_repair::Config;
+use propd_store::{GroupDef, ModelStore, RedbStore, RepairStore, StoreConfig, WriteDurability};
+
+pub(crate) const GROUP: &str = "g";
+
+pub(crate) fn groups(shard_num: u32) -> Vec<GroupDef> {
+    vec![GroupDef::new(GROUP, shard_num, 2)]
+}
+
+pub(crate) fn model(shape: Shape, shard_num: u32) -> ModelStore {
+    ModelStore::new(groups(shard_num), shape).expect("model store")
+}
+
+pub(crate) fn redb(dir: &tempfile::TempDir, shape: Shape, shard_num: u32) -> RedbStore {
+    let mut config = StoreConfig::new(dir.path(), groups(shard_num), shape);
+    config.durability = WriteDurability::NotSynced;
+    RedbStore::open(config).expect("redb store")
+}
+
+/// A property of entity `g/n/{id}`.
+pub(crate) fn prop(id: &str, revision: i64, value: &str, delete_time: i64) -> Property {
+    let mut property = Property {
+        group: GROUP.into(),
+        name: "n".into(),
+        id: id.into(),
+        mod_revision: revision,
+        delete_time,
+        ..Property::default()
+    };
+    if delete_time == 0 {
+        property
+            .tags
+            .insert("v".into(), TagValue::Str(value.into()));
+    }
+    property
+}
+
+pub(crate) fn shard_of_id(id: &str, shard_num: u32) -> u32 {
+    let entity = Entity::new(GROUP, "n", id).expect("entity");
+    shard_of(&entity, NonZeroU32::new(shard_num).expect("non-zero"))
+}
+
+/// Stores copies through the repair path (any version, tombstones included).
+pub(crate) fn put<S: RepairStore>(store: &S, shard: u32, properties: Vec<Property>) {
+    for chunk in properties.chunks(4096) {
+        store
+            .repair_apply_batch(GROUP, shard, chunk.to_vec())
+            .expect("seed batch");
+    }
+}
+
+/// Every property of the shard in entity order, read through the repair view.
+pub(crate) fn contents<S: RepairStore>(store: &S, shard: u32) -> Vec<Property> {
+    let leaves = store
+        .leaves_under(GROUP, shard, NodeId::ROOT, None, usize::MAX)
+        .expect("leaves");
+    let mut entities: Vec<Entity> = leaves.into_iter().map(|leaf| leaf.entity).collect();
+    entities.sort();
+    store
+        .get_many(GROUP, shard, &entities)
+        .expect("get_many")
+        .into_iter()
+        .map(|p| p.expect("a leaf without its property"))
+        .collect()
+}
+
+pub(crate) fn root<S: RepairStore>(store: &S, shard: u32) -> Option<Vec<u8>> {
+    store
+        .tree_node(GROUP, shard, NodeId::ROOT)
+        .expect("root")
+        .map(|node| node.digest.as_bytes().to_vec())
+}
+
+/// The expected result of a sync: per entity the greater copy by the version order.
+pub(crate) fn merged(a: &[Property], b: &[Property], shape: &Shape) -> Vec<Property> {
+    let mut all: std::collections::BTreeMap<String, Property> = std::collections::BTreeMap::new();
+    for p in a.iter().chain(b) {
+        let key = p.entity().expect("entity").to_string();
+        match all.get(&key) {
+            Some(existing) if version_order(existing, p, shape).is_ge() => {}
+            _ => {
+                all.insert(key, p.clone());
+            }
+        }
+    }
+    all.into_values().collect()
+}
+
+/// A small shape that still has bucket levels: 4 slots, fanout 2, depth 2.
+pub(crate) fn small_shape() -> Shape {
+    Shape {
+        slot_count: 4,
+        fanout: 2,
+        depth: 2,
+        ..Shape::default()
+    }
+}
+
+/// A config that pages after every couple of entries and descends as deep as it can.
+pub(crate) fn tiny_pages() -> Config {
+    Config {
+        page_items: 2,
+        leaf_list_max: 0,
+        max_backlog: 4,
+        ..Config::default()
+    }
+}
