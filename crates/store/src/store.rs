@@ -1,7 +1,7 @@
 //! `RedbStore`: the node's properties on redb, with the live Merkle tree of every (group, shard)
 //! kept in the same write transactions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +61,8 @@ pub enum VerifyOutcome {
     Healed {
         /// The revision of the snapshot that showed the mismatch.
         revision: u64,
-        /// Entities whose leaves were missing, extra or different in the live tree.
+        /// Entities whose leaves were missing, extra or different in the live tree (0 when only
+        /// inner nodes were wrong).
         differing_leaves: usize,
         /// The live root before healing.
         live_root: InnerNode,
@@ -272,6 +273,28 @@ fn decode_row(table: &str, key: &str, value: &[u8]) -> Result<Property, StoreErr
     })
 }
 
+/// Entities whose leaves are missing, extra or different between two leaf lists in (bucket,
+/// entity) order. Compared leaf by leaf, not by descending the inner nodes: a corrupt tree's inner
+/// nodes may hide a difference below them.
+fn differing_leaves(left: &[Leaf], right: &[Leaf]) -> usize {
+    let (mut i, mut j, mut count) = (0, 0, 0);
+    while i < left.len() && j < right.len() {
+        let (a, b) = (&left[i], &right[j]);
+        match (a.bucket, &a.entity).cmp(&(b.bucket, &b.entity)) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                count += usize::from(a.digest != b.digest);
+                i += 1;
+                j += 1;
+                continue;
+            }
+        }
+        count += 1;
+    }
+    count + (left.len() - i) + (right.len() - j)
+}
+
 /// The net leaf changes of a shard's leaf log: the last entry per entity wins.
 fn read_log(
     log: &impl ReadableTable<u64, &'static [u8]>,
@@ -323,7 +346,6 @@ struct ShardWriter<'txn> {
     props: Table<'txn, &'static str, &'static [u8]>,
     leaves: Table<'txn, (u64, &'static str), &'static [u8]>,
     nodes: Table<'txn, (u32, u64), &'static [u8]>,
-    dirty: Table<'txn, (u32, u64), ()>,
     log: Table<'txn, u64, &'static [u8]>,
     next_seq: Option<u64>,
     meta: ShardMeta,
@@ -346,7 +368,6 @@ impl<'txn> ShardWriter<'txn> {
             props: txn.open_table(names.props())?,
             leaves: txn.open_table(names.leaves())?,
             nodes: txn.open_table(names.nodes())?,
-            dirty: txn.open_table(names.dirty())?,
             log: txn.open_table(names.log())?,
             next_seq: None,
             names,
@@ -363,7 +384,7 @@ impl<'txn> ShardWriter<'txn> {
         let storage = TxnTree {
             leaves: &mut self.leaves,
             nodes: &mut self.nodes,
-            dirty: &mut self.dirty,
+            dirty: BTreeSet::new(),
             leaves_name: &self.names.leaves,
             nodes_name: &self.names.nodes,
         };
@@ -465,13 +486,12 @@ impl<'txn> ShardWriter<'txn> {
         Ok(outcome)
     }
 
-    /// Replaces the shard's tree (leaves, inner nodes, dirty set) by one built from its
+    /// Replaces the shard's tree (leaves, inner nodes, leaf log) by one built from its
     /// properties. Returns the rebuilt tree.
     fn rebuild_tree(&mut self) -> Result<Tree, StoreError> {
         let tree = build_from_rows(self.shape, &self.props, &self.names.props)?;
         self.leaves.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
-        self.dirty.retain(|_, _| false)?;
         self.log.retain(|_, _| false)?;
         self.next_seq = None;
         for leaf in tree.leaves() {
@@ -753,14 +773,15 @@ impl RedbStore {
         self.snapshot()?.revision(group, shard)
     }
 
-    /// Recomputes the shard's dirty inner digests and persists them. A no-op for a clean tree.
-    /// Returns the number of nodes recomputed.
+    /// Applies the shard's leaf log to its leaf table and recomputes the inner nodes above the
+    /// changed leaves, in one write transaction. A no-op for a clean tree. Returns the number of
+    /// inner nodes recomputed.
     pub fn flush(&self, group: &str, shard: u32) -> Result<usize, StoreError> {
         self.rules.check_shard(group, shard)?;
         if !self.snapshot()?.has_dirty(group, shard)? {
             return Ok(0);
         }
-        // Flushed digests are derived data: after a crash the dirty marks of the last durable
+        // Flushed digests are derived data: after a crash the leaf log of the last durable
         // commit come back and are recomputed, so the flush need not wait for the disk.
         self.write(Durability::None, |txn| {
             let mut writer = ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)?;
@@ -832,10 +853,7 @@ impl RedbStore {
                 leaf_count: rebuilt.leaf_count(),
             });
         }
-        let differing_leaves = match propd_merkle::diff(&live, &rebuilt) {
-            Ok(diff) => diff.only_left.len() + diff.only_right.len() + diff.differing.len(),
-            Err(_) => usize::MAX,
-        };
+        let differing_leaves = differing_leaves(live.leaves(), rebuilt.leaves());
         tracing::warn!(
             group,
             shard,
@@ -1152,14 +1170,9 @@ impl Snapshot {
         Ok(found)
     }
 
-    /// Whether the shard's tree has leaf changes or dirty nodes waiting for a flush.
+    /// Whether the shard's tree has leaf changes waiting for a flush.
     fn has_dirty(&self, group: &str, shard: u32) -> Result<bool, StoreError> {
-        let names = ShardTableNames::new(group, shard);
-        let dirty = match open_read(&self.txn, names.dirty())? {
-            Some(table) => !table.is_empty()?,
-            None => false,
-        };
-        Ok(dirty || self.has_log(&names)?)
+        self.has_log(&ShardTableNames::new(group, shard))
     }
 
     fn has_log(&self, names: &ShardTableNames) -> Result<bool, StoreError> {
@@ -1176,12 +1189,10 @@ impl Snapshot {
         let storage = SnapshotTree {
             leaves: open_read(&self.txn, names.leaves())?,
             nodes: open_read(&self.txn, names.nodes())?,
-            dirty: open_read(&self.txn, names.dirty())?,
             leaves_name: names.leaves.clone(),
             nodes_name: names.nodes.clone(),
             leaf_overlay: Default::default(),
             inner_overlay: Default::default(),
-            dirty_cleared: false,
             dirty_marked: Default::default(),
         };
         let mut tree = LiveTree::new(self.rules.shape, storage)

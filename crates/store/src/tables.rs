@@ -1,6 +1,6 @@
 //! The redb tables of the store and their key encodings (docs/formats.md, "Store tables").
 //!
-//! One database per node. Node-wide tables have fixed names; each (group, shard) has five tables
+//! One database per node. Node-wide tables have fixed names; each (group, shard) has four tables
 //! of its own named `<kind>/<group>/<shard>` (a group name never contains `/`, so names cannot
 //! collide), so scanning, rebuilding or dropping one shard touches no other shard's data.
 
@@ -21,7 +21,7 @@ pub(crate) fn config_group_key(group: &str) -> String {
     format!("group/{group}")
 }
 
-/// The names of the five tables of one (group, shard).
+/// The names of the four tables of one (group, shard).
 #[derive(Debug, Clone)]
 pub(crate) struct ShardTableNames {
     /// `props/<group>/<shard>`: entity (UTF-8 `group/name/id`) -> property record.
@@ -30,8 +30,6 @@ pub(crate) struct ShardTableNames {
     pub(crate) leaves: String,
     /// `nodes/<group>/<shard>`: (level `u32`, index `u64`) -> inner node (leaf count + digest).
     pub(crate) nodes: String,
-    /// `dirty/<group>/<shard>`: (level `u32`, index `u64`) -> `()`: inner nodes to recompute.
-    pub(crate) dirty: String,
     /// `log/<group>/<shard>`: sequence `u64` -> leaf change not yet applied to `leaves`.
     pub(crate) log: String,
 }
@@ -42,7 +40,6 @@ impl ShardTableNames {
             props: format!("props/{group}/{shard}"),
             leaves: format!("leaves/{group}/{shard}"),
             nodes: format!("nodes/{group}/{shard}"),
-            dirty: format!("dirty/{group}/{shard}"),
             log: format!("log/{group}/{shard}"),
         }
     }
@@ -57,10 +54,6 @@ impl ShardTableNames {
 
     pub(crate) fn nodes(&self) -> TableDefinition<'_, (u32, u64), &'static [u8]> {
         TableDefinition::new(&self.nodes)
-    }
-
-    pub(crate) fn dirty(&self) -> TableDefinition<'_, (u32, u64), ()> {
-        TableDefinition::new(&self.dirty)
     }
 
     pub(crate) fn log(&self) -> TableDefinition<'_, u64, &'static [u8]> {

@@ -1,13 +1,13 @@
-//! The merkle crate's `TreeStorage` over redb tables: one implementation inside a write
-//! transaction (the live tree's leaves, inner nodes and dirty set persist with the property), and
-//! one over a read snapshot that keeps its changes (the leaf log applied, a flush's recomputed
+//! The merkle crate's `TreeStorage` over redb tables: one implementation inside a flush's write
+//! transaction (leaves and inner nodes in redb; the dirty set in memory, since a flush marks and
+//! recomputes within its one transaction), and one over a read snapshot that keeps its changes (the leaf log applied, a flush's recomputed
 //! digests) in memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use propd_merkle::{Digest, Entity, InnerNode, NodeId, TreeStorage};
-use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table};
+use redb::{ReadOnlyTable, ReadableTable, Table};
 
 use crate::codec::{DecodeError, decode_digest, decode_inner, encode_inner};
 use crate::error::StoreError;
@@ -89,21 +89,12 @@ fn visit_inner_range(
     Ok(())
 }
 
-fn read_dirty(table: &impl ReadableTable<(u32, u64), ()>) -> Result<Vec<NodeId>, StoreError> {
-    let mut nodes = Vec::new();
-    for row in table.iter()? {
-        let (key, _) = row?;
-        let (level, index) = key.value();
-        nodes.push(NodeId::new(level, index));
-    }
-    Ok(nodes)
-}
-
 /// The tables of one shard's tree, opened in a write transaction.
 pub(crate) struct TxnTree<'a, 'txn> {
     pub(crate) leaves: &'a mut Table<'txn, LeafKey<'static>, &'static [u8]>,
     pub(crate) nodes: &'a mut Table<'txn, (u32, u64), &'static [u8]>,
-    pub(crate) dirty: &'a mut Table<'txn, (u32, u64), ()>,
+    /// The dirty set lives only as long as the flush that marks and recomputes it.
+    pub(crate) dirty: BTreeSet<NodeId>,
     /// Table names for error messages: leaves, nodes.
     pub(crate) leaves_name: &'a str,
     pub(crate) nodes_name: &'a str,
@@ -176,20 +167,20 @@ impl TreeStorage for TxnTree<'_, '_> {
     }
 
     fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
-        self.dirty.insert((node.level, node.index), ())?;
+        self.dirty.insert(node);
         Ok(())
     }
 
     fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        read_dirty(self.dirty)
+        Ok(self.dirty.iter().copied().collect())
     }
 
     fn has_dirty(&self) -> Result<bool, StoreError> {
-        Ok(!self.dirty.is_empty()?)
+        Ok(!self.dirty.is_empty())
     }
 
     fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty.retain(|_, _| false)?;
+        self.dirty.clear();
         Ok(())
     }
 }
@@ -200,15 +191,12 @@ impl TreeStorage for TxnTree<'_, '_> {
 pub(crate) struct SnapshotTree {
     pub(crate) leaves: Option<ReadOnlyTable<LeafKey<'static>, &'static [u8]>>,
     pub(crate) nodes: Option<ReadOnlyTable<(u32, u64), &'static [u8]>>,
-    pub(crate) dirty: Option<ReadOnlyTable<(u32, u64), ()>>,
     pub(crate) leaves_name: String,
     pub(crate) nodes_name: String,
     /// Leaves written (`Some`) or removed (`None`) in memory.
     pub(crate) leaf_overlay: BTreeMap<u64, BTreeMap<Entity, Option<Digest>>>,
     /// Inner nodes written (`Some`) or removed (`None`) by a flush.
     pub(crate) inner_overlay: BTreeMap<NodeId, Option<InnerNode>>,
-    /// Whether a flush cleared the stored dirty set.
-    pub(crate) dirty_cleared: bool,
     /// Nodes marked dirty in memory.
     pub(crate) dirty_marked: BTreeSet<NodeId>,
 }
@@ -358,27 +346,14 @@ impl TreeStorage for SnapshotTree {
     }
 
     fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        let mut nodes: BTreeSet<NodeId> = self.dirty_marked.clone();
-        if !self.dirty_cleared
-            && let Some(table) = &self.dirty
-        {
-            nodes.extend(read_dirty(table)?);
-        }
-        Ok(nodes.into_iter().collect())
+        Ok(self.dirty_marked.iter().copied().collect())
     }
 
     fn has_dirty(&self) -> Result<bool, StoreError> {
-        if !self.dirty_marked.is_empty() {
-            return Ok(true);
-        }
-        match &self.dirty {
-            Some(table) if !self.dirty_cleared => Ok(!table.is_empty()?),
-            _ => Ok(false),
-        }
+        Ok(!self.dirty_marked.is_empty())
     }
 
     fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty_cleared = true;
         self.dirty_marked.clear();
         Ok(())
     }

@@ -195,7 +195,8 @@ fn verify_skips_unchanged_shards_and_heals_a_corrupt_tree() {
             VerifyOutcome::Consistent { revision: 21, .. }
         ));
     }
-    // Corrupt the tree behind the store's back: drop one leaf and alter another.
+    // Corrupt the tree behind the store's back: drop one leaf from the leaf table (its bucket's
+    // stored digest now hides the loss) and log a wrong digest for another.
     let good_root;
     {
         let store = open(dir.path());
@@ -212,24 +213,14 @@ fn verify_skips_unchanged_shards_and_heals_a_corrupt_tree() {
             table
                 .remove((leaves[0].bucket, leaves[0].entity.as_str()))
                 .unwrap_or_else(|e| panic!("{e}"));
-            table
-                .insert(
-                    (leaves[1].bucket, leaves[1].entity.as_str()),
-                    [9u8; 16].as_slice(),
-                )
+            let log: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("log/h/0");
+            let mut log = txn.open_table(log).unwrap_or_else(|e| panic!("{e}"));
+            // A log entry: digest length, digest, entity (docs/formats.md).
+            let mut entry = vec![16u8];
+            entry.extend_from_slice(&[9; 16]);
+            entry.extend_from_slice(leaves[1].entity.as_bytes());
+            log.insert(0, entry.as_slice())
                 .unwrap_or_else(|e| panic!("{e}"));
-            let dirty: redb::TableDefinition<'_, (u32, u64), ()> =
-                redb::TableDefinition::new("dirty/h/0");
-            let mut dirty = txn.open_table(dirty).unwrap_or_else(|e| panic!("{e}"));
-            let bucket_level = Shape::default().bucket_level();
-            dirty
-                .insert((bucket_level, leaves[0].bucket), ())
-                .unwrap_or_else(|e| panic!("{e}"));
-            dirty
-                .insert((bucket_level, leaves[1].bucket), ())
-                .unwrap_or_else(|e| panic!("{e}"));
-            // The meta row says "verified at this revision": verification would skip. Touch
-            // the shard with one more write below so that it runs.
         }
         txn.commit().unwrap_or_else(|e| panic!("{e}"));
     }
