@@ -718,7 +718,7 @@ async fn tree(args: TreeArgs) -> Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    let shape = tree.shape.clone().unwrap_or_default();
+    let shape = tree.shape.unwrap_or_default();
     let algorithm = v1::HashAlgorithm::try_from(shape.algorithm).map_or("unknown", |a| match a {
         v1::HashAlgorithm::Sha512 => "sha512",
         v1::HashAlgorithm::Blake3 => "blake3",

@@ -1,13 +1,491 @@
-//! The node server (being assembled).
+//! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
+//! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
-use anyhow::Result;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, Result};
+use propd_gossip::transport::{DriverConfig, GossipDriver};
+use propd_gossip::{Outcome, PropagationResult};
+use propd_merkle::Shape;
+use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::v1;
+use propd_proto::v1::admin_service_server::AdminServiceServer;
+use propd_proto::v1::property_service_server::PropertyServiceServer;
+use propd_store::{GroupDef, RedbStore, StoreConfig, VerifyOutcome};
+use tokio::sync::watch;
+
+use crate::admin::{AdminApi, start_round};
 use crate::config::Config;
+use crate::coordinator::{PropertyApi, blocking};
+use crate::http::HttpState;
+use crate::node::{NodeState, now_millis, now_nanos};
+use crate::schedule::{CronWindow, designated_origin};
+use crate::sync::{Gossip, RepairSync};
 
-/// Runs a node until interrupted.
+/// How often the schedulers and the health probe look around.
+const TICK: Duration = Duration::from_secs(1);
+/// How long a liveness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long shutdown waits for in-flight requests and syncs.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs a node until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> Result<()> {
-    anyhow::bail!(
-        "propd serve is not available yet (config was valid: node {})",
-        config.node_id
-    )
+    init_tracing();
+    #[allow(
+        clippy::print_stdout,
+        reason = "the configuration a node runs with is shown to its operator"
+    )]
+    {
+        println!(
+            "propd {} starting with:\n{}",
+            env!("CARGO_PKG_VERSION"),
+            config.describe()
+        );
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let running = start(config, shutdown_rx).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new requests; in-flight work may finish");
+    let _ = shutdown_tx.send(true);
+    running.stopped(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// A started node: its servers and tasks.
+#[derive(Debug)]
+pub struct Running {
+    /// The node's shared state.
+    pub node: Arc<NodeState>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits (at most `grace`) for the servers to drain after shutdown was signalled, then
+    /// stops the background tasks.
+    pub async fn stopped(self, grace: Duration) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let drain = futures_join(self.servers);
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "in-flight work did not finish in time; exiting anyway"
+            );
+        }
+    }
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+/// Opens the store, binds both ports and starts every server and task. They stop when
+/// `shutdown` turns true.
+pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
+    let store_config = StoreConfig {
+        max_property_bytes: config.max_property_bytes,
+        ..StoreConfig::new(
+            &config.data_dir,
+            config
+                .groups
+                .iter()
+                .map(|g| GroupDef::new(g.name.clone(), g.shard_num, g.replicas))
+                .collect(),
+            Shape::default(),
+        )
+    };
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
+        .await
+        .context("opening the store")?
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let node = Arc::new(NodeState::new(config, store));
+    load_last_repairs(&node).await;
+
+    let members: HashMap<String, String> = node
+        .placement
+        .members()
+        .iter()
+        .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+        .collect();
+    let driver_config = DriverConfig {
+        engine: propd_gossip::Config {
+            sync_timeout: node.config.repair.sync_timeout,
+            round_timeout: node.config.repair.round_timeout,
+        },
+        connect_timeout: crate::peers::CONNECT_TIMEOUT,
+        ..DriverConfig::default()
+    };
+    let gossip: Gossip = GossipDriver::new(
+        node.me().to_owned(),
+        members,
+        RepairSync::new(Arc::clone(&node)),
+        driver_config,
+    );
+
+    let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
+        .await
+        .with_context(|| format!("binding listen address {}", node.config.listen))?;
+    let http_listener = crate::http::bind(node.config.http).await?;
+    tracing::info!(node = node.me(), listen = %node.config.listen, http = %node.config.http, "serving");
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(
+            PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(gossip.service())
+        .add_service(crate::sync::repair_service(&node))
+        .add_service(AdminServiceServer::new(AdminApi::new(
+            Arc::clone(&node),
+            gossip.clone(),
+        )))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            signalled(shutdown.clone()),
+        );
+    let http = crate::http::serve(
+        http_listener,
+        Arc::new(HttpView(Arc::clone(&node))),
+        signalled(shutdown.clone()),
+    );
+    let servers = vec![
+        tokio::spawn(async move {
+            if let Err(error) = grpc.await {
+                tracing::error!(%error, "gRPC server failed");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(error) = http.await {
+                tracing::error!(%error, "HTTP server failed");
+            }
+        }),
+    ];
+    let tasks = vec![
+        tokio::spawn(watch_results(Arc::clone(&node), gossip.clone())),
+        tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
+        tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
+        tokio::spawn(verify_and_purge(Arc::clone(&node))),
+    ];
+    Ok(Running {
+        node,
+        servers,
+        tasks,
+    })
+}
+
+async fn signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn load_last_repairs(node: &Arc<NodeState>) {
+    for (group, shard) in node.local_shards() {
+        let key = group.clone();
+        if let Ok(Some(at)) = blocking(node, move |node| {
+            node.store.last_complete_repair(&key, shard)
+        })
+        .await
+        {
+            node.metrics
+                .set_last_repair(&group, shard, (at / 1_000_000_000) as u64);
+        }
+    }
+}
+
+/// The HTTP port's view of the node.
+struct HttpView(Arc<NodeState>);
+
+impl HttpState for HttpView {
+    fn metrics_text(&self) -> String {
+        self.0
+            .metrics
+            .render(&self.0.local_shards(), now_millis() / 1000)
+    }
+
+    fn health(&self) -> Result<String, String> {
+        Ok(format!("node {}", self.0.me()))
+    }
+}
+
+/// Handles the results of rounds this node started: metrics, the trace in the log, and for a
+/// round that reached every copy, the notice that lets tombstones older than it be purged.
+async fn watch_results(node: Arc<NodeState>, gossip: Gossip) {
+    let mut results = gossip.subscribe();
+    loop {
+        let result = match results.recv().await {
+            Ok(result) => result,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "fell behind on round results");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if result.context.origin != node.me() {
+            continue;
+        }
+        record_result(&node, &result).await;
+    }
+}
+
+async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
+    let context = &result.context;
+    let metrics = &node.metrics;
+    match result.outcome {
+        Outcome::Completed => metrics.propagations_finished.inc(),
+        Outcome::Refused => metrics.propagations_refused.inc(),
+        _ => metrics.propagations_failed.inc(),
+    }
+    metrics.skips.add(result.skips() as u64);
+    for span in &result.trace {
+        tracing::info!(
+            message_id = %context.message_id,
+            group = context.key.group,
+            shard = context.key.shard,
+            from = span.from,
+            to = span.to,
+            kind = ?span.kind,
+            duration_ms = span.duration.as_millis() as u64,
+            compared = span.report.map_or(0, |r| r.compared),
+            applied = span.report.map_or(0, |r| r.applied),
+            bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
+            bytes_received = span.report.map_or(0, |r| r.bytes_received),
+            error = span.error.as_deref().unwrap_or(""),
+            "round span"
+        );
+    }
+    tracing::info!(
+        message_id = %context.message_id,
+        group = context.key.group,
+        shard = context.key.shard,
+        outcome = ?result.outcome,
+        syncs = result.syncs(),
+        skips = result.skips(),
+        error = result.error.as_deref().unwrap_or(""),
+        "repair round ended"
+    );
+    node.rounds.lock().expect("rounds lock poisoned").postpone(
+        &(context.key.group.clone(), context.key.shard),
+        now_millis(),
+        period_ms(node),
+    );
+    if !result.reached_every_copy() || context.preview {
+        return;
+    }
+    let started_at_ns = context.started_at.0.saturating_mul(1_000_000);
+    for target in &context.nodes {
+        let notice = v1::CompleteRepairNotice {
+            group: context.key.group.clone(),
+            shard: context.key.shard,
+            started_at_ns,
+            message_id: context.message_id.to_string(),
+        };
+        if target == node.me() {
+            let group = notice.group.clone();
+            let shard = notice.shard;
+            if let Err(status) = blocking(node, move |node| {
+                node.store
+                    .set_last_complete_repair(&group, shard, started_at_ns)
+            })
+            .await
+            {
+                tracing::warn!(%status, "recording a complete round failed");
+            }
+            node.metrics.set_last_repair(
+                &notice.group,
+                notice.shard,
+                (started_at_ns / 1_000_000_000) as u64,
+            );
+        } else if let Some(mut client) = node.peers.admin_client(target) {
+            let mut request = tonic::Request::new(notice);
+            request.set_timeout(Duration::from_secs(5));
+            if let Err(status) = client.record_complete_repair(request).await {
+                tracing::info!(peer = target, %status, "a copy did not take the complete-round notice");
+            }
+        }
+    }
+}
+
+fn period_ms(node: &NodeState) -> u64 {
+    node.config.repair.period.as_millis() as u64
+}
+
+/// Starts the background rounds this node originates, spread over the repair period.
+async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
+    let window = node
+        .config
+        .repair
+        .cron
+        .as_deref()
+        .and_then(|c| CronWindow::parse(c).ok());
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if !node.config.repair.enabled || node.is_paused() {
+            continue;
+        }
+        let now_ms = now_millis();
+        if window.as_ref().is_some_and(|w| !w.contains(now_ms / 1000)) {
+            continue;
+        }
+        let mut mine = Vec::new();
+        for group in node.placement.groups() {
+            for shard in 0..group.shard_num {
+                let ids = node.node_ids(group, shard);
+                let list: Vec<&str> = ids.iter().map(String::as_str).collect();
+                if designated_origin(&list, shard, |id| node.peers.is_up(id)) == Some(node.me()) {
+                    mine.push((group.name.clone(), shard));
+                }
+            }
+        }
+        let due =
+            node.rounds
+                .lock()
+                .expect("rounds lock poisoned")
+                .due(&mine, now_ms, period_ms(&node));
+        for (group, shard) in due {
+            if let Err(status) = start_round(&node, &gossip, &group, shard, false) {
+                tracing::info!(group, shard, %status, "scheduled round not started");
+            }
+        }
+    }
+}
+
+/// Probes the other members; when one answers that some write missed, repairs its shards.
+async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        for peer in node.peers.others() {
+            let Some(mut client) = node.peers.admin_client(&peer) else {
+                continue;
+            };
+            let mut request = tonic::Request::new(v1::PingRequest {});
+            request.set_timeout(PROBE_TIMEOUT);
+            let up = client.ping(request).await.is_ok();
+            if node.peers.set_up(&peer, up) {
+                tracing::info!(peer, "member answers again");
+            }
+            if !up || node.is_paused() {
+                continue;
+            }
+            let missed = node
+                .misses
+                .lock()
+                .expect("misses lock poisoned")
+                .node_is_back(&peer);
+            for (group, shard) in missed {
+                match start_round(&node, &gossip, &group, shard, false) {
+                    Ok(message_id) => {
+                        tracing::info!(peer, group, shard, message_id = %message_id, "repairing writes the member missed");
+                    }
+                    Err(status) => {
+                        tracing::info!(peer, group, shard, %status, "write-miss round not started; will retry");
+                        node.record_miss(&peer, &group, shard);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Verifies every local tree against a full rebuild and purges tombstones, every
+/// `repair.verify_interval`.
+async fn verify_and_purge(node: Arc<NodeState>) {
+    let interval = node.config.repair.verify_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tick.tick().await;
+        for (group, shard) in node.local_shards() {
+            verify_one(&node, &group, shard).await;
+            purge_one(&node, &group, shard).await;
+        }
+    }
+}
+
+async fn verify_one(node: &Arc<NodeState>, group: &str, shard: u32) {
+    let started = Instant::now();
+    let key = group.to_owned();
+    let metrics = &node.metrics;
+    match blocking(node, move |node| node.store.verify(&key, shard)).await {
+        Ok(VerifyOutcome::Skipped { .. }) => {}
+        Ok(outcome) => {
+            metrics.tree_rebuilds_started.inc();
+            metrics.tree_rebuilds_finished.inc();
+            metrics
+                .tree_rebuild_millis
+                .add(started.elapsed().as_millis() as u64);
+            if let VerifyOutcome::Healed {
+                differing_leaves, ..
+            } = outcome
+            {
+                metrics.verify_mismatches.inc();
+                tracing::warn!(
+                    group,
+                    shard,
+                    differing_leaves,
+                    "tree verification found a mismatch and healed it"
+                );
+            }
+        }
+        Err(status) => {
+            metrics.tree_rebuilds_started.inc();
+            metrics.tree_rebuilds_failed.inc();
+            tracing::error!(group, shard, %status, "tree verification failed");
+        }
+    }
+}
+
+async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
+    let key = group.to_owned();
+    let grace = node.config.repair.tombstone_grace;
+    match blocking(node, move |node| {
+        node.store.purge_tombstones(&key, shard, now_nanos(), grace)
+    })
+    .await
+    {
+        Ok(report) if report.purged > 0 => {
+            node.metrics.tombstones_purged.add(report.purged);
+            tracing::info!(group, shard, purged = report.purged, "tombstones purged");
+        }
+        Ok(_) => {}
+        Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),
+    }
 }

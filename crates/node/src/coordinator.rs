@@ -1,0 +1,642 @@
+//! The property API (DESIGN §8): the node that receives a request coordinates it. Writes go to
+//! every copy of the shard and succeed when `write_acks` copies acknowledge; reads ask every
+//! copy, answer with the newest by the version order and rewrite stale copies (read repair). A
+//! write that misses a copy is remembered, and the shard is repaired when that node answers
+//! again. `local` requests touch only this node's own copy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use propd_merkle::{Entity, Property, TagValue, shard_of, version_order};
+use propd_proto::v1;
+use propd_proto::v1::property_service_server::PropertyService;
+use propd_store::{Query, RepairOutcome, StoreError};
+use tonic::{Request, Response, Status};
+
+use crate::config::GroupConfig;
+use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
+use crate::node::{NodeState, now_nanos};
+use crate::peers::is_unreachable;
+
+/// How long one node-to-node call of a coordinated request may take.
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+/// The query limit when the client gives none.
+pub const DEFAULT_QUERY_LIMIT: usize = 1000;
+
+/// The `PropertyService` of one node.
+#[derive(Debug, Clone)]
+pub struct PropertyApi {
+    node: Arc<NodeState>,
+}
+
+impl PropertyApi {
+    /// The service over a node's state.
+    pub fn new(node: Arc<NodeState>) -> Self {
+        Self { node }
+    }
+}
+
+/// A refused request: `InvalidArgument` naming the field.
+pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+/// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
+pub fn store_status(error: StoreError) -> Status {
+    match error.validation() {
+        Some(_) => Status::invalid_argument(error.to_string()),
+        None => {
+            tracing::error!(%error, "store failure");
+            Status::internal(format!("store: {error}"))
+        }
+    }
+}
+
+/// Runs a blocking store call off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    node: &Arc<NodeState>,
+    work: impl FnOnce(&NodeState) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let node = Arc::clone(node);
+    tokio::task::spawn_blocking(move || work(&node))
+        .await
+        .map_err(|error| Status::internal(format!("store task failed: {error}")))?
+        .map_err(store_status)
+}
+
+impl PropertyApi {
+    fn group(&self, name: &str) -> Result<GroupConfig, Status> {
+        self.node
+            .placement
+            .group(name)
+            .cloned()
+            .ok_or_else(|| invalid("group", format!("unknown group {name:?}")))
+    }
+
+    fn entity(
+        &self,
+        group: &str,
+        name: &str,
+        id: &str,
+    ) -> Result<(Entity, GroupConfig, u32), Status> {
+        let entity = Entity::new(group, name, id).map_err(|error| invalid("entity", error))?;
+        let config = self.group(group)?;
+        let shard = shard_for(&entity, &config);
+        Ok((entity, config, shard))
+    }
+
+    fn check_size(&self, property: &Property) -> Result<(), Status> {
+        let size = property.canonical_bytes().len();
+        let max = self.node.config.max_property_bytes;
+        if size > max {
+            return Err(invalid(
+                "property",
+                format!("{size} bytes is over the limit of {max} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `property` (live or tombstone) to every copy of its shard; returns the copies that
+    /// acknowledged and whether any held a live copy before.
+    async fn replicate(
+        &self,
+        group: &GroupConfig,
+        shard: u32,
+        property: Property,
+    ) -> (u32, u32, bool) {
+        let targets = self.node.node_ids(group, shard);
+        let copies = targets.len() as u32;
+        let mut calls = tokio::task::JoinSet::new();
+        for target in targets {
+            let node = Arc::clone(&self.node);
+            let property = property.clone();
+            let group = group.name.clone();
+            calls.spawn(async move { write_copy(&node, &target, &group, shard, property).await });
+        }
+        let mut acknowledged = 0;
+        let mut had_live = false;
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(Some(live_before)) = joined {
+                acknowledged += 1;
+                had_live |= live_before;
+            }
+        }
+        (acknowledged, copies, had_live)
+    }
+
+    fn required_acks(&self, copies: u32) -> u32 {
+        self.node.config.write_acks.min(copies)
+    }
+
+    /// Every copy of (group, shard) that answers, with what it holds of `entity`.
+    async fn read_copies(
+        &self,
+        group: &GroupConfig,
+        shard: u32,
+        entity: &Entity,
+    ) -> Vec<(String, Option<Property>)> {
+        let mut calls = tokio::task::JoinSet::new();
+        for target in self.node.node_ids(group, shard) {
+            let node = Arc::clone(&self.node);
+            let entity = entity.clone();
+            calls.spawn(async move {
+                let copy = read_copy(&node, &target, &entity).await;
+                copy.map(|copy| (target, copy))
+            });
+        }
+        let mut copies = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(Some(answer)) = joined {
+                copies.push(answer);
+            }
+        }
+        copies
+    }
+
+    /// Rewrites the copies older than `newest` (or missing it) in the background.
+    fn read_repair(&self, group: &str, shard: u32, newest: &Property, stale: Vec<String>) {
+        for target in stale {
+            let node = Arc::clone(&self.node);
+            let newest = newest.clone();
+            let group = group.to_owned();
+            node.metrics.read_repairs.inc();
+            tokio::spawn(async move {
+                if write_copy(&node, &target, &group, shard, newest)
+                    .await
+                    .is_none()
+                {
+                    tracing::debug!(peer = %target, group, shard, "read repair did not reach the copy");
+                }
+            });
+        }
+    }
+}
+
+/// Writes one copy on `target`; `Some(had_live)` when it acknowledged. A copy that could not be
+/// reached is remembered for write-miss repair.
+async fn write_copy(
+    node: &Arc<NodeState>,
+    target: &str,
+    group: &str,
+    shard: u32,
+    property: Property,
+) -> Option<bool> {
+    if target == node.me() {
+        let result = blocking(node, move |node| {
+            let had_live = node
+                .store
+                .get(&entity_of(&property)?)?
+                .is_some_and(|p| !p.is_tombstone());
+            node.store.repair_apply(property)?;
+            Ok(had_live)
+        })
+        .await;
+        return match result {
+            Ok(had_live) => Some(had_live),
+            Err(status) => {
+                tracing::warn!(group, shard, %status, "local copy of a coordinated write failed");
+                None
+            }
+        };
+    }
+    let mut client = node.peers.property_client(target)?;
+    let mut request = Request::new(v1::ReplicaWriteRequest {
+        property: Some(property_to_wire(&property)),
+    });
+    request.set_timeout(REPLICA_TIMEOUT);
+    match client.replica_write(request).await {
+        Ok(response) => {
+            node.peers.set_up(target, true);
+            Some(response.into_inner().had_live)
+        }
+        Err(status) => {
+            if is_unreachable(&status) {
+                node.peers.set_up(target, false);
+            }
+            tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
+            node.record_miss(target, group, shard);
+            None
+        }
+    }
+}
+
+/// The shard of an entity in a validated group.
+fn shard_for(entity: &Entity, group: &GroupConfig) -> u32 {
+    let shard_num = std::num::NonZeroU32::new(group.shard_num).unwrap_or(std::num::NonZeroU32::MIN);
+    shard_of(entity, shard_num)
+}
+
+fn entity_of(property: &Property) -> Result<Entity, StoreError> {
+    Entity::new(&property.group, &property.name, &property.id)
+        .map_err(|error| StoreError::Invalid(propd_store::ValidationError::Entity(error)))
+}
+
+/// Reads one copy from `target`: `Some(copy)` when it answered (`copy` may be `None`).
+async fn read_copy(
+    node: &Arc<NodeState>,
+    target: &str,
+    entity: &Entity,
+) -> Option<Option<Property>> {
+    if target == node.me() {
+        let entity = entity.clone();
+        return blocking(node, move |node| node.store.get(&entity))
+            .await
+            .ok();
+    }
+    let mut client = node.peers.property_client(target)?;
+    let mut request = Request::new(v1::GetRequest {
+        group: entity.group().to_owned(),
+        name: entity.name().to_owned(),
+        id: entity.id().to_owned(),
+        local: true,
+        include_deleted: true,
+    });
+    request.set_timeout(REPLICA_TIMEOUT);
+    match client.get(request).await {
+        Ok(response) => {
+            node.peers.set_up(target, true);
+            let property = response
+                .into_inner()
+                .property
+                .map(property_from_wire)
+                .transpose()
+                .ok()?;
+            Some(property)
+        }
+        Err(status) => {
+            if is_unreachable(&status) {
+                node.peers.set_up(target, false);
+            }
+            None
+        }
+    }
+}
+
+fn newest<'a>(
+    copies: impl Iterator<Item = &'a Property>,
+    node: &NodeState,
+) -> Option<&'a Property> {
+    let shape = node.store.shape();
+    copies.max_by(|a, b| version_order(a, b, &shape))
+}
+
+#[tonic::async_trait]
+impl PropertyService for PropertyApi {
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let request = request.into_inner();
+        let wire = request
+            .property
+            .ok_or_else(|| invalid("property", "missing"))?;
+        let mut property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
+        let (_, group, shard) = self.entity(&property.group, &property.name, &property.id)?;
+        if property.delete_time != 0 {
+            return Err(invalid(
+                "property.delete_time",
+                "must be 0 in an apply; use delete",
+            ));
+        }
+        if property.mod_revision < 0 {
+            return Err(invalid(
+                "property.mod_revision",
+                format!("{} must be >= 0", property.mod_revision),
+            ));
+        }
+        if property.mod_revision == 0 {
+            property.mod_revision = self.node.next_revision();
+        }
+        self.check_size(&property)?;
+        let revision = property.mod_revision;
+        if request.local {
+            blocking(&self.node, move |node| node.store.apply(property)).await?;
+            return Ok(Response::new(v1::ApplyResponse {
+                mod_revision: revision,
+                acknowledged: 1,
+                copies: 1,
+            }));
+        }
+        let (acknowledged, copies, _) = self.replicate(&group, shard, property).await;
+        let required = self.required_acks(copies);
+        if acknowledged < required {
+            return Err(Status::unavailable(format!(
+                "only {acknowledged} of {copies} copies acknowledged revision {revision}, {required} required; \
+                 copies that missed it will be repaired"
+            )));
+        }
+        Ok(Response::new(v1::ApplyResponse {
+            mod_revision: revision,
+            acknowledged,
+            copies,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        let request = request.into_inner();
+        let (entity, group, shard) = self.entity(&request.group, &request.name, &request.id)?;
+        if request.mod_revision < 0 {
+            return Err(invalid(
+                "mod_revision",
+                format!("{} must be >= 0", request.mod_revision),
+            ));
+        }
+        if request.delete_time < 0 {
+            return Err(invalid(
+                "delete_time",
+                format!("{} must be >= 0", request.delete_time),
+            ));
+        }
+        let mod_revision = if request.mod_revision == 0 {
+            self.node.next_revision()
+        } else {
+            request.mod_revision
+        };
+        let delete_time = if request.delete_time == 0 {
+            now_nanos()
+        } else {
+            request.delete_time
+        };
+        if request.local {
+            let outcome = blocking(&self.node, move |node| {
+                node.store.delete(&entity, mod_revision, delete_time)
+            })
+            .await?;
+            return Ok(Response::new(v1::DeleteResponse {
+                found: outcome.found,
+                mod_revision,
+                delete_time,
+                acknowledged: 1,
+                copies: 1,
+            }));
+        }
+        let tombstone = Property {
+            group: request.group,
+            name: request.name,
+            id: request.id,
+            tags: BTreeMap::new(),
+            mod_revision,
+            delete_time,
+        };
+        let (acknowledged, copies, found) = self.replicate(&group, shard, tombstone).await;
+        let required = self.required_acks(copies);
+        if acknowledged < required {
+            return Err(Status::unavailable(format!(
+                "only {acknowledged} of {copies} copies acknowledged the delete, {required} required; \
+                 copies that missed it will be repaired"
+            )));
+        }
+        Ok(Response::new(v1::DeleteResponse {
+            found,
+            mod_revision,
+            delete_time,
+            acknowledged,
+            copies,
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        let request = request.into_inner();
+        let (entity, group, shard) = self.entity(&request.group, &request.name, &request.id)?;
+        let visible = |property: Option<Property>| {
+            property
+                .filter(|p| request.include_deleted || !p.is_tombstone())
+                .map(|p| property_to_wire(&p))
+        };
+        if request.local {
+            let copy = blocking(&self.node, move |node| node.store.get(&entity)).await?;
+            return Ok(Response::new(v1::GetResponse {
+                property: visible(copy),
+            }));
+        }
+        let copies = self.read_copies(&group, shard, &entity).await;
+        if copies.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no copy of {entity} could be reached"
+            )));
+        }
+        let Some(newest) = newest(
+            copies.iter().filter_map(|(_, copy)| copy.as_ref()),
+            &self.node,
+        )
+        .cloned() else {
+            return Ok(Response::new(v1::GetResponse { property: None }));
+        };
+        let stale: Vec<String> = copies
+            .iter()
+            .filter(|(_, copy)| copy.as_ref() != Some(&newest))
+            .map(|(node, _)| node.clone())
+            .collect();
+        self.read_repair(&group.name, shard, &newest, stale);
+        Ok(Response::new(v1::GetResponse {
+            property: visible(Some(newest)),
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<v1::QueryRequest>,
+    ) -> Result<Response<v1::QueryResponse>, Status> {
+        let request = request.into_inner();
+        let group = self.group(&request.group)?;
+        if request.name.contains('/') {
+            return Err(invalid(
+                "name",
+                format!("{:?} must not contain '/'", request.name),
+            ));
+        }
+        let mut tags = Vec::new();
+        for filter in request.tags {
+            let value = tag_value_from_wire(filter.value).ok_or_else(|| {
+                invalid(&format!("tags.{}", filter.key), "the filter has no value")
+            })?;
+            tags.push((filter.key, value));
+        }
+        let limit = match request.limit {
+            0 => DEFAULT_QUERY_LIMIT,
+            n => n as usize,
+        };
+        let query = Query {
+            group: group.name.clone(),
+            name: (!request.name.is_empty()).then(|| request.name.clone()),
+            ids: request.ids.clone(),
+            tags: tags.clone(),
+            limit: if request.local { limit } else { usize::MAX },
+            include_deleted: request.include_deleted || !request.local,
+        };
+        if request.local {
+            let found = blocking(&self.node, move |node| node.store.query(&query)).await?;
+            return Ok(Response::new(v1::QueryResponse {
+                properties: found.iter().map(property_to_wire).collect(),
+            }));
+        }
+        // Every member holding a shard of the group answers with its own copies.
+        let mut holders: Vec<String> = Vec::new();
+        for shard in 0..group.shard_num {
+            for id in self.node.node_ids(&group, shard) {
+                if !holders.contains(&id) {
+                    holders.push(id);
+                }
+            }
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for target in holders {
+            let node = Arc::clone(&self.node);
+            let query = query.clone();
+            calls.spawn(async move {
+                query_copy(&node, &target, query)
+                    .await
+                    .map(|found| (target, found))
+            });
+        }
+        // entity -> (copies by node)
+        let mut merged: BTreeMap<String, Vec<(String, Property)>> = BTreeMap::new();
+        let mut responders = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(Some((node, found))) = joined {
+                for property in found {
+                    let key = format!("{}/{}/{}", property.group, property.name, property.id);
+                    merged
+                        .entry(key)
+                        .or_default()
+                        .push((node.clone(), property));
+                }
+                responders.push(node);
+            }
+        }
+        if responders.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no copy of group {:?} could be reached",
+                group.name
+            )));
+        }
+        let mut out = Vec::new();
+        for copies in merged.values() {
+            let Some(newest) = newest(copies.iter().map(|(_, p)| p), &self.node).cloned() else {
+                continue;
+            };
+            let Ok(entity) = entity_of(&newest) else {
+                continue;
+            };
+            let shard = shard_for(&entity, &group);
+            // Copies that answered with an older version, and (without tag filters, where
+            // absence means absence) holders that answered without it.
+            let mut stale: Vec<String> = copies
+                .iter()
+                .filter(|(_, copy)| *copy != newest)
+                .map(|(node, _)| node.clone())
+                .collect();
+            if tags.is_empty() {
+                for holder in self.node.node_ids(&group, shard) {
+                    if responders.contains(&holder)
+                        && !copies.iter().any(|(node, _)| *node == holder)
+                    {
+                        stale.push(holder);
+                    }
+                }
+            }
+            self.read_repair(&group.name, shard, &newest, stale);
+            if request.include_deleted || !newest.is_tombstone() {
+                out.push(property_to_wire(&newest));
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(Response::new(v1::QueryResponse { properties: out }))
+    }
+
+    async fn replica_write(
+        &self,
+        request: Request<v1::ReplicaWriteRequest>,
+    ) -> Result<Response<v1::ReplicaWriteResponse>, Status> {
+        let wire = request
+            .into_inner()
+            .property
+            .ok_or_else(|| invalid("property", "missing"))?;
+        let property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
+        self.entity(&property.group, &property.name, &property.id)?;
+        self.check_size(&property)?;
+        let (outcome, had_live) = blocking(&self.node, move |node| {
+            let had_live = node
+                .store
+                .get(&entity_of(&property)?)?
+                .is_some_and(|p| !p.is_tombstone());
+            Ok((node.store.repair_apply(property)?, had_live))
+        })
+        .await?;
+        let (outcome, current) = match outcome {
+            RepairOutcome::Applied => (v1::replica_write_response::Outcome::Applied, None),
+            RepairOutcome::Same => (v1::replica_write_response::Outcome::Same, None),
+            RepairOutcome::LocalNewer(ours) => (
+                v1::replica_write_response::Outcome::LocalNewer,
+                Some(property_to_wire(&ours)),
+            ),
+        };
+        if outcome == v1::replica_write_response::Outcome::Applied {
+            self.node.metrics.properties_applied.inc();
+        }
+        Ok(Response::new(v1::ReplicaWriteResponse {
+            outcome: outcome as i32,
+            current,
+            had_live,
+        }))
+    }
+}
+
+/// Runs `query` on one holder: `Some(found)` when it answered.
+async fn query_copy(node: &Arc<NodeState>, target: &str, query: Query) -> Option<Vec<Property>> {
+    if target == node.me() {
+        return blocking(node, move |node| node.store.query(&query))
+            .await
+            .ok();
+    }
+    let mut client = node.peers.property_client(target)?;
+    let mut request = Request::new(v1::QueryRequest {
+        group: query.group,
+        name: query.name.unwrap_or_default(),
+        ids: query.ids,
+        tags: query
+            .tags
+            .iter()
+            .map(|(key, value)| v1::TagFilter {
+                key: key.clone(),
+                value: Some(tag_wire(value)),
+            })
+            .collect(),
+        limit: u32::MAX,
+        local: true,
+        include_deleted: true,
+    });
+    request.set_timeout(REPLICA_TIMEOUT);
+    match client.query(request).await {
+        Ok(response) => {
+            node.peers.set_up(target, true);
+            response
+                .into_inner()
+                .properties
+                .into_iter()
+                .map(property_from_wire)
+                .collect::<Result<_, _>>()
+                .ok()
+        }
+        Err(status) => {
+            if is_unreachable(&status) {
+                node.peers.set_up(target, false);
+            }
+            None
+        }
+    }
+}
+
+fn tag_wire(value: &TagValue) -> v1::TagValue {
+    crate::convert::tag_value_to_wire(value)
+}
