@@ -21,13 +21,19 @@ pub fn propd_binary() -> &'static Path {
     BINARY.get_or_init(|| {
         // The test executable lives in target/<profile>/deps/.
         let exe = std::env::current_exe().expect("current test executable");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps");
         let binary = profile_dir.join("propd");
         if !binary.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
-                .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
+                .env(
+                    "CARGO_TARGET_DIR",
+                    profile_dir.parent().expect("target dir"),
+                )
                 .status()
                 .expect("running cargo build for the propd binary");
             assert!(status.success(), "building propd failed");
@@ -39,7 +45,11 @@ pub fn propd_binary() -> &'static Path {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("binding a free port").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("binding a free port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// One node's addresses and files.
@@ -68,10 +78,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Writes the config of `n` nodes sharing `groups` (TOML `[[groups]]` tables) and `extra`
-    /// (more TOML appended to every file, e.g. a `[repair]` table), starts them and waits until
-    /// each answers.
-    pub fn start(n: usize, groups: &str, extra: &str) -> Cluster {
+    /// Writes the config of `n` nodes sharing `shared` (TOML: top-level keys first, then tables
+    /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
+    pub fn start(n: usize, shared: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|i| {
@@ -88,12 +97,17 @@ impl Cluster {
             .collect();
         let members: String = nodes
             .iter()
-            .map(|node| format!("[[members]]\nid = \"{}\"\naddr = \"{}\"\n\n", node.id, node.listen))
+            .map(|node| {
+                format!(
+                    "[[members]]\nid = \"{}\"\naddr = \"{}\"\n\n",
+                    node.id, node.listen
+                )
+            })
             .collect();
         for node in &nodes {
             let data_dir = dir.path().join(&node.id);
             let text = format!(
-                "node_id = \"{}\"\nlisten = \"{}\"\nhttp = \"{}\"\ndata_dir = {:?}\n\n{members}{groups}\n{extra}\n",
+                "node_id = \"{}\"\nlisten = \"{}\"\nhttp = \"{}\"\ndata_dir = {:?}\n{shared}\n{members}",
                 node.id,
                 node.listen,
                 node.http,
@@ -102,7 +116,11 @@ impl Cluster {
             std::fs::write(&node.config, text).expect("writing a config file");
         }
         let children = nodes.iter().map(|_| None).collect();
-        let mut cluster = Cluster { dir, nodes, children };
+        let mut cluster = Cluster {
+            dir,
+            nodes,
+            children,
+        };
         for i in 0..n {
             cluster.start_node(i);
         }
@@ -141,7 +159,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("node {} did not become healthy; log:\n{}", self.nodes[i].id, self.log(i));
+        panic!(
+            "node {} did not become healthy; log:\n{}",
+            self.nodes[i].id,
+            self.log(i)
+        );
     }
 
     /// Kills node `i` with SIGKILL and reaps it.
@@ -182,7 +204,10 @@ impl Cluster {
             self.log(i)
         );
         serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-            panic!("propd {all:?}: stdout is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+            panic!(
+                "propd {all:?}: stdout is not JSON ({error}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
         })
     }
 }
@@ -198,7 +223,10 @@ impl Drop for Cluster {
 /// Runs `propd ARGS --server ADDR`, with a time bound.
 pub fn cli_at(server: &str, args: &[&str]) -> Output {
     let mut command = Command::new(propd_binary());
-    command.args(args).args(["--server", server]).stdin(Stdio::null());
+    command
+        .args(args)
+        .args(["--server", server])
+        .stdin(Stdio::null());
     run_bounded(command, Duration::from_secs(120))
 }
 
@@ -217,7 +245,10 @@ pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let output = child.wait_with_output().expect("collecting output");
-            panic!("{command:?} ran longer than {limit:?}: {}", String::from_utf8_lossy(&output.stderr));
+            panic!(
+                "{command:?} ran longer than {limit:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -227,11 +258,18 @@ pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let code = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
     Some((code, body))
 }
 

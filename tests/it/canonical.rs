@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use prost::Message as _;
 use propd_merkle::{Property, TagValue};
 use propd_proto::v1;
 use proptest::prelude::*;
+use prost::Message as _;
 
 fn tag_value() -> impl Strategy<Value = TagValue> {
     prop_oneof![
@@ -26,14 +26,16 @@ fn property() -> impl Strategy<Value = Property> {
         any::<i64>(),
         prop_oneof![Just(0i64), any::<i64>()],
     )
-        .prop_map(|(group, name, id, tags, mod_revision, delete_time)| Property {
-            group,
-            name,
-            id,
-            tags,
-            mod_revision,
-            delete_time,
-        })
+        .prop_map(
+            |(group, name, id, tags, mod_revision, delete_time)| Property {
+                group,
+                name,
+                id,
+                tags,
+                mod_revision,
+                delete_time,
+            },
+        )
 }
 
 fn to_wire(property: &Property) -> v1::Property {
@@ -81,5 +83,8 @@ fn default_values_are_encoded_as_prost_does() {
         mod_revision: 0,
         delete_time: 0,
     };
-    assert_eq!(property.canonical_bytes(), to_wire(&property).encode_to_vec());
+    assert_eq!(
+        property.canonical_bytes(),
+        to_wire(&property).encode_to_vec()
+    );
 }

@@ -1,2 +1,3 @@
 //! Whole-system tests, one binary with a module per suite.
 mod canonical;
+mod cluster;

@@ -403,7 +403,7 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             if node.peers.set_up(&peer, up) {
                 tracing::info!(peer, "member answers again");
             }
-            if !up || node.is_paused() {
+            if !up || node.is_paused() || !node.config.repair.enabled {
                 continue;
             }
             let missed = node
