@@ -2,12 +2,13 @@
 //! reads.
 //!
 //! [`RedbStore`] keeps everything in one redb database per node (`<data_dir>/propd.redb`), with
-//! four tables per (group, shard): the properties by entity, the tree's leaves by (bucket,
-//! entity), its inner nodes and its dirty set (docs/formats.md, "Store tables (redb)"). Every
-//! write validates its input (DESIGN §9), applies it by the total version order of DESIGN §3, and
-//! in the same write transaction updates the property's leaf, marks its bucket dirty and bumps
-//! the shard's revision; dirty digests are recomputed when the tree is read. Acknowledged writes
-//! are synced to disk before the call returns.
+//! four tables per (group, shard): the properties by entity (their canonical bytes), the tree's
+//! leaves by (bucket, entity), its inner nodes, and a leaf log (docs/formats.md, "Store tables
+//! (redb)"). Every write validates its input (DESIGN §9), applies it by the total version order of
+//! DESIGN §3, and in the same write transaction appends the leaf change to the log and bumps the
+//! shard's revision. A flush applies the log to the leaves in bucket order and recomputes the
+//! nodes above them; tree reads flush first (or, on a snapshot, recompute in memory), so a tree is
+//! never stale. Acknowledged writes are synced to disk before the call returns.
 //!
 //! [`RepairStore`] is the narrow view the repair protocol uses; [`ModelStore`] implements it in
 //! memory and [`conformance`] checks that both implementations behave the same.

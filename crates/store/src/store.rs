@@ -679,7 +679,10 @@ impl RedbStore {
             Ok((value, pending))
         })?;
         if pending >= self.flush_threshold {
-            self.flush(group, shard)?;
+            // The write is committed; a failed flush only leaves the log for the next one.
+            if let Err(error) = self.flush(group, shard) {
+                tracing::warn!(group, shard, %error, "flush after a write failed");
+            }
         }
         Ok(value)
     }
@@ -778,7 +781,7 @@ impl RedbStore {
     /// inner nodes recomputed.
     pub fn flush(&self, group: &str, shard: u32) -> Result<usize, StoreError> {
         self.rules.check_shard(group, shard)?;
-        if !self.snapshot()?.has_dirty(group, shard)? {
+        if !self.snapshot()?.has_pending(group, shard)? {
             return Ok(0);
         }
         // Flushed digests are derived data: after a crash the leaf log of the last durable
@@ -789,13 +792,13 @@ impl RedbStore {
         })
     }
 
-    /// A snapshot in which the shard's tree has few or no dirty nodes: flushes first when the
-    /// current state has dirty nodes. (Writes that race in are recomputed in memory by the
+    /// A snapshot in which the shard's leaf log is empty or short: flushes first when the current
+    /// state has pending leaf changes. (Changes that race in are applied in memory by the
     /// snapshot's own tree reads.)
     fn fresh_snapshot(&self, group: &str, shard: u32) -> Result<Snapshot, StoreError> {
         self.rules.check_shard(group, shard)?;
         let snapshot = self.snapshot()?;
-        if snapshot.has_dirty(group, shard)? {
+        if snapshot.has_pending(group, shard)? {
             drop(snapshot);
             self.flush(group, shard)?;
             return self.snapshot();
@@ -1171,7 +1174,7 @@ impl Snapshot {
     }
 
     /// Whether the shard's tree has leaf changes waiting for a flush.
-    fn has_dirty(&self, group: &str, shard: u32) -> Result<bool, StoreError> {
+    fn has_pending(&self, group: &str, shard: u32) -> Result<bool, StoreError> {
         self.has_log(&ShardTableNames::new(group, shard))
     }
 
@@ -1182,7 +1185,8 @@ impl Snapshot {
         }
     }
 
-    /// The shard's live tree in this snapshot with every dirty node recomputed in memory.
+    /// The shard's live tree in this snapshot, its leaf log applied and the nodes above the
+    /// changes recomputed in memory.
     fn live_tree(&self, group: &str, shard: u32) -> Result<LiveTree<SnapshotTree>, StoreError> {
         self.rules.check_shard(group, shard)?;
         let names = ShardTableNames::new(group, shard);
