@@ -1000,8 +1000,8 @@ impl RepairStore for RedbStore {
         after: Option<&LeafKey>,
         limit: usize,
     ) -> Result<Vec<Leaf>, StoreError> {
-        self.rules.check_shard(group, shard)?;
-        self.snapshot()?
+        // Flushing first keeps the common case a plain range read of the leaf table.
+        self.fresh_snapshot(group, shard)?
             .leaves_under(group, shard, node, after, limit)
     }
 
