@@ -135,3 +135,58 @@ fn scans_are_consistent_during_concurrent_writes() {
     assert_eq!(check(&store), 40, "after the writer: the last generation");
     assert!(reads >= 1);
 }
+
+#[test]
+fn a_snapshot_lists_leaves_of_changes_not_yet_flushed() {
+    use propd_merkle::NodeId;
+    use propd_store::{LeafKey, StoreConfig, WriteDurability};
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut config = StoreConfig::new(dir.path(), crate::groups(), propd_merkle::Shape::default());
+    config.durability = WriteDurability::NotSynced;
+    let store = RedbStore::open(config).unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..30 {
+        store
+            .apply(live("h", "n", &format!("{i}"), 1, &[]))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    store.flush("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    // Changes after the flush stay in the leaf log: an update, a delete, new leaves.
+    store
+        .apply(live("h", "n", "3", 2, &[]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gone = crate::entity_of(&live("h", "n", "4", 1, &[]));
+    store.delete(&gone, 2, 9).unwrap_or_else(|e| panic!("{e}"));
+    for i in 30..40 {
+        store
+            .apply(live("h", "n", &format!("{i}"), 1, &[]))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let snapshot = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+    let tree = snapshot
+        .rebuild_tree("h", 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(snapshot.tree("h", 0).ok(), Some(tree.clone()));
+    let slots: Vec<NodeId> = tree
+        .children(NodeId::ROOT)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for node in std::iter::once(NodeId::ROOT).chain(slots) {
+        let mut paged = Vec::new();
+        let mut after: Option<LeafKey> = None;
+        loop {
+            let page = snapshot
+                .leaves_under("h", 0, node, after.as_ref(), 4)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let Some(last) = page.last() else { break };
+            after = Some(LeafKey::of(last));
+            paged.extend(page);
+        }
+        assert_eq!(
+            paged.as_slice(),
+            tree.leaves_under(node),
+            "leaves under {node}"
+        );
+    }
+}
