@@ -1,0 +1,411 @@
+//! Benches of `propd-repair`, each printing its comparison from the same run (DESIGN §10):
+//!
+//! - bytes on the wire to repair d in {1, 10, 1000, 10000} differences among n properties
+//!   (`PROPD_BENCH_REPAIR_N`, default 1 000 000) with the default shape and the reference's
+//!   shape (no bucket levels), against the ideal (the differing records alone). The protocol
+//!   runs in memory through `propd_repair::pair`, over a bench store whose tree is a merkle
+//!   `LiveTree` and whose properties are generated on demand; the byte counts are the encoded
+//!   protobuf sizes of every message, exactly what the tonic driver sends (without the 5-byte
+//!   gRPC frame header per message);
+//! - repair throughput: 100 000 properties of 2 KB (`PROPD_BENCH_REPAIR_THROUGHPUT_N`) synced
+//!   over loopback tonic into an empty redb store, against a local bulk load of the same data
+//!   into an empty redb store (both with synced commits, the node's default).
+
+#![allow(
+    missing_docs,
+    reason = "criterion's macros generate undocumented items"
+)]
+#![allow(
+    clippy::print_stdout,
+    reason = "a bench prints the figures it measured"
+)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use propd_benches::properties::property;
+use propd_merkle::{
+    Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, TagValue, TreeStorage,
+    version_order,
+};
+use propd_repair::Config;
+use propd_repair::pair::sync_in_memory;
+use propd_store::{GroupDef, LeafKey, RedbStore, RepairOutcome, RepairStore, StoreConfig};
+
+const GROUP: &str = "bench";
+
+/// A store of `n` generated properties (`property(i)`), with per-entity overrides; its tree is
+/// a `LiveTree` over `MemStorage`, cheap to clone.
+#[derive(Clone)]
+struct BenchStore {
+    shape: Shape,
+    tree: Arc<Mutex<LiveTree<MemStorage>>>,
+    overrides: Arc<Mutex<HashMap<Entity, Option<Property>>>>,
+}
+
+fn index_of(entity: &Entity) -> Option<u64> {
+    entity.id().strip_prefix("id-")?.parse().ok()
+}
+
+impl BenchStore {
+    fn build(shape: Shape, n: u64) -> Self {
+        let mut tree = LiveTree::new(shape, MemStorage::new()).expect("shape");
+        for i in 0..n {
+            let p = property(i);
+            let entity = p.entity().expect("entity");
+            tree.upsert(&entity, p.leaf_digest(&shape)).expect("upsert");
+        }
+        tree.flush().expect("flush");
+        BenchStore {
+            shape,
+            tree: Arc::new(Mutex::new(tree)),
+            overrides: Arc::default(),
+        }
+    }
+
+    fn deep_clone(&self) -> Self {
+        let tree = self.tree.lock().expect("lock").clone();
+        BenchStore {
+            shape: self.shape,
+            tree: Arc::new(Mutex::new(tree)),
+            overrides: Arc::default(),
+        }
+    }
+
+    fn set(&self, entity: &Entity, property: Option<Property>) {
+        let mut tree = self.tree.lock().expect("lock");
+        match &property {
+            Some(p) => {
+                tree.upsert(entity, p.leaf_digest(&self.shape))
+                    .expect("upsert");
+            }
+            None => {
+                tree.remove(entity).expect("remove");
+            }
+        }
+        self.overrides
+            .lock()
+            .expect("lock")
+            .insert(entity.clone(), property);
+    }
+
+    fn current(&self, entity: &Entity) -> Option<Property> {
+        if let Some(over) = self.overrides.lock().expect("lock").get(entity) {
+            return over.clone();
+        }
+        index_of(entity).map(property)
+    }
+
+    fn root(&self) -> InnerNode {
+        let mut tree = self.tree.lock().expect("lock");
+        tree.flush().expect("flush");
+        tree.root().expect("root")
+    }
+}
+
+impl RepairStore for BenchStore {
+    type Error = Infallible;
+
+    fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn has_shard(&self, group: &str, shard: u32) -> bool {
+        group == GROUP && shard == 0
+    }
+
+    fn tree_node(&self, _: &str, _: u32, node: NodeId) -> Result<Option<InnerNode>, Infallible> {
+        let mut tree = self.tree.lock().expect("lock");
+        tree.flush().expect("flush");
+        let inner = tree.node(node).expect("node");
+        Ok((inner.leaf_count > 0).then_some(inner))
+    }
+
+    fn tree_children(
+        &self,
+        _: &str,
+        _: u32,
+        node: NodeId,
+    ) -> Result<Vec<(NodeId, InnerNode)>, Infallible> {
+        let mut tree = self.tree.lock().expect("lock");
+        tree.flush().expect("flush");
+        Ok(tree.children(node).expect("children"))
+    }
+
+    fn leaves_under(
+        &self,
+        _: &str,
+        _: u32,
+        node: NodeId,
+        after: Option<&LeafKey>,
+        limit: usize,
+    ) -> Result<Vec<Leaf>, Infallible> {
+        let tree = self.tree.lock().expect("lock");
+        let mut out = Vec::new();
+        let start = match after {
+            Some(key) => key.bucket,
+            None => self.shape.bucket_range(node).start,
+        };
+        let range = start..self.shape.bucket_range(node).end;
+        tree.storage()
+            .visit_leaves(range, &mut |bucket, entity, digest| {
+                if out.len() >= limit {
+                    return;
+                }
+                if let Some(key) = after
+                    && (bucket, entity) <= (key.bucket, &key.entity)
+                {
+                    return;
+                }
+                out.push(Leaf {
+                    bucket,
+                    entity: entity.clone(),
+                    digest,
+                });
+            })
+            .expect("visit");
+        Ok(out)
+    }
+
+    fn get_many(
+        &self,
+        _: &str,
+        _: u32,
+        entities: &[Entity],
+    ) -> Result<Vec<Option<Property>>, Infallible> {
+        Ok(entities.iter().map(|e| self.current(e)).collect())
+    }
+
+    fn repair_apply_batch(
+        &self,
+        _: &str,
+        _: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<RepairOutcome>, Infallible> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let entity = incoming.entity().expect("entity");
+            let outcome = match self.current(&entity) {
+                None => RepairOutcome::Applied,
+                Some(ours) => match version_order(&incoming, &ours, &self.shape) {
+                    std::cmp::Ordering::Greater => RepairOutcome::Applied,
+                    std::cmp::Ordering::Equal => RepairOutcome::Same,
+                    std::cmp::Ordering::Less => RepairOutcome::LocalNewer(ours),
+                },
+            };
+            if outcome == RepairOutcome::Applied {
+                self.set(&entity, Some(incoming));
+            }
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+}
+
+fn newer(i: u64) -> Property {
+    let mut p = property(i);
+    p.mod_revision += 1;
+    p.tags
+        .insert("service".into(), TagValue::Str("changed".into()));
+    p
+}
+
+/// Makes `d` differences spread over the `n` entities, in four kinds by turn: the client's copy
+/// newer, the server's newer, only on the client, only on the server. Returns the ideal bytes:
+/// the encoded size of the one record that must move per difference.
+fn diverge(a: &BenchStore, b: &BenchStore, n: u64, d: u64) -> u64 {
+    use prost::Message;
+    let mut ideal = 0u64;
+    for k in 0..d {
+        let i = k * (n / d) + (k % 7);
+        let entity = property(i).entity().expect("entity");
+        let moved = match k % 4 {
+            0 => {
+                a.set(&entity, Some(newer(i)));
+                newer(i)
+            }
+            1 => {
+                b.set(&entity, Some(newer(i)));
+                newer(i)
+            }
+            2 => {
+                b.set(&entity, None);
+                property(i)
+            }
+            _ => {
+                a.set(&entity, None);
+                property(i)
+            }
+        };
+        ideal += propd_repair::property_to_proto(&moved).encoded_len() as u64;
+    }
+    ideal
+}
+
+fn bandwidth(n: u64) {
+    println!(
+        "\nrepair bandwidth: n = {n} properties (~200 B each), bytes = encoded protobuf sizes, both ways"
+    );
+    println!(
+        "{:<10} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14} {:>16}",
+        "shape",
+        "d",
+        "total B",
+        "ideal B",
+        "records B",
+        "tree B",
+        "tree B / diff",
+        "beyond ideal/diff"
+    );
+    for (label, shape) in [
+        ("default", Shape::default()),
+        ("reference", Shape::reference()),
+    ] {
+        let started = Instant::now();
+        let base = BenchStore::build(shape, n);
+        let built = started.elapsed();
+        for d in [1u64, 10, 1000, 10_000] {
+            let (a, b) = (base.deep_clone(), base.deep_clone());
+            let ideal = diverge(&a, &b, n, d);
+            let (report, _) = sync_in_memory(&a, &b, GROUP, 0, Config::default()).expect("sync");
+            assert_eq!(a.root(), b.root(), "the sync must converge");
+            let total = report.bytes_sent + report.bytes_received;
+            println!(
+                "{:<10} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14.1} {:>16.1}",
+                label,
+                d,
+                total,
+                ideal,
+                report.record_bytes,
+                report.tree_bytes(),
+                report.tree_bytes() as f64 / d as f64,
+                total.saturating_sub(ideal) as f64 / d as f64,
+            );
+        }
+        println!("  ({label}: building the {n}-leaf tree took {built:.1?})");
+    }
+    // The in-sync check: one round trip.
+    let base = BenchStore::build(Shape::default(), n.min(100_000));
+    let (report, _) =
+        sync_in_memory(&base.deep_clone(), &base, GROUP, 0, Config::default()).expect("sync");
+    println!(
+        "in sync: {} bytes both ways, in_sync = {}",
+        report.bytes_sent + report.bytes_received,
+        report.in_sync
+    );
+}
+
+fn big_property(i: u64) -> Property {
+    let mut p = property(i);
+    p.tags.insert(
+        "blob".into(),
+        TagValue::Binary((0..2000u32).map(|b| (b as u64 ^ i) as u8).collect()),
+    );
+    p
+}
+
+fn open(dir: &tempfile::TempDir) -> RedbStore {
+    let config = StoreConfig::new(
+        dir.path(),
+        vec![GroupDef::new(GROUP, 1, 1)],
+        Shape::default(),
+    );
+    RedbStore::open(config).expect("open")
+}
+
+fn bulk_load(store: &RedbStore, n: u64) {
+    let mut batch = Vec::with_capacity(1024);
+    for i in 0..n {
+        batch.push(big_property(i));
+        if batch.len() == 1024 || i + 1 == n {
+            store
+                .repair_apply_batch(GROUP, 0, std::mem::take(&mut batch))
+                .expect("load");
+        }
+    }
+    store.flush(GROUP, 0).expect("flush");
+}
+
+fn throughput(n: u64) {
+    use propd_repair::transport::{RepairServer, TransportConfig, sync};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let source_dir = tempfile::tempdir().expect("dir");
+    let source = open(&source_dir);
+    bulk_load(&source, n);
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("dir");
+        let empty = open(&dir);
+        let started = Instant::now();
+        bulk_load(&empty, n);
+        local.push(started.elapsed());
+
+        let dir = tempfile::tempdir().expect("dir");
+        let target = Arc::new(open(&dir));
+        let elapsed = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let service =
+                RepairServer::new(Arc::clone(&target), TransportConfig::default()).into_service();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect");
+            let started = Instant::now();
+            let report = sync(channel, &source, GROUP, 0, &TransportConfig::default())
+                .await
+                .expect("sync");
+            let elapsed = started.elapsed();
+            assert_eq!(report.peer_applied, n);
+            server.abort();
+            elapsed
+        });
+        remote.push(elapsed);
+        let root = |s: &RedbStore| s.tree_node(GROUP, 0, NodeId::ROOT).expect("root");
+        assert_eq!(root(&source), root(&target), "the copy must be complete");
+    }
+    local.sort();
+    remote.sort();
+    let (l, r) = (local[1], remote[1]);
+    println!(
+        "\nrepair throughput: {n} properties of ~2 KB into an empty redb store (median of 3)\n  local bulk load: {l:.2?}   sync over loopback tonic: {r:.2?}   ratio {:.2}x   goal: <= 2x and <= 5 s",
+        r.as_secs_f64() / l.as_secs_f64()
+    );
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects one part.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |part: &str| filter.is_empty() || filter.iter().any(|f| part.contains(f.as_str()));
+    if wants("bandwidth") {
+        bandwidth(env("PROPD_BENCH_REPAIR_N", 1_000_000));
+    }
+    if wants("throughput") {
+        throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));
+    }
+}
