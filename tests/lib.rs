@@ -174,6 +174,31 @@ impl Cluster {
         }
     }
 
+    /// Sends SIGTERM to node `i` and waits (at most 30 s) for it to exit; returns whether it
+    /// exited successfully.
+    pub fn terminate(&mut self, i: usize) -> bool {
+        let Some(mut child) = self.children[i].take() else {
+            return false;
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(exit) = child.try_wait().expect("polling a child") {
+                return exit.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Restarts node `i` and waits until it is ready.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);

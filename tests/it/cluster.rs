@@ -295,3 +295,91 @@ fn bad_requests_get_clear_errors_change_nothing_and_the_node_serves_on() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach"));
 }
+
+#[test]
+fn background_rounds_repair_every_shard_within_the_period_unless_paused() {
+    let cluster = Cluster::start(
+        3,
+        "[[groups]]\nname = \"g\"\nshard_num = 3\nreplicas = 2\n[repair]\nenabled = true\nperiod = \"1s\"\n",
+    );
+    for i in 0..3 {
+        cluster.json(i, &["repair", "pause"]);
+    }
+    // Divergence no coordinator knows about: local writes on one node only.
+    for k in 0..6 {
+        cluster.json(
+            0,
+            &["put", &format!("g/bg/{k}"), "--local", "--revision", "7"],
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        (0..6).all(|k| local_copy(&cluster, 1, &format!("g/bg/{k}")).is_none()),
+        "paused nodes start no background round"
+    );
+    for i in 0..3 {
+        assert_eq!(cluster.json(i, &["repair", "resume"])["paused"], false);
+    }
+    let converged = eventually(Duration::from_secs(30), || {
+        (0..6).all(|k| (1..3).all(|i| local_copy(&cluster, i, &format!("g/bg/{k}")).is_some()))
+    });
+    assert!(
+        converged,
+        "background rounds did not repair every shard; n1's log:\n{}",
+        cluster.log(0)
+    );
+    let recorded = eventually(Duration::from_secs(10), || {
+        cluster.json(0, &["status"])["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["last_repair_age_s"].is_number())
+    });
+    assert!(
+        recorded,
+        "every shard records a complete round: {}",
+        cluster.json(0, &["status"])
+    );
+}
+
+#[test]
+fn a_coordinated_get_returns_the_newest_copy_and_repairs_the_stale_ones() {
+    let cluster = Cluster::start(3, &group("g", 1, 2));
+    cluster.json(0, &["put", "g/rr/x", "--tag", "v=old", "--revision", "10"]);
+    cluster.json(
+        2,
+        &[
+            "put",
+            "g/rr/x",
+            "--tag",
+            "v=new",
+            "--revision",
+            "11",
+            "--local",
+        ],
+    );
+    let read = cluster.json(1, &["get", "g/rr/x"]);
+    assert_eq!(read["tags"]["v"], "new", "{read}");
+    assert_eq!(read["mod_revision"], 11);
+    let repaired = eventually(Duration::from_secs(10), || {
+        (0..3).all(|i| local_copy(&cluster, i, "g/rr/x").is_some_and(|c| c["mod_revision"] == 11))
+    });
+    assert!(repaired, "read repair rewrote the stale copies");
+    let listed = cluster.json(0, &["query", "--group", "g"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["tags"]["v"], "new");
+}
+
+#[test]
+fn sigterm_stops_a_node_cleanly_and_its_data_survives() {
+    let mut cluster = Cluster::start(1, &group("g", 1, 0));
+    cluster.json(0, &["put", "g/keep/1", "--tag", "a=1"]);
+    assert!(
+        cluster.terminate(0),
+        "propd exits 0 on SIGTERM; log:\n{}",
+        cluster.log(0)
+    );
+    cluster.start_node(0);
+    cluster.wait_ready(0);
+    assert_eq!(cluster.json(0, &["get", "g/keep/1"])["tags"]["a"], "1");
+}
