@@ -1,6 +1,6 @@
 //! A complete in-memory tree built from a stream of leaves, and the builder that makes it.
 
-use crate::digest::{Digest, NodeHasher};
+use crate::digest::{Digest, NodeHasher, push_bucket_entry, start_bucket_input};
 use crate::entity::{Entity, EntityError};
 use crate::position::NodeId;
 use crate::property::Property;
@@ -62,7 +62,8 @@ pub struct Tree {
 impl Tree {
     /// The empty tree of a valid shape.
     pub fn empty(shape: Shape) -> Result<Tree, ShapeError> {
-        TreeBuilder::new(shape).map(|builder| builder.finish_sorted())
+        shape.validate()?;
+        Ok(Tree::from_buckets(shape, Vec::new(), Vec::new()))
     }
 
     /// A tree from parts already computed (the live tree's export).
@@ -78,26 +79,12 @@ impl Tree {
         }
     }
 
-    /// Builds every level from leaves sorted by `(bucket, entity)` without duplicates.
-    fn from_sorted_leaves(shape: Shape, leaves: Vec<Leaf>) -> Tree {
+    /// Builds the levels above the buckets from the bucket nodes (by index) and keeps the leaves,
+    /// which must be in `(bucket, entity)` order without duplicates and agree with the buckets.
+    fn from_buckets(shape: Shape, buckets: Vec<(u64, InnerNode)>, leaves: Vec<Leaf>) -> Tree {
         let bucket_level = shape.bucket_level() as usize;
         let width = shape.width();
         let mut levels: Vec<Vec<(u64, InnerNode)>> = vec![Vec::new(); bucket_level + 1];
-
-        let mut buckets = Vec::new();
-        let mut start = 0;
-        while start < leaves.len() {
-            let bucket = leaves[start].bucket;
-            let mut hasher = NodeHasher::bucket(shape.algorithm, width);
-            let mut end = start;
-            while end < leaves.len() && leaves[end].bucket == bucket {
-                hasher.push_leaf(&leaves[end].entity, &leaves[end].digest);
-                end += 1;
-            }
-            let (digest, leaf_count) = hasher.finish();
-            buckets.push((bucket, InnerNode { digest, leaf_count }));
-            start = end;
-        }
         levels[bucket_level] = buckets;
 
         for level in (0..bucket_level).rev() {
@@ -207,13 +194,22 @@ impl Tree {
 
 /// Builds a [`Tree`] from a stream of leaves.
 ///
-/// Leaves may come in any order (a store scan yields entity order); the builder places each in
-/// its bucket, sorts by `(bucket, entity)` once at the end and hashes every level bottom-up in
-/// one pass. An entity given twice is an error.
+/// Leaves may come in any order (a store scan yields entity order). The builder keeps each leaf
+/// compactly (its bucket index, its entity, its digest bytes in one shared buffer); at the end it
+/// orders the leaves by bucket with a counting sort (stable, so a stream in entity order needs no
+/// further comparison), sorts by entity only inside a bucket whose leaves came out of order, and
+/// then, bucket by bucket in one pass, hashes the bucket and moves its leaves into the tree. An
+/// entity given twice is an error.
 #[derive(Debug, Clone)]
 pub struct TreeBuilder {
     shape: Shape,
-    leaves: Vec<Leaf>,
+    /// Per leaf, in push order: its bucket index.
+    buckets: Vec<u64>,
+    /// Per leaf, in push order: its entity.
+    entities: Vec<Entity>,
+    /// Per leaf, in push order: its digest, `shape.width()` bytes each.
+    digests: Vec<u8>,
+    /// Reused for canonical bytes and bucket hash inputs.
     scratch: Vec<u8>,
 }
 
@@ -223,7 +219,9 @@ impl TreeBuilder {
         shape.validate()?;
         Ok(TreeBuilder {
             shape,
-            leaves: Vec::new(),
+            buckets: Vec::new(),
+            entities: Vec::new(),
+            digests: Vec::new(),
             scratch: Vec::new(),
         })
     }
@@ -231,7 +229,11 @@ impl TreeBuilder {
     /// A builder that expects about `leaves` leaves.
     pub fn with_capacity(shape: Shape, leaves: usize) -> Result<Self, ShapeError> {
         let mut builder = TreeBuilder::new(shape)?;
-        builder.leaves.reserve(leaves);
+        builder.buckets.reserve(leaves);
+        builder.entities.reserve(leaves);
+        builder
+            .digests
+            .reserve(leaves.saturating_mul(shape.width()));
         Ok(builder)
     }
 
@@ -249,12 +251,9 @@ impl TreeBuilder {
                 found: digest.width(),
             });
         }
-        let bucket = self.shape.bucket_of(&entity).index;
-        self.leaves.push(Leaf {
-            bucket,
-            entity,
-            digest,
-        });
+        self.buckets.push(self.shape.bucket_of(&entity).index);
+        self.entities.push(entity);
+        self.digests.extend_from_slice(digest.as_bytes());
         Ok(())
     }
 
@@ -267,58 +266,94 @@ impl TreeBuilder {
     }
 
     /// Sorts the leaves, rejects duplicates and hashes every level.
-    pub fn finish(mut self) -> Result<Tree, BuildError> {
-        self.sort();
-        if let Some(pair) = self
-            .leaves
-            .windows(2)
-            .find(|pair| pair[0].entity == pair[1].entity)
-        {
-            return Err(BuildError::Duplicate {
-                entity: pair[0].entity.clone(),
-            });
-        }
-        Ok(self.finish_sorted())
-    }
-
-    /// Sorts the leaves by `(bucket, entity)`. Sorting small `(bucket, index)` keys and moving
-    /// each leaf once is much cheaper than letting the sort move whole leaves around.
-    fn sort(&mut self) {
-        let is_sorted = self
-            .leaves
-            .is_sorted_by(|a, b| (a.bucket, &a.entity) <= (b.bucket, &b.entity));
-        if is_sorted {
-            return;
-        }
-        let leaves = &self.leaves;
-        let mut order: Vec<(u64, usize)> = leaves
-            .iter()
-            .enumerate()
-            .map(|(i, leaf)| (leaf.bucket, i))
-            .collect();
-        order.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then_with(|| leaves[a.1].entity.cmp(&leaves[b.1].entity))
-        });
-        // Apply the permutation in place, one cycle at a time: position `k` must receive the
-        // leaf now at `order[k].1`. No second copy of the leaves is ever allocated.
-        let mut placed = vec![false; order.len()];
-        for start in 0..order.len() {
-            let mut current = start;
-            while !placed[current] {
-                placed[current] = true;
-                let source = order[current].1;
-                if source == start {
-                    break;
-                }
-                self.leaves.swap(current, source);
-                current = source;
+    pub fn finish(self) -> Result<Tree, BuildError> {
+        let mut order = self.bucket_order();
+        let TreeBuilder {
+            shape,
+            buckets,
+            mut entities,
+            digests,
+            mut scratch,
+        } = self;
+        let width = shape.width();
+        let digest_of = |leaf: usize| &digests[leaf * width..(leaf + 1) * width];
+        let mut leaves = Vec::with_capacity(order.len());
+        let mut nodes = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            let bucket = buckets[order[start]];
+            let mut end = start + 1;
+            while end < order.len() && buckets[order[end]] == bucket {
+                end += 1;
             }
+            let run = &mut order[start..end];
+            // Strictly increasing means sorted and free of duplicates; only a bucket that fails
+            // the check is sorted (equal entities always share a bucket).
+            if !run.is_sorted_by(|&a, &b| entities[a] < entities[b]) {
+                run.sort_unstable_by(|&a, &b| entities[a].cmp(&entities[b]));
+                if let Some(pair) = run
+                    .windows(2)
+                    .find(|pair| entities[pair[0]] == entities[pair[1]])
+                {
+                    return Err(BuildError::Duplicate {
+                        entity: entities[pair[0]].clone(),
+                    });
+                }
+            }
+            start_bucket_input(&mut scratch);
+            for &leaf in run.iter() {
+                push_bucket_entry(&mut scratch, entities[leaf].as_bytes(), digest_of(leaf));
+            }
+            let digest = shape.digest(&scratch);
+            nodes.push((
+                bucket,
+                InnerNode {
+                    digest,
+                    leaf_count: run.len() as u64,
+                },
+            ));
+            for &leaf in run.iter() {
+                leaves.push(Leaf {
+                    bucket,
+                    entity: std::mem::replace(&mut entities[leaf], Entity::placeholder()),
+                    digest: Digest::from_checked(digest_of(leaf)),
+                });
+            }
+            start = end;
         }
+        Ok(Tree::from_buckets(shape, nodes, leaves))
     }
 
-    fn finish_sorted(self) -> Tree {
-        Tree::from_sorted_leaves(self.shape, self.leaves)
+    /// The leaves' indexes (in push order) ordered by bucket, stable: within a bucket, in push
+    /// order. A counting sort when the shape has no more buckets than twice the leaves (one pass
+    /// to count, one to place), else a sort of `(bucket, index)` keys.
+    fn bucket_order(&self) -> Vec<usize> {
+        let count = self.buckets.len();
+        let bucket_count = self.shape.bucket_count();
+        if bucket_count > (count as u64).saturating_mul(2) {
+            let mut keys: Vec<(u64, usize)> = self.buckets.iter().copied().zip(0..).collect();
+            keys.sort_unstable();
+            return keys.into_iter().map(|(_, leaf)| leaf).collect();
+        }
+        // `next[b]` is where the next leaf of bucket `b` goes; bucket indexes of a valid shape
+        // are below `bucket_count`.
+        let mut next = vec![0usize; bucket_count as usize];
+        for &bucket in &self.buckets {
+            next[bucket as usize] += 1;
+        }
+        let mut total = 0;
+        for slot in &mut next {
+            let size = *slot;
+            *slot = total;
+            total += size;
+        }
+        let mut order = vec![0usize; count];
+        for (leaf, &bucket) in self.buckets.iter().enumerate() {
+            let slot = &mut next[bucket as usize];
+            order[*slot] = leaf;
+            *slot += 1;
+        }
+        order
     }
 }
 
@@ -366,6 +401,74 @@ mod tests {
         assert_eq!(tree.leaf(&e), Some(leaf));
         assert_eq!(tree.leaves_under(slot).len(), 1);
         assert_eq!(tree.children(NodeId::ROOT), vec![(slot, tree.node(slot))]);
+    }
+
+    /// Bucket digests recomputed with the streaming `NodeHasher` from the tree's own leaves.
+    fn streamed_buckets(tree: &Tree) -> Vec<(u64, InnerNode)> {
+        let shape = *tree.shape();
+        let mut buckets: Vec<(u64, InnerNode)> = Vec::new();
+        let mut start = 0;
+        let leaves = tree.leaves();
+        while start < leaves.len() {
+            let bucket = leaves[start].bucket;
+            let mut hasher = NodeHasher::bucket(shape.algorithm, shape.width());
+            let mut end = start;
+            while end < leaves.len() && leaves[end].bucket == bucket {
+                hasher.push_leaf(&leaves[end].entity, &leaves[end].digest);
+                end += 1;
+            }
+            let (digest, leaf_count) = hasher.finish();
+            buckets.push((bucket, InnerNode { digest, leaf_count }));
+            start = end;
+        }
+        buckets
+    }
+
+    #[test]
+    fn few_buckets_many_leaves_any_order_give_the_streamed_digests() {
+        // 32 buckets for 500 leaves: the counting sort path, several leaves per bucket.
+        for algorithm in [crate::Algorithm::Sha512, crate::Algorithm::Blake3] {
+            let shape = Shape {
+                algorithm,
+                ..Shape::reference()
+            };
+            let build = |order: &[u32]| {
+                let mut builder = TreeBuilder::with_capacity(shape, order.len()).expect("valid");
+                for &i in order {
+                    builder
+                        .push(entity(i), shape.digest(&i.to_le_bytes()))
+                        .expect("push");
+                }
+                builder.finish()
+            };
+            let forward: Vec<u32> = (0..500).collect();
+            let backward: Vec<u32> = (0..500).rev().collect();
+            // A fixed scramble: 7 is coprime with 500.
+            let scrambled: Vec<u32> = (0..500).map(|i| i * 7 % 500).collect();
+            let tree = build(&forward).expect("build");
+            assert_eq!(tree, build(&backward).expect("build"));
+            assert_eq!(tree, build(&scrambled).expect("build"));
+            assert!(
+                tree.leaves()
+                    .windows(2)
+                    .all(|pair| (pair[0].bucket, &pair[0].entity)
+                        < (pair[1].bucket, &pair[1].entity))
+            );
+            assert_eq!(tree.level(shape.bucket_level()), streamed_buckets(&tree));
+            assert_eq!(tree.root().leaf_count, 500);
+            for i in [0, 17, 499] {
+                assert_eq!(tree.leaf(&entity(i)), Some(shape.digest(&i.to_le_bytes())));
+            }
+
+            let mut with_duplicate = scrambled.clone();
+            with_duplicate.push(123);
+            assert_eq!(
+                build(&with_duplicate),
+                Err(BuildError::Duplicate {
+                    entity: entity(123)
+                })
+            );
+        }
     }
 
     #[test]

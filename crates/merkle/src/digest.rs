@@ -104,6 +104,15 @@ impl Digest {
         }
     }
 
+    /// A digest holding the first `min(len, 64)` bytes of `bytes`, for lengths the caller has
+    /// already checked (a validated shape's width); an empty input gives one zero byte.
+    pub(crate) fn from_checked(bytes: &[u8]) -> Self {
+        let len = bytes.len().min(MAX_DIGEST_WIDTH);
+        let mut digest = Digest::zero(len);
+        digest.bytes[..len].copy_from_slice(&bytes[..len]);
+        digest
+    }
+
     /// The digest's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
@@ -206,6 +215,22 @@ impl Hasher {
 const BUCKET_DOMAIN: u8 = 0x01;
 /// Domain byte that starts the hash input of an inner node above the buckets.
 const INNER_DOMAIN: u8 = 0x02;
+
+/// Starts the one-shot hash input of a bucket in `out` (cleared first); entries follow with
+/// [`push_bucket_entry`], then `Algorithm::hash` over `out` gives the same digest as a
+/// [`NodeHasher::bucket`] fed the same leaves.
+pub(crate) fn start_bucket_input(out: &mut Vec<u8>) {
+    out.clear();
+    out.push(BUCKET_DOMAIN);
+}
+
+/// Appends one leaf's entry to a bucket's hash input: the layout of [`NodeHasher::push_leaf`].
+pub(crate) fn push_bucket_entry(out: &mut Vec<u8>, entity: &[u8], digest: &[u8]) {
+    // Entities are at most u16::MAX bytes (Entity::MAX_LEN), so the length fits.
+    out.extend_from_slice(&(entity.len() as u16).to_le_bytes());
+    out.extend_from_slice(entity);
+    out.extend_from_slice(digest);
+}
 
 /// Computes the digest of one tree node from its entries, streaming.
 ///

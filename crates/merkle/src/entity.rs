@@ -95,6 +95,16 @@ impl Entity {
         Entity::parse(text)
     }
 
+    /// A stand-in left behind when an entity is moved out of a slot (no allocation). It is not a
+    /// valid entity and must never be handed out.
+    pub(crate) fn placeholder() -> Self {
+        Entity {
+            text: Box::default(),
+            group_len: 0,
+            name_len: 0,
+        }
+    }
+
     /// The group.
     pub fn group(&self) -> &str {
         &self.text[..self.group_len as usize]
