@@ -8,7 +8,7 @@ use propd_merkle::{NodeId, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
-use crate::common::{CopyQueue, Listed, validate_and_apply};
+use crate::common::{Applier, CopyQueue, Listed};
 use crate::config::Config;
 use crate::error::{ProtocolError, SyncError, malformed};
 use crate::report::SyncReport;
@@ -76,6 +76,7 @@ pub struct Client {
     copies: CopyQueue,
     missing: VecDeque<(NodeId, Vec<u64>)>,
     missing_count: usize,
+    applier: Applier,
     report: SyncReport,
 }
 
@@ -130,6 +131,7 @@ impl Client {
             copies: CopyQueue::default(),
             missing: VecDeque::new(),
             missing_count: 0,
+            applier: Applier::default(),
             report,
             config,
         };
@@ -248,15 +250,18 @@ impl Client {
                     .map(|p| p.encoded_len() as u64)
                     .sum::<u64>();
                 self.report.received += page.properties.len() as u64;
-                let (_, done) =
-                    validate_and_apply(store, &self.group, self.shard, &self.listed, page)?;
-                self.report.applied += done.applied;
-                self.report.failed += done.failed;
-                // A copy of ours that is newer than what the server answered with was already sent
-                // to the server, which applied it; nothing to send back.
+                self.applier
+                    .push_page(&self.shape, &self.group, &self.listed, page)?;
+                if self
+                    .applier
+                    .is_full(self.config.apply_batch, 4 * self.config.page_bytes)
+                {
+                    self.apply_pending(store);
+                }
                 Ok(())
             }
             (Phase::AwaitSyncEnd, In::SyncEnd(end)) => {
+                self.apply_pending(store);
                 self.report.peer_applied = end.applied;
                 self.report.peer_failed = end.failed;
                 self.phase = Phase::Done;
@@ -264,6 +269,14 @@ impl Client {
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    fn apply_pending<S: RepairStore>(&mut self, store: &S) {
+        let done = self.applier.flush(store, &self.group, self.shard);
+        self.report.applied += done.applied;
+        self.report.failed += done.failed;
+        // A copy of ours newer than the one the server sent was already sent to the server,
+        // which applied it: nothing to send back.
     }
 
     fn on_root_compare(&mut self, answer: pb::RootCompare) -> Result<(), SyncError> {

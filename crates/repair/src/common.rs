@@ -110,64 +110,91 @@ impl Applied {
     }
 }
 
-/// Validates a received page (every property well formed, of this group, under a listed node),
-/// then applies it as one batch (one write transaction). A protocol error changes nothing; items
-/// the store refuses are counted as failed and the sync goes on.
-pub(crate) fn validate_and_apply<S: RepairStore>(
-    store: &S,
-    group: &str,
-    shard: u32,
-    listed: &Listed,
-    page: pb::PropertySync,
-) -> Result<(Vec<Entity>, Applied), ProtocolError> {
-    let shape = store.shape();
-    let mut batch = Vec::with_capacity(page.properties.len());
-    let mut entities = Vec::with_capacity(page.properties.len());
-    if page.properties.len() > wire::MAX_PAGE_ITEMS {
-        return Err(ProtocolError::PageTooLarge {
-            field: "PropertySync.properties",
-            count: page.properties.len(),
-            max: wire::MAX_PAGE_ITEMS,
-        });
-    }
-    for property in page.properties {
-        let (entity, property) = wire::property_from_proto(property)?;
-        if property.group != group {
-            return Err(ProtocolError::Property {
-                entity: entity.to_string(),
-                reason: format!("group is not the synced group {group:?}"),
+/// Received copies waiting to be applied: pages are validated on arrival and applied together,
+/// one write transaction per `apply_batch` copies (a store writes a large batch of keys in tree
+/// order much faster than several small ones).
+#[derive(Debug, Default)]
+pub(crate) struct Applier {
+    pending: Vec<Property>,
+    bytes: usize,
+}
+
+impl Applier {
+    /// Validates a received page (every property well formed, of this group, under a listed
+    /// node) and queues it. A protocol error queues nothing of the page.
+    pub(crate) fn push_page(
+        &mut self,
+        shape: &Shape,
+        group: &str,
+        listed: &Listed,
+        page: pb::PropertySync,
+    ) -> Result<(), ProtocolError> {
+        if page.properties.len() > wire::MAX_PAGE_ITEMS {
+            return Err(ProtocolError::PageTooLarge {
+                field: "PropertySync.properties",
+                count: page.properties.len(),
+                max: wire::MAX_PAGE_ITEMS,
             });
         }
-        if !listed.covers(&shape, &entity) {
-            return Err(ProtocolError::Property {
-                entity: entity.to_string(),
-                reason: "its bucket lies under no node listed in this sync".to_owned(),
-            });
+        let mut batch = Vec::with_capacity(page.properties.len());
+        let mut bytes = 0;
+        for property in page.properties {
+            bytes += property.encoded_len();
+            let (entity, property) = wire::property_from_proto(property)?;
+            if property.group != group {
+                return Err(ProtocolError::Property {
+                    entity: entity.to_string(),
+                    reason: format!("group is not the synced group {group:?}"),
+                });
+            }
+            if !listed.covers(shape, &entity) {
+                return Err(ProtocolError::Property {
+                    entity: entity.to_string(),
+                    reason: "its bucket lies under no node listed in this sync".to_owned(),
+                });
+            }
+            batch.push(property);
         }
-        entities.push(entity);
-        batch.push(property);
+        self.pending.extend(batch);
+        self.bytes += bytes;
+        Ok(())
     }
-    let mut done = Applied {
-        applied: 0,
-        failed: 0,
-        newer_here: Vec::new(),
-    };
-    match store.repair_apply_batch(group, shard, batch.clone()) {
-        Ok(outcomes) => done.count(outcomes),
-        Err(err) => {
-            // The store refuses a whole batch when one item is bad; apply the items one by one so
-            // that only the bad ones are lost (counted as failed, the sync goes on).
-            tracing::warn!(group, shard, error = %err, count = batch.len(), "repair batch refused, applying item by item");
-            for property in batch {
-                match store.repair_apply_batch(group, shard, vec![property]) {
-                    Ok(outcomes) => done.count(outcomes),
-                    Err(err) => {
-                        tracing::warn!(group, shard, error = %err, "repair copy failed to apply");
-                        done.failed += 1;
+
+    /// Whether the queue has reached `items` copies or `bytes` bytes.
+    pub(crate) fn is_full(&self, items: usize, bytes: usize) -> bool {
+        self.pending.len() >= items || self.bytes >= bytes
+    }
+
+    /// Applies everything queued as one batch. Items the store refuses are counted as failed
+    /// and the rest is applied.
+    pub(crate) fn flush<S: RepairStore>(&mut self, store: &S, group: &str, shard: u32) -> Applied {
+        let batch = std::mem::take(&mut self.pending);
+        self.bytes = 0;
+        let mut done = Applied {
+            applied: 0,
+            failed: 0,
+            newer_here: Vec::new(),
+        };
+        if batch.is_empty() {
+            return done;
+        }
+        match store.repair_apply_batch(group, shard, batch.clone()) {
+            Ok(outcomes) => done.count(outcomes),
+            Err(err) => {
+                // The store refuses a whole batch when one item is bad; apply the items one by
+                // one so that only the bad ones are lost (counted as failed, the sync goes on).
+                tracing::warn!(group, shard, error = %err, count = batch.len(), "repair batch refused, applying item by item");
+                for property in batch {
+                    match store.repair_apply_batch(group, shard, vec![property]) {
+                        Ok(outcomes) => done.count(outcomes),
+                        Err(err) => {
+                            tracing::warn!(group, shard, error = %err, "repair copy failed to apply");
+                            done.failed += 1;
+                        }
                     }
                 }
             }
         }
+        done
     }
-    Ok((entities, done))
 }

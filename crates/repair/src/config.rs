@@ -16,6 +16,9 @@ pub struct Config {
     /// travels alone in its page). Default 4 MiB, a quarter of `propd_proto::MAX_MESSAGE_BYTES`:
     /// a page of 1024 properties of 2 KB is one write transaction on the receiver.
     pub page_bytes: usize,
+    /// Received copies applied together in one write transaction (default 4096; also applied
+    /// when they reach `4 * page_bytes` bytes, and whenever the protocol needs them stored).
+    pub apply_batch: usize,
     /// Server: a differing node with at most this many leaves is answered with its leaf list
     /// instead of a further descent. Default 16 (the default fanout): a list of 16 fingerprints
     /// costs about what one more level of 16 child digests costs.
@@ -34,6 +37,7 @@ impl Default for Config {
             wire_digest_width: 8,
             page_items: 1024,
             page_bytes: 4 << 20,
+            apply_batch: 4096,
             leaf_list_max: 16,
             preview: false,
             max_backlog: 8 * 1024,
@@ -70,6 +74,13 @@ impl Config {
                 "page_bytes",
                 self.page_bytes as u64,
                 "must lie in 4096..=MAX_MESSAGE_BYTES/4",
+            );
+        }
+        if self.apply_batch == 0 || self.apply_batch > crate::wire::MAX_PAGE_ITEMS {
+            return bad(
+                "apply_batch",
+                self.apply_batch as u64,
+                "must lie in 1..=65536",
             );
         }
         if self.max_backlog < self.page_items {

@@ -8,7 +8,7 @@ use propd_merkle::{Entity, NodeId, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
-use crate::common::{CopyQueue, Listed, validate_and_apply};
+use crate::common::{Applier, CopyQueue, Listed};
 use crate::config::Config;
 use crate::error::{ProtocolError, SyncError, malformed};
 use crate::report::ServerReport;
@@ -70,6 +70,7 @@ pub struct Server {
     /// Entities we sent back as newer: not to be sent again when the client asks for them.
     returned: HashSet<Entity>,
     out: VecDeque<Job>,
+    applier: Applier,
     report: ServerReport,
 }
 
@@ -91,6 +92,7 @@ impl Server {
             listed: Listed::default(),
             returned: HashSet::new(),
             out: VecDeque::new(),
+            applier: Applier::default(),
             report: ServerReport::default(),
         })
     }
@@ -175,32 +177,49 @@ impl Server {
             }
             (Phase::Descent, In::PropertySync(page)) if !self.preview => {
                 self.report.received += page.properties.len() as u64;
-                let (_, done) =
-                    validate_and_apply(store, &self.group, self.shard, &self.listed, page)?;
-                self.report.applied += done.applied;
-                self.report.failed += done.failed;
-                if !done.newer_here.is_empty() {
-                    let mut queue = CopyQueue::default();
-                    for property in &done.newer_here {
-                        if let Ok(entity) = property.entity() {
-                            self.returned.insert(entity);
-                        }
-                        queue.ready.push_back(wire::property_to_proto(property));
-                    }
-                    self.out.push_back(Job::Copies(queue));
+                self.applier
+                    .push_page(&self.shape, &self.group, &self.listed, page)?;
+                if self
+                    .applier
+                    .is_full(self.config.apply_batch, 4 * self.config.page_bytes)
+                {
+                    self.apply_pending(store);
                 }
                 Ok(())
             }
             (Phase::Descent, In::PropertyMissing(request)) if !self.preview => {
-                self.on_missing(request).map_err(Into::into)
+                let wanted = self.check_missing(request)?;
+                // Copies received before the request are stored first: a copy that replaced
+                // ours makes our old version unresolvable, and one we answered as newer is
+                // remembered in `returned`, so no version is sent twice.
+                self.apply_pending(store);
+                self.out.push_back(Job::Resolve(wanted));
+                Ok(())
             }
             (Phase::Descent, In::NoMorePropertySync(_))
                 if self.frontier.is_empty() && !self.level_open() =>
             {
+                self.apply_pending(store);
                 self.phase = Phase::Draining;
                 Ok(())
             }
             (phase, _) => Err(unexpected(phase).into()),
+        }
+    }
+
+    fn apply_pending<S: RepairStore>(&mut self, store: &S) {
+        let done = self.applier.flush(store, &self.group, self.shard);
+        self.report.applied += done.applied;
+        self.report.failed += done.failed;
+        if !done.newer_here.is_empty() {
+            let mut queue = CopyQueue::default();
+            for property in &done.newer_here {
+                if let Ok(entity) = property.entity() {
+                    self.returned.insert(entity);
+                }
+                queue.ready.push_back(wire::property_to_proto(property));
+            }
+            self.out.push_back(Job::Copies(queue));
         }
     }
 
@@ -396,7 +415,10 @@ impl Server {
         Ok(())
     }
 
-    fn on_missing(&mut self, request: pb::PropertyMissing) -> Result<(), ProtocolError> {
+    fn check_missing(
+        &self,
+        request: pb::PropertyMissing,
+    ) -> Result<Vec<(NodeId, HashSet<u64>)>, ProtocolError> {
         let mut wanted = Vec::with_capacity(request.nodes.len());
         let mut total = 0usize;
         for node in request.nodes {
@@ -419,8 +441,7 @@ impl Server {
                 max: wire::MAX_PAGE_ITEMS,
             });
         }
-        self.out.push_back(Job::Resolve(wanted));
-        Ok(())
+        Ok(wanted)
     }
 
     fn next_message<S: RepairStore>(

@@ -11,7 +11,9 @@
 //! either all of a page or none of it, and its tree is updated in the same transaction. What was
 //! not yet applied is found again by the next sync.
 //!
-//! The store is called synchronously from the driver's task; its calls are short (one page).
+//! The server calls its store on tokio's blocking pool; the client calls it from the task that
+//! runs `sync` (one page per call), so a caller with a busy runtime may run `sync` in a task of
+//! its own.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -176,8 +178,10 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
         let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
         let store = Arc::clone(&self.store);
         let timeout = self.config.timeout;
+        let burst = self.config.buffer.max(1);
         tokio::spawn(async move {
-            let result = tokio::time::timeout(timeout, serve(machine, &*store, inbound, &tx)).await;
+            let result =
+                tokio::time::timeout(timeout, serve(machine, store, inbound, &tx, burst)).await;
             let status = match result {
                 Ok(Ok(report)) => {
                     tracing::debug!(
@@ -204,27 +208,77 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
     }
 }
 
-async fn serve<S: RepairStore>(
-    mut machine: Server,
-    store: &S,
+async fn serve<S: RepairStore + 'static>(
+    machine: Server,
+    store: Arc<S>,
     mut inbound: Streaming<pb::RepairRequest>,
     tx: &mpsc::Sender<Result<pb::RepairResponse, Status>>,
+    burst: usize,
 ) -> Result<ServerReport, SyncError> {
+    let mut machine = machine;
     loop {
-        while let Some(msg) = machine.poll_transmit(store)? {
-            tx.send(Ok(msg))
-                .await
-                .map_err(|_| SyncError::PeerClosed { phase: "sending" })?;
+        // Store work runs on the blocking pool so that the runtime's workers keep moving bytes.
+        loop {
+            let (back, out) = blocking(machine, &store, move |machine, store| {
+                let mut out = Vec::new();
+                while out.len() < burst {
+                    match machine.poll_transmit(store)? {
+                        Some(msg) => out.push(msg),
+                        None => break,
+                    }
+                }
+                Ok::<_, SyncError>(out)
+            })
+            .await?;
+            machine = back;
+            let out = out?;
+            let more = out.len() == burst;
+            for msg in out {
+                tx.send(Ok(msg))
+                    .await
+                    .map_err(|_| SyncError::PeerClosed { phase: "sending" })?;
+            }
+            if !more {
+                break;
+            }
         }
         if machine.is_done() {
             return Ok(machine.report().clone());
         }
-        match inbound.message().await {
-            Ok(Some(msg)) => machine.handle(store, msg)?,
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
             Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
             Err(status) => return Err(transport(status)),
-        }
+        };
+        let (back, handled) = blocking(machine, &store, move |machine, store| {
+            machine.handle(store, msg)
+        })
+        .await?;
+        machine = back;
+        handled?;
     }
+}
+
+/// Runs `work` on the machine and the store in the blocking pool and gives the machine back.
+async fn blocking<S, T>(
+    machine: Server,
+    store: &Arc<S>,
+    work: impl FnOnce(&mut Server, &S) -> T + Send + 'static,
+) -> Result<(Server, T), SyncError>
+where
+    S: RepairStore + 'static,
+    T: Send + 'static,
+{
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || {
+        let mut machine = machine;
+        let result = work(&mut machine, &store);
+        (machine, result)
+    })
+    .await
+    .map_err(|err| SyncError::Transport {
+        message: format!("repair store task failed: {err}"),
+    })
 }
 
 fn status_of(err: &SyncError) -> Status {
