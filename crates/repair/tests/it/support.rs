@@ -107,6 +107,7 @@ pub(crate) fn tiny_pages() -> Config {
         page_items: 2,
         leaf_list_max: 0,
         max_backlog: 4,
+        apply_batch: 3,
         ..Config::default()
     }
 }
