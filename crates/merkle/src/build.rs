@@ -1,8 +1,10 @@
 //! A complete in-memory tree built from a stream of leaves, and the builder that makes it.
 
-use crate::digest::{Digest, NodeHasher, push_bucket_entry, start_bucket_input};
+use crate::digest::{
+    BUCKET_DOMAIN, Digest, NodeHasher, push_bucket_entry, split_bucket_entry, start_bucket_input,
+};
 use crate::entity::{Entity, EntityError};
-use crate::position::NodeId;
+use crate::position::{NodeId, position_of_bytes};
 use crate::property::Property;
 use crate::shape::{Shape, ShapeError};
 use crate::storage::InnerNode;
@@ -194,23 +196,25 @@ impl Tree {
 
 /// Builds a [`Tree`] from a stream of leaves.
 ///
-/// Leaves may come in any order (a store scan yields entity order). The builder keeps each leaf
-/// compactly (its bucket index, its entity, its digest bytes in one shared buffer); at the end it
-/// orders the leaves by bucket with a counting sort (stable, so a stream in entity order needs no
-/// further comparison), sorts by entity only inside a bucket whose leaves came out of order, and
-/// then, bucket by bucket in one pass, hashes the bucket and moves its leaves into the tree. An
-/// entity given twice is an error.
+/// Leaves may come in any order (a store scan yields entity order). The builder appends each
+/// leaf to one byte buffer in the layout of a bucket's hash input (entity length, entity bytes,
+/// digest) and remembers its bucket, so that no allocation is made per leaf while pushing (except
+/// by [`TreeBuilder::push`]'s caller, who built the `Entity`). At the end it orders the leaves by
+/// bucket with a counting sort (stable, so a stream in entity order needs no comparison), sorts
+/// by entity only inside a bucket whose leaves came out of order, and then, bucket by bucket in
+/// one pass, gathers the bucket's entries, hashes them in one call and makes the bucket's leaves.
+/// An entity given twice is an error.
 #[derive(Debug, Clone)]
 pub struct TreeBuilder {
     shape: Shape,
-    /// Per leaf, in push order: its bucket index.
-    buckets: Vec<u64>,
-    /// Per leaf, in push order: its entity.
-    entities: Vec<Entity>,
-    /// Per leaf, in push order: its digest, `shape.width()` bytes each.
-    digests: Vec<u8>,
+    /// Per leaf, in push order: its bucket index and where its entry starts in `entries`.
+    leaves: Vec<(u64, usize)>,
+    /// Every leaf's entry, in push order: u16 LE entity length, entity bytes, digest bytes.
+    entries: Vec<u8>,
     /// Reused for canonical bytes and bucket hash inputs.
     scratch: Vec<u8>,
+    /// Reused for a property's entity string.
+    text: Vec<u8>,
 }
 
 impl TreeBuilder {
@@ -219,21 +223,21 @@ impl TreeBuilder {
         shape.validate()?;
         Ok(TreeBuilder {
             shape,
-            buckets: Vec::new(),
-            entities: Vec::new(),
-            digests: Vec::new(),
+            leaves: Vec::new(),
+            entries: Vec::new(),
             scratch: Vec::new(),
+            text: Vec::new(),
         })
     }
 
     /// A builder that expects about `leaves` leaves.
     pub fn with_capacity(shape: Shape, leaves: usize) -> Result<Self, ShapeError> {
         let mut builder = TreeBuilder::new(shape)?;
-        builder.buckets.reserve(leaves);
-        builder.entities.reserve(leaves);
+        builder.leaves.reserve(leaves);
+        // About 32 bytes of entity per leaf; the buffer grows when entities are longer.
         builder
-            .digests
-            .reserve(leaves.saturating_mul(shape.width()));
+            .entries
+            .reserve(leaves.saturating_mul(2 + 32 + shape.width()));
         Ok(builder)
     }
 
@@ -251,110 +255,197 @@ impl TreeBuilder {
                 found: digest.width(),
             });
         }
-        self.buckets.push(self.shape.bucket_of(&entity).index);
-        self.entities.push(entity);
-        self.digests.extend_from_slice(digest.as_bytes());
+        self.push_valid(entity.as_bytes(), &digest);
+        Ok(())
+    }
+
+    /// Adds a leaf whose entity is given as its string `group/name/id`, checked exactly as
+    /// [`Entity::parse`] checks it (same errors) but without allocating an [`Entity`]: the tree
+    /// allocates each entity once, when it is built. What a store scan uses.
+    pub fn push_str(&mut self, entity: &str, digest: Digest) -> Result<(), BuildError> {
+        Entity::check_str(entity)?;
+        if digest.width() != self.shape.width() {
+            return Err(BuildError::DigestWidth {
+                entity: Entity::parse(entity)?,
+                expected: self.shape.width(),
+                found: digest.width(),
+            });
+        }
+        self.push_valid(entity.as_bytes(), &digest);
         Ok(())
     }
 
     /// Adds the leaf of a property: its entity and the digest of its canonical bytes (computed in
     /// a reused buffer).
     pub fn push_property(&mut self, property: &Property) -> Result<(), BuildError> {
-        let entity = property.entity()?;
+        Entity::check_parts(&property.group, &property.name, &property.id)?;
         let digest = property.leaf_digest_with(&self.shape, &mut self.scratch);
-        self.push(entity, digest)
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        text.extend_from_slice(property.group.as_bytes());
+        text.push(b'/');
+        text.extend_from_slice(property.name.as_bytes());
+        text.push(b'/');
+        text.extend_from_slice(property.id.as_bytes());
+        self.push_valid(&text, &digest);
+        self.text = text;
+        Ok(())
+    }
+
+    /// Records a leaf whose entity bytes are valid and whose digest has the shape's width.
+    fn push_valid(&mut self, entity: &[u8], digest: &Digest) {
+        let bucket = self.shape.bucket_index(position_of_bytes(entity));
+        self.leaves.push((bucket, self.entries.len()));
+        push_bucket_entry(&mut self.entries, entity, digest.as_bytes());
     }
 
     /// Sorts the leaves, rejects duplicates and hashes every level.
     pub fn finish(self) -> Result<Tree, BuildError> {
-        let mut order = self.bucket_order();
-        let TreeBuilder {
-            shape,
-            buckets,
-            mut entities,
-            digests,
-            mut scratch,
-        } = self;
-        let width = shape.width();
-        let digest_of = |leaf: usize| &digests[leaf * width..(leaf + 1) * width];
-        let mut leaves = Vec::with_capacity(order.len());
-        let mut nodes = Vec::new();
-        let mut start = 0;
-        while start < order.len() {
-            let bucket = buckets[order[start]];
-            let mut end = start + 1;
-            while end < order.len() && buckets[order[end]] == bucket {
-                end += 1;
+        let width = self.shape.width();
+        let (mut layout, buckets) = self.bucket_layout();
+        let mut leaves = Vec::with_capacity(self.leaves.len());
+        drop(self.leaves);
+        drop(self.entries);
+        let mut nodes = Vec::with_capacity(buckets.len());
+        for (bucket, range) in buckets {
+            let input = &mut layout[range];
+            if !entries_in_order(&input[1..], width) {
+                sort_entries(input, width)?;
             }
-            let run = &mut order[start..end];
-            // Strictly increasing means sorted and free of duplicates; only a bucket that fails
-            // the check is sorted (equal entities always share a bucket).
-            if !run.is_sorted_by(|&a, &b| entities[a] < entities[b]) {
-                run.sort_unstable_by(|&a, &b| entities[a].cmp(&entities[b]));
-                if let Some(pair) = run
-                    .windows(2)
-                    .find(|pair| entities[pair[0]] == entities[pair[1]])
-                {
-                    return Err(BuildError::Duplicate {
-                        entity: entities[pair[0]].clone(),
-                    });
-                }
+            let digest = self.shape.digest(input);
+            let first = leaves.len();
+            let mut rest = &input[1..];
+            while let Some((entity, digest, next)) = split_bucket_entry(rest, width) {
+                leaves.push(Leaf {
+                    bucket,
+                    entity: Entity::from_checked_bytes(entity)?,
+                    digest: Digest::from_checked(digest),
+                });
+                rest = next;
             }
-            start_bucket_input(&mut scratch);
-            for &leaf in run.iter() {
-                push_bucket_entry(&mut scratch, entities[leaf].as_bytes(), digest_of(leaf));
-            }
-            let digest = shape.digest(&scratch);
             nodes.push((
                 bucket,
                 InnerNode {
                     digest,
-                    leaf_count: run.len() as u64,
+                    leaf_count: (leaves.len() - first) as u64,
                 },
             ));
-            for &leaf in run.iter() {
-                leaves.push(Leaf {
-                    bucket,
-                    entity: std::mem::replace(&mut entities[leaf], Entity::placeholder()),
-                    digest: Digest::from_checked(digest_of(leaf)),
-                });
-            }
-            start = end;
         }
-        Ok(Tree::from_buckets(shape, nodes, leaves))
+        Ok(Tree::from_buckets(self.shape, nodes, leaves))
     }
 
-    /// The leaves' indexes (in push order) ordered by bucket, stable: within a bucket, in push
-    /// order. A counting sort when the shape has no more buckets than twice the leaves (one pass
-    /// to count, one to place), else a sort of `(bucket, index)` keys.
-    fn bucket_order(&self) -> Vec<usize> {
-        let count = self.buckets.len();
+    /// The length of leaf `leaf`'s entry: entries are contiguous in push order.
+    fn entry_len(&self, leaf: usize) -> usize {
+        let end = self
+            .leaves
+            .get(leaf + 1)
+            .map_or(self.entries.len(), |next| next.1);
+        end - self.leaves[leaf].1
+    }
+
+    /// Every non-empty bucket's hash input, in bucket order, in one buffer: the domain byte, then
+    /// the bucket's entries in push order (stable). Returns the buffer and, per non-empty bucket
+    /// by index, its range in the buffer.
+    ///
+    /// When the shape has no more buckets than twice the leaves, a counting sort: one pass over
+    /// the leaves sums each bucket's bytes, one copies each entry to its place (reading the
+    /// entries in order and writing each where it belongs). Otherwise the `(bucket, entry start)`
+    /// pairs are sorted (the starts grow with push order) and the entries gathered.
+    fn bucket_layout(&self) -> (Vec<u8>, Vec<(u64, std::ops::Range<usize>)>) {
+        let count = self.leaves.len();
         let bucket_count = self.shape.bucket_count();
+        let mut layout = Vec::with_capacity(self.entries.len() + count);
+        let mut buckets: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
         if bucket_count > (count as u64).saturating_mul(2) {
-            let mut keys: Vec<(u64, usize)> = self.buckets.iter().copied().zip(0..).collect();
-            keys.sort_unstable();
-            return keys.into_iter().map(|(_, leaf)| leaf).collect();
+            let mut sorted = self.leaves.clone();
+            sorted.sort_unstable();
+            for (position, &(bucket, start)) in sorted.iter().enumerate() {
+                if position == 0 || sorted[position - 1].0 != bucket {
+                    if let Some(last) = buckets.last_mut() {
+                        last.1.end = layout.len();
+                    }
+                    buckets.push((bucket, layout.len()..layout.len()));
+                    layout.push(BUCKET_DOMAIN);
+                }
+                // Every recorded start is that of a whole entry, written by `push_valid`.
+                let entry = self.entries.get(start..).and_then(|rest| {
+                    let (entity, _, _) = split_bucket_entry(rest, self.shape.width())?;
+                    rest.get(..2 + entity.len() + self.shape.width())
+                });
+                layout.extend_from_slice(entry.unwrap_or_default());
+            }
+            if let Some(last) = buckets.last_mut() {
+                last.1.end = layout.len();
+            }
+            return (layout, buckets);
         }
-        // `next[b]` is where the next leaf of bucket `b` goes; bucket indexes of a valid shape
-        // are below `bucket_count`.
+        // `next[b]` first holds bucket `b`'s bytes, then where its next entry goes; bucket
+        // indexes of a valid shape are below `bucket_count`.
         let mut next = vec![0usize; bucket_count as usize];
-        for &bucket in &self.buckets {
-            next[bucket as usize] += 1;
+        for leaf in 0..count {
+            next[self.leaves[leaf].0 as usize] += self.entry_len(leaf);
         }
         let mut total = 0;
-        for slot in &mut next {
+        for (bucket, slot) in next.iter_mut().enumerate() {
             let size = *slot;
+            if size > 0 {
+                buckets.push((bucket as u64, total..total + 1 + size));
+                total += 1;
+            }
             *slot = total;
             total += size;
         }
-        let mut order = vec![0usize; count];
-        for (leaf, &bucket) in self.buckets.iter().enumerate() {
-            let slot = &mut next[bucket as usize];
-            order[*slot] = leaf;
-            *slot += 1;
+        layout.resize(total, 0);
+        for (_, range) in &buckets {
+            layout[range.start] = BUCKET_DOMAIN;
         }
-        order
+        for leaf in 0..count {
+            let (bucket, start) = self.leaves[leaf];
+            let len = self.entry_len(leaf);
+            let at = &mut next[bucket as usize];
+            layout[*at..*at + len].copy_from_slice(&self.entries[start..start + len]);
+            *at += len;
+        }
+        (layout, buckets)
     }
+}
+
+/// Whether the entities of a bucket's entries are strictly increasing (sorted, no duplicates).
+fn entries_in_order(mut entries: &[u8], width: usize) -> bool {
+    let mut previous: Option<&[u8]> = None;
+    while let Some((entity, _, rest)) = split_bucket_entry(entries, width) {
+        if previous.is_some_and(|previous| previous >= entity) {
+            return false;
+        }
+        previous = Some(entity);
+        entries = rest;
+    }
+    true
+}
+
+/// Sorts the entries of a bucket's hash input (after its domain byte) by entity, in place; a
+/// repeated entity is an error.
+fn sort_entries(input: &mut [u8], width: usize) -> Result<(), BuildError> {
+    let mut split = Vec::new();
+    let mut rest = input.get(1..).unwrap_or_default();
+    while let Some((entity, digest, next)) = split_bucket_entry(rest, width) {
+        split.push((entity, digest));
+        rest = next;
+    }
+    split.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if let Some(pair) = split.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(BuildError::Duplicate {
+            entity: Entity::from_bytes(pair[0].0)?,
+        });
+    }
+    let mut sorted = Vec::with_capacity(input.len());
+    start_bucket_input(&mut sorted);
+    for (entity, digest) in split {
+        push_bucket_entry(&mut sorted, entity, digest);
+    }
+    // The same entries in another order: the same length.
+    input.copy_from_slice(&sorted);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -469,6 +560,75 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn push_str_and_push_property_agree_with_push() {
+        let shape = Shape::reference();
+        let properties: Vec<Property> = (0..100)
+            .map(|i| Property {
+                group: "g".into(),
+                name: "n".into(),
+                id: format!("a/{i}"),
+                mod_revision: i,
+                ..Property::default()
+            })
+            .collect();
+        let mut by_entity = TreeBuilder::new(shape).expect("valid");
+        let mut by_str = TreeBuilder::new(shape).expect("valid");
+        let mut by_property = TreeBuilder::new(shape).expect("valid");
+        for property in properties.iter().rev() {
+            let entity = property.entity().expect("valid");
+            let digest = property.leaf_digest(&shape);
+            by_str.push_str(entity.as_str(), digest).expect("push");
+            by_entity.push(entity, digest).expect("push");
+            by_property.push_property(property).expect("push");
+        }
+        let tree = by_entity.finish().expect("build");
+        assert_eq!(tree, by_str.finish().expect("build"));
+        assert_eq!(tree, by_property.finish().expect("build"));
+        let entity = Entity::parse("g/n/a/7").expect("valid");
+        assert_eq!(
+            (entity.group(), entity.name(), entity.id()),
+            (
+                tree.leaves()[0].entity.group(),
+                tree.leaves()[0].entity.name(),
+                "a/7"
+            )
+        );
+        let found = tree
+            .leaves()
+            .iter()
+            .find(|leaf| leaf.entity == entity)
+            .expect("present");
+        assert_eq!(found.entity.id(), "a/7");
+
+        let mut builder = TreeBuilder::new(shape).expect("valid");
+        for bad in ["g/n", "g//i", "/n/i", "g/n/"] {
+            assert_eq!(
+                builder.push_str(bad, shape.digest(b"x")),
+                Err(BuildError::Entity(Entity::parse(bad).expect_err("invalid")))
+            );
+        }
+        assert!(matches!(
+            builder.push_str("g/n/i", Shape::default().digest(b"x")),
+            Err(BuildError::DigestWidth {
+                expected: 64,
+                found: 16,
+                ..
+            })
+        ));
+        let bad = Property {
+            group: "a/b".into(),
+            name: "n".into(),
+            id: "i".into(),
+            ..Property::default()
+        };
+        assert_eq!(
+            builder.push_property(&bad),
+            Err(BuildError::Entity(bad.entity().expect_err("invalid")))
+        );
+        assert_eq!(builder.finish().expect("empty").leaf_count(), 0);
     }
 
     #[test]

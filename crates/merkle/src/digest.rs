@@ -212,12 +212,12 @@ impl Hasher {
 }
 
 /// Domain byte that starts the hash input of a bucket (a node holding leaves).
-const BUCKET_DOMAIN: u8 = 0x01;
+pub(crate) const BUCKET_DOMAIN: u8 = 0x01;
 /// Domain byte that starts the hash input of an inner node above the buckets.
 const INNER_DOMAIN: u8 = 0x02;
 
-/// Starts the one-shot hash input of a bucket in `out` (cleared first); entries follow with
-/// [`push_bucket_entry`], then `Algorithm::hash` over `out` gives the same digest as a
+/// Starts the one-shot hash input of a bucket in `out` (cleared first); entries follow (see
+/// [`push_bucket_entry`]), then `Algorithm::hash` over `out` gives the same digest as a
 /// [`NodeHasher::bucket`] fed the same leaves.
 pub(crate) fn start_bucket_input(out: &mut Vec<u8>) {
     out.clear();
@@ -230,6 +230,15 @@ pub(crate) fn push_bucket_entry(out: &mut Vec<u8>, entity: &[u8], digest: &[u8])
     out.extend_from_slice(&(entity.len() as u16).to_le_bytes());
     out.extend_from_slice(entity);
     out.extend_from_slice(digest);
+}
+
+/// Splits the first entry (as written by [`push_bucket_entry`] with `width`-byte digests) off
+/// `entries`: `(entity, digest, rest)`, or `None` when the bytes are too short.
+pub(crate) fn split_bucket_entry(entries: &[u8], width: usize) -> Option<(&[u8], &[u8], &[u8])> {
+    let (len, rest) = entries.split_first_chunk::<2>()?;
+    let (entity, rest) = rest.split_at_checked(u16::from_le_bytes(*len) as usize)?;
+    let (digest, rest) = rest.split_at_checked(width)?;
+    Some((entity, digest, rest))
 }
 
 /// Computes the digest of one tree node from its entries, streaming.

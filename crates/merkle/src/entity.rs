@@ -53,16 +53,7 @@ impl Entity {
 
     /// Builds the entity `group/name/id` from its parts.
     pub fn new(group: &str, name: &str, id: &str) -> Result<Self, EntityError> {
-        check_part("group", group, false)?;
-        check_part("name", name, false)?;
-        check_part("id", id, true)?;
-        let len = group.len() + name.len() + id.len() + 2;
-        if len > Self::MAX_LEN {
-            return Err(EntityError::TooLong {
-                len,
-                max: Self::MAX_LEN,
-            });
-        }
+        let len = Entity::check_parts(group, name, id)?;
         let mut text = String::with_capacity(len);
         text.push_str(group);
         text.push('/');
@@ -76,15 +67,42 @@ impl Entity {
         })
     }
 
+    /// Checks the parts as [`Entity::new`] does, without building anything; returns the length
+    /// of `group/name/id` in bytes.
+    pub(crate) fn check_parts(group: &str, name: &str, id: &str) -> Result<usize, EntityError> {
+        check_part("group", group, false)?;
+        check_part("name", name, false)?;
+        check_part("id", id, true)?;
+        let len = group.len() + name.len() + id.len() + 2;
+        if len > Self::MAX_LEN {
+            return Err(EntityError::TooLong {
+                len,
+                max: Self::MAX_LEN,
+            });
+        }
+        Ok(len)
+    }
+
     /// Parses `group/name/id`: the first `/` ends the group, the second the name, the rest is
     /// the id (which may contain `/`).
     pub fn parse(text: &str) -> Result<Self, EntityError> {
+        let (group, name, id) = Entity::split(text)?;
+        Entity::new(group, name, id)
+    }
+
+    /// Checks a string as [`Entity::parse`] does (same errors), without building anything.
+    pub(crate) fn check_str(text: &str) -> Result<(), EntityError> {
+        let (group, name, id) = Entity::split(text)?;
+        Entity::check_parts(group, name, id).map(|_| ())
+    }
+
+    fn split(text: &str) -> Result<(&str, &str, &str), EntityError> {
         let malformed = || EntityError::Malformed {
             value: text.to_owned(),
         };
         let (group, rest) = text.split_once('/').ok_or_else(malformed)?;
         let (name, id) = rest.split_once('/').ok_or_else(malformed)?;
-        Entity::new(group, name, id)
+        Ok((group, name, id))
     }
 
     /// Parses an entity from its UTF-8 bytes (as stored in a snapshot or a storage key).
@@ -95,14 +113,20 @@ impl Entity {
         Entity::parse(text)
     }
 
-    /// A stand-in left behind when an entity is moved out of a slot (no allocation). It is not a
-    /// valid entity and must never be handed out.
-    pub(crate) fn placeholder() -> Self {
-        Entity {
-            text: Box::default(),
-            group_len: 0,
-            name_len: 0,
-        }
+    /// An entity from bytes already checked by [`Entity::check_str`] or [`Entity::check_parts`]
+    /// (the builder's own buffer): only the UTF-8 and the two separators are looked at again.
+    pub(crate) fn from_checked_bytes(bytes: &[u8]) -> Result<Self, EntityError> {
+        let malformed = || EntityError::Malformed {
+            value: String::from_utf8_lossy(bytes).into_owned(),
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| malformed())?;
+        let group_len = text.find('/').ok_or_else(malformed)?;
+        let name_len = text[group_len + 1..].find('/').ok_or_else(malformed)?;
+        Ok(Entity {
+            text: Box::from(text),
+            group_len: group_len as u32,
+            name_len: name_len as u32,
+        })
     }
 
     /// The group.

@@ -16,7 +16,12 @@ pub const TREE_SEED: u64 = 0x7072_6f70_642d_6d6b; // "propd-mk"
 
 /// The position of a leaf: `xxh3_64_with_seed(entity bytes, TREE_SEED)`.
 pub fn position(entity: &Entity) -> u64 {
-    xxh3_64_with_seed(entity.as_bytes(), TREE_SEED)
+    position_of_bytes(entity.as_bytes())
+}
+
+/// The position of the entity with these (already validated) bytes.
+pub(crate) fn position_of_bytes(entity: &[u8]) -> u64 {
+    xxh3_64_with_seed(entity, TREE_SEED)
 }
 
 /// The shard of an entity in a group of `shard_num` shards: `xxh3_64(entity bytes) % shard_num`

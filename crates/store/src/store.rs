@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use propd_merkle::{
-    Algorithm, Entity, InnerNode, Leaf, LiveError, LiveTree, NodeId, Property, Shape, Tree,
-    TreeBuilder, snapshot,
+    Algorithm, BuildError, Entity, InnerNode, Leaf, LiveError, LiveTree, NodeId, Property, Shape,
+    Tree, TreeBuilder, snapshot,
 };
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -325,13 +325,17 @@ fn build_from_rows(
         .map_err(|error| ConfigError::Shape(error.to_string()))?;
     for row in props.iter()? {
         let (key, value) = row?;
-        let entity = Entity::parse(key.value()).map_err(|error| StoreError::Corrupt {
-            table: table.to_owned(),
-            detail: format!("key {:?}: {error}", key.value()),
-        })?;
+        // The key is checked as `Entity::parse` checks it, but no `Entity` is made per row: the
+        // builder allocates each entity once, in tree order.
         builder
-            .push(entity, shape.digest(value.value()))
-            .map_err(|error| tree_error(error.to_string()))?;
+            .push_str(key.value(), shape.digest(value.value()))
+            .map_err(|error| match error {
+                BuildError::Entity(error) => StoreError::Corrupt {
+                    table: table.to_owned(),
+                    detail: format!("key {:?}: {error}", key.value()),
+                },
+                error => tree_error(error.to_string()),
+            })?;
     }
     builder
         .finish()
