@@ -75,6 +75,18 @@ impl Shape {
     pub fn bucket_index(&self, position: u64) -> u64 {
         let slot_count = self.slot_count.max(1) as u64;
         let fanout = self.fanout_u64();
+        if slot_count.is_power_of_two() && fanout.is_power_of_two() {
+            // The same digits by shifts and masks (the default shape's case): a 64-bit division
+            // per digit is a large part of placing a leaf.
+            let (slot_bits, fanout_bits) = (slot_count.trailing_zeros(), fanout.trailing_zeros());
+            let mut index = position & (slot_count - 1);
+            let mut rest = position >> slot_bits;
+            for _ in 0..self.depth {
+                index = (index << fanout_bits) | (rest & (fanout - 1));
+                rest >>= fanout_bits;
+            }
+            return index;
+        }
         let mut index = position % slot_count;
         let mut rest = position / slot_count;
         for _ in 0..self.depth {
@@ -186,6 +198,53 @@ mod tests {
         assert_eq!(shape.child_position(bucket), 7);
         assert_eq!(NodeId::new(1, 5).parent(&shape), Some(NodeId::ROOT));
         assert_eq!(NodeId::ROOT.parent(&shape), None);
+    }
+
+    #[test]
+    fn power_of_two_shapes_place_leaves_as_the_division_rule_does() {
+        // The documented rule, by division, for any shape.
+        fn by_division(shape: &Shape, position: u64) -> u64 {
+            let slot_count = shape.slot_count as u64;
+            let fanout = shape.fanout as u64;
+            let mut index = position % slot_count;
+            let mut rest = position / slot_count;
+            for _ in 0..shape.depth {
+                index = index.wrapping_mul(fanout).wrapping_add(rest % fanout);
+                rest /= fanout;
+            }
+            index
+        }
+        let shapes = [
+            Shape::default(),
+            Shape::reference(),
+            Shape {
+                slot_count: 1,
+                fanout: 2,
+                depth: 8,
+                ..Shape::default()
+            },
+            Shape {
+                slot_count: 65_536,
+                fanout: 256,
+                depth: 2,
+                ..Shape::default()
+            },
+            Shape {
+                slot_count: 3,
+                fanout: 5,
+                depth: 4,
+                ..Shape::default()
+            },
+        ];
+        for shape in shapes {
+            let mut position = 0x9e37_79b9_7f4a_7c15_u64;
+            for _ in 0..1000 {
+                position = position.rotate_left(17).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                assert_eq!(shape.bucket_index(position), by_division(&shape, position));
+                assert!(shape.bucket_index(position) < shape.bucket_count());
+            }
+            assert_eq!(shape.bucket_index(u64::MAX), by_division(&shape, u64::MAX));
+        }
     }
 
     #[test]
