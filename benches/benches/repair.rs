@@ -328,6 +328,27 @@ fn bulk_load(store: &RedbStore, n: u64) {
     store.flush(GROUP, 0).expect("flush");
 }
 
+/// The same load as [`bulk_load`], in the order a sync delivers it: by tree position.
+fn bulk_load_tree_order(store: &RedbStore, n: u64, batch: usize) {
+    let shape = Shape::default();
+    let mut order: Vec<(u64, u64)> = (0..n)
+        .map(|i| {
+            (
+                shape
+                    .bucket_of(&property(i).entity().expect("entity"))
+                    .index,
+                i,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    for chunk in order.chunks(batch) {
+        let batch = chunk.iter().map(|&(_, i)| big_property(i)).collect();
+        store.repair_apply_batch(GROUP, 0, batch).expect("load");
+    }
+    store.flush(GROUP, 0).expect("flush");
+}
+
 fn throughput(n: u64) {
     use propd_repair::transport::{RepairServer, TransportConfig, sync};
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -340,7 +361,23 @@ fn throughput(n: u64) {
     bulk_load(&source, n);
     let mut local = Vec::new();
     let mut remote = Vec::new();
+    let mut in_memory = Vec::new();
+    let mut tree_order = Vec::new();
     for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("dir");
+        let empty = open(&dir);
+        let started = Instant::now();
+        bulk_load_tree_order(&empty, n, 1024);
+        tree_order.push(started.elapsed());
+
+        let dir = tempfile::tempdir().expect("dir");
+        let empty = open(&dir);
+        let started = Instant::now();
+        let (report, _) =
+            sync_in_memory(&source, &empty, GROUP, 0, Config::default()).expect("sync");
+        in_memory.push(started.elapsed());
+        assert_eq!(report.peer_applied, n);
+
         let dir = tempfile::tempdir().expect("dir");
         let empty = open(&dir);
         let started = Instant::now();
@@ -381,7 +418,14 @@ fn throughput(n: u64) {
     }
     local.sort();
     remote.sort();
+    in_memory.sort();
+    tree_order.sort();
     let (l, r) = (local[1], remote[1]);
+    println!(
+        "\nrepair throughput: the same sync through the in-memory pair (no network): {:.2?}; \
+         local bulk load in tree order (the order a sync delivers): {:.2?}",
+        in_memory[1], tree_order[1]
+    );
     println!(
         "\nrepair throughput: {n} properties of ~2 KB into an empty redb store (median of 3)\n  local bulk load: {l:.2?}   sync over loopback tonic: {r:.2?}   ratio {:.2}x   goal: <= 2x and <= 5 s",
         r.as_secs_f64() / l.as_secs_f64()
@@ -404,6 +448,19 @@ fn main() {
     let wants = |part: &str| filter.is_empty() || filter.iter().any(|f| part.contains(f.as_str()));
     if wants("bandwidth") {
         bandwidth(env("PROPD_BENCH_REPAIR_N", 1_000_000));
+    }
+    if wants("batching") {
+        let n = env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000);
+        for batch in [1024, 4096, 16_384] {
+            let dir = tempfile::tempdir().expect("dir");
+            let empty = open(&dir);
+            let started = Instant::now();
+            bulk_load_tree_order(&empty, n, batch);
+            println!(
+                "bulk load of {n} properties of ~2 KB in tree order, batches of {batch}: {:.2?}",
+                started.elapsed()
+            );
+        }
     }
     if wants("throughput") {
         throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));
