@@ -93,3 +93,39 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_fields_are_named() {
+        Config::default().validate().expect("defaults");
+        let err = Config {
+            wire_digest_width: 4,
+            ..Config::default()
+        }
+        .validate();
+        assert!(matches!(
+            err,
+            Err(SyncError::Config {
+                field: "wire_digest_width",
+                value: 4,
+                ..
+            })
+        ));
+        let err = Config {
+            max_backlog: 1,
+            ..Config::default()
+        }
+        .validate();
+        assert!(matches!(
+            err,
+            Err(SyncError::Config {
+                field: "max_backlog",
+                ..
+            })
+        ));
+        assert!(Config::default().page_bytes * 4 <= propd_proto::MAX_MESSAGE_BYTES);
+    }
+}

@@ -11,6 +11,24 @@
 //! either all of a page or none of it, and its tree is updated in the same transaction. What was
 //! not yet applied is found again by the next sync.
 //!
+//! How the node uses it:
+//!
+//! ```no_run
+//! # async fn example(store: std::sync::Arc<propd_store::RedbStore>) -> Result<(), Box<dyn std::error::Error>> {
+//! use propd_repair::transport::{RepairServer, TransportConfig, sync};
+//!
+//! let config = TransportConfig::default();
+//! // Serving: add the service to the node's one tonic server.
+//! let service = RepairServer::new(store.clone(), config.clone()).into_service();
+//! # let _ = service;
+//! // Syncing (group "g", shard 3) with the successor as the client.
+//! let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:7000").connect().await?;
+//! let report = sync(channel, &*store, "g", 3, &config).await?;
+//! println!("sent {} received {} in {} bytes", report.sent, report.received, report.bytes_sent + report.bytes_received);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The server calls its store on tokio's blocking pool; the client calls it from the task that
 //! runs `sync` (one page per call), so a caller with a busy runtime may run `sync` in a task of
 //! its own.
