@@ -1,70 +1,21 @@
-//! Conversions between the wire's `propd.v1.Property` and the domain `Property`, in one place.
+//! Conversions at the node's wire edge. Properties convert with the repair crate's functions
+//! (one definition of the mapping for the whole node); tag values, which only the property API
+//! uses alone (query filters), convert here.
 
 use propd_merkle::{Property, TagValue};
 use propd_proto::v1;
 
-/// Why a wire property cannot become a domain property. Names the field.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConvertError {
-    /// A tag has no value.
-    #[error("tags.{key}: the tag has no value")]
-    MissingTagValue {
-        /// The tag key.
-        key: String,
-    },
-    /// Two tags share a key.
-    #[error("tags.{key}: the key appears more than once")]
-    DuplicateTag {
-        /// The tag key.
-        key: String,
-    },
-    /// The request carries no property.
-    #[error("property: missing")]
-    MissingProperty,
-}
-
-/// Wire to domain.
-pub fn property_from_wire(wire: v1::Property) -> Result<Property, ConvertError> {
-    let mut tags = std::collections::BTreeMap::new();
-    for tag in wire.tags {
-        let value = match tag.value.and_then(|v| v.value) {
-            Some(v1::tag_value::Value::Str(s)) => TagValue::Str(s),
-            Some(v1::tag_value::Value::Int(i)) => TagValue::Int(i),
-            Some(v1::tag_value::Value::Binary(b)) => TagValue::Binary(b),
-            None => return Err(ConvertError::MissingTagValue { key: tag.key }),
-        };
-        if tags.insert(tag.key.clone(), value).is_some() {
-            return Err(ConvertError::DuplicateTag { key: tag.key });
-        }
-    }
-    Ok(Property {
-        group: wire.group,
-        name: wire.name,
-        id: wire.id,
-        tags,
-        mod_revision: wire.mod_revision,
-        delete_time: wire.delete_time,
-    })
+/// Wire to domain: validates the entity and rejects a tag without a value or a repeated key;
+/// the error names the tag.
+pub fn property_from_wire(wire: v1::Property) -> Result<Property, String> {
+    propd_repair::property_from_proto(wire)
+        .map(|(_, property)| property)
+        .map_err(|error| error.to_string())
 }
 
 /// Domain to wire (tags in key order, as the canonical form has them).
 pub fn property_to_wire(property: &Property) -> v1::Property {
-    v1::Property {
-        group: property.group.clone(),
-        name: property.name.clone(),
-        id: property.id.clone(),
-        tags: property
-            .tags
-            .iter()
-            .map(|(key, value)| v1::Tag {
-                key: key.clone(),
-                value: Some(tag_value_to_wire(value)),
-            })
-            .collect(),
-        mod_revision: property.mod_revision,
-        delete_time: property.delete_time,
-    }
+    propd_repair::property_to_proto(property)
 }
 
 /// A domain tag value on the wire.
@@ -115,17 +66,20 @@ mod tests {
         assert_eq!(back.tags[0].key, "a", "tags come back sorted");
         assert_eq!(property_from_wire(back).unwrap(), domain);
 
+        let base = v1::Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: "i".into(),
+            ..Default::default()
+        };
         let missing = v1::Property {
             tags: vec![v1::Tag {
                 key: "k".into(),
                 value: None,
             }],
-            ..Default::default()
+            ..base.clone()
         };
-        assert_eq!(
-            property_from_wire(missing).unwrap_err(),
-            ConvertError::MissingTagValue { key: "k".into() }
-        );
+        assert!(property_from_wire(missing).unwrap_err().contains("\"k\""));
         let twice = v1::Property {
             tags: vec![
                 v1::Tag {
@@ -137,13 +91,16 @@ mod tests {
                     value: Some(tag_value_to_wire(&TagValue::Int(2))),
                 },
             ],
-            ..Default::default()
+            ..base
         };
-        assert!(
-            property_from_wire(twice)
-                .unwrap_err()
-                .to_string()
-                .contains("tags.k")
+        assert!(property_from_wire(twice).unwrap_err().contains("\"k\""));
+        assert_eq!(
+            tag_value_from_wire(Some(tag_value_to_wire(&TagValue::Int(5)))),
+            Some(TagValue::Int(5))
+        );
+        assert_eq!(
+            tag_value_from_wire(Some(v1::TagValue { value: None })),
+            None
         );
     }
 }
