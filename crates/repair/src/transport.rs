@@ -29,9 +29,8 @@
 //! # }
 //! ```
 //!
-//! The server calls its store on tokio's blocking pool; the client calls it from the task that
-//! runs `sync` (one page per call), so a caller with a busy runtime may run `sync` in a task of
-//! its own.
+//! The server calls its store on tokio's blocking pool; the client calls it in place, inside
+//! `block_in_place` on a multi-threaded runtime (one page per call).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -122,7 +121,7 @@ async fn run_client<S: RepairStore>(
     let mut pending: Option<pb::RepairRequest> = None;
     while !machine.is_done() {
         if pending.is_none() {
-            pending = machine.poll_transmit(store)?;
+            pending = store_work(|| machine.poll_transmit(store))?;
         }
         let incoming = match pending.take() {
             Some(msg) => {
@@ -140,7 +139,7 @@ async fn run_client<S: RepairStore>(
             None => inbound.message().await,
         };
         match incoming {
-            Ok(Some(msg)) => machine.handle(store, msg)?,
+            Ok(Some(msg)) => store_work(|| machine.handle(store, msg))?,
             Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
             Err(status) => return Err(transport(status)),
         }
@@ -148,6 +147,18 @@ async fn run_client<S: RepairStore>(
     // Dropping the sender ends the request stream: the server sees the end and finishes.
     drop(tx);
     Ok(machine.into_report())
+}
+
+/// Runs the client's store work in place, telling a multi-threaded runtime to move its other
+/// tasks (the HTTP/2 connection) to another worker meanwhile.
+fn store_work<T>(work: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
 }
 
 fn transport(status: Status) -> SyncError {
