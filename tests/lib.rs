@@ -44,12 +44,25 @@ pub fn propd_binary() -> &'static Path {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
+///
+/// Drawn at random from 10000..30000, below Linux's ephemeral range (32768..61000): a port the
+/// kernel hands out for `bind(0)` or an outgoing connection — in this process or in a parallel
+/// test — can then never be the port of a node that a test stopped and will restart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("binding a free port")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::hash::{BuildHasher as _, Hasher as _};
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let port = 10_000 + (hasher.finish() % 20_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One node's addresses and files.
@@ -141,7 +154,7 @@ impl Cluster {
         let child = Command::new(propd_binary())
             .args(["serve", "--config"])
             .arg(&node.config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("PROPD_TEST_LOG").unwrap_or_else(|_| "info".to_owned()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -211,9 +224,20 @@ impl Cluster {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
-    /// Runs `propd ARGS --server <node i>`.
+    /// Runs `propd ARGS --server <node i>` (at most 120 s; on a timeout the panic shows every
+    /// node's log).
     pub fn cli(&self, i: usize, args: &[&str]) -> Output {
-        cli_at(&self.nodes[i].listen.to_string(), args)
+        let mut command = Command::new(propd_binary());
+        command
+            .args(args)
+            .args(["--server", &self.nodes[i].listen.to_string()])
+            .stdin(Stdio::null());
+        run_bounded(command, Duration::from_secs(120)).unwrap_or_else(|error| {
+            let logs: Vec<String> = (0..self.nodes.len())
+                .map(|n| format!("--- {} ---\n{}", self.nodes[n].id, self.log(n)))
+                .collect();
+            panic!("{error}\n{}", logs.join("\n"))
+        })
     }
 
     /// Runs `propd ARGS --server <node i> --output json`, asserts success, parses stdout.
@@ -252,11 +276,11 @@ pub fn cli_at(server: &str, args: &[&str]) -> Output {
         .args(args)
         .args(["--server", server])
         .stdin(Stdio::null());
-    run_bounded(command, Duration::from_secs(120))
+    run_bounded(command, Duration::from_secs(120)).unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// Runs a command, killing it if it outlives `limit`.
-pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
+/// Runs a command, killing it if it outlives `limit` (then the error says so, with its stderr).
+pub fn run_bounded(mut command: Command, limit: Duration) -> Result<Output, String> {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -265,15 +289,15 @@ pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     loop {
         if child.try_wait().expect("polling a child").is_some() {
-            return child.wait_with_output().expect("collecting output");
+            return Ok(child.wait_with_output().expect("collecting output"));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let output = child.wait_with_output().expect("collecting output");
-            panic!(
+            return Err(format!(
                 "{command:?} ran longer than {limit:?}: {}",
                 String::from_utf8_lossy(&output.stderr)
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -385,12 +385,18 @@ impl Engine {
         let key = context.key.clone();
         if let Some(running) = self.held.get(&key) {
             let running_id = running.propagation.context.message_id.clone();
-            if running_id == context.message_id {
-                // The same round delivered twice (a retried hand-off): nothing new to do.
+            let running_count = running.propagation.context.count;
+            let idle = now.since(running.last_progress);
+            if running_id == context.message_id && context.count <= running_count {
+                // An older hop of the round we hold, delivered again: nothing new to do.
                 return Ok(Admission::Accepted);
             }
-            let idle = now.since(running.last_progress);
-            if idle < self.config.sync_timeout {
+            if running_id == context.message_id {
+                // The round went all the way round and came back before the answer to our own
+                // hand-off arrived: that hand-off was accepted, and this later hop supersedes
+                // the entry we still hold (ignoring it would lose the round).
+                self.held.remove(&key);
+            } else if idle < self.config.sync_timeout {
                 let reason = format!(
                     "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
                     running.propagation.context.origin, self.me, key.group, key.shard
@@ -400,18 +406,19 @@ impl Engine {
                     group = %key.group, shard = key.shard, "refusing propagation"
                 );
                 return Ok(Admission::Refused { reason });
+            } else {
+                let error = format!(
+                    "no progress for {} ms; taken over on {} by propagation {}",
+                    idle.as_millis(),
+                    self.me,
+                    context.message_id
+                );
+                tracing::warn!(
+                    message_id = %running_id, by = %context.message_id,
+                    group = %key.group, shard = key.shard, "taking over a stuck propagation"
+                );
+                self.end_held(&key, Outcome::TimedOut, Some(error), true);
             }
-            let error = format!(
-                "no progress for {} ms; taken over on {} by propagation {}",
-                idle.as_millis(),
-                self.me,
-                context.message_id
-            );
-            tracing::warn!(
-                message_id = %running_id, by = %context.message_id,
-                group = %key.group, shard = key.shard, "taking over a stuck propagation"
-            );
-            self.end_held(&key, Outcome::TimedOut, Some(error), true);
         }
         if self.accepted.len() == REMEMBERED_HOPS {
             self.accepted.pop_front();

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use propd_gossip::{
-    Admission, Command, Config, Context, ContextError, Engine, MessageId, Millis, Outcome,
-    Propagation, SpanKind, SyncFailure,
+    Admission, Command, Config, Context, ContextError, Engine, HandOffOutcome, MessageId, Millis,
+    Outcome, Propagation, SpanKind, SyncFailure,
 };
 
 use crate::router::{Kind, Router, key, spans};
@@ -293,6 +293,44 @@ fn a_round_without_progress_is_taken_over_by_the_next() {
         Ok(Default::default()),
     );
     assert!(engine.poll_command().is_none());
+}
+
+/// Regression: a round that went all the way round and came back to a node before that node
+/// had the answer to its own hand-off was taken for a retried hand-off and dropped, so the
+/// origin never got a result (seen in the cluster tests under load).
+#[test]
+fn a_round_that_returns_before_the_hand_off_answer_is_run_not_dropped() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let t0 = Millis(0);
+    let first = context("b-0-1", "b", t0);
+    assert_eq!(
+        engine.handle_propagate(t0, first.clone()),
+        Ok(Admission::Accepted)
+    );
+    assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
+    engine.handle_sync_done(t0, &MessageId("b-0-1".into()), "b", Ok(Default::default()));
+    assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "b"));
+    // Before "b accepted" reaches us, the round comes back from c with a later count.
+    let mut back = first;
+    back.context.count = 2;
+    assert_eq!(engine.handle_propagate(t0, back), Ok(Admission::Accepted));
+    assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
+    // The late answer to the first hand-off changes nothing: the round is still held here.
+    engine.handle_hand_off(
+        t0,
+        &MessageId("b-0-1".into()),
+        "b",
+        HandOffOutcome::Accepted,
+    );
+    assert_eq!(engine.running(&key(0)).map(|m| m.0.as_str()), Some("b-0-1"));
+    engine.handle_sync_done(t0, &MessageId("b-0-1".into()), "b", Ok(Default::default()));
+    match engine.poll_command() {
+        Some(Command::Report { to, result }) => {
+            assert_eq!(to, "b");
+            assert_eq!(result.outcome, Outcome::Completed);
+        }
+        other => panic!("expected the completed round's report, got {other:?}"),
+    }
 }
 
 #[test]
