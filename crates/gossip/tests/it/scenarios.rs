@@ -470,7 +470,7 @@ fn a_hand_off_delivered_twice_runs_once() {
         engine.poll_command(),
         Some(Command::HandOff { .. })
     ));
-    engine.handle_hand_off(Millis(3), &id, "b", propd_gossip::HandOffOutcome::Accepted);
+    engine.handle_hand_off(Millis(3), &id, "b", HandOffOutcome::Accepted);
     assert!(engine.running(&key(0)).is_none());
     assert_eq!(
         engine.handle_propagate(Millis(4), hop),
