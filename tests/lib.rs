@@ -154,7 +154,10 @@ impl Cluster {
         let child = Command::new(propd_binary())
             .args(["serve", "--config"])
             .arg(&node.config)
-            .env("RUST_LOG", std::env::var("PROPD_TEST_LOG").unwrap_or_else(|_| "info".to_owned()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PROPD_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
