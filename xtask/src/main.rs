@@ -71,9 +71,7 @@ fn ci() -> Result<()> {
     for krate in PURE_CRATES {
         check_pure(krate)?;
     }
-    // The slow multi-process suites are gated by this variable; CI runs them.
-    // SAFETY of intent: set before any child process is spawned.
-    let mut test = if has_nextest() {
+    let test = if has_nextest() {
         cargo(&[
             "nextest",
             "run",
@@ -91,7 +89,6 @@ fn ci() -> Result<()> {
             "--no-fail-fast",
         ])
     };
-    test.env("PROPD_SLOW_TESTS", "1");
     status(test)?;
     if has_nextest() {
         // nextest does not run doctests.
