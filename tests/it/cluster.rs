@@ -116,6 +116,22 @@ fn five_versions_on_five_nodes_converge_to_the_newest_in_one_propagation() {
             ],
         );
     }
+    // A preview finds the differences and applies nothing.
+    let preview = cluster.json(2, &["repair", "--group", "g", "--shard", "0", "--preview"]);
+    assert_eq!(preview["ok"], true, "{preview}");
+    let found: u64 = preview["syncs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sent"].as_u64().unwrap())
+        .sum();
+    assert!(found > 0, "the preview saw the differing copies: {preview}");
+    assert_eq!(
+        local_copy(&cluster, 0, "g/doc/one").unwrap()["mod_revision"],
+        1,
+        "a preview changes nothing"
+    );
+
     let result = cluster.json(2, &["repair", "--group", "g", "--shard", "0", "--wait"]);
     assert_eq!(result["ok"], true, "{result}");
     assert!(

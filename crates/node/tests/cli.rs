@@ -43,3 +43,29 @@ fn a_bad_config_names_the_key_and_fails() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("repair.period"), "{stderr}");
 }
+
+#[test]
+fn environment_variables_set_config_keys_and_flags_win_over_them() {
+    let output = Command::new(env!("CARGO_BIN_EXE_propd"))
+        .args(["serve"])
+        .env("PROPD_REPAIR_PERIOD", "soon")
+        .output()
+        .expect("running propd");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("repair.period") && stderr.contains("soon"),
+        "{stderr}"
+    );
+
+    let output = Command::new(env!("CARGO_BIN_EXE_propd"))
+        .args(["serve", "--repair-period", "later"])
+        .env("PROPD_REPAIR_PERIOD", "soon")
+        .output()
+        .expect("running propd");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("later") && !stderr.contains("soon"),
+        "the flag wins: {stderr}"
+    );
+}
