@@ -39,27 +39,8 @@ fn property() -> impl Strategy<Value = Property> {
 }
 
 fn to_wire(property: &Property) -> v1::Property {
-    v1::Property {
-        group: property.group.clone(),
-        name: property.name.clone(),
-        id: property.id.clone(),
-        tags: property
-            .tags
-            .iter()
-            .map(|(key, value)| v1::Tag {
-                key: key.clone(),
-                value: Some(v1::TagValue {
-                    value: Some(match value {
-                        TagValue::Str(s) => v1::tag_value::Value::Str(s.clone()),
-                        TagValue::Int(i) => v1::tag_value::Value::Int(*i),
-                        TagValue::Binary(b) => v1::tag_value::Value::Binary(b.clone()),
-                    }),
-                }),
-            })
-            .collect(),
-        mod_revision: property.mod_revision,
-        delete_time: property.delete_time,
-    }
+    // The node's one mapping between domain and wire properties.
+    propd_repair::property_to_proto(property)
 }
 
 proptest! {
