@@ -62,6 +62,16 @@ impl Algorithm {
     }
 }
 
+impl fmt::Display for Algorithm {
+    /// The algorithm's usual name: `SHA-512` or `BLAKE3`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::Sha512 => "SHA-512",
+            Algorithm::Blake3 => "BLAKE3",
+        })
+    }
+}
+
 /// A digest: a prefix (the tree's digest width, 1 to 64 bytes) of a full hash. `Copy`, no heap.
 /// Compared and ordered by its bytes.
 #[derive(Clone, Copy)]

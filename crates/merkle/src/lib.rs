@@ -1,6 +1,7 @@
 //! The Merkle tree of one (group, shard): canonical property bytes, leaf and node digests, tree
 //! positions, an incremental tree over a storage trait, a tree built from a stream, a level-by-level
-//! diff with its bandwidth model, and a versioned snapshot file format.
+//! diff with its bandwidth model, a versioned snapshot file format, and the narrow store view the
+//! repair protocol reads a shard through ([`RepairStore`]).
 //!
 //! The tree has the levels **root → slots → bucket levels → leaves** (see [`Shape`] and
 //! [`NodeId`]). A leaf is `(entity, digest of the canonical bytes)`; leaves are ordered everywhere
@@ -36,6 +37,7 @@ pub mod entity;
 pub mod live;
 pub mod position;
 pub mod property;
+pub mod repair_store;
 pub mod shape;
 pub mod snapshot;
 pub mod storage;
@@ -48,7 +50,8 @@ pub use entity::{Entity, EntityError};
 pub use live::{LiveError, LiveTree};
 pub use position::{NodeId, TREE_SEED, position, shard_of};
 pub use property::{Property, TagValue};
-pub use shape::{FORMAT_VERSION, Shape, ShapeError};
+pub use repair_store::{LeafKey, RepairOutcome, RepairStore};
+pub use shape::{FORMAT_VERSION, Shape, ShapeDecodeError, ShapeError, ShapeLayout};
 pub use snapshot::SnapshotError;
 pub use storage::{InnerNode, MemStorage, TreeStorage};
 pub use version::version_order;

@@ -2,6 +2,7 @@
 //! buckets and their ancestors.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
 
 use crate::build::{Leaf, Tree};
 use crate::digest::{Digest, NodeHasher};
@@ -40,6 +41,23 @@ pub enum LiveError<E: std::error::Error + 'static> {
         /// What was found.
         detail: String,
     },
+}
+
+impl<E: std::error::Error + 'static> LiveError<E> {
+    /// Separates a failure of the storage from the tree's own: `Err` with the storage's error for
+    /// [`LiveError::Storage`], `Ok` with the same error over no storage otherwise, so that a
+    /// caller can keep the tree's error as a typed source whatever its storage is.
+    pub fn split_storage(self) -> std::result::Result<LiveError<Infallible>, E> {
+        match self {
+            LiveError::Storage(error) => Err(error),
+            LiveError::NotFlushed => Ok(LiveError::NotFlushed),
+            LiveError::NoSuchNode { node } => Ok(LiveError::NoSuchNode { node }),
+            LiveError::DigestWidth { expected, found } => {
+                Ok(LiveError::DigestWidth { expected, found })
+            }
+            LiveError::Corrupt { detail } => Ok(LiveError::Corrupt { detail }),
+        }
+    }
 }
 
 /// The incremental Merkle tree of one (group, shard) over a [`TreeStorage`].
@@ -306,6 +324,18 @@ mod tests {
 
     fn entity(i: u32) -> Entity {
         Entity::new("g", "n", &format!("id-{i}")).expect("valid")
+    }
+
+    #[test]
+    fn split_storage_keeps_the_storage_error_apart() {
+        let storage: LiveError<std::fmt::Error> = LiveError::Storage(std::fmt::Error);
+        assert!(matches!(storage.split_storage(), Err(std::fmt::Error)));
+        let node = NodeId { level: 9, index: 1 };
+        let own: LiveError<std::fmt::Error> = LiveError::NoSuchNode { node };
+        assert!(matches!(
+            own.split_storage(),
+            Ok(LiveError::NoSuchNode { node: found }) if found == node
+        ));
     }
 
     #[test]

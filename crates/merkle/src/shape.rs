@@ -1,4 +1,7 @@
-//! The tree's shape: algorithm, slot count, fanout, depth, digest width and format version.
+//! The tree's shape: algorithm, slot count, fanout, depth, digest width and format version, and
+//! its byte encoding (the one the store records and the snapshot header carries).
+
+use std::fmt;
 
 use crate::digest::{Algorithm, Digest, MAX_DIGEST_WIDTH};
 
@@ -160,6 +163,143 @@ impl Shape {
     }
 }
 
+/// Where a shape's bytes go, and so how many reserved zero bytes follow the algorithm code.
+///
+/// Both layouts are the `u8` algorithm code ([`Algorithm::code`]), the reserved bytes, then the
+/// five `u32` fields in little-endian: `slot_count`, `fanout`, `depth`, `digest_width`,
+/// `format_version` (docs/formats.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeLayout {
+    /// No reserved bytes: 21 bytes. The store's recorded shape (its `config` table).
+    Packed,
+    /// Three reserved zero bytes after the code, so that the fields are 4-byte aligned: 24 bytes.
+    /// The snapshot header.
+    Padded,
+}
+
+impl ShapeLayout {
+    /// The reserved zero bytes between the algorithm code and the fields.
+    pub const fn reserved(self) -> usize {
+        match self {
+            ShapeLayout::Packed => 0,
+            ShapeLayout::Padded => 3,
+        }
+    }
+
+    /// The encoded length in bytes.
+    pub const fn encoded_len(self) -> usize {
+        1 + self.reserved() + SHAPE_FIELDS * 4
+    }
+}
+
+/// The `u32` fields of an encoded shape.
+const SHAPE_FIELDS: usize = 5;
+
+/// Why bytes are not an encoded shape. Decoding never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShapeDecodeError {
+    /// The input is not exactly the layout's length.
+    #[error("encoded shape is {len} bytes, expected {expected}")]
+    Length {
+        /// The input length.
+        len: usize,
+        /// The layout's length.
+        expected: usize,
+    },
+    /// The algorithm code is not one of [`Algorithm::code`]'s.
+    #[error("shape field `algorithm` has unknown code {code}")]
+    UnknownAlgorithm {
+        /// The code found.
+        code: u8,
+    },
+    /// The reserved bytes of [`ShapeLayout::Padded`] are not zero.
+    #[error("shape field `reserved` must be zero, found {found:02x?}")]
+    Reserved {
+        /// The bytes found.
+        found: [u8; 3],
+    },
+}
+
+impl Shape {
+    /// The shape's bytes in `layout` (see [`ShapeLayout`]). The fields are written as they are;
+    /// an invalid shape encodes too.
+    pub fn encode(&self, layout: ShapeLayout) -> Vec<u8> {
+        let mut out = Vec::with_capacity(layout.encoded_len());
+        out.push(self.algorithm.code());
+        out.resize(1 + layout.reserved(), 0);
+        for field in self.fields() {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads a shape written by [`Shape::encode`] in the same layout. The input must be exactly
+    /// the layout's length. Checks the algorithm code and the reserved bytes, not the bounds:
+    /// call [`Shape::validate`] for those.
+    pub fn decode(bytes: &[u8], layout: ShapeLayout) -> Result<Shape, ShapeDecodeError> {
+        let length = || ShapeDecodeError::Length {
+            len: bytes.len(),
+            expected: layout.encoded_len(),
+        };
+        let Some((&code, rest)) = bytes
+            .split_first()
+            .filter(|_| bytes.len() == layout.encoded_len())
+        else {
+            return Err(length());
+        };
+        let algorithm =
+            Algorithm::from_code(code).ok_or(ShapeDecodeError::UnknownAlgorithm { code })?;
+        let (reserved, fields) = rest.split_at(layout.reserved());
+        if reserved.iter().any(|&byte| byte != 0) {
+            let mut found = [0; 3];
+            found[..reserved.len()].copy_from_slice(reserved);
+            return Err(ShapeDecodeError::Reserved { found });
+        }
+        let fields: &[u8; SHAPE_FIELDS * 4] = fields.try_into().map_err(|_| length())?;
+        let field = |index: usize| {
+            let mut word = [0; 4];
+            word.copy_from_slice(&fields[index * 4..index * 4 + 4]);
+            u32::from_le_bytes(word)
+        };
+        Ok(Shape {
+            algorithm,
+            slot_count: field(0),
+            fanout: field(1),
+            depth: field(2),
+            digest_width: field(3),
+            format_version: field(4),
+        })
+    }
+
+    /// The `u32` fields in their encoded order.
+    fn fields(&self) -> [u32; SHAPE_FIELDS] {
+        [
+            self.slot_count,
+            self.fanout,
+            self.depth,
+            self.digest_width,
+            self.format_version,
+        ]
+    }
+}
+
+impl fmt::Display for Shape {
+    /// `SHA-512 slots=32 fanout=16 depth=3 digest_width=16 format_version=1`: every field, named.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} slots={} fanout={} depth={} digest_width={} format_version={}",
+            self.algorithm,
+            self.slot_count,
+            self.fanout,
+            self.depth,
+            self.digest_width,
+            self.format_version
+        )
+    }
+}
+
 fn check(field: &'static str, value: u32, min: u32, max: u32) -> Result<(), ShapeError> {
     if value < min || value > max {
         return Err(ShapeError::OutOfRange {
@@ -239,6 +379,92 @@ mod tests {
             ..Shape::default()
         };
         edge.validate().expect("exactly 2^32 buckets is allowed");
+    }
+
+    #[test]
+    fn encoding_round_trips_in_both_layouts() {
+        let shapes = [
+            Shape::default(),
+            Shape::reference(),
+            Shape {
+                algorithm: Algorithm::Blake3,
+                slot_count: 65_536,
+                fanout: 256,
+                depth: 8,
+                digest_width: 8,
+                format_version: FORMAT_VERSION,
+            },
+        ];
+        for shape in shapes {
+            for layout in [ShapeLayout::Packed, ShapeLayout::Padded] {
+                let bytes = shape.encode(layout);
+                assert_eq!(bytes.len(), layout.encoded_len());
+                assert_eq!(
+                    Shape::decode(&bytes, layout),
+                    Ok(shape),
+                    "{layout:?} {shape}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn encoding_is_as_documented() {
+        // docs/formats.md: the store's `config` record and the snapshot header's bytes 12..36.
+        let fields: Vec<u8> = [32u32, 16, 3, 16, 1]
+            .iter()
+            .flat_map(|field| field.to_le_bytes())
+            .collect();
+        let packed = Shape::default().encode(ShapeLayout::Packed);
+        assert_eq!(packed, [&[1][..], &fields].concat());
+        let padded = Shape::default().encode(ShapeLayout::Padded);
+        assert_eq!(padded, [&[1, 0, 0, 0][..], &fields].concat());
+    }
+
+    #[test]
+    fn malformed_encodings_have_their_errors() {
+        let packed = Shape::default().encode(ShapeLayout::Packed);
+        assert_eq!(
+            Shape::decode(&packed[..20], ShapeLayout::Packed),
+            Err(ShapeDecodeError::Length {
+                len: 20,
+                expected: 21
+            })
+        );
+        assert_eq!(
+            Shape::decode(&[], ShapeLayout::Packed),
+            Err(ShapeDecodeError::Length {
+                len: 0,
+                expected: 21
+            })
+        );
+        assert_eq!(
+            Shape::decode(&packed, ShapeLayout::Padded),
+            Err(ShapeDecodeError::Length {
+                len: 21,
+                expected: 24
+            })
+        );
+        let mut bad = packed.clone();
+        bad[0] = 9;
+        assert_eq!(
+            Shape::decode(&bad, ShapeLayout::Packed),
+            Err(ShapeDecodeError::UnknownAlgorithm { code: 9 })
+        );
+        let mut bad = Shape::default().encode(ShapeLayout::Padded);
+        bad[2] = 7;
+        assert_eq!(
+            Shape::decode(&bad, ShapeLayout::Padded),
+            Err(ShapeDecodeError::Reserved { found: [0, 7, 0] })
+        );
+    }
+
+    #[test]
+    fn display_names_every_field() {
+        assert_eq!(
+            Shape::default().to_string(),
+            "SHA-512 slots=32 fanout=16 depth=3 digest_width=16 format_version=1"
+        );
     }
 
     #[test]

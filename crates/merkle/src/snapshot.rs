@@ -5,9 +5,9 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::build::{Tree, TreeBuilder};
-use crate::digest::{Algorithm, Digest};
+use crate::digest::Digest;
 use crate::entity::{Entity, EntityError};
-use crate::shape::{Shape, ShapeError};
+use crate::shape::{Shape, ShapeDecodeError, ShapeError, ShapeLayout};
 
 /// The eight bytes every snapshot starts with.
 pub const MAGIC: [u8; 8] = *b"PROPDMKT";
@@ -119,17 +119,7 @@ pub fn encode(tree: &Tree) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + width + leaves_len + CHECKSUM_LEN);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    out.push(shape.algorithm.code());
-    out.extend_from_slice(&[0; 3]);
-    for field in [
-        shape.slot_count,
-        shape.fanout,
-        shape.depth,
-        shape.digest_width,
-        shape.format_version,
-    ] {
-        out.extend_from_slice(&field.to_le_bytes());
-    }
+    out.extend_from_slice(&shape.encode(ShapeLayout::Padded));
     out.extend_from_slice(&tree.leaf_count().to_le_bytes());
     out.extend_from_slice(tree.root().digest.as_bytes());
     for leaf in tree.leaves() {
@@ -178,20 +168,16 @@ pub fn decode(bytes: &[u8]) -> Result<Tree, SnapshotError> {
     if version != SNAPSHOT_VERSION {
         return Err(SnapshotError::UnsupportedVersion { version });
     }
-    let [code] = reader.array::<1>("algorithm")?;
-    let algorithm = Algorithm::from_code(code).ok_or(SnapshotError::UnknownAlgorithm { code })?;
-    let reserved: [u8; 3] = reader.array("reserved")?;
-    if reserved != [0; 3] {
-        return Err(SnapshotError::Reserved { found: reserved });
-    }
-    let shape = Shape {
-        algorithm,
-        slot_count: reader.u32("slot_count")?,
-        fanout: reader.u32("fanout")?,
-        depth: reader.u32("depth")?,
-        digest_width: reader.u32("digest_width")?,
-        format_version: reader.u32("format_version")?,
-    };
+    let offset = reader.offset;
+    let shape = Shape::decode(
+        reader.take(ShapeLayout::Padded.encoded_len(), "shape")?,
+        ShapeLayout::Padded,
+    )
+    .map_err(|error| match error {
+        ShapeDecodeError::UnknownAlgorithm { code } => SnapshotError::UnknownAlgorithm { code },
+        ShapeDecodeError::Reserved { found } => SnapshotError::Reserved { found },
+        ShapeDecodeError::Length { .. } => truncated("shape", offset),
+    })?;
     shape.validate()?;
     let width = shape.width();
     let leaf_count = reader.u64("leaf_count")?;
@@ -285,6 +271,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Algorithm;
     use proptest::prelude::*;
 
     fn sample(shape: Shape, n: u32) -> Tree {
