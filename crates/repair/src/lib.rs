@@ -4,9 +4,10 @@
 //! winning (DESIGN §3).
 //!
 //! The core is pure: [`Client`] and [`Server`] take messages and return messages, read the store
-//! through `propd_store::RepairStore`, and own no socket, task or clock. [`pair::Pair`] drives
-//! both in memory, deterministically. The tonic driver (`transport` module, cargo feature
-//! `transport`) moves the same messages over one bidirectional gRPC stream.
+//! through `propd_merkle::RepairStore` (which the node's store implements; this crate links no
+//! database), and own no socket, task or clock. [`pair::Pair`] drives both in memory,
+//! deterministically. The tonic driver (`transport` module, cargo feature `transport`) moves the
+//! same messages over one bidirectional gRPC stream.
 //!
 //! The protocol, message by message, and its bandwidth are described in `docs/protocol.md`
 //! ("Two-node sync").

@@ -1,6 +1,9 @@
 //! Typed errors of the store: bad input (naming the field), configuration, and storage faults.
 
+use std::convert::Infallible;
 use std::path::PathBuf;
+
+use propd_merkle::{BuildError, LiveError, Shape, ShapeError};
 
 /// A property or request that the store refuses (DESIGN §9). Nothing stored changes when one is
 /// returned.
@@ -95,16 +98,16 @@ pub enum ConfigError {
     },
     /// The tree shape is invalid.
     #[error("invalid tree shape: {0}")]
-    Shape(String),
+    Shape(#[from] ShapeError),
     /// The database was created with another tree shape.
     #[error(
         "the database was created with tree shape {stored}, but the configuration gives {given}"
     )]
     ShapeChanged {
-        /// The stored shape, described.
-        stored: String,
-        /// The configured shape, described.
-        given: String,
+        /// The stored shape.
+        stored: Shape,
+        /// The configured shape.
+        given: Shape,
     },
     /// An existing group's shard count changed, which would misplace every stored property.
     #[error(
@@ -149,13 +152,13 @@ pub enum StoreError {
     /// redb failed.
     #[error("database: {0}")]
     Database(#[from] redb::Error),
-    /// The tree storage is inconsistent with the shape (a bug or corruption; verification heals
-    /// it).
-    #[error("tree: {detail}")]
-    Tree {
-        /// What was wrong.
-        detail: String,
-    },
+    /// The live tree refused: its storage is inconsistent with the shape (a bug or corruption;
+    /// verification heals it), or a read named a node the shape does not have.
+    #[error("tree: {0}")]
+    Tree(#[source] LiveError<Infallible>),
+    /// A shard's tree could not be built from its property rows.
+    #[error("tree rebuild: {0}")]
+    Rebuild(#[source] BuildError),
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}: {detail}")]
     Corrupt {
@@ -184,6 +187,24 @@ from_redb!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+impl From<Infallible> for StoreError {
+    fn from(never: Infallible) -> Self {
+        match never {}
+    }
+}
+
+/// Converts a live-tree error: a failure of the tree's storage is the store's own error (redb,
+/// a corrupt record); anything else is the tree's, kept as the source of [`StoreError::Tree`].
+pub(crate) fn tree_error<E>(error: LiveError<E>) -> StoreError
+where
+    E: std::error::Error + Into<StoreError> + 'static,
+{
+    match error.split_storage() {
+        Ok(tree) => StoreError::Tree(tree),
+        Err(storage) => storage.into(),
+    }
+}
 
 impl StoreError {
     /// The validation error, when the request was refused as bad input.

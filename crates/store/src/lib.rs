@@ -10,16 +10,20 @@
 //! nodes above them; tree reads flush first (or, on a snapshot, recompute in memory), so a tree is
 //! never stale. Acknowledged writes are synced to disk before the call returns.
 //!
-//! [`RepairStore`] is the narrow view the repair protocol uses; [`ModelStore`] implements it in
-//! memory and [`conformance`] checks that both implementations behave the same.
+//! [`RepairStore`] is the narrow view the repair protocol uses (defined in `propd-merkle`, so that
+//! the repair core links no database; re-exported here). With the `test-support` feature,
+//! `ModelStore` implements it in memory and `conformance` checks that both implementations
+//! behave the same.
 //!
 //! What this crate does not do: no networking, no async, no clock reads (times such as `now`
 //! are parameters), no placement (it stores whatever (group, shard) it is given within the group
 //! definitions) and no scheduling of verification, repair or purges (the node does that).
 
 pub mod config;
+#[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod error;
+#[cfg(feature = "test-support")]
 pub mod model;
 pub mod repair_view;
 pub mod store;
@@ -34,6 +38,7 @@ pub use config::{
     StoreConfig, TreeUpkeep, WriteDurability,
 };
 pub use error::{ConfigError, StoreError, ValidationError};
+#[cfg(feature = "test-support")]
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{

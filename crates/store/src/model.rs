@@ -2,13 +2,14 @@
 //! with the same semantics as the redb store, cheap to build, for protocol tests.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
 use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
-use crate::error::{ConfigError, StoreError, ValidationError};
+use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order};
 use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
 use crate::validate::{Checked, Rules, WriteKind};
@@ -33,8 +34,7 @@ impl ModelShard {
     fn new(shape: Shape) -> Result<Self, StoreError> {
         Ok(ModelShard {
             properties: BTreeMap::new(),
-            tree: LiveTree::new(shape, MemStorage::new())
-                .map_err(|error| ConfigError::Shape(error.to_string()))?,
+            tree: LiveTree::new(shape, MemStorage::new()).map_err(ConfigError::Shape)?,
             revision: 0,
             last_complete_repair: 0,
         })
@@ -43,7 +43,7 @@ impl ModelShard {
     fn put(&mut self, checked: Checked) -> Result<(), StoreError> {
         self.tree
             .upsert(&checked.entity, checked.digest)
-            .map_err(crate::store::tree_error)?;
+            .map_err(tree_error)?;
         self.properties.insert(checked.entity, checked.property);
         self.revision += 1;
         Ok(())
@@ -62,7 +62,7 @@ impl ModelShard {
     }
 
     fn flushed(&mut self) -> Result<&LiveTree<MemStorage>, StoreError> {
-        self.tree.flush().map_err(crate::store::tree_error)?;
+        self.tree.flush().map_err(tree_error)?;
         Ok(&self.tree)
     }
 }
@@ -70,9 +70,7 @@ impl ModelShard {
 impl ModelStore {
     /// An empty model store for these groups and tree shape, with the default size limit.
     pub fn new(groups: Vec<GroupDef>, shape: Shape) -> Result<Self, StoreError> {
-        shape
-            .validate()
-            .map_err(|error| ConfigError::Shape(error.to_string()))?;
+        shape.validate().map_err(ConfigError::Shape)?;
         Ok(ModelStore {
             rules: Rules {
                 groups: Groups::new(groups)?,
@@ -95,16 +93,11 @@ impl ModelStore {
     ) -> Result<T, StoreError> {
         self.rules.check_shard(group, shard)?;
         let mut shards = self.lock();
-        let key = (group.to_owned(), shard);
-        if !shards.contains_key(&key) {
-            shards.insert(key.clone(), ModelShard::new(self.rules.shape)?);
-        }
-        match shards.get_mut(&key) {
-            Some(state) => f(state),
-            None => Err(StoreError::Tree {
-                detail: format!("model shard {group}/{shard} vanished"),
-            }),
-        }
+        let state = match shards.entry((group.to_owned(), shard)) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(ModelShard::new(self.rules.shape)?),
+        };
+        f(state)
     }
 
     fn write_one(&self, checked: Checked) -> Result<RepairOutcome, StoreError> {
@@ -170,7 +163,7 @@ impl ModelStore {
     /// The shard's whole tree, fresh.
     pub fn tree(&self, group: &str, shard: u32) -> Result<Tree, StoreError> {
         self.with_shard(group, shard, |state| {
-            state.flushed()?.to_tree().map_err(crate::store::tree_error)
+            state.flushed()?.to_tree().map_err(tree_error)
         })
     }
 
@@ -215,10 +208,7 @@ impl ModelStore {
                 .collect();
             for entity in &doomed {
                 state.properties.remove(entity);
-                state
-                    .tree
-                    .remove(entity)
-                    .map_err(crate::store::tree_error)?;
+                state.tree.remove(entity).map_err(tree_error)?;
                 state.revision += 1;
             }
             Ok(PurgeReport {
@@ -247,10 +237,7 @@ impl RepairStore for ModelStore {
         node: NodeId,
     ) -> Result<Option<InnerNode>, StoreError> {
         self.with_shard(group, shard, |state| {
-            let inner = state
-                .flushed()?
-                .node(node)
-                .map_err(crate::store::tree_error)?;
+            let inner = state.flushed()?.node(node).map_err(tree_error)?;
             Ok((!inner.is_empty()).then_some(inner))
         })
     }
@@ -262,10 +249,7 @@ impl RepairStore for ModelStore {
         node: NodeId,
     ) -> Result<Vec<(NodeId, InnerNode)>, StoreError> {
         self.with_shard(group, shard, |state| {
-            state
-                .flushed()?
-                .children(node)
-                .map_err(crate::store::tree_error)
+            state.flushed()?.children(node).map_err(tree_error)
         })
     }
 
@@ -278,10 +262,7 @@ impl RepairStore for ModelStore {
         limit: usize,
     ) -> Result<Vec<Leaf>, StoreError> {
         self.with_shard(group, shard, |state| {
-            let leaves = state
-                .tree
-                .leaves_under(node)
-                .map_err(crate::store::tree_error)?;
+            let leaves = state.tree.leaves_under(node).map_err(tree_error)?;
             Ok(leaves
                 .into_iter()
                 .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
@@ -324,57 +305,5 @@ impl RepairStore for ModelStore {
             }
             Ok(outcomes)
         })
-    }
-}
-
-impl Rules {
-    /// Checks that an entity belongs to (group, shard).
-    pub(crate) fn check_member(
-        &self,
-        entity: &Entity,
-        group: &str,
-        shard: u32,
-    ) -> Result<(), ValidationError> {
-        self.check_shard(group, shard)?;
-        if entity.group() != group {
-            return Err(ValidationError::WrongGroup {
-                entity: entity.to_string(),
-                expected: group.to_owned(),
-            });
-        }
-        let actual = self.shard_of(entity)?;
-        if actual != shard {
-            return Err(ValidationError::WrongShard {
-                entity: entity.to_string(),
-                expected: shard,
-                actual,
-            });
-        }
-        Ok(())
-    }
-
-    /// Validates every item of a repair batch for (group, shard); the first refusal names its
-    /// index.
-    pub(crate) fn check_batch(
-        &self,
-        group: &str,
-        shard: u32,
-        batch: Vec<Property>,
-    ) -> Result<Vec<Checked>, StoreError> {
-        batch
-            .into_iter()
-            .enumerate()
-            .map(|(index, property)| {
-                let checked = if property.group != group {
-                    Err(ValidationError::WrongGroup {
-                        entity: format!("{}/{}/{}", property.group, property.name, property.id),
-                        expected: group.to_owned(),
-                    })
-                } else {
-                    self.check(property, WriteKind::Copy, Some(shard))
-                };
-                checked.map_err(|source| StoreError::BatchItem { index, source })
-            })
-            .collect()
     }
 }

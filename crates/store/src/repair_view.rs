@@ -1,113 +1,12 @@
-//! The narrow view of a node's store that the two-node repair protocol needs (STYLE 7), and the
-//! version-order decision both stores share.
+//! The repair protocol's view of a store: the trait and its types are defined in
+//! `propd_merkle::repair_store` (so that the repair core links no database) and re-exported here;
+//! this file keeps the version-order decision both of this crate's stores apply.
 
 use std::cmp::Ordering;
 
-use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape, version_order};
+use propd_merkle::{Entity, Property, Shape, version_order};
 
-/// What applying one incoming copy did (DESIGN §3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RepairOutcome {
-    /// The incoming copy was newer (or there was none) and is now stored.
-    Applied,
-    /// The stored copy is newer; it is returned so that the caller can send it back.
-    LocalNewer(Property),
-    /// The stored copy is identical to the incoming one; nothing changed.
-    Same,
-}
-
-/// The position of a leaf in `(bucket, entity)` order: the paging cursor of
-/// [`RepairStore::leaves_under`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeafKey {
-    /// The leaf's bucket index (at the shape's bucket level).
-    pub bucket: u64,
-    /// The leaf's entity.
-    pub entity: Entity,
-}
-
-impl LeafKey {
-    /// The key of a leaf.
-    pub fn of(leaf: &Leaf) -> Self {
-        LeafKey {
-            bucket: leaf.bucket,
-            entity: leaf.entity.clone(),
-        }
-    }
-}
-
-impl From<&Leaf> for LeafKey {
-    fn from(leaf: &Leaf) -> Self {
-        LeafKey::of(leaf)
-    }
-}
-
-/// The narrow view of one node's store that the two-node repair protocol needs.
-///
-/// Every tree read returns fresh digests (dirty nodes are recomputed first). Consecutive calls
-/// may see different states when writes continue in between: the protocol tolerates that, the
-/// next round settles it.
-pub trait RepairStore: Send + Sync {
-    /// The store's error.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// The tree shape this store uses for every shard.
-    fn shape(&self) -> Shape;
-
-    /// Whether this node holds (group, shard): the group is known and `shard < shard_num`.
-    fn has_shard(&self, group: &str, shard: u32) -> bool;
-
-    /// A fresh tree node (digest and leaf count); `None` for an empty subtree.
-    fn tree_node(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-    ) -> Result<Option<InnerNode>, Self::Error>;
-
-    /// The non-empty children of a node, in index order, with fresh digests (none for a bucket).
-    fn tree_children(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-    ) -> Result<Vec<(NodeId, InnerNode)>, Self::Error>;
-
-    /// Leaves under a node in `(bucket, entity)` order, starting strictly after `after` (for
-    /// paging), at most `limit` of them.
-    fn leaves_under(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-        after: Option<&LeafKey>,
-        limit: usize,
-    ) -> Result<Vec<Leaf>, Self::Error>;
-
-    /// Properties by entity (tombstones included), `None` where absent; one answer per entity in
-    /// input order. Every entity must belong to (group, shard).
-    fn get_many(
-        &self,
-        group: &str,
-        shard: u32,
-        entities: &[Entity],
-    ) -> Result<Vec<Option<Property>>, Self::Error>;
-
-    /// Applies incoming copies by the version order in one write transaction, in entity order;
-    /// returns one outcome per input, in input order. An entity given twice is applied twice, in
-    /// input order, the second against the result of the first.
-    ///
-    /// **Validation is all or nothing**: when any item is refused (bad entity, wrong group or
-    /// shard, oversize, bad revision), the call fails with an error naming the item's index
-    /// ([`crate::StoreError::BatchItem`]) and nothing of the batch is applied. A caller that
-    /// wants to go on drops that item, counts it as failed and applies the rest.
-    fn repair_apply_batch(
-        &self,
-        group: &str,
-        shard: u32,
-        batch: Vec<Property>,
-    ) -> Result<Vec<RepairOutcome>, Self::Error>;
-}
+pub use propd_merkle::repair_store::{LeafKey, RepairOutcome, RepairStore};
 
 /// Decides what applying `incoming` over `ours` does, by the total version order.
 pub(crate) fn decide(ours: Option<&Property>, incoming: &Property, shape: &Shape) -> RepairOutcome {

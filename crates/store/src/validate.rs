@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use propd_merkle::{Digest, Entity, Property, Shape, shard_of};
 
 use crate::config::{GroupDef, Groups};
-use crate::error::ValidationError;
+use crate::error::{StoreError, ValidationError};
 
 /// What a store checks every request against.
 #[derive(Debug, Clone)]
@@ -137,6 +137,56 @@ impl Rules {
             bytes,
             property,
         })
+    }
+
+    /// Checks that an entity belongs to (group, shard).
+    pub(crate) fn check_member(
+        &self,
+        entity: &Entity,
+        group: &str,
+        shard: u32,
+    ) -> Result<(), ValidationError> {
+        self.check_shard(group, shard)?;
+        if entity.group() != group {
+            return Err(ValidationError::WrongGroup {
+                entity: entity.to_string(),
+                expected: group.to_owned(),
+            });
+        }
+        let actual = self.shard_of(entity)?;
+        if actual != shard {
+            return Err(ValidationError::WrongShard {
+                entity: entity.to_string(),
+                expected: shard,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates every item of a repair batch for (group, shard); the first refusal names its
+    /// index.
+    pub(crate) fn check_batch(
+        &self,
+        group: &str,
+        shard: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<Checked>, StoreError> {
+        batch
+            .into_iter()
+            .enumerate()
+            .map(|(index, property)| {
+                let checked = if property.group != group {
+                    Err(ValidationError::WrongGroup {
+                        entity: format!("{}/{}/{}", property.group, property.name, property.id),
+                        expected: group.to_owned(),
+                    })
+                } else {
+                    self.check(property, WriteKind::Copy, Some(shard))
+                };
+                checked.map_err(|source| StoreError::BatchItem { index, source })
+            })
+            .collect()
     }
 }
 

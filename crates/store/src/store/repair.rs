@@ -1,0 +1,98 @@
+//! How the repair protocol sees the redb store: [`RepairStore`] over fresh snapshots for tree
+//! reads and the write path for batches of copies.
+
+use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
+
+use crate::error::{StoreError, tree_error};
+use crate::repair_view::{LeafKey, RepairOutcome, RepairStore};
+use crate::store::RedbStore;
+use crate::store::rows::{decode_row, open_read};
+use crate::tables::ShardTableNames;
+
+impl RepairStore for RedbStore {
+    type Error = StoreError;
+
+    fn shape(&self) -> Shape {
+        self.rules.shape
+    }
+
+    fn has_shard(&self, group: &str, shard: u32) -> bool {
+        self.rules.groups.has_shard(group, shard)
+    }
+
+    fn tree_node(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Option<InnerNode>, StoreError> {
+        let snapshot = self.fresh_snapshot(group, shard)?;
+        let inner = snapshot
+            .live_tree(group, shard)?
+            .node(node)
+            .map_err(tree_error)?;
+        Ok((!inner.is_empty()).then_some(inner))
+    }
+
+    fn tree_children(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Vec<(NodeId, InnerNode)>, StoreError> {
+        let snapshot = self.fresh_snapshot(group, shard)?;
+        snapshot
+            .live_tree(group, shard)?
+            .children(node)
+            .map_err(tree_error)
+    }
+
+    fn leaves_under(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+        after: Option<&LeafKey>,
+        limit: usize,
+    ) -> Result<Vec<Leaf>, StoreError> {
+        // Flushing first keeps the common case a plain range read of the leaf table.
+        self.fresh_snapshot(group, shard)?
+            .leaves_under(group, shard, node, after, limit)
+    }
+
+    fn get_many(
+        &self,
+        group: &str,
+        shard: u32,
+        entities: &[Entity],
+    ) -> Result<Vec<Option<Property>>, StoreError> {
+        for entity in entities {
+            self.rules.check_member(entity, group, shard)?;
+        }
+        let snapshot = self.snapshot()?;
+        let names = ShardTableNames::new(group, shard);
+        let Some(table) = open_read(&snapshot.txn, names.props())? else {
+            return Ok(vec![None; entities.len()]);
+        };
+        entities
+            .iter()
+            .map(|entity| match table.get(entity.as_str())? {
+                Some(guard) => Ok(Some(decode_row(
+                    &names.props,
+                    entity.as_str(),
+                    guard.value(),
+                )?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn repair_apply_batch(
+        &self,
+        group: &str,
+        shard: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<RepairOutcome>, StoreError> {
+        RedbStore::repair_apply_batch(self, group, shard, batch)
+    }
+}
