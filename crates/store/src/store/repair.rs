@@ -6,7 +6,7 @@ use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
 use crate::error::{StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore};
 use crate::store::RedbStore;
-use crate::store::rows::{decode_row, open_read};
+use crate::store::rows::{open_read, read_row};
 use crate::tables::ShardTableNames;
 
 impl RepairStore for RedbStore {
@@ -76,14 +76,7 @@ impl RepairStore for RedbStore {
         };
         entities
             .iter()
-            .map(|entity| match table.get(entity.as_str())? {
-                Some(guard) => Ok(Some(decode_row(
-                    &names.props,
-                    entity.as_str(),
-                    guard.value(),
-                )?)),
-                None => Ok(None),
-            })
+            .map(|entity| read_row(&table, &names.props, entity))
             .collect()
     }
 

@@ -59,6 +59,19 @@ pub(super) fn decode_row(table: &str, key: &str, value: &[u8]) -> Result<Propert
     })
 }
 
+/// The stored copy of `entity` in a shard's property table `table` (named `name`), `None` if
+/// absent.
+pub(super) fn read_row(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+    entity: &Entity,
+) -> Result<Option<Property>, StoreError> {
+    match table.get(entity.as_str())? {
+        Some(guard) => Ok(Some(decode_row(name, entity.as_str(), guard.value())?)),
+        None => Ok(None),
+    }
+}
+
 /// The net leaf changes of a shard's leaf log: the last entry per entity wins.
 pub(super) fn read_log(
     log: &impl ReadableTable<u64, &'static [u8]>,

@@ -1,5 +1,5 @@
 //! What a reader sees: a [`Snapshot`] is one redb read transaction, so lookups, scans and trees
-//! all see the same state while writes continue; and the store's reads that need no more than one.
+//! all see the same state while writes continue; the store's own lookups each take one.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use redb::{ReadTransaction, ReadableDatabase};
 
 use crate::error::StoreError;
 use crate::store::RedbStore;
-use crate::store::rows::{decode_row, open_read, read_meta_snapshot};
+use crate::store::rows::{decode_row, open_read, read_meta_snapshot, read_row};
 use crate::tables::ShardTableNames;
 use crate::validate::Rules;
 
@@ -39,14 +39,7 @@ impl Snapshot {
         let Some(table) = open_read(&self.txn, names.props())? else {
             return Ok(None);
         };
-        match table.get(entity.as_str())? {
-            Some(guard) => Ok(Some(decode_row(
-                &names.props,
-                entity.as_str(),
-                guard.value(),
-            )?)),
-            None => Ok(None),
-        }
+        read_row(&table, &names.props, entity)
     }
 
     /// Every property of the shard (tombstones included) in entity order.

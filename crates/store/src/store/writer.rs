@@ -13,7 +13,7 @@ use crate::config::TreeUpkeep;
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{RepairOutcome, decide, entity_order};
 use crate::store::RedbStore;
-use crate::store::rows::{build_from_rows, decode_row, read_log, read_meta};
+use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
 use crate::tree_store::TxnTree;
 use crate::validate::{Checked, WriteKind};
@@ -93,14 +93,7 @@ impl<'txn> ShardWriter<'txn> {
     }
 
     fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
-        match self.props.get(entity.as_str())? {
-            Some(guard) => Ok(Some(decode_row(
-                &self.names.props,
-                entity.as_str(),
-                guard.value(),
-            )?)),
-            None => Ok(None),
-        }
+        read_row(&self.props, &self.names.props, entity)
     }
 
     fn bump(&mut self) {
