@@ -10,7 +10,7 @@ use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Proper
 
 use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order};
+use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order, page_after};
 use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
 use crate::validate::{Checked, Rules, WriteKind};
 
@@ -263,11 +263,7 @@ impl RepairStore for ModelStore {
     ) -> Result<Vec<Leaf>, StoreError> {
         self.with_shard(group, shard, |state| {
             let leaves = state.tree.leaves_under(node).map_err(tree_error)?;
-            Ok(leaves
-                .into_iter()
-                .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
-                .take(limit)
-                .collect())
+            Ok(page_after(leaves, after, limit))
         })
     }
 

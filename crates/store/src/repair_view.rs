@@ -1,10 +1,11 @@
 //! The repair protocol's view of a store: the trait and its types are defined in
 //! `propd_merkle::repair_store` (so that the repair core links no database) and re-exported here;
-//! this file keeps the version-order decision both of this crate's stores apply.
+//! this file keeps what both of this crate's stores do alike behind it: the version-order
+//! decision, the order a batch is applied in, and a page of leaves after a cursor.
 
 use std::cmp::Ordering;
 
-use propd_merkle::{Entity, Property, Shape, version_order};
+use propd_merkle::{Entity, Leaf, Property, Shape, version_order};
 
 pub use propd_merkle::repair_store::{LeafKey, RepairOutcome, RepairStore};
 
@@ -26,4 +27,13 @@ pub(crate) fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Ve
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| entity(&items[a]).cmp(entity(&items[b])));
     order
+}
+
+/// One page of leaves in `(bucket, entity)` order: those strictly after `after`, at most `limit`.
+pub(crate) fn page_after(leaves: Vec<Leaf>, after: Option<&LeafKey>, limit: usize) -> Vec<Leaf> {
+    leaves
+        .into_iter()
+        .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
+        .take(limit)
+        .collect()
 }

@@ -9,6 +9,7 @@ use redb::ReadableTableMetadata;
 
 use crate::codec::decode_digest;
 use crate::error::{ConfigError, StoreError, tree_error};
+use crate::repair_view::page_after;
 use crate::store::RedbStore;
 use crate::store::rows::{build_from_rows, open_read, read_log};
 use crate::store::snapshot::Snapshot;
@@ -116,11 +117,7 @@ impl Snapshot {
                 .live_tree(group, shard)?
                 .leaves_under(node)
                 .map_err(tree_error)?;
-            return Ok(leaves
-                .into_iter()
-                .filter(|leaf| after.is_none_or(|after| LeafKey::of(leaf) > *after))
-                .take(limit)
-                .collect());
+            return Ok(page_after(leaves, after, limit));
         }
         let Some(table) = open_read(&self.txn, names.leaves())? else {
             return Ok(Vec::new());
