@@ -17,7 +17,7 @@ use crate::sync::Gossip;
 
 /// The `AdminService` of one node.
 #[derive(Clone)]
-pub struct AdminApi {
+pub(crate) struct AdminApi {
     node: Arc<NodeState>,
     gossip: Gossip,
 }
@@ -32,13 +32,13 @@ impl std::fmt::Debug for AdminApi {
 
 impl AdminApi {
     /// The service over a node's state and its gossip driver.
-    pub fn new(node: Arc<NodeState>, gossip: Gossip) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>, gossip: Gossip) -> Self {
         Self { node, gossip }
     }
 }
 
 /// Starts a round for (group, shard) with this node as origin.
-pub fn start_round(
+pub(crate) fn start_round(
     node: &NodeState,
     gossip: &Gossip,
     group: &str,

@@ -7,19 +7,19 @@ use propd_proto::v1;
 
 /// Wire to domain: validates the entity and rejects a tag without a value or a repeated key;
 /// the error names the tag.
-pub fn property_from_wire(wire: v1::Property) -> Result<Property, String> {
+pub(crate) fn property_from_wire(wire: v1::Property) -> Result<Property, String> {
     propd_repair::property_from_proto(wire)
         .map(|(_, property)| property)
         .map_err(|error| error.to_string())
 }
 
 /// Domain to wire (tags in key order, as the canonical form has them).
-pub fn property_to_wire(property: &Property) -> v1::Property {
+pub(crate) fn property_to_wire(property: &Property) -> v1::Property {
     propd_repair::property_to_proto(property)
 }
 
 /// A domain tag value on the wire.
-pub fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
+pub(crate) fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
     v1::TagValue {
         value: Some(match value {
             TagValue::Str(s) => v1::tag_value::Value::Str(s.clone()),
@@ -30,7 +30,7 @@ pub fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
 }
 
 /// A wire tag value as a domain one, `None` when unset.
-pub fn tag_value_from_wire(value: Option<v1::TagValue>) -> Option<TagValue> {
+pub(crate) fn tag_value_from_wire(value: Option<v1::TagValue>) -> Option<TagValue> {
     match value?.value? {
         v1::tag_value::Value::Str(s) => Some(TagValue::Str(s)),
         v1::tag_value::Value::Int(i) => Some(TagValue::Int(i)),

@@ -11,10 +11,9 @@ use std::time::Duration;
 use propd_merkle::{Entity, Property, TagValue, shard_of, version_order};
 use propd_proto::v1;
 use propd_proto::v1::property_service_server::PropertyService;
-use propd_store::{Query, RepairOutcome, StoreError};
+use propd_store::{GroupDef, Query, RepairOutcome, StoreError};
 use tonic::{Request, Response, Status};
 
-use crate::config::GroupConfig;
 use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
 use crate::node::{NodeState, now_nanos};
 use crate::peers::is_unreachable;
@@ -22,28 +21,28 @@ use crate::peers::is_unreachable;
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// The query limit when the client gives none.
-pub const DEFAULT_QUERY_LIMIT: usize = 1000;
+pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
 /// The `PropertyService` of one node.
 #[derive(Debug, Clone)]
-pub struct PropertyApi {
+pub(crate) struct PropertyApi {
     node: Arc<NodeState>,
 }
 
 impl PropertyApi {
     /// The service over a node's state.
-    pub fn new(node: Arc<NodeState>) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
         Self { node }
     }
 }
 
 /// A refused request: `InvalidArgument` naming the field.
-pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
 /// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
-pub fn store_status(error: StoreError) -> Status {
+pub(crate) fn store_status(error: StoreError) -> Status {
     match error.validation() {
         Some(_) => Status::invalid_argument(error.to_string()),
         None => {
@@ -54,7 +53,7 @@ pub fn store_status(error: StoreError) -> Status {
 }
 
 /// Runs a blocking store call off the async workers.
-pub async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     node: &Arc<NodeState>,
     work: impl FnOnce(&NodeState) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
@@ -66,7 +65,7 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 impl PropertyApi {
-    fn group(&self, name: &str) -> Result<GroupConfig, Status> {
+    fn group(&self, name: &str) -> Result<GroupDef, Status> {
         self.node
             .placement
             .group(name)
@@ -74,12 +73,7 @@ impl PropertyApi {
             .ok_or_else(|| invalid("group", format!("unknown group {name:?}")))
     }
 
-    fn entity(
-        &self,
-        group: &str,
-        name: &str,
-        id: &str,
-    ) -> Result<(Entity, GroupConfig, u32), Status> {
+    fn entity(&self, group: &str, name: &str, id: &str) -> Result<(Entity, GroupDef, u32), Status> {
         let entity = Entity::new(group, name, id).map_err(|error| invalid("entity", error))?;
         let config = self.group(group)?;
         let shard = shard_for(&entity, &config);
@@ -102,7 +96,7 @@ impl PropertyApi {
     /// acknowledged and whether any held a live copy before.
     async fn replicate(
         &self,
-        group: &GroupConfig,
+        group: &GroupDef,
         shard: u32,
         property: Property,
     ) -> (u32, u32, bool) {
@@ -133,7 +127,7 @@ impl PropertyApi {
     /// Every copy of (group, shard) that answers, with what it holds of `entity`.
     async fn read_copies(
         &self,
-        group: &GroupConfig,
+        group: &GroupDef,
         shard: u32,
         entity: &Entity,
     ) -> Vec<(String, Option<Property>)> {
@@ -223,7 +217,7 @@ async fn write_copy(
 }
 
 /// The shard of an entity in a validated group.
-fn shard_for(entity: &Entity, group: &GroupConfig) -> u32 {
+fn shard_for(entity: &Entity, group: &GroupDef) -> u32 {
     let shard_num = std::num::NonZeroU32::new(group.shard_num).unwrap_or(std::num::NonZeroU32::MIN);
     shard_of(entity, shard_num)
 }

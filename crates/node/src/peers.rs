@@ -16,11 +16,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::Member;
 
 /// How long connecting to a member may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The other members' channels and health.
 #[derive(Debug)]
-pub struct Peers {
+pub(crate) struct Peers {
     me: String,
     channels: HashMap<String, Channel>,
     up: Mutex<HashMap<String, bool>>,
@@ -29,7 +29,7 @@ pub struct Peers {
 impl Peers {
     /// Lazy channels to every member but `me`; all start as up (optimistic until a probe says
     /// otherwise).
-    pub fn new(me: &str, members: &[Member]) -> Self {
+    pub(crate) fn new(me: &str, members: &[Member]) -> Self {
         let mut channels = HashMap::new();
         let mut up = HashMap::new();
         for member in members.iter().filter(|m| m.id != me) {
@@ -47,18 +47,13 @@ impl Peers {
         }
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
-
     /// The channel to a member, `None` for this node or an unknown id.
-    pub fn channel(&self, id: &str) -> Option<Channel> {
+    pub(crate) fn channel(&self, id: &str) -> Option<Channel> {
         self.channels.get(id).cloned()
     }
 
     /// A property API client for a member.
-    pub fn property_client(&self, id: &str) -> Option<PropertyServiceClient<Channel>> {
+    pub(crate) fn property_client(&self, id: &str) -> Option<PropertyServiceClient<Channel>> {
         self.channel(id).map(|channel| {
             PropertyServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -67,12 +62,12 @@ impl Peers {
     }
 
     /// An admin client for a member.
-    pub fn admin_client(&self, id: &str) -> Option<AdminServiceClient<Channel>> {
+    pub(crate) fn admin_client(&self, id: &str) -> Option<AdminServiceClient<Channel>> {
         self.channel(id).map(AdminServiceClient::new)
     }
 
     /// Whether a member is believed up (this node always is).
-    pub fn is_up(&self, id: &str) -> bool {
+    pub(crate) fn is_up(&self, id: &str) -> bool {
         id == self.me
             || self
                 .up
@@ -84,7 +79,7 @@ impl Peers {
     }
 
     /// Records what a probe or call saw; returns true when the member just came back up.
-    pub fn set_up(&self, id: &str, up: bool) -> bool {
+    pub(crate) fn set_up(&self, id: &str, up: bool) -> bool {
         let mut map = self.up.lock().expect("peers lock poisoned");
         match map.get_mut(id) {
             Some(state) => {
@@ -97,7 +92,7 @@ impl Peers {
     }
 
     /// The other members' ids.
-    pub fn others(&self) -> Vec<String> {
+    pub(crate) fn others(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.channels.keys().cloned().collect();
         ids.sort();
         ids
@@ -106,7 +101,7 @@ impl Peers {
 
 /// Whether a call's status means the peer could not be reached (as opposed to the peer
 /// answering with an error).
-pub fn is_unreachable(status: &tonic::Status) -> bool {
+pub(crate) fn is_unreachable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable

@@ -13,7 +13,7 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
-use propd_store::{GroupDef, RedbStore, StoreConfig, VerifyOutcome};
+use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
 use tokio::sync::watch;
 
 use crate::admin::{AdminApi, start_round};
@@ -32,7 +32,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs a node until SIGINT or SIGTERM.
-pub async fn serve(config: Config) -> Result<()> {
+pub(crate) async fn serve(config: Config) -> Result<()> {
     init_tracing();
     #[allow(
         clippy::print_stdout,
@@ -87,9 +87,7 @@ async fn wait_for_signal() {
 
 /// A started node: its servers and tasks.
 #[derive(Debug)]
-pub struct Running {
-    /// The node's shared state.
-    pub node: Arc<NodeState>,
+pub(crate) struct Running {
     servers: Vec<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -97,7 +95,7 @@ pub struct Running {
 impl Running {
     /// Waits (at most `grace`) for the servers to drain after shutdown was signalled, then
     /// stops the background tasks.
-    pub async fn stopped(self, grace: Duration) {
+    pub(crate) async fn stopped(self, grace: Duration) {
         for task in &self.tasks {
             task.abort();
         }
@@ -119,16 +117,12 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
-pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
+pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         ..StoreConfig::new(
             &config.data_dir,
-            config
-                .groups
-                .iter()
-                .map(|g| GroupDef::new(g.name.clone(), g.shard_num, g.replicas))
-                .collect(),
+            config.groups.iter().cloned().collect(),
             Shape::default(),
         )
     };
@@ -205,11 +199,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Ru
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
     ];
-    Ok(Running {
-        node,
-        servers,
-        tasks,
-    })
+    Ok(Running { servers, tasks })
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {

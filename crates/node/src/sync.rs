@@ -20,11 +20,11 @@ use tokio::sync::Mutex;
 use crate::node::NodeState;
 
 /// This node's gossip driver.
-pub type Gossip = GossipDriver<RepairSync>;
+pub(crate) type Gossip = GossipDriver<RepairSync>;
 
 /// Runs syncs for the gossip with the repair client, paced by the repair throttle.
 #[derive(Debug)]
-pub struct RepairSync {
+pub(crate) struct RepairSync {
     node: Arc<NodeState>,
     /// The earliest time the next sync may start under the throttle.
     next_start: Mutex<Instant>,
@@ -32,7 +32,7 @@ pub struct RepairSync {
 
 impl RepairSync {
     /// Syncs over a node's store and peers.
-    pub fn new(node: Arc<NodeState>) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
         Self {
             node,
             next_start: Mutex::new(Instant::now()),
@@ -149,7 +149,7 @@ fn is_unreachable(error: &SyncError) -> bool {
 }
 
 /// The `RepairService` other nodes sync against.
-pub fn repair_service(node: &NodeState) -> RepairServiceServer<RepairServer<RedbStore>> {
+pub(crate) fn repair_service(node: &NodeState) -> RepairServiceServer<RepairServer<RedbStore>> {
     let config = TransportConfig {
         timeout: node.config.repair.sync_timeout,
         ..TransportConfig::default()
