@@ -12,7 +12,7 @@ use propd_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{blocking, invalid};
-use crate::node::{NodeState, now_nanos};
+use crate::node::{NodeState, lock, now_nanos};
 use crate::sync::Gossip;
 
 /// The `AdminService` of one node.
@@ -177,12 +177,7 @@ impl AdminService for AdminApi {
                 shard,
             };
             let running = u64::from(self.gossip.running(&key).is_some());
-            let pending = node
-                .misses
-                .lock()
-                .expect("misses lock poisoned")
-                .pending(&group, shard)
-                + running;
+            let pending = lock(&node.misses).pending(&group, shard) + running;
             shards.push(v1::ShardStatus {
                 group,
                 shard,

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::node::lock;
+
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -79,7 +81,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Records a successful round for (group, shard) at `unix_seconds`.
     pub(crate) fn set_last_repair(&self, group: &str, shard: u32, unix_seconds: u64) {
-        let mut map = self.last_repair.lock().expect("metrics lock poisoned");
+        let mut map = lock(&self.last_repair);
         map.insert((group.to_owned(), shard), unix_seconds);
     }
 
@@ -200,7 +202,7 @@ impl Metrics {
             out,
             "# HELP {name} Seconds since the last successful repair round of the shard (-1: never).\n# TYPE {name} gauge"
         );
-        let map = self.last_repair.lock().expect("metrics lock poisoned");
+        let map = lock(&self.last_repair);
         for (group, shard) in shards {
             let age = map
                 .get(&(group.clone(), *shard))

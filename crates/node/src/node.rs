@@ -2,7 +2,7 @@
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use propd_store::{GroupDef, RedbStore};
@@ -91,16 +91,24 @@ impl NodeState {
 
     /// Remembers that a write to (group, shard) missed `node`.
     pub(crate) fn record_miss(&self, node: &str, group: &str, shard: u32) {
-        self.misses
-            .lock()
-            .expect("misses lock poisoned")
-            .record(node, group, shard);
+        lock(&self.misses).record(node, group, shard);
     }
 
     /// Whether background repair is paused.
     pub(crate) fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
     }
+}
+
+/// Locks `mutex`; a lock poisoned by a panic elsewhere is recovered, not propagated.
+///
+/// This is the node's one lock-poisoning policy. Every mutex in the node guards bookkeeping
+/// (member health, missed writes, round due times, last-repair times) changed by single map
+/// operations that leave it consistent at every step, so a panic while holding the lock cannot
+/// leave half an update behind. Recovering keeps the node serving and repairing instead of
+/// turning one panicked task into a panic in every later caller.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Unix time in nanoseconds.

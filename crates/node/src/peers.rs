@@ -14,6 +14,7 @@ use propd_proto::v1::property_service_client::PropertyServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Member;
+use crate::node::lock;
 
 /// How long connecting to a member may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,19 +69,12 @@ impl Peers {
 
     /// Whether a member is believed up (this node always is).
     pub(crate) fn is_up(&self, id: &str) -> bool {
-        id == self.me
-            || self
-                .up
-                .lock()
-                .expect("peers lock poisoned")
-                .get(id)
-                .copied()
-                .unwrap_or(false)
+        id == self.me || lock(&self.up).get(id).copied().unwrap_or(false)
     }
 
     /// Records what a probe or call saw; returns true when the member just came back up.
     pub(crate) fn set_up(&self, id: &str, up: bool) -> bool {
-        let mut map = self.up.lock().expect("peers lock poisoned");
+        let mut map = lock(&self.up);
         match map.get_mut(id) {
             Some(state) => {
                 let came_back = up && !*state;

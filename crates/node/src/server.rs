@@ -20,7 +20,7 @@ use crate::admin::{AdminApi, start_round};
 use crate::config::Config;
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
-use crate::node::{NodeState, now_millis, now_nanos};
+use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::schedule::{CronWindow, designated_origin};
 use crate::sync::{Gossip, RepairSync};
 
@@ -291,7 +291,7 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
         error = result.error.as_deref().unwrap_or(""),
         "repair round ended"
     );
-    node.rounds.lock().expect("rounds lock poisoned").postpone(
+    lock(&node.rounds).postpone(
         &(context.key.group.clone(), context.key.shard),
         now_millis(),
         period_ms(node),
@@ -365,11 +365,7 @@ async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
                 }
             }
         }
-        let due =
-            node.rounds
-                .lock()
-                .expect("rounds lock poisoned")
-                .due(&mine, now_ms, period_ms(&node));
+        let due = lock(&node.rounds).due(&mine, now_ms, period_ms(&node));
         for (group, shard) in due {
             if let Err(status) = start_round(&node, &gossip, &group, shard, false) {
                 tracing::info!(group, shard, %status, "scheduled round not started");
@@ -396,11 +392,7 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             if !up || node.is_paused() || !node.config.repair.enabled {
                 continue;
             }
-            let missed = node
-                .misses
-                .lock()
-                .expect("misses lock poisoned")
-                .node_is_back(&peer);
+            let missed = lock(&node.misses).node_is_back(&peer);
             for (group, shard) in missed {
                 match start_round(&node, &gossip, &group, shard, false) {
                     Ok(message_id) => {
