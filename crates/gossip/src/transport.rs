@@ -25,7 +25,7 @@ use crate::engine::{
 };
 use crate::results::RecentResults;
 use crate::sync::SyncWork;
-use crate::types::{MessageId, Millis, NodeId, Propagation, PropagationResult, ShardKey};
+use crate::types::{MemberId, MessageId, Millis, Propagation, PropagationResult, ShardKey};
 
 /// Settings of the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,16 +93,16 @@ pub enum WaitError {
 /// Everything guarded by the driver's one lock.
 struct State {
     engine: Engine,
-    members: HashMap<NodeId, String>,
-    channels: HashMap<NodeId, Channel>,
+    members: HashMap<MemberId, String>,
+    channels: HashMap<MemberId, Channel>,
     results: RecentResults,
     waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
-    syncs: HashMap<(MessageId, NodeId), AbortHandle>,
+    syncs: HashMap<(MessageId, MemberId), AbortHandle>,
     finished: broadcast::Sender<PropagationResult>,
 }
 
 struct Inner<S> {
-    me: NodeId,
+    me: MemberId,
     config: DriverConfig,
     sync: S,
     state: Mutex<State>,
@@ -130,8 +130,8 @@ impl<S: SyncWork> GossipDriver<S> {
     /// A driver for node `me` that reaches the other nodes at `members` (node id to a URI such
     /// as `http://10.0.0.7:7700`) and runs syncs through `sync`.
     pub fn new(
-        me: NodeId,
-        members: HashMap<NodeId, String>,
+        me: MemberId,
+        members: HashMap<MemberId, String>,
         sync: S,
         config: DriverConfig,
     ) -> Self {
@@ -167,7 +167,7 @@ impl<S: SyncWork> GossipDriver<S> {
 
     /// Replaces the membership. Channels to members whose address changed or who left are
     /// dropped; new ones connect lazily on first use.
-    pub fn set_members(&self, members: HashMap<NodeId, String>) {
+    pub fn set_members(&self, members: HashMap<MemberId, String>) {
         let mut state = self.inner.lock();
         let State {
             channels,
