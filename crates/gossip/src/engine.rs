@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::sync::{SyncFailure, SyncOutcome, SyncRequest};
 use crate::types::{
-    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
     SpanKind, SyncReport, TraceSpan, max_count,
 };
 
@@ -41,7 +41,7 @@ pub struct StartRequest {
     /// The (group, shard) to repair.
     pub key: ShardKey,
     /// The shard's node list in placement order (computed by the caller).
-    pub nodes: Vec<NodeId>,
+    pub nodes: Vec<MemberId>,
     /// Compute differences without applying them.
     pub preview: bool,
 }
@@ -60,11 +60,11 @@ pub enum ContextError {
     #[error("node list holds {node:?} more than once")]
     DuplicateNode {
         /// The repeated id.
-        node: NodeId,
+        node: MemberId,
     },
-    /// A node id in the list is empty.
+    /// A member id in the list is empty.
     #[error("node list entry {index} is an empty node id")]
-    EmptyNodeId {
+    EmptyMemberId {
         /// Its position in the list.
         index: usize,
     },
@@ -81,9 +81,9 @@ pub enum ContextError {
     #[error("node {node:?} is not in the node list {nodes:?}")]
     NotInList {
         /// The receiving node.
-        node: NodeId,
+        node: MemberId,
         /// The list it was sent.
-        nodes: Vec<NodeId>,
+        nodes: Vec<MemberId>,
     },
     /// `max_count` is not `2n - 3` for the list's length.
     #[error("max_count is {max_count}, expected {expected} for {n} nodes")]
@@ -151,12 +151,12 @@ pub enum Command {
         /// The round.
         message_id: MessageId,
         /// The peer of the sync.
-        peer: NodeId,
+        peer: MemberId,
     },
     /// Send the round to `to` and feed the answer to [`Engine::handle_hand_off`].
     HandOff {
         /// The next node.
-        to: NodeId,
+        to: MemberId,
         /// The round as it leaves this node.
         propagation: Propagation,
     },
@@ -164,7 +164,7 @@ pub enum Command {
     /// [`Engine::handle_report`] there.
     Report {
         /// The origin.
-        to: NodeId,
+        to: MemberId,
         /// The result.
         result: PropagationResult,
     },
@@ -176,9 +176,9 @@ pub enum Command {
 #[derive(Clone, Debug)]
 enum HeldState {
     /// Syncing with `peer` since `since`.
-    Syncing { peer: NodeId, since: Millis },
+    Syncing { peer: MemberId, since: Millis },
     /// Handing the round to `to` since `since`.
-    HandingOff { to: NodeId, since: Millis },
+    HandingOff { to: MemberId, since: Millis },
 }
 
 /// A round this node holds.
@@ -203,7 +203,7 @@ struct OriginRound {
 /// The propagation state machine of one node.
 #[derive(Debug)]
 pub struct Engine {
-    me: NodeId,
+    me: MemberId,
     config: Config,
     sequence: u64,
     held: BTreeMap<ShardKey, Held>,
@@ -220,7 +220,7 @@ const REMEMBERED_HOPS: usize = 1024;
 impl Engine {
     /// An engine for node `me`.
     #[must_use]
-    pub fn new(me: NodeId, config: Config) -> Self {
+    pub fn new(me: MemberId, config: Config) -> Self {
         Engine {
             me,
             config,
@@ -460,7 +460,7 @@ impl Engine {
         })
     }
 
-    fn begin_sync(&mut self, now: Millis, key: &ShardKey, peer: NodeId) {
+    fn begin_sync(&mut self, now: Millis, key: &ShardKey, peer: MemberId) {
         let Some(held) = self.held.get_mut(key) else {
             return;
         };
@@ -585,7 +585,7 @@ impl Engine {
         }
     }
 
-    fn hand_off(&mut self, now: Millis, key: &ShardKey, to: NodeId) {
+    fn hand_off(&mut self, now: Millis, key: &ShardKey, to: MemberId) {
         let Some(held) = self.held.get_mut(key) else {
             return;
         };
@@ -829,14 +829,14 @@ impl Engine {
     }
 }
 
-fn validate_nodes(nodes: &[NodeId]) -> Result<(), ContextError> {
+fn validate_nodes(nodes: &[MemberId]) -> Result<(), ContextError> {
     if nodes.len() < 2 {
         return Err(ContextError::TooFewNodes { count: nodes.len() });
     }
     let mut seen = BTreeSet::new();
     for (index, node) in nodes.iter().enumerate() {
         if node.is_empty() {
-            return Err(ContextError::EmptyNodeId { index });
+            return Err(ContextError::EmptyMemberId { index });
         }
         if !seen.insert(node.as_str()) {
             return Err(ContextError::DuplicateNode { node: node.clone() });

@@ -50,6 +50,6 @@ pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcom
 pub use results::RecentResults;
 pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
 pub use types::{
-    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
     SpanKind, SyncReport, TraceSpan, max_count,
 };

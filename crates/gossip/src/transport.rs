@@ -12,20 +12,21 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1 as pb;
 use propd_proto::v1::gossip_service_client::GossipServiceClient;
 use propd_proto::v1::gossip_service_server::{GossipService, GossipServiceServer};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::engine::{
     Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest,
 };
 use crate::results::RecentResults;
 use crate::sync::SyncWork;
-use crate::types::{MessageId, Millis, NodeId, Propagation, PropagationResult, ShardKey};
+use crate::types::{MemberId, MessageId, Millis, Propagation, PropagationResult, ShardKey};
 
 /// Settings of the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,16 +94,16 @@ pub enum WaitError {
 /// Everything guarded by the driver's one lock.
 struct State {
     engine: Engine,
-    members: HashMap<NodeId, String>,
-    channels: HashMap<NodeId, Channel>,
+    members: HashMap<MemberId, String>,
+    channels: HashMap<MemberId, Channel>,
     results: RecentResults,
     waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
-    syncs: HashMap<(MessageId, NodeId), AbortHandle>,
+    syncs: HashMap<(MessageId, MemberId), AbortHandle>,
     finished: broadcast::Sender<PropagationResult>,
 }
 
 struct Inner<S> {
-    me: NodeId,
+    me: MemberId,
     config: DriverConfig,
     sync: S,
     state: Mutex<State>,
@@ -130,8 +131,8 @@ impl<S: SyncWork> GossipDriver<S> {
     /// A driver for node `me` that reaches the other nodes at `members` (node id to a URI such
     /// as `http://10.0.0.7:7700`) and runs syncs through `sync`.
     pub fn new(
-        me: NodeId,
-        members: HashMap<NodeId, String>,
+        me: MemberId,
+        members: HashMap<MemberId, String>,
         sync: S,
         config: DriverConfig,
     ) -> Self {
@@ -167,7 +168,7 @@ impl<S: SyncWork> GossipDriver<S> {
 
     /// Replaces the membership. Channels to members whose address changed or who left are
     /// dropped; new ones connect lazily on first use.
-    pub fn set_members(&self, members: HashMap<NodeId, String>) {
+    pub fn set_members(&self, members: HashMap<MemberId, String>) {
         let mut state = self.inner.lock();
         let State {
             channels,
@@ -415,7 +416,7 @@ impl<S: SyncWork> Inner<S> {
                     }
                 }
             }
-            Err(status) if retryable(&status) => HandOffOutcome::Unreachable {
+            Err(status) if is_unreachable(&status) => HandOffOutcome::Unreachable {
                 error: format!("{to}: {:?}: {}", status.code(), status.message()),
             },
             Err(status) => HandOffOutcome::Rejected {
@@ -447,7 +448,7 @@ impl<S: SyncWork> Inner<S> {
 }
 
 /// Calls `call` up to `config.attempts` times, backing off between calls that fail with a
-/// transport error (see [`retryable`]); returns the last error when every call failed.
+/// transport error (see [`is_unreachable`]: worth a retry, then a skip); returns the last error when every call failed.
 async fn with_retries<T, F, Fut>(config: &DriverConfig, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
@@ -458,7 +459,7 @@ where
     loop {
         match call().await {
             Ok(value) => return Ok(value),
-            Err(status) if retryable(&status) && attempt < config.attempts => {
+            Err(status) if is_unreachable(&status) && attempt < config.attempts => {
                 tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.backoff_max);
@@ -473,14 +474,6 @@ fn client(channel: Channel) -> GossipServiceClient<Channel> {
     GossipServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// Whether a failed call says the peer could not be reached (worth a retry, then a skip).
-fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
 }
 
 /// The `GossipService` of one node; get it from [`GossipDriver::service`].
@@ -530,6 +523,8 @@ impl<S: SyncWork> GossipService for GossipServer<S> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tonic::Code;
 
     use super::*;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use propd_merkle::{Entity, Property, Shape, TagValue, shard_of, version_order};
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1;
 use propd_proto::v1::property_service_server::PropertyService;
 use propd_store::{GroupDef, Query, RepairOutcome, StoreError};
@@ -16,7 +17,6 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
 use crate::node::{NodeState, now_nanos};
-use crate::peers::is_unreachable;
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);

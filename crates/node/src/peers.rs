@@ -92,15 +92,3 @@ impl Peers {
         ids
     }
 }
-
-/// Whether a call's status means the peer could not be reached (as opposed to the peer
-/// answering with an error).
-pub(crate) fn is_unreachable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-    )
-}
