@@ -8,49 +8,58 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use propd_gossip::transport::MemberChannels;
 use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Member;
 use crate::node::lock;
 
 /// How long connecting to a member may take.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The other members' channels and health.
+/// The one channel to each member, shared by the property API, repair, the probes and the
+/// gossip driver, and the other members' health.
 #[derive(Debug)]
 pub(crate) struct Peers {
     me: String,
-    channels: HashMap<String, Channel>,
+    channels: MemberChannels,
     up: Mutex<HashMap<String, bool>>,
 }
 
 impl Peers {
-    /// Lazy channels to every member but `me`; all start as up (optimistic until a probe says
-    /// otherwise).
+    /// Lazy channels to every member (this node's too: the gossip may report to itself); every
+    /// other member starts as up (optimistic until a probe says otherwise).
     pub(crate) fn new(me: &str, members: &[Member]) -> Self {
-        let mut channels = HashMap::new();
-        let mut up = HashMap::new();
-        for member in members.iter().filter(|m| m.id != me) {
-            let endpoint = Endpoint::from_shared(format!("http://{}", member.addr))
-                .expect("a socket address is a valid URI")
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true);
-            channels.insert(member.id.clone(), endpoint.connect_lazy());
-            up.insert(member.id.clone(), true);
-        }
+        let addresses = members
+            .iter()
+            .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+            .collect();
+        let up = members
+            .iter()
+            .filter(|m| m.id != me)
+            .map(|m| (m.id.clone(), true))
+            .collect();
         Self {
             me: me.to_owned(),
-            channels,
+            channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
             up: Mutex::new(up),
         }
     }
 
-    /// The channel to a member, `None` for this node or an unknown id.
+    /// The pool of channels, for the gossip driver.
+    pub(crate) fn channels(&self) -> MemberChannels {
+        self.channels.clone()
+    }
+
+    /// The channel to another member, `None` for this node or an unknown id.
     pub(crate) fn channel(&self, id: &str) -> Option<Channel> {
-        self.channels.get(id).cloned()
+        if id == self.me {
+            return None;
+        }
+        self.channels.channel(id)
     }
 
     /// A property API client for a member.
@@ -87,7 +96,7 @@ impl Peers {
 
     /// The other members' ids.
     pub(crate) fn others(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.channels.keys().cloned().collect();
+        let mut ids: Vec<String> = lock(&self.up).keys().cloned().collect();
         ids.sort();
         ids
     }

@@ -1,7 +1,6 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,23 +132,16 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let node = Arc::new(NodeState::new(config, store));
     load_last_repairs(&node).await;
 
-    let members: HashMap<String, String> = node
-        .placement
-        .members()
-        .iter()
-        .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
-        .collect();
     let driver_config = DriverConfig {
         engine: propd_gossip::Config {
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
-        connect_timeout: crate::peers::CONNECT_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
         node.me().to_owned(),
-        members,
+        node.peers.channels(),
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
@@ -264,33 +256,7 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
         _ => metrics.propagations_failed.inc(),
     }
     metrics.skips.add(result.skips() as u64);
-    for span in &result.trace {
-        tracing::info!(
-            message_id = %context.message_id,
-            group = context.key.group,
-            shard = context.key.shard,
-            from = span.from,
-            to = span.to,
-            kind = ?span.kind,
-            duration_ms = span.duration.as_millis() as u64,
-            compared = span.report.map_or(0, |r| r.compared),
-            applied = span.report.map_or(0, |r| r.applied),
-            bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
-            bytes_received = span.report.map_or(0, |r| r.bytes_received),
-            error = span.error.as_deref().unwrap_or(""),
-            "round span"
-        );
-    }
-    tracing::info!(
-        message_id = %context.message_id,
-        group = context.key.group,
-        shard = context.key.shard,
-        outcome = ?result.outcome,
-        syncs = result.syncs(),
-        skips = result.skips(),
-        error = result.error.as_deref().unwrap_or(""),
-        "repair round ended"
-    );
+    // The gossip driver logs the finished round and its steps.
     lock(&node.rounds).postpone(
         &(context.key.group.clone(), context.key.shard),
         now_millis(),
