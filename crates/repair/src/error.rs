@@ -1,6 +1,6 @@
 //! Typed errors of a sync: refusals, shape mismatches, protocol violations, store and transport failures.
 
-use propd_merkle::Shape;
+use propd_merkle::{EntityError, Shape};
 
 /// Why a sync failed. Finding differences is not an error; failing to apply one property is
 /// counted in the report, not raised.
@@ -189,7 +189,8 @@ pub enum ProtocolError {
         /// The entity as received.
         entity: String,
         /// Why.
-        reason: String,
+        #[source]
+        reason: PropertyError,
     },
     /// More entries in a page than the protocol allows.
     #[error("`{field}` holds {count} entries, more than {max}")]
@@ -201,6 +202,43 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+}
+
+/// Why a received property is not accepted: it does not convert to a valid domain property, or
+/// it does not belong to the sync that carried it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// The group, name and id do not form a valid entity.
+    #[error(transparent)]
+    Entity(#[from] EntityError),
+    /// A tag without a value.
+    #[error("tag {key:?} has no value")]
+    TagWithoutValue {
+        /// The tag's key.
+        key: String,
+    },
+    /// A tag key given twice.
+    #[error("tag {key:?} appears twice")]
+    RepeatedTag {
+        /// The tag's key.
+        key: String,
+    },
+    /// A negative deletion time.
+    #[error("delete_time {delete_time} is negative")]
+    NegativeDeleteTime {
+        /// The received value.
+        delete_time: i64,
+    },
+    /// A property of another group than the one synced.
+    #[error("group is not the synced group {synced:?}")]
+    OtherGroup {
+        /// The synced group.
+        synced: String,
+    },
+    /// A property whose bucket lies under no node the sync listed.
+    #[error("its bucket lies under no node listed in this sync")]
+    Unlisted,
 }
 
 pub(crate) fn malformed(field: &'static str, reason: impl Into<String>) -> ProtocolError {
