@@ -4,13 +4,12 @@
 
 use propd_merkle::{Property, TagValue};
 use propd_proto::v1;
+use propd_repair::ProtocolError;
 
 /// Wire to domain: validates the entity and rejects a tag without a value or a repeated key;
-/// the error names the tag.
-pub(crate) fn property_from_wire(wire: v1::Property) -> Result<Property, String> {
-    propd_repair::property_from_proto(wire)
-        .map(|(_, property)| property)
-        .map_err(|error| error.to_string())
+/// the error names the entity and, in its [`propd_repair::PropertyError`], the tag.
+pub(crate) fn property_from_wire(wire: v1::Property) -> Result<Property, ProtocolError> {
+    propd_repair::property_from_proto(wire).map(|(_, property)| property)
 }
 
 /// Domain to wire (tags in key order, as the canonical form has them).
@@ -79,7 +78,12 @@ mod tests {
             }],
             ..base.clone()
         };
-        assert!(property_from_wire(missing).unwrap_err().contains("\"k\""));
+        assert!(
+            property_from_wire(missing)
+                .unwrap_err()
+                .to_string()
+                .contains("\"k\"")
+        );
         let twice = v1::Property {
             tags: vec![
                 v1::Tag {
@@ -93,7 +97,12 @@ mod tests {
             ],
             ..base
         };
-        assert!(property_from_wire(twice).unwrap_err().contains("\"k\""));
+        assert!(
+            property_from_wire(twice)
+                .unwrap_err()
+                .to_string()
+                .contains("\"k\"")
+        );
         assert_eq!(
             tag_value_from_wire(Some(tag_value_to_wire(&TagValue::Int(5)))),
             Some(TagValue::Int(5))

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use propd_merkle::Shape;
-use propd_repair::SyncError;
 use propd_repair::transport::{RepairServer, TransportConfig, sync};
+use propd_repair::{Disposition, SyncError};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
@@ -139,4 +139,116 @@ async fn a_silent_peer_hits_the_sync_timeout() {
         matches!(err, SyncError::Timeout { millis: 5000 }),
         "{err:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_refuses_a_message_as_malformed_aborts_the_round() {
+    use propd_proto::v1::repair_service_server::{RepairService, RepairServiceServer};
+    // A server that reads the opening message and answers as the real one answers a
+    // protocol violation: an INVALID_ARGUMENT status at the end of the response stream.
+    struct Refusing;
+    #[tonic::async_trait]
+    impl RepairService for Refusing {
+        type RepairStream = propd_repair::transport::ResponseStream;
+        async fn repair(
+            &self,
+            request: tonic::Request<tonic::Streaming<propd_proto::v1::RepairRequest>>,
+        ) -> Result<tonic::Response<Self::RepairStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let first = inbound.message().await?;
+            assert!(first.is_some(), "the client opens with TreeRoot");
+            let refusal = tonic::Status::invalid_argument("malformed `TreeRoot.root`: too short");
+            Ok(tonic::Response::new(Box::pin(tokio_stream::once(Err(
+                refusal,
+            )))))
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        Server::builder()
+            .add_service(RepairServiceServer::new(Refusing))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    let dir = tempfile::tempdir().expect("dir");
+    let a = redb(&dir, Shape::default(), 1);
+    put(&a, 0, vec![prop("x", 1, "v", 0)]);
+    let config = TransportConfig {
+        timeout: Duration::from_secs(30),
+        ..TransportConfig::default()
+    };
+    let err = sync(channel, &a, GROUP, 0, &config)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            &err,
+            SyncError::PeerRefused { code: tonic::Code::InvalidArgument, message }
+                if message.contains("TreeRoot.root")
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Abort);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_fails_to_start_the_sync_aborts_the_round_with_its_status() {
+    // The real server, misconfigured: it cannot build its state machine and answers INTERNAL.
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = redb(&dir_a, Shape::default(), 1);
+    let b = Arc::new(redb(&dir_b, Shape::default(), 1));
+    put(&a, 0, vec![prop("x", 1, "v", 0)]);
+    let broken = TransportConfig {
+        sync: propd_repair::Config {
+            page_items: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let channel = serve(b, broken).await;
+    let err = sync(channel, &a, GROUP, 0, &TransportConfig::default())
+        .await
+        .expect_err("the server cannot sync");
+    assert!(
+        matches!(
+            &err,
+            SyncError::PeerRefused { code: tonic::Code::Internal, message }
+                if message.contains("page_items")
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Abort);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_down_is_skipped() {
+    // A socket bound to a port but not listening: the port stays ours for the whole test, and
+    // every connection to it is refused.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    let dir = tempfile::tempdir().expect("dir");
+    let a = redb(&dir, Shape::default(), 1);
+    put(&a, 0, vec![prop("x", 1, "v", 0)]);
+    let config = TransportConfig {
+        timeout: Duration::from_secs(30),
+        ..TransportConfig::default()
+    };
+    let err = sync(channel, &a, GROUP, 0, &config)
+        .await
+        .expect_err("nobody listens");
+    assert!(matches!(err, SyncError::Transport { .. }), "{err:?}");
+    assert_eq!(err.disposition(), Disposition::Skip);
+    drop(socket);
 }
