@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use propd_merkle::{Entity, Property, Shape, TagValue, shard_of, version_order};
-use propd_proto::peer::is_unreachable;
 use propd_proto::v1;
 use propd_proto::v1::property_service_server::PropertyService;
 use propd_store::{GroupDef, Query, RepairOutcome, StoreError};
@@ -229,15 +228,11 @@ async fn write_copy(
         property: Some(property_to_wire(&property)),
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.replica_write(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            Some(response.into_inner().had_live)
-        }
+    let answer = client.replica_write(request).await;
+    node.peers.saw_call(target, &answer);
+    match answer {
+        Ok(response) => Some(response.into_inner().had_live),
         Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
             None
@@ -277,24 +272,15 @@ async fn read_copy(
         include_deleted: true,
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.get(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            let property = response
-                .into_inner()
-                .property
-                .map(property_from_wire)
-                .transpose()
-                .ok()?;
-            Some(property)
-        }
-        Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
-            None
-        }
-    }
+    let answer = client.get(request).await;
+    node.peers.saw_call(target, &answer);
+    answer
+        .ok()?
+        .into_inner()
+        .property
+        .map(property_from_wire)
+        .transpose()
+        .ok()
 }
 
 /// A query request checked and turned into the store's query (group-wide requests ask every
@@ -651,24 +637,16 @@ async fn query_copy(node: &Arc<NodeState>, target: &str, query: Query) -> Option
         include_deleted: true,
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.query(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            response
-                .into_inner()
-                .properties
-                .into_iter()
-                .map(property_from_wire)
-                .collect::<Result<_, _>>()
-                .ok()
-        }
-        Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
-            None
-        }
-    }
+    let answer = client.query(request).await;
+    node.peers.saw_call(target, &answer);
+    answer
+        .ok()?
+        .into_inner()
+        .properties
+        .into_iter()
+        .map(property_from_wire)
+        .collect::<Result<_, _>>()
+        .ok()
 }
 
 fn tag_wire(value: &TagValue) -> v1::TagValue {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use propd_gossip::transport::MemberChannels;
 use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
 use tonic::transport::Channel;
@@ -91,6 +92,20 @@ impl Peers {
                 came_back
             }
             None => false,
+        }
+    }
+
+    /// Records how a call to member `id` ended: an answer (even an error status) means it is
+    /// up; a status that says it could not be reached marks it down.
+    pub(crate) fn saw_call<T>(&self, id: &str, result: &Result<T, tonic::Status>) {
+        match result {
+            Err(status) if is_unreachable(status) => {
+                self.set_up(id, false);
+            }
+            Err(_) => {}
+            Ok(_) => {
+                self.set_up(id, true);
+            }
         }
     }
 
