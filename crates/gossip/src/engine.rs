@@ -344,33 +344,12 @@ impl Engine {
         self.admit(now, propagation)
     }
 
+    /// Admits a propagation handed to this node: checks its context, recognises a hop
+    /// delivered twice, settles a round already held for the shard, and then holds the round
+    /// and starts its sync with the successor.
     fn admit(&mut self, now: Millis, propagation: Propagation) -> Result<Admission, ContextError> {
         let context = &propagation.context;
-        validate_nodes(&context.nodes)?;
-        if context.key.group.is_empty() {
-            return Err(ContextError::EmptyGroup);
-        }
-        if context.message_id.0.is_empty() {
-            return Err(ContextError::EmptyMessageId);
-        }
-        if context.origin.is_empty() {
-            return Err(ContextError::EmptyOrigin);
-        }
-        let n = context.nodes.len();
-        let expected = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
-        if context.max_count != expected {
-            return Err(ContextError::MaxCountMismatch {
-                max_count: context.max_count,
-                expected,
-                n,
-            });
-        }
-        if context.count >= context.max_count {
-            return Err(ContextError::CountSpent {
-                count: context.count,
-                max_count: context.max_count,
-            });
-        }
+        validate_context(context)?;
         let me = context
             .index_of(&self.me)
             .ok_or_else(|| ContextError::NotInList {
@@ -382,50 +361,76 @@ impl Engine {
             // The same hop delivered twice (a retried hand-off): it is already running or done.
             return Ok(Admission::Accepted);
         }
-        let key = context.key.clone();
-        if let Some(running) = self.held.get(&key) {
-            let running_id = running.propagation.context.message_id.clone();
-            let running_count = running.propagation.context.count;
-            let idle = now.since(running.last_progress);
-            if running_id == context.message_id && context.count <= running_count {
-                // An older hop of the round we hold, delivered again: nothing new to do.
-                return Ok(Admission::Accepted);
-            }
-            if running_id == context.message_id {
-                // The round went all the way round and came back before the answer to our own
-                // hand-off arrived: that hand-off was accepted, and this later hop supersedes
-                // the entry we still hold (ignoring it would lose the round).
-                self.held.remove(&key);
-            } else if idle < self.config.sync_timeout {
-                let reason = format!(
-                    "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
-                    running.propagation.context.origin, self.me, key.group, key.shard
-                );
-                tracing::info!(
-                    message_id = %context.message_id, running = %running_id,
-                    group = %key.group, shard = key.shard, "refusing propagation"
-                );
-                return Ok(Admission::Refused { reason });
-            } else {
-                let error = format!(
-                    "no progress for {} ms; taken over on {} by propagation {}",
-                    idle.as_millis(),
-                    self.me,
-                    context.message_id
-                );
-                tracing::warn!(
-                    message_id = %running_id, by = %context.message_id,
-                    group = %key.group, shard = key.shard, "taking over a stuck propagation"
-                );
-                self.end_held(&key, Outcome::TimedOut, Some(error), true);
-            }
+        if let Some(admission) = self.settle_running(now, context) {
+            return Ok(admission);
         }
+        self.remember_hop(hop);
+        self.hold(now, propagation, me);
+        Ok(Admission::Accepted)
+    }
+
+    /// Settles the round this node already holds for the shard of `context`, if any, against
+    /// the new hop. Returns the admission when the hop is decided here: accepted as an older
+    /// hop of the same round, or refused because another round is running and making progress.
+    /// Returns `None` when the hop may be held: no round was held, the held entry is superseded
+    /// by a later hop of the same round, or a stuck round was taken over (ended as
+    /// [`Outcome::TimedOut`]).
+    fn settle_running(&mut self, now: Millis, context: &Context) -> Option<Admission> {
+        let key = &context.key;
+        let running = self.held.get(key)?;
+        let running_id = running.propagation.context.message_id.clone();
+        let running_count = running.propagation.context.count;
+        let idle = now.since(running.last_progress);
+        if running_id == context.message_id && context.count <= running_count {
+            // An older hop of the round we hold, delivered again: nothing new to do.
+            return Some(Admission::Accepted);
+        }
+        if running_id == context.message_id {
+            // The round went all the way round and came back before the answer to our own
+            // hand-off arrived: that hand-off was accepted, and this later hop supersedes
+            // the entry we still hold (ignoring it would lose the round).
+            self.held.remove(key);
+        } else if idle < self.config.sync_timeout {
+            let reason = format!(
+                "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
+                running.propagation.context.origin, self.me, key.group, key.shard
+            );
+            tracing::info!(
+                message_id = %context.message_id, running = %running_id,
+                group = %key.group, shard = key.shard, "refusing propagation"
+            );
+            return Some(Admission::Refused { reason });
+        } else {
+            let error = format!(
+                "no progress for {} ms; taken over on {} by propagation {}",
+                idle.as_millis(),
+                self.me,
+                context.message_id
+            );
+            tracing::warn!(
+                message_id = %running_id, by = %context.message_id,
+                group = %key.group, shard = key.shard, "taking over a stuck propagation"
+            );
+            self.end_held(key, Outcome::TimedOut, Some(error), true);
+        }
+        None
+    }
+
+    /// Remembers an accepted hop, forgetting the oldest beyond [`REMEMBERED_HOPS`].
+    fn remember_hop(&mut self, hop: (MessageId, u32)) {
         if self.accepted.len() == REMEMBERED_HOPS {
             self.accepted.pop_front();
         }
         self.accepted.push_back(hop);
-        let successor = context.next_index(me);
-        let peer = context.nodes[successor].clone();
+    }
+
+    /// Holds an admitted round (this node at position `me` of its list) and starts the sync
+    /// with the successor, unless the round is already past its round timeout: then it ends
+    /// here as [`Outcome::TimedOut`].
+    fn hold(&mut self, now: Millis, propagation: Propagation, me: usize) {
+        let key = propagation.context.key.clone();
+        let successor = propagation.context.next_index(me);
+        let peer = propagation.context.nodes[successor].clone();
         self.held.insert(
             key.clone(),
             Held {
@@ -440,10 +445,9 @@ impl Engine {
         );
         if let Some(error) = self.round_expired(now, &key) {
             self.end_held(&key, Outcome::TimedOut, Some(error), false);
-            return Ok(Admission::Accepted);
+            return;
         }
         self.begin_sync(now, &key, peer);
-        Ok(Admission::Accepted)
     }
 
     /// Why the held round for `key` is past its round timeout, if it is.
@@ -827,6 +831,37 @@ impl Engine {
             });
         }
     }
+}
+
+/// Checks a received context: a valid node list, a group, a message id and an origin, the
+/// `max_count` of its list (`2n - 3`), and a count not yet spent.
+fn validate_context(context: &Context) -> Result<(), ContextError> {
+    validate_nodes(&context.nodes)?;
+    if context.key.group.is_empty() {
+        return Err(ContextError::EmptyGroup);
+    }
+    if context.message_id.0.is_empty() {
+        return Err(ContextError::EmptyMessageId);
+    }
+    if context.origin.is_empty() {
+        return Err(ContextError::EmptyOrigin);
+    }
+    let n = context.nodes.len();
+    let expected = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
+    if context.max_count != expected {
+        return Err(ContextError::MaxCountMismatch {
+            max_count: context.max_count,
+            expected,
+            n,
+        });
+    }
+    if context.count >= context.max_count {
+        return Err(ContextError::CountSpent {
+            count: context.count,
+            max_count: context.max_count,
+        });
+    }
+    Ok(())
 }
 
 fn validate_nodes(nodes: &[MemberId]) -> Result<(), ContextError> {
