@@ -569,6 +569,33 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_pool_holds_one_channel_per_member_with_a_valid_address() {
+        let members = HashMap::from([
+            ("a".to_owned(), "http://127.0.0.1:7001".to_owned()),
+            ("b".to_owned(), "not a uri".to_owned()),
+        ]);
+        let channels = MemberChannels::new(members, Duration::from_secs(1));
+        assert!(channels.channel("a").is_some());
+        assert!(
+            channels.channel("b").is_none(),
+            "an invalid address is left out"
+        );
+        assert!(
+            channels.channel("c").is_none(),
+            "an unknown member has none"
+        );
+        channels.set_members(HashMap::from([(
+            "c".to_owned(),
+            "http://127.0.0.1:7003".to_owned(),
+        )]));
+        assert!(
+            channels.channel("a").is_none(),
+            "a member that left is dropped"
+        );
+        assert!(channels.channel("c").is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn unavailable_is_retried_with_growing_backoff_until_it_succeeds() {
         let calls = AtomicU32::new(0);
@@ -587,6 +614,22 @@ mod tests {
         assert_eq!(result.ok(), Some(3));
         // Paused time: the waits were exactly 100, 200 and then 250 (capped) ms.
         assert_eq!(begun.elapsed(), Duration::from_millis(550));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_an_answer_ends_at_the_request_timeout() {
+        let begun = tokio::time::Instant::now();
+        let result: Result<(), Status> = with_retries(
+            &DriverConfig {
+                attempts: 1,
+                request_timeout: Duration::from_secs(3),
+                ..config()
+            },
+            std::future::pending,
+        )
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::DeadlineExceeded);
+        assert_eq!(begun.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]
