@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::sync::{SyncFailure, SyncOutcome, SyncRequest};
 use crate::types::{
-    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
     SpanKind, SyncReport, TraceSpan, max_count,
 };
 
@@ -41,7 +41,7 @@ pub struct StartRequest {
     /// The (group, shard) to repair.
     pub key: ShardKey,
     /// The shard's node list in placement order (computed by the caller).
-    pub nodes: Vec<NodeId>,
+    pub nodes: Vec<MemberId>,
     /// Compute differences without applying them.
     pub preview: bool,
 }
@@ -60,11 +60,11 @@ pub enum ContextError {
     #[error("node list holds {node:?} more than once")]
     DuplicateNode {
         /// The repeated id.
-        node: NodeId,
+        node: MemberId,
     },
-    /// A node id in the list is empty.
+    /// A member id in the list is empty.
     #[error("node list entry {index} is an empty node id")]
-    EmptyNodeId {
+    EmptyMemberId {
         /// Its position in the list.
         index: usize,
     },
@@ -81,9 +81,9 @@ pub enum ContextError {
     #[error("node {node:?} is not in the node list {nodes:?}")]
     NotInList {
         /// The receiving node.
-        node: NodeId,
+        node: MemberId,
         /// The list it was sent.
-        nodes: Vec<NodeId>,
+        nodes: Vec<MemberId>,
     },
     /// `max_count` is not `2n - 3` for the list's length.
     #[error("max_count is {max_count}, expected {expected} for {n} nodes")]
@@ -151,12 +151,12 @@ pub enum Command {
         /// The round.
         message_id: MessageId,
         /// The peer of the sync.
-        peer: NodeId,
+        peer: MemberId,
     },
     /// Send the round to `to` and feed the answer to [`Engine::handle_hand_off`].
     HandOff {
         /// The next node.
-        to: NodeId,
+        to: MemberId,
         /// The round as it leaves this node.
         propagation: Propagation,
     },
@@ -164,7 +164,7 @@ pub enum Command {
     /// [`Engine::handle_report`] there.
     Report {
         /// The origin.
-        to: NodeId,
+        to: MemberId,
         /// The result.
         result: PropagationResult,
     },
@@ -176,9 +176,9 @@ pub enum Command {
 #[derive(Clone, Debug)]
 enum HeldState {
     /// Syncing with `peer` since `since`.
-    Syncing { peer: NodeId, since: Millis },
+    Syncing { peer: MemberId, since: Millis },
     /// Handing the round to `to` since `since`.
-    HandingOff { to: NodeId, since: Millis },
+    HandingOff { to: MemberId, since: Millis },
 }
 
 /// A round this node holds.
@@ -203,7 +203,7 @@ struct OriginRound {
 /// The propagation state machine of one node.
 #[derive(Debug)]
 pub struct Engine {
-    me: NodeId,
+    me: MemberId,
     config: Config,
     sequence: u64,
     held: BTreeMap<ShardKey, Held>,
@@ -220,7 +220,7 @@ const REMEMBERED_HOPS: usize = 1024;
 impl Engine {
     /// An engine for node `me`.
     #[must_use]
-    pub fn new(me: NodeId, config: Config) -> Self {
+    pub fn new(me: MemberId, config: Config) -> Self {
         Engine {
             me,
             config,
@@ -344,33 +344,12 @@ impl Engine {
         self.admit(now, propagation)
     }
 
+    /// Admits a propagation handed to this node: checks its context, recognises a hop
+    /// delivered twice, settles a round already held for the shard, and then holds the round
+    /// and starts its sync with the successor.
     fn admit(&mut self, now: Millis, propagation: Propagation) -> Result<Admission, ContextError> {
         let context = &propagation.context;
-        validate_nodes(&context.nodes)?;
-        if context.key.group.is_empty() {
-            return Err(ContextError::EmptyGroup);
-        }
-        if context.message_id.0.is_empty() {
-            return Err(ContextError::EmptyMessageId);
-        }
-        if context.origin.is_empty() {
-            return Err(ContextError::EmptyOrigin);
-        }
-        let n = context.nodes.len();
-        let expected = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
-        if context.max_count != expected {
-            return Err(ContextError::MaxCountMismatch {
-                max_count: context.max_count,
-                expected,
-                n,
-            });
-        }
-        if context.count >= context.max_count {
-            return Err(ContextError::CountSpent {
-                count: context.count,
-                max_count: context.max_count,
-            });
-        }
+        validate_context(context)?;
         let me = context
             .index_of(&self.me)
             .ok_or_else(|| ContextError::NotInList {
@@ -382,50 +361,76 @@ impl Engine {
             // The same hop delivered twice (a retried hand-off): it is already running or done.
             return Ok(Admission::Accepted);
         }
-        let key = context.key.clone();
-        if let Some(running) = self.held.get(&key) {
-            let running_id = running.propagation.context.message_id.clone();
-            let running_count = running.propagation.context.count;
-            let idle = now.since(running.last_progress);
-            if running_id == context.message_id && context.count <= running_count {
-                // An older hop of the round we hold, delivered again: nothing new to do.
-                return Ok(Admission::Accepted);
-            }
-            if running_id == context.message_id {
-                // The round went all the way round and came back before the answer to our own
-                // hand-off arrived: that hand-off was accepted, and this later hop supersedes
-                // the entry we still hold (ignoring it would lose the round).
-                self.held.remove(&key);
-            } else if idle < self.config.sync_timeout {
-                let reason = format!(
-                    "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
-                    running.propagation.context.origin, self.me, key.group, key.shard
-                );
-                tracing::info!(
-                    message_id = %context.message_id, running = %running_id,
-                    group = %key.group, shard = key.shard, "refusing propagation"
-                );
-                return Ok(Admission::Refused { reason });
-            } else {
-                let error = format!(
-                    "no progress for {} ms; taken over on {} by propagation {}",
-                    idle.as_millis(),
-                    self.me,
-                    context.message_id
-                );
-                tracing::warn!(
-                    message_id = %running_id, by = %context.message_id,
-                    group = %key.group, shard = key.shard, "taking over a stuck propagation"
-                );
-                self.end_held(&key, Outcome::TimedOut, Some(error), true);
-            }
+        if let Some(admission) = self.settle_running(now, context) {
+            return Ok(admission);
         }
+        self.remember_hop(hop);
+        self.hold(now, propagation, me);
+        Ok(Admission::Accepted)
+    }
+
+    /// Settles the round this node already holds for the shard of `context`, if any, against
+    /// the new hop. Returns the admission when the hop is decided here: accepted as an older
+    /// hop of the same round, or refused because another round is running and making progress.
+    /// Returns `None` when the hop may be held: no round was held, the held entry is superseded
+    /// by a later hop of the same round, or a stuck round was taken over (ended as
+    /// [`Outcome::TimedOut`]).
+    fn settle_running(&mut self, now: Millis, context: &Context) -> Option<Admission> {
+        let key = &context.key;
+        let running = self.held.get(key)?;
+        let running_id = running.propagation.context.message_id.clone();
+        let running_count = running.propagation.context.count;
+        let idle = now.since(running.last_progress);
+        if running_id == context.message_id && context.count <= running_count {
+            // An older hop of the round we hold, delivered again: nothing new to do.
+            return Some(Admission::Accepted);
+        }
+        if running_id == context.message_id {
+            // The round went all the way round and came back before the answer to our own
+            // hand-off arrived: that hand-off was accepted, and this later hop supersedes
+            // the entry we still hold (ignoring it would lose the round).
+            self.held.remove(key);
+        } else if idle < self.config.sync_timeout {
+            let reason = format!(
+                "propagation {running_id} (origin {}) is already running on {} for group {} shard {}",
+                running.propagation.context.origin, self.me, key.group, key.shard
+            );
+            tracing::info!(
+                message_id = %context.message_id, running = %running_id,
+                group = %key.group, shard = key.shard, "refusing propagation"
+            );
+            return Some(Admission::Refused { reason });
+        } else {
+            let error = format!(
+                "no progress for {} ms; taken over on {} by propagation {}",
+                idle.as_millis(),
+                self.me,
+                context.message_id
+            );
+            tracing::warn!(
+                message_id = %running_id, by = %context.message_id,
+                group = %key.group, shard = key.shard, "taking over a stuck propagation"
+            );
+            self.end_held(key, Outcome::TimedOut, Some(error), true);
+        }
+        None
+    }
+
+    /// Remembers an accepted hop, forgetting the oldest beyond [`REMEMBERED_HOPS`].
+    fn remember_hop(&mut self, hop: (MessageId, u32)) {
         if self.accepted.len() == REMEMBERED_HOPS {
             self.accepted.pop_front();
         }
         self.accepted.push_back(hop);
-        let successor = context.next_index(me);
-        let peer = context.nodes[successor].clone();
+    }
+
+    /// Holds an admitted round (this node at position `me` of its list) and starts the sync
+    /// with the successor, unless the round is already past its round timeout: then it ends
+    /// here as [`Outcome::TimedOut`].
+    fn hold(&mut self, now: Millis, propagation: Propagation, me: usize) {
+        let key = propagation.context.key.clone();
+        let successor = propagation.context.next_index(me);
+        let peer = propagation.context.nodes[successor].clone();
         self.held.insert(
             key.clone(),
             Held {
@@ -440,10 +445,9 @@ impl Engine {
         );
         if let Some(error) = self.round_expired(now, &key) {
             self.end_held(&key, Outcome::TimedOut, Some(error), false);
-            return Ok(Admission::Accepted);
+            return;
         }
         self.begin_sync(now, &key, peer);
-        Ok(Admission::Accepted)
     }
 
     /// Why the held round for `key` is past its round timeout, if it is.
@@ -460,7 +464,7 @@ impl Engine {
         })
     }
 
-    fn begin_sync(&mut self, now: Millis, key: &ShardKey, peer: NodeId) {
+    fn begin_sync(&mut self, now: Millis, key: &ShardKey, peer: MemberId) {
         let Some(held) = self.held.get_mut(key) else {
             return;
         };
@@ -585,7 +589,7 @@ impl Engine {
         }
     }
 
-    fn hand_off(&mut self, now: Millis, key: &ShardKey, to: NodeId) {
+    fn hand_off(&mut self, now: Millis, key: &ShardKey, to: MemberId) {
         let Some(held) = self.held.get_mut(key) else {
             return;
         };
@@ -829,14 +833,45 @@ impl Engine {
     }
 }
 
-fn validate_nodes(nodes: &[NodeId]) -> Result<(), ContextError> {
+/// Checks a received context: a valid node list, a group, a message id and an origin, the
+/// `max_count` of its list (`2n - 3`), and a count not yet spent.
+fn validate_context(context: &Context) -> Result<(), ContextError> {
+    validate_nodes(&context.nodes)?;
+    if context.key.group.is_empty() {
+        return Err(ContextError::EmptyGroup);
+    }
+    if context.message_id.0.is_empty() {
+        return Err(ContextError::EmptyMessageId);
+    }
+    if context.origin.is_empty() {
+        return Err(ContextError::EmptyOrigin);
+    }
+    let n = context.nodes.len();
+    let expected = max_count(n).ok_or(ContextError::TooFewNodes { count: n })?;
+    if context.max_count != expected {
+        return Err(ContextError::MaxCountMismatch {
+            max_count: context.max_count,
+            expected,
+            n,
+        });
+    }
+    if context.count >= context.max_count {
+        return Err(ContextError::CountSpent {
+            count: context.count,
+            max_count: context.max_count,
+        });
+    }
+    Ok(())
+}
+
+fn validate_nodes(nodes: &[MemberId]) -> Result<(), ContextError> {
     if nodes.len() < 2 {
         return Err(ContextError::TooFewNodes { count: nodes.len() });
     }
     let mut seen = BTreeSet::new();
     for (index, node) in nodes.iter().enumerate() {
         if node.is_empty() {
-            return Err(ContextError::EmptyNodeId { index });
+            return Err(ContextError::EmptyMemberId { index });
         }
         if !seen.insert(node.as_str()) {
             return Err(ContextError::DuplicateNode { node: node.clone() });

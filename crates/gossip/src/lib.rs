@@ -23,10 +23,11 @@
 //!
 //! # Use from the node
 //!
-//! Build one `transport::GossipDriver` per node with `GossipDriver::new(node_id, members,
-//! sync_work, DriverConfig::default())` inside the tokio runtime (`members` maps node ids to
-//! URIs such as `http://10.0.0.7:7700`, and should include this node), add
-//! `driver.service()` to the node's tonic server, and keep `set_members` up to date. To repair
+//! Build one `transport::MemberChannels` pool per node (`members` maps member ids to URIs such
+//! as `http://10.0.0.7:7700`, and should include this node) and use it for every client the node
+//! has; build one `transport::GossipDriver` with `GossipDriver::new(member_id, channels,
+//! sync_work, DriverConfig::default())` inside the tokio runtime, add `driver.service()` to the
+//! node's tonic server, and keep the pool's `set_members` up to date. To repair
 //! a shard: `driver.start(StartRequest { key, nodes, preview })` returns the message id at once;
 //! `driver.wait(&id, timeout)` waits for the result, `driver.result(&id)` and
 //! `driver.recent_results()` read the kept ones, `driver.subscribe()` streams every result.
@@ -50,6 +51,6 @@ pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcom
 pub use results::RecentResults;
 pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
 pub use types::{
-    Context, MessageId, Millis, NodeId, Outcome, Propagation, PropagationResult, ShardKey,
+    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
     SpanKind, SyncReport, TraceSpan, max_count,
 };

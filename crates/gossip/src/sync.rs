@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use crate::types::{MessageId, NodeId, ShardKey, SyncReport};
+use crate::types::{MemberId, MessageId, ShardKey, SyncReport};
 
 /// One pairwise sync to run: the holder of `message_id` against `peer`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub struct SyncRequest {
     /// The (group, shard) to sync.
     pub key: ShardKey,
     /// The successor to sync with.
-    pub peer: NodeId,
+    pub peer: MemberId,
     /// Compute the differences without applying them.
     pub preview: bool,
 }

@@ -1,6 +1,6 @@
 //! The tonic driver (feature `transport`): runs an [`Engine`] on tokio, serves `GossipService`,
-//! hands rounds to the next node through a pool of channels, and lets the origin wait for
-//! results.
+//! hands rounds to the next node through the channels of a [`MemberChannels`] pool (the node's
+//! one pool, shared with its other clients), and lets the origin wait for results.
 //!
 //! The driver is thin on purpose: every decision is the engine's. The driver only turns the
 //! engine's commands into tasks (a sync through [`SyncWork`], a `Propagate` or `Report` call)
@@ -12,28 +12,91 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1 as pb;
 use propd_proto::v1::gossip_service_client::GossipServiceClient;
 use propd_proto::v1::gossip_service_server::{GossipService, GossipServiceServer};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::engine::{
     Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest,
 };
 use crate::results::RecentResults;
 use crate::sync::SyncWork;
-use crate::types::{MessageId, Millis, NodeId, Propagation, PropagationResult, ShardKey};
+use crate::types::{MemberId, MessageId, Millis, Propagation, PropagationResult, ShardKey};
+
+/// One lazily connected channel per member, by member id: a node's one pool of channels, for
+/// the gossip driver and every other client the node has. Cheap to clone (one shared map).
+///
+/// Channels carry no deadline of their own (a repair stream may run for minutes); each call
+/// sets its own. Build it inside a tokio runtime.
+#[derive(Clone, Debug)]
+pub struct MemberChannels {
+    connect_timeout: Duration,
+    pool: Arc<Mutex<HashMap<MemberId, (String, Channel)>>>,
+}
+
+impl MemberChannels {
+    /// Channels to `members` (member id to a URI such as `http://10.0.0.7:7700`; this node
+    /// included, since a round may report to its own origin) whose connection attempts give up
+    /// after `connect_timeout`. A member whose address is not a URI is left out, with a warning.
+    #[must_use]
+    pub fn new(members: HashMap<MemberId, String>, connect_timeout: Duration) -> Self {
+        let channels = MemberChannels {
+            connect_timeout,
+            pool: Arc::default(),
+        };
+        channels.set_members(members);
+        channels
+    }
+
+    /// Replaces the membership. Channels to members whose address is unchanged are kept;
+    /// others are dropped or made anew.
+    pub fn set_members(&self, members: HashMap<MemberId, String>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut old = std::mem::take(&mut *pool);
+        for (id, address) in members {
+            let kept = old.remove(&id).filter(|(known, _)| *known == address);
+            let entry = match kept {
+                Some(entry) => entry,
+                None => match self.connect_lazy(&address) {
+                    Some(channel) => (address, channel),
+                    None => {
+                        tracing::warn!(member = %id, address, "member address is not a valid URI");
+                        continue;
+                    }
+                },
+            };
+            pool.insert(id, entry);
+        }
+    }
+
+    /// The channel to member `id`; `None` for an unknown member.
+    #[must_use]
+    pub fn channel(&self, id: &str) -> Option<Channel> {
+        let pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.get(id).map(|(_, channel)| channel.clone())
+    }
+
+    fn connect_lazy(&self, address: &str) -> Option<Channel> {
+        let endpoint = Endpoint::from_shared(address.to_owned()).ok()?;
+        Some(
+            endpoint
+                .connect_timeout(self.connect_timeout)
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        )
+    }
+}
 
 /// Settings of the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DriverConfig {
     /// The engine's timeouts (sync 10 min, round 1 h by default).
     pub engine: Config,
-    /// How long connecting to a member may take before the attempt fails (default 5 s).
-    pub connect_timeout: Duration,
     /// How long one `Propagate` or `Report` call may take (default 30 s).
     pub request_timeout: Duration,
     /// Calls made for one hand-off or report before the peer counts as unreachable
@@ -53,7 +116,6 @@ impl Default for DriverConfig {
     fn default() -> Self {
         DriverConfig {
             engine: Config::default(),
-            connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             attempts: 5,
             backoff_initial: Duration::from_millis(200),
@@ -93,16 +155,15 @@ pub enum WaitError {
 /// Everything guarded by the driver's one lock.
 struct State {
     engine: Engine,
-    members: HashMap<NodeId, String>,
-    channels: HashMap<NodeId, Channel>,
     results: RecentResults,
     waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
-    syncs: HashMap<(MessageId, NodeId), AbortHandle>,
+    syncs: HashMap<(MessageId, MemberId), AbortHandle>,
     finished: broadcast::Sender<PropagationResult>,
 }
 
 struct Inner<S> {
-    me: NodeId,
+    me: MemberId,
+    channels: MemberChannels,
     config: DriverConfig,
     sync: S,
     state: Mutex<State>,
@@ -127,21 +188,14 @@ impl<S: SyncWork> Clone for GossipDriver<S> {
 }
 
 impl<S: SyncWork> GossipDriver<S> {
-    /// A driver for node `me` that reaches the other nodes at `members` (node id to a URI such
-    /// as `http://10.0.0.7:7700`) and runs syncs through `sync`.
-    pub fn new(
-        me: NodeId,
-        members: HashMap<NodeId, String>,
-        sync: S,
-        config: DriverConfig,
-    ) -> Self {
+    /// A driver for node `me` that reaches the other members through `channels` and runs syncs
+    /// through `sync`.
+    pub fn new(me: MemberId, channels: MemberChannels, sync: S, config: DriverConfig) -> Self {
         let epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let state = State {
             engine: Engine::new(me.clone(), config.engine),
-            members,
-            channels: HashMap::new(),
             results: RecentResults::new(config.results_capacity),
             waiters: HashMap::new(),
             syncs: HashMap::new(),
@@ -149,6 +203,7 @@ impl<S: SyncWork> GossipDriver<S> {
         };
         let inner = Arc::new(Inner {
             me,
+            channels,
             config,
             sync,
             state: Mutex::new(state),
@@ -163,19 +218,6 @@ impl<S: SyncWork> GossipDriver<S> {
     #[must_use]
     pub fn node_id(&self) -> &str {
         &self.inner.me
-    }
-
-    /// Replaces the membership. Channels to members whose address changed or who left are
-    /// dropped; new ones connect lazily on first use.
-    pub fn set_members(&self, members: HashMap<NodeId, String>) {
-        let mut state = self.inner.lock();
-        let State {
-            channels,
-            members: old,
-            ..
-        } = &mut *state;
-        channels.retain(|id, _| old.get(id).is_some_and(|a| members.get(id) == Some(a)));
-        *old = members;
     }
 
     /// The tonic service to add to this node's gRPC server.
@@ -316,7 +358,7 @@ impl<S: SyncWork> Inner<S> {
                 }
             }
             Command::HandOff { to, propagation } => {
-                let channel = self.channel(state, &to);
+                let channel = self.channels.channel(&to);
                 let inner = Arc::clone(self);
                 tokio::spawn(async move {
                     let message_id = propagation.context.message_id.clone();
@@ -327,7 +369,7 @@ impl<S: SyncWork> Inner<S> {
                 });
             }
             Command::Report { to, result } => {
-                let channel = self.channel(state, &to);
+                let channel = self.channels.channel(&to);
                 let inner = Arc::clone(self);
                 tokio::spawn(async move { inner.report(channel, &to, result).await });
             }
@@ -341,11 +383,15 @@ impl<S: SyncWork> Inner<S> {
                     error = result.error.as_deref().unwrap_or(""), "propagation finished"
                 );
                 for span in &result.trace {
-                    tracing::debug!(
+                    tracing::info!(
                         message_id = %context.message_id, kind = ?span.kind, from = %span.from,
                         to = %span.to, start_ms = span.start.0,
                         duration_ms = span.duration.as_millis() as u64,
-                        report = ?span.report, error = span.error.as_deref().unwrap_or(""),
+                        compared = span.report.map_or(0, |r| r.compared),
+                        applied = span.report.map_or(0, |r| r.applied),
+                        bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
+                        bytes_received = span.report.map_or(0, |r| r.bytes_received),
+                        error = span.error.as_deref().unwrap_or(""),
                         "propagation step"
                     );
                 }
@@ -362,28 +408,6 @@ impl<S: SyncWork> Inner<S> {
                 state.results.insert(result);
             }
         }
-    }
-
-    /// The pooled channel to member `to`, connected lazily; `None` for an unknown member or
-    /// an address that is not a URI.
-    fn channel(&self, state: &mut State, to: &str) -> Option<Channel> {
-        if let Some(channel) = state.channels.get(to) {
-            return Some(channel.clone());
-        }
-        let address = state.members.get(to)?;
-        let endpoint = match Endpoint::from_shared(address.clone()) {
-            Ok(endpoint) => endpoint,
-            Err(error) => {
-                tracing::warn!(peer = to, address, %error, "member address is not a valid URI");
-                return None;
-            }
-        };
-        let channel = endpoint
-            .connect_timeout(self.config.connect_timeout)
-            .timeout(self.config.request_timeout)
-            .connect_lazy();
-        state.channels.insert(to.to_owned(), channel.clone());
-        Some(channel)
     }
 
     async fn hand_off(
@@ -415,7 +439,7 @@ impl<S: SyncWork> Inner<S> {
                     }
                 }
             }
-            Err(status) if retryable(&status) => HandOffOutcome::Unreachable {
+            Err(status) if is_unreachable(&status) => HandOffOutcome::Unreachable {
                 error: format!("{to}: {:?}: {}", status.code(), status.message()),
             },
             Err(status) => HandOffOutcome::Rejected {
@@ -446,8 +470,9 @@ impl<S: SyncWork> Inner<S> {
     }
 }
 
-/// Calls `call` up to `config.attempts` times, backing off between calls that fail with a
-/// transport error (see [`retryable`]); returns the last error when every call failed.
+/// Calls `call` up to `config.attempts` times, each bounded by `config.request_timeout`, backing
+/// off between calls that fail with a transport error (see [`is_unreachable`]: worth a retry,
+/// then a skip); returns the last error when every call failed.
 async fn with_retries<T, F, Fut>(config: &DriverConfig, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
@@ -456,9 +481,17 @@ where
     let mut backoff = config.backoff_initial;
     let mut attempt = 1;
     loop {
-        match call().await {
+        let answer = tokio::time::timeout(config.request_timeout, call())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "no answer within {} ms",
+                    config.request_timeout.as_millis()
+                )))
+            });
+        match answer {
             Ok(value) => return Ok(value),
-            Err(status) if retryable(&status) && attempt < config.attempts => {
+            Err(status) if is_unreachable(&status) && attempt < config.attempts => {
                 tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.backoff_max);
@@ -473,14 +506,6 @@ fn client(channel: Channel) -> GossipServiceClient<Channel> {
     GossipServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// Whether a failed call says the peer could not be reached (worth a retry, then a skip).
-fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
 }
 
 /// The `GossipService` of one node; get it from [`GossipDriver::service`].
@@ -531,6 +556,8 @@ impl<S: SyncWork> GossipService for GossipServer<S> {
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    use tonic::Code;
+
     use super::*;
 
     fn config() -> DriverConfig {
@@ -540,6 +567,33 @@ mod tests {
             backoff_max: Duration::from_millis(250),
             ..DriverConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn the_pool_holds_one_channel_per_member_with_a_valid_address() {
+        let members = HashMap::from([
+            ("a".to_owned(), "http://127.0.0.1:7001".to_owned()),
+            ("b".to_owned(), "not a uri".to_owned()),
+        ]);
+        let channels = MemberChannels::new(members, Duration::from_secs(1));
+        assert!(channels.channel("a").is_some());
+        assert!(
+            channels.channel("b").is_none(),
+            "an invalid address is left out"
+        );
+        assert!(
+            channels.channel("c").is_none(),
+            "an unknown member has none"
+        );
+        channels.set_members(HashMap::from([(
+            "c".to_owned(),
+            "http://127.0.0.1:7003".to_owned(),
+        )]));
+        assert!(
+            channels.channel("a").is_none(),
+            "a member that left is dropped"
+        );
+        assert!(channels.channel("c").is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -560,6 +614,22 @@ mod tests {
         assert_eq!(result.ok(), Some(3));
         // Paused time: the waits were exactly 100, 200 and then 250 (capped) ms.
         assert_eq!(begun.elapsed(), Duration::from_millis(550));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_an_answer_ends_at_the_request_timeout() {
+        let begun = tokio::time::Instant::now();
+        let result: Result<(), Status> = with_retries(
+            &DriverConfig {
+                attempts: 1,
+                request_timeout: Duration::from_secs(3),
+                ..config()
+            },
+            std::future::pending,
+        )
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::DeadlineExceeded);
+        assert_eq!(begun.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,8 +6,10 @@
 use std::fmt;
 use std::time::Duration;
 
-/// A node's identity as the membership knows it (for example `"node-3"`).
-pub type NodeId = String;
+/// A member's identity as the membership knows it (for example `"node-3"`).
+///
+/// Not to be confused with `propd_merkle::NodeId`, a node of a Merkle tree.
+pub type MemberId = String;
 
 /// A point in time: milliseconds since the unix epoch on the caller's clock.
 ///
@@ -78,13 +80,13 @@ pub fn max_count(n: usize) -> Option<u32> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Context {
     /// The shard's node list in placement order.
-    pub nodes: Vec<NodeId>,
+    pub nodes: Vec<MemberId>,
     /// `2n - 3`: syncs plus skips after which the round ends.
     pub max_count: u32,
     /// Syncs and skips counted so far.
     pub count: u32,
     /// The node that started the round and receives its result.
-    pub origin: NodeId,
+    pub origin: MemberId,
     /// The round's unique id.
     pub message_id: MessageId,
     /// The (group, shard) being repaired.
@@ -143,9 +145,9 @@ pub struct TraceSpan {
     /// Sync or skip.
     pub kind: SpanKind,
     /// The node that held the propagation.
-    pub from: NodeId,
+    pub from: MemberId,
     /// The peer it synced with or skipped.
-    pub to: NodeId,
+    pub to: MemberId,
     /// When the step began.
     pub start: Millis,
     /// How long it took.
@@ -192,7 +194,7 @@ pub struct PropagationResult {
     /// Every sync and skip, in order.
     pub trace: Vec<TraceSpan>,
     /// The node that ended the round.
-    pub reported_by: NodeId,
+    pub reported_by: MemberId,
 }
 
 impl PropagationResult {

@@ -12,12 +12,12 @@ use propd_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{blocking, invalid};
-use crate::node::{NodeState, now_nanos};
+use crate::node::{NodeState, lock, now_nanos};
 use crate::sync::Gossip;
 
 /// The `AdminService` of one node.
 #[derive(Clone)]
-pub struct AdminApi {
+pub(crate) struct AdminApi {
     node: Arc<NodeState>,
     gossip: Gossip,
 }
@@ -32,13 +32,13 @@ impl std::fmt::Debug for AdminApi {
 
 impl AdminApi {
     /// The service over a node's state and its gossip driver.
-    pub fn new(node: Arc<NodeState>, gossip: Gossip) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>, gossip: Gossip) -> Self {
         Self { node, gossip }
     }
 }
 
 /// Starts a round for (group, shard) with this node as origin.
-pub fn start_round(
+pub(crate) fn start_round(
     node: &NodeState,
     gossip: &Gossip,
     group: &str,
@@ -177,12 +177,7 @@ impl AdminService for AdminApi {
                 shard,
             };
             let running = u64::from(self.gossip.running(&key).is_some());
-            let pending = node
-                .misses
-                .lock()
-                .expect("misses lock poisoned")
-                .pending(&group, shard)
-                + running;
+            let pending = lock(&node.misses).pending(&group, shard) + running;
             shards.push(v1::ShardStatus {
                 group,
                 shard,

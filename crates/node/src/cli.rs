@@ -15,7 +15,9 @@ use propd_proto::v1::property_service_client::PropertyServiceClient;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::{DEFAULT_LISTEN, GroupConfig, Member, Partial, PartialRepair};
+use propd_store::GroupDef;
+
+use crate::config::{DEFAULT_LISTEN, Member, Partial, PartialRepair};
 
 /// propd: a replicated property store whose replicas repair themselves.
 #[derive(Debug, Parser)]
@@ -68,7 +70,7 @@ struct ServeArgs {
     members: Vec<Member>,
     /// `[[groups]]`, as NAME:SHARD_NUM:REPLICAS (repeat, or comma-separate in the variable).
     #[arg(long = "group", env = "PROPD_GROUPS", value_delimiter = ',', value_parser = parse_group)]
-    groups: Vec<GroupConfig>,
+    groups: Vec<GroupDef>,
     /// `write_acks`: copies that must acknowledge a coordinated write.
     #[arg(long, env = "PROPD_WRITE_ACKS")]
     write_acks: Option<u32>,
@@ -145,12 +147,12 @@ fn parse_member(text: &str) -> Result<Member, String> {
     })
 }
 
-fn parse_group(text: &str) -> Result<GroupConfig, String> {
+fn parse_group(text: &str) -> Result<GroupDef, String> {
     let parts: Vec<&str> = text.split(':').collect();
     let [name, shard_num, replicas] = parts.as_slice() else {
         return Err(format!("group `{text}`: expected NAME:SHARD_NUM:REPLICAS"));
     };
-    Ok(GroupConfig {
+    Ok(GroupDef {
         name: (*name).to_owned(),
         shard_num: shard_num
             .parse()
@@ -858,7 +860,7 @@ mod tests {
     fn groups_and_members_parse_from_flags() {
         assert_eq!(
             parse_group("g:4:2").unwrap(),
-            GroupConfig {
+            GroupDef {
                 name: "g".into(),
                 shard_num: 4,
                 replicas: 2

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
 /// Why a configuration cannot be used. Each message names the key.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// The file could not be read.
     #[error("reading config file {path}: {source}")]
     Read {
@@ -47,45 +48,55 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// One data node of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Member {
+pub(crate) struct Member {
     /// Unique node id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its gRPC address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
-/// One group: a namespace split into shards, each kept on `replicas + 1` nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A `[[groups]]` entry as written in a file; it becomes the store's [`GroupDef`], the one
+/// definition of a group, validated by [`Groups::new`].
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GroupConfig {
-    /// The group name (no `/`).
-    pub name: String,
-    /// Number of shards (>= 1).
-    pub shard_num: u32,
-    /// Extra copies beyond the first (copies are capped at the member count).
+struct GroupEntry {
+    name: String,
+    shard_num: u32,
     #[serde(default)]
-    pub replicas: u32,
+    replicas: u32,
+}
+
+fn group_entries<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<GroupDef>>, D::Error> {
+    let entries = Option::<Vec<GroupEntry>>::deserialize(deserializer)?;
+    Ok(entries.map(|entries| {
+        entries
+            .into_iter()
+            .map(|e| GroupDef::new(e.name, e.shard_num, e.replicas))
+            .collect()
+    }))
 }
 
 /// Background repair settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepairConfig {
+pub(crate) struct RepairConfig {
     /// Whether background rounds run at all (admin-started rounds always may).
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     /// Every (group, shard) with two or more copies is repaired within this period.
-    pub period: Duration,
+    pub(crate) period: Duration,
     /// Optional cron window: background rounds start only at times it matches.
-    pub cron: Option<String>,
+    pub(crate) cron: Option<String>,
     /// Bound on one pairwise sync.
-    pub sync_timeout: Duration,
+    pub(crate) sync_timeout: Duration,
     /// Bound on one whole propagation.
-    pub round_timeout: Duration,
+    pub(crate) round_timeout: Duration,
     /// How often each shard's tree is verified against a full rebuild.
-    pub verify_interval: Duration,
+    pub(crate) verify_interval: Duration,
     /// Tombstones younger than this are never purged.
-    pub tombstone_grace: Duration,
+    pub(crate) tombstone_grace: Duration,
     /// Repair traffic limit in bytes per second; 0 for none.
-    pub throttle_bytes_per_second: u64,
+    pub(crate) throttle_bytes_per_second: u64,
 }
 
 impl Default for RepairConfig {
@@ -105,82 +116,83 @@ impl Default for RepairConfig {
 
 /// The whole, validated configuration of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub(crate) struct Config {
     /// This node's id; must be one of `members` when members are given.
-    pub node_id: String,
+    pub(crate) node_id: String,
     /// gRPC address: property API, gossip, repair and admin.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// HTTP address: `/metrics` and `/health`.
-    pub http: SocketAddr,
+    pub(crate) http: SocketAddr,
     /// Where the store keeps its files.
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// The data nodes of the cluster, this one included, sorted by id.
-    pub members: Vec<Member>,
-    /// The groups every node serves.
-    pub groups: Vec<GroupConfig>,
+    pub(crate) members: Vec<Member>,
+    /// The groups every node serves, validated.
+    pub(crate) groups: Groups,
     /// Copies that must acknowledge a coordinated write.
-    pub write_acks: u32,
+    pub(crate) write_acks: u32,
     /// Largest accepted property, in canonical bytes.
-    pub max_property_bytes: usize,
+    pub(crate) max_property_bytes: usize,
     /// Background repair.
-    pub repair: RepairConfig,
+    pub(crate) repair: RepairConfig,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 /// The single-node default HTTP address.
-pub const DEFAULT_HTTP: &str = "127.0.0.1:8001";
+pub(crate) const DEFAULT_HTTP: &str = "127.0.0.1:8001";
 
 /// Values from one source (file, environment or flags); `None` means "not given here".
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Partial {
+pub(crate) struct Partial {
     /// `node_id`
-    pub node_id: Option<String>,
+    pub(crate) node_id: Option<String>,
     /// `listen`
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
     /// `http`
-    pub http: Option<String>,
+    pub(crate) http: Option<String>,
     /// `data_dir`
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// `write_acks`
-    pub write_acks: Option<u32>,
+    pub(crate) write_acks: Option<u32>,
     /// `max_property_bytes`
-    pub max_property_bytes: Option<usize>,
+    pub(crate) max_property_bytes: Option<usize>,
     /// `[[members]]`
-    pub members: Option<Vec<Member>>,
+    pub(crate) members: Option<Vec<Member>>,
     /// `[[groups]]`
-    pub groups: Option<Vec<GroupConfig>>,
+    #[serde(default, deserialize_with = "group_entries")]
+    pub(crate) groups: Option<Vec<GroupDef>>,
     /// `[repair]`
     #[serde(default)]
-    pub repair: PartialRepair,
+    pub(crate) repair: PartialRepair,
 }
 
 /// The `[repair]` table from one source.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PartialRepair {
+pub(crate) struct PartialRepair {
     /// `repair.enabled`
-    pub enabled: Option<bool>,
+    pub(crate) enabled: Option<bool>,
     /// `repair.period`
-    pub period: Option<String>,
+    pub(crate) period: Option<String>,
     /// `repair.cron`
-    pub cron: Option<String>,
+    pub(crate) cron: Option<String>,
     /// `repair.sync_timeout`
-    pub sync_timeout: Option<String>,
+    pub(crate) sync_timeout: Option<String>,
     /// `repair.round_timeout`
-    pub round_timeout: Option<String>,
+    pub(crate) round_timeout: Option<String>,
     /// `repair.verify_interval`
-    pub verify_interval: Option<String>,
+    pub(crate) verify_interval: Option<String>,
     /// `repair.tombstone_grace`
-    pub tombstone_grace: Option<String>,
+    pub(crate) tombstone_grace: Option<String>,
     /// `repair.throttle_bytes_per_second`
-    pub throttle_bytes_per_second: Option<u64>,
+    pub(crate) throttle_bytes_per_second: Option<u64>,
 }
 
 impl Partial {
     /// Reads a TOML file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -193,7 +205,7 @@ impl Partial {
 
     /// Values of `self` win over `lower`.
     #[must_use]
-    pub fn over(self, lower: Partial) -> Partial {
+    pub(crate) fn over(self, lower: Partial) -> Partial {
         let r = self.repair;
         let l = lower.repair;
         Partial {
@@ -221,7 +233,7 @@ impl Partial {
     }
 
     /// Fills what is missing with the defaults and validates the result.
-    pub fn resolve(self) -> Result<Config, ConfigError> {
+    pub(crate) fn resolve(self) -> Result<Config, ConfigError> {
         let node_id = self.node_id.unwrap_or_else(|| "n1".to_owned());
         if node_id.is_empty() {
             return Err(invalid("node_id", "must not be empty"));
@@ -231,61 +243,8 @@ impl Partial {
         let data_dir = self
             .data_dir
             .unwrap_or_else(|| PathBuf::from("data").join(&node_id));
-        let mut members = self.members.unwrap_or_else(|| {
-            vec![Member {
-                id: node_id.clone(),
-                addr: listen,
-            }]
-        });
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        for pair in members.windows(2) {
-            if pair[0].id == pair[1].id {
-                return Err(invalid(
-                    "members",
-                    format!("node id `{}` is listed twice", pair[0].id),
-                ));
-            }
-        }
-        if let Some(member) = members.iter().find(|m| m.id.is_empty()) {
-            return Err(invalid(
-                "members",
-                format!("a member at {} has an empty id", member.addr),
-            ));
-        }
-        if !members.iter().any(|m| m.id == node_id) {
-            return Err(invalid(
-                "node_id",
-                format!("`{node_id}` is not one of the members ({})", ids(&members)),
-            ));
-        }
-        let groups = self.groups.unwrap_or_else(|| {
-            vec![GroupConfig {
-                name: "default".to_owned(),
-                shard_num: 1,
-                replicas: 0,
-            }]
-        });
-        let mut seen = std::collections::BTreeSet::new();
-        for group in &groups {
-            if group.name.is_empty() || group.name.contains('/') {
-                return Err(invalid(
-                    "groups.name",
-                    format!("`{}` must be non-empty and contain no `/`", group.name),
-                ));
-            }
-            if group.shard_num == 0 {
-                return Err(invalid(
-                    "groups.shard_num",
-                    format!("group `{}`: must be >= 1", group.name),
-                ));
-            }
-            if !seen.insert(group.name.as_str()) {
-                return Err(invalid(
-                    "groups.name",
-                    format!("group `{}` is listed twice", group.name),
-                ));
-            }
-        }
+        let members = resolve_members(&node_id, listen, self.members)?;
+        let groups = resolve_groups(self.groups)?;
         let write_acks = self.write_acks.unwrap_or(1);
         if write_acks == 0 {
             return Err(invalid("write_acks", "must be >= 1"));
@@ -294,33 +253,99 @@ impl Partial {
         if max_property_bytes == 0 {
             return Err(invalid("max_property_bytes", "must be >= 1"));
         }
+        Ok(Config {
+            node_id,
+            listen,
+            http,
+            data_dir,
+            members,
+            groups,
+            write_acks,
+            max_property_bytes,
+            repair: self.repair.resolve()?,
+        })
+    }
+}
+
+/// The members sorted by id, checked: unique non-empty ids, `node_id` among them. Without
+/// members, this node alone at its `listen` address.
+fn resolve_members(
+    node_id: &str,
+    listen: SocketAddr,
+    members: Option<Vec<Member>>,
+) -> Result<Vec<Member>, ConfigError> {
+    let mut members = members.unwrap_or_else(|| {
+        vec![Member {
+            id: node_id.to_owned(),
+            addr: listen,
+        }]
+    });
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    for pair in members.windows(2) {
+        if pair[0].id == pair[1].id {
+            return Err(invalid(
+                "members",
+                format!("node id `{}` is listed twice", pair[0].id),
+            ));
+        }
+    }
+    if let Some(member) = members.iter().find(|m| m.id.is_empty()) {
+        return Err(invalid(
+            "members",
+            format!("a member at {} has an empty id", member.addr),
+        ));
+    }
+    if !members.iter().any(|m| m.id == node_id) {
+        return Err(invalid(
+            "node_id",
+            format!("`{node_id}` is not one of the members ({})", ids(&members)),
+        ));
+    }
+    Ok(members)
+}
+
+/// The groups validated by the store's rule, the one definition of a valid group; without
+/// groups, one `default` group of one shard.
+fn resolve_groups(groups: Option<Vec<GroupDef>>) -> Result<Groups, ConfigError> {
+    let groups = groups.unwrap_or_else(|| vec![GroupDef::new("default", 1, 0)]);
+    Groups::new(groups).map_err(|error| {
+        let key = match error {
+            StoreConfigError::ZeroShards { .. } => "groups.shard_num",
+            _ => "groups.name",
+        };
+        invalid(key, error.to_string())
+    })
+}
+
+impl PartialRepair {
+    /// The `[repair]` table with defaults filled in, checked.
+    fn resolve(self) -> Result<RepairConfig, ConfigError> {
         let defaults = RepairConfig::default();
-        let r = self.repair;
         let repair = RepairConfig {
-            enabled: r.enabled.unwrap_or(defaults.enabled),
-            period: duration_or("repair.period", r.period, defaults.period)?,
-            cron: r.cron,
+            enabled: self.enabled.unwrap_or(defaults.enabled),
+            period: duration_or("repair.period", self.period, defaults.period)?,
+            cron: self.cron,
             sync_timeout: duration_or(
                 "repair.sync_timeout",
-                r.sync_timeout,
+                self.sync_timeout,
                 defaults.sync_timeout,
             )?,
             round_timeout: duration_or(
                 "repair.round_timeout",
-                r.round_timeout,
+                self.round_timeout,
                 defaults.round_timeout,
             )?,
             verify_interval: duration_or(
                 "repair.verify_interval",
-                r.verify_interval,
+                self.verify_interval,
                 defaults.verify_interval,
             )?,
             tombstone_grace: duration_or(
                 "repair.tombstone_grace",
-                r.tombstone_grace,
+                self.tombstone_grace,
                 defaults.tombstone_grace,
             )?,
-            throttle_bytes_per_second: r.throttle_bytes_per_second.unwrap_or(0),
+            throttle_bytes_per_second: self.throttle_bytes_per_second.unwrap_or(0),
         };
         if repair.period.is_zero() {
             return Err(invalid("repair.period", "must be longer than zero"));
@@ -335,23 +360,13 @@ impl Partial {
             crate::schedule::CronWindow::parse(cron)
                 .map_err(|message| invalid("repair.cron", message))?;
         }
-        Ok(Config {
-            node_id,
-            listen,
-            http,
-            data_dir,
-            members,
-            groups,
-            write_acks,
-            max_property_bytes,
-            repair,
-        })
+        Ok(repair)
     }
 }
 
 impl Config {
     /// The configuration as TOML-like lines, printed at start so an operator sees what runs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut out = String::new();
         let mut line = |text: String| {
             out.push_str(&text);
@@ -372,7 +387,7 @@ impl Config {
                 member.id, member.addr
             ));
         }
-        for group in &self.groups {
+        for group in self.groups.iter() {
             line(format!(
                 "[[groups]] name = {:?}, shard_num = {}, replicas = {}",
                 group.name, group.shard_num, group.replicas
@@ -393,14 +408,6 @@ impl Config {
             r.throttle_bytes_per_second,
         ));
         out
-    }
-
-    /// This node's member entry.
-    pub fn me(&self) -> &Member {
-        self.members
-            .iter()
-            .find(|m| m.id == self.node_id)
-            .expect("resolve() checked that node_id is a member")
     }
 }
 
@@ -433,7 +440,7 @@ fn duration_or(
 }
 
 /// Parses durations like `500ms`, `30s`, `10m`, `24h`, `7d` (one number, one unit).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -457,7 +464,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Formats a duration in the largest unit that divides it.
-pub fn format_duration(duration: Duration) -> String {
+pub(crate) fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
     if !millis.is_multiple_of(1000) {
         return format!("{millis}ms");
@@ -482,12 +489,8 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.members.len(), 1);
         assert_eq!(
-            config.groups,
-            vec![GroupConfig {
-                name: "default".into(),
-                shard_num: 1,
-                replicas: 0
-            }]
+            config.groups.iter().collect::<Vec<_>>(),
+            vec![&GroupDef::new("default", 1, 0)]
         );
         assert_eq!(config.write_acks, 1);
         assert!(config.describe().contains("name = \"default\""));
@@ -525,7 +528,7 @@ mod tests {
         assert_eq!(config.http.to_string(), "127.0.0.1:9009");
         assert_eq!(config.members[0].id, "n1", "members are sorted by id");
         assert_eq!(config.repair.period, Duration::from_secs(30));
-        assert_eq!(config.groups[0].shard_num, 4);
+        assert_eq!(config.groups.get("g").map(|g| g.shard_num), Some(4));
     }
 
     #[test]
@@ -551,25 +554,24 @@ mod tests {
             ),
             (
                 Partial {
-                    groups: Some(vec![GroupConfig {
-                        name: "a/b".into(),
-                        shard_num: 1,
-                        replicas: 0,
-                    }]),
+                    groups: Some(vec![GroupDef::new("a/b", 1, 0)]),
                     ..Partial::default()
                 },
                 "`groups.name`",
             ),
             (
                 Partial {
-                    groups: Some(vec![GroupConfig {
-                        name: "g".into(),
-                        shard_num: 0,
-                        replicas: 0,
-                    }]),
+                    groups: Some(vec![GroupDef::new("g", 0, 0)]),
                     ..Partial::default()
                 },
                 "`groups.shard_num`",
+            ),
+            (
+                Partial {
+                    groups: Some(vec![GroupDef::new("g", 1, 0), GroupDef::new("g", 2, 0)]),
+                    ..Partial::default()
+                },
+                "`groups.name`",
             ),
             (
                 Partial {
@@ -596,6 +598,16 @@ mod tests {
             let error = partial.resolve().unwrap_err().to_string();
             assert!(error.contains(key), "`{error}` should name {key}");
         }
+    }
+
+    #[test]
+    fn a_file_group_without_replicas_has_none() {
+        let file: Partial = toml::from_str("[[groups]]\nname = \"g\"\nshard_num = 2\n").unwrap();
+        assert_eq!(file.groups, Some(vec![GroupDef::new("g", 2, 0)]));
+        let error = toml::from_str::<Partial>("[[groups]]\nname = \"g\"\nshards = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shards"), "{error}");
     }
 
     #[test]

@@ -4,22 +4,21 @@
 
 use propd_merkle::{Property, TagValue};
 use propd_proto::v1;
+use propd_repair::ProtocolError;
 
 /// Wire to domain: validates the entity and rejects a tag without a value or a repeated key;
-/// the error names the tag.
-pub fn property_from_wire(wire: v1::Property) -> Result<Property, String> {
-    propd_repair::property_from_proto(wire)
-        .map(|(_, property)| property)
-        .map_err(|error| error.to_string())
+/// the error names the entity and, in its [`propd_repair::PropertyError`], the tag.
+pub(crate) fn property_from_wire(wire: v1::Property) -> Result<Property, ProtocolError> {
+    propd_repair::property_from_proto(wire).map(|(_, property)| property)
 }
 
 /// Domain to wire (tags in key order, as the canonical form has them).
-pub fn property_to_wire(property: &Property) -> v1::Property {
+pub(crate) fn property_to_wire(property: &Property) -> v1::Property {
     propd_repair::property_to_proto(property)
 }
 
 /// A domain tag value on the wire.
-pub fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
+pub(crate) fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
     v1::TagValue {
         value: Some(match value {
             TagValue::Str(s) => v1::tag_value::Value::Str(s.clone()),
@@ -30,7 +29,7 @@ pub fn tag_value_to_wire(value: &TagValue) -> v1::TagValue {
 }
 
 /// A wire tag value as a domain one, `None` when unset.
-pub fn tag_value_from_wire(value: Option<v1::TagValue>) -> Option<TagValue> {
+pub(crate) fn tag_value_from_wire(value: Option<v1::TagValue>) -> Option<TagValue> {
     match value?.value? {
         v1::tag_value::Value::Str(s) => Some(TagValue::Str(s)),
         v1::tag_value::Value::Int(i) => Some(TagValue::Int(i)),
@@ -79,7 +78,12 @@ mod tests {
             }],
             ..base.clone()
         };
-        assert!(property_from_wire(missing).unwrap_err().contains("\"k\""));
+        assert!(
+            property_from_wire(missing)
+                .unwrap_err()
+                .to_string()
+                .contains("\"k\"")
+        );
         let twice = v1::Property {
             tags: vec![
                 v1::Tag {
@@ -93,7 +97,12 @@ mod tests {
             ],
             ..base
         };
-        assert!(property_from_wire(twice).unwrap_err().contains("\"k\""));
+        assert!(
+            property_from_wire(twice)
+                .unwrap_err()
+                .to_string()
+                .contains("\"k\"")
+        );
         assert_eq!(
             tag_value_from_wire(Some(tag_value_to_wire(&TagValue::Int(5)))),
             Some(TagValue::Int(5))

@@ -8,42 +8,40 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use propd_merkle::{Entity, Property, TagValue, shard_of, version_order};
+use propd_merkle::{Entity, Property, Shape, TagValue, shard_of, version_order};
 use propd_proto::v1;
 use propd_proto::v1::property_service_server::PropertyService;
-use propd_store::{Query, RepairOutcome, StoreError};
+use propd_store::{GroupDef, Query, RepairOutcome, StoreError};
 use tonic::{Request, Response, Status};
 
-use crate::config::GroupConfig;
 use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
 use crate::node::{NodeState, now_nanos};
-use crate::peers::is_unreachable;
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// The query limit when the client gives none.
-pub const DEFAULT_QUERY_LIMIT: usize = 1000;
+pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
 /// The `PropertyService` of one node.
 #[derive(Debug, Clone)]
-pub struct PropertyApi {
+pub(crate) struct PropertyApi {
     node: Arc<NodeState>,
 }
 
 impl PropertyApi {
     /// The service over a node's state.
-    pub fn new(node: Arc<NodeState>) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
         Self { node }
     }
 }
 
 /// A refused request: `InvalidArgument` naming the field.
-pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
 /// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
-pub fn store_status(error: StoreError) -> Status {
+pub(crate) fn store_status(error: StoreError) -> Status {
     match error.validation() {
         Some(_) => Status::invalid_argument(error.to_string()),
         None => {
@@ -54,7 +52,7 @@ pub fn store_status(error: StoreError) -> Status {
 }
 
 /// Runs a blocking store call off the async workers.
-pub async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     node: &Arc<NodeState>,
     work: impl FnOnce(&NodeState) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
@@ -66,7 +64,7 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 impl PropertyApi {
-    fn group(&self, name: &str) -> Result<GroupConfig, Status> {
+    fn group(&self, name: &str) -> Result<GroupDef, Status> {
         self.node
             .placement
             .group(name)
@@ -74,12 +72,7 @@ impl PropertyApi {
             .ok_or_else(|| invalid("group", format!("unknown group {name:?}")))
     }
 
-    fn entity(
-        &self,
-        group: &str,
-        name: &str,
-        id: &str,
-    ) -> Result<(Entity, GroupConfig, u32), Status> {
+    fn entity(&self, group: &str, name: &str, id: &str) -> Result<(Entity, GroupDef, u32), Status> {
         let entity = Entity::new(group, name, id).map_err(|error| invalid("entity", error))?;
         let config = self.group(group)?;
         let shard = shard_for(&entity, &config);
@@ -102,7 +95,7 @@ impl PropertyApi {
     /// acknowledged and whether any held a live copy before.
     async fn replicate(
         &self,
-        group: &GroupConfig,
+        group: &GroupDef,
         shard: u32,
         property: Property,
     ) -> (u32, u32, bool) {
@@ -133,7 +126,7 @@ impl PropertyApi {
     /// Every copy of (group, shard) that answers, with what it holds of `entity`.
     async fn read_copies(
         &self,
-        group: &GroupConfig,
+        group: &GroupDef,
         shard: u32,
         entity: &Entity,
     ) -> Vec<(String, Option<Property>)> {
@@ -153,6 +146,35 @@ impl PropertyApi {
             }
         }
         copies
+    }
+
+    /// Runs `query` on every member holding a shard of `group`: what each that answered holds.
+    async fn query_holders(&self, group: &GroupDef, query: Query) -> Vec<(String, Vec<Property>)> {
+        let mut holders: Vec<String> = Vec::new();
+        for shard in 0..group.shard_num {
+            for id in self.node.node_ids(group, shard) {
+                if !holders.contains(&id) {
+                    holders.push(id);
+                }
+            }
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for target in holders {
+            let node = Arc::clone(&self.node);
+            let query = query.clone();
+            calls.spawn(async move {
+                query_copy(&node, &target, query)
+                    .await
+                    .map(|found| (target, found))
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(Some(answer)) = joined {
+                answers.push(answer);
+            }
+        }
+        answers
     }
 
     /// Rewrites the copies older than `newest` (or missing it) in the background.
@@ -206,15 +228,11 @@ async fn write_copy(
         property: Some(property_to_wire(&property)),
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.replica_write(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            Some(response.into_inner().had_live)
-        }
+    let answer = client.replica_write(request).await;
+    node.peers.saw_call(target, &answer);
+    match answer {
+        Ok(response) => Some(response.into_inner().had_live),
         Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
             None
@@ -223,7 +241,7 @@ async fn write_copy(
 }
 
 /// The shard of an entity in a validated group.
-fn shard_for(entity: &Entity, group: &GroupConfig) -> u32 {
+fn shard_for(entity: &Entity, group: &GroupDef) -> u32 {
     let shard_num = std::num::NonZeroU32::new(group.shard_num).unwrap_or(std::num::NonZeroU32::MIN);
     shard_of(entity, shard_num)
 }
@@ -254,32 +272,105 @@ async fn read_copy(
         include_deleted: true,
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.get(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            let property = response
-                .into_inner()
-                .property
-                .map(property_from_wire)
-                .transpose()
-                .ok()?;
-            Some(property)
-        }
-        Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
-            None
-        }
-    }
+    let answer = client.get(request).await;
+    node.peers.saw_call(target, &answer);
+    answer
+        .ok()?
+        .into_inner()
+        .property
+        .map(property_from_wire)
+        .transpose()
+        .ok()
 }
 
-fn newest<'a>(
-    copies: impl Iterator<Item = &'a Property>,
-    node: &NodeState,
-) -> Option<&'a Property> {
-    let shape = node.store.shape();
-    copies.max_by(|a, b| version_order(a, b, &shape))
+/// A query request checked and turned into the store's query (group-wide requests ask every
+/// holder for all it has, tombstones included), with the client's limit.
+fn store_query(request: &v1::QueryRequest, group: &GroupDef) -> Result<(Query, usize), Status> {
+    if request.name.contains('/') {
+        return Err(invalid(
+            "name",
+            format!("{:?} must not contain '/'", request.name),
+        ));
+    }
+    let mut tags = Vec::new();
+    for filter in &request.tags {
+        let value = tag_value_from_wire(filter.value.clone())
+            .ok_or_else(|| invalid(&format!("tags.{}", filter.key), "the filter has no value"))?;
+        tags.push((filter.key.clone(), value));
+    }
+    let limit = match request.limit {
+        0 => DEFAULT_QUERY_LIMIT,
+        n => n as usize,
+    };
+    let query = Query {
+        group: group.name.clone(),
+        name: (!request.name.is_empty()).then(|| request.name.clone()),
+        ids: request.ids.clone(),
+        tags,
+        limit: if request.local { limit } else { usize::MAX },
+        include_deleted: request.include_deleted || !request.local,
+    };
+    Ok((query, limit))
+}
+
+/// What the copies that answered a read say of one entity: its newest version and the copies to
+/// rewrite with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntityRead {
+    /// The newest version by the version order (it may be a tombstone).
+    newest: Property,
+    /// The nodes that answered with an older version or without the entity.
+    stale: Vec<String>,
+}
+
+/// The read-repair decision over one entity's answers, `(node, copy)` with `None` for a node
+/// that answered without it; `None` when no node holds it.
+fn reconcile(answers: Vec<(String, Option<Property>)>, shape: &Shape) -> Option<EntityRead> {
+    let newest = answers
+        .iter()
+        .filter_map(|(_, copy)| copy.as_ref())
+        .max_by(|a, b| version_order(a, b, shape))?
+        .clone();
+    let stale = answers
+        .into_iter()
+        .filter(|(_, copy)| copy.as_ref() != Some(&newest))
+        .map(|(node, _)| node)
+        .collect();
+    Some(EntityRead { newest, stale })
+}
+
+/// Merges the answers of a group-wide query, `(node, properties it holds)`, into one read per
+/// entity in entity order. `holders` names the nodes whose answer must include a property's
+/// entity (its copies); those that answered without it are stale too.
+fn merge_answers(
+    answers: Vec<(String, Vec<Property>)>,
+    holders: impl Fn(&Property) -> Vec<String>,
+    shape: &Shape,
+) -> Vec<EntityRead> {
+    let responders: Vec<String> = answers.iter().map(|(node, _)| node.clone()).collect();
+    // By `group/name/id`, the order queries answer in.
+    let mut by_entity: BTreeMap<String, Vec<(String, Option<Property>)>> = BTreeMap::new();
+    for (node, found) in answers {
+        for property in found {
+            let key = format!("{}/{}/{}", property.group, property.name, property.id);
+            by_entity
+                .entry(key)
+                .or_default()
+                .push((node.clone(), Some(property)));
+        }
+    }
+    by_entity
+        .into_values()
+        .filter_map(|mut copies| {
+            let first = copies.iter().find_map(|(_, copy)| copy.clone())?;
+            for holder in holders(&first) {
+                if responders.contains(&holder) && !copies.iter().any(|(node, _)| *node == holder) {
+                    copies.push((holder, None));
+                }
+            }
+            reconcile(copies, shape)
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -423,19 +514,12 @@ impl PropertyService for PropertyApi {
                 "no copy of {entity} could be reached"
             )));
         }
-        let Some(newest) = newest(
-            copies.iter().filter_map(|(_, copy)| copy.as_ref()),
-            &self.node,
-        )
-        .cloned() else {
+        let shape = self.node.store.shape();
+        let Some(read) = reconcile(copies, &shape) else {
             return Ok(Response::new(v1::GetResponse { property: None }));
         };
-        let stale: Vec<String> = copies
-            .iter()
-            .filter(|(_, copy)| copy.as_ref() != Some(&newest))
-            .map(|(node, _)| node.clone())
-            .collect();
-        self.read_repair(&group.name, shard, &newest, stale);
+        self.read_repair(&group.name, shard, &read.newest, read.stale);
+        let newest = read.newest;
         Ok(Response::new(v1::GetResponse {
             property: visible(Some(newest)),
         }))
@@ -447,105 +531,41 @@ impl PropertyService for PropertyApi {
     ) -> Result<Response<v1::QueryResponse>, Status> {
         let request = request.into_inner();
         let group = self.group(&request.group)?;
-        if request.name.contains('/') {
-            return Err(invalid(
-                "name",
-                format!("{:?} must not contain '/'", request.name),
-            ));
-        }
-        let mut tags = Vec::new();
-        for filter in request.tags {
-            let value = tag_value_from_wire(filter.value).ok_or_else(|| {
-                invalid(&format!("tags.{}", filter.key), "the filter has no value")
-            })?;
-            tags.push((filter.key, value));
-        }
-        let limit = match request.limit {
-            0 => DEFAULT_QUERY_LIMIT,
-            n => n as usize,
-        };
-        let query = Query {
-            group: group.name.clone(),
-            name: (!request.name.is_empty()).then(|| request.name.clone()),
-            ids: request.ids.clone(),
-            tags: tags.clone(),
-            limit: if request.local { limit } else { usize::MAX },
-            include_deleted: request.include_deleted || !request.local,
-        };
+        let (query, limit) = store_query(&request, &group)?;
         if request.local {
             let found = blocking(&self.node, move |node| node.store.query(&query)).await?;
             return Ok(Response::new(v1::QueryResponse {
                 properties: found.iter().map(property_to_wire).collect(),
             }));
         }
-        // Every member holding a shard of the group answers with its own copies.
-        let mut holders: Vec<String> = Vec::new();
-        for shard in 0..group.shard_num {
-            for id in self.node.node_ids(&group, shard) {
-                if !holders.contains(&id) {
-                    holders.push(id);
-                }
-            }
-        }
-        let mut calls = tokio::task::JoinSet::new();
-        for target in holders {
-            let node = Arc::clone(&self.node);
-            let query = query.clone();
-            calls.spawn(async move {
-                query_copy(&node, &target, query)
-                    .await
-                    .map(|found| (target, found))
-            });
-        }
-        // entity -> (copies by node)
-        let mut merged: BTreeMap<String, Vec<(String, Property)>> = BTreeMap::new();
-        let mut responders = Vec::new();
-        while let Some(joined) = calls.join_next().await {
-            if let Ok(Some((node, found))) = joined {
-                for property in found {
-                    let key = format!("{}/{}/{}", property.group, property.name, property.id);
-                    merged
-                        .entry(key)
-                        .or_default()
-                        .push((node.clone(), property));
-                }
-                responders.push(node);
-            }
-        }
-        if responders.is_empty() {
+        let tags_filter = !query.tags.is_empty();
+        let answers = self.query_holders(&group, query).await;
+        if answers.is_empty() {
             return Err(Status::unavailable(format!(
                 "no copy of group {:?} could be reached",
                 group.name
             )));
         }
+        let shape = self.node.store.shape();
+        // Without tag filters, a holder that answered without an entity lacks it; with them, it
+        // may hold a version the filter does not match.
+        let holders = |property: &Property| match entity_of(property) {
+            Ok(entity) if !tags_filter => self.node.node_ids(&group, shard_for(&entity, &group)),
+            _ => Vec::new(),
+        };
         let mut out = Vec::new();
-        for copies in merged.values() {
-            let Some(newest) = newest(copies.iter().map(|(_, p)| p), &self.node).cloned() else {
+        for read in merge_answers(answers, holders, &shape) {
+            let Ok(entity) = entity_of(&read.newest) else {
                 continue;
             };
-            let Ok(entity) = entity_of(&newest) else {
-                continue;
-            };
-            let shard = shard_for(&entity, &group);
-            // Copies that answered with an older version, and (without tag filters, where
-            // absence means absence) holders that answered without it.
-            let mut stale: Vec<String> = copies
-                .iter()
-                .filter(|(_, copy)| *copy != newest)
-                .map(|(node, _)| node.clone())
-                .collect();
-            if tags.is_empty() {
-                for holder in self.node.node_ids(&group, shard) {
-                    if responders.contains(&holder)
-                        && !copies.iter().any(|(node, _)| *node == holder)
-                    {
-                        stale.push(holder);
-                    }
-                }
-            }
-            self.read_repair(&group.name, shard, &newest, stale);
-            if request.include_deleted || !newest.is_tombstone() {
-                out.push(property_to_wire(&newest));
+            self.read_repair(
+                &group.name,
+                shard_for(&entity, &group),
+                &read.newest,
+                read.stale,
+            );
+            if request.include_deleted || !read.newest.is_tombstone() {
+                out.push(property_to_wire(&read.newest));
             }
             if out.len() >= limit {
                 break;
@@ -617,26 +637,117 @@ async fn query_copy(node: &Arc<NodeState>, target: &str, query: Query) -> Option
         include_deleted: true,
     });
     request.set_timeout(REPLICA_TIMEOUT);
-    match client.query(request).await {
-        Ok(response) => {
-            node.peers.set_up(target, true);
-            response
-                .into_inner()
-                .properties
-                .into_iter()
-                .map(property_from_wire)
-                .collect::<Result<_, _>>()
-                .ok()
-        }
-        Err(status) => {
-            if is_unreachable(&status) {
-                node.peers.set_up(target, false);
-            }
-            None
-        }
-    }
+    let answer = client.query(request).await;
+    node.peers.saw_call(target, &answer);
+    answer
+        .ok()?
+        .into_inner()
+        .properties
+        .into_iter()
+        .map(property_from_wire)
+        .collect::<Result<_, _>>()
+        .ok()
 }
 
 fn tag_wire(value: &TagValue) -> v1::TagValue {
     crate::convert::tag_value_to_wire(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(id: &str, mod_revision: i64, delete_time: i64) -> Property {
+        Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: id.into(),
+            tags: BTreeMap::new(),
+            mod_revision,
+            delete_time,
+        }
+    }
+
+    fn nodes(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| (*id).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_newest_copy_wins_and_older_ones_are_rewritten() {
+        let read = reconcile(
+            vec![
+                ("n1".into(), Some(version("a", 1, 0))),
+                ("n2".into(), Some(version("a", 3, 0))),
+                ("n3".into(), Some(version("a", 3, 0))),
+            ],
+            &Shape::default(),
+        )
+        .unwrap();
+        assert_eq!(read.newest, version("a", 3, 0));
+        assert_eq!(read.stale, nodes(&["n1"]));
+    }
+
+    #[test]
+    fn a_copy_without_the_entity_is_rewritten_and_no_copy_means_nothing() {
+        let read = reconcile(
+            vec![("n1".into(), None), ("n2".into(), Some(version("a", 2, 0)))],
+            &Shape::default(),
+        )
+        .unwrap();
+        assert_eq!(read.stale, nodes(&["n1"]));
+        assert_eq!(
+            reconcile(vec![("n1".into(), None)], &Shape::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_newer_tombstone_wins_over_a_live_copy() {
+        let tombstone = version("a", 5, 1_000);
+        let read = reconcile(
+            vec![
+                ("n1".into(), Some(version("a", 4, 0))),
+                ("n2".into(), Some(tombstone.clone())),
+            ],
+            &Shape::default(),
+        )
+        .unwrap();
+        assert!(read.newest.is_tombstone());
+        assert_eq!(read.newest, tombstone);
+        assert_eq!(read.stale, nodes(&["n1"]));
+    }
+
+    #[test]
+    fn a_query_merges_per_entity_and_holders_that_lack_it_are_stale() {
+        let answers = vec![
+            (
+                "n1".to_owned(),
+                vec![version("a", 2, 0), version("b", 1, 0)],
+            ),
+            ("n2".to_owned(), vec![version("a", 1, 0)]),
+        ];
+        // n3 holds every entity but did not answer: it is not judged.
+        let reads = merge_answers(
+            answers.clone(),
+            |_| nodes(&["n1", "n2", "n3"]),
+            &Shape::default(),
+        );
+        assert_eq!(
+            reads,
+            vec![
+                EntityRead {
+                    newest: version("a", 2, 0),
+                    stale: nodes(&["n2"]),
+                },
+                EntityRead {
+                    newest: version("b", 1, 0),
+                    stale: nodes(&["n2"]),
+                },
+            ]
+        );
+        // With tag filters no holder is named: an answer without the entity says nothing.
+        let reads = merge_answers(answers, |_| Vec::new(), &Shape::default());
+        assert_eq!(reads[1].stale, Vec::<String>::new());
+        assert_eq!(reads[0].stale, nodes(&["n2"]));
+    }
 }

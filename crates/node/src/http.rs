@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 /// What the HTTP handlers read.
-pub trait HttpState: Send + Sync + 'static {
+pub(crate) trait HttpState: Send + Sync + 'static {
     /// The `/metrics` body.
     fn metrics_text(&self) -> String;
     /// `Ok(detail)` when the node serves, `Err(reason)` otherwise.
@@ -18,7 +18,7 @@ pub trait HttpState: Send + Sync + 'static {
 }
 
 /// Serves `/metrics` and `/health` on `listener` until `shutdown` resolves.
-pub async fn serve<S: HttpState>(
+pub(crate) async fn serve<S: HttpState>(
     listener: tokio::net::TcpListener,
     state: Arc<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -53,7 +53,7 @@ async fn health<S: HttpState>(State(state): State<Arc<S>>) -> impl IntoResponse 
 }
 
 /// Binds the HTTP address; the error names it.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|error| {
         std::io::Error::new(
             error.kind(),

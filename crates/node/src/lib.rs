@@ -9,16 +9,16 @@
 //! two-node sync in `propd-repair`, the version order and the tree in `propd-store` and
 //! `propd-merkle`. Here they are wired to sockets, clocks and tasks.
 
-pub mod admin;
+mod admin;
 pub mod cli;
-pub mod config;
-pub mod convert;
-pub mod coordinator;
-pub mod http;
-pub mod metrics;
-pub mod node;
-pub mod peers;
-pub mod placement;
-pub mod schedule;
-pub mod server;
-pub mod sync;
+mod config;
+mod convert;
+mod coordinator;
+mod http;
+mod metrics;
+mod node;
+mod peers;
+mod placement;
+mod schedule;
+mod server;
+mod sync;

@@ -8,89 +8,85 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::node::lock;
+
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
     /// Adds one.
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
 
     /// Adds `n`.
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The current value.
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 /// Every metric of one node.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// Full tree rebuilds started.
-    pub tree_rebuilds_started: Counter,
+    pub(crate) tree_rebuilds_started: Counter,
     /// Full tree rebuilds finished.
-    pub tree_rebuilds_finished: Counter,
+    pub(crate) tree_rebuilds_finished: Counter,
     /// Full tree rebuilds that failed.
-    pub tree_rebuilds_failed: Counter,
+    pub(crate) tree_rebuilds_failed: Counter,
     /// Total time spent in rebuilds, milliseconds.
-    pub tree_rebuild_millis: Counter,
+    pub(crate) tree_rebuild_millis: Counter,
     /// Rebuilds whose root differed from the live tree (healed).
-    pub verify_mismatches: Counter,
+    pub(crate) verify_mismatches: Counter,
     /// Propagations this node started as origin.
-    pub propagations_started: Counter,
+    pub(crate) propagations_started: Counter,
     /// Propagations whose result reached this origin as completed.
-    pub propagations_finished: Counter,
+    pub(crate) propagations_finished: Counter,
     /// Propagations whose result reached this origin as failed (no peers, aborted, timed out).
-    pub propagations_failed: Counter,
+    pub(crate) propagations_failed: Counter,
     /// Propagations refused (here, or reported refused to this origin).
-    pub propagations_refused: Counter,
+    pub(crate) propagations_refused: Counter,
     /// Pairwise syncs this node ran as client.
-    pub syncs: Counter,
+    pub(crate) syncs: Counter,
     /// Successors skipped as unreachable.
-    pub skips: Counter,
+    pub(crate) skips: Counter,
     /// Entities compared in syncs.
-    pub properties_compared: Counter,
+    pub(crate) properties_compared: Counter,
     /// Properties sent to peers in syncs.
-    pub properties_sent: Counter,
+    pub(crate) properties_sent: Counter,
     /// Properties received from peers in syncs.
-    pub properties_received: Counter,
+    pub(crate) properties_received: Counter,
     /// Properties applied locally by repair (sync, read repair).
-    pub properties_applied: Counter,
+    pub(crate) properties_applied: Counter,
     /// Properties whose repair apply failed.
-    pub properties_failed: Counter,
+    pub(crate) properties_failed: Counter,
     /// Repair bytes sent.
-    pub repair_bytes_sent: Counter,
+    pub(crate) repair_bytes_sent: Counter,
     /// Repair bytes received.
-    pub repair_bytes_received: Counter,
+    pub(crate) repair_bytes_received: Counter,
     /// Tombstones purged.
-    pub tombstones_purged: Counter,
+    pub(crate) tombstones_purged: Counter,
     /// Read repairs written to stale copies.
-    pub read_repairs: Counter,
+    pub(crate) read_repairs: Counter,
     /// Unix seconds of the last successful round per (group, shard), as origin or participant.
     last_repair: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl Metrics {
     /// Records a successful round for (group, shard) at `unix_seconds`.
-    pub fn set_last_repair(&self, group: &str, shard: u32, unix_seconds: u64) {
-        let mut map = self.last_repair.lock().expect("metrics lock poisoned");
+    pub(crate) fn set_last_repair(&self, group: &str, shard: u32, unix_seconds: u64) {
+        let mut map = lock(&self.last_repair);
         map.insert((group.to_owned(), shard), unix_seconds);
     }
 
-    /// The last successful round of (group, shard), unix seconds.
-    pub fn last_repair(&self, group: &str, shard: u32) -> Option<u64> {
-        let map = self.last_repair.lock().expect("metrics lock poisoned");
-        map.get(&(group.to_owned(), shard)).copied()
-    }
-
     /// Prometheus text exposition format, with `now` (unix seconds) for the ages.
-    pub fn render(&self, shards: &[(String, u32)], now: u64) -> String {
+    pub(crate) fn render(&self, shards: &[(String, u32)], now: u64) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &Counter); 20] = [
             (
@@ -206,7 +202,7 @@ impl Metrics {
             out,
             "# HELP {name} Seconds since the last successful repair round of the shard (-1: never).\n# TYPE {name} gauge"
         );
-        let map = self.last_repair.lock().expect("metrics lock poisoned");
+        let map = lock(&self.last_repair);
         for (group, shard) in shards {
             let age = map
                 .get(&(group.clone(), *shard))

@@ -2,12 +2,12 @@
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use propd_store::RedbStore;
+use propd_store::{GroupDef, RedbStore};
 
-use crate::config::{Config, GroupConfig};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::placement::Placement;
@@ -15,31 +15,31 @@ use crate::schedule::{MissedWrites, RoundClock};
 
 /// Everything a node's services and tasks share.
 #[derive(Debug)]
-pub struct NodeState {
+pub(crate) struct NodeState {
     /// The resolved configuration.
-    pub config: Config,
+    pub(crate) config: Config,
     /// Shard placement.
-    pub placement: Placement,
+    pub(crate) placement: Placement,
     /// This node's store.
-    pub store: Arc<RedbStore>,
+    pub(crate) store: Arc<RedbStore>,
     /// Channels to the other members and their health.
-    pub peers: Peers,
+    pub(crate) peers: Peers,
     /// Counters for `/metrics`.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// Background repair paused by an operator.
-    pub paused: AtomicBool,
+    pub(crate) paused: AtomicBool,
     /// Repair traffic limit in bytes per second (0: none).
-    pub throttle: AtomicU64,
+    pub(crate) throttle: AtomicU64,
     /// Shards whose writes missed a copy, per missed node.
-    pub misses: Mutex<MissedWrites>,
+    pub(crate) misses: Mutex<MissedWrites>,
     /// When each shard this node originates is next due.
-    pub rounds: Mutex<RoundClock>,
+    pub(crate) rounds: Mutex<RoundClock>,
     revisions: RevisionClock,
 }
 
 impl NodeState {
     /// Assembles the state of a node whose store is open.
-    pub fn new(config: Config, store: RedbStore) -> Self {
+    pub(crate) fn new(config: Config, store: RedbStore) -> Self {
         let placement = Placement::new(&config);
         let peers = Peers::new(&config.node_id, &config.members);
         let throttle = AtomicU64::new(config.repair.throttle_bytes_per_second);
@@ -58,17 +58,17 @@ impl NodeState {
     }
 
     /// This node's id.
-    pub fn me(&self) -> &str {
+    pub(crate) fn me(&self) -> &str {
         &self.config.node_id
     }
 
     /// A new revision for a coordinated write: unix nanoseconds, strictly increasing.
-    pub fn next_revision(&self) -> i64 {
+    pub(crate) fn next_revision(&self) -> i64 {
         self.revisions.next(now_nanos())
     }
 
     /// The node ids of (group, shard)'s copies, in placement order.
-    pub fn node_ids(&self, group: &GroupConfig, shard: u32) -> Vec<String> {
+    pub(crate) fn node_ids(&self, group: &GroupDef, shard: u32) -> Vec<String> {
         self.placement
             .node_list(group, shard)
             .iter()
@@ -77,7 +77,7 @@ impl NodeState {
     }
 
     /// Every (group, shard) this node holds a copy of.
-    pub fn local_shards(&self) -> Vec<(String, u32)> {
+    pub(crate) fn local_shards(&self) -> Vec<(String, u32)> {
         let mut shards = Vec::new();
         for group in self.placement.groups() {
             for shard in 0..group.shard_num {
@@ -90,28 +90,36 @@ impl NodeState {
     }
 
     /// Remembers that a write to (group, shard) missed `node`.
-    pub fn record_miss(&self, node: &str, group: &str, shard: u32) {
-        self.misses
-            .lock()
-            .expect("misses lock poisoned")
-            .record(node, group, shard);
+    pub(crate) fn record_miss(&self, node: &str, group: &str, shard: u32) {
+        lock(&self.misses).record(node, group, shard);
     }
 
     /// Whether background repair is paused.
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
     }
 }
 
+/// Locks `mutex`; a lock poisoned by a panic elsewhere is recovered, not propagated.
+///
+/// This is the node's one lock-poisoning policy. Every mutex in the node guards bookkeeping
+/// (member health, missed writes, round due times, last-repair times) changed by single map
+/// operations that leave it consistent at every step, so a panic while holding the lock cannot
+/// leave half an update behind. Recovering keeps the node serving and repairing instead of
+/// turning one panicked task into a panic in every later caller.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Unix time in nanoseconds.
-pub fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Unix time in milliseconds.
-pub fn now_millis() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -119,13 +127,13 @@ pub fn now_millis() -> u64 {
 
 /// Strictly increasing revisions from a wall clock that may stand still or step back.
 #[derive(Debug, Default)]
-pub struct RevisionClock {
+pub(crate) struct RevisionClock {
     last: AtomicI64,
 }
 
 impl RevisionClock {
     /// `max(now, last + 1)`, atomically.
-    pub fn next(&self, now: i64) -> i64 {
+    pub(crate) fn next(&self, now: i64) -> i64 {
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);

@@ -8,57 +8,63 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use propd_gossip::transport::MemberChannels;
 use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Member;
+use crate::node::lock;
 
 /// How long connecting to a member may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The other members' channels and health.
+/// The one channel to each member, shared by the property API, repair, the probes and the
+/// gossip driver, and the other members' health.
 #[derive(Debug)]
-pub struct Peers {
+pub(crate) struct Peers {
     me: String,
-    channels: HashMap<String, Channel>,
+    channels: MemberChannels,
     up: Mutex<HashMap<String, bool>>,
 }
 
 impl Peers {
-    /// Lazy channels to every member but `me`; all start as up (optimistic until a probe says
-    /// otherwise).
-    pub fn new(me: &str, members: &[Member]) -> Self {
-        let mut channels = HashMap::new();
-        let mut up = HashMap::new();
-        for member in members.iter().filter(|m| m.id != me) {
-            let endpoint = Endpoint::from_shared(format!("http://{}", member.addr))
-                .expect("a socket address is a valid URI")
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true);
-            channels.insert(member.id.clone(), endpoint.connect_lazy());
-            up.insert(member.id.clone(), true);
-        }
+    /// Lazy channels to every member (this node's too: the gossip may report to itself); every
+    /// other member starts as up (optimistic until a probe says otherwise).
+    pub(crate) fn new(me: &str, members: &[Member]) -> Self {
+        let addresses = members
+            .iter()
+            .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+            .collect();
+        let up = members
+            .iter()
+            .filter(|m| m.id != me)
+            .map(|m| (m.id.clone(), true))
+            .collect();
         Self {
             me: me.to_owned(),
-            channels,
+            channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
             up: Mutex::new(up),
         }
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &str {
-        &self.me
+    /// The pool of channels, for the gossip driver.
+    pub(crate) fn channels(&self) -> MemberChannels {
+        self.channels.clone()
     }
 
-    /// The channel to a member, `None` for this node or an unknown id.
-    pub fn channel(&self, id: &str) -> Option<Channel> {
-        self.channels.get(id).cloned()
+    /// The channel to another member, `None` for this node or an unknown id.
+    pub(crate) fn channel(&self, id: &str) -> Option<Channel> {
+        if id == self.me {
+            return None;
+        }
+        self.channels.channel(id)
     }
 
     /// A property API client for a member.
-    pub fn property_client(&self, id: &str) -> Option<PropertyServiceClient<Channel>> {
+    pub(crate) fn property_client(&self, id: &str) -> Option<PropertyServiceClient<Channel>> {
         self.channel(id).map(|channel| {
             PropertyServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -67,25 +73,18 @@ impl Peers {
     }
 
     /// An admin client for a member.
-    pub fn admin_client(&self, id: &str) -> Option<AdminServiceClient<Channel>> {
+    pub(crate) fn admin_client(&self, id: &str) -> Option<AdminServiceClient<Channel>> {
         self.channel(id).map(AdminServiceClient::new)
     }
 
     /// Whether a member is believed up (this node always is).
-    pub fn is_up(&self, id: &str) -> bool {
-        id == self.me
-            || self
-                .up
-                .lock()
-                .expect("peers lock poisoned")
-                .get(id)
-                .copied()
-                .unwrap_or(false)
+    pub(crate) fn is_up(&self, id: &str) -> bool {
+        id == self.me || lock(&self.up).get(id).copied().unwrap_or(false)
     }
 
     /// Records what a probe or call saw; returns true when the member just came back up.
-    pub fn set_up(&self, id: &str, up: bool) -> bool {
-        let mut map = self.up.lock().expect("peers lock poisoned");
+    pub(crate) fn set_up(&self, id: &str, up: bool) -> bool {
+        let mut map = lock(&self.up);
         match map.get_mut(id) {
             Some(state) => {
                 let came_back = up && !*state;
@@ -96,22 +95,24 @@ impl Peers {
         }
     }
 
+    /// Records how a call to member `id` ended: an answer (even an error status) means it is
+    /// up; a status that says it could not be reached marks it down.
+    pub(crate) fn saw_call<T>(&self, id: &str, result: &Result<T, tonic::Status>) {
+        match result {
+            Err(status) if is_unreachable(status) => {
+                self.set_up(id, false);
+            }
+            Err(_) => {}
+            Ok(_) => {
+                self.set_up(id, true);
+            }
+        }
+    }
+
     /// The other members' ids.
-    pub fn others(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.channels.keys().cloned().collect();
+    pub(crate) fn others(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.up).keys().cloned().collect();
         ids.sort();
         ids
     }
-}
-
-/// Whether a call's status means the peer could not be reached (as opposed to the peer
-/// answering with an error).
-pub fn is_unreachable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-    )
 }

@@ -3,18 +3,20 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::{Config, GroupConfig, Member};
+use propd_store::{GroupDef, Groups};
+
+use crate::config::{Config, Member};
 
 /// The configured data nodes, sorted by id, and the groups they serve.
 #[derive(Debug, Clone)]
-pub struct Placement {
+pub(crate) struct Placement {
     members: Vec<Member>,
-    groups: Vec<GroupConfig>,
+    groups: Groups,
 }
 
 impl Placement {
     /// Placement for a resolved configuration.
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let mut members = config.members.clone();
         members.sort_by(|a, b| a.id.cmp(&b.id));
         Self {
@@ -24,34 +26,29 @@ impl Placement {
     }
 
     /// The members, sorted by id.
-    pub fn members(&self) -> &[Member] {
+    pub(crate) fn members(&self) -> &[Member] {
         &self.members
     }
 
-    /// The member with this id.
-    pub fn member(&self, id: &str) -> Option<&Member> {
-        self.members.iter().find(|m| m.id == id)
-    }
-
     /// The group with this name.
-    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
-        self.groups.iter().find(|g| g.name == name)
+    pub(crate) fn group(&self, name: &str) -> Option<&GroupDef> {
+        self.groups.get(name)
     }
 
-    /// Every group.
-    pub fn groups(&self) -> &[GroupConfig] {
-        &self.groups
+    /// Every group, in name order.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &GroupDef> {
+        self.groups.iter()
     }
 
     /// Copies of each shard of `group`: `replicas + 1`, capped at the member count.
-    pub fn copies(&self, group: &GroupConfig) -> usize {
+    pub(crate) fn copies(&self, group: &GroupDef) -> usize {
         (group.replicas as usize + 1).min(self.members.len())
     }
 
     /// The node list of (group, shard):
     /// `[members[(offset(group) + shard + r) % N] for r in 0..copies]` with
     /// `offset(group) = xxh3_64(group) % N`.
-    pub fn node_list(&self, group: &GroupConfig, shard: u32) -> Vec<&Member> {
+    pub(crate) fn node_list(&self, group: &GroupDef, shard: u32) -> Vec<&Member> {
         let n = self.members.len() as u64;
         let offset = xxh3_64(group.name.as_bytes()) % n;
         (0..self.copies(group) as u64)
@@ -60,7 +57,7 @@ impl Placement {
     }
 
     /// Whether `node` holds a copy of (group, shard).
-    pub fn holds(&self, node: &str, group: &GroupConfig, shard: u32) -> bool {
+    pub(crate) fn holds(&self, node: &str, group: &GroupDef, shard: u32) -> bool {
         self.node_list(group, shard).iter().any(|m| m.id == node)
     }
 }
@@ -79,7 +76,7 @@ mod tests {
             .collect();
         let config = Partial {
             members: Some(members),
-            groups: Some(vec![GroupConfig {
+            groups: Some(vec![GroupDef {
                 name: "g".into(),
                 shard_num: 8,
                 replicas,

@@ -6,7 +6,7 @@
 /// numbers, ranges `a-b`, steps `*/n` and `a-b/n`, and comma lists; day-of-week 0 and 7 are
 /// Sunday. When both day fields are restricted, either may match (as in classic cron).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CronWindow {
+pub(crate) struct CronWindow {
     minutes: u64,
     hours: u64,
     days: u64,
@@ -18,7 +18,7 @@ pub struct CronWindow {
 
 impl CronWindow {
     /// Parses an expression; the error says which field is wrong.
-    pub fn parse(expression: &str) -> Result<Self, String> {
+    pub(crate) fn parse(expression: &str) -> Result<Self, String> {
         let fields: Vec<&str> = expression.split_whitespace().collect();
         if fields.len() != 5 {
             return Err(format!(
@@ -42,7 +42,7 @@ impl CronWindow {
     }
 
     /// Whether the minute holding `unix_seconds` (UTC) is inside the window.
-    pub fn contains(&self, unix_seconds: u64) -> bool {
+    pub(crate) fn contains(&self, unix_seconds: u64) -> bool {
         let days_since_epoch = unix_seconds / 86_400;
         let second_of_day = unix_seconds % 86_400;
         let (_, month, day) = civil_from_days(days_since_epoch);
@@ -120,7 +120,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// position `shard % copies` of the node list, so that origins rotate over the copies and a down
 /// origin's shards are taken by the next copy. Every node computes this alike from its own view
 /// of health; when two views disagree, the gossip layer refuses the second round.
-pub fn designated_origin<'a>(
+pub(crate) fn designated_origin<'a>(
     node_list: &[&'a str],
     shard: u32,
     is_up: impl Fn(&str) -> bool,
@@ -139,7 +139,7 @@ pub fn designated_origin<'a>(
 /// repair period: shard `k` of `count` first runs at `start + k * period / count`, then every
 /// period after its previous start.
 #[derive(Debug, Clone, Default)]
-pub struct RoundClock {
+pub(crate) struct RoundClock {
     due: std::collections::BTreeMap<(String, u32), u64>,
 }
 
@@ -147,7 +147,7 @@ impl RoundClock {
     /// Takes the shards this node originates now (in a stable order) and returns the ones due at
     /// `now_ms`, advancing each returned shard's next due time by `period_ms`. Shards new to the
     /// clock are placed on the period's grid; shards no longer originated here are forgotten.
-    pub fn due(
+    pub(crate) fn due(
         &mut self,
         shards: &[(String, u32)],
         now_ms: u64,
@@ -171,7 +171,7 @@ impl RoundClock {
 
     /// Pushes a shard's next due time a full period past `now_ms` (after a round that some other
     /// trigger started).
-    pub fn postpone(&mut self, key: &(String, u32), now_ms: u64, period_ms: u64) {
+    pub(crate) fn postpone(&mut self, key: &(String, u32), now_ms: u64, period_ms: u64) {
         if let Some(due) = self.due.get_mut(key) {
             *due = (*due).max(now_ms + period_ms);
         }
@@ -182,13 +182,13 @@ impl RoundClock {
 /// again, a round for each of its shards starts, so a missed write is repaired in seconds
 /// rather than at the next scheduled round.
 #[derive(Debug, Clone, Default)]
-pub struct MissedWrites {
+pub(crate) struct MissedWrites {
     by_node: std::collections::BTreeMap<String, std::collections::BTreeSet<(String, u32)>>,
 }
 
 impl MissedWrites {
     /// Remembers that a write to (group, shard) missed `node`.
-    pub fn record(&mut self, node: &str, group: &str, shard: u32) {
+    pub(crate) fn record(&mut self, node: &str, group: &str, shard: u32) {
         self.by_node
             .entry(node.to_owned())
             .or_default()
@@ -196,7 +196,7 @@ impl MissedWrites {
     }
 
     /// The shards to repair now that `node` answers again; forgets them.
-    pub fn node_is_back(&mut self, node: &str) -> Vec<(String, u32)> {
+    pub(crate) fn node_is_back(&mut self, node: &str) -> Vec<(String, u32)> {
         self.by_node
             .remove(node)
             .map(|set| set.into_iter().collect())
@@ -204,16 +204,11 @@ impl MissedWrites {
     }
 
     /// Shards waiting for a node to come back, for `status` (`pending`).
-    pub fn pending(&self, group: &str, shard: u32) -> u64 {
+    pub(crate) fn pending(&self, group: &str, shard: u32) -> u64 {
         self.by_node
             .values()
             .filter(|set| set.contains(&(group.to_owned(), shard)))
             .count() as u64
-    }
-
-    /// The nodes some write missed.
-    pub fn nodes(&self) -> Vec<String> {
-        self.by_node.keys().cloned().collect()
     }
 }
 
@@ -235,7 +230,8 @@ mod tests {
         );
         assert!(misses.node_is_back("n2").is_empty());
         assert_eq!(misses.pending("g", 1), 1);
-        assert_eq!(misses.nodes(), vec!["n3".to_owned()]);
+        assert_eq!(misses.node_is_back("n3"), vec![("g".to_owned(), 1)]);
+        assert_eq!(misses.pending("g", 1), 0);
     }
 
     // 2026-11-22 (a Sunday) 01:30:00 UTC.

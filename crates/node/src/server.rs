@@ -1,7 +1,6 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,14 +12,14 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
-use propd_store::{GroupDef, RedbStore, StoreConfig, VerifyOutcome};
+use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
 use tokio::sync::watch;
 
 use crate::admin::{AdminApi, start_round};
 use crate::config::Config;
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
-use crate::node::{NodeState, now_millis, now_nanos};
+use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::schedule::{CronWindow, designated_origin};
 use crate::sync::{Gossip, RepairSync};
 
@@ -32,7 +31,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs a node until SIGINT or SIGTERM.
-pub async fn serve(config: Config) -> Result<()> {
+pub(crate) async fn serve(config: Config) -> Result<()> {
     init_tracing();
     #[allow(
         clippy::print_stdout,
@@ -87,9 +86,7 @@ async fn wait_for_signal() {
 
 /// A started node: its servers and tasks.
 #[derive(Debug)]
-pub struct Running {
-    /// The node's shared state.
-    pub node: Arc<NodeState>,
+pub(crate) struct Running {
     servers: Vec<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -97,7 +94,7 @@ pub struct Running {
 impl Running {
     /// Waits (at most `grace`) for the servers to drain after shutdown was signalled, then
     /// stops the background tasks.
-    pub async fn stopped(self, grace: Duration) {
+    pub(crate) async fn stopped(self, grace: Duration) {
         for task in &self.tasks {
             task.abort();
         }
@@ -119,16 +116,12 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
-pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
+pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         ..StoreConfig::new(
             &config.data_dir,
-            config
-                .groups
-                .iter()
-                .map(|g| GroupDef::new(g.name.clone(), g.shard_num, g.replicas))
-                .collect(),
+            config.groups.iter().cloned().collect(),
             Shape::default(),
         )
     };
@@ -139,23 +132,16 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Ru
     let node = Arc::new(NodeState::new(config, store));
     load_last_repairs(&node).await;
 
-    let members: HashMap<String, String> = node
-        .placement
-        .members()
-        .iter()
-        .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
-        .collect();
     let driver_config = DriverConfig {
         engine: propd_gossip::Config {
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
-        connect_timeout: crate::peers::CONNECT_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
         node.me().to_owned(),
-        members,
+        node.peers.channels(),
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
@@ -205,11 +191,7 @@ pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Ru
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
     ];
-    Ok(Running {
-        node,
-        servers,
-        tasks,
-    })
+    Ok(Running { servers, tasks })
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {
@@ -274,34 +256,8 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
         _ => metrics.propagations_failed.inc(),
     }
     metrics.skips.add(result.skips() as u64);
-    for span in &result.trace {
-        tracing::info!(
-            message_id = %context.message_id,
-            group = context.key.group,
-            shard = context.key.shard,
-            from = span.from,
-            to = span.to,
-            kind = ?span.kind,
-            duration_ms = span.duration.as_millis() as u64,
-            compared = span.report.map_or(0, |r| r.compared),
-            applied = span.report.map_or(0, |r| r.applied),
-            bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
-            bytes_received = span.report.map_or(0, |r| r.bytes_received),
-            error = span.error.as_deref().unwrap_or(""),
-            "round span"
-        );
-    }
-    tracing::info!(
-        message_id = %context.message_id,
-        group = context.key.group,
-        shard = context.key.shard,
-        outcome = ?result.outcome,
-        syncs = result.syncs(),
-        skips = result.skips(),
-        error = result.error.as_deref().unwrap_or(""),
-        "repair round ended"
-    );
-    node.rounds.lock().expect("rounds lock poisoned").postpone(
+    // The gossip driver logs the finished round and its steps.
+    lock(&node.rounds).postpone(
         &(context.key.group.clone(), context.key.shard),
         now_millis(),
         period_ms(node),
@@ -375,11 +331,7 @@ async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
                 }
             }
         }
-        let due =
-            node.rounds
-                .lock()
-                .expect("rounds lock poisoned")
-                .due(&mine, now_ms, period_ms(&node));
+        let due = lock(&node.rounds).due(&mine, now_ms, period_ms(&node));
         for (group, shard) in due {
             if let Err(status) = start_round(&node, &gossip, &group, shard, false) {
                 tracing::info!(group, shard, %status, "scheduled round not started");
@@ -406,11 +358,7 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             if !up || node.is_paused() || !node.config.repair.enabled {
                 continue;
             }
-            let missed = node
-                .misses
-                .lock()
-                .expect("misses lock poisoned")
-                .node_is_back(&peer);
+            let missed = lock(&node.misses).node_is_back(&peer);
             for (group, shard) in missed {
                 match start_round(&node, &gossip, &group, shard, false) {
                     Ok(message_id) => {

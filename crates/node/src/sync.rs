@@ -1,9 +1,10 @@
 //! The gossip's unit of work implemented with the repair client: one pairwise sync of a
 //! (group, shard) with the successor, and the repair server other nodes sync against.
 //!
-//! Failures are sorted the way the propagation rules need (DESIGN §6): a successor that
-//! cannot be reached or whose stream breaks is skipped; a local failure or a protocol or shape
-//! error aborts the round.
+//! Failures are sorted the way the propagation rules need (DESIGN §6) by the repair crate's one
+//! rule, [`propd_repair::SyncError::disposition`]: a successor that cannot be reached or whose stream breaks
+//! is skipped; a refusal by the peer, a local failure or a protocol or shape error aborts the
+//! round.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use propd_gossip::transport::GossipDriver;
 use propd_gossip::{SyncFailure, SyncOutcome, SyncReport, SyncRequest, SyncWork};
 use propd_proto::v1::repair_service_server::RepairServiceServer;
-use propd_repair::SyncError;
+use propd_repair::Disposition;
 use propd_repair::transport::{RepairServer, TransportConfig};
 use propd_store::RedbStore;
 use tokio::sync::Mutex;
@@ -20,11 +21,11 @@ use tokio::sync::Mutex;
 use crate::node::NodeState;
 
 /// This node's gossip driver.
-pub type Gossip = GossipDriver<RepairSync>;
+pub(crate) type Gossip = GossipDriver<RepairSync>;
 
 /// Runs syncs for the gossip with the repair client, paced by the repair throttle.
 #[derive(Debug)]
-pub struct RepairSync {
+pub(crate) struct RepairSync {
     node: Arc<NodeState>,
     /// The earliest time the next sync may start under the throttle.
     next_start: Mutex<Instant>,
@@ -32,7 +33,7 @@ pub struct RepairSync {
 
 impl RepairSync {
     /// Syncs over a node's store and peers.
-    pub fn new(node: Arc<NodeState>) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
         Self {
             node,
             next_start: Mutex::new(Instant::now()),
@@ -121,38 +122,148 @@ impl SyncWork for RepairSync {
             Err(error) => {
                 let text = error.to_string();
                 tracing::info!(message_id = %request.message_id, group, shard, peer = request.peer, error = text, "sync failed");
-                if is_unreachable(&error) {
-                    node.peers.set_up(&request.peer, false);
-                    Err(SyncFailure::Unreachable { error: text })
-                } else {
-                    Err(SyncFailure::Failed {
+                match error.disposition() {
+                    Disposition::Skip => {
+                        node.peers.set_up(&request.peer, false);
+                        Err(SyncFailure::Unreachable { error: text })
+                    }
+                    Disposition::Abort => Err(SyncFailure::Failed {
                         error: text,
                         report: None,
-                    })
+                    }),
                 }
             }
         }
     }
 }
 
-/// Whether a sync error means the successor could not be reached (skip it) rather than a
-/// failure of the sync itself (abort the round).
-fn is_unreachable(error: &SyncError) -> bool {
-    matches!(
-        error,
-        SyncError::Transport { .. }
-            | SyncError::PeerClosed { .. }
-            | SyncError::Timeout { .. }
-            | SyncError::TreeNotFound { .. }
-            | SyncError::Refused { .. }
-    )
-}
-
 /// The `RepairService` other nodes sync against.
-pub fn repair_service(node: &NodeState) -> RepairServiceServer<RepairServer<RedbStore>> {
+pub(crate) fn repair_service(node: &NodeState) -> RepairServiceServer<RepairServer<RedbStore>> {
     let config = TransportConfig {
         timeout: node.config.repair.sync_timeout,
         ..TransportConfig::default()
     };
     RepairServer::new(Arc::clone(&node.store), config).into_service()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use propd_gossip::transport::DriverConfig;
+    use propd_gossip::{Outcome, PropagationResult, ShardKey, SpanKind, StartRequest};
+    use propd_merkle::Shape;
+    use propd_proto::v1::RepairRequest;
+    use propd_proto::v1::repair_service_server::RepairService;
+    use propd_store::{GroupDef, StoreConfig};
+    use tokio::net::{TcpListener, TcpSocket};
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::config::{Member, Partial};
+
+    /// A repair server that reads the opening message and refuses it as malformed, the way the
+    /// real server refuses a protocol violation.
+    struct RefusesAsMalformed;
+
+    #[tonic::async_trait]
+    impl RepairService for RefusesAsMalformed {
+        type RepairStream = propd_repair::transport::ResponseStream;
+
+        async fn repair(
+            &self,
+            request: Request<Streaming<RepairRequest>>,
+        ) -> Result<Response<Self::RepairStream>, Status> {
+            let opening = request.into_inner().message().await?;
+            assert!(opening.is_some(), "the client opens the sync");
+            Err(Status::invalid_argument("malformed `TreeRoot.root`"))
+        }
+    }
+
+    /// Runs one round of shard `g/0` from node n1 (a real node state with its store) to n2 at
+    /// `successor`, over tonic, and returns its result.
+    async fn round_to(successor: SocketAddr) -> PropagationResult {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let member = |id: &str, addr: SocketAddr| Member {
+            id: id.to_owned(),
+            addr,
+        };
+        let config = Partial {
+            node_id: Some("n1".into()),
+            data_dir: Some(dir.path().to_owned()),
+            members: Some(vec![
+                member("n1", "127.0.0.1:1".parse().expect("an address")),
+                member("n2", successor),
+            ]),
+            groups: Some(vec![GroupDef::new("g", 1, 1)]),
+            ..Partial::default()
+        }
+        .resolve()
+        .expect("a valid config");
+        let store_config = StoreConfig::new(
+            &config.data_dir,
+            config.groups.iter().cloned().collect(),
+            Shape::default(),
+        );
+        let store = RedbStore::open(store_config).expect("the store opens");
+        let node = Arc::new(NodeState::new(config, store));
+        let gossip: Gossip = GossipDriver::new(
+            "n1".into(),
+            node.peers.channels(),
+            RepairSync::new(Arc::clone(&node)),
+            DriverConfig::default(),
+        );
+        let message_id = gossip
+            .start(StartRequest {
+                key: ShardKey {
+                    group: "g".into(),
+                    shard: 0,
+                },
+                nodes: vec!["n1".into(), "n2".into()],
+                preview: false,
+            })
+            .expect("the round starts");
+        gossip
+            .wait(&message_id, Duration::from_secs(30))
+            .await
+            .expect("the round ends")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successor_that_refuses_the_sync_as_malformed_aborts_the_round() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RepairServiceServer::new(RefusesAsMalformed))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let result = round_to(addr).await;
+        assert_eq!(result.outcome, Outcome::Aborted, "{result:?}");
+        assert_eq!(result.skips(), 0, "{result:?}");
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains("InvalidArgument"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_successor_that_is_down_is_skipped() {
+        // Bound but not listening, and held for the test: connections are refused.
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("an address"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("an address");
+        let result = round_to(addr).await;
+        // The skip spends the round's count (one successor): it ends without a failure.
+        assert_eq!(result.outcome, Outcome::Completed, "{result:?}");
+        assert_eq!(result.skips(), 1, "{result:?}");
+        assert!(
+            result
+                .trace
+                .iter()
+                .any(|span| span.kind == SpanKind::Skip && span.to == "n2"),
+            "{result:?}"
+        );
+    }
 }

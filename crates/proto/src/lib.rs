@@ -3,12 +3,13 @@
 //! Without features this crate holds only the prost messages, so pure crates
 //! can name them without pulling in tonic; the `transport` feature adds the
 //! tonic clients and servers. It does not convert to domain types: each
-//! crate that crosses the wire edge owns those conversions.
-
-#![allow(missing_docs, unreachable_pub, unused_qualifications)]
-#![allow(clippy::all, clippy::pedantic)]
+//! crate that crosses the wire edge owns those conversions. With `transport`
+//! it also holds `peer`, the one rule for telling an unreachable peer from a
+//! peer that answered with an error.
 
 /// Version 1 of the propd API.
+#[allow(missing_docs, unreachable_pub, unused_qualifications)]
+#[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/propd.v1.rs"));
 }
@@ -16,3 +17,6 @@ pub mod v1 {
 /// The largest gRPC message either side accepts (4 MiB would be tonic's
 /// default; ours is explicit so that pages are sized against it).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+#[cfg(feature = "transport")]
+pub mod peer;

@@ -6,7 +6,7 @@ use propd_merkle::{Entity, NodeId, Property, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
-use crate::error::{ProtocolError, SyncError};
+use crate::error::{PropertyError, ProtocolError, SyncError};
 use crate::store_api::{RepairOutcome, RepairStore};
 use crate::wire;
 
@@ -144,13 +144,15 @@ impl Applier {
             if property.group != group {
                 return Err(ProtocolError::Property {
                     entity: entity.to_string(),
-                    reason: format!("group is not the synced group {group:?}"),
+                    reason: PropertyError::OtherGroup {
+                        synced: group.to_owned(),
+                    },
                 });
             }
             if !listed.covers(shape, &entity) {
                 return Err(ProtocolError::Property {
                     entity: entity.to_string(),
-                    reason: "its bucket lies under no node listed in this sync".to_owned(),
+                    reason: PropertyError::Unlisted,
                 });
             }
             batch.push(property);

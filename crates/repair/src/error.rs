@@ -1,6 +1,6 @@
 //! Typed errors of a sync: refusals, shape mismatches, protocol violations, store and transport failures.
 
-use propd_merkle::Shape;
+use propd_merkle::{EntityError, Shape};
 
 /// Why a sync failed. Finding differences is not an error; failing to apply one property is
 /// counted in the report, not raised.
@@ -33,11 +33,24 @@ pub enum SyncError {
         /// The peer's shape, when it could be decoded.
         theirs: Option<Shape>,
     },
-    /// The peer refused the sync for another reason.
+    /// The peer refused the sync at the root compare for another reason (for example a wire
+    /// digest width it does not accept).
     #[error("the peer refused the sync: {reason}")]
     Refused {
         /// The peer's explanation.
         reason: String,
+    },
+    /// The peer was reached and ended the call with an error status (transport driver only):
+    /// `INVALID_ARGUMENT` when it judged a message of ours malformed or out of protocol order,
+    /// `INTERNAL` when its store failed, and so on. A status that means the peer could not be
+    /// reached is a [`SyncError::Transport`] instead (`propd_proto::peer::is_unreachable`).
+    #[cfg(feature = "transport")]
+    #[error("the peer refused the sync with {code:?}: {message}")]
+    PeerRefused {
+        /// The status code the peer answered.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
     },
     /// The peer broke the protocol; nothing more was applied after it.
     #[error(transparent)]
@@ -60,7 +73,7 @@ pub enum SyncError {
         /// The bound.
         reason: &'static str,
     },
-    /// The stream failed (transport driver only).
+    /// The peer could not be reached or the stream broke (transport driver only).
     #[error("repair stream failed: {message}")]
     Transport {
         /// The gRPC status or IO error, as text.
@@ -80,7 +93,43 @@ pub enum SyncError {
     },
 }
 
+/// What a failed sync means for the propagation round that ran it (docs/protocol.md, "The
+/// rules", rule 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The peer could not be reached, or has nothing to sync: skip it and go on with the node
+    /// after it.
+    Skip,
+    /// The sync itself failed: abort the round.
+    Abort,
+}
+
 impl SyncError {
+    /// Whether the round skips the peer or aborts, decided here for every kind of failure.
+    ///
+    /// Skipped: an unreachable peer or broken stream ([`SyncError::Transport`],
+    /// [`SyncError::PeerClosed`]), a sync past its timeout, and a peer that holds no tree for
+    /// the shard. Everything else aborts: a refusal by the peer (at the root compare or with an
+    /// error status), a shape mismatch, a protocol violation, a local store or configuration
+    /// failure, and a shard this node does not hold.
+    #[must_use]
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            SyncError::Transport { .. }
+            | SyncError::PeerClosed { .. }
+            | SyncError::Timeout { .. }
+            | SyncError::TreeNotFound { .. } => Disposition::Skip,
+            SyncError::NoLocalTree { .. }
+            | SyncError::ShapeMismatch { .. }
+            | SyncError::Refused { .. }
+            | SyncError::Protocol(_)
+            | SyncError::Store { .. }
+            | SyncError::Config { .. } => Disposition::Abort,
+            #[cfg(feature = "transport")]
+            SyncError::PeerRefused { .. } => Disposition::Abort,
+        }
+    }
+
     pub(crate) fn store<E: std::error::Error + Send + Sync + 'static>(
         operation: &'static str,
     ) -> impl FnOnce(E) -> SyncError {
@@ -140,7 +189,8 @@ pub enum ProtocolError {
         /// The entity as received.
         entity: String,
         /// Why.
-        reason: String,
+        #[source]
+        reason: PropertyError,
     },
     /// More entries in a page than the protocol allows.
     #[error("`{field}` holds {count} entries, more than {max}")]
@@ -154,9 +204,116 @@ pub enum ProtocolError {
     },
 }
 
+/// Why a received property is not accepted: it does not convert to a valid domain property, or
+/// it does not belong to the sync that carried it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// The group, name and id do not form a valid entity.
+    #[error(transparent)]
+    Entity(#[from] EntityError),
+    /// A tag without a value.
+    #[error("tag {key:?} has no value")]
+    TagWithoutValue {
+        /// The tag's key.
+        key: String,
+    },
+    /// A tag key given twice.
+    #[error("tag {key:?} appears twice")]
+    RepeatedTag {
+        /// The tag's key.
+        key: String,
+    },
+    /// A negative deletion time.
+    #[error("delete_time {delete_time} is negative")]
+    NegativeDeleteTime {
+        /// The received value.
+        delete_time: i64,
+    },
+    /// A property of another group than the one synced.
+    #[error("group is not the synced group {synced:?}")]
+    OtherGroup {
+        /// The synced group.
+        synced: String,
+    },
+    /// A property whose bucket lies under no node the sync listed.
+    #[error("its bucket lies under no node listed in this sync")]
+    Unlisted,
+}
+
 pub(crate) fn malformed(field: &'static str, reason: impl Into<String>) -> ProtocolError {
     ProtocolError::Malformed {
         field,
         reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_out_of_reach_or_without_the_tree_is_skipped() {
+        let skipped = [
+            SyncError::Transport {
+                message: "Unavailable: tcp connect error".into(),
+            },
+            SyncError::PeerClosed { phase: "receiving" },
+            SyncError::Timeout { millis: 5000 },
+            SyncError::TreeNotFound {
+                group: "g".into(),
+                shard: 3,
+                reason: "no tree".into(),
+            },
+        ];
+        for error in &skipped {
+            assert_eq!(error.disposition(), Disposition::Skip, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_or_refused_sync_aborts() {
+        let aborted = [
+            SyncError::NoLocalTree {
+                group: "g".into(),
+                shard: 3,
+            },
+            SyncError::ShapeMismatch {
+                ours: Shape::default(),
+                theirs: None,
+            },
+            SyncError::Refused {
+                reason: "wire_digest_width 4 is outside 8..=32".into(),
+            },
+            SyncError::Protocol(ProtocolError::Empty),
+            SyncError::Store {
+                operation: "reading the root",
+                source: Box::new(std::io::Error::other("disk gone")),
+            },
+            SyncError::Config {
+                field: "page_items",
+                value: 0,
+                reason: "must be positive",
+            },
+        ];
+        for error in &aborted {
+            assert_eq!(error.disposition(), Disposition::Abort, "{error:?}");
+        }
+    }
+
+    #[cfg(feature = "transport")]
+    #[test]
+    fn a_peers_error_status_aborts() {
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::Internal,
+            tonic::Code::Aborted,
+        ] {
+            let error = SyncError::PeerRefused {
+                code,
+                message: "x".into(),
+            };
+            assert_eq!(error.disposition(), Disposition::Abort, "{error:?}");
+        }
     }
 }

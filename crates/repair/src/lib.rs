@@ -32,7 +32,7 @@ pub mod transport;
 
 pub use client::Client;
 pub use config::Config;
-pub use error::{ProtocolError, SyncError};
+pub use error::{Disposition, PropertyError, ProtocolError, SyncError};
 pub use report::{LevelTraffic, ServerReport, SyncReport};
 pub use server::Server;
 pub use wire::{

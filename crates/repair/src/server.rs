@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use pb::repair_request::Msg as In;
 use pb::repair_response::Msg as Out;
-use propd_merkle::{Entity, NodeId, Shape};
+use propd_merkle::{Entity, InnerNode, NodeId, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
@@ -48,6 +48,17 @@ enum Job {
     /// Find the versions the client asked for, then send them.
     Resolve(Vec<(NodeId, HashSet<u64>)>),
     Copies(CopyQueue),
+}
+
+/// The answer to one `LevelDigests` page, computed before the page changes any state.
+#[derive(Debug, Default)]
+struct LevelAnswer {
+    /// Per parent of the page, in order: its `differ` bitmap, then its `leaves` bitmap.
+    packed: Vec<u8>,
+    /// Differing children whose leaves are listed now.
+    to_list: VecDeque<NodeId>,
+    /// Differing children the descent goes into at the next level.
+    descend: Vec<NodeId>,
 }
 
 /// The server side of one sync. Pure, like [`crate::Client`]: drive it with [`Server::handle`]
@@ -302,94 +313,146 @@ impl Server {
         Ok(())
     }
 
+    /// One `LevelDigests` page: checked and compared against our children as a whole before any
+    /// state changes, then answered with a `LevelDiff` (and the leaf lists it announces).
     fn on_level_digests<S: RepairStore>(
         &mut self,
         store: &S,
         page: pb::LevelDigests,
     ) -> Result<(), SyncError> {
+        self.check_level_page(&page)?;
+        let answer = self.compare_level_page(store, &page)?;
+        self.check_last_page(&page)?;
+        self.accept_level_page(&page, answer);
+        Ok(())
+    }
+
+    /// Rejects a page of another level than the one in progress, or naming more parents than
+    /// the frontier has left.
+    fn check_level_page(&self, page: &pb::LevelDigests) -> Result<(), ProtocolError> {
         if page.level != self.level {
             return Err(ProtocolError::Level {
                 message: "LevelDigests",
                 expected: self.level,
                 found: page.level,
-            }
-            .into());
+            });
         }
         if page.parents as usize > self.frontier.len() {
             return Err(malformed(
                 "LevelDigests.parents",
                 format!("{} parents, {} remain", page.parents, self.frontier.len()),
-            )
-            .into());
+            ));
         }
-        let bucket_level = self.shape.bucket_level();
-        let mut reader = wire::Reader::new("LevelDigests.packed", &page.packed);
-        let mut answer = Vec::new();
-        let mut to_list = VecDeque::new();
-        let mut descend = Vec::new();
-        // Parse and compare the whole page before changing any state.
-        for parent in self.frontier.iter().take(page.parents as usize) {
-            let range = self.shape.child_range(*parent);
-            let n = (range.end - range.start) as usize;
-            let present = reader.take(wire::bitmap_len(n))?;
-            wire::check_bitmap("LevelDigests.packed", present, n)?;
-            let count = present
-                .iter()
-                .map(|b| b.count_ones() as usize)
-                .sum::<usize>();
-            let digests = reader.take(count * self.wire_width)?;
-            let ours: HashMap<u64, propd_merkle::InnerNode> = store
-                .tree_children(&self.group, self.shard, *parent)
-                .map_err(SyncError::store("reading child digests"))?
-                .into_iter()
-                .filter(|(_, node)| node.leaf_count > 0)
-                .map(|(child, node)| (child.index, node))
-                .collect();
-            let mut differ = vec![0u8; wire::bitmap_len(n)];
-            let mut leaves = vec![0u8; wire::bitmap_len(n)];
-            let mut next = 0usize;
-            for i in 0..n {
-                let theirs = if wire::bit(present, i) {
-                    let d = &digests[next * self.wire_width..(next + 1) * self.wire_width];
-                    next += 1;
-                    Some(d)
-                } else {
-                    None
-                };
-                let index = range.start + i as u64;
-                let mine = ours.get(&index);
-                let same = match (theirs, mine) {
-                    (None, None) => true,
-                    (Some(t), Some(m)) => &m.digest.as_bytes()[..self.wire_width] == t,
-                    _ => false,
-                };
-                if same {
-                    continue;
-                }
-                wire::set_bit(&mut differ, i);
-                let child = NodeId::new(self.level, index);
-                let list = self.level == bucket_level
-                    || theirs.is_none()
-                    || mine.is_none_or(|m| m.leaf_count <= self.config.leaf_list_max);
-                if list {
-                    wire::set_bit(&mut leaves, i);
-                    to_list.push_back(child);
-                } else {
-                    descend.push(child);
-                }
-            }
-            answer.extend_from_slice(&differ);
-            answer.extend_from_slice(&leaves);
-        }
-        reader.finish()?;
+        Ok(())
+    }
+
+    /// Rejects a page whose `last_page` flag disagrees with the parents left after it.
+    fn check_last_page(&self, page: &pb::LevelDigests) -> Result<(), ProtocolError> {
         let remaining = self.frontier.len() - page.parents as usize;
         if page.last_page != (remaining == 0) {
             return Err(malformed(
                 "LevelDigests.last_page",
                 format!("is {} with {remaining} parents left", page.last_page),
-            )
-            .into());
+            ));
         }
+        Ok(())
+    }
+
+    /// Parses the page's packed children of the next `page.parents` frontier parents and
+    /// compares them with ours, changing no state.
+    fn compare_level_page<S: RepairStore>(
+        &self,
+        store: &S,
+        page: &pb::LevelDigests,
+    ) -> Result<LevelAnswer, SyncError> {
+        let mut reader = wire::Reader::new("LevelDigests.packed", &page.packed);
+        let mut answer = LevelAnswer::default();
+        for parent in self.frontier.iter().take(page.parents as usize) {
+            self.compare_children(store, *parent, &mut reader, &mut answer)?;
+        }
+        reader.finish()?;
+        Ok(answer)
+    }
+
+    /// Reads the client's children of `parent` (a presence bitmap, then a digest per present
+    /// child) and appends to `answer` the `differ` and `leaves` bitmaps of that parent and the
+    /// differing children, sorted into those listed now and those descended into.
+    fn compare_children<S: RepairStore>(
+        &self,
+        store: &S,
+        parent: NodeId,
+        reader: &mut wire::Reader<'_>,
+        answer: &mut LevelAnswer,
+    ) -> Result<(), SyncError> {
+        let range = self.shape.child_range(parent);
+        let n = (range.end - range.start) as usize;
+        let present = reader.take(wire::bitmap_len(n))?;
+        wire::check_bitmap("LevelDigests.packed", present, n)?;
+        let count = present
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum::<usize>();
+        let digests = reader.take(count * self.wire_width)?;
+        let ours: HashMap<u64, InnerNode> = store
+            .tree_children(&self.group, self.shard, parent)
+            .map_err(SyncError::store("reading child digests"))?
+            .into_iter()
+            .filter(|(_, node)| node.leaf_count > 0)
+            .map(|(child, node)| (child.index, node))
+            .collect();
+        let mut differ = vec![0u8; wire::bitmap_len(n)];
+        let mut leaves = vec![0u8; wire::bitmap_len(n)];
+        let mut next = 0usize;
+        for i in 0..n {
+            let theirs = if wire::bit(present, i) {
+                let d = &digests[next * self.wire_width..(next + 1) * self.wire_width];
+                next += 1;
+                Some(d)
+            } else {
+                None
+            };
+            let index = range.start + i as u64;
+            let mine = ours.get(&index);
+            let same = match (theirs, mine) {
+                (None, None) => true,
+                (Some(t), Some(m)) => &m.digest.as_bytes()[..self.wire_width] == t,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            wire::set_bit(&mut differ, i);
+            let child = NodeId::new(self.level, index);
+            if self.lists_now(theirs.is_some(), mine) {
+                wire::set_bit(&mut leaves, i);
+                answer.to_list.push_back(child);
+            } else {
+                answer.descend.push(child);
+            }
+        }
+        answer.packed.extend_from_slice(&differ);
+        answer.packed.extend_from_slice(&leaves);
+        Ok(())
+    }
+
+    /// Whether a differing child of the current level has its leaves listed now rather than
+    /// joining the next frontier (adaptive descent): it is a bucket, the client lacks it, we
+    /// lack it, or it holds at most `leaf_list_max` leaves here.
+    fn lists_now(&self, theirs_exists: bool, mine: Option<&InnerNode>) -> bool {
+        self.level == self.shape.bucket_level()
+            || !theirs_exists
+            || mine.is_none_or(|m| m.leaf_count <= self.config.leaf_list_max)
+    }
+
+    /// Takes a checked and compared page in: its parents leave the frontier, its listed nodes
+    /// are remembered, the `LevelDiff` and the leaf lists are queued, and the last page of a
+    /// level opens the next one.
+    fn accept_level_page(&mut self, page: &pb::LevelDigests, answer: LevelAnswer) {
+        let LevelAnswer {
+            packed,
+            to_list,
+            descend,
+        } = answer;
         self.frontier.drain(..page.parents as usize);
         for node in &to_list {
             self.listed.insert(*node);
@@ -399,7 +462,7 @@ impl Server {
             msg: Some(Out::LevelDiff(pb::LevelDiff {
                 level: self.level,
                 last_page: page.last_page,
-                packed: answer,
+                packed,
             })),
         }));
         if !to_list.is_empty() {
@@ -412,7 +475,6 @@ impl Server {
             self.frontier = std::mem::take(&mut self.next_frontier).into();
             self.level += 1;
         }
-        Ok(())
     }
 
     fn check_missing(
@@ -444,126 +506,156 @@ impl Server {
         Ok(wanted)
     }
 
+    /// The next message to send: jobs are taken from the front of the queue until one yields a
+    /// message; with nothing queued, a draining sync ends.
     fn next_message<S: RepairStore>(
         &mut self,
         store: &S,
     ) -> Result<Option<pb::RepairResponse>, SyncError> {
-        loop {
-            let Some(job) = self.out.front_mut() else {
-                if self.phase == Phase::Draining {
-                    self.phase = Phase::Done;
-                    // A sync that ended at the root compare sends no SyncEnd.
-                    if self.level == 0 {
-                        return Ok(None);
-                    }
-                    return Ok(Some(pb::RepairResponse {
-                        msg: Some(Out::SyncEnd(pb::SyncEnd {
-                            applied: self.report.applied,
-                            failed: self.report.failed,
-                        })),
-                    }));
-                }
-                return Ok(None);
-            };
-            match job {
-                Job::Message(_) => {
-                    if let Some(Job::Message(msg)) = self.out.pop_front() {
-                        return Ok(Some(msg));
-                    }
-                }
-                Job::Leaves { nodes, after } => {
-                    let (group, shard, limit) = (&self.group, self.shard, self.config.page_items);
-                    let mut entries = Vec::new();
-                    let mut budget = limit;
-                    while budget > 0 && entries.len() < limit {
-                        let Some(&node) = nodes.front() else { break };
-                        let leaves = store
-                            .leaves_under(group, shard, node, after.as_ref(), budget)
-                            .map_err(SyncError::store("listing leaves"))?;
-                        let more = leaves.len() == budget;
-                        let mut fps = Vec::with_capacity(leaves.len() * wire::FINGERPRINT_BYTES);
-                        for leaf in &leaves {
-                            fps.extend_from_slice(&wire::fingerprint(&leaf.digest).to_le_bytes());
-                        }
-                        budget -= leaves.len();
-                        let exists = !leaves.is_empty() || after.is_some();
-                        if more {
-                            *after = leaves.last().map(leaf_key);
-                        } else {
-                            *after = None;
-                            nodes.pop_front();
-                        }
-                        entries.push(pb::NodeLeaves {
-                            level: node.level,
-                            index: node.index,
-                            exists,
-                            fingerprints: fps,
-                            more,
-                        });
-                    }
-                    if nodes.is_empty() {
-                        self.out.pop_front();
-                    }
-                    return Ok(Some(pb::RepairResponse {
-                        msg: Some(Out::DifferTreeSummary(pb::DifferTreeSummary {
-                            nodes: entries,
-                        })),
-                    }));
-                }
+        while let Some(job) = self.out.pop_front() {
+            let msg = match job {
+                Job::Message(msg) => Some(msg),
+                Job::Leaves { nodes, after } => Some(self.list_leaves(store, nodes, after)?),
                 Job::Resolve(wanted) => {
-                    let wanted = std::mem::take(wanted);
-                    let mut queue = CopyQueue::default();
-                    for (node, mut fps) in wanted {
-                        let mut after: Option<LeafKey> = None;
-                        while !fps.is_empty() {
-                            let leaves = store
-                                .leaves_under(
-                                    &self.group,
-                                    self.shard,
-                                    node,
-                                    after.as_ref(),
-                                    self.config.page_items,
-                                )
-                                .map_err(SyncError::store("finding requested leaves"))?;
-                            for leaf in &leaves {
-                                if fps.remove(&wire::fingerprint(&leaf.digest))
-                                    && !self.returned.contains(&leaf.entity)
-                                {
-                                    queue.entities.push_back(leaf.entity.clone());
-                                }
-                            }
-                            if leaves.len() < self.config.page_items {
-                                break;
-                            }
-                            after = leaves.last().map(leaf_key);
-                        }
-                    }
-                    self.out.pop_front();
-                    if !queue.is_empty() {
-                        self.out.push_front(Job::Copies(queue));
-                    }
+                    self.resolve_requested(store, wanted)?;
+                    None
                 }
-                Job::Copies(queue) => {
-                    let page = queue.next_page(
-                        store,
-                        &self.group,
-                        self.shard,
-                        self.config.page_items,
-                        self.config.page_bytes,
-                    )?;
-                    match page {
-                        Some((page, _)) => {
-                            self.report.sent += page.properties.len() as u64;
-                            return Ok(Some(pb::RepairResponse {
-                                msg: Some(Out::PropertySync(page)),
-                            }));
-                        }
-                        None => {
-                            self.out.pop_front();
-                        }
-                    }
-                }
+                Job::Copies(queue) => self.send_copies(store, queue)?,
+            };
+            if msg.is_some() {
+                return Ok(msg);
             }
         }
+        Ok(self.finish())
+    }
+
+    /// With nothing left to send: a draining sync is done, and ends with `SyncEnd` unless it
+    /// ended at the root compare (which sends none).
+    fn finish(&mut self) -> Option<pb::RepairResponse> {
+        if self.phase != Phase::Draining {
+            return None;
+        }
+        self.phase = Phase::Done;
+        if self.level == 0 {
+            return None;
+        }
+        Some(pb::RepairResponse {
+            msg: Some(Out::SyncEnd(pb::SyncEnd {
+                applied: self.report.applied,
+                failed: self.report.failed,
+            })),
+        })
+    }
+
+    /// One `DifferTreeSummary` of at most `page_items` leaf fingerprints under `nodes`, in
+    /// order, resuming after `after` in the front node. The nodes not finished go back to the
+    /// front of the queue.
+    fn list_leaves<S: RepairStore>(
+        &mut self,
+        store: &S,
+        mut nodes: VecDeque<NodeId>,
+        mut after: Option<LeafKey>,
+    ) -> Result<pb::RepairResponse, SyncError> {
+        let limit = self.config.page_items;
+        let mut entries = Vec::new();
+        let mut budget = limit;
+        while budget > 0 && entries.len() < limit {
+            let Some(&node) = nodes.front() else { break };
+            let leaves = store
+                .leaves_under(&self.group, self.shard, node, after.as_ref(), budget)
+                .map_err(SyncError::store("listing leaves"))?;
+            let more = leaves.len() == budget;
+            let mut fps = Vec::with_capacity(leaves.len() * wire::FINGERPRINT_BYTES);
+            for leaf in &leaves {
+                fps.extend_from_slice(&wire::fingerprint(&leaf.digest).to_le_bytes());
+            }
+            budget -= leaves.len();
+            let exists = !leaves.is_empty() || after.is_some();
+            if more {
+                after = leaves.last().map(leaf_key);
+            } else {
+                after = None;
+                nodes.pop_front();
+            }
+            entries.push(pb::NodeLeaves {
+                level: node.level,
+                index: node.index,
+                exists,
+                fingerprints: fps,
+                more,
+            });
+        }
+        if !nodes.is_empty() {
+            self.out.push_front(Job::Leaves { nodes, after });
+        }
+        Ok(pb::RepairResponse {
+            msg: Some(Out::DifferTreeSummary(pb::DifferTreeSummary {
+                nodes: entries,
+            })),
+        })
+    }
+
+    /// Finds, under each requested node, the leaves whose fingerprints the client asked for,
+    /// and queues their entities to be sent ahead of the other jobs (except those already sent
+    /// back as newer).
+    fn resolve_requested<S: RepairStore>(
+        &mut self,
+        store: &S,
+        wanted: Vec<(NodeId, HashSet<u64>)>,
+    ) -> Result<(), SyncError> {
+        let mut queue = CopyQueue::default();
+        for (node, mut fps) in wanted {
+            let mut after: Option<LeafKey> = None;
+            while !fps.is_empty() {
+                let leaves = store
+                    .leaves_under(
+                        &self.group,
+                        self.shard,
+                        node,
+                        after.as_ref(),
+                        self.config.page_items,
+                    )
+                    .map_err(SyncError::store("finding requested leaves"))?;
+                for leaf in &leaves {
+                    if fps.remove(&wire::fingerprint(&leaf.digest))
+                        && !self.returned.contains(&leaf.entity)
+                    {
+                        queue.entities.push_back(leaf.entity.clone());
+                    }
+                }
+                if leaves.len() < self.config.page_items {
+                    break;
+                }
+                after = leaves.last().map(leaf_key);
+            }
+        }
+        if !queue.is_empty() {
+            self.out.push_front(Job::Copies(queue));
+        }
+        Ok(())
+    }
+
+    /// The next `PropertySync` page of `queue`, which goes back to the front of the queue;
+    /// `None` once the queue is spent.
+    fn send_copies<S: RepairStore>(
+        &mut self,
+        store: &S,
+        mut queue: CopyQueue,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        let page = queue.next_page(
+            store,
+            &self.group,
+            self.shard,
+            self.config.page_items,
+            self.config.page_bytes,
+        )?;
+        let Some((page, _)) = page else {
+            return Ok(None);
+        };
+        self.report.sent += page.properties.len() as u64;
+        self.out.push_front(Job::Copies(queue));
+        Ok(Some(pb::RepairResponse {
+            msg: Some(Out::PropertySync(page)),
+        }))
     }
 }

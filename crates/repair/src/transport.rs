@@ -39,6 +39,7 @@ use std::time::Duration;
 use pb::repair_service_client::RepairServiceClient;
 use pb::repair_service_server::{RepairService, RepairServiceServer};
 use propd_proto::MAX_MESSAGE_BYTES;
+use propd_proto::peer::is_unreachable;
 use propd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -83,6 +84,7 @@ pub fn repair_client(channel: Channel) -> RepairServiceClient<Channel> {
 /// Syncs (group, shard) of `store` with the peer behind `channel`, as the client, and returns
 /// the client's report. Fails on a refusal, a shape mismatch, a protocol violation, a broken
 /// stream or the timeout; whatever was applied before stays applied (see the module docs).
+/// [`SyncError::disposition`] says whether a failure skips the peer or aborts the round.
 pub async fn sync<S: RepairStore>(
     channel: Channel,
     store: &S,
@@ -116,7 +118,7 @@ async fn run_client<S: RepairStore>(
     let mut inbound = rpc
         .repair(ReceiverStream::new(rx))
         .await
-        .map_err(transport)?
+        .map_err(from_status)?
         .into_inner();
     let mut pending: Option<pb::RepairRequest> = None;
     while !machine.is_done() {
@@ -141,7 +143,7 @@ async fn run_client<S: RepairStore>(
         match incoming {
             Ok(Some(msg)) => store_work(|| machine.handle(store, msg))?,
             Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
-            Err(status) => return Err(transport(status)),
+            Err(status) => return Err(from_status(status)),
         }
     }
     // Dropping the sender ends the request stream: the server sees the end and finishes.
@@ -161,9 +163,19 @@ fn store_work<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-fn transport(status: Status) -> SyncError {
-    SyncError::Transport {
-        message: format!("{:?}: {}", status.code(), status.message()),
+/// The error of a call that failed with `status`: an unreachable peer or broken stream
+/// ([`SyncError::Transport`]) when the shared classifier says so, otherwise the peer's refusal
+/// with its code ([`SyncError::PeerRefused`]).
+fn from_status(status: Status) -> SyncError {
+    if is_unreachable(&status) {
+        SyncError::Transport {
+            message: format!("{:?}: {}", status.code(), status.message()),
+        }
+    } else {
+        SyncError::PeerRefused {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
     }
 }
 
@@ -277,7 +289,7 @@ async fn serve<S: RepairStore + 'static>(
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
             Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
-            Err(status) => return Err(transport(status)),
+            Err(status) => return Err(from_status(status)),
         };
         let (back, handled) = blocking(machine, &store, move |machine, store| {
             machine.handle(store, msg)

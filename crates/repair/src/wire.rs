@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use propd_merkle::{Algorithm, Digest, Entity, Property, Shape, TagValue};
 use propd_proto::v1 as pb;
 
-use crate::error::{ProtocolError, malformed};
+use crate::error::{PropertyError, ProtocolError, malformed};
 
 /// Hard bound on the entries of one page, whatever the sender's config says.
 pub const MAX_PAGE_ITEMS: usize = 65_536;
@@ -181,32 +181,35 @@ pub fn property_to_proto(property: &Property) -> pb::Property {
 }
 
 /// The domain property of a wire property, with its validated entity. Rejects an invalid
-/// entity, a tag without a value and a repeated tag key.
+/// entity, a tag without a value, a repeated tag key and a negative deletion time, as a
+/// [`ProtocolError::Property`] naming the entity as received and the [`PropertyError`].
 pub fn property_from_proto(property: pb::Property) -> Result<(Entity, Property), ProtocolError> {
     let label = format!("{}/{}/{}", property.group, property.name, property.id);
-    let reject = |reason: String| ProtocolError::Property {
-        entity: label.clone(),
+    convert_property(property).map_err(|reason| ProtocolError::Property {
+        entity: label,
         reason,
-    };
-    let entity = Entity::new(&property.group, &property.name, &property.id)
-        .map_err(|err| reject(err.to_string()))?;
+    })
+}
+
+fn convert_property(property: pb::Property) -> Result<(Entity, Property), PropertyError> {
+    let entity = Entity::new(&property.group, &property.name, &property.id)?;
     let mut tags = BTreeMap::new();
     for tag in property.tags {
         let value = match tag.value.and_then(|v| v.value) {
             Some(pb::tag_value::Value::Str(s)) => TagValue::Str(s),
             Some(pb::tag_value::Value::Int(i)) => TagValue::Int(i),
             Some(pb::tag_value::Value::Binary(b)) => TagValue::Binary(b),
-            None => return Err(reject(format!("tag {:?} has no value", tag.key))),
+            None => return Err(PropertyError::TagWithoutValue { key: tag.key }),
         };
-        if tags.insert(tag.key.clone(), value).is_some() {
-            return Err(reject(format!("tag {:?} appears twice", tag.key)));
+        if tags.contains_key(&tag.key) {
+            return Err(PropertyError::RepeatedTag { key: tag.key });
         }
+        tags.insert(tag.key, value);
     }
     if property.delete_time < 0 {
-        return Err(reject(format!(
-            "delete_time {} is negative",
-            property.delete_time
-        )));
+        return Err(PropertyError::NegativeDeleteTime {
+            delete_time: property.delete_time,
+        });
     }
     let domain = Property {
         group: property.group,
@@ -287,7 +290,35 @@ mod tests {
         wire.group = "g/x".into();
         assert!(matches!(
             property_from_proto(wire),
-            Err(ProtocolError::Property { .. })
+            Err(ProtocolError::Property {
+                reason: PropertyError::Entity(_),
+                ..
+            })
+        ));
+        let mut wire = property_to_proto(&property);
+        wire.tags.push(wire.tags[0].clone());
+        assert_eq!(
+            property_from_proto(wire).unwrap_err(),
+            ProtocolError::Property {
+                entity: "g/n/a/b".into(),
+                reason: PropertyError::RepeatedTag { key: "k".into() },
+            }
+        );
+        let mut wire = property_to_proto(&property);
+        wire.tags[0].value = None;
+        let err = property_from_proto(wire).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"property "g/n/a/b" rejected: tag "k" has no value"#
+        );
+        let mut wire = property_to_proto(&property);
+        wire.delete_time = -1;
+        assert!(matches!(
+            property_from_proto(wire),
+            Err(ProtocolError::Property {
+                reason: PropertyError::NegativeDeleteTime { delete_time: -1 },
+                ..
+            })
         ));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use propd_gossip::{
-    Admission, Command, Config, ContextError, Engine, HandOffOutcome, MessageId, Millis, NodeId,
+    Admission, Command, Config, ContextError, Engine, HandOffOutcome, MemberId, MessageId, Millis,
     Propagation, PropagationResult, ShardKey, SpanKind, StartRequest, SyncFailure, SyncReport,
 };
 
@@ -21,8 +21,8 @@ pub(crate) enum Kind {
 #[derive(Clone, Debug)]
 pub(crate) struct Envelope {
     pub(crate) kind: Kind,
-    pub(crate) from: NodeId,
-    pub(crate) to: NodeId,
+    pub(crate) from: MemberId,
+    pub(crate) to: MemberId,
 }
 
 /// A sync or skip as the router saw it happen.
@@ -30,31 +30,31 @@ pub(crate) struct Envelope {
 pub(crate) struct Step {
     pub(crate) message_id: MessageId,
     pub(crate) kind: SpanKind,
-    pub(crate) from: NodeId,
-    pub(crate) to: NodeId,
+    pub(crate) from: MemberId,
+    pub(crate) to: MemberId,
 }
 
 #[derive(Debug)]
 enum Event {
     SyncDone {
-        node: NodeId,
+        node: MemberId,
         message_id: MessageId,
-        peer: NodeId,
+        peer: MemberId,
         failure: Option<SyncFailure>,
     },
     HandOff {
-        from: NodeId,
-        to: NodeId,
+        from: MemberId,
+        to: MemberId,
         propagation: Propagation,
     },
     Answer {
-        node: NodeId,
+        node: MemberId,
         message_id: MessageId,
-        to: NodeId,
+        to: MemberId,
         outcome: HandOffOutcome,
     },
     Report {
-        to: NodeId,
+        to: MemberId,
         result: PropagationResult,
     },
 }
@@ -64,24 +64,24 @@ type Filter<T> = Box<dyn FnMut(&Envelope) -> T>;
 /// N engines and the network between them.
 pub(crate) struct Router {
     pub(crate) now: Millis,
-    pub(crate) engines: BTreeMap<NodeId, Engine>,
-    pub(crate) versions: BTreeMap<NodeId, u64>,
+    pub(crate) engines: BTreeMap<MemberId, Engine>,
+    pub(crate) versions: BTreeMap<MemberId, u64>,
     /// Nodes nothing can reach.
-    pub(crate) down: BTreeSet<NodeId>,
+    pub(crate) down: BTreeSet<MemberId>,
     /// Links cut both ways.
-    cut: BTreeSet<(NodeId, NodeId)>,
+    cut: BTreeSet<(MemberId, MemberId)>,
     drop: Option<Filter<bool>>,
     delay: Option<Filter<Duration>>,
     /// Syncs from -> to that fail with this failure.
-    pub(crate) sync_failures: BTreeMap<(NodeId, NodeId), SyncFailure>,
+    pub(crate) sync_failures: BTreeMap<(MemberId, MemberId), SyncFailure>,
     /// Syncs from -> to that never return.
-    pub(crate) stuck: BTreeSet<(NodeId, NodeId)>,
+    pub(crate) stuck: BTreeSet<(MemberId, MemberId)>,
     queue: BTreeMap<(Millis, u64), Event>,
     sequence: u64,
     /// Every sync and skip, in the order they happened.
     pub(crate) log: Vec<Step>,
     /// Every result that reached its origin, with the origin.
-    pub(crate) results: Vec<(NodeId, PropagationResult)>,
+    pub(crate) results: Vec<(MemberId, PropagationResult)>,
     /// Reports lost on the way to their origin.
     pub(crate) lost_reports: usize,
     /// Syncs actually run (the toy exchange happened).
@@ -397,7 +397,7 @@ impl Router {
         let until = self.now.plus(by);
         self.run_until(until);
         self.now = until;
-        let ids: Vec<NodeId> = self.engines.keys().cloned().collect();
+        let ids: Vec<MemberId> = self.engines.keys().cloned().collect();
         for id in ids {
             self.engine(&id).handle_tick(until);
             self.drain(&id);
@@ -424,7 +424,7 @@ impl Router {
     }
 
     /// The syncs and skips the router saw for round `id`.
-    pub(crate) fn steps(&self, id: &MessageId) -> Vec<(SpanKind, NodeId, NodeId)> {
+    pub(crate) fn steps(&self, id: &MessageId) -> Vec<(SpanKind, MemberId, MemberId)> {
         self.log
             .iter()
             .filter(|s| &s.message_id == id)
@@ -434,7 +434,7 @@ impl Router {
 }
 
 /// The (kind, from, to) of every span of a result.
-pub(crate) fn spans(result: &PropagationResult) -> Vec<(SpanKind, NodeId, NodeId)> {
+pub(crate) fn spans(result: &PropagationResult) -> Vec<(SpanKind, MemberId, MemberId)> {
     result
         .trace
         .iter()

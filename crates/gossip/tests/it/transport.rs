@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use propd_gossip::transport::{DriverConfig, GossipDriver, WaitError};
+use propd_gossip::transport::{DriverConfig, GossipDriver, MemberChannels, WaitError};
 use propd_gossip::{
     MessageId, Outcome, PropagationResult, ShardKey, SpanKind, StartRequest, SyncFailure,
     SyncOutcome, SyncReport, SyncRequest, SyncWork,
@@ -72,7 +72,6 @@ struct Cluster {
 
 fn config() -> DriverConfig {
     DriverConfig {
-        connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),
         attempts: 3,
         backoff_initial: Duration::from_millis(10),
@@ -125,7 +124,8 @@ async fn cluster(
             world: Arc::clone(&world),
             gate,
         };
-        let driver = GossipDriver::new(id.to_owned(), members.clone(), sync, config());
+        let channels = MemberChannels::new(members.clone(), Duration::from_secs(2));
+        let driver = GossipDriver::new(id.to_owned(), channels, sync, config());
         let service = driver.service();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -338,7 +338,12 @@ impl SyncWork for Stuck {
 async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
     // The origin is nodes[0], so no socket is needed: the sync hangs, tokio's paused clock
     // runs the ticker forward, and the sync timeout (10 min) ends the round.
-    let driver = GossipDriver::new("a".into(), HashMap::new(), Stuck, DriverConfig::default());
+    let driver = GossipDriver::new(
+        "a".into(),
+        MemberChannels::new(HashMap::new(), Duration::from_secs(2)),
+        Stuck,
+        DriverConfig::default(),
+    );
     let request = StartRequest {
         key: ShardKey {
             group: "g".into(),

@@ -4,18 +4,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use propd_merkle::Shape;
-use propd_repair::SyncError;
-use propd_repair::transport::{RepairServer, TransportConfig, sync};
+use propd_proto::v1 as pb;
+use propd_proto::v1::repair_service_server::{RepairService, RepairServiceServer};
+use propd_repair::transport::{RepairServer, ResponseStream, TransportConfig, sync};
+use propd_repair::{Disposition, SyncError};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 
 use crate::support::*;
 
-async fn serve(store: Arc<propd_store::RedbStore>, config: TransportConfig) -> Channel {
+/// Serves `service` on a fresh loopback port and returns its URI.
+async fn spawn_server<T: RepairService>(service: RepairServiceServer<T>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = RepairServer::new(store, config).into_service();
     tokio::spawn(async move {
         Server::builder()
             .add_service(service)
@@ -23,11 +25,48 @@ async fn serve(store: Arc<propd_store::RedbStore>, config: TransportConfig) -> C
             .await
             .expect("server");
     });
-    Channel::from_shared(format!("http://{addr}"))
+    format!("http://{addr}")
+}
+
+/// A channel to the real repair server over `store`, connected.
+async fn serve(store: Arc<propd_store::RedbStore>, config: TransportConfig) -> Channel {
+    let uri = spawn_server(RepairServer::new(store, config).into_service()).await;
+    Channel::from_shared(uri)
         .expect("uri")
         .connect()
         .await
         .expect("connect")
+}
+
+/// A channel to a stub `service`, connected on first use.
+async fn serve_stub<T: RepairService>(service: T) -> Channel {
+    let uri = spawn_server(RepairServiceServer::new(service)).await;
+    Channel::from_shared(uri).expect("uri").connect_lazy()
+}
+
+/// A client store holding one property in shard 0, so that its sync has something to send.
+fn one_property_store(dir: &tempfile::TempDir) -> propd_store::RedbStore {
+    let store = redb(dir, Shape::default(), 1);
+    put(&store, 0, vec![prop("x", 1, "v", 0)]);
+    store
+}
+
+/// Asserts that `err` is the peer's refusal with `code` and a message holding `needle`, and
+/// that it aborts the round.
+fn assert_refused(err: &SyncError, code: tonic::Code, needle: &str) {
+    assert!(
+        matches!(err, SyncError::PeerRefused { code: found, message }
+            if *found == code && message.contains(needle)),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Abort);
+}
+
+fn with_timeout(timeout: Duration) -> TransportConfig {
+    TransportConfig {
+        timeout,
+        ..TransportConfig::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,41 +141,103 @@ async fn a_refusal_crosses_the_wire_as_a_typed_error() {
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_peer_hits_the_sync_timeout() {
-    use propd_proto::v1::repair_service_server::{RepairService, RepairServiceServer};
     // A server that accepts the stream and never answers.
     struct Silent;
     #[tonic::async_trait]
     impl RepairService for Silent {
-        type RepairStream = propd_repair::transport::ResponseStream;
+        type RepairStream = ResponseStream;
         async fn repair(
             &self,
-            _request: tonic::Request<tonic::Streaming<propd_proto::v1::RepairRequest>>,
+            _request: tonic::Request<tonic::Streaming<pb::RepairRequest>>,
         ) -> Result<tonic::Response<Self::RepairStream>, tonic::Status> {
             Ok(tonic::Response::new(Box::pin(tokio_stream::pending())))
         }
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        Server::builder()
-            .add_service(RepairServiceServer::new(Silent))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_lazy();
+    let channel = serve_stub(Silent).await;
     let dir = tempfile::tempdir().expect("dir");
-    let a = redb(&dir, Shape::default(), 1);
-    put(&a, 0, vec![prop("x", 1, "v", 0)]);
-    let config = TransportConfig {
-        timeout: Duration::from_secs(5),
-        ..TransportConfig::default()
-    };
-    let err = sync(channel, &a, GROUP, 0, &config)
+    let a = one_property_store(&dir);
+    let err = sync(channel, &a, GROUP, 0, &with_timeout(Duration::from_secs(5)))
         .await
         .expect_err("times out");
     assert!(
         matches!(err, SyncError::Timeout { millis: 5000 }),
         "{err:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_refuses_a_message_as_malformed_aborts_the_round() {
+    // A server that reads the opening message and answers as the real one answers a
+    // protocol violation: an INVALID_ARGUMENT status at the end of the response stream.
+    struct Refusing;
+    #[tonic::async_trait]
+    impl RepairService for Refusing {
+        type RepairStream = ResponseStream;
+        async fn repair(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::RepairRequest>>,
+        ) -> Result<tonic::Response<Self::RepairStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let first = inbound.message().await?;
+            assert!(first.is_some(), "the client opens with TreeRoot");
+            let refusal = tonic::Status::invalid_argument("malformed `TreeRoot.root`: too short");
+            Ok(tonic::Response::new(Box::pin(tokio_stream::once(Err(
+                refusal,
+            )))))
+        }
+    }
+    let channel = serve_stub(Refusing).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let a = one_property_store(&dir);
+    let config = with_timeout(Duration::from_secs(30));
+    let err = sync(channel, &a, GROUP, 0, &config)
+        .await
+        .expect_err("refused");
+    assert_refused(&err, tonic::Code::InvalidArgument, "TreeRoot.root");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_fails_to_start_the_sync_aborts_the_round_with_its_status() {
+    // The real server, misconfigured: it cannot build its state machine and answers INTERNAL.
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = one_property_store(&dir_a);
+    let b = Arc::new(redb(&dir_b, Shape::default(), 1));
+    let broken = TransportConfig {
+        sync: propd_repair::Config {
+            page_items: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let channel = serve(b, broken).await;
+    let err = sync(channel, &a, GROUP, 0, &TransportConfig::default())
+        .await
+        .expect_err("the server cannot sync");
+    assert_refused(&err, tonic::Code::Internal, "page_items");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_down_is_skipped() {
+    // A socket bound to a port but not listening: the port stays ours for the whole test, and
+    // every connection to it is refused.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    let dir = tempfile::tempdir().expect("dir");
+    let a = one_property_store(&dir);
+    let config = with_timeout(Duration::from_secs(30));
+    let err = sync(channel, &a, GROUP, 0, &config)
+        .await
+        .expect_err("nobody listens");
+    assert!(matches!(err, SyncError::Transport { .. }), "{err:?}");
+    assert_eq!(err.disposition(), Disposition::Skip);
+    drop(socket);
 }
