@@ -1,0 +1,2 @@
+//! `nemesis`: run by `cargo xtask nemesis`.
+fn main() {}
