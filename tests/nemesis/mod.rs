@@ -4,6 +4,10 @@
 //! deleted came back. `cargo xtask nemesis` runs it; `docs/reliability.md` describes it.
 
 pub mod checker;
+pub mod cluster;
 pub mod history;
 pub mod proxy;
 pub mod rng;
+pub mod run;
+pub mod schedule;
+pub mod workload;

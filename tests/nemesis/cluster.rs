@@ -1,0 +1,321 @@
+//! The cluster under test: `propd serve` processes, each listening on a private port behind the
+//! proxy. Node i's config lists every other member j at the proxy's link (i → j), and itself at
+//! its own private port; the workload reaches node i through the link (client → i). The
+//! nemesis and the final check talk to the private ports directly, so that they see through
+//! every network fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::proxy::{Endpoint, Link, Proxy};
+
+/// How the nodes are configured (the parts the run chooses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Groups, by name.
+    pub groups: Vec<String>,
+    /// Shards per group.
+    pub shards: u32,
+    /// Extra copies per shard.
+    pub replicas: u32,
+    /// Copies that must acknowledge a write.
+    pub write_acks: u32,
+    /// The `[repair]` table, as TOML lines.
+    pub repair: String,
+}
+
+/// One node's addresses and files.
+#[derive(Debug)]
+pub struct Node {
+    /// Its id (`n1`, ...).
+    pub id: String,
+    /// Its private gRPC address (behind the proxy).
+    pub listen: SocketAddr,
+    /// Its HTTP address.
+    pub http: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log (every start appends).
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// The largest resident set any of its processes reached, in kB (from `VmHWM`).
+    pub peak_rss_kb: u64,
+}
+
+/// The processes, the proxy in front of them, and the folder holding everything.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The run's folder: configs, data, logs.
+    pub dir: PathBuf,
+    /// The nodes, in id order.
+    pub nodes: Vec<Node>,
+    /// The proxy.
+    pub proxy: Proxy,
+    binary: PathBuf,
+    libfaketime: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// Writes the configs of `n` nodes into `dir`, starts the proxy and every node, and waits
+    /// until each answers `/health`.
+    pub async fn start(
+        binary: &Path,
+        dir: &Path,
+        n: usize,
+        layout: &Layout,
+        libfaketime: Option<PathBuf>,
+        seed: u64,
+    ) -> Result<Cluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ports: Vec<(SocketAddr, SocketAddr)> = (0..n)
+            .map(|_| {
+                (
+                    SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
+                    SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
+                )
+            })
+            .collect();
+        let mut links = Vec::new();
+        for to in 0..n {
+            links.push((
+                Link {
+                    from: Endpoint::Client,
+                    to,
+                },
+                ports[to].0,
+            ));
+            for from in (0..n).filter(|&f| f != to) {
+                links.push((
+                    Link {
+                        from: Endpoint::Node(from),
+                        to,
+                    },
+                    ports[to].0,
+                ));
+            }
+        }
+        let proxy = Proxy::start(links, seed)
+            .await
+            .context("starting the proxy")?;
+        let groups: String = layout
+            .groups
+            .iter()
+            .map(|g| {
+                format!(
+                    "[[groups]]\nname = \"{g}\"\nshard_num = {}\nreplicas = {}\n\n",
+                    layout.shards, layout.replicas
+                )
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (listen, http)) in ports.iter().enumerate() {
+            let id = format!("n{}", i + 1);
+            let members: String = (0..n)
+                .map(|j| {
+                    let addr = if j == i {
+                        *listen
+                    } else {
+                        proxy.addr(Link {
+                            from: Endpoint::Node(i),
+                            to: j,
+                        })
+                    };
+                    format!("[[members]]\nid = \"n{}\"\naddr = \"{addr}\"\n\n", j + 1)
+                })
+                .collect();
+            let data_dir = dir.join(&id);
+            let config = dir.join(format!("{id}.toml"));
+            let text = format!(
+                "node_id = \"{id}\"\nlisten = \"{listen}\"\nhttp = \"{http}\"\ndata_dir = {:?}\nwrite_acks = {}\n\n{groups}{members}[repair]\n{}\n",
+                data_dir.display().to_string(),
+                layout.write_acks,
+                layout.repair,
+            );
+            std::fs::write(&config, text)
+                .with_context(|| format!("writing {}", config.display()))?;
+            nodes.push(Node {
+                log: dir.join(format!("{id}.log")),
+                id,
+                listen: *listen,
+                http: *http,
+                data_dir,
+                config,
+                child: None,
+                peak_rss_kb: 0,
+            });
+        }
+        let mut cluster = Cluster {
+            dir: dir.to_owned(),
+            nodes,
+            proxy,
+            binary: binary.to_owned(),
+            libfaketime,
+        };
+        for i in 0..n {
+            cluster.start_node(i, None)?;
+        }
+        for i in 0..n {
+            cluster.wait_ready(i, Duration::from_secs(60)).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The address through which the workload reaches node `i`.
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        self.proxy.addr(Link {
+            from: Endpoint::Client,
+            to: i,
+        })
+    }
+
+    /// Whether clock skew can be injected.
+    pub fn can_skew(&self) -> bool {
+        self.libfaketime.is_some()
+    }
+
+    /// Starts node `i` (which must not be running), its wall clock moved by `skew_s` seconds
+    /// when given; does not wait.
+    pub fn start_node(&mut self, i: usize, skew_s: Option<i64>) -> Result<()> {
+        let node = &mut self.nodes[i];
+        if node.child.is_some() {
+            bail!("{} is already running", node.id);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .with_context(|| format!("opening {}", node.log.display()))?;
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["serve", "--config"])
+            .arg(&node.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("PROPD_NEMESIS_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(offset) = skew_s {
+            let Some(lib) = &self.libfaketime else {
+                bail!("clock skew asked for but libfaketime is not available");
+            };
+            command
+                .env("LD_PRELOAD", lib)
+                .env("FAKETIME", format!("{offset:+}"))
+                // Only the wall clock: timers and timeouts keep real time.
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_NO_CACHE", "1");
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawning {}", self.binary.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until node `i` answers `/health`.
+    pub async fn wait_ready(&self, i: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let http = self.nodes[i].http;
+        while Instant::now() < deadline {
+            let healthy = tokio::task::spawn_blocking(move || {
+                crate::http_get(http, "/health").is_some_and(|(code, _)| code == 200)
+            })
+            .await
+            .unwrap_or(false);
+            if healthy {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "{} did not answer /health within {limit:?} (see {})",
+            self.nodes[i].id,
+            self.nodes[i].log.display()
+        )
+    }
+
+    /// Whether node `i` has a process (running or stopped).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// SIGKILLs node `i` (a stopped one too) and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        self.sample_rss(i);
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGSTOP (`stop`) or SIGCONT to node `i`.
+    pub fn signal(&self, i: usize, stop: bool) -> Result<()> {
+        let Some(child) = &self.nodes[i].child else {
+            bail!("{} is not running", self.nodes[i].id);
+        };
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill {signal} {} failed", child.id());
+        }
+        Ok(())
+    }
+
+    /// Nodes whose process exited without the nemesis killing it, with how it ended; they are
+    /// reaped (and count as not running).
+    pub fn reap_unexpected(&mut self) -> Vec<(String, String)> {
+        let mut dead = Vec::new();
+        for node in &mut self.nodes {
+            let exited = node
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                node.child = None;
+                dead.push((node.id.clone(), status.to_string()));
+            }
+        }
+        dead
+    }
+
+    /// Updates node `i`'s peak RSS from `/proc`.
+    pub fn sample_rss(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let Some(child) = &node.child else {
+            return;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        let peak = status.ok().and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        });
+        if let Some(peak) = peak {
+            node.peak_rss_kb = node.peak_rss_kb.max(peak);
+        }
+    }
+
+    /// The data file of node `i`.
+    pub fn data_file(&self, i: usize) -> PathBuf {
+        self.nodes[i].data_dir.join("propd.redb")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
