@@ -220,11 +220,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until node `i` answers `/health`.
-    pub async fn wait_ready(&self, i: usize, limit: Duration) -> Result<()> {
+    /// Waits until node `i` answers `/health`; fails at once when its process has exited.
+    pub async fn wait_ready(&mut self, i: usize, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
         let http = self.nodes[i].http;
         while Instant::now() < deadline {
+            let exited = self.nodes[i]
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                bail!("{} exited while starting ({status})", self.nodes[i].id);
+            }
             let healthy = tokio::task::spawn_blocking(move || {
                 crate::http_get(http, "/health").is_some_and(|(code, _)| code == 200)
             })

@@ -96,14 +96,15 @@ impl Summary {
 }
 
 /// The cluster's layout for a run: three groups of four shards, three copies, two acks, and
-/// repair often enough that tombstones are purged within the run.
+/// repair often enough that tombstones are purged within the run; the grace (5 s) is shorter
+/// than the longest fault (6 s), so a node can miss a whole grace period.
 fn layout(nodes: usize) -> Layout {
     Layout {
         groups: vec!["g0".to_owned(), "g1".to_owned(), "g2".to_owned()],
         shards: 4,
         replicas: 2,
         write_acks: if nodes >= 3 { 2 } else { 1 },
-        repair: "enabled = true\nperiod = \"3s\"\nsync_timeout = \"5s\"\nround_timeout = \"20s\"\nverify_interval = \"5s\"\ntombstone_grace = \"10s\""
+        repair: "enabled = true\nperiod = \"2s\"\nsync_timeout = \"5s\"\nround_timeout = \"20s\"\nverify_interval = \"3s\"\ntombstone_grace = \"5s\""
             .to_owned(),
     }
 }
@@ -165,6 +166,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         state: vec![NodeState::Up; settings.nodes],
         summary: &mut summary,
         rss_limit_kb: settings.rss_limit_mib * 1024,
+        corrupted: vec![false; settings.nodes],
     };
     nemesis.play(&steps, length).await;
     let _ = stop.send(true);
@@ -174,8 +176,33 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let holders = holders(&cluster, &mut summary).await;
-    repair_all(&cluster, &holders, &mut summary).await;
-    let state = final_state(&cluster, &workload, &layout, &holders, &mut summary).await;
+    // One complete round per shard, then read. Copies may still differ by tombstones that one
+    // copy has purged and another not yet (each purges on its own verification tick); such a
+    // difference must vanish as the purges complete, so rounds and reads are repeated until
+    // every shard's copies agree, for at most a minute. Each pass is on the timeline.
+    let settle = Instant::now() + Duration::from_secs(60);
+    let mut pass = 0;
+    let state = loop {
+        pass += 1;
+        let mut found = Summary::default();
+        repair_all(&cluster, &holders, &mut found).await;
+        let state = final_state(&cluster, &workload, &layout, &holders, &mut found).await;
+        let differing = state
+            .roots
+            .values()
+            .filter(|roots| roots.values().collect::<BTreeSet<_>>().len() > 1)
+            .count();
+        let line = format!(
+            "{:>8.3}s pass {pass}: a complete round per shard, then {differing} shards with differing copies",
+            started.elapsed().as_secs_f64()
+        );
+        summary.timeline.push(line);
+        if differing == 0 || Instant::now() > settle {
+            summary.problems.extend(found.problems);
+            break state;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
     for i in 0..cluster.nodes.len() {
         cluster.sample_rss(i);
     }
@@ -223,6 +250,8 @@ struct Nemesis<'a> {
     state: Vec<NodeState>,
     summary: &'a mut Summary,
     rss_limit_kb: u64,
+    /// Nodes whose data file was damaged and that have not been replaced since.
+    corrupted: Vec<bool>,
 }
 
 impl Nemesis<'_> {
@@ -267,12 +296,40 @@ impl Nemesis<'_> {
         self.watch_processes();
     }
 
-    /// Records processes that died without the nemesis, and samples memory.
+    /// Records processes that died without the nemesis, and samples memory. A node whose data
+    /// file the nemesis damaged may refuse to start, naming the damage: that is the right
+    /// answer, and the nemesis then does what an operator would, replacing the node by an empty
+    /// one (its data directory wiped) that repair refills.
     fn watch_processes(&mut self) {
         for (id, status) in self.cluster.reap_unexpected() {
             let index = self.cluster.nodes.iter().position(|n| n.id == id);
             if let Some(i) = index {
                 self.state[i] = NodeState::Down;
+                if self.corrupted[i] {
+                    let tail = log_tail(&self.cluster.nodes[i].log);
+                    if let Some(line) = tail
+                        .lines()
+                        .rev()
+                        .find(|l| l.to_lowercase().contains("corrupt"))
+                    {
+                        self.note(format!(
+                            "{id} refused its damaged data file ({status}): {line}"
+                        ));
+                        self.note(format!("  replacing {id} by an empty node"));
+                        self.corrupted[i] = false;
+                        *self.summary.faults.entry("replace").or_default() += 1;
+                        let dir = self.cluster.nodes[i].data_dir.clone();
+                        let restarted = std::fs::remove_dir_all(&dir)
+                            .context("wiping the data directory")
+                            .and_then(|()| self.revive(i));
+                        if let Err(error) = restarted {
+                            let problem = format!("replacing {id}: {error:#}");
+                            self.note(problem.clone());
+                            self.summary.problems.push(problem);
+                        }
+                        continue;
+                    }
+                }
             }
             let problem = format!("{id} exited by itself ({status}); see its log");
             self.note(problem.clone());
@@ -310,6 +367,7 @@ impl Nemesis<'_> {
                 self.state[*node] = NodeState::Down;
                 let mut rng = Rng::stream(self.seed, 0xC0DE_0000 + step as u64);
                 let flipped = flip_bytes(&self.cluster.data_file(*node), *bytes, &mut rng)?;
+                self.corrupted[*node] = true;
                 self.note(format!("  flipped bytes at offsets {flipped:?}"));
             }
             Fault::Partition {
@@ -418,14 +476,30 @@ impl Nemesis<'_> {
             }
         }
         for node in 0..self.state.len() {
-            if let Err(error) = self.cluster.wait_ready(node, Duration::from_secs(60)).await {
-                self.summary
-                    .problems
-                    .push(format!("after the heal: {error:#}"));
+            if self
+                .cluster
+                .wait_ready(node, Duration::from_secs(60))
+                .await
+                .is_err()
+            {
+                // Perhaps it refused a damaged file and is replaced now; else a problem.
+                self.watch_processes();
+                if let Err(error) = self.cluster.wait_ready(node, Duration::from_secs(60)).await {
+                    self.summary
+                        .problems
+                        .push(format!("after the heal: {error:#}"));
+                }
             }
         }
         self.watch_processes();
     }
+}
+
+/// The last few kB of a log.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(4096);
+    String::from_utf8_lossy(&text[start..]).into_owned()
 }
 
 /// Stops node `from` from sending to node `to`, in `style`.

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 mod boundaries;
 mod demo;
+mod nemesis;
 
 const HELP: &str = "\
 cargo xtask <command>
@@ -23,6 +24,8 @@ commands:
   ci       format check, clippy (warnings denied), crate boundaries, every test
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
   bench    run the criterion benches (release build); extra args go to `cargo bench`
+  nemesis  real nodes under injected faults, then check nothing acknowledged was lost
+           ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
   help     this text
 ";
 
@@ -36,6 +39,7 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "bench" => bench(&rest),
         "demo" => demo::run(),
+        "nemesis" => nemesis::run(&root, &rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
