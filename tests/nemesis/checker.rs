@@ -76,6 +76,15 @@ pub enum Anomaly {
         /// The version found.
         found: Version,
     },
+    /// A write acknowledged after an earlier-acknowledged write, with a smaller revision.
+    SupersededAck {
+        /// The entity.
+        entity: String,
+        /// The write acknowledged first.
+        earlier: Version,
+        /// The write sent after that, acknowledged although it lost.
+        later: Version,
+    },
     /// A get returned what no write could have produced.
     BadRead {
         /// The entity.
@@ -98,6 +107,7 @@ impl Anomaly {
             | Anomaly::LostWrite { entity, .. }
             | Anomaly::Resurrected { entity, .. }
             | Anomaly::Invented { entity, .. }
+            | Anomaly::SupersededAck { entity, .. }
             | Anomaly::BadRead { entity, .. } => Some(entity),
         }
     }
@@ -110,6 +120,7 @@ impl Anomaly {
             Anomaly::LostWrite { .. } => "lost-write",
             Anomaly::Resurrected { .. } => "resurrected",
             Anomaly::Invented { .. } => "invented",
+            Anomaly::SupersededAck { .. } => "superseded-ack",
             Anomaly::BadRead { .. } => "bad-read",
         }
     }
@@ -160,6 +171,14 @@ impl fmt::Display for Anomaly {
             } => write!(
                 f,
                 "invented version of {entity} on {node}: {found} matches no write that could have made it"
+            ),
+            Anomaly::SupersededAck {
+                entity,
+                earlier,
+                later,
+            } => write!(
+                f,
+                "acknowledged a write of {entity} that had already lost: {later} was acknowledged after {earlier} had been"
             ),
             Anomaly::BadRead {
                 entity, found, why, ..
@@ -223,6 +242,9 @@ pub fn check(ops: &[Op], state: &FinalState, tolerance: Tolerance) -> Vec<Anomal
                 }
             }
         }
+    }
+    for (entity, entity_ops) in &by_entity {
+        anomalies.extend(superseded_acks(entity, entity_ops));
     }
     for op in ops {
         if let Outcome::Read { found: Some(found) } = &op.outcome {
@@ -337,6 +359,30 @@ fn judge_copy(
             })
         }
     }
+}
+
+/// Acknowledged writes that had lost when they were sent (see the module's invariants).
+fn superseded_acks(entity: &str, ops: &[&Op]) -> Vec<Anomaly> {
+    let acknowledged: Vec<(&Op, Version)> = ops
+        .iter()
+        .filter_map(|op| written(op).map(|v| (*op, v)))
+        .collect();
+    let mut out = Vec::new();
+    for (later_op, later) in &acknowledged {
+        let beaten_by = acknowledged
+            .iter()
+            .filter(|(op, v)| op.end < later_op.start && v.revision > later.revision)
+            .map(|(_, v)| v)
+            .max();
+        if let Some(earlier) = beaten_by {
+            out.push(Anomaly::SupersededAck {
+                entity: entity.to_owned(),
+                earlier: earlier.clone(),
+                later: later.clone(),
+            });
+        }
+    }
+    out
 }
 
 fn judge_read(found: &Version, ops: &[&Op], tolerance: Tolerance) -> Option<String> {
@@ -590,6 +636,21 @@ mod tests {
             put(200, "b", ok(200)),
         ];
         assert!(kinds(&none, &state).is_empty());
+    }
+
+    #[test]
+    fn a_write_acknowledged_after_a_newer_one_was_is_a_superseded_ack() {
+        // b is sent after a was acknowledged, yet gets a smaller revision (a coordinator whose
+        // clock is behind) and is acknowledged: the copies keep a, and b's "ok" misled.
+        let ops = [put(100, "a", ok(500)), put(200, "b", ok(400))];
+        assert_eq!(kinds(&ops, &everywhere(live("a", 500))), ["superseded-ack"]);
+        // Overlapping writes may be ordered either way.
+        let mut overlapping = ops.clone();
+        overlapping[0].end = 250;
+        assert!(kinds(&overlapping, &everywhere(live("a", 500))).is_empty());
+        // An indeterminate later write says nothing.
+        let ops = [put(100, "a", ok(500)), put(200, "b", lost())];
+        assert!(kinds(&ops, &everywhere(live("a", 500))).is_empty());
     }
 
     #[test]

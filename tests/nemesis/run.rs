@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -362,11 +361,16 @@ impl Nemesis<'_> {
                 self.cluster.start_node(*node, Some(*offset_s))?;
                 self.state[*node] = NodeState::Skewed;
             }
-            Fault::Corrupt { node, bytes } => {
+            Fault::Corrupt {
+                node,
+                bytes,
+                in_values,
+            } => {
                 self.cluster.kill(*node);
                 self.state[*node] = NodeState::Down;
                 let mut rng = Rng::stream(self.seed, 0xC0DE_0000 + step as u64);
-                let flipped = flip_bytes(&self.cluster.data_file(*node), *bytes, &mut rng)?;
+                let flipped =
+                    flip_bytes(&self.cluster.data_file(*node), *bytes, *in_values, &mut rng)?;
                 self.corrupted[*node] = true;
                 self.note(format!("  flipped bytes at offsets {flipped:?}"));
             }
@@ -529,31 +533,15 @@ fn touching(links: impl Iterator<Item = Link>, node: usize) -> Vec<Link> {
         .collect()
 }
 
-/// XORs `count` random bytes of `file` with non-zero masks; returns the offsets.
-fn flip_bytes(file: &Path, count: u32, rng: &mut Rng) -> Result<Vec<u64>> {
-    let mut handle = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .with_context(|| format!("opening {}", file.display()))?;
-    let len = handle.metadata()?.len();
-    if len == 0 {
-        return Ok(Vec::new());
+/// Changes `count` bytes of `file` (in stored values when `in_values`); returns the offsets.
+fn flip_bytes(file: &Path, count: u32, in_values: bool, rng: &mut Rng) -> Result<Vec<usize>> {
+    let mut data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let flips = super::corrupt::plan(&data, count, in_values, rng);
+    for flip in &flips {
+        data[flip.offset] = flip.to;
     }
-    let mut offsets = Vec::new();
-    for _ in 0..count {
-        let offset = rng.below(len);
-        let mask = rng.between(1, 255) as u8;
-        let mut byte = [0_u8; 1];
-        handle.seek(SeekFrom::Start(offset))?;
-        handle.read_exact(&mut byte)?;
-        byte[0] ^= mask;
-        handle.seek(SeekFrom::Start(offset))?;
-        handle.write_all(&byte)?;
-        offsets.push(offset);
-    }
-    handle.sync_all()?;
-    Ok(offsets)
+    std::fs::write(file, &data).with_context(|| format!("writing {}", file.display()))?;
+    Ok(flips.iter().map(|f| f.offset).collect())
 }
 
 fn admin(cluster: &Cluster, i: usize) -> AdminServiceClient<tonic::transport::Channel> {

@@ -171,12 +171,14 @@ pub enum Fault {
         /// Seconds (non-zero, either sign).
         offset_s: i64,
     },
-    /// Kill `node`, flip `bytes` random bytes of its data file, restart it at the end.
+    /// Kill `node`, change `bytes` bytes of its data file, restart it at the end.
     Corrupt {
         /// Node index.
         node: usize,
         /// How many bytes.
         bytes: u32,
+        /// Aim at stored values (else anywhere in the file).
+        in_values: bool,
     },
 }
 
@@ -226,8 +228,21 @@ impl fmt::Display for Fault {
             Fault::Skew { node, offset_s } => {
                 write!(f, "skew the clock of n{} by {offset_s:+} s", node + 1)
             }
-            Fault::Corrupt { node, bytes } => {
-                write!(f, "flip {bytes} bytes in the data file of n{}", node + 1)
+            Fault::Corrupt {
+                node,
+                bytes,
+                in_values,
+            } => {
+                let place = if *in_values {
+                    "stored values"
+                } else {
+                    "random places"
+                };
+                write!(
+                    f,
+                    "change {bytes} bytes ({place}) in the data file of n{}",
+                    node + 1
+                )
             }
         }
     }
@@ -293,6 +308,7 @@ pub fn schedule(seed: u64, nodes: usize, length: Duration, kinds: &[FaultKind]) 
                 _ => Fault::Corrupt {
                     node,
                     bytes: rng.between(1, 8) as u32,
+                    in_values: rng.chance(50),
                 },
             }
         } else {
