@@ -263,6 +263,28 @@ impl Cluster {
         }
     }
 
+    /// Stops node `i` cleanly (SIGTERM, at most 10 s, then SIGKILL) and reaps it; returns
+    /// whether it exited by itself in time.
+    pub async fn terminate(&mut self, i: usize) -> bool {
+        self.sample_rss(i);
+        let Some(mut child) = self.nodes[i].child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     /// Sends SIGSTOP (`stop`) or SIGCONT to node `i`.
     pub fn signal(&self, i: usize, stop: bool) -> Result<()> {
         let Some(child) = &self.nodes[i].child else {

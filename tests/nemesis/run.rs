@@ -281,7 +281,7 @@ impl Nemesis<'_> {
                     .entry(step.fault.kind().name())
                     .or_default() += 1;
                 self.note(format!("begin {}", step.fault));
-                if let Err(error) = self.inject(i, &step.fault) {
+                if let Err(error) = self.inject(i, &step.fault).await {
                     self.note(format!("  could not inject: {error:#}"));
                 }
             } else {
@@ -344,7 +344,7 @@ impl Nemesis<'_> {
         }
     }
 
-    fn inject(&mut self, step: usize, fault: &Fault) -> Result<()> {
+    async fn inject(&mut self, step: usize, fault: &Fault) -> Result<()> {
         let proxy = &self.cluster.proxy;
         match fault {
             Fault::Kill { node } => {
@@ -366,8 +366,16 @@ impl Nemesis<'_> {
                 bytes,
                 in_values,
             } => {
-                self.cluster.kill(*node);
+                // A clean stop: redb then opens the file without a repair pass (which would
+                // check page checksums), as after an orderly restart.
+                let clean = self.cluster.terminate(*node).await;
                 self.state[*node] = NodeState::Down;
+                if !clean {
+                    self.note(format!(
+                        "  n{} did not stop within 10 s of SIGTERM; killed",
+                        node + 1
+                    ));
+                }
                 let mut rng = Rng::stream(self.seed, 0xC0DE_0000 + step as u64);
                 let flipped =
                     flip_bytes(&self.cluster.data_file(*node), *bytes, *in_values, &mut rng)?;

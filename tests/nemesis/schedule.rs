@@ -171,7 +171,8 @@ pub enum Fault {
         /// Seconds (non-zero, either sign).
         offset_s: i64,
     },
-    /// Kill `node`, change `bytes` bytes of its data file, restart it at the end.
+    /// Stop `node` cleanly (SIGTERM), change `bytes` bytes of its data file, restart it at the
+    /// end.
     Corrupt {
         /// Node index.
         node: usize,
