@@ -21,7 +21,7 @@ nemesis --propd PATH --out DIR [--nodes N] [--seconds S] [--seed X] [--faults LI
         [--clients C] [--entities E] [--rss-limit-mib M]
 
   --faults   `all` or a comma-separated list of: kill, pause, partition, cut, delay,
-             bandwidth, refuse, skew, corrupt (default: all)
+             bandwidth, refuse, skew, corrupt, disk-full (default: all)
   --seed     default: drawn from the clock, and printed
 ";
 

@@ -59,17 +59,27 @@ pub struct Cluster {
     pub proxy: Proxy,
     binary: PathBuf,
     libfaketime: Option<PathBuf>,
+    /// Data directories that are tmpfs mounts of ours (unmounted on drop).
+    mounted: Vec<PathBuf>,
+    /// Why the data directories are not small tmpfs mounts, when they were asked to be.
+    pub tmpfs_error: Option<String>,
 }
+
+/// The file that fills a node's tmpfs.
+const FILLER: &str = "nemesis-filler";
 
 impl Cluster {
     /// Writes the configs of `n` nodes into `dir`, starts the proxy and every node, and waits
-    /// until each answers `/health`.
+    /// until each answers `/health`. With `tmpfs_mib`, each data directory is a tmpfs of that
+    /// size (so that its disk can be filled); when mounting is not allowed, `tmpfs_error` says
+    /// why and the directories are plain.
     pub async fn start(
         binary: &Path,
         dir: &Path,
         n: usize,
         layout: &Layout,
         libfaketime: Option<PathBuf>,
+        tmpfs_mib: Option<u64>,
         seed: u64,
     ) -> Result<Cluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -156,7 +166,12 @@ impl Cluster {
             proxy,
             binary: binary.to_owned(),
             libfaketime,
+            mounted: Vec::new(),
+            tmpfs_error: None,
         };
+        if let Some(mib) = tmpfs_mib {
+            cluster.mount_tmpfs(mib);
+        }
         for i in 0..n {
             cluster.start_node(i, None)?;
         }
@@ -164,6 +179,85 @@ impl Cluster {
             cluster.wait_ready(i, Duration::from_secs(60)).await?;
         }
         Ok(cluster)
+    }
+
+    /// Mounts a tmpfs of `mib` MiB on every data directory; on the first failure unmounts what
+    /// it mounted and records why.
+    fn mount_tmpfs(&mut self, mib: u64) {
+        for i in 0..self.nodes.len() {
+            let dir = self.nodes[i].data_dir.clone();
+            let mounted = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let output = Command::new("mount")
+                        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                        .arg(&dir)
+                        .output()
+                        .map_err(|e| format!("running mount: {e}"))?;
+                    if output.status.success() {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+                    }
+                });
+            match mounted {
+                Ok(()) => self.mounted.push(dir),
+                Err(reason) => {
+                    self.unmount_all();
+                    self.tmpfs_error =
+                        Some(format!("mounting a tmpfs on {}: {reason}", dir.display()));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn unmount_all(&mut self) {
+        for dir in self.mounted.drain(..) {
+            let _ = Command::new("umount").arg(&dir).status();
+        }
+    }
+
+    /// Fills node `i`'s tmpfs with a file until the disk is full; returns the bytes written.
+    pub fn fill_disk(&self, i: usize) -> Result<u64> {
+        use std::io::Write as _;
+        let path = self.nodes[i].data_dir.join(FILLER);
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut written = 0_u64;
+        for chunk in [1 << 20, 4096, 1] {
+            let block = vec![0_u8; chunk];
+            while file.write_all(&block).is_ok() {
+                written += chunk as u64;
+            }
+        }
+        let _ = file.sync_all();
+        Ok(written)
+    }
+
+    /// Removes the file that filled node `i`'s disk (nothing when there is none).
+    pub fn free_disk(&self, i: usize) -> Result<()> {
+        let path = self.nodes[i].data_dir.join(FILLER);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+
+    /// Empties node `i`'s data directory (which may be a mount point, so it stays).
+    pub fn wipe_data(&self, i: usize) -> Result<()> {
+        let dir = &self.nodes[i].data_dir;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// The address through which the workload reaches node `i`.
@@ -346,5 +440,6 @@ impl Drop for Cluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
+        self.unmount_all();
     }
 }

@@ -44,6 +44,10 @@ pub struct Settings {
     pub rss_limit_mib: u64,
 }
 
+/// The size of each node's data tmpfs when the disk-full fault is on: ample for the workload's
+/// few hundred small properties over hours, small enough to fill in a moment.
+const TMPFS_MIB: u64 = 128;
+
 /// Where libfaketime may be found (Debian's `faketime` package), or `PROPD_LIBFAKETIME`.
 pub fn find_libfaketime() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PROPD_LIBFAKETIME")
@@ -122,11 +126,6 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         );
     }
     let length = Duration::from_secs(settings.seconds);
-    let steps = if kinds.is_empty() {
-        Vec::new()
-    } else {
-        schedule(settings.seed, settings.nodes, length, &kinds)
-    };
     let layout = layout(settings.nodes);
     let mut cluster = Cluster::start(
         &settings.binary,
@@ -134,9 +133,19 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         settings.nodes,
         &layout,
         libfaketime,
+        kinds.contains(&FaultKind::DiskFull).then_some(TMPFS_MIB),
         settings.seed,
     )
     .await?;
+    if let Some(reason) = &cluster.tmpfs_error {
+        kinds.retain(|k| *k != FaultKind::DiskFull);
+        summary.skipped.push(format!("disk-full: {reason}"));
+    }
+    let steps = if kinds.is_empty() {
+        Vec::new()
+    } else {
+        schedule(settings.seed, settings.nodes, length, &kinds)
+    };
 
     let workload = Workload {
         clients: settings.clients,
@@ -166,6 +175,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         summary: &mut summary,
         rss_limit_kb: settings.rss_limit_mib * 1024,
         corrupted: vec![false; settings.nodes],
+        filled: vec![false; settings.nodes],
     };
     nemesis.play(&steps, length).await;
     let _ = stop.send(true);
@@ -251,6 +261,8 @@ struct Nemesis<'a> {
     rss_limit_kb: u64,
     /// Nodes whose data file was damaged and that have not been replaced since.
     corrupted: Vec<bool>,
+    /// Nodes whose disk is full.
+    filled: Vec<bool>,
 }
 
 impl Nemesis<'_> {
@@ -317,10 +329,7 @@ impl Nemesis<'_> {
                         self.note(format!("  replacing {id} by an empty node"));
                         self.corrupted[i] = false;
                         *self.summary.faults.entry("replace").or_default() += 1;
-                        let dir = self.cluster.nodes[i].data_dir.clone();
-                        let restarted = std::fs::remove_dir_all(&dir)
-                            .context("wiping the data directory")
-                            .and_then(|()| self.revive(i));
+                        let restarted = self.cluster.wipe_data(i).and_then(|()| self.revive(i));
                         if let Err(error) = restarted {
                             let problem = format!("replacing {id}: {error:#}");
                             self.note(problem.clone());
@@ -381,6 +390,14 @@ impl Nemesis<'_> {
                     flip_bytes(&self.cluster.data_file(*node), *bytes, *in_values, &mut rng)?;
                 self.corrupted[*node] = true;
                 self.note(format!("  flipped bytes at offsets {flipped:?}"));
+            }
+            Fault::DiskFull { node } => {
+                let written = self.cluster.fill_disk(*node)?;
+                self.filled[*node] = true;
+                self.note(format!(
+                    "  wrote {} MiB until the disk was full",
+                    written >> 20
+                ));
             }
             Fault::Partition {
                 side,
@@ -443,6 +460,10 @@ impl Nemesis<'_> {
                 self.state[*node] = NodeState::Up;
                 Ok(())
             }
+            Fault::DiskFull { node } => {
+                self.filled[*node] = false;
+                self.cluster.free_disk(*node)
+            }
             Fault::Skew { node, .. } => {
                 self.cluster.kill(*node);
                 self.state[*node] = NodeState::Down;
@@ -471,6 +492,16 @@ impl Nemesis<'_> {
     async fn heal(&mut self) {
         self.watch_processes();
         self.cluster.proxy.heal_all();
+        for node in 0..self.filled.len() {
+            if self.filled[node] {
+                self.filled[node] = false;
+                if let Err(error) = self.cluster.free_disk(node) {
+                    self.summary
+                        .problems
+                        .push(format!("healing n{}: {error:#}", node + 1));
+                }
+            }
+        }
         for node in 0..self.state.len() {
             let result = match self.state[node] {
                 NodeState::Up => Ok(()),
@@ -635,6 +666,8 @@ async fn final_state(
     let mut state = FinalState::default();
     // node → entity → version
     let mut held: Vec<BTreeMap<String, Version>> = vec![BTreeMap::new(); cluster.nodes.len()];
+    // (node, group) that could not be read: their copies are unknown, not empty.
+    let mut unreadable: BTreeSet<(usize, String)> = BTreeSet::new();
     for (i, found) in held.iter_mut().enumerate() {
         let channel = workload::channel(cluster.nodes[i].listen, Duration::from_secs(90));
         let mut api = PropertyServiceClient::new(channel)
@@ -657,10 +690,13 @@ async fn final_state(
                         found.insert(entity, workload::version_of(&property));
                     }
                 }
-                Err(error) => summary.problems.push(format!(
-                    "{}: reading group {group} failed: {error}",
-                    cluster.nodes[i].id
-                )),
+                Err(error) => {
+                    unreadable.insert((i, group.clone()));
+                    summary.problems.push(format!(
+                        "{}: reading group {group} failed: {error}",
+                        cluster.nodes[i].id
+                    ));
+                }
             }
         }
     }
@@ -686,6 +722,7 @@ async fn final_state(
             .map(|nodes| {
                 nodes
                     .iter()
+                    .filter(|&&n| !unreadable.contains(&(n, group.clone())))
                     .map(|&n| (cluster.nodes[n].id.clone(), held[n].get(&key).cloned()))
                     .collect()
             })

@@ -31,11 +31,13 @@ pub enum FaultKind {
     Skew,
     /// Stop a node, flip bytes in its data file, restart it.
     Corrupt,
+    /// Fill the small tmpfs holding a node's data directory, free it later.
+    DiskFull,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Partition,
@@ -45,6 +47,7 @@ impl FaultKind {
         FaultKind::Refuse,
         FaultKind::Skew,
         FaultKind::Corrupt,
+        FaultKind::DiskFull,
     ];
 
     /// Its command-line name.
@@ -59,14 +62,19 @@ impl FaultKind {
             FaultKind::Refuse => "refuse",
             FaultKind::Skew => "skew",
             FaultKind::Corrupt => "corrupt",
+            FaultKind::DiskFull => "disk-full",
         }
     }
 
-    /// Whether it acts on a node's process (rather than on the network).
+    /// Whether it acts on one node (its process or its disk) rather than on the network.
     pub fn is_process(self) -> bool {
         matches!(
             self,
-            FaultKind::Kill | FaultKind::Pause | FaultKind::Skew | FaultKind::Corrupt
+            FaultKind::Kill
+                | FaultKind::Pause
+                | FaultKind::Skew
+                | FaultKind::Corrupt
+                | FaultKind::DiskFull
         )
     }
 
@@ -181,6 +189,11 @@ pub enum Fault {
         /// Aim at stored values (else anywhere in the file).
         in_values: bool,
     },
+    /// Fill the tmpfs of `node`'s data directory; free it at the end.
+    DiskFull {
+        /// Node index.
+        node: usize,
+    },
 }
 
 impl Fault {
@@ -196,6 +209,7 @@ impl Fault {
             Fault::Refuse { .. } => FaultKind::Refuse,
             Fault::Skew { .. } => FaultKind::Skew,
             Fault::Corrupt { .. } => FaultKind::Corrupt,
+            Fault::DiskFull { .. } => FaultKind::DiskFull,
         }
     }
 }
@@ -245,6 +259,7 @@ impl fmt::Display for Fault {
                     node + 1
                 )
             }
+            Fault::DiskFull { node } => write!(f, "fill the disk of n{}", node + 1),
         }
     }
 }
@@ -306,11 +321,12 @@ pub fn schedule(seed: u64, nodes: usize, length: Duration, kinds: &[FaultKind]) 
                         },
                     }
                 }
-                _ => Fault::Corrupt {
+                FaultKind::Corrupt => Fault::Corrupt {
                     node,
                     bytes: rng.between(1, 8) as u32,
                     in_values: rng.chance(50),
                 },
+                _ => Fault::DiskFull { node },
             }
         } else {
             network_busy = t + lasts;
@@ -395,7 +411,8 @@ mod tests {
             Fault::Kill { node }
             | Fault::Pause { node }
             | Fault::Skew { node, .. }
-            | Fault::Corrupt { node, .. } => Some(*node),
+            | Fault::Corrupt { node, .. }
+            | Fault::DiskFull { node } => Some(*node),
             _ => None,
         }
     }

@@ -10,7 +10,8 @@ const USAGE: &str = "\
 cargo xtask nemesis [--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]
                     [--clients C] [--entities E] [--rss-limit-mib M] [--out DIR]
 
-  --faults  `all` (default) or a list of: kill,pause,partition,cut,delay,bandwidth,refuse,skew,corrupt
+  --faults  `all` (default) or a list of:
+            kill,pause,partition,cut,delay,bandwidth,refuse,skew,corrupt,disk-full
   --debug   use a debug build instead of the release build (faster to build, slower to run)
   --out     where the logs, configs, data and history go (default target/nemesis/seed-X-TIME)
 ";
