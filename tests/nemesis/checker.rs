@@ -234,12 +234,11 @@ pub fn check(ops: &[Op], state: &FinalState, tolerance: Tolerance) -> Vec<Anomal
         // Each distinct version once, at the first node holding it.
         let mut seen = BTreeSet::new();
         for (node, found) in copies {
-            if seen.insert(found) {
-                if let Some(anomaly) =
-                    judge_copy(entity, node, found.as_ref(), entity_ops, tolerance)
-                {
-                    anomalies.push(anomaly);
-                }
+            if !seen.insert(found) {
+                continue;
+            }
+            if let Some(anomaly) = judge_copy(entity, node, found.as_ref(), entity_ops, tolerance) {
+                anomalies.push(anomaly);
             }
         }
     }

@@ -92,13 +92,13 @@ impl Cluster {
             })
             .collect();
         let mut links = Vec::new();
-        for to in 0..n {
+        for (to, (listen, _)) in ports.iter().enumerate() {
             links.push((
                 Link {
                     from: Endpoint::Client,
                     to,
                 },
-                ports[to].0,
+                *listen,
             ));
             for from in (0..n).filter(|&f| f != to) {
                 links.push((
@@ -106,7 +106,7 @@ impl Cluster {
                         from: Endpoint::Node(from),
                         to,
                     },
-                    ports[to].0,
+                    *listen,
                 ));
             }
         }
