@@ -195,14 +195,17 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         pass += 1;
         let mut found = Summary::default();
         repair_all(&cluster, &holders, &mut found).await;
-        let state = final_state(&cluster, &workload, &layout, &holders, &mut found).await;
+        let (state, moved) = final_state(&cluster, &workload, &layout, &holders, &mut found).await;
         let differing = state
             .roots
             .values()
             .filter(|roots| roots.values().collect::<BTreeSet<_>>().len() > 1)
             .count();
+        let (purging, other) = differing_entities(&state);
         let line = format!(
-            "{:>8.3}s pass {pass}: a complete round per shard, then {differing} shards with differing copies",
+            "{:>8.3}s pass {pass}: a complete round per shard, then {differing} shards with differing copies \
+             ({purging} entities differing only by a tombstone some copies purged, {other} otherwise; \
+             {moved} roots changed while the copies were read)",
             started.elapsed().as_secs_f64()
         );
         summary.timeline.push(line);
@@ -655,14 +658,17 @@ async fn repair_all(
     }
 }
 
-/// Reads every copy of every entity, and every shard's root, from each node directly.
+/// Reads every copy of every entity, and every shard's root, from each node directly; also
+/// returns how many (shard, copy) roots changed while the copies were read.
 async fn final_state(
     cluster: &Cluster,
     workload: &Workload,
     layout: &Layout,
     holders: &BTreeMap<(String, u32), Vec<usize>>,
     summary: &mut Summary,
-) -> FinalState {
+) -> (FinalState, usize) {
+    // Roots are read before and after the copies, to see which changed meanwhile.
+    let before = read_roots(cluster, holders, summary).await;
     let mut state = FinalState::default();
     // node → entity → version
     let mut held: Vec<BTreeMap<String, Version>> = vec![BTreeMap::new(); cluster.nodes.len()];
@@ -729,6 +735,32 @@ async fn final_state(
             .unwrap_or_default();
         state.copies.insert(key, copies);
     }
+    let after = read_roots(cluster, holders, summary).await;
+    let moved = after
+        .iter()
+        .map(|(shard, roots)| {
+            roots
+                .iter()
+                .filter(|(node, root)| {
+                    before
+                        .get(shard)
+                        .and_then(|r| r.get(*node))
+                        .is_some_and(|b| b != *root)
+                })
+                .count()
+        })
+        .sum();
+    state.roots = after;
+    (state, moved)
+}
+
+/// Every holder's root of every shard: (group, shard) → node → root.
+async fn read_roots(
+    cluster: &Cluster,
+    holders: &BTreeMap<(String, u32), Vec<usize>>,
+    summary: &mut Summary,
+) -> BTreeMap<(String, u32), BTreeMap<String, String>> {
+    let mut all = BTreeMap::new();
     for ((group, shard), nodes) in holders {
         let mut roots = BTreeMap::new();
         for &n in nodes {
@@ -748,9 +780,38 @@ async fn final_state(
                 )),
             }
         }
-        state.roots.insert((group.clone(), *shard), roots);
+        all.insert((group.clone(), *shard), roots);
     }
-    state
+    all
+}
+
+/// Entities whose copies differ: `(only by tombstones present on some copies and purged on
+/// others, in any other way)`.
+fn differing_entities(state: &FinalState) -> (usize, usize) {
+    let mut purging = 0;
+    let mut other = 0;
+    for copies in state.copies.values() {
+        let distinct: BTreeSet<&Option<Version>> = copies.values().collect();
+        if distinct.len() < 2 {
+            continue;
+        }
+        let tombstones: BTreeSet<i64> = distinct
+            .iter()
+            .filter_map(|v| v.as_ref())
+            .filter(|v| v.value.is_none())
+            .map(|v| v.revision)
+            .collect();
+        let only_purge = distinct
+            .iter()
+            .all(|v| v.as_ref().is_none_or(|v| v.value.is_none()))
+            && tombstones.len() == 1;
+        if only_purge {
+            purging += 1;
+        } else {
+            other += 1;
+        }
+    }
+    (purging, other)
 }
 
 fn hex_of(bytes: &[u8]) -> String {
