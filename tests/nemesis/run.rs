@@ -78,6 +78,8 @@ pub struct Summary {
     pub indeterminate: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, usize>,
+    /// Repair rounds started by the nemesis during the run (besides the background ones).
+    pub explicit_rounds: usize,
     /// Fault kinds left out, with why.
     pub skipped: Vec<String>,
     /// Every fault begun and healed, with its time.
@@ -164,8 +166,16 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
     let clients = {
         let workload = workload.clone();
         let history = Arc::clone(&history);
+        let stopped = stopped.clone();
         tokio::spawn(async move { workload::run(&workload, &coordinators, history, stopped).await })
     };
+    let rounds = tokio::spawn(explicit_rounds(
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        layout.groups.clone(),
+        layout.shards,
+        settings.seed,
+        stopped,
+    ));
 
     let mut nemesis = Nemesis {
         cluster: &mut cluster,
@@ -180,6 +190,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
     nemesis.play(&steps, length).await;
     let _ = stop.send(true);
     clients.await.context("the workload task failed")?;
+    nemesis.summary.explicit_rounds = rounds.await.context("the explicit rounds task failed")?;
     nemesis.heal().await;
     nemesis.note("healed; repairing every shard".to_owned());
 
@@ -245,6 +256,44 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
     write_files(&settings.out, &ops, t0, &summary)?;
     summary.report = report(settings, &cluster, &ops, t0, &summary);
     Ok(summary)
+}
+
+/// Until `stop`, every 1–4 s (seeded), asks a random node for a round of a random shard,
+/// without waiting (a node that does not hold the shard, or is down, refuses; that is fine).
+/// Returns how many rounds were started.
+async fn explicit_rounds(
+    nodes: Vec<std::net::SocketAddr>,
+    groups: Vec<String>,
+    shards: u32,
+    seed: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> usize {
+    let mut rng = Rng::stream(seed, 0xE0E0_0000);
+    let mut started = 0;
+    loop {
+        let pause = Duration::from_millis(rng.between(1_000, 4_000));
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return started,
+        }
+        if *stop.borrow() {
+            return started;
+        }
+        let node = *rng.pick(&nodes);
+        let group = rng.pick(&groups).clone();
+        let shard = rng.below(u64::from(shards)) as u32;
+        let mut admin = AdminServiceClient::new(workload::channel(node, Duration::from_secs(5)));
+        let request = v1::PropagateNowRequest {
+            group,
+            shard,
+            wait: false,
+            preview: false,
+            timeout_ms: 0,
+        };
+        if admin.propagate_now(request).await.is_ok() {
+            started += 1;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -885,6 +934,11 @@ fn report(
         "faults injected {} ({})",
         summary.faults.values().sum::<usize>(),
         injected.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "explicit repair rounds started during the run {}",
+        summary.explicit_rounds
     );
     for skipped in &summary.skipped {
         let _ = writeln!(out, "skipped {skipped}");
