@@ -996,3 +996,119 @@ fn report(
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nemesis::proxy::Proxy;
+
+    fn links(n: usize) -> Vec<(Link, std::net::SocketAddr)> {
+        let target: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut out = Vec::new();
+        for to in 0..n {
+            out.push((
+                Link {
+                    from: Endpoint::Client,
+                    to,
+                },
+                target,
+            ));
+            for from in (0..n).filter(|&f| f != to) {
+                out.push((
+                    Link {
+                        from: Endpoint::Node(from),
+                        to,
+                    },
+                    target,
+                ));
+            }
+        }
+        out
+    }
+
+    fn node(from: usize, to: usize) -> Link {
+        Link {
+            from: Endpoint::Node(from),
+            to,
+        }
+    }
+
+    #[tokio::test]
+    async fn blocking_one_way_holds_its_requests_and_the_answers_to_the_other_way() {
+        let proxy = Proxy::start(links(3), 1).await.unwrap();
+        block(&proxy, 0, 1, Style::Blackhole);
+        assert!(proxy.rules(node(0, 1)).hold_requests);
+        assert!(!proxy.rules(node(0, 1)).hold_responses);
+        assert!(proxy.rules(node(1, 0)).hold_responses);
+        assert!(!proxy.rules(node(1, 0)).hold_requests);
+        for link in [node(0, 2), node(2, 0), node(1, 2), node(2, 1)] {
+            assert_eq!(proxy.rules(link), Rules::default(), "{link:?}");
+        }
+        proxy.heal_all();
+        block(&proxy, 2, 0, Style::Reject);
+        assert!(proxy.rules(node(2, 0)).refuse);
+        assert!(proxy.rules(node(0, 2)).hold_responses);
+        assert_eq!(
+            proxy.rules(Link {
+                from: Endpoint::Client,
+                to: 0
+            }),
+            Rules::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_s_links_are_those_to_it_and_from_it_clients_included() {
+        let proxy = Proxy::start(links(3), 1).await.unwrap();
+        let mut found = touching(proxy.links(), 1);
+        found.sort();
+        let mut expected = vec![
+            Link {
+                from: Endpoint::Client,
+                to: 1,
+            },
+            node(0, 1),
+            node(2, 1),
+            node(1, 0),
+            node(1, 2),
+        ];
+        expected.sort();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn differing_copies_are_told_apart_from_purge_lag() {
+        let tomb = |revision| {
+            Some(Version {
+                revision,
+                value: None,
+            })
+        };
+        let live = Some(Version {
+            revision: 5,
+            value: Some("c1-1".to_owned()),
+        });
+        let entity = |copies: Vec<Option<Version>>| -> BTreeMap<String, Option<Version>> {
+            copies
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("n{}", i + 1), v))
+                .collect()
+        };
+        let mut state = FinalState::default();
+        state
+            .copies
+            .insert("a".to_owned(), entity(vec![tomb(7), None, tomb(7)]));
+        state
+            .copies
+            .insert("b".to_owned(), entity(vec![live.clone(), None, None]));
+        state
+            .copies
+            .insert("c".to_owned(), entity(vec![tomb(7), tomb(8), None]));
+        state.copies.insert(
+            "d".to_owned(),
+            entity(vec![live.clone(), live.clone(), live]),
+        );
+        assert_eq!(differing_entities(&state), (1, 2));
+    }
+}
