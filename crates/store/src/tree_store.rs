@@ -1,9 +1,9 @@
 //! The merkle crate's `TreeStorage` over redb tables: one implementation inside a flush's write
-//! transaction (leaves and inner nodes in redb; the dirty set in memory, since a flush marks and
-//! recomputes within its one transaction), and one over a read snapshot that keeps its changes (the leaf log applied, a flush's recomputed
-//! digests) in memory.
+//! transaction (leaves and inner nodes in redb), and one over a read snapshot that keeps its
+//! changes (the leaf log applied, a flush's recomputed digests) in memory. The dirty set is the
+//! live tree's own, in memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use propd_merkle::{Digest, Entity, InnerNode, NodeId, TreeStorage};
@@ -93,8 +93,6 @@ fn visit_inner_range(
 pub(crate) struct TxnTree<'a, 'txn> {
     pub(crate) leaves: &'a mut Table<'txn, LeafKey<'static>, &'static [u8]>,
     pub(crate) nodes: &'a mut Table<'txn, (u32, u64), &'static [u8]>,
-    /// The dirty set lives only as long as the flush that marks and recomputes it.
-    pub(crate) dirty: BTreeSet<NodeId>,
     /// Table names for error messages: leaves, nodes.
     pub(crate) leaves_name: &'a str,
     pub(crate) nodes_name: &'a str,
@@ -165,28 +163,10 @@ impl TreeStorage for TxnTree<'_, '_> {
     ) -> Result<(), StoreError> {
         visit_inner_range(self.nodes, self.nodes_name, level, indexes, visit)
     }
-
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
-        self.dirty.insert(node);
-        Ok(())
-    }
-
-    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.dirty.iter().copied().collect())
-    }
-
-    fn has_dirty(&self) -> Result<bool, StoreError> {
-        Ok(!self.dirty.is_empty())
-    }
-
-    fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty.clear();
-        Ok(())
-    }
 }
 
 /// One shard's tree as of a read snapshot. Reads come from the snapshot; writes (the leaf log's
-/// changes, a flush's inner nodes, the cleared dirty set) stay in memory, so a reader gets fresh
+/// changes, a flush's inner nodes) stay in memory, so a reader gets fresh
 /// digests without a write transaction. A missing table reads as empty.
 pub(crate) struct SnapshotTree {
     pub(crate) leaves: Option<ReadOnlyTable<LeafKey<'static>, &'static [u8]>>,
@@ -197,8 +177,6 @@ pub(crate) struct SnapshotTree {
     pub(crate) leaf_overlay: BTreeMap<u64, BTreeMap<Entity, Option<Digest>>>,
     /// Inner nodes written (`Some`) or removed (`None`) by a flush.
     pub(crate) inner_overlay: BTreeMap<NodeId, Option<InnerNode>>,
-    /// Nodes marked dirty in memory.
-    pub(crate) dirty_marked: BTreeSet<NodeId>,
 }
 
 impl TreeStorage for SnapshotTree {
@@ -337,24 +315,6 @@ impl TreeStorage for SnapshotTree {
                 visit(node, inner);
             }
         }
-        Ok(())
-    }
-
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
-        self.dirty_marked.insert(node);
-        Ok(())
-    }
-
-    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.dirty_marked.iter().copied().collect())
-    }
-
-    fn has_dirty(&self) -> Result<bool, StoreError> {
-        Ok(!self.dirty_marked.is_empty())
-    }
-
-    fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty_marked.clear();
         Ok(())
     }
 }

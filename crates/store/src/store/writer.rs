@@ -3,8 +3,6 @@
 //! revision bumped, all in one write transaction ([`ShardWriter`]); and a flush after the commit
 //! when the log has grown past the threshold.
 
-use std::collections::BTreeSet;
-
 use propd_merkle::{Digest, Entity, LiveTree, Property, Shape, Tree};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
@@ -85,7 +83,6 @@ impl<'txn> ShardWriter<'txn> {
         let storage = TxnTree {
             leaves: &mut self.leaves,
             nodes: &mut self.nodes,
-            dirty: BTreeSet::new(),
             leaves_name: &self.names.leaves,
             nodes_name: &self.names.nodes,
         };
