@@ -167,10 +167,9 @@ impl TreeStorage for MemStorage {
         indexes: Range<u64>,
         visit: &mut dyn FnMut(NodeId, InnerNode),
     ) -> Result<(), Infallible> {
-        if indexes.start >= indexes.end {
+        let Some(range) = NodeId::level_range(level, indexes) else {
             return Ok(());
-        }
-        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        };
         for (&node, &inner) in self.inner.range(range) {
             visit(node, inner);
         }

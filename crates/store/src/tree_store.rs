@@ -285,10 +285,9 @@ impl TreeStorage for SnapshotTree {
         indexes: Range<u64>,
         visit: &mut dyn FnMut(NodeId, InnerNode),
     ) -> Result<(), StoreError> {
-        if indexes.start >= indexes.end {
+        let Some(range) = NodeId::level_range(level, indexes.clone()) else {
             return Ok(());
-        }
-        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        };
         let mut overlay = self.inner_overlay.range(range).peekable();
         if overlay.peek().is_none() {
             return match &self.nodes {
