@@ -21,18 +21,21 @@ fn corrupt(table: &str, error: DecodeError) -> StoreError {
     }
 }
 
+/// A leaf's digest from its stored bytes in the table `name`.
+fn leaf_digest(name: &str, bytes: &[u8]) -> Result<Digest, StoreError> {
+    decode_digest(bytes).map_err(|error| corrupt(name, error))
+}
+
 fn read_leaf(
     table: &impl ReadableTable<LeafKey<'static>, &'static [u8]>,
     name: &str,
     bucket: u64,
     entity: &Entity,
 ) -> Result<Option<Digest>, StoreError> {
-    match table.get((bucket, entity.as_str()))? {
-        Some(guard) => Ok(Some(
-            decode_digest(guard.value()).map_err(|error| corrupt(name, error))?,
-        )),
-        None => Ok(None),
-    }
+    table
+        .get((bucket, entity.as_str()))?
+        .map(|guard| leaf_digest(name, guard.value()))
+        .transpose()
 }
 
 fn visit_leaf_range(
@@ -51,8 +54,7 @@ fn visit_leaf_range(
             table: name.to_owned(),
             detail: format!("leaf key {text:?}: {error}"),
         })?;
-        let digest = decode_digest(value.value()).map_err(|error| corrupt(name, error))?;
-        visit(bucket, &entity, digest);
+        visit(bucket, &entity, leaf_digest(name, value.value())?);
     }
     Ok(())
 }
@@ -89,6 +91,26 @@ fn visit_inner_range(
     Ok(())
 }
 
+/// Visits, in key order, the stored rows that `stored` reports merged with the in-memory changes
+/// of `overlay` (`Some` written, `None` removed), which take precedence.
+fn visit_merged<K: Ord, V>(
+    stored: impl FnOnce(&mut dyn FnMut(K, V)) -> Result<(), StoreError>,
+    overlay: impl Iterator<Item = (K, Option<V>)>,
+    visit: &mut dyn FnMut(K, V),
+) -> Result<(), StoreError> {
+    let mut merged: BTreeMap<K, Option<V>> = BTreeMap::new();
+    stored(&mut |key, value| {
+        merged.insert(key, Some(value));
+    })?;
+    merged.extend(overlay);
+    for (key, value) in merged {
+        if let Some(value) = value {
+            visit(key, value);
+        }
+    }
+    Ok(())
+}
+
 /// The tables of one shard's tree, opened in a write transaction.
 pub(crate) struct TxnTree<'a, 'txn> {
     pub(crate) leaves: &'a mut Table<'txn, LeafKey<'static>, &'static [u8]>,
@@ -111,25 +133,17 @@ impl TreeStorage for TxnTree<'_, '_> {
         entity: &Entity,
         digest: Digest,
     ) -> Result<Option<Digest>, StoreError> {
-        let previous = self
-            .leaves
-            .insert((bucket, entity.as_str()), digest.as_bytes())?;
-        match previous {
-            Some(guard) => Ok(Some(
-                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
-            )),
-            None => Ok(None),
-        }
+        self.leaves
+            .insert((bucket, entity.as_str()), digest.as_bytes())?
+            .map(|guard| leaf_digest(self.leaves_name, guard.value()))
+            .transpose()
     }
 
     fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
-        let removed = self.leaves.remove((bucket, entity.as_str()))?;
-        match removed {
-            Some(guard) => Ok(Some(
-                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
-            )),
-            None => Ok(None),
-        }
+        self.leaves
+            .remove((bucket, entity.as_str()))?
+            .map(|guard| leaf_digest(self.leaves_name, guard.value()))
+            .transpose()
     }
 
     fn visit_leaves(
@@ -234,29 +248,23 @@ impl TreeStorage for SnapshotTree {
                 None => Ok(()),
             };
         }
-        // Merge the stored leaves with the in-memory ones, which take precedence.
-        let mut merged: BTreeMap<(u64, Entity), Option<Digest>> = BTreeMap::new();
-        if let Some(table) = &self.leaves {
-            visit_leaf_range(
-                table,
-                &self.leaves_name,
-                buckets.clone(),
-                &mut |bucket, entity, digest| {
-                    merged.insert((bucket, entity.clone()), Some(digest));
-                },
-            )?;
-        }
-        for (bucket, leaves) in overlay {
-            for (entity, digest) in leaves {
-                merged.insert((*bucket, entity.clone()), *digest);
-            }
-        }
-        for ((bucket, entity), digest) in merged {
-            if let Some(digest) = digest {
-                visit(bucket, &entity, digest);
-            }
-        }
-        Ok(())
+        visit_merged(
+            |stored| match &self.leaves {
+                Some(table) => visit_leaf_range(
+                    table,
+                    &self.leaves_name,
+                    buckets,
+                    &mut |bucket, entity, digest| stored((bucket, entity.clone()), digest),
+                ),
+                None => Ok(()),
+            },
+            overlay.flat_map(|(bucket, leaves)| {
+                leaves
+                    .iter()
+                    .map(|(entity, digest)| ((*bucket, entity.clone()), *digest))
+            }),
+            &mut |(bucket, entity), digest| visit(bucket, &entity, digest),
+        )
     }
 
     fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, StoreError> {
@@ -295,25 +303,19 @@ impl TreeStorage for SnapshotTree {
                 None => Ok(()),
             };
         }
-        // Merge the stored nodes with the in-memory ones, which take precedence.
-        let mut merged: BTreeMap<NodeId, Option<InnerNode>> = BTreeMap::new();
-        if let Some(table) = &self.nodes {
-            visit_inner_range(
-                table,
-                &self.nodes_name,
-                level,
-                indexes,
-                &mut |node, inner| {
-                    merged.insert(node, Some(inner));
-                },
-            )?;
-        }
-        merged.extend(overlay.map(|(node, inner)| (*node, *inner)));
-        for (node, inner) in merged {
-            if let Some(inner) = inner {
-                visit(node, inner);
-            }
-        }
-        Ok(())
+        visit_merged(
+            |stored| match &self.nodes {
+                Some(table) => visit_inner_range(
+                    table,
+                    &self.nodes_name,
+                    level,
+                    indexes,
+                    &mut |node, inner| stored(node, inner),
+                ),
+                None => Ok(()),
+            },
+            overlay.map(|(node, inner)| (*node, *inner)),
+            visit,
+        )
     }
 }
