@@ -10,7 +10,9 @@ use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Proper
 
 use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order, page_after};
+use crate::repair_view::{
+    LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, decide, page_after,
+};
 use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
 use crate::validate::{Checked, Rules, WriteKind};
 
@@ -290,16 +292,10 @@ impl RepairStore for ModelStore {
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<RepairOutcome>, StoreError> {
-        self.rules.check_shard(group, shard)?;
         let checked = self.rules.check_batch(group, shard, batch)?;
-        let order = entity_order(&checked, |item| &item.entity);
         let shape = self.rules.shape;
         self.with_shard(group, shard, |state| {
-            let mut outcomes = vec![RepairOutcome::Same; checked.len()];
-            for index in order {
-                outcomes[index] = state.apply(checked[index].clone(), &shape)?;
-            }
-            Ok(outcomes)
+            apply_in_entity_order(&checked, |item| state.apply(item.clone(), &shape))
         })
     }
 }

@@ -164,14 +164,15 @@ impl Rules {
         Ok(())
     }
 
-    /// Validates every item of a repair batch for (group, shard); the first refusal names its
-    /// index.
+    /// Validates a repair batch for (group, shard): the shard first, then every item; the first
+    /// refused item names its index.
     pub(crate) fn check_batch(
         &self,
         group: &str,
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<Checked>, StoreError> {
+        self.check_shard(group, shard)?;
         batch
             .into_iter()
             .enumerate()
