@@ -13,7 +13,7 @@ use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{
     LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, decide, page_after,
 };
-use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
+use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff, purgeable};
 use crate::validate::{Checked, Rules, WriteKind};
 
 /// An in-memory store with the redb store's semantics (version order, validation, tombstone
@@ -205,7 +205,7 @@ impl ModelStore {
             let doomed: Vec<Entity> = state
                 .properties
                 .iter()
-                .filter(|(_, property)| property.is_tombstone() && property.delete_time < cutoff)
+                .filter(|(_, property)| purgeable(property, cutoff))
                 .map(|(entity, _)| entity.clone())
                 .collect();
             for entity in &doomed {
