@@ -32,6 +32,12 @@ impl InnerNode {
     pub fn is_empty(&self) -> bool {
         self.leaf_count == 0
     }
+
+    /// The node, or `None` when no leaf is under it (how [`crate::RepairStore::tree_node`]
+    /// answers for an empty subtree).
+    pub fn non_empty(self) -> Option<Self> {
+        (!self.is_empty()).then_some(self)
+    }
 }
 
 /// Where a [`crate::LiveTree`] keeps its leaves and inner nodes. The store implements it over redb

@@ -240,7 +240,7 @@ impl RepairStore for ModelStore {
     ) -> Result<Option<InnerNode>, StoreError> {
         self.with_shard(group, shard, |state| {
             let inner = state.flushed()?.node(node).map_err(tree_error)?;
-            Ok((!inner.is_empty()).then_some(inner))
+            Ok(inner.non_empty())
         })
     }
 
@@ -275,9 +275,7 @@ impl RepairStore for ModelStore {
         shard: u32,
         entities: &[Entity],
     ) -> Result<Vec<Option<Property>>, StoreError> {
-        for entity in entities {
-            self.rules.check_member(entity, group, shard)?;
-        }
+        self.rules.check_members(entities, group, shard)?;
         self.with_shard(group, shard, |state| {
             Ok(entities
                 .iter()

@@ -164,6 +164,18 @@ impl Rules {
         Ok(())
     }
 
+    /// Checks that every entity belongs to (group, shard), in order; the first stranger fails.
+    pub(crate) fn check_members(
+        &self,
+        entities: &[Entity],
+        group: &str,
+        shard: u32,
+    ) -> Result<(), ValidationError> {
+        entities
+            .iter()
+            .try_for_each(|entity| self.check_member(entity, group, shard))
+    }
+
     /// Validates a repair batch for (group, shard): the shard first, then every item; the first
     /// refused item names its index.
     pub(crate) fn check_batch(
