@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
-use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{
     LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, decide, page_after,
@@ -71,11 +71,11 @@ impl ModelShard {
 
 impl ModelStore {
     /// An empty model store for these groups and tree shape, with the default size limit.
-    pub fn new(groups: Vec<GroupDef>, shape: Shape) -> Result<Self, StoreError> {
+    pub fn new(groups: Groups, shape: Shape) -> Result<Self, StoreError> {
         shape.validate().map_err(ConfigError::Shape)?;
         Ok(ModelStore {
             rules: Rules {
-                groups: Groups::new(groups)?,
+                groups,
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
             },
