@@ -310,7 +310,7 @@ impl<S: TreeStorage> LiveTree<S> {
 mod tests {
     use super::*;
     use crate::build::TreeBuilder;
-    use crate::digest::Algorithm;
+    use crate::shape::strategies::small_shape;
     use crate::storage::MemStorage;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -413,28 +413,11 @@ mod tests {
         ]
     }
 
-    fn shape() -> impl Strategy<Value = Shape> {
-        (
-            1u32..5,
-            2u32..5,
-            0u32..3,
-            prop_oneof![Just(Algorithm::Sha512), Just(Algorithm::Blake3)],
-        )
-            .prop_map(|(slot_count, fanout, depth, algorithm)| Shape {
-                algorithm,
-                slot_count,
-                fanout,
-                depth,
-                digest_width: 8,
-                ..Shape::default()
-            })
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
         #[test]
         fn incremental_tree_equals_the_tree_rebuilt_from_scratch(
-            shape in shape(), ops in proptest::collection::vec(op(), 0..80),
+            shape in small_shape(), ops in proptest::collection::vec(op(), 0..80),
         ) {
             let mut live = LiveTree::new(shape, MemStorage::new()).expect("valid shape");
             let mut model: BTreeMap<u32, u8> = BTreeMap::new();
