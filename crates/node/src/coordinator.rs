@@ -119,8 +119,17 @@ impl PropertyApi {
         (acknowledged, copies, had_live)
     }
 
-    fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+    /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
+    /// (capped at the number of copies); `what` names what was acknowledged.
+    fn require_acks(&self, acknowledged: u32, copies: u32, what: &str) -> Result<(), Status> {
+        let required = self.node.config.write_acks.min(copies);
+        if acknowledged < required {
+            return Err(Status::unavailable(format!(
+                "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
+                 copies that missed it will be repaired"
+            )));
+        }
+        Ok(())
     }
 
     /// Every copy of (group, shard) that answers, with what it holds of `entity`.
@@ -411,13 +420,7 @@ impl PropertyService for PropertyApi {
             }));
         }
         let (acknowledged, copies, _) = self.replicate(&group, shard, property).await;
-        let required = self.required_acks(copies);
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged revision {revision}, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(acknowledged, copies, &format!("revision {revision}"))?;
         Ok(Response::new(v1::ApplyResponse {
             mod_revision: revision,
             acknowledged,
@@ -475,13 +478,7 @@ impl PropertyService for PropertyApi {
             delete_time,
         };
         let (acknowledged, copies, found) = self.replicate(&group, shard, tombstone).await;
-        let required = self.required_acks(copies);
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged the delete, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(acknowledged, copies, "the delete")?;
         Ok(Response::new(v1::DeleteResponse {
             found,
             mod_revision,
