@@ -86,7 +86,11 @@ impl<Op, Done> GroupCommit<Op, Done> {
 
     /// Commits `op` in the next group and returns its own result once that group's commit
     /// returned. Leads the group at once when no commit is in progress.
-    pub(crate) fn submit(&self, op: Op, commit: CommitFn<'_, Op, Done>) -> Result<Done, StoreError> {
+    pub(crate) fn submit(
+        &self,
+        op: Op,
+        commit: CommitFn<'_, Op, Done>,
+    ) -> Result<Done, StoreError> {
         let (reply, answers) = mpsc::channel();
         let lead_now = {
             let mut state = self.state();
@@ -298,7 +302,11 @@ pub(crate) mod tests {
             })
             .collect();
         wait_until("three writes queue", || commits.waiting() == 3);
-        assert_eq!(log.acknowledged(), 1, "nothing answered while the commit runs");
+        assert_eq!(
+            log.acknowledged(),
+            1,
+            "nothing answered while the commit runs"
+        );
         open.send(()).unwrap_or_else(|e| panic!("{e}"));
         open.send(()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -310,7 +318,11 @@ pub(crate) mod tests {
             .map(|thread| thread.join().unwrap_or_else(|_| panic!("member")).ok())
             .collect();
         assert_eq!(answers, [Some(30), None, Some(40)], "each its own result");
-        let groups = gated.groups.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let groups = gated
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         assert_eq!(groups.len(), 3, "three commits for five writes: {groups:?}");
         assert_eq!(groups[..2], [vec![1], vec![2]]);
         let mut shared = groups[2].clone();
@@ -328,6 +340,9 @@ pub(crate) mod tests {
         log.synced(0, 0..2);
         log.acknowledge(0, 1);
         let early = std::panic::catch_unwind(|| log.acknowledge(1, 0));
-        assert!(early.is_err(), "an unsynced member's acknowledgement panics");
+        assert!(
+            early.is_err(),
+            "an unsynced member's acknowledgement panics"
+        );
     }
 }

@@ -207,7 +207,9 @@ impl<'txn> ShardWriter<'txn> {
 
     fn apply(&mut self, checked: &Checked) -> Result<ItemOutcome, StoreError> {
         let ours = self.get(&checked.entity)?;
-        let had_live = ours.as_ref().is_some_and(|property| !property.is_tombstone());
+        let had_live = ours
+            .as_ref()
+            .is_some_and(|property| !property.is_tombstone());
         let outcome = decide(ours.as_ref(), &checked.property, &self.shape);
         if outcome == RepairOutcome::Applied {
             self.put(checked)?;
@@ -399,10 +401,12 @@ impl RedbStore {
     /// own.
     fn submit(&self, write: ShardWrite) -> Result<Written, StoreError> {
         match &self.commits {
-            Some(commits) => commits.submit(write, &|group, writes| {
-                self.commit_group(group, writes)
-            }),
-            None => Ok(self.commit_together(std::slice::from_ref(&write))?.swap_remove(0)),
+            Some(commits) => {
+                commits.submit(write, &|group, writes| self.commit_group(group, writes))
+            }
+            None => Ok(self
+                .commit_together(std::slice::from_ref(&write))?
+                .swap_remove(0)),
         }
     }
 

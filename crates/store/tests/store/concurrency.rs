@@ -47,7 +47,13 @@ fn ops(t: u64) -> Vec<Op> {
                 return Op::Delete(entity(&id), revision);
             }
             let id = format!("t{t}-{}", k % ENTITIES);
-            Op::Apply(live("g", "n", &id, revision, &[("k", TagValue::Int(k as i64))]))
+            Op::Apply(live(
+                "g",
+                "n",
+                &id,
+                revision,
+                &[("k", TagValue::Int(k as i64))],
+            ))
         })
         .collect()
 }
@@ -60,11 +66,15 @@ fn entity(id: &str) -> Entity {
 fn run(store: &RedbStore, op: &Op) {
     let outcomes = match op {
         Op::Apply(property) => vec![ok(store.apply(property.clone()))],
-        Op::Delete(entity, revision) => vec![ok(store.delete(entity, *revision, *revision)).outcome],
+        Op::Delete(entity, revision) => {
+            vec![ok(store.delete(entity, *revision, *revision)).outcome]
+        }
         Op::Batch(copies) => ok(store.repair_apply_batch("h", 0, copies.clone())),
     };
     assert!(
-        outcomes.iter().all(|outcome| *outcome == RepairOutcome::Applied),
+        outcomes
+            .iter()
+            .all(|outcome| *outcome == RepairOutcome::Applied),
         "{op:?}: {outcomes:?}"
     );
 }
@@ -189,7 +199,11 @@ fn concurrent_writers_leave_the_shards_as_the_same_writes_one_by_one() {
         })
         .collect();
     for (entity, property) in &last {
-        assert_eq!(ok(snapshot.get(entity)).as_ref(), Some(property), "{entity}");
+        assert_eq!(
+            ok(snapshot.get(entity)).as_ref(),
+            Some(property),
+            "{entity}"
+        );
         let in_tree = trees
             .iter()
             .find_map(|(_, leaves)| leaves.get(entity))
@@ -217,7 +231,10 @@ fn concurrent_writers_leave_the_shards_as_the_same_writes_one_by_one() {
     let sequential = shard_states(sequential);
     for (shard, state) in &concurrent {
         let expected = (0..state.revision).collect::<Vec<_>>();
-        assert_eq!(state.log_keys, expected, "{shard:?}: one log entry per change");
+        assert_eq!(
+            state.log_keys, expected,
+            "{shard:?}: one log entry per change"
+        );
     }
     assert_eq!(concurrent, sequential);
 }
