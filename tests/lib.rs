@@ -15,7 +15,8 @@ use serde_json::Value;
 /// The `propd` binary of this build.
 ///
 /// `cargo test --workspace` (and nextest) build it, because `propd-node` has an integration
-/// test of its own; when only this package is tested and the binary is missing, it is built.
+/// test of its own; when only this package is tested (or a bench runs) and the binary is missing,
+/// it is built, in the profile of the running executable.
 pub fn propd_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -28,8 +29,11 @@ pub fn propd_binary() -> &'static Path {
         let binary = profile_dir.join("propd");
         if !binary.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            // A bench runs from target/release: it needs the release binary.
+            let release = profile_dir.ends_with("release").then_some("--release");
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
+                .args(release)
                 .env(
                     "CARGO_TARGET_DIR",
                     profile_dir.parent().expect("target dir"),
