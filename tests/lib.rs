@@ -27,10 +27,11 @@ pub fn propd_binary() -> &'static Path {
             .and_then(Path::parent)
             .expect("target/<profile>/deps");
         let binary = profile_dir.join("propd");
-        if !binary.exists() {
+        // A bench runs from target/release and measures the release binary: build it (a no-op
+        // when it is current).
+        let release = profile_dir.ends_with("release").then_some("--release");
+        if !binary.exists() || release.is_some() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            // A bench runs from target/release: it needs the release binary.
-            let release = profile_dir.ends_with("release").then_some("--release");
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
                 .args(release)

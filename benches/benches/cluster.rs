@@ -104,8 +104,7 @@ impl Bench {
             let start = Instant::now();
             let tasks: Vec<_> = (0..clients)
                 .map(|client| {
-                    let mut api =
-                        PropertyServiceClient::new(self.channels[client % 3].clone());
+                    let mut api = PropertyServiceClient::new(self.channels[client % 3].clone());
                     let next = Arc::clone(&self.next);
                     let done = done.clone();
                     tokio::spawn(async move {

@@ -298,11 +298,7 @@ impl Concurrent {
 
     /// `writers` threads write new properties, one synced `apply` at a time, until `done` says
     /// so (given the writes this thread made); returns every write's latency and the time taken.
-    fn run(
-        &self,
-        writers: usize,
-        done: impl Fn(u64) -> bool + Sync,
-    ) -> (Vec<Duration>, Duration) {
+    fn run(&self, writers: usize, done: impl Fn(u64) -> bool + Sync) -> (Vec<Duration>, Duration) {
         let start = Instant::now();
         let latencies = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..writers)
@@ -364,7 +360,10 @@ fn concurrent_writes(c: &mut Criterion) {
             }
         }
         let [on, off] = rounds.map(|side| Figures::median(&side));
-        println!("{}", acks::compare_line("store_concurrent_write", writers, on, off));
+        println!(
+            "{}",
+            acks::compare_line("store_concurrent_write", writers, on, off)
+        );
     }
 }
 
