@@ -15,8 +15,9 @@ use serde_json::Value;
 /// The `propd` binary of this build.
 ///
 /// `cargo test --workspace` (and nextest) build it, because `propd-node` has an integration
-/// test of its own; when only this package is tested (or a bench runs) and the binary is missing,
-/// it is built, in the profile of the running executable.
+/// test of its own; when only this package is tested and the binary is missing, it is built. A
+/// bench (running from `target/release`) always asks cargo for the release binary, so that it
+/// measures the current code.
 pub fn propd_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
