@@ -43,7 +43,7 @@ pub mod properties {
 /// Figures of acknowledged writes from concurrent writers: throughput and latency percentiles,
 /// shared by the store and cluster write benches.
 pub mod acks {
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     /// The writer counts every concurrent write bench measures.
     pub const WRITERS: [usize; 4] = [1, 8, 50, 200];
@@ -106,6 +106,38 @@ pub mod acks {
             on.per_second / off.per_second,
             on.p99.as_secs_f64() / off.p99.as_secs_f64()
         )
+    }
+
+    /// For criterion's `iter_custom`: `run(share)` has each of `writers` writers make `share`
+    /// writes and returns the time taken, which is scaled to `iters` writes.
+    pub fn time_writes(iters: u64, writers: usize, run: impl FnOnce(u64) -> Duration) -> Duration {
+        let share = iters.div_ceil(writers as u64).max(1);
+        run(share).mul_f64(iters as f64 / (share * writers as u64) as f64)
+    }
+
+    /// The claim at `writers`: three timed rounds of each side (0: group commit, 1: one sync per
+    /// write), interleaved; `round(side, deadline)` writes until the deadline and returns each
+    /// write's latency and the time taken. Prints the medians side by side.
+    pub fn claim(
+        bench: &str,
+        writers: usize,
+        mut round: impl FnMut(usize, Instant) -> (Vec<Duration>, Duration),
+    ) {
+        let mut rounds = [Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            for (side, figures) in rounds.iter_mut().enumerate() {
+                let (latencies, elapsed) = round(side, Instant::now() + round_time());
+                figures.push(Figures::of(latencies, elapsed));
+            }
+        }
+        let [on, off] = rounds.map(|side| Figures::median(&side));
+        #[allow(
+            clippy::print_stdout,
+            reason = "a bench prints the figures it measured"
+        )]
+        {
+            println!("{}", compare_line(bench, writers, on, off));
+        }
     }
 
     /// How long one timed round of a concurrent write bench lasts

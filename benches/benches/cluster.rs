@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use propd_benches::acks::{self, Figures};
+use propd_benches::acks;
 use propd_benches::properties::property;
 use propd_merkle::TagValue;
 use propd_proto::v1;
@@ -152,29 +152,19 @@ fn cluster_writes(c: &mut Criterion) {
             group.bench_function(format!("{clients}_clients/{label}"), |b| {
                 // Time per acknowledged write: `iters` writes shared by the clients.
                 b.iter_custom(|iters| {
-                    let share = iters.div_ceil(clients as u64).max(1);
-                    let (_, elapsed) = bench.run(&runtime, clients, move |made| made >= share);
-                    elapsed.mul_f64(iters as f64 / (share * clients as u64) as f64)
+                    acks::time_writes(iters, clients, |share| {
+                        bench.run(&runtime, clients, move |made| made >= share).1
+                    })
                 })
             });
         }
     }
     group.finish();
 
-    // The claim: interleaved timed rounds of both clusters at every client count.
-    let round = acks::round_time();
     for clients in acks::WRITERS {
-        let mut rounds = [Vec::new(), Vec::new()];
-        for _round in 0..3 {
-            for (side, bench) in benches.iter().enumerate() {
-                let deadline = Instant::now() + round;
-                let (latencies, elapsed) =
-                    bench.run(&runtime, clients, move |_| Instant::now() >= deadline);
-                rounds[side].push(Figures::of(latencies, elapsed));
-            }
-        }
-        let [on, off] = rounds.map(|side| Figures::median(&side));
-        println!("{}", acks::compare_line("cluster_write", clients, on, off));
+        acks::claim("cluster_write", clients, |side, deadline| {
+            benches[side].run(&runtime, clients, move |_| Instant::now() >= deadline)
+        });
     }
 }
 

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use propd_benches::acks::{self, Figures};
+use propd_benches::acks;
 use propd_benches::properties::property;
 use propd_merkle::{Property, Shape};
 use propd_store::{GroupDef, RedbStore, StoreConfig, TreeUpkeep, WriteDurability};
@@ -338,32 +338,20 @@ fn concurrent_writes(c: &mut Criterion) {
                 let store = store.get_or_insert_with(|| Concurrent::new(group_commit));
                 // Time per acknowledged write: `iters` writes shared by the writers.
                 b.iter_custom(|iters| {
-                    let share = iters.div_ceil(writers as u64).max(1);
-                    let (_, elapsed) = store.run(writers, |made| made >= share);
-                    elapsed.mul_f64(iters as f64 / (share * writers as u64) as f64)
+                    acks::time_writes(iters, writers, |share| {
+                        store.run(writers, |made| made >= share).1
+                    })
                 })
             });
         }
     }
     group.finish();
 
-    // The claim: interleaved timed rounds of both sides at every writer count.
-    let round = acks::round_time();
     for writers in acks::WRITERS {
         let stores = sides.map(|(_, group_commit)| Concurrent::new(group_commit));
-        let mut rounds = [Vec::new(), Vec::new()];
-        for _round in 0..3 {
-            for (side, store) in stores.iter().enumerate() {
-                let deadline = Instant::now() + round;
-                let (latencies, elapsed) = store.run(writers, |_| Instant::now() >= deadline);
-                rounds[side].push(Figures::of(latencies, elapsed));
-            }
-        }
-        let [on, off] = rounds.map(|side| Figures::median(&side));
-        println!(
-            "{}",
-            acks::compare_line("store_concurrent_write", writers, on, off)
-        );
+        acks::claim("store_concurrent_write", writers, |side, deadline| {
+            stores[side].run(writers, |_| Instant::now() >= deadline)
+        });
     }
 }
 

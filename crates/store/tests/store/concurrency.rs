@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use propd_merkle::{Entity, Property, Shape, TagValue};
 use propd_store::{RedbStore, RepairOutcome, StoreConfig, StoreError, WriteDurability};
@@ -85,6 +84,10 @@ fn store_config(dir: &Path, durability: WriteDurability) -> StoreConfig {
     config
 }
 
+fn open_store(dir: &Path, durability: WriteDurability) -> RedbStore {
+    ok(RedbStore::open(store_config(dir, durability)))
+}
+
 /// Per shard: revision, properties, and the leaf log's sequence numbers and entries (sorted: the
 /// entries' order follows the commit order, which threads make arbitrary).
 #[derive(Debug, PartialEq, Eq)]
@@ -137,31 +140,28 @@ fn shard_states(store: RedbStore) -> BTreeMap<(&'static str, u32), ShardState> {
         .collect()
 }
 
+/// Runs `writer(t)` for every `t < threads` at once, each on a thread of its own; a panic in one
+/// fails the caller once all are done.
+fn in_threads(threads: u64, writer: impl Fn(u64) + Sync) {
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let writer = &writer;
+            scope.spawn(move || writer(t));
+        }
+    });
+}
+
 #[test]
 fn concurrent_writers_leave_the_shards_as_the_same_writes_one_by_one() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     // Synced, group commit on (the defaults); the flush threshold is far above the workload, so
     // the leaf log keeps every entry for the comparison.
-    let store = Arc::new(ok(RedbStore::open(store_config(
-        dir.path(),
-        WriteDurability::Immediate,
-    ))));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let store = Arc::clone(&store);
-            std::thread::spawn(move || {
-                for op in ops(t) {
-                    run(&store, &op);
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread
-            .join()
-            .unwrap_or_else(|_| panic!("a writer thread failed"));
-    }
-    let store = Arc::into_inner(store).unwrap_or_else(|| panic!("writers are done"));
+    let store = open_store(dir.path(), WriteDurability::Immediate);
+    in_threads(THREADS, |t| {
+        for op in ops(t) {
+            run(&store, &op);
+        }
+    });
 
     // Every acknowledged write is readable (its entity's last write wins), with its tree entry.
     let snapshot = ok(store.snapshot());
@@ -219,10 +219,7 @@ fn concurrent_writers_leave_the_shards_as_the_same_writes_one_by_one() {
 
     // The same writes one by one, thread after thread, in a store of their own.
     let sequential_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let sequential = ok(RedbStore::open(store_config(
-        sequential_dir.path(),
-        WriteDurability::NotSynced,
-    )));
+    let sequential = open_store(sequential_dir.path(), WriteDurability::NotSynced);
     for t in 0..THREADS {
         for op in ops(t) {
             run(&sequential, &op);
@@ -259,30 +256,19 @@ fn group_commit_on_and_off_store_the_same() {
 #[test]
 fn a_refused_write_among_concurrent_writers_refuses_only_itself() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = Arc::new(ok(RedbStore::open(store_config(
-        dir.path(),
-        WriteDurability::Immediate,
-    ))));
-    let threads: Vec<_> = (0..4u64)
-        .map(|t| {
-            let store = Arc::clone(&store);
-            std::thread::spawn(move || {
-                for k in 0..10u64 {
-                    let good = live("g", "n", &format!("good-{t}-{k}"), 1, &[]);
-                    assert_eq!(ok(store.apply(good)), RepairOutcome::Applied);
-                    // Revision 0 is refused for an apply (DESIGN §9).
-                    let bad = live("g", "n", &format!("bad-{t}-{k}"), 0, &[]);
-                    match store.apply(bad) {
-                        Err(StoreError::Invalid(_)) => {}
-                        other => panic!("a revision-0 apply must be refused: {other:?}"),
-                    }
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().unwrap_or_else(|_| panic!("a writer failed"));
-    }
+    let store = open_store(dir.path(), WriteDurability::Immediate);
+    in_threads(4, |t| {
+        for k in 0..10u64 {
+            let good = live("g", "n", &format!("good-{t}-{k}"), 1, &[]);
+            assert_eq!(ok(store.apply(good)), RepairOutcome::Applied);
+            // Revision 0 is refused for an apply (DESIGN §9).
+            let bad = live("g", "n", &format!("bad-{t}-{k}"), 0, &[]);
+            match store.apply(bad) {
+                Err(StoreError::Invalid(_)) => {}
+                other => panic!("a revision-0 apply must be refused: {other:?}"),
+            }
+        }
+    });
     let snapshot = ok(store.snapshot());
     let mut stored = 0;
     for shard in 0..4 {
