@@ -15,7 +15,9 @@ use serde_json::Value;
 /// The `propd` binary of this build.
 ///
 /// `cargo test --workspace` (and nextest) build it, because `propd-node` has an integration
-/// test of its own; when only this package is tested and the binary is missing, it is built.
+/// test of its own; when only this package is tested and the binary is missing, it is built. A
+/// bench (running from `target/release`) always asks cargo for the release binary, so that it
+/// measures the current code.
 pub fn propd_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -26,10 +28,14 @@ pub fn propd_binary() -> &'static Path {
             .and_then(Path::parent)
             .expect("target/<profile>/deps");
         let binary = profile_dir.join("propd");
-        if !binary.exists() {
+        // A bench runs from target/release and measures the release binary: build it (a no-op
+        // when it is current).
+        let release = profile_dir.ends_with("release").then_some("--release");
+        if !binary.exists() || release.is_some() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
+                .args(release)
                 .env(
                     "CARGO_TARGET_DIR",
                     profile_dir.parent().expect("target dir"),

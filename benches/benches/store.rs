@@ -8,6 +8,10 @@
 //!   of the same rows; goal: within 1.5x. The shard holds `PROPD_BENCH_STORE_N` properties
 //!   (default 1 000 000).
 //!
+//! - acknowledged writes per second and p50/p99 latency with 1, 8, 50 and 200 concurrent
+//!   writers, group commit against one sync per write (`StoreConfig::group_commit` off); goal:
+//!   with 50 writers at least 10x the throughput, p99 no worse; one writer no slower.
+//!
 //! Each claim prints its ratio from interleaved timed rounds (the median of each side) beside
 //! criterion's figures.
 
@@ -22,9 +26,11 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use propd_benches::acks;
 use propd_benches::properties::property;
 use propd_merkle::{Property, Shape};
 use propd_store::{GroupDef, Groups, RedbStore, StoreConfig, TreeUpkeep, WriteDurability};
@@ -271,5 +277,84 @@ fn rebuild(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, writes, rebuild);
+/// A synced store for the concurrent write bench, group commit on or off, and the number of the
+/// next property to write.
+struct Concurrent {
+    store: RedbStore,
+    next: AtomicU64,
+    _dir: tempfile::TempDir,
+}
+
+impl Concurrent {
+    fn new(group_commit: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = config(dir.path(), TreeUpkeep::Live, WriteDurability::Immediate);
+        config.group_commit = group_commit;
+        Concurrent {
+            store: RedbStore::open(config).expect("open"),
+            next: AtomicU64::new(0),
+            _dir: dir,
+        }
+    }
+
+    /// `writers` threads write new properties, one synced `apply` at a time, until `done` says
+    /// so (given the writes this thread made); returns every write's latency and the time taken.
+    fn run(&self, writers: usize, done: impl Fn(u64) -> bool + Sync) -> (Vec<Duration>, Duration) {
+        let start = Instant::now();
+        let latencies = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..writers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        while !done(mine.len() as u64) {
+                            let i = self.next.fetch_add(1, Ordering::Relaxed);
+                            let sent = Instant::now();
+                            self.store.apply(property(i)).expect("apply");
+                            mine.push(sent.elapsed());
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|thread| thread.join().expect("a writer thread"))
+                .collect::<Vec<_>>()
+        });
+        (latencies, start.elapsed())
+    }
+}
+
+fn concurrent_writes(c: &mut Criterion) {
+    let sides = [("group_commit", true), ("sync_per_write", false)];
+    let mut group = c.benchmark_group("store_concurrent_write");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for writers in [1, 50] {
+        for (label, group_commit) in sides {
+            let mut store: Option<Concurrent> = None;
+            group.bench_function(format!("{writers}_writers/{label}"), |b| {
+                let store = store.get_or_insert_with(|| Concurrent::new(group_commit));
+                // Time per acknowledged write: `iters` writes shared by the writers.
+                b.iter_custom(|iters| {
+                    acks::time_writes(iters, writers, |share| {
+                        store.run(writers, |made| made >= share).1
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+
+    for writers in acks::WRITERS {
+        let stores = sides.map(|(_, group_commit)| Concurrent::new(group_commit));
+        acks::claim("store_concurrent_write", writers, |side, deadline| {
+            stores[side].run(writers, |_| Instant::now() >= deadline)
+        });
+    }
+}
+
+criterion_group!(benches, writes, concurrent_writes, rebuild);
 criterion_main!(benches);

@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
-use crate::config::{DEFAULT_LISTEN, Member, Partial, PartialRepair};
+use crate::config::{DEFAULT_LISTEN, Member, Partial, PartialRepair, PartialStore};
 
 /// propd: a replicated property store whose replicas repair themselves.
 #[derive(Debug, Parser)]
@@ -101,6 +101,9 @@ struct ServeArgs {
     /// `repair.throttle_bytes_per_second`: repair traffic limit (0: none).
     #[arg(long, env = "PROPD_REPAIR_THROTTLE_BYTES_PER_SECOND")]
     repair_throttle_bytes_per_second: Option<u64>,
+    /// `store.group_commit`: synced writes waiting for the same sync share one transaction.
+    #[arg(long, env = "PROPD_STORE_GROUP_COMMIT")]
+    store_group_commit: Option<bool>,
 }
 
 impl ServeArgs {
@@ -128,6 +131,9 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+            },
+            store: PartialStore {
+                group_commit: self.store_group_commit,
             },
         };
         Ok(flags.over(file))

@@ -135,6 +135,8 @@ pub(crate) struct Config {
     pub(crate) max_property_bytes: usize,
     /// Background repair.
     pub(crate) repair: RepairConfig,
+    /// `store.group_commit`: synced writes that wait for the same sync share one transaction.
+    pub(crate) group_commit: bool,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
@@ -166,6 +168,17 @@ pub(crate) struct Partial {
     /// `[repair]`
     #[serde(default)]
     pub(crate) repair: PartialRepair,
+    /// `[store]`
+    #[serde(default)]
+    pub(crate) store: PartialStore,
+}
+
+/// The `[store]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialStore {
+    /// `store.group_commit`
+    pub(crate) group_commit: Option<bool>,
 }
 
 /// The `[repair]` table from one source.
@@ -229,6 +242,9 @@ impl Partial {
                     .throttle_bytes_per_second
                     .or(l.throttle_bytes_per_second),
             },
+            store: PartialStore {
+                group_commit: self.store.group_commit.or(lower.store.group_commit),
+            },
         }
     }
 
@@ -263,6 +279,7 @@ impl Partial {
             write_acks,
             max_property_bytes,
             repair: self.repair.resolve()?,
+            group_commit: self.store.group_commit.unwrap_or(true),
         })
     }
 }
@@ -407,6 +424,7 @@ impl Config {
             format_duration(r.tombstone_grace),
             r.throttle_bytes_per_second,
         ));
+        line(format!("[store] group_commit = {}", self.group_commit));
         out
     }
 }
@@ -529,6 +547,15 @@ mod tests {
         assert_eq!(config.members[0].id, "n1", "members are sorted by id");
         assert_eq!(config.repair.period, Duration::from_secs(30));
         assert_eq!(config.groups.get("g").map(|g| g.shard_num), Some(4));
+    }
+
+    #[test]
+    fn group_commit_is_on_unless_the_store_table_turns_it_off() {
+        assert!(Partial::default().resolve().unwrap().group_commit);
+        let file: Partial = toml::from_str("[store]\ngroup_commit = false\n").unwrap();
+        let config = Partial::default().over(file).resolve().unwrap();
+        assert!(!config.group_commit);
+        assert!(config.describe().contains("[store] group_commit = false"));
     }
 
     #[test]

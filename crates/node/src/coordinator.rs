@@ -91,8 +91,12 @@ impl PropertyApi {
         Ok(())
     }
 
-    /// Writes `property` (live or tombstone) to every copy of its shard; returns the copies that
-    /// acknowledged and whether any held a live copy before.
+    /// Writes `property` (live or tombstone) to every copy of its shard at once and returns as
+    /// soon as `write_acks` copies acknowledged, or as soon as so many no longer can: `(copies
+    /// that acknowledged by then, copies the shard has, whether one of those that acknowledged
+    /// held a live copy before)`. The calls to the other copies keep running in the background; a
+    /// copy that then fails is recorded for write-miss repair like any miss (`write_copy`), and
+    /// one that acknowledges later is not counted in the answer.
     async fn replicate(
         &self,
         group: &GroupDef,
@@ -101,19 +105,31 @@ impl PropertyApi {
     ) -> (u32, u32, bool) {
         let targets = self.node.node_ids(group, shard);
         let copies = targets.len() as u32;
-        let mut calls = tokio::task::JoinSet::new();
+        let required = self.required_acks(copies);
+        // One detached task per copy (a `JoinSet` would abort the calls still running when the
+        // answer goes out); each sends its answer, and the channel holds all of them.
+        let (answer, mut answers) = tokio::sync::mpsc::channel(targets.len().max(1));
         for target in targets {
             let node = Arc::clone(&self.node);
             let property = property.clone();
             let group = group.name.clone();
-            calls.spawn(async move { write_copy(&node, &target, &group, shard, property).await });
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let acknowledged = write_copy(&node, &target, &group, shard, property).await;
+                // The coordinator may have answered the client already; nobody waits then.
+                let _ = answer.send(acknowledged).await;
+            });
         }
-        let mut acknowledged = 0;
-        let mut had_live = false;
-        while let Some(joined) = calls.join_next().await {
-            if let Ok(Some(live_before)) = joined {
+        drop(answer);
+        let (mut acknowledged, mut answered, mut had_live) = (0, 0, false);
+        while let Some(copy) = answers.recv().await {
+            answered += 1;
+            if let Some(live_before) = copy {
                 acknowledged += 1;
                 had_live |= live_before;
+            }
+            if acknowledged >= required || acknowledged + (copies - answered) < required {
+                break;
             }
         }
         (acknowledged, copies, had_live)
@@ -121,8 +137,14 @@ impl PropertyApi {
 
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
     /// (capped at the number of copies); `what` names what was acknowledged.
+    /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
+    /// number of copies.
+    fn required_acks(&self, copies: u32) -> u32 {
+        self.node.config.write_acks.min(copies)
+    }
+
     fn require_acks(&self, acknowledged: u32, copies: u32, what: &str) -> Result<(), Status> {
-        let required = self.node.config.write_acks.min(copies);
+        let required = self.required_acks(copies);
         if acknowledged < required {
             return Err(Status::unavailable(format!(
                 "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
@@ -652,7 +674,18 @@ fn tag_wire(value: &TagValue) -> v1::TagValue {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use propd_proto::v1::property_service_server::PropertyServiceServer;
+    use propd_store::{RedbStore, StoreConfig};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tokio_stream::wrappers::TcpListenerStream;
+
     use super::*;
+    use crate::config::{Member, Partial};
+    use crate::node::lock;
 
     fn version(id: &str, mod_revision: i64, delete_time: i64) -> Property {
         Property {
@@ -746,5 +779,163 @@ mod tests {
         let reads = merge_answers(answers, |_| Vec::new(), &Shape::default());
         assert_eq!(reads[1].stale, Vec::<String>::new());
         assert_eq!(reads[0].stale, nodes(&["n2"]));
+    }
+
+    /// Node `me` of a cluster of n1, n2 and n3 at `addrs`, holding group `g` (one shard, a copy
+    /// on every node), with its store in `dir`.
+    fn node_state(me: &str, addrs: [SocketAddr; 3], write_acks: u32, dir: &Path) -> Arc<NodeState> {
+        let members = ["n1", "n2", "n3"]
+            .into_iter()
+            .zip(addrs)
+            .map(|(id, addr)| Member {
+                id: id.to_owned(),
+                addr,
+            })
+            .collect();
+        let config = Partial {
+            node_id: Some(me.to_owned()),
+            data_dir: Some(dir.to_owned()),
+            write_acks: Some(write_acks),
+            members: Some(members),
+            groups: Some(vec![GroupDef::new("g", 1, 2)]),
+            ..Partial::default()
+        }
+        .resolve()
+        .unwrap_or_else(|e| panic!("{e}"));
+        let store = StoreConfig::new(dir, config.groups.clone(), Shape::default());
+        let store = RedbStore::open(store).unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(NodeState::new(config, store))
+    }
+
+    /// A listener for a node's property API, bound before its node state exists.
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        (listener, addr)
+    }
+
+    /// A peer that accepts connections and never answers, until `release` is sent: then it
+    /// closes every connection and stops listening, and the calls to it fail.
+    fn hung_peer(listener: TcpListener) -> oneshot::Sender<()> {
+        let (release, released) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut released = released;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        if let Ok((socket, _)) = accepted {
+                            held.push(socket);
+                        }
+                    }
+                    _ = &mut released => return,
+                }
+            }
+        });
+        release
+    }
+
+    fn apply_request(id: &str) -> Request<v1::ApplyRequest> {
+        Request::new(v1::ApplyRequest {
+            property: Some(property_to_wire(&version(id, 0, 0))),
+            local: false,
+        })
+    }
+
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..600 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_answers_at_write_acks_while_a_hung_copy_is_still_being_written() {
+        let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
+        let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
+        let (n2_listener, n2) = listener().await;
+        let (n3_listener, n3) = listener().await;
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
+                    &second,
+                ))))
+                .serve_with_incoming(TcpListenerStream::new(n2_listener)),
+        );
+        let release = hung_peer(n3_listener);
+        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        let api = PropertyApi::new(Arc::clone(&first));
+
+        let answer = api
+            .apply(apply_request("a"))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        // n1 and n2 acknowledged; n3 cannot have answered: it answers nothing until released.
+        assert_eq!((answer.acknowledged, answer.copies), (2, 3));
+        let entity = Entity::new("g", "n", "a").unwrap();
+        for node in [&first, &second] {
+            assert!(node.store.get(&entity).unwrap().is_some(), "{}", node.me());
+        }
+        assert_eq!(
+            lock(&first.misses).pending("g", 0),
+            0,
+            "n3's call still runs"
+        );
+
+        // The call to n3 went on in the background; when it fails, the miss is recorded.
+        release.send(()).unwrap();
+        eventually("the miss of n3 is recorded", || {
+            lock(&first.misses).pending("g", 0) == 1
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_can_no_longer_reach_write_acks_fails_without_waiting_for_a_hung_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        // n2 refuses connections (nothing listens on its port); n3 hangs.
+        let (closed, n2) = listener().await;
+        drop(closed);
+        let (n3_listener, n3) = listener().await;
+        let release = hung_peer(n3_listener);
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let first = node_state("n1", [n1, n2, n3], 3, dir.path());
+        let api = PropertyApi::new(Arc::clone(&first));
+
+        let status = api
+            .apply(apply_request("b"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("three acknowledgements are out of reach"));
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        // The answer goes out as soon as n2 failed: the local copy may or may not have
+        // acknowledged by then.
+        assert!(
+            ["only 0 of 3 ", "only 1 of 3 "]
+                .iter()
+                .any(|start| status.message().starts_with(start))
+                && status.message().contains("3 required"),
+            "{status}"
+        );
+        // Answered while the call to n3 still hangs: only n2's miss is recorded so far.
+        assert_eq!(lock(&first.misses).pending("g", 0), 1);
+        let entity = Entity::new("g", "n", "b").unwrap();
+        eventually("the local copy is written in the background", || {
+            first.store.get(&entity).unwrap().is_some()
+        })
+        .await;
+        release.send(()).unwrap();
+        eventually("the miss of n3 is recorded", || {
+            lock(&first.misses).pending("g", 0) == 2
+        })
+        .await;
     }
 }

@@ -127,6 +127,11 @@ pub struct StoreConfig {
     /// shard's tree right after it commits (default [`DEFAULT_FLUSH_THRESHOLD`]). Tree reads
     /// flush too; this bounds the log when nobody reads.
     pub flush_threshold: u64,
+    /// Whether synced writes that arrive while another write's transaction is syncing share the
+    /// next transaction and its one sync (default: yes). Off, every acknowledged write is its own
+    /// synced transaction; benchmarks compare the two. Ignored with
+    /// [`WriteDurability::NotSynced`], where every write is its own unsynced transaction.
+    pub group_commit: bool,
 }
 
 /// The default [`StoreConfig::flush_threshold`].
@@ -144,6 +149,7 @@ impl StoreConfig {
             durability: WriteDurability::default(),
             cache_bytes: None,
             flush_threshold: DEFAULT_FLUSH_THRESHOLD,
+            group_commit: true,
         }
     }
 

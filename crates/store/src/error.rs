@@ -167,6 +167,10 @@ pub enum StoreError {
         /// What was wrong.
         detail: String,
     },
+    /// The write waited in a group commit whose leader stopped (it panicked) before answering:
+    /// the write may or may not be stored.
+    #[error("the group commit this write waited in was abandoned; it may or may not be stored")]
+    GroupCommitAbandoned,
 }
 
 macro_rules! from_redb {

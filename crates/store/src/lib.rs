@@ -8,7 +8,9 @@
 //! DESIGN §3, and in the same write transaction appends the leaf change to the log and bumps the
 //! shard's revision. A flush applies the log to the leaves in bucket order and recomputes the
 //! nodes above them; tree reads flush first (or, on a snapshot, recompute in memory), so a tree is
-//! never stale. Acknowledged writes are synced to disk before the call returns.
+//! never stale. Acknowledged writes are synced to disk before the call returns; writes that arrive
+//! while another write's transaction syncs share the next transaction and its one sync (group
+//! commit, `StoreConfig::group_commit`), each answered with its own outcome.
 //!
 //! [`RepairStore`] is the narrow view the repair protocol uses (defined in `propd-merkle`, so that
 //! the repair core links no database; re-exported here). With the `test-support` feature,
@@ -29,6 +31,7 @@ pub mod repair_view;
 pub mod store;
 
 mod codec;
+mod group_commit;
 mod tables;
 mod tree_store;
 mod validate;

@@ -26,7 +26,7 @@ pub(crate) fn decide(ours: Option<&Property>, incoming: &Property, shape: &Shape
 
 /// The order in which a batch is applied: input positions sorted by entity, stable, so repeated
 /// entities keep their input order.
-fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Vec<usize> {
+pub(crate) fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Vec<usize> {
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| entity(&items[a]).cmp(entity(&items[b])));
     order

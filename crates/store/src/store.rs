@@ -6,7 +6,8 @@
 //! is in rooms, one question each:
 //!
 //! - `writer`: how does a write reach the database (validation done, version order applied, leaf
-//!   log appended, revision bumped, in one transaction)?
+//!   log appended, revision bumped, in one transaction shared by the writes that waited for the
+//!   same sync: `crate::group_commit`)?
 //! - `snapshot`: what does a reader see (a consistent view, lookups and scans)?
 //! - `query`: which properties of a group match a query?
 //! - `trees`: what is a shard's tree, fresh, at a snapshot?
@@ -32,6 +33,7 @@ use redb::{Database, Durability, WriteTransaction};
 
 use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError};
+use crate::group_commit::GroupCommit;
 use crate::validate::Rules;
 
 pub use maintenance::{PurgeReport, VerifyOutcome};
@@ -55,6 +57,9 @@ pub struct RedbStore {
     durability: WriteDurability,
     flush_threshold: u64,
     path: PathBuf,
+    /// Synced property writes waiting to share a transaction; `None` when each write commits
+    /// alone (group commit off, or writes not synced).
+    commits: Option<GroupCommit<writer::ShardWrite, writer::Written>>,
 }
 
 impl RedbStore {
@@ -86,6 +91,8 @@ impl RedbStore {
             durability: config.durability,
             flush_threshold: config.flush_threshold,
             path,
+            commits: (config.group_commit && config.durability == WriteDurability::Immediate)
+                .then(GroupCommit::default),
         };
         store.check_recorded_config()?;
         tracing::debug!(path = %store.path.display(), "store opened");

@@ -2,6 +2,17 @@
 //! (group, shard) by the version order, its leaf change appended to the shard's leaf log and the
 //! revision bumped, all in one write transaction ([`ShardWriter`]); and a flush after the commit
 //! when the log has grown past the threshold.
+//!
+//! Synced writes go through the group commit (`crate::group_commit`): the writes that waited for
+//! the same sync are applied one after the other in one transaction, each exactly as it would be
+//! alone (its own version-order decision, leaf-log entries and revision bumps, in arrival order),
+//! so the shards end as the same writes one by one would leave them. If one of them fails inside
+//! the shared transaction, the transaction is aborted and each write is committed alone, so that
+//! a failure refuses only itself.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::ops::Range;
 
 use propd_merkle::{Digest, Entity, LiveTree, Property, Shape, Tree};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
@@ -9,7 +20,8 @@ use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use crate::codec::{ShardMeta, encode_inner, encode_log};
 use crate::config::TreeUpkeep;
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{RepairOutcome, apply_in_entity_order, decide};
+use crate::group_commit::GroupId;
+use crate::repair_view::{RepairOutcome, decide, entity_order};
 use crate::store::RedbStore;
 use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
@@ -36,6 +48,35 @@ pub(crate) fn tombstone(entity: &Entity, mod_revision: i64, delete_time: i64) ->
         delete_time,
     }
 }
+
+/// One write the group commit carries: validated copies of one (group, shard), applied in entity
+/// order in one transaction (a single `apply`, `delete` or `repair_apply` is a write of one).
+pub(crate) struct ShardWrite {
+    group: String,
+    shard: u32,
+    items: Vec<Checked>,
+}
+
+impl ShardWrite {
+    fn one(checked: Checked) -> Self {
+        ShardWrite {
+            group: checked.entity.group().to_owned(),
+            shard: checked.shard,
+            items: vec![checked],
+        }
+    }
+}
+
+/// What one item of a [`ShardWrite`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ItemOutcome {
+    outcome: RepairOutcome,
+    /// Whether a live copy was stored before.
+    had_live: bool,
+}
+
+/// What a [`ShardWrite`] did: one outcome per item, in the order the items were given.
+pub(crate) type Written = Vec<ItemOutcome>;
 
 /// The tables of one (group, shard) opened in a write transaction, and its bookkeeping.
 pub(super) struct ShardWriter<'txn> {
@@ -163,13 +204,16 @@ impl<'txn> ShardWriter<'txn> {
         Ok(recomputed)
     }
 
-    fn apply(&mut self, checked: &Checked) -> Result<RepairOutcome, StoreError> {
+    fn apply(&mut self, checked: &Checked) -> Result<ItemOutcome, StoreError> {
         let ours = self.get(&checked.entity)?;
+        let had_live = ours
+            .as_ref()
+            .is_some_and(|property| !property.is_tombstone());
         let outcome = decide(ours.as_ref(), &checked.property, &self.shape);
         if outcome == RepairOutcome::Applied {
             self.put(checked)?;
         }
-        Ok(outcome)
+        Ok(ItemOutcome { outcome, had_live })
     }
 
     /// Replaces the shard's tree (leaves, inner nodes, leaf log) by one built from its
@@ -204,6 +248,65 @@ impl<'txn> ShardWriter<'txn> {
     }
 }
 
+/// The writers of every (group, shard) a write transaction touches, each opened once: the writes
+/// of a group commit that land in one shard continue its leaf log and revision where the previous
+/// one left them.
+pub(super) struct ShardWriters<'txn> {
+    txn: &'txn WriteTransaction,
+    shape: Shape,
+    upkeep: TreeUpkeep,
+    open: BTreeMap<(String, u32), ShardWriter<'txn>>,
+}
+
+impl<'txn> ShardWriters<'txn> {
+    /// The writer of (group, shard), opened on first use.
+    pub(super) fn shard(
+        &mut self,
+        group: &str,
+        shard: u32,
+    ) -> Result<&mut ShardWriter<'txn>, StoreError> {
+        Ok(match self.open.entry((group.to_owned(), shard)) {
+            Entry::Occupied(open) => open.into_mut(),
+            Entry::Vacant(slot) => slot.insert(ShardWriter::open(
+                self.txn,
+                group,
+                shard,
+                self.shape,
+                self.upkeep,
+            )?),
+        })
+    }
+
+    /// Applies one write's items in entity order; the outcomes in the items' order.
+    fn apply(&mut self, write: &ShardWrite) -> Result<Written, StoreError> {
+        let writer = self.shard(&write.group, write.shard)?;
+        let mut outcomes = vec![
+            ItemOutcome {
+                outcome: RepairOutcome::Same,
+                had_live: false,
+            };
+            write.items.len()
+        ];
+        for index in entity_order(&write.items, |item| &item.entity) {
+            outcomes[index] = writer.apply(&write.items[index])?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Writes every shard's bookkeeping; returns the shards whose leaf log reached `threshold`.
+    fn finish(self, threshold: u64) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut full = Vec::new();
+        for (key, writer) in self.open {
+            let pending = writer.pending()?;
+            writer.finish(self.txn)?;
+            if pending >= threshold {
+                full.push(key);
+            }
+        }
+        Ok(full)
+    }
+}
+
 impl RedbStore {
     /// Opens the writer of (group, shard) in a write transaction.
     pub(super) fn shard_writer<'txn>(
@@ -215,33 +318,100 @@ impl RedbStore {
         ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)
     }
 
-    /// Runs `f` on the writer of (group, shard) in one write transaction with the configured
-    /// durability, then flushes the shard's tree if the leaf log reached the flush threshold.
-    pub(super) fn write_shard<T>(
+    /// Runs `f` on the writers of the shards it touches in one write transaction with the
+    /// configured durability, then flushes each shard whose leaf log reached the flush threshold.
+    fn write_shards<T>(
         &self,
-        group: &str,
-        shard: u32,
-        f: impl FnOnce(&mut ShardWriter<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut ShardWriters<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let (value, pending) = self.write(self.data_durability(), |txn| {
-            let mut writer = self.shard_writer(txn, group, shard)?;
-            let value = f(&mut writer)?;
-            let pending = writer.pending()?;
-            writer.finish(txn)?;
-            Ok((value, pending))
+        let (value, full) = self.write(self.data_durability(), |txn| {
+            let mut writers = ShardWriters {
+                txn,
+                shape: self.rules.shape,
+                upkeep: self.upkeep,
+                open: BTreeMap::new(),
+            };
+            let value = f(&mut writers)?;
+            Ok((value, writers.finish(self.flush_threshold)?))
         })?;
-        if pending >= self.flush_threshold {
+        for (group, shard) in full {
             // The write is committed; a failed flush only leaves the log for the next one.
-            if let Err(error) = self.flush(group, shard) {
+            if let Err(error) = self.flush(&group, shard) {
                 tracing::warn!(group, shard, %error, "flush after a write failed");
             }
         }
         Ok(value)
     }
 
-    fn write_one(&self, checked: Checked) -> Result<RepairOutcome, StoreError> {
-        let group = checked.entity.group().to_owned();
-        self.write_shard(&group, checked.shard, |writer| writer.apply(&checked))
+    /// Runs `f` on the writer of (group, shard) in one write transaction of its own, then flushes
+    /// the shard's tree if the leaf log reached the flush threshold.
+    pub(super) fn write_shard<T>(
+        &self,
+        group: &str,
+        shard: u32,
+        f: impl FnOnce(&mut ShardWriter<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_shards(|writers| f(writers.shard(group, shard)?))
+    }
+
+    /// Commits `writes` in one transaction: all of them, or (on an error) none.
+    fn commit_together(&self, writes: &[ShardWrite]) -> Result<Vec<Written>, StoreError> {
+        self.write_shards(|writers| writes.iter().map(|write| writers.apply(write)).collect())
+    }
+
+    /// Commits one group of the group commit: in one transaction, or, when that fails, each
+    /// write in a transaction of its own, so that a failing write refuses only itself.
+    fn commit_group(
+        &self,
+        group: GroupId,
+        writes: &[ShardWrite],
+    ) -> Vec<Result<Written, StoreError>> {
+        let error = match self.commit_together(writes) {
+            Ok(written) => {
+                self.synced(group, 0..writes.len());
+                return written.into_iter().map(Ok).collect();
+            }
+            Err(error) if writes.len() == 1 => return vec![Err(error)],
+            Err(error) => error,
+        };
+        tracing::warn!(
+            group_size = writes.len(),
+            %error,
+            "a group commit failed; committing its writes one by one"
+        );
+        (0..writes.len())
+            .map(|member| {
+                let alone = member..member + 1;
+                let mut written = self.commit_together(&writes[alone.clone()])?;
+                self.synced(group, alone);
+                Ok(written.swap_remove(0))
+            })
+            .collect()
+    }
+
+    /// Tells the group commit (its test log) that these members of a group are committed.
+    fn synced(&self, group: GroupId, members: Range<usize>) {
+        if let Some(commits) = &self.commits {
+            commits.synced(group, members);
+        }
+    }
+
+    /// Commits one write: through the group commit when it is on, else in a transaction of its
+    /// own.
+    fn submit(&self, write: ShardWrite) -> Result<Written, StoreError> {
+        match &self.commits {
+            Some(commits) => {
+                commits.submit(write, &|group, writes| self.commit_group(group, writes))
+            }
+            None => Ok(self
+                .commit_together(std::slice::from_ref(&write))?
+                .swap_remove(0)),
+        }
+    }
+
+    /// Commits a write of one validated property.
+    fn submit_one(&self, checked: Checked) -> Result<ItemOutcome, StoreError> {
+        Ok(self.submit(ShardWrite::one(checked))?.swap_remove(0))
     }
 
     /// Creates or updates a live property (`delete_time` 0, `mod_revision` > 0). Like every write
@@ -249,7 +419,7 @@ impl RedbStore {
     /// the stored copy is returned as [`RepairOutcome::LocalNewer`]. Durable when it returns.
     pub fn apply(&self, property: Property) -> Result<RepairOutcome, StoreError> {
         let checked = self.rules.check(property, WriteKind::Apply, None)?;
-        self.write_one(checked)
+        Ok(self.submit_one(checked)?.outcome)
     }
 
     /// Deletes a property: stores the tombstone that every copy stores (no tags, the caller's
@@ -265,13 +435,10 @@ impl RedbStore {
             WriteKind::Delete,
             None,
         )?;
-        let group = entity.group().to_owned();
-        self.write_shard(&group, checked.shard, |writer| {
-            let found = writer
-                .get(&checked.entity)?
-                .is_some_and(|property| !property.is_tombstone());
-            let outcome = writer.apply(&checked)?;
-            Ok(DeleteOutcome { found, outcome })
+        let done = self.submit_one(checked)?;
+        Ok(DeleteOutcome {
+            found: done.had_live,
+            outcome: done.outcome,
         })
     }
 
@@ -279,7 +446,7 @@ impl RedbStore {
     /// by the version order.
     pub fn repair_apply(&self, property: Property) -> Result<RepairOutcome, StoreError> {
         let checked = self.rules.check(property, WriteKind::Copy, None)?;
-        self.write_one(checked)
+        Ok(self.submit_one(checked)?.outcome)
     }
 
     /// Applies a batch of copies for one (group, shard) in one write transaction; see
@@ -294,8 +461,145 @@ impl RedbStore {
         if checked.is_empty() {
             return Ok(Vec::new());
         }
-        self.write_shard(group, shard, |writer| {
-            apply_in_entity_order(&checked, |item| writer.apply(item))
-        })
+        let written = self.submit(ShardWrite {
+            group: group.to_owned(),
+            shard,
+            items: checked,
+        })?;
+        Ok(written.into_iter().map(|done| done.outcome).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use propd_merkle::{Entity, Property, Shape};
+
+    use super::ShardWrite;
+    use crate::config::{GroupDef, Groups, StoreConfig};
+    use crate::error::StoreError;
+    use crate::repair_view::RepairOutcome;
+    use crate::store::RedbStore;
+    use crate::tables::ShardTableNames;
+    use crate::validate::WriteKind;
+
+    fn synced_store(dir: &std::path::Path) -> RedbStore {
+        let groups = Groups::new([GroupDef::new("g", 4, 0)]).unwrap_or_else(|e| panic!("{e}"));
+        let config = StoreConfig::new(dir, groups, Shape::default());
+        RedbStore::open(config).unwrap_or_else(|e| panic!("open: {e}"))
+    }
+
+    fn property(id: &str, revision: i64) -> Property {
+        Property {
+            group: "g".to_owned(),
+            name: "n".to_owned(),
+            id: id.to_owned(),
+            tags: Default::default(),
+            mod_revision: revision,
+            delete_time: 0,
+        }
+    }
+
+    fn entity(id: &str) -> Entity {
+        Entity::new("g", "n", id).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn no_write_is_acknowledged_before_its_group_is_synced() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(synced_store(dir.path()));
+        let log = store
+            .commits
+            .as_ref()
+            .unwrap_or_else(|| panic!("group commit is on by default"))
+            .observe();
+        const THREADS: usize = 16;
+        const WRITES: usize = 15;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for k in 0..WRITES {
+                        // Each acknowledgement checks in the log that its group was synced
+                        // first (`CommitLog::acknowledge` panics otherwise).
+                        let outcome = store
+                            .apply(property(&format!("{thread}-{k}"), 1))
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        assert_eq!(outcome, RepairOutcome::Applied);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap_or_else(|_| panic!("a writer failed"));
+        }
+        assert_eq!(log.acknowledged(), THREADS * WRITES, "every write checked");
+        assert!(
+            log.largest() > 1,
+            "some writes shared a commit, so the check covered groups"
+        );
+        for thread in 0..THREADS {
+            for k in 0..WRITES {
+                let id = format!("{thread}-{k}");
+                assert_eq!(
+                    store.get(&entity(&id)).unwrap_or_else(|e| panic!("{e}")),
+                    Some(property(&id, 1))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_in_a_shared_commit_refuses_only_itself() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = synced_store(dir.path());
+        let log = store
+            .commits
+            .as_ref()
+            .unwrap_or_else(|| panic!("group commit is on by default"))
+            .observe();
+        // A stored row that cannot be decoded: a write of that entity fails when it reads it.
+        let broken = entity("broken");
+        let shard = store
+            .rules
+            .shard_of(&broken)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let txn = store.db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(ShardTableNames::new("g", shard).props())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .insert(broken.as_str(), [0xff_u8].as_slice())
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+
+        let write = |id: &str| {
+            let checked = store
+                .rules
+                .check(property(id, 5), WriteKind::Apply, None)
+                .unwrap_or_else(|e| panic!("{e}"));
+            ShardWrite::one(checked)
+        };
+        let results = store.commit_group(7, &[write("ok-1"), write("broken"), write("ok-2")]);
+        assert!(
+            matches!(results[1], Err(StoreError::Corrupt { .. })),
+            "{:?}",
+            results[1]
+        );
+        for (index, id) in [(0, "ok-1"), (2, "ok-2")] {
+            let done = results[index]
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_eq!(done[0].outcome, RepairOutcome::Applied);
+            assert_eq!(
+                store.get(&entity(id)).unwrap_or_else(|e| panic!("{e}")),
+                Some(property(id, 5))
+            );
+            log.acknowledge(7, index);
+        }
+        let unsynced = std::panic::AssertUnwindSafe(|| log.acknowledge(7, 1));
+        assert!(
+            std::panic::catch_unwind(unsynced).is_err(),
+            "the failed write was never reported synced"
+        );
     }
 }

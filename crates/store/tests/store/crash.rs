@@ -1,6 +1,7 @@
 //! Crash safety: a child process (this test binary, re-run with an environment variable)
 //! acknowledges writes and is killed with SIGKILL at an arbitrary point; reopening shows every
-//! acknowledged write, no half-applied batch, and a live tree equal to a rebuild.
+//! acknowledged write, no half-applied batch, and a live tree equal to a rebuild. The child writes
+//! from one thread, or from several at once, so that acknowledged writes share group commits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -8,12 +9,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use propd_merkle::{Entity, Property, Shape, TagValue};
-use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
+use propd_store::{RedbStore, Snapshot, StoreConfig, VerifyOutcome};
 
 use crate::{groups, live};
 
 const DIR_VAR: &str = "PROPD_STORE_CRASH_DIR";
 const START_VAR: &str = "PROPD_STORE_CRASH_START";
+/// Set: the child writes from this many threads at once (`concurrent_child`).
+const WRITERS_VAR: &str = "PROPD_STORE_CRASH_WRITERS";
 const BATCH: usize = 8;
 
 fn synced_config(dir: &Path) -> StoreConfig {
@@ -59,17 +62,20 @@ fn entity(property: &Property) -> Entity {
 }
 
 /// The child's side. It does nothing unless the parent test set `PROPD_STORE_CRASH_DIR`: then it
-/// writes forever (until killed), printing `ack <kind> <i>` after each write returns.
+/// writes forever (until killed), printing `ack <kind> <i>` after each write returns (`ack <kind>
+/// <thread> <i>` with several writer threads).
 #[test]
 fn crash_child_entry_point() {
     let Ok(dir) = std::env::var(DIR_VAR) else {
         return;
     };
-    let start: u64 = std::env::var(START_VAR)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(0);
+    let number =
+        |var: &str| -> Option<u64> { std::env::var(var).ok().and_then(|text| text.parse().ok()) };
+    let start = number(START_VAR).unwrap_or(0);
     let store = RedbStore::open(synced_config(Path::new(&dir))).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(writers) = number(WRITERS_VAR) {
+        concurrent_child(&store, start, writers);
+    }
     let mut out = std::io::stdout().lock();
     for i in start.. {
         store.apply(applied(i)).unwrap_or_else(|e| panic!("{e}"));
@@ -111,9 +117,18 @@ struct Acks {
     in_flight: BTreeSet<u64>,
 }
 
-fn run_child(dir: &Path, start: u64, kill_after: usize) -> Acks {
+/// Runs the child (`writers` threads, or the single-threaded workload) until it acknowledged
+/// `kill_after` writes, kills it with SIGKILL and returns each acknowledgement: its kind and
+/// numbers.
+fn run_child(
+    dir: &Path,
+    start: u64,
+    writers: Option<u64>,
+    kill_after: usize,
+) -> Vec<(String, Vec<u64>)> {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             "--exact",
             "crash::crash_child_entry_point",
@@ -123,15 +138,18 @@ fn run_child(dir: &Path, start: u64, kill_after: usize) -> Acks {
         .env(DIR_VAR, dir)
         .env(START_VAR, start.to_string())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(writers) = writers {
+        command.env(WRITERS_VAR, writers.to_string());
+    }
+    let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("spawn the child: {e}"));
     let stdout = child
         .stdout
         .take()
         .unwrap_or_else(|| panic!("child stdout"));
-    let mut acks = Acks::default();
-    let mut seen = 0;
+    let mut acks = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_else(|e| panic!("read child: {e}"));
         let mut words = line.split_whitespace();
@@ -139,29 +157,42 @@ fn run_child(dir: &Path, start: u64, kill_after: usize) -> Acks {
             continue;
         }
         let kind = words.next().unwrap_or_default().to_owned();
-        let i: u64 = words
-            .next()
-            .and_then(|word| word.parse().ok())
-            .unwrap_or_else(|| panic!("bad ack line {line:?}"));
-        match kind.as_str() {
-            "apply" => acks.applies.insert(i),
-            "delete" => acks.deletes.insert(i),
-            "batch" => acks.batches.insert(i),
-            _ => panic!("bad ack line {line:?}"),
-        };
-        seen += 1;
-        if seen >= kill_after {
+        let numbers: Vec<u64> = words
+            .map(|word| {
+                word.parse()
+                    .unwrap_or_else(|_| panic!("bad ack line {line:?}"))
+            })
+            .collect();
+        acks.push((kind, numbers));
+        if acks.len() >= kill_after {
             // `Child::kill` sends SIGKILL on Unix: no destructor, no flush, no clean close.
             child.kill().unwrap_or_else(|e| panic!("kill: {e}"));
             break;
         }
     }
-    acks.in_flight.extend(acks.applies.iter().max());
     let status = child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
     assert!(
         !status.success(),
         "the child was killed, not finished: {status:?}"
     );
+    acks
+}
+
+/// The single-threaded child's acknowledgements.
+fn sequential_acks(lines: Vec<(String, Vec<u64>)>) -> Acks {
+    let mut acks = Acks::default();
+    for (kind, numbers) in lines {
+        let [i] = numbers[..] else {
+            panic!("bad ack {kind} {numbers:?}");
+        };
+        match kind.as_str() {
+            "apply" => acks.applies.insert(i),
+            "delete" => acks.deletes.insert(i),
+            "batch" => acks.batches.insert(i),
+            _ => panic!("bad ack {kind} {numbers:?}"),
+        };
+    }
+    acks.in_flight.extend(acks.applies.iter().max());
     acks
 }
 
@@ -211,6 +242,11 @@ fn check_after_crash(store: &RedbStore, acks: &Acks, round: usize) {
     for (prefix, count) in per_batch {
         assert_eq!(count, BATCH, "round {round}: batch {prefix} is whole");
     }
+    check_trees(store, &snapshot, round);
+}
+
+/// Every shard's live tree equals a rebuild and needs no healing.
+fn check_trees(store: &RedbStore, snapshot: &Snapshot, round: usize) {
     for (group, shards) in [("g", 4), ("h", 1)] {
         for shard in 0..shards {
             assert_eq!(
@@ -239,7 +275,7 @@ fn acknowledged_writes_survive_sigkill() {
         .into_iter()
         .enumerate()
     {
-        let acks = run_child(dir.path(), start, kill_after);
+        let acks = sequential_acks(run_child(dir.path(), start, None, kill_after));
         assert!(
             !acks.applies.is_empty(),
             "round {round}: the child acknowledged writes"
@@ -251,5 +287,151 @@ fn acknowledged_writes_survive_sigkill() {
         let store =
             RedbStore::open(synced_config(dir.path())).unwrap_or_else(|e| panic!("reopen: {e}"));
         check_after_crash(&store, &all, round);
+    }
+}
+
+/// The write of thread `t`, step `i`, of the concurrent child.
+fn concurrent_applied(t: u64, i: u64) -> Property {
+    live(
+        "g",
+        "c",
+        &format!("{t}-{i}"),
+        i as i64 + 1,
+        &[("v", TagValue::Int(i as i64))],
+    )
+}
+
+fn concurrent_tombstone(t: u64, i: u64) -> Property {
+    Property {
+        tags: BTreeMap::new(),
+        mod_revision: i as i64 + 1_000_000,
+        delete_time: i as i64 + 1,
+        ..concurrent_applied(t, i)
+    }
+}
+
+/// The concurrent child: `writers` threads, each applying its own properties and deleting every
+/// fourth right after it, forever (until killed).
+fn concurrent_child(store: &RedbStore, start: u64, writers: u64) {
+    let ack = |line: String| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    std::thread::scope(|scope| {
+        for t in 0..writers {
+            scope.spawn(move || {
+                for i in start.. {
+                    store
+                        .apply(concurrent_applied(t, i))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    ack(format!("ack apply {t} {i}"));
+                    if i % 4 == 3 {
+                        let tombstone = concurrent_tombstone(t, i);
+                        store
+                            .delete(
+                                &entity(&tombstone),
+                                tombstone.mod_revision,
+                                tombstone.delete_time,
+                            )
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        ack(format!("ack delete {t} {i}"));
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Per thread, the last apply the concurrent child acknowledged: the delete that may follow it
+/// was in flight when the child was killed.
+fn last_applies(acks: &[(String, Vec<u64>)]) -> BTreeSet<(u64, u64)> {
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for (kind, numbers) in acks {
+        if let ("apply", &[t, i]) = (kind.as_str(), &numbers[..]) {
+            let at = last.entry(t).or_default();
+            *at = (*at).max(i);
+        }
+    }
+    last.into_iter().collect()
+}
+
+/// Every write the concurrent child acknowledged reads back after the crash, with its tree
+/// entry; a delete in flight (`in_flight`: the thread's last acknowledged apply of a round) may
+/// have been applied.
+fn check_concurrent_after_crash(
+    store: &RedbStore,
+    acks: &[(String, Vec<u64>)],
+    in_flight: &BTreeSet<(u64, u64)>,
+    round: usize,
+) {
+    let snapshot = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+    let shape = store.shape();
+    let leaves: BTreeMap<Entity, propd_merkle::Digest> = (0..4)
+        .flat_map(|shard| {
+            let tree = snapshot.tree("g", shard).unwrap_or_else(|e| panic!("{e}"));
+            tree.leaves()
+                .iter()
+                .map(|leaf| (leaf.entity.clone(), leaf.digest))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let deleted: BTreeSet<(u64, u64)> = acks
+        .iter()
+        .filter(|(kind, _)| kind == "delete")
+        .map(|(_, numbers)| (numbers[0], numbers[1]))
+        .collect();
+    let mut checked = 0;
+    for (kind, numbers) in acks {
+        let [t, i] = numbers[..] else {
+            panic!("bad ack {kind} {numbers:?}");
+        };
+        let applied = concurrent_applied(t, i);
+        let stored = store
+            .get(&entity(&applied))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tombstone = concurrent_tombstone(t, i);
+        let ok = if deleted.contains(&(t, i)) {
+            stored.as_ref() == Some(&tombstone)
+        } else {
+            stored.as_ref() == Some(&applied)
+                || (in_flight.contains(&(t, i))
+                    && i % 4 == 3
+                    && stored.as_ref() == Some(&tombstone))
+        };
+        assert!(
+            ok,
+            "round {round}: acknowledged {kind} {t} {i} reads back as {stored:?}"
+        );
+        let stored = stored.unwrap_or_else(|| panic!("checked above"));
+        assert_eq!(
+            leaves.get(&entity(&stored)),
+            Some(&shape.digest(&stored.canonical_bytes())),
+            "round {round}: the tree entry of acknowledged {kind} {t} {i}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, acks.len());
+    check_trees(store, &snapshot, round);
+}
+
+#[test]
+fn acknowledged_concurrent_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut all = Vec::new();
+    let mut in_flight = BTreeSet::new();
+    for (round, (start, kill_after)) in [(0u64, 160usize), (1000, 90)].into_iter().enumerate() {
+        let acks = run_child(dir.path(), start, Some(8), kill_after);
+        let threads: BTreeSet<u64> = acks.iter().map(|(_, numbers)| numbers[0]).collect();
+        assert!(
+            threads.len() > 1,
+            "round {round}: several writer threads were acknowledged: {threads:?}"
+        );
+        in_flight.extend(last_applies(&acks));
+        all.extend(acks);
+        let store =
+            RedbStore::open(synced_config(dir.path())).unwrap_or_else(|e| panic!("reopen: {e}"));
+        check_concurrent_after_crash(&store, &all, &in_flight, round);
     }
 }

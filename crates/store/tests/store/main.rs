@@ -1,5 +1,6 @@
 //! Integration tests of propd-store: one binary, a module per suite.
 
+mod concurrency;
 mod conformance;
 mod crash;
 mod laws;
