@@ -44,7 +44,9 @@ fn all_equal(values: &[String]) -> bool {
 
 #[test]
 fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal() {
-    let mut cluster = Cluster::start(3, &group("g", 2, 2));
+    // A write answers once `write_acks` copies acknowledged; two, so that the answer counts both
+    // live copies.
+    let mut cluster = Cluster::start(3, &format!("write_acks = 2\n{}", group("g", 2, 2)));
     for k in 0..10 {
         cluster.json(0, &["put", &format!("g/item/{k}"), "--tag", "round=1"]);
     }
@@ -194,7 +196,7 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
     // Background rounds every hour: only the write-miss trigger can repair within the test.
     let mut cluster = Cluster::start(
         3,
-        "[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n[repair]\nenabled = true\nperiod = \"1h\"\n",
+        "write_acks = 2\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n[repair]\nenabled = true\nperiod = \"1h\"\n",
     );
     cluster.kill(2);
     let put = cluster.json(0, &["put", "g/late/one", "--tag", "k=v"]);

@@ -135,14 +135,14 @@ impl PropertyApi {
         (acknowledged, copies, had_live)
     }
 
-    /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
-    /// (capped at the number of copies); `what` names what was acknowledged.
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
     /// number of copies.
     fn required_acks(&self, copies: u32) -> u32 {
         self.node.config.write_acks.min(copies)
     }
 
+    /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
+    /// (capped at the number of copies); `what` names what was acknowledged.
     fn require_acks(&self, acknowledged: u32, copies: u32, what: &str) -> Result<(), Status> {
         let required = self.required_acks(copies);
         if acknowledged < required {
