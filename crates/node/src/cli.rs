@@ -17,7 +17,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
-use crate::config::{DEFAULT_LISTEN, Member, Partial, PartialRepair};
+use crate::config::{
+    DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialTelemetry,
+};
 
 /// propd: a replicated property store whose replicas repair themselves.
 #[derive(Debug, Parser)]
@@ -101,6 +103,12 @@ struct ServeArgs {
     /// `repair.throttle_bytes_per_second`: repair traffic limit (0: none).
     #[arg(long, env = "PROPD_REPAIR_THROTTLE_BYTES_PER_SECOND")]
     repair_throttle_bytes_per_second: Option<u64>,
+    /// `metrics.shard_labels`: label repair metrics by shard too.
+    #[arg(long, env = "PROPD_METRICS_SHARD_LABELS")]
+    metrics_shard_labels: Option<bool>,
+    /// `telemetry.otlp_endpoint`: export every round's trace over OTLP/gRPC to this URL.
+    #[arg(long, env = "PROPD_TELEMETRY_OTLP_ENDPOINT")]
+    telemetry_otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -128,6 +136,12 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+            },
+            metrics: PartialMetrics {
+                shard_labels: self.metrics_shard_labels,
+            },
+            telemetry: PartialTelemetry {
+                otlp_endpoint: self.telemetry_otlp_endpoint,
             },
         };
         Ok(flags.over(file))
