@@ -61,7 +61,7 @@ struct ServeArgs {
     /// `listen`: gRPC address (property API, gossip, repair, admin).
     #[arg(long, env = "PROPD_LISTEN")]
     listen: Option<String>,
-    /// `http`: HTTP address for /metrics and /health.
+    /// `http`: HTTP address for the status page, /metrics and /health.
     #[arg(long, env = "PROPD_HTTP")]
     http: Option<String>,
     /// `data_dir`: where the store keeps its files.

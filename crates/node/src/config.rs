@@ -121,7 +121,7 @@ pub(crate) struct Config {
     pub(crate) node_id: String,
     /// gRPC address: property API, gossip, repair and admin.
     pub(crate) listen: SocketAddr,
-    /// HTTP address: `/metrics` and `/health`.
+    /// HTTP address: the status page, `/metrics` and `/health`.
     pub(crate) http: SocketAddr,
     /// Where the store keeps its files.
     pub(crate) data_dir: PathBuf,

@@ -182,8 +182,9 @@ impl Metrics {
         metrics
     }
 
-    fn register(&mut self) {
-        let counters: [(&str, &str, &GroupCounter); 20] = [
+    /// Every per-group counter with its name (without `_total`) and help.
+    fn counters(&self) -> [(&'static str, &'static str, &GroupCounter); 20] {
+        [
             (
                 "propd_tree_rebuilds_started",
                 "Full tree rebuilds started.",
@@ -280,9 +281,12 @@ impl Metrics {
                 "Stale copies rewritten by read repair.",
                 &self.read_repairs,
             ),
-        ];
+        ]
+    }
+
+    fn register(&mut self) {
         let mut registry = Registry::default();
-        for (name, help, counter) in counters {
+        for (name, help, counter) in self.counters() {
             registry.register(name, help, counter.0.clone());
         }
         registry.register(
@@ -517,6 +521,73 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "`{line}` ends in a number");
         }
+    }
+
+    /// The names of the series `metrics` exposes, as Prometheus sees them.
+    fn exposed_names(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .map(|line| {
+                let (name, kind) = line.split_once(' ').unwrap();
+                match kind {
+                    "counter" => format!("{name}_total"),
+                    "info" => format!("{name}_info"),
+                    _ => name.to_owned(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_is_documented_and_the_dashboard_names_only_real_ones() {
+        let docs = include_str!("../../../docs/operations.md");
+        let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+        // A family shows in the text once it has a series: give each one.
+        let metrics = Metrics::new(false);
+        let labels = metrics.labels("g", 0);
+        for (_, _, counter) in metrics.counters() {
+            counter.inc(&labels);
+        }
+        for histogram in [
+            &metrics.sync_duration,
+            &metrics.sync_bytes,
+            &metrics.round_duration,
+        ] {
+            histogram.observe(&labels, 1.0);
+        }
+        metrics
+            .rpc_duration
+            .get_or_create(&RpcLabels {
+                method: "/propd.v1.AdminService/Ping".to_owned(),
+            })
+            .observe(0.1);
+        metrics.set_last_repair_age("g", 0, Some(1));
+        let names = exposed_names(&metrics);
+        assert_eq!(names.len(), 26, "{names:?}");
+        for name in &names {
+            assert!(
+                docs.contains(&format!("| `{name}` |")),
+                "{name} is in the Metrics table of docs/operations.md"
+            );
+        }
+        let mut used = 0;
+        for token in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !token.starts_with("propd_") {
+                continue;
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| token.strip_suffix(suffix))
+                .unwrap_or(token);
+            assert!(
+                names.iter().any(|name| name == token || name == base),
+                "the dashboard's {token} is a metric propd exposes"
+            );
+            used += 1;
+        }
+        assert!(used > 10, "the dashboard queries propd's metrics");
     }
 
     #[test]
