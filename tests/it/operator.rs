@@ -370,6 +370,54 @@ fn health_and_reflection_answer_for_every_service() {
     });
 }
 
+#[test]
+fn health_turns_not_serving_as_soon_as_shutdown_begins() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let mut cluster = Cluster::start(1, THREE_COPIES);
+    let endpoint = format!("http://{}", cluster.nodes[0].listen);
+    let runtime = runtime();
+    let mut watch = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to the node");
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "propd.v1.PropertyService".to_owned(),
+            })
+            .await
+            .expect("watching the health of the property service")
+            .into_inner();
+        let first = watch.message().await.unwrap().expect("a first state");
+        assert_eq!(first.status, ServingStatus::Serving as i32);
+        watch
+    });
+    std::thread::scope(|scope| {
+        // The open watch is an in-flight call: the node drains it, so it exits once the watch is
+        // dropped below.
+        let stopping = scope.spawn(|| cluster.terminate(0));
+        let next = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), watch.message()).await
+        });
+        let next = next
+            .expect("a state change within 20 s of SIGTERM")
+            .expect("the watch goes on during shutdown")
+            .expect("a state");
+        assert_eq!(next.status, ServingStatus::NotServing as i32);
+        // Dropping the runtime closes the connection, which ends the watch on the node's side.
+        drop(watch);
+        drop(runtime);
+        assert!(
+            stopping.join().unwrap(),
+            "the node exits cleanly after shutdown"
+        );
+    });
+}
+
 /// A minimal OTLP/gRPC trace receiver: it keeps every span it is sent.
 #[derive(Clone, Default)]
 struct Receiver {

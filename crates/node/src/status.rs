@@ -248,51 +248,79 @@ pub(crate) async fn cluster_view(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use propd_gossip::{Context, MessageId, Millis, SyncReport, TraceSpan};
 
     use super::*;
 
-    #[test]
-    fn a_round_view_keeps_each_step_and_ends_with_the_last_one() {
-        let step = |from: &str, start, ms| TraceSpan {
-            kind: SpanKind::Sync,
+    /// One step of a trace; a sync moved 3 properties out and 1 in (900 and 70 bytes).
+    pub(crate) fn step(
+        kind: SpanKind,
+        from: &str,
+        to: &str,
+        start: i64,
+        ms: u64,
+        error: Option<&str>,
+    ) -> TraceSpan {
+        TraceSpan {
+            kind,
             from: from.to_owned(),
-            to: "n9".to_owned(),
+            to: to.to_owned(),
             start: Millis(start),
             duration: Duration::from_millis(ms),
-            report: Some(SyncReport {
-                sent: 2,
+            report: (kind == SpanKind::Sync).then_some(SyncReport {
+                sent: 3,
                 received: 1,
+                bytes_sent: 900,
                 bytes_received: 70,
                 ..SyncReport::default()
             }),
-            error: None,
-        };
-        let result = PropagationResult {
+            error: error.map(str::to_owned),
+        }
+    }
+
+    /// A round of g/2 over n1, n2, n3 that n1 started at 1000 ms.
+    pub(crate) fn finished_round(
+        outcome: Outcome,
+        error: Option<&str>,
+        trace: Vec<TraceSpan>,
+    ) -> PropagationResult {
+        PropagationResult {
             context: Context {
-                nodes: vec!["n1".into(), "n9".into()],
-                max_count: 1,
-                count: 1,
+                nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+                max_count: 3,
+                count: 3,
                 origin: "n1".into(),
-                message_id: MessageId("n1-500-7".into()),
+                message_id: MessageId("n1-1000-1".into()),
                 key: ShardKey {
                     group: "g".into(),
-                    shard: 1,
+                    shard: 2,
                 },
-                started_at: Millis(500),
+                started_at: Millis(1_000),
                 preview: false,
             },
-            outcome: Outcome::Completed,
-            error: None,
-            trace: vec![step("n1", 510, 40), step("n9", 505, 10)],
-            reported_by: "n9".into(),
-        };
+            outcome,
+            error: error.map(str::to_owned),
+            trace,
+            reported_by: "n3".into(),
+        }
+    }
+
+    #[test]
+    fn a_round_view_keeps_each_step_and_ends_with_the_last_one() {
+        let result = finished_round(
+            Outcome::Completed,
+            None,
+            vec![
+                step(SpanKind::Sync, "n1", "n2", 1_010, 40, None),
+                step(SpanKind::Sync, "n2", "n3", 1_005, 10, None),
+            ],
+        );
         let view = round_view(&result);
         assert_eq!(view.outcome, "completed");
-        assert_eq!((view.started_ms, view.ended_ms), (500, 550));
+        assert_eq!((view.started_ms, view.ended_ms), (1_000, 1_050));
         assert_eq!(view.spans.len(), 2);
         assert_eq!(view.spans[0].kind, "sync");
         assert_eq!(
@@ -301,10 +329,10 @@ mod tests {
                 view.spans[0].received,
                 view.spans[0].bytes_received
             ),
-            (2, 1, 70)
+            (3, 1, 70)
         );
         let json = serde_json::to_value(&view).unwrap();
-        assert_eq!(json["spans"][1]["from"], "n9");
+        assert_eq!(json["spans"][1]["from"], "n2");
         assert_eq!(json["error"], serde_json::Value::Null);
     }
 

@@ -184,41 +184,17 @@ fn system_time(at: Millis) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
-    use propd_gossip::{Context, MessageId, ShardKey, SpanKind, SyncReport};
+    use propd_gossip::SpanKind;
 
     use super::*;
+    use crate::status::tests::{finished_round, step};
 
-    fn finished_round() -> PropagationResult {
-        let step = |kind, from: &str, to: &str, start, ms, error: Option<&str>| TraceSpan {
-            kind,
-            from: from.to_owned(),
-            to: to.to_owned(),
-            start: Millis(start),
-            duration: Duration::from_millis(ms),
-            report: (kind == SpanKind::Sync).then_some(SyncReport {
-                sent: 3,
-                bytes_sent: 900,
-                ..SyncReport::default()
-            }),
-            error: error.map(str::to_owned),
-        };
-        PropagationResult {
-            context: Context {
-                nodes: vec!["n1".into(), "n2".into(), "n3".into()],
-                max_count: 3,
-                count: 3,
-                origin: "n1".into(),
-                message_id: MessageId("n1-1000-1".into()),
-                key: ShardKey {
-                    group: "g".into(),
-                    shard: 2,
-                },
-                started_at: Millis(1_000),
-                preview: false,
-            },
-            outcome: Outcome::NoPeers,
-            error: Some("no reachable successor".into()),
-            trace: vec![
+    #[test]
+    fn a_round_becomes_one_root_span_with_one_child_per_step() {
+        let result = finished_round(
+            Outcome::NoPeers,
+            Some("no reachable successor"),
+            vec![
                 step(SpanKind::Sync, "n1", "n2", 1_005, 20, None),
                 step(
                     SpanKind::Skip,
@@ -229,13 +205,7 @@ mod tests {
                     Some("connection refused"),
                 ),
             ],
-            reported_by: "n2".into(),
-        }
-    }
-
-    #[test]
-    fn a_round_becomes_one_root_span_with_one_child_per_step() {
-        let result = finished_round();
+        );
         let spans = round_spans(&result);
         assert_eq!(spans.len(), 3);
         let round = &spans[0];
