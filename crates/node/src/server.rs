@@ -175,7 +175,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            not_serving_once(serving, shutdown.clone()),
+            not_serving_on_shutdown(serving, shutdown.clone()),
         );
     let http = crate::http::serve(
         http_listener,
@@ -212,7 +212,7 @@ async fn signalled(mut shutdown: watch::Receiver<bool>) {
 
 /// Waits for shutdown, then reports every service `NOT_SERVING` before the gRPC server stops
 /// taking new calls.
-async fn not_serving_once(serving: Serving, shutdown: watch::Receiver<bool>) {
+async fn not_serving_on_shutdown(serving: Serving, shutdown: watch::Receiver<bool>) {
     signalled(shutdown).await;
     serving.set(ServingStatus::NotServing).await;
 }
@@ -254,8 +254,9 @@ impl HttpState for HttpView {
     }
 }
 
-/// Handles the results of rounds this node started: metrics, the trace in the log, and for a
-/// round that reached every copy, the notice that lets tombstones older than it be purged.
+/// Handles the results of rounds this node started: metrics, the trace exported over OTLP when
+/// configured, and for a round that reached every copy, the notice that lets tombstones older
+/// than it be purged.
 async fn watch_results(node: Arc<NodeState>, gossip: Gossip, traces: Option<TraceExport>) {
     let mut results = gossip.subscribe();
     loop {
