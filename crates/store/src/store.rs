@@ -34,9 +34,9 @@ use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError};
 use crate::validate::Rules;
 
-pub use maintenance::{PurgeReport, VerifyOutcome, purge_cutoff};
 #[cfg(feature = "test-support")]
 pub(crate) use maintenance::purgeable;
+pub use maintenance::{PurgeReport, VerifyOutcome, purge_cutoff};
 pub use query::Query;
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;
