@@ -1,9 +1,12 @@
 //! Compiles `proto/propd/v1/*.proto` without `protoc`: `protox` parses the
 //! files into descriptors and `tonic-prost-build` generates the Rust code.
 //! Service code is generated only with the `transport` feature, so pure
-//! crates can use the messages without tonic.
+//! crates can use the messages without tonic. The encoded descriptor set is
+//! written beside the code for gRPC server reflection.
 
 use std::path::PathBuf;
+
+use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
@@ -18,6 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let descriptors = protox::compile(&files, [&root])?;
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+    std::fs::write(
+        out_dir.join("propd_descriptor_set.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     let transport = std::env::var_os("CARGO_FEATURE_TRANSPORT").is_some();
     tonic_prost_build::configure()
         .build_server(transport)

@@ -212,8 +212,8 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
     );
     let metrics = http_get(cluster.nodes[0].http, "/metrics").unwrap().1;
     assert!(
-        metrics.contains("propd_propagations_started_total 1")
-            || metrics.contains("propd_propagations_started_total 2"),
+        metrics.contains("propd_propagations_started_total{group=\"g\"} 1")
+            || metrics.contains("propd_propagations_started_total{group=\"g\"} 2"),
         "{metrics}"
     );
 }

@@ -12,7 +12,7 @@ use propd_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{blocking, invalid};
-use crate::node::{NodeState, lock, now_nanos};
+use crate::node::NodeState;
 use crate::sync::Gossip;
 
 /// The `AdminService` of one node.
@@ -71,7 +71,9 @@ pub(crate) fn start_round(
     let message_id = gossip
         .start(request)
         .map_err(|error| Status::failed_precondition(error.to_string()))?;
-    node.metrics.propagations_started.inc();
+    node.metrics
+        .propagations_started
+        .inc(&node.metrics.labels(group, shard));
     tracing::info!(group, shard, message_id = %message_id, preview, "repair round started");
     Ok(message_id)
 }
@@ -151,40 +153,24 @@ impl AdminService for AdminApi {
         _request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let node = &self.node;
-        let members = node
-            .placement
-            .members()
-            .iter()
+        let members = crate::status::members(node)
+            .into_iter()
             .map(|m| v1::MemberStatus {
-                id: m.id.clone(),
-                addr: m.addr.to_string(),
-                up: node.peers.is_up(&m.id),
+                id: m.id,
+                addr: m.addr,
+                up: m.up,
             })
             .collect();
-        let now = now_nanos();
-        let mut shards = Vec::new();
-        for (group, shard) in node.local_shards() {
-            let last = {
-                let group = group.clone();
-                blocking(node, move |node| {
-                    node.store.last_complete_repair(&group, shard)
-                })
-                .await?
-            };
-            let age = last.map_or(-1, |at| (now.saturating_sub(at) / 1_000_000_000).max(0));
-            let key = ShardKey {
-                group: group.clone(),
-                shard,
-            };
-            let running = u64::from(self.gossip.running(&key).is_some());
-            let pending = lock(&node.misses).pending(&group, shard) + running;
-            shards.push(v1::ShardStatus {
-                group,
-                shard,
-                last_repair_age_s: age,
-                pending,
-            });
-        }
+        let shards = crate::status::shards(node, &self.gossip)
+            .await?
+            .into_iter()
+            .map(|s| v1::ShardStatus {
+                last_repair_age_s: s.last_repair_age_s.unwrap_or(-1),
+                pending: s.pending_write_misses + u64::from(s.running_round.is_some()),
+                group: s.group,
+                shard: s.shard,
+            })
+            .collect();
         Ok(Response::new(v1::StatusResponse {
             node: node.me().to_owned(),
             members,

@@ -17,7 +17,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
-use crate::config::{DEFAULT_LISTEN, Member, Partial, PartialRepair, PartialStore};
+use crate::config::{
+    DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
+};
 
 /// propd: a replicated property store whose replicas repair themselves.
 #[derive(Debug, Parser)]
@@ -59,7 +61,7 @@ struct ServeArgs {
     /// `listen`: gRPC address (property API, gossip, repair, admin).
     #[arg(long, env = "PROPD_LISTEN")]
     listen: Option<String>,
-    /// `http`: HTTP address for /metrics and /health.
+    /// `http`: HTTP address for the status page, /metrics and /health.
     #[arg(long, env = "PROPD_HTTP")]
     http: Option<String>,
     /// `data_dir`: where the store keeps its files.
@@ -104,6 +106,12 @@ struct ServeArgs {
     /// `store.group_commit`: synced writes waiting for the same sync share one transaction.
     #[arg(long, env = "PROPD_STORE_GROUP_COMMIT")]
     store_group_commit: Option<bool>,
+    /// `metrics.shard_labels`: label repair metrics by shard too.
+    #[arg(long, env = "PROPD_METRICS_SHARD_LABELS")]
+    metrics_shard_labels: Option<bool>,
+    /// `telemetry.otlp_endpoint`: export every round's trace over OTLP/gRPC to this URL.
+    #[arg(long, env = "PROPD_TELEMETRY_OTLP_ENDPOINT")]
+    telemetry_otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -134,6 +142,12 @@ impl ServeArgs {
             },
             store: PartialStore {
                 group_commit: self.store_group_commit,
+            },
+            metrics: PartialMetrics {
+                shard_labels: self.metrics_shard_labels,
+            },
+            telemetry: PartialTelemetry {
+                otlp_endpoint: self.telemetry_otlp_endpoint,
             },
         };
         Ok(flags.over(file))

@@ -121,7 +121,7 @@ pub(crate) struct Config {
     pub(crate) node_id: String,
     /// gRPC address: property API, gossip, repair and admin.
     pub(crate) listen: SocketAddr,
-    /// HTTP address: `/metrics` and `/health`.
+    /// HTTP address: the status page, `/metrics` and `/health`.
     pub(crate) http: SocketAddr,
     /// Where the store keeps its files.
     pub(crate) data_dir: PathBuf,
@@ -137,6 +137,24 @@ pub(crate) struct Config {
     pub(crate) repair: RepairConfig,
     /// `store.group_commit`: synced writes that wait for the same sync share one transaction.
     pub(crate) group_commit: bool,
+    /// `[metrics]`: what `/metrics` exposes.
+    pub(crate) metrics: MetricsConfig,
+    /// `[telemetry]`: where round traces go.
+    pub(crate) telemetry: TelemetryConfig,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct MetricsConfig {
+    /// Label repair and apply metrics by shard as well as group (more series: one per shard).
+    pub(crate) shard_labels: bool,
+}
+
+/// The `[telemetry]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TelemetryConfig {
+    /// OTLP/gRPC endpoint (`http://host:port`) every round's trace is exported to; none: off.
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
@@ -168,6 +186,12 @@ pub(crate) struct Partial {
     /// `[repair]`
     #[serde(default)]
     pub(crate) repair: PartialRepair,
+    /// `[metrics]`
+    #[serde(default)]
+    pub(crate) metrics: PartialMetrics,
+    /// `[telemetry]`
+    #[serde(default)]
+    pub(crate) telemetry: PartialTelemetry,
     /// `[store]`
     #[serde(default)]
     pub(crate) store: PartialStore,
@@ -179,6 +203,22 @@ pub(crate) struct Partial {
 pub(crate) struct PartialStore {
     /// `store.group_commit`
     pub(crate) group_commit: Option<bool>,
+}
+
+/// The `[metrics]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialMetrics {
+    /// `metrics.shard_labels`
+    pub(crate) shard_labels: Option<bool>,
+}
+
+/// The `[telemetry]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTelemetry {
+    /// `telemetry.otlp_endpoint`
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 /// The `[repair]` table from one source.
@@ -245,6 +285,15 @@ impl Partial {
             store: PartialStore {
                 group_commit: self.store.group_commit.or(lower.store.group_commit),
             },
+            metrics: PartialMetrics {
+                shard_labels: self.metrics.shard_labels.or(lower.metrics.shard_labels),
+            },
+            telemetry: PartialTelemetry {
+                otlp_endpoint: self
+                    .telemetry
+                    .otlp_endpoint
+                    .or(lower.telemetry.otlp_endpoint),
+            },
         }
     }
 
@@ -280,6 +329,16 @@ impl Partial {
             max_property_bytes,
             repair: self.repair.resolve()?,
             group_commit: self.store.group_commit.unwrap_or(true),
+            metrics: MetricsConfig {
+                shard_labels: self.metrics.shard_labels.unwrap_or(false),
+            },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: self
+                    .telemetry
+                    .otlp_endpoint
+                    .map(check_otlp_endpoint)
+                    .transpose()?,
+            },
         })
     }
 }
@@ -425,8 +484,34 @@ impl Config {
             r.throttle_bytes_per_second,
         ));
         line(format!("[store] group_commit = {}", self.group_commit));
+        line(format!(
+            "[metrics] shard_labels = {}",
+            self.metrics.shard_labels
+        ));
+        line(format!(
+            "[telemetry] otlp_endpoint = {}",
+            self.telemetry
+                .otlp_endpoint
+                .as_deref()
+                .map_or_else(|| "none".to_owned(), |e| format!("{e:?}")),
+        ));
         out
     }
+}
+
+/// An OTLP/gRPC endpoint: an `http://` or `https://` URL with a host.
+fn check_otlp_endpoint(endpoint: String) -> Result<String, ConfigError> {
+    let key = "telemetry.otlp_endpoint";
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|error| invalid(key, format!("`{endpoint}` is not a URL: {error}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(invalid(
+            key,
+            format!("`{endpoint}` must be http://HOST:PORT or https://HOST:PORT"),
+        ));
+    }
+    Ok(endpoint)
 }
 
 fn ids(members: &[Member]) -> String {
@@ -652,5 +737,35 @@ mod tests {
         }
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn metrics_and_telemetry_tables_parse_and_a_bad_endpoint_names_its_key() {
+        let file: Partial = toml::from_str(
+            "[metrics]\nshard_labels = true\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+        )
+        .unwrap();
+        let config = file.resolve().unwrap();
+        assert!(config.metrics.shard_labels);
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        let defaults = Partial::default().resolve().unwrap();
+        assert!(!defaults.metrics.shard_labels);
+        assert_eq!(defaults.telemetry.otlp_endpoint, None);
+        for endpoint in ["127.0.0.1:4317", "ftp://collector:4317", "http://"] {
+            let partial = Partial {
+                telemetry: PartialTelemetry {
+                    otlp_endpoint: Some(endpoint.to_owned()),
+                },
+                ..Partial::default()
+            };
+            let error = partial.resolve().unwrap_err().to_string();
+            assert!(
+                error.contains("`telemetry.otlp_endpoint`"),
+                "{endpoint}: `{error}` names the key"
+            );
+        }
     }
 }

@@ -214,7 +214,9 @@ impl PropertyApi {
             let node = Arc::clone(&self.node);
             let newest = newest.clone();
             let group = group.to_owned();
-            node.metrics.read_repairs.inc();
+            node.metrics
+                .read_repairs
+                .inc(&node.metrics.labels(&group, shard));
             tokio::spawn(async move {
                 if write_copy(&node, &target, &group, shard, newest)
                     .await
@@ -602,8 +604,9 @@ impl PropertyService for PropertyApi {
             .property
             .ok_or_else(|| invalid("property", "missing"))?;
         let property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
-        self.entity(&property.group, &property.name, &property.id)?;
+        let (_, _, shard) = self.entity(&property.group, &property.name, &property.id)?;
         self.check_size(&property)?;
+        let labels = self.node.metrics.labels(&property.group, shard);
         let (outcome, had_live) = blocking(&self.node, move |node| {
             let had_live = node
                 .store
@@ -621,7 +624,7 @@ impl PropertyService for PropertyApi {
             ),
         };
         if outcome == v1::replica_write_response::Outcome::Applied {
-            self.node.metrics.properties_applied.inc();
+            self.node.metrics.properties_applied.inc(&labels);
         }
         Ok(Response::new(v1::ReplicaWriteResponse {
             outcome: outcome as i32,

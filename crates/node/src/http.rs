@@ -1,4 +1,5 @@
-//! The HTTP port: `/metrics` (Prometheus text format) and `/health`.
+//! The HTTP port: the status page at `/` and its data at `/status.json`, `/metrics`
+//! (OpenMetrics text) and `/health`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,24 +7,31 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+
+/// The status page: static HTML and script that draw `/status.json` and refresh themselves.
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 /// What the HTTP handlers read.
 pub(crate) trait HttpState: Send + Sync + 'static {
     /// The `/metrics` body.
-    fn metrics_text(&self) -> String;
+    fn metrics_text(&self) -> impl Future<Output = String> + Send;
+    /// The `/status.json` body, or why it cannot be given.
+    fn status_json(&self) -> impl Future<Output = Result<String, String>> + Send;
     /// `Ok(detail)` when the node serves, `Err(reason)` otherwise.
     fn health(&self) -> Result<String, String>;
 }
 
-/// Serves `/metrics` and `/health` on `listener` until `shutdown` resolves.
+/// Serves the HTTP port on `listener` until `shutdown` resolves.
 pub(crate) async fn serve<S: HttpState>(
     listener: tokio::net::TcpListener,
     state: Arc<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route("/", get(status_page))
+        .route("/status.json", get(status_json::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/health", get(health::<S>))
         .with_state(state);
@@ -32,13 +40,29 @@ pub(crate) async fn serve<S: HttpState>(
         .await
 }
 
+async fn status_page() -> Html<&'static str> {
+    Html(STATUS_PAGE)
+}
+
+async fn status_json<S: HttpState>(State(state): State<Arc<S>>) -> impl IntoResponse {
+    match state.status_json().await {
+        Ok(json) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        ),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("status unavailable: {reason}\n"),
+        ),
+    }
+}
+
 async fn metrics<S: HttpState>(State(state): State<Arc<S>>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics_text(),
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics_text().await,
     )
 }
 

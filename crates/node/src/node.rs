@@ -24,7 +24,7 @@ pub(crate) struct NodeState {
     pub(crate) store: Arc<RedbStore>,
     /// Channels to the other members and their health.
     pub(crate) peers: Peers,
-    /// Counters for `/metrics`.
+    /// Metrics for `/metrics`.
     pub(crate) metrics: Metrics,
     /// Background repair paused by an operator.
     pub(crate) paused: AtomicBool,
@@ -43,12 +43,13 @@ impl NodeState {
         let placement = Placement::new(&config);
         let peers = Peers::new(&config.node_id, &config.members);
         let throttle = AtomicU64::new(config.repair.throttle_bytes_per_second);
+        let metrics = Metrics::new(config.metrics.shard_labels);
         Self {
             config,
             placement,
             store: Arc::new(store),
             peers,
-            metrics: Metrics::default(),
+            metrics,
             paused: AtomicBool::new(false),
             throttle,
             misses: Mutex::new(MissedWrites::default()),

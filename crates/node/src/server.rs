@@ -14,6 +14,7 @@ use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
 use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, start_round};
 use crate::config::Config;
@@ -21,7 +22,9 @@ use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::schedule::{CronWindow, designated_origin};
+use crate::services::Serving;
 use crate::sync::{Gossip, RepairSync};
+use crate::telemetry::TraceExport;
 
 /// How often the schedulers and the health probe look around.
 const TICK: Duration = Duration::from_secs(1);
@@ -127,7 +130,10 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let node = Arc::new(NodeState::new(config, store));
-    load_last_repairs(&node).await;
+    let traces = match &node.config.telemetry.otlp_endpoint {
+        Some(endpoint) => Some(TraceExport::start(endpoint, node.me())?),
+        None => None,
+    };
 
     let driver_config = DriverConfig {
         engine: propd_gossip::Config {
@@ -149,7 +155,11 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let http_listener = crate::http::bind(node.config.http).await?;
     tracing::info!(node = node.me(), listen = %node.config.listen, http = %node.config.http, "serving");
 
+    let (serving, health) = crate::services::health().await;
+    let (reflection_v1, reflection_v1alpha) =
+        crate::services::reflection().context("building the reflection service")?;
     let grpc = tonic::transport::Server::builder()
+        .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -161,13 +171,19 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             Arc::clone(&node),
             gossip.clone(),
         )))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            signalled(shutdown.clone()),
+            not_serving_on_shutdown(serving, shutdown.clone()),
         );
     let http = crate::http::serve(
         http_listener,
-        Arc::new(HttpView(Arc::clone(&node))),
+        Arc::new(HttpView {
+            node: Arc::clone(&node),
+            gossip: gossip.clone(),
+        }),
         signalled(shutdown.clone()),
     );
     let servers = vec![
@@ -183,7 +199,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         }),
     ];
     let tasks = vec![
-        tokio::spawn(watch_results(Arc::clone(&node), gossip.clone())),
+        tokio::spawn(watch_results(Arc::clone(&node), gossip.clone(), traces)),
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
@@ -195,38 +211,54 @@ async fn signalled(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-async fn load_last_repairs(node: &Arc<NodeState>) {
-    for (group, shard) in node.local_shards() {
-        let key = group.clone();
-        if let Ok(Some(at)) = blocking(node, move |node| {
-            node.store.last_complete_repair(&key, shard)
-        })
-        .await
-        {
-            node.metrics
-                .set_last_repair(&group, shard, (at / 1_000_000_000) as u64);
-        }
-    }
+/// Waits for shutdown, then reports every service `NOT_SERVING` before the gRPC server stops
+/// taking new calls.
+async fn not_serving_on_shutdown(serving: Serving, shutdown: watch::Receiver<bool>) {
+    signalled(shutdown).await;
+    serving.set(ServingStatus::NotServing).await;
 }
 
 /// The HTTP port's view of the node.
-struct HttpView(Arc<NodeState>);
+struct HttpView {
+    node: Arc<NodeState>,
+    gossip: Gossip,
+}
 
 impl HttpState for HttpView {
-    fn metrics_text(&self) -> String {
-        self.0
-            .metrics
-            .render(&self.0.local_shards(), now_millis() / 1000)
+    async fn metrics_text(&self) -> String {
+        match crate::status::shards(&self.node, &self.gossip).await {
+            Ok(shards) => {
+                for shard in &shards {
+                    self.node.metrics.set_last_repair_age(
+                        &shard.group,
+                        shard.shard,
+                        shard.last_repair_age_s,
+                    );
+                }
+            }
+            Err(status) => {
+                tracing::warn!(%status, "reading the shards' last repairs for /metrics failed")
+            }
+        }
+        self.node.metrics.encode()
+    }
+
+    async fn status_json(&self) -> Result<String, String> {
+        let view = crate::status::cluster_view(&self.node, &self.gossip)
+            .await
+            .map_err(|status| status.message().to_owned())?;
+        serde_json::to_string(&view).map_err(|error| error.to_string())
     }
 
     fn health(&self) -> Result<String, String> {
-        Ok(format!("node {}", self.0.me()))
+        Ok(format!("node {}", self.node.me()))
     }
 }
 
-/// Handles the results of rounds this node started: metrics, the trace in the log, and for a
-/// round that reached every copy, the notice that lets tombstones older than it be purged.
-async fn watch_results(node: Arc<NodeState>, gossip: Gossip) {
+/// Handles the results of rounds this node started: metrics, the trace exported over OTLP when
+/// configured, and for a round that reached every copy, the notice that lets tombstones older
+/// than it be purged.
+async fn watch_results(node: Arc<NodeState>, gossip: Gossip, traces: Option<TraceExport>) {
     let mut results = gossip.subscribe();
     loop {
         let result = match results.recv().await {
@@ -240,6 +272,9 @@ async fn watch_results(node: Arc<NodeState>, gossip: Gossip) {
         if result.context.origin != node.me() {
             continue;
         }
+        if let Some(traces) = &traces {
+            traces.export(&result);
+        }
         record_result(&node, &result).await;
     }
 }
@@ -247,12 +282,17 @@ async fn watch_results(node: Arc<NodeState>, gossip: Gossip) {
 async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
     let context = &result.context;
     let metrics = &node.metrics;
+    let labels = metrics.labels(&context.key.group, context.key.shard);
     match result.outcome {
-        Outcome::Completed => metrics.propagations_finished.inc(),
-        Outcome::Refused => metrics.propagations_refused.inc(),
-        _ => metrics.propagations_failed.inc(),
+        Outcome::Completed => metrics.propagations_finished.inc(&labels),
+        Outcome::Refused => metrics.propagations_refused.inc(&labels),
+        _ => metrics.propagations_failed.inc(&labels),
     }
-    metrics.skips.add(result.skips() as u64);
+    metrics.skips.add(&labels, result.skips() as u64);
+    let elapsed_ms = (now_millis() as i64).saturating_sub(context.started_at.0);
+    metrics
+        .round_duration
+        .observe(&labels, elapsed_ms.max(0) as f64 / 1000.0);
     // The gossip driver logs the finished round and its steps.
     lock(&node.rounds).postpone(
         &(context.key.group.clone(), context.key.shard),
@@ -281,11 +321,6 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
             {
                 tracing::warn!(%status, "recording a complete round failed");
             }
-            node.metrics.set_last_repair(
-                &notice.group,
-                notice.shard,
-                (started_at_ns / 1_000_000_000) as u64,
-            );
         } else if let Some(mut client) = node.peers.admin_client(target) {
             let mut request = tonic::Request::new(notice);
             request.set_timeout(Duration::from_secs(5));
@@ -389,19 +424,20 @@ async fn verify_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     let started = Instant::now();
     let key = group.to_owned();
     let metrics = &node.metrics;
+    let labels = metrics.labels(group, shard);
     match blocking(node, move |node| node.store.verify(&key, shard)).await {
         Ok(VerifyOutcome::Skipped { .. }) => {}
         Ok(outcome) => {
-            metrics.tree_rebuilds_started.inc();
-            metrics.tree_rebuilds_finished.inc();
+            metrics.tree_rebuilds_started.inc(&labels);
+            metrics.tree_rebuilds_finished.inc(&labels);
             metrics
                 .tree_rebuild_millis
-                .add(started.elapsed().as_millis() as u64);
+                .add(&labels, started.elapsed().as_millis() as u64);
             if let VerifyOutcome::Healed {
                 differing_leaves, ..
             } = outcome
             {
-                metrics.verify_mismatches.inc();
+                metrics.verify_mismatches.inc(&labels);
                 tracing::warn!(
                     group,
                     shard,
@@ -411,8 +447,8 @@ async fn verify_one(node: &Arc<NodeState>, group: &str, shard: u32) {
             }
         }
         Err(status) => {
-            metrics.tree_rebuilds_started.inc();
-            metrics.tree_rebuilds_failed.inc();
+            metrics.tree_rebuilds_started.inc(&labels);
+            metrics.tree_rebuilds_failed.inc(&labels);
             tracing::error!(group, shard, %status, "tree verification failed");
         }
     }
@@ -427,7 +463,8 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     .await
     {
         Ok(report) if report.purged > 0 => {
-            node.metrics.tombstones_purged.add(report.purged);
+            let labels = node.metrics.labels(group, shard);
+            node.metrics.tombstones_purged.add(&labels, report.purged);
             tracing::info!(group, shard, purged = report.purged, "tombstones purged");
         }
         Ok(_) => {}

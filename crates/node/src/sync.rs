@@ -83,17 +83,26 @@ impl SyncWork for RepairSync {
         let result =
             propd_repair::transport::sync(channel, node.store.as_ref(), &group, shard, &config)
                 .await;
-        node.metrics.syncs.inc();
+        let metrics = &node.metrics;
+        let labels = metrics.labels(&group, shard);
+        metrics.syncs.inc(&labels);
+        metrics
+            .sync_duration
+            .observe(&labels, started.elapsed().as_secs_f64());
         match result {
             Ok(report) => {
-                let metrics = &node.metrics;
-                metrics.properties_compared.add(report.compared);
-                metrics.properties_sent.add(report.sent);
-                metrics.properties_received.add(report.received);
-                metrics.properties_applied.add(report.applied);
-                metrics.properties_failed.add(report.failed);
-                metrics.repair_bytes_sent.add(report.bytes_sent);
-                metrics.repair_bytes_received.add(report.bytes_received);
+                metrics.properties_compared.add(&labels, report.compared);
+                metrics.properties_sent.add(&labels, report.sent);
+                metrics.properties_received.add(&labels, report.received);
+                metrics.properties_applied.add(&labels, report.applied);
+                metrics.properties_failed.add(&labels, report.failed);
+                metrics.repair_bytes_sent.add(&labels, report.bytes_sent);
+                metrics
+                    .repair_bytes_received
+                    .add(&labels, report.bytes_received);
+                metrics
+                    .sync_bytes
+                    .observe(&labels, (report.bytes_sent + report.bytes_received) as f64);
                 self.pace_after(report.bytes_sent + report.bytes_received)
                     .await;
                 node.peers.set_up(&request.peer, true);

@@ -46,4 +46,5 @@ pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
     DeleteOutcome, PurgeReport, Query, RedbStore, ShardScan, Snapshot, TreeView, VerifyOutcome,
+    purge_cutoff,
 };

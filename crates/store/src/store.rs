@@ -36,9 +36,9 @@ use crate::error::{ConfigError, StoreError};
 use crate::group_commit::GroupCommit;
 use crate::validate::Rules;
 
-pub use maintenance::{PurgeReport, VerifyOutcome};
 #[cfg(feature = "test-support")]
-pub(crate) use maintenance::{purge_cutoff, purgeable};
+pub(crate) use maintenance::purgeable;
+pub use maintenance::{PurgeReport, VerifyOutcome, purge_cutoff};
 pub use query::Query;
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;

@@ -52,8 +52,9 @@ pub enum VerifyOutcome {
 }
 
 /// The purge cutoff: tombstones with `delete_time` below it may go. `None` when the shard never
-/// had a complete repair.
-pub(crate) fn purge_cutoff(now: i64, grace: Duration, last_complete_repair: i64) -> Option<i64> {
+/// had a complete repair. Times are unix nanoseconds: the earlier of `now - grace` and the start
+/// of the last complete repair round.
+pub fn purge_cutoff(now: i64, grace: Duration, last_complete_repair: i64) -> Option<i64> {
     if last_complete_repair <= 0 {
         return None;
     }
