@@ -51,6 +51,6 @@ pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcom
 pub use results::RecentResults;
 pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
 pub use types::{
-    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
-    SpanKind, SyncReport, TraceSpan, max_count,
+    Context, MemberId, MessageId, Millis, Outcome, Progress, Propagation, PropagationResult,
+    RoundStep, ShardKey, SpanKind, SyncReport, TraceSpan, max_count, round_steps,
 };
