@@ -978,10 +978,6 @@ mod tests {
             let error = refusal(file(&text));
             assert!(error.contains(key), "{text}: `{error}` should name {key}");
         }
-        assert!(
-            MAX_PROPERTY_BYTES_LIMIT < propd_proto::MAX_MESSAGE_BYTES,
-            "a property fits in a gRPC message"
-        );
     }
 
     #[test]
