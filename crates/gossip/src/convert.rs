@@ -147,6 +147,17 @@ impl TryFrom<pb::TraceSpan> for TraceSpan {
     }
 }
 
+/// The context of a `message`, which must have one.
+fn required_context(
+    context: Option<pb::PropagationContext>,
+    message: &'static str,
+) -> Result<Context, ConvertError> {
+    context.map(Into::into).ok_or(ConvertError::Missing {
+        message,
+        field: "context",
+    })
+}
+
 fn trace_from(trace: Vec<pb::TraceSpan>) -> Result<Vec<TraceSpan>, ConvertError> {
     trace.into_iter().map(TraceSpan::try_from).collect()
 }
@@ -164,12 +175,8 @@ impl TryFrom<pb::PropagationRequest> for Propagation {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationRequest) -> Result<Self, ConvertError> {
-        let context = r.context.ok_or(ConvertError::Missing {
-            message: "PropagationRequest",
-            field: "context",
-        })?;
         Ok(Propagation {
-            context: context.into(),
+            context: required_context(r.context, "PropagationRequest")?,
             trace: trace_from(r.trace)?,
         })
     }
@@ -189,13 +196,9 @@ impl TryFrom<pb::PropagationProgress> for Progress {
     type Error = ConvertError;
 
     fn try_from(p: pb::PropagationProgress) -> Result<Self, ConvertError> {
-        let context = p.context.ok_or(ConvertError::Missing {
-            message: "PropagationProgress",
-            field: "context",
-        })?;
         Ok(Progress {
             propagation: Propagation {
-                context: context.into(),
+                context: required_context(p.context, "PropagationProgress")?,
                 trace: trace_from(p.trace)?,
             },
             reported_by: p.reported_by,
@@ -244,10 +247,7 @@ impl TryFrom<pb::PropagationResult> for PropagationResult {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationResult) -> Result<Self, ConvertError> {
-        let context = r.context.ok_or(ConvertError::Missing {
-            message: "PropagationResult",
-            field: "context",
-        })?;
+        let context = required_context(r.context, "PropagationResult")?;
         let outcome = match pb::PropagationOutcome::try_from(r.outcome) {
             Ok(pb::PropagationOutcome::Completed) => Outcome::Completed,
             Ok(pb::PropagationOutcome::NoPeers) => Outcome::NoPeers,
@@ -263,7 +263,7 @@ impl TryFrom<pb::PropagationResult> for PropagationResult {
             }
         };
         Ok(PropagationResult {
-            context: context.into(),
+            context,
             outcome,
             error: (!r.error.is_empty()).then_some(r.error),
             trace: trace_from(r.trace)?,
