@@ -1,6 +1,6 @@
 //! What an operator sees: `repair --wait` reporting each step as the holders finish it, a BLAKE3
 //! tree shape from the config, a shape change over existing data refused with the key named,
-//! and a closed stdout ending a command quietly.
+//! a closed stdout ending a command quietly, and JSON logs.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -104,4 +104,22 @@ fn a_closed_stdout_ends_a_command_quietly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{:?}: {stderr}", output.status);
     assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_log_line() {
+    let cluster = Cluster::start(1, "log_format = \"json\"\n");
+    cluster.json(0, &["status"]);
+    let log = cluster.log(0);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO" && e["fields"]["message"] == "serving"),
+        "{log}"
+    );
 }
