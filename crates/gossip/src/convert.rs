@@ -147,12 +147,12 @@ impl TryFrom<pb::TraceSpan> for TraceSpan {
     }
 }
 
-/// The context of a `message`, which must have one.
-fn required_context(
+/// The context every propagation message must carry.
+fn context_from(
     context: Option<pb::PropagationContext>,
     message: &'static str,
 ) -> Result<Context, ConvertError> {
-    context.map(Into::into).ok_or(ConvertError::Missing {
+    context.map(Context::from).ok_or(ConvertError::Missing {
         message,
         field: "context",
     })
@@ -175,8 +175,9 @@ impl TryFrom<pb::PropagationRequest> for Propagation {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationRequest) -> Result<Self, ConvertError> {
+        let context = context_from(r.context, "PropagationRequest")?;
         Ok(Propagation {
-            context: required_context(r.context, "PropagationRequest")?,
+            context,
             trace: trace_from(r.trace)?,
         })
     }
@@ -198,7 +199,7 @@ impl TryFrom<pb::PropagationProgress> for Progress {
     fn try_from(p: pb::PropagationProgress) -> Result<Self, ConvertError> {
         Ok(Progress {
             propagation: Propagation {
-                context: required_context(p.context, "PropagationProgress")?,
+                context: context_from(p.context, "PropagationProgress")?,
                 trace: trace_from(p.trace)?,
             },
             reported_by: p.reported_by,
@@ -247,7 +248,7 @@ impl TryFrom<pb::PropagationResult> for PropagationResult {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationResult) -> Result<Self, ConvertError> {
-        let context = required_context(r.context, "PropagationResult")?;
+        let context = context_from(r.context, "PropagationResult")?;
         let outcome = match pb::PropagationOutcome::try_from(r.outcome) {
             Ok(pb::PropagationOutcome::Completed) => Outcome::Completed,
             Ok(pb::PropagationOutcome::NoPeers) => Outcome::NoPeers,

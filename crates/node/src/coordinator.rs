@@ -156,8 +156,27 @@ impl PropertyApi {
         (acknowledged, copies, had_live, refusals)
     }
 
-    fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+    /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
+    /// (capped at the number of copies); `what` names what was acknowledged. When no copy
+    /// acknowledged and every copy refused for one reason, that reason is the answer.
+    fn require_acks(
+        &self,
+        acknowledged: u32,
+        copies: u32,
+        refusals: &Refusals,
+        what: &str,
+    ) -> Result<(), Status> {
+        if let Some(status) = refusals.common().filter(|_| acknowledged == 0) {
+            return Err(status);
+        }
+        let required = self.node.config.write_acks.min(copies);
+        if acknowledged < required {
+            return Err(Status::unavailable(format!(
+                "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
+                 copies that missed it will be repaired"
+            )));
+        }
+        Ok(())
     }
 
     /// Every copy of (group, shard) that answers, with what it holds of `entity`, and what the
@@ -466,16 +485,12 @@ impl PropertyService for PropertyApi {
             }));
         }
         let (acknowledged, copies, _, refusals) = self.replicate(&group, shard, property).await;
-        let required = self.required_acks(copies);
-        if let Some(status) = refusals.common().filter(|_| acknowledged == 0) {
-            return Err(status);
-        }
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged revision {revision}, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(
+            acknowledged,
+            copies,
+            &refusals,
+            &format!("revision {revision}"),
+        )?;
         Ok(Response::new(v1::ApplyResponse {
             mod_revision: revision,
             acknowledged,
@@ -534,16 +549,7 @@ impl PropertyService for PropertyApi {
         };
         let (acknowledged, copies, found, refusals) =
             self.replicate(&group, shard, tombstone).await;
-        let required = self.required_acks(copies);
-        if let Some(status) = refusals.common().filter(|_| acknowledged == 0) {
-            return Err(status);
-        }
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged the delete, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(acknowledged, copies, &refusals, "the delete")?;
         Ok(Response::new(v1::DeleteResponse {
             found,
             mod_revision,

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
-use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order, page_after};
-use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
+use crate::repair_view::{
+    LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, decide, page_after,
+};
+use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff, purgeable};
 use crate::validate::{Checked, Rules, WriteKind};
 
 /// An in-memory store with the redb store's semantics (version order, validation, tombstone
@@ -69,11 +71,11 @@ impl ModelShard {
 
 impl ModelStore {
     /// An empty model store for these groups and tree shape, with the default size limit.
-    pub fn new(groups: Vec<GroupDef>, shape: Shape) -> Result<Self, StoreError> {
+    pub fn new(groups: Groups, shape: Shape) -> Result<Self, StoreError> {
         shape.validate().map_err(ConfigError::Shape)?;
         Ok(ModelStore {
             rules: Rules {
-                groups: Groups::new(groups)?,
+                groups,
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
             },
@@ -203,7 +205,7 @@ impl ModelStore {
             let doomed: Vec<Entity> = state
                 .properties
                 .iter()
-                .filter(|(_, property)| property.is_tombstone() && property.delete_time < cutoff)
+                .filter(|(_, property)| purgeable(property, cutoff))
                 .map(|(entity, _)| entity.clone())
                 .collect();
             for entity in &doomed {
@@ -238,7 +240,7 @@ impl RepairStore for ModelStore {
     ) -> Result<Option<InnerNode>, StoreError> {
         self.with_shard(group, shard, |state| {
             let inner = state.flushed()?.node(node).map_err(tree_error)?;
-            Ok((!inner.is_empty()).then_some(inner))
+            Ok(inner.non_empty())
         })
     }
 
@@ -273,9 +275,7 @@ impl RepairStore for ModelStore {
         shard: u32,
         entities: &[Entity],
     ) -> Result<Vec<Option<Property>>, StoreError> {
-        for entity in entities {
-            self.rules.check_member(entity, group, shard)?;
-        }
+        self.rules.check_members(entities, group, shard)?;
         self.with_shard(group, shard, |state| {
             Ok(entities
                 .iter()
@@ -290,16 +290,10 @@ impl RepairStore for ModelStore {
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<RepairOutcome>, StoreError> {
-        self.rules.check_shard(group, shard)?;
         let checked = self.rules.check_batch(group, shard, batch)?;
-        let order = entity_order(&checked, |item| &item.entity);
         let shape = self.rules.shape;
         self.with_shard(group, shard, |state| {
-            let mut outcomes = vec![RepairOutcome::Same; checked.len()];
-            for index in order {
-                outcomes[index] = state.apply(checked[index].clone(), &shape)?;
-            }
-            Ok(outcomes)
+            apply_in_entity_order(&checked, |item| state.apply(item.clone(), &shape))
         })
     }
 }

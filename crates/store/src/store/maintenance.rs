@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use propd_merkle::{Entity, InnerNode, Leaf};
+use propd_merkle::{Entity, InnerNode, Leaf, Property};
 use redb::{Durability, ReadableTable};
 
 use crate::error::StoreError;
@@ -59,6 +59,11 @@ pub(crate) fn purge_cutoff(now: i64, grace: Duration, last_complete_repair: i64)
     }
     let grace = i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX);
     Some(now.saturating_sub(grace).min(last_complete_repair))
+}
+
+/// Whether a purge with this cutoff removes the property: a tombstone deleted before it.
+pub(crate) fn purgeable(property: &Property, cutoff: i64) -> bool {
+    property.is_tombstone() && property.delete_time < cutoff
 }
 
 /// Entities whose leaves are missing, extra or different between two leaf lists in (bucket,
@@ -202,7 +207,7 @@ impl RedbStore {
             for row in writer.props.iter()? {
                 let (key, value) = row?;
                 let property = decode_row(&writer.names.props, key.value(), value.value())?;
-                if property.is_tombstone() && property.delete_time < cutoff {
+                if purgeable(&property, cutoff) {
                     doomed.push(Entity::parse(key.value()).map_err(|error| {
                         StoreError::Corrupt {
                             table: writer.names.props.clone(),
