@@ -708,7 +708,7 @@ fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// The duration at `key`, or `default` when it is not given; zero, below a millisecond or
-/// above `max` is refused.
+/// above `max` (a whole number of days) is refused.
 fn duration_or(
     key: &str,
     text: Option<String>,
@@ -726,9 +726,9 @@ fn duration_or(
         return Err(invalid(
             key,
             format!(
-                "`{text}` is outside the accepted {}..={}",
+                "`{text}` is outside the accepted {}..={}d",
                 format_duration(MIN_DURATION),
-                format_duration(max)
+                max.as_secs() / DAY
             ),
         ));
     }
@@ -918,6 +918,7 @@ mod tests {
         assert!(error.contains("`repair.sync_timeout`"), "{error}");
         let error = refusal(file("[repair]\nround_timeout = \"400d\"\n"));
         assert!(error.contains("`repair.round_timeout`"), "{error}");
+        assert!(error.contains("1ms..=30d"), "{error}");
     }
 
     #[test]
