@@ -2,3 +2,4 @@
 mod canonical;
 mod cluster;
 mod operator;
+mod operator_cli;

@@ -119,21 +119,20 @@ pub(crate) fn run() -> Result<()> {
         )?;
         let syncs = result["syncs"].as_array().cloned().unwrap_or_default();
         for sync in &syncs {
-            let applied =
-                sync["applied"].as_u64().unwrap_or(0) + sync["received"].as_u64().unwrap_or(0);
-            repaired += sync["applied"].as_u64().unwrap_or(0);
-            bytes += sync["bytes_sent"].as_u64().unwrap_or(0)
-                + sync["bytes_received"].as_u64().unwrap_or(0);
+            let count = |key: &str| sync[key].as_u64().unwrap_or(0);
+            let from = sync["from"].as_str().unwrap_or("?");
+            let to = sync["to"].as_str().unwrap_or("?");
+            // Each copy applied is counted once, on the side that applied it.
+            repaired += count("applied") + count("peer_applied");
+            let moved = count("bytes_sent") + count("bytes_received");
+            bytes += moved;
             say(&format!(
-                "  shard {shard}: sync {} -> {}: compared {}, sent {}, received {}, applied {}, {} bytes",
-                sync["from"].as_str().unwrap_or("?"),
-                sync["to"].as_str().unwrap_or("?"),
-                sync["compared"],
-                sync["sent"],
-                sync["received"],
-                applied,
-                sync["bytes_sent"].as_u64().unwrap_or(0)
-                    + sync["bytes_received"].as_u64().unwrap_or(0),
+                "  shard {shard}: sync {from} -> {to}: compared {}; {from} sent {} ({to} applied {}); {from} received {} (applied {}); {moved} bytes",
+                count("compared"),
+                count("sent"),
+                count("peer_applied"),
+                count("received"),
+                count("applied"),
             ));
         }
         if result["ok"] != Value::Bool(true) {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use propd_proto::v1 as pb;
 
 use crate::types::{
-    Context, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey, SpanKind,
-    SyncReport, TraceSpan,
+    Context, MessageId, Millis, Outcome, Progress, Propagation, PropagationResult, RoundStep,
+    ShardKey, SpanKind, SyncReport, TraceSpan,
 };
 
 /// A gossip message that cannot be turned into a domain value.
@@ -41,6 +41,8 @@ impl From<SyncReport> for pb::SyncReport {
             received: r.received,
             applied: r.applied,
             failed: r.failed,
+            peer_applied: r.peer_applied,
+            peer_failed: r.peer_failed,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
             ..Default::default()
@@ -56,6 +58,8 @@ impl From<&pb::SyncReport> for SyncReport {
             received: r.received,
             applied: r.applied,
             failed: r.failed,
+            peer_applied: r.peer_applied,
+            peer_failed: r.peer_failed,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
         }
@@ -110,6 +114,7 @@ impl From<TraceSpan> for pb::TraceSpan {
             duration_ms: u64::try_from(s.duration.as_millis()).unwrap_or(u64::MAX),
             report: s.report.map(Into::into),
             error: s.error.unwrap_or_default(),
+            count: s.count,
         }
     }
 }
@@ -137,6 +142,7 @@ impl TryFrom<pb::TraceSpan> for TraceSpan {
             duration: Duration::from_millis(s.duration_ms),
             report: s.report.as_ref().map(Into::into),
             error: (!s.error.is_empty()).then_some(s.error),
+            count: s.count,
         })
     }
 }
@@ -174,6 +180,43 @@ impl TryFrom<pb::PropagationRequest> for Propagation {
             context,
             trace: trace_from(r.trace)?,
         })
+    }
+}
+
+impl From<Progress> for pb::PropagationProgress {
+    fn from(p: Progress) -> Self {
+        pb::PropagationProgress {
+            context: Some(p.propagation.context.into()),
+            trace: p.propagation.trace.into_iter().map(Into::into).collect(),
+            reported_by: p.reported_by,
+        }
+    }
+}
+
+impl TryFrom<pb::PropagationProgress> for Progress {
+    type Error = ConvertError;
+
+    fn try_from(p: pb::PropagationProgress) -> Result<Self, ConvertError> {
+        Ok(Progress {
+            propagation: Propagation {
+                context: context_from(p.context, "PropagationProgress")?,
+                trace: trace_from(p.trace)?,
+            },
+            reported_by: p.reported_by,
+        })
+    }
+}
+
+impl From<RoundStep> for pb::RoundStep {
+    fn from(s: RoundStep) -> Self {
+        pb::RoundStep {
+            message_id: s.message_id.0,
+            group: s.key.group,
+            shard: s.key.shard,
+            max_count: s.max_count,
+            index: s.index,
+            span: Some(s.span.into()),
+        }
     }
 }
 
@@ -264,10 +307,13 @@ mod tests {
                         received: 3,
                         applied: 4,
                         failed: 5,
+                        peer_applied: 8,
+                        peer_failed: 9,
                         bytes_sent: 6,
                         bytes_received: 7,
                     }),
                     error: None,
+                    count: 1,
                 },
                 TraceSpan {
                     kind: SpanKind::Skip,
@@ -277,6 +323,7 @@ mod tests {
                     duration: Duration::ZERO,
                     report: None,
                     error: Some("down".into()),
+                    count: 2,
                 },
             ],
             reported_by: "b".into(),
@@ -301,6 +348,22 @@ mod tests {
         assert_eq!(Propagation::try_from(wire), Ok(p));
         let err = Propagation::try_from(pb::PropagationRequest::default()).unwrap_err();
         assert_eq!(err.to_string(), "PropagationRequest.context is missing");
+    }
+
+    #[test]
+    fn progress_round_trips_and_needs_a_context() {
+        let r = result();
+        let progress = Progress {
+            propagation: Propagation {
+                context: r.context,
+                trace: r.trace,
+            },
+            reported_by: "c".into(),
+        };
+        let wire = pb::PropagationProgress::from(progress.clone());
+        assert_eq!(Progress::try_from(wire), Ok(progress));
+        let err = Progress::try_from(pb::PropagationProgress::default()).unwrap_err();
+        assert_eq!(err.to_string(), "PropagationProgress.context is missing");
     }
 
     #[test]

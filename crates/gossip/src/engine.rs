@@ -1,18 +1,18 @@
 //! The propagation state machine: inputs in, [`Command`]s out, time as a parameter.
 //!
 //! One [`Engine`] per node. The caller feeds it what happened (`start`, `handle_propagate`,
-//! `handle_sync_done`, `handle_hand_off`, `handle_report`, `handle_tick`) and then drains the
-//! commands it emitted with [`Engine::poll_command`]. The engine owns no socket, spawns no task
-//! and reads no clock, so the same code runs under the tonic driver and under the in-memory
-//! router of the tests.
+//! `handle_sync_done`, `handle_hand_off`, `handle_progress`, `handle_report`, `handle_tick`) and
+//! then drains the commands it emitted with [`Engine::poll_command`]. The engine owns no
+//! socket, spawns no task and reads no clock, so the same code runs under the tonic driver and
+//! under the in-memory router of the tests.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::sync::{SyncFailure, SyncOutcome, SyncRequest};
 use crate::types::{
-    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
-    SpanKind, SyncReport, TraceSpan, max_count,
+    Context, MemberId, MessageId, Millis, Outcome, Progress, Propagation, PropagationResult,
+    RoundStep, ShardKey, SpanKind, SyncReport, TraceSpan, max_count, round_steps,
 };
 
 /// Timeouts of the state machine.
@@ -168,6 +168,18 @@ pub enum Command {
         /// The result.
         result: PropagationResult,
     },
+    /// Send a holder's progress on a round to its origin (another node) and feed it to its
+    /// [`Engine::handle_progress`] there. Best effort: the result carries the whole trace.
+    ReportProgress {
+        /// The origin.
+        to: MemberId,
+        /// The round as it is here after the step.
+        progress: Progress,
+    },
+    /// A step of a round this node started, learnt from a holder's progress (or taken here):
+    /// pass it to whoever watches the round. Every step of a round comes out once, in trace
+    /// order, before the round's [`Command::Finished`].
+    Step(RoundStep),
     /// A round this node started has ended: keep the result and wake whoever waits for it.
     Finished(PropagationResult),
 }
@@ -198,6 +210,8 @@ struct OriginRound {
     propagation: Propagation,
     /// The node the origin is handing the round to, while it does.
     dispatching_to: Option<usize>,
+    /// The steps passed on as [`Command::Step`] so far, in trace order.
+    steps: Vec<RoundStep>,
 }
 
 /// The propagation state machine of one node.
@@ -262,6 +276,15 @@ impl Engine {
         self.origin_rounds.keys()
     }
 
+    /// The steps of a round this node started and has no result for yet, as far as they are
+    /// known here (each already emitted as a [`Command::Step`]); `None` when it is not pending.
+    #[must_use]
+    pub fn steps(&self, message_id: &MessageId) -> Option<&[RoundStep]> {
+        self.origin_rounds
+            .get(message_id)
+            .map(|round| round.steps.as_slice())
+    }
+
     /// Starts a round as its origin: builds the context (`max_count = 2n - 3`, a fresh message
     /// id) and hands the round to `nodes[0]`, or holds it here when this node is `nodes[0]`.
     ///
@@ -299,6 +322,7 @@ impl Engine {
             OriginRound {
                 propagation,
                 dispatching_to: None,
+                steps: Vec::new(),
             },
         );
         self.dispatch(now, &message_id, 0);
@@ -527,14 +551,13 @@ impl Engine {
             duration: now.since(since),
             report,
             error,
+            count: 0,
         };
         match outcome {
             Ok(report) => {
-                held.propagation
-                    .trace
-                    .push(span(SpanKind::Sync, Some(report), None));
                 held.propagation.context.count += 1;
                 held.last_progress = now;
+                self.record(&key, span(SpanKind::Sync, Some(report), None));
                 if self.count_spent(&key) {
                     self.end_held(&key, Outcome::Completed, None, false);
                 } else {
@@ -542,18 +565,14 @@ impl Engine {
                 }
             }
             Err(SyncFailure::Unreachable { error }) => {
-                held.propagation
-                    .trace
-                    .push(span(SpanKind::Skip, None, Some(error)));
                 held.propagation.context.count += 1;
                 held.last_progress = now;
+                self.record(&key, span(SpanKind::Skip, None, Some(error)));
                 self.after_skip(now, &key, peer);
             }
             Err(SyncFailure::Failed { error, report }) => {
                 let report: Option<SyncReport> = report;
-                held.propagation
-                    .trace
-                    .push(span(SpanKind::Sync, report, Some(error.clone())));
+                self.record(&key, span(SpanKind::Sync, report, Some(error.clone())));
                 let error = format!("sync {} -> {peer} failed: {error}", self.me);
                 self.end_held(&key, Outcome::Aborted, Some(error), false);
             }
@@ -640,7 +659,9 @@ impl Engine {
                 self.end_held(&key, Outcome::Aborted, Some(error), false);
             }
             HandOffOutcome::Unreachable { error } => {
-                held.propagation.trace.push(TraceSpan {
+                held.propagation.context.count += 1;
+                held.last_progress = now;
+                let span = TraceSpan {
                     kind: SpanKind::Skip,
                     from: self.me.clone(),
                     to: to.to_owned(),
@@ -648,9 +669,9 @@ impl Engine {
                     duration: now.since(since),
                     report: None,
                     error: Some(format!("hand-off failed: {error}")),
-                });
-                held.propagation.context.count += 1;
-                held.last_progress = now;
+                    count: 0,
+                };
+                self.record(&key, span);
                 self.after_skip(now, &key, to);
             }
         }
@@ -696,7 +717,13 @@ impl Engine {
                     duration: Duration::ZERO,
                     report: None,
                     error: Some(format!("hand-off failed: {error}")),
+                    count: round.propagation.context.count,
                 });
+                let Propagation { context, trace } = round.propagation.clone();
+                self.stream(&context, &trace);
+                let Some(round) = self.origin_rounds.get(message_id) else {
+                    return true;
+                };
                 let next = round.propagation.context.next_index(index);
                 if next == 0 {
                     let propagation = round.propagation.clone();
@@ -708,6 +735,51 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// Appends a step to the held round for `key`, with the round's count as it is now, and
+    /// reports the progress to the origin.
+    fn record(&mut self, key: &ShardKey, mut span: TraceSpan) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        span.count = held.propagation.context.count;
+        held.propagation.trace.push(span);
+        let propagation = held.propagation.clone();
+        let origin = propagation.context.origin.clone();
+        if origin == self.me {
+            self.stream(&propagation.context, &propagation.trace);
+        } else {
+            self.commands.push_back(Command::ReportProgress {
+                to: origin,
+                progress: Progress {
+                    propagation,
+                    reported_by: self.me.clone(),
+                },
+            });
+        }
+    }
+
+    /// Emits the steps of `trace` not yet emitted for the pending round of `context`; false
+    /// when the round is not pending here.
+    fn stream(&mut self, context: &Context, trace: &[TraceSpan]) -> bool {
+        let Some(round) = self.origin_rounds.get_mut(&context.message_id) else {
+            return false;
+        };
+        let steps = round_steps(context, trace, round.steps.len());
+        round.steps.extend(steps.iter().cloned());
+        self.commands.extend(steps.into_iter().map(Command::Step));
+        true
+    }
+
+    /// A holder's progress on a round this node started: its new steps come out as
+    /// [`Command::Step`]s. Returns false (and does nothing) when the round is not pending here.
+    pub fn handle_progress(&mut self, _now: Millis, progress: Progress) -> bool {
+        let Propagation { context, trace } = &progress.propagation;
+        if context.origin != self.me {
+            return false;
+        }
+        self.stream(context, trace)
     }
 
     /// Ends the held round for `key` and reports it to its origin.
@@ -747,17 +819,16 @@ impl Engine {
     }
 
     fn deliver(&mut self, result: PropagationResult) -> bool {
-        if self
-            .origin_rounds
-            .remove(&result.context.message_id)
-            .is_none()
-        {
+        let Some(round) = self.origin_rounds.remove(&result.context.message_id) else {
             tracing::debug!(
                 message_id = %result.context.message_id,
                 "ignoring a result for a round that is not pending here"
             );
             return false;
-        }
+        };
+        // Steps whose progress report was lost or is still on its way come out now.
+        let missing = round_steps(&result.context, &result.trace, round.steps.len());
+        self.commands.extend(missing.into_iter().map(Command::Step));
         self.commands.push_back(Command::Finished(result));
         true
     }
@@ -788,7 +859,7 @@ impl Engine {
                         self.me,
                         elapsed.as_secs()
                     );
-                    held.propagation.trace.push(TraceSpan {
+                    let span = TraceSpan {
                         kind: SpanKind::Sync,
                         from: self.me.clone(),
                         to: peer.clone(),
@@ -796,7 +867,9 @@ impl Engine {
                         duration: elapsed,
                         report: None,
                         error: Some(error.clone()),
-                    });
+                        count: 0,
+                    };
+                    self.record(&key, span);
                     self.end_held(&key, Outcome::TimedOut, Some(error), true);
                     continue;
                 }
@@ -821,7 +894,9 @@ impl Engine {
                 "no result within the round timeout of {} s",
                 self.config.round_timeout.as_secs()
             );
-            let Propagation { context, trace } = round.propagation.clone();
+            // The trace as far as the holders' progress told it.
+            let context = round.propagation.context.clone();
+            let trace = round.steps.iter().map(|step| step.span.clone()).collect();
             self.deliver(PropagationResult {
                 context,
                 outcome: Outcome::TimedOut,

@@ -6,9 +6,10 @@
 //!
 //! - [`Engine`] is the state machine of one node. It is pure and deterministic: the caller
 //!   feeds it inputs (`start`, `handle_propagate`, `handle_sync_done`, `handle_hand_off`,
-//!   `handle_report`, `handle_tick`), each with the current time as a [`Millis`], and drains
-//!   the [`Command`]s it emits with [`Engine::poll_command`] (the "engine emits commands"
-//!   shape of openraft). It owns no socket, spawns no task and reads no clock.
+//!   `handle_progress`, `handle_report`, `handle_tick`), each with the current time as a
+//!   [`Millis`], and drains the [`Command`]s it emits with [`Engine::poll_command`] (the
+//!   "engine emits commands" shape of openraft). It owns no socket, spawns no task and reads no
+//!   clock.
 //! - [`SyncWork`] is the work of one sync. The node crate implements it with the repair
 //!   client; the engine only sees a sync's outcome ([`SyncReport`] or [`SyncFailure`]).
 //! - [`RecentResults`] is the origin's bounded store of recent results, read by message id.
@@ -30,7 +31,8 @@
 //! node's tonic server, and keep the pool's `set_members` up to date. To repair
 //! a shard: `driver.start(StartRequest { key, nodes, preview })` returns the message id at once;
 //! `driver.wait(&id, timeout)` waits for the result, `driver.result(&id)` and
-//! `driver.recent_results()` read the kept ones, `driver.subscribe()` streams every result.
+//! `driver.recent_results()` read the kept ones, `driver.subscribe()` streams every result, and
+//! `driver.watch(&id)` yields a round's steps as the holders report them, then its result.
 //!
 //! # What this crate does not do
 //!
@@ -51,6 +53,6 @@ pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcom
 pub use results::RecentResults;
 pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
 pub use types::{
-    Context, MemberId, MessageId, Millis, Outcome, Propagation, PropagationResult, ShardKey,
-    SpanKind, SyncReport, TraceSpan, max_count,
+    Context, MemberId, MessageId, Millis, Outcome, Progress, Propagation, PropagationResult,
+    RoundStep, ShardKey, SpanKind, SyncReport, TraceSpan, max_count, round_steps,
 };

@@ -3,11 +3,11 @@
 //! one pool, shared with its other clients), and lets the origin wait for results.
 //!
 //! The driver is thin on purpose: every decision is the engine's. The driver only turns the
-//! engine's commands into tasks (a sync through [`SyncWork`], a `Propagate` or `Report` call)
-//! and feeds what they return back into the engine, under one lock, with the time read from
+//! engine's commands into tasks (a sync through [`SyncWork`], a `Propagate`, `Report` or
+//! `ReportProgress` call) and feeds what they return back into the engine, under one lock, with the time read from
 //! tokio's clock (so `tokio::time::pause` drives it in tests).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +26,14 @@ use crate::engine::{
 };
 use crate::results::RecentResults;
 use crate::sync::SyncWork;
-use crate::types::{MemberId, MessageId, Millis, Propagation, PropagationResult, ShardKey};
+use crate::types::{
+    MemberId, MessageId, Millis, Progress, Propagation, PropagationResult, RoundStep, ShardKey,
+    round_steps,
+};
+
+/// How many round events a watcher may fall behind before it loses some (it then recovers
+/// them from the result).
+const EVENTS_CAPACITY: usize = 1024;
 
 /// One lazily connected channel per member, by member id: a node's one pool of channels, for
 /// the gossip driver and every other client the node has. Cheap to clone (one shared map).
@@ -159,6 +166,7 @@ struct State {
     waiters: HashMap<MessageId, Vec<oneshot::Sender<PropagationResult>>>,
     syncs: HashMap<(MessageId, MemberId), AbortHandle>,
     finished: broadcast::Sender<PropagationResult>,
+    events: broadcast::Sender<RoundEvent>,
 }
 
 struct Inner<S> {
@@ -200,6 +208,7 @@ impl<S: SyncWork> GossipDriver<S> {
             waiters: HashMap::new(),
             syncs: HashMap::new(),
             finished: broadcast::channel(config.results_capacity.max(1)).0,
+            events: broadcast::channel(EVENTS_CAPACITY).0,
         };
         let inner = Arc::new(Inner {
             me,
@@ -298,6 +307,101 @@ impl<S: SyncWork> GossipDriver<S> {
     pub fn running(&self, key: &ShardKey) -> Option<MessageId> {
         self.inner.lock().engine.running(key).cloned()
     }
+
+    /// Watches round `message_id`, started here: every step of its trace once, in order, as
+    /// the holders report them (the steps already known come first), then its result. A round
+    /// that already ended yields its trace's steps and its result at once.
+    pub fn watch(&self, message_id: &MessageId) -> Result<RoundWatch<S>, WaitError> {
+        let state = self.inner.lock();
+        let mut watch = RoundWatch {
+            driver: self.clone(),
+            message_id: message_id.clone(),
+            backlog: VecDeque::new(),
+            events: None,
+            next_index: 0,
+        };
+        if let Some(result) = state.results.get(message_id) {
+            watch.finish(result.clone());
+            return Ok(watch);
+        }
+        let Some(steps) = state.engine.steps(message_id) else {
+            return Err(WaitError::Unknown {
+                message_id: message_id.clone(),
+            });
+        };
+        watch
+            .backlog
+            .extend(steps.iter().cloned().map(RoundEvent::Step));
+        watch.events = Some(state.events.subscribe());
+        Ok(watch)
+    }
+}
+
+/// What a watcher of a round learns: its steps, then its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoundEvent {
+    /// One step (a sync or a skip) of the round.
+    Step(RoundStep),
+    /// The round ended; nothing follows.
+    Finished(PropagationResult),
+}
+
+/// The events of one round, from [`GossipDriver::watch`].
+pub struct RoundWatch<S: SyncWork> {
+    driver: GossipDriver<S>,
+    message_id: MessageId,
+    backlog: VecDeque<RoundEvent>,
+    /// `None` once the result is in the backlog.
+    events: Option<broadcast::Receiver<RoundEvent>>,
+    /// The trace position of the next step to yield.
+    next_index: usize,
+}
+
+impl<S: SyncWork> RoundWatch<S> {
+    /// The next event; `None` after the result (or when the driver stopped).
+    pub async fn next(&mut self) -> Option<RoundEvent> {
+        loop {
+            if let Some(event) = self.backlog.pop_front() {
+                if let RoundEvent::Step(step) = &event {
+                    self.next_index = step.index as usize + 1;
+                }
+                return Some(event);
+            }
+            let events = self.events.as_mut()?;
+            match events.recv().await {
+                Ok(RoundEvent::Step(step))
+                    if step.message_id == self.message_id
+                        && step.index as usize >= self.next_index =>
+                {
+                    self.backlog.push_back(RoundEvent::Step(step));
+                }
+                Ok(RoundEvent::Finished(result))
+                    if result.context.message_id == self.message_id =>
+                {
+                    self.finish(result);
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Steps were lost; the result, once it is in, has them all.
+                    if let Some(result) = self.driver.result(&self.message_id) {
+                        self.finish(result);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.events = None;
+                }
+            }
+        }
+    }
+
+    /// Queues the steps of the result's trace not yielded yet, then the result.
+    fn finish(&mut self, result: PropagationResult) {
+        let missing = round_steps(&result.context, &result.trace, self.next_index);
+        self.backlog
+            .extend(missing.into_iter().map(RoundEvent::Step));
+        self.backlog.push_back(RoundEvent::Finished(result));
+        self.events = None;
+    }
 }
 
 fn spawn_ticker<S: SyncWork>(inner: Weak<Inner<S>>, every: Duration) {
@@ -373,6 +477,15 @@ impl<S: SyncWork> Inner<S> {
                 let inner = Arc::clone(self);
                 tokio::spawn(async move { inner.report(channel, &to, result).await });
             }
+            Command::ReportProgress { to, progress } => {
+                let channel = self.channels.channel(&to);
+                let inner = Arc::clone(self);
+                tokio::spawn(async move { inner.report_progress(channel, &to, progress).await });
+            }
+            Command::Step(step) => {
+                // No watcher is not an error.
+                let _ = state.events.send(RoundEvent::Step(step));
+            }
             Command::Finished(result) => {
                 let context = &result.context;
                 tracing::info!(
@@ -389,6 +502,7 @@ impl<S: SyncWork> Inner<S> {
                         duration_ms = span.duration.as_millis() as u64,
                         compared = span.report.map_or(0, |r| r.compared),
                         applied = span.report.map_or(0, |r| r.applied),
+                        peer_applied = span.report.map_or(0, |r| r.peer_applied),
                         bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
                         bytes_received = span.report.map_or(0, |r| r.bytes_received),
                         error = span.error.as_deref().unwrap_or(""),
@@ -405,6 +519,7 @@ impl<S: SyncWork> Inner<S> {
                 }
                 // No subscriber is not an error.
                 let _ = state.finished.send(result.clone());
+                let _ = state.events.send(RoundEvent::Finished(result.clone()));
                 state.results.insert(result);
             }
         }
@@ -466,6 +581,30 @@ impl<S: SyncWork> Inner<S> {
                 message_id = %message_id, origin = to, code = ?status.code(),
                 error = status.message(), "could not report a result to its origin"
             );
+        }
+    }
+}
+
+impl<S: SyncWork> Inner<S> {
+    /// Sends a holder's progress to the origin once, without retries: a lost report costs the
+    /// origin's watchers nothing but timeliness, the result carries the whole trace.
+    async fn report_progress(&self, channel: Option<Channel>, to: &str, progress: Progress) {
+        let Some(channel) = channel else {
+            return;
+        };
+        let message_id = progress.propagation.context.message_id.clone();
+        let request = pb::PropagationProgress::from(progress);
+        let mut client = client(channel);
+        let call = client.report_progress(request);
+        match tokio::time::timeout(self.config.request_timeout, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => tracing::debug!(
+                message_id = %message_id, origin = to, code = ?status.code(),
+                error = status.message(), "could not report progress to the origin"
+            ),
+            Err(_) => tracing::debug!(
+                message_id = %message_id, origin = to, "no answer to a progress report"
+            ),
         }
     }
 }
@@ -548,6 +687,18 @@ impl<S: SyncWork> GossipService for GossipServer<S> {
         self.driver
             .inner
             .input(|engine, now| engine.handle_report(now, result));
+        Ok(Response::new(pb::ReportAck {}))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::PropagationProgress>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let progress = Progress::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.driver
+            .inner
+            .input(|engine, now| engine.handle_progress(now, progress));
         Ok(Response::new(pb::ReportAck {}))
     }
 }

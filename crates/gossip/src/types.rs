@@ -120,10 +120,14 @@ pub struct SyncReport {
     pub sent: u64,
     /// Properties received from the peer.
     pub received: u64,
-    /// Properties applied (on either side).
+    /// Received properties the holder applied (they were newer than its copies).
     pub applied: u64,
-    /// Properties that failed to apply (counted and traced; the sync went on).
+    /// Received properties the holder failed to apply (counted and traced; the sync went on).
     pub failed: u64,
+    /// Sent properties the peer applied.
+    pub peer_applied: u64,
+    /// Sent properties the peer failed to apply.
+    pub peer_failed: u64,
     /// Bytes sent to the peer.
     pub bytes_sent: u64,
     /// Bytes received from the peer.
@@ -156,6 +160,9 @@ pub struct TraceSpan {
     pub report: Option<SyncReport>,
     /// Why the step failed, `None` on success.
     pub error: Option<String>,
+    /// The round's count right after this step: a sync or a skip counts one, except the
+    /// origin's own skips and a failed sync (which ends the round).
+    pub count: u32,
 }
 
 /// A propagation as handed from one node to the next: its context and the trace so far.
@@ -165,6 +172,48 @@ pub struct Propagation {
     pub context: Context,
     /// The spans recorded so far, in order.
     pub trace: Vec<TraceSpan>,
+}
+
+/// A round's progress as a holder reports it to the origin after each step: the context and
+/// the whole trace so far, so that a report lost or overtaken by a later one loses nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// The round as it is on the holder after the step.
+    pub propagation: Propagation,
+    /// The holder.
+    pub reported_by: MemberId,
+}
+
+/// One step (a sync or a skip) of a round started here, as the origin learns of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundStep {
+    /// The round.
+    pub message_id: MessageId,
+    /// Its (group, shard).
+    pub key: ShardKey,
+    /// Its `2n - 3`: [`TraceSpan::count`] of `max_count` steps are done after this one.
+    pub max_count: u32,
+    /// The position of the step in the round's trace, from 0.
+    pub index: u32,
+    /// The step.
+    pub span: TraceSpan,
+}
+
+/// The steps of the trace of the round in `context` from position `from` on.
+#[must_use]
+pub fn round_steps(context: &Context, trace: &[TraceSpan], from: usize) -> Vec<RoundStep> {
+    trace
+        .iter()
+        .enumerate()
+        .skip(from)
+        .map(|(index, span)| RoundStep {
+            message_id: context.message_id.clone(),
+            key: context.key.clone(),
+            max_count: context.max_count,
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            span: span.clone(),
+        })
+        .collect()
 }
 
 /// How a round ended.

@@ -1,14 +1,17 @@
-//! The admin API: start a round now (and wait, or preview), read a result, show a tree, show
-//! status, pause and resume background repair, set the repair throttle; and two node-to-node
-//! calls: a liveness ping and the notice of a complete round.
+//! The admin API: start a round now (and wait, or preview), watch a round's steps as they
+//! happen, read a result, show a tree, show status, pause and resume background repair, set the
+//! repair throttle; and two node-to-node calls: a liveness ping and the notice of a complete
+//! round.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use propd_gossip::transport::RoundEvent;
 use propd_gossip::{MessageId, ShardKey, StartRequest};
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminService;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{blocking, invalid};
@@ -109,6 +112,34 @@ impl AdminService for AdminApi {
             response.result = Some(result.into());
         }
         Ok(Response::new(response))
+    }
+
+    type WatchRoundStream = ReceiverStream<Result<v1::RoundEvent, Status>>;
+
+    async fn watch_round(
+        &self,
+        request: Request<v1::WatchRoundRequest>,
+    ) -> Result<Response<Self::WatchRoundStream>, Status> {
+        let id = MessageId(request.into_inner().message_id);
+        let mut watch = self
+            .gossip
+            .watch(&id)
+            .map_err(|error| Status::not_found(error.to_string()))?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(event) = watch.next().await {
+                let event = match event {
+                    RoundEvent::Step(step) => v1::round_event::Event::Step(step.into()),
+                    RoundEvent::Finished(result) => v1::round_event::Event::Result(result.into()),
+                };
+                let event = v1::RoundEvent { event: Some(event) };
+                if sender.send(Ok(event)).await.is_err() {
+                    // The watcher went away.
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn get_result(

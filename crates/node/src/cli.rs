@@ -3,12 +3,13 @@
 //! Every client command prints its result on stdout (`--output text|json`) and exits 0, or
 //! prints one line on stderr and exits non-zero.
 
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use propd_proto::v1;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
@@ -19,6 +20,7 @@ use propd_store::GroupDef;
 
 use crate::config::{
     DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
+    PartialTree,
 };
 
 /// propd: a replicated property store whose replicas repair themselves.
@@ -112,6 +114,24 @@ struct ServeArgs {
     /// `telemetry.otlp_endpoint`: export every round's trace over OTLP/gRPC to this URL.
     #[arg(long, env = "PROPD_TELEMETRY_OTLP_ENDPOINT")]
     telemetry_otlp_endpoint: Option<String>,
+    /// `tree.algorithm`: the trees' hash, `sha512` or `blake3` (fixed when the store is created).
+    #[arg(long, env = "PROPD_TREE_ALGORITHM")]
+    tree_algorithm: Option<String>,
+    /// `tree.slot_count`: children of each tree's root.
+    #[arg(long, env = "PROPD_TREE_SLOT_COUNT")]
+    tree_slot_count: Option<u32>,
+    /// `tree.fanout`: children of each node below the slots.
+    #[arg(long, env = "PROPD_TREE_FANOUT")]
+    tree_fanout: Option<u32>,
+    /// `tree.depth`: bucket levels below the slots.
+    #[arg(long, env = "PROPD_TREE_DEPTH")]
+    tree_depth: Option<u32>,
+    /// `tree.digest_width`: bytes kept of every digest.
+    #[arg(long, env = "PROPD_TREE_DIGEST_WIDTH")]
+    tree_digest_width: Option<u32>,
+    /// `log_format`: `text` (default) or `json`, one object per line.
+    #[arg(long, env = "PROPD_LOG_FORMAT")]
+    log_format: Option<String>,
 }
 
 impl ServeArgs {
@@ -149,6 +169,14 @@ impl ServeArgs {
             telemetry: PartialTelemetry {
                 otlp_endpoint: self.telemetry_otlp_endpoint,
             },
+            tree: PartialTree {
+                algorithm: self.tree_algorithm,
+                slot_count: self.tree_slot_count,
+                fanout: self.tree_fanout,
+                depth: self.tree_depth,
+                digest_width: self.tree_digest_width,
+            },
+            log_format: self.log_format,
         };
         Ok(flags.over(file))
     }
@@ -394,12 +422,24 @@ fn parse_tags(tags: &[String]) -> Result<Vec<v1::Tag>> {
         .collect()
 }
 
-fn print(output: Output, value: &Value, text: &str) {
-    #[allow(clippy::print_stdout, reason = "the CLI's own output")]
+/// Writes the command's result on stdout. A closed stdout (`propd ... | head`) is an
+/// `io::ErrorKind::BrokenPipe` error, which `main` ends quietly.
+fn print(output: Output, value: &Value, text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
     match output {
-        Output::Json => println!("{value}"),
-        Output::Text => println!("{text}"),
-    }
+        Output::Json => writeln!(stdout, "{value}"),
+        Output::Text => writeln!(stdout, "{text}"),
+    }?;
+    stdout.flush()
+}
+
+/// Whether `error` comes from writing to a pipe whose reader is gone: nothing is left to say.
+pub fn is_closed_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn tag_json(value: Option<&v1::TagValue>) -> Value {
@@ -476,7 +516,7 @@ async fn put(args: PutArgs) -> Result<()> {
             "ok revision={} acknowledged={}/{}",
             response.mod_revision, response.acknowledged, response.copies
         ),
-    );
+    )?;
     Ok(())
 }
 
@@ -501,7 +541,7 @@ async fn get(args: GetArgs) -> Result<()> {
                 args.client.output,
                 &property_json(&property),
                 &property_text(&property),
-            );
+            )?;
             Ok(())
         }
         None => bail!("not found: {}", args.entity),
@@ -545,7 +585,7 @@ async fn delete(args: DeleteArgs) -> Result<()> {
             response.acknowledged,
             response.copies
         ),
-    );
+    )?;
     Ok(())
 }
 
@@ -574,7 +614,7 @@ async fn query(args: QueryArgs) -> Result<()> {
         .into_inner();
     let json = Value::Array(response.properties.iter().map(property_json).collect());
     let text: Vec<String> = response.properties.iter().map(property_text).collect();
-    print(args.client.output, &json, &text.join("\n"));
+    print(args.client.output, &json, &text.join("\n"))?;
     Ok(())
 }
 
@@ -592,7 +632,7 @@ async fn repair(args: RepairArgs) -> Result<()> {
             args.client.output,
             &json!({"paused": response.paused}),
             &format!("background repair {word}"),
-        );
+        )?;
         return Ok(());
     }
     let (Some(group), Some(shard)) = (args.group, args.shard) else {
@@ -602,29 +642,28 @@ async fn repair(args: RepairArgs) -> Result<()> {
     let request = v1::PropagateNowRequest {
         group: group.clone(),
         shard,
-        wait,
+        wait: false,
         preview: args.preview,
         timeout_ms: 0,
     };
     let started = Instant::now();
-    let call = client.propagate_now(request);
-    let response = if wait && std::io::stderr().is_terminal() {
-        with_spinner(&format!("repairing {group}/{shard}"), call).await
-    } else {
-        call.await
-    }
-    .map_err(status_error)?
-    .into_inner();
-    let Some(result) = response.result else {
+    let response = client
+        .propagate_now(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !wait {
         print(
             args.client.output,
             &json!({"message_id": response.message_id}),
             &format!("started {}", response.message_id),
-        );
+        )?;
         return Ok(());
-    };
+    }
+    let label = format!("repairing {group}/{shard}");
+    let result = follow_round(&mut client, &response.message_id, &label).await?;
     let (json, text) = result_output(&response.message_id, &result, started.elapsed());
-    print(args.client.output, &json, &text);
+    print(args.client.output, &json, &text)?;
     let ok = result.outcome == v1::PropagationOutcome::Completed as i32;
     if !ok {
         bail!(
@@ -680,17 +719,19 @@ fn result_output(
             "sent": report.sent,
             "received": report.received,
             "applied": report.applied,
+            "peer_applied": report.peer_applied,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "error": span.error,
         }));
         lines.push(format!(
-            "  sync {} -> {} {}ms compared={} sent={} received={} applied={} bytes={}/{}{}",
+            "  sync {} -> {} {}ms compared={} sent={} peer_applied={} received={} applied={} bytes={}/{}{}",
             span.from,
             span.to,
             span.duration_ms,
             report.compared,
             report.sent,
+            report.peer_applied,
             report.received,
             report.applied,
             report.bytes_sent,
@@ -706,27 +747,128 @@ fn result_output(
     (json, lines.join("\n"))
 }
 
-/// Draws an elapsed-time spinner on stderr while `future` runs.
-async fn with_spinner<F: Future>(label: &str, future: F) -> F::Output {
-    let started = Instant::now();
-    let mut future = std::pin::pin!(future);
-    let mut tick = tokio::time::interval(Duration::from_millis(120));
-    let frames = ['|', '/', '-', '\\'];
-    let mut frame = 0;
-    loop {
-        tokio::select! {
-            output = &mut future => {
-                #[allow(clippy::print_stderr, reason = "the CLI's progress display")]
-                { eprint!("\r\x1b[2K"); }
-                return output;
+/// Follows round `message_id` until its result: a progress bar on stderr when it is a terminal,
+/// one line per step there otherwise.
+async fn follow_round(
+    client: &mut AdminServiceClient<Channel>,
+    message_id: &str,
+    label: &str,
+) -> Result<v1::PropagationResult> {
+    let request = v1::WatchRoundRequest {
+        message_id: message_id.to_owned(),
+    };
+    let mut events = client
+        .watch_round(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut progress = RoundProgress::new(label, std::io::stderr().is_terminal());
+    while let Some(event) = events.message().await.map_err(status_error)? {
+        match event.event {
+            Some(v1::round_event::Event::Step(step)) => progress.step(&step),
+            Some(v1::round_event::Event::Result(result)) => {
+                progress.finish();
+                return Ok(result);
             }
-            _ = tick.tick() => {
-                frame = (frame + 1) % frames.len();
-                #[allow(clippy::print_stderr, reason = "the CLI's progress display")]
-                { eprint!("\r{} {label} {:.1}s", frames[frame], started.elapsed().as_secs_f64()); }
+            None => {}
+        }
+    }
+    progress.finish();
+    bail!("the node stopped reporting round {message_id} before it ended")
+}
+
+/// What `repair --wait` shows while a round runs: steps done of `max_count`, properties moved
+/// and bytes.
+struct RoundProgress {
+    /// The bar, on a terminal; plain lines otherwise.
+    bar: Option<ProgressBar>,
+    properties: u64,
+    bytes: u64,
+}
+
+impl RoundProgress {
+    fn new(label: &str, terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let style = ProgressStyle::with_template(
+                "{spinner} {prefix} [{bar:30}] {pos}/{len} steps, {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            let bar = ProgressBar::new(0).with_style(style);
+            bar.set_prefix(label.to_owned());
+            bar.set_message("waiting for the first step");
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Self {
+            bar,
+            properties: 0,
+            bytes: 0,
+        }
+    }
+
+    fn step(&mut self, step: &v1::RoundStep) {
+        let (properties, bytes) = step_traffic(step);
+        self.properties += properties;
+        self.bytes += bytes;
+        match &self.bar {
+            Some(bar) => {
+                let span = step.span.clone().unwrap_or_default();
+                bar.set_length(u64::from(step.max_count));
+                bar.set_position(u64::from(span.count));
+                bar.set_message(format!(
+                    "{} properties moved, {}",
+                    self.properties,
+                    HumanBytes(self.bytes)
+                ));
+            }
+            None => {
+                // Progress is a courtesy: a closed stderr must not end the command.
+                let _ = writeln!(std::io::stderr(), "{}", step_line(step));
             }
         }
     }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Properties moved (either way) and bytes of one step.
+fn step_traffic(step: &v1::RoundStep) -> (u64, u64) {
+    let report = step
+        .span
+        .as_ref()
+        .and_then(|span| span.report.clone())
+        .unwrap_or_default();
+    (
+        report.sent + report.received,
+        report.bytes_sent + report.bytes_received,
+    )
+}
+
+/// One step as a plain line: `step 2/3: sync n2 -> n3, 4 properties moved, 1200 bytes`.
+fn step_line(step: &v1::RoundStep) -> String {
+    let span = step.span.clone().unwrap_or_default();
+    let (properties, bytes) = step_traffic(step);
+    let kind = if span.kind == v1::trace_span::Kind::Skip as i32 {
+        "skip"
+    } else {
+        "sync"
+    };
+    let mut line = format!(
+        "step {}/{}: {kind} {} -> {}",
+        span.count, step.max_count, span.from, span.to
+    );
+    if kind == "sync" {
+        line.push_str(&format!(", {properties} properties moved, {bytes} bytes"));
+    }
+    if !span.error.is_empty() {
+        line.push_str(&format!(": {}", span.error));
+    }
+    line
 }
 
 async fn tree(args: TreeArgs) -> Result<()> {
@@ -787,7 +929,7 @@ async fn tree(args: TreeArgs) -> Result<()> {
             slot.leaves
         ));
     }
-    print(args.client.output, &json, &lines.join("\n"));
+    print(args.client.output, &json, &lines.join("\n"))?;
     Ok(())
 }
 
@@ -844,7 +986,7 @@ async fn status(args: StatusArgs) -> Result<()> {
             s.group, s.shard, s.pending
         ));
     }
-    print(args.client.output, &json, &lines.join("\n"));
+    print(args.client.output, &json, &lines.join("\n"))?;
     Ok(())
 }
 

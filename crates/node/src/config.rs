@@ -5,8 +5,36 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use propd_merkle::{Algorithm, Shape, ShapeError};
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
+
+/// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
+/// its copies, so a typo must not ask for millions of them.
+pub(crate) const MAX_SHARD_NUM: u32 = 65_536;
+/// The largest `replicas` of a group (copies are also capped at the member count).
+pub(crate) const MAX_REPLICAS: u32 = 255;
+/// The largest `write_acks` (it is capped at the copies of the shard written).
+pub(crate) const MAX_WRITE_ACKS: u32 = MAX_REPLICAS + 1;
+/// Room left in one gRPC message around the largest property: a request or a sync page carries
+/// the property with a few fields of its own.
+const MESSAGE_HEADROOM: usize = 64 * 1024;
+/// The largest `max_property_bytes`: a property must fit in one gRPC message with its request.
+pub(crate) const MAX_PROPERTY_BYTES_LIMIT: usize =
+    propd_proto::MAX_MESSAGE_BYTES - MESSAGE_HEADROOM;
+/// The largest `repair.throttle_bytes_per_second` (1 TiB/s; 0 means no limit).
+pub(crate) const MAX_THROTTLE_BYTES_PER_SECOND: u64 = 1 << 40;
+/// The shortest non-zero duration of any key: the gossip counts time in milliseconds.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+const DAY: u64 = 24 * 60 * 60;
+/// The longest `repair.period` and `repair.verify_interval`.
+pub(crate) const MAX_PERIOD: Duration = Duration::from_secs(365 * DAY);
+/// The longest `repair.sync_timeout`.
+pub(crate) const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(7 * DAY);
+/// The longest `repair.round_timeout`.
+pub(crate) const MAX_ROUND_TIMEOUT: Duration = Duration::from_secs(30 * DAY);
+/// The longest `repair.tombstone_grace`.
+pub(crate) const MAX_TOMBSTONE_GRACE: Duration = Duration::from_secs(3650 * DAY);
 
 /// Why a configuration cannot be used. Each message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +169,10 @@ pub(crate) struct Config {
     pub(crate) metrics: MetricsConfig,
     /// `[telemetry]`: where round traces go.
     pub(crate) telemetry: TelemetryConfig,
+    /// The shape of every tree in the store; recorded at creation, it cannot change after.
+    pub(crate) tree: Shape,
+    /// How log lines are written.
+    pub(crate) log_format: LogFormat,
 }
 
 /// The `[metrics]` table.
@@ -155,6 +187,16 @@ pub(crate) struct MetricsConfig {
 pub(crate) struct TelemetryConfig {
     /// OTLP/gRPC endpoint (`http://host:port`) every round's trace is exported to; none: off.
     pub(crate) otlp_endpoint: Option<String>,
+}
+
+/// How log lines are written on stderr: `log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
@@ -183,6 +225,8 @@ pub(crate) struct Partial {
     /// `[[groups]]`
     #[serde(default, deserialize_with = "group_entries")]
     pub(crate) groups: Option<Vec<GroupDef>>,
+    /// `log_format`: `text` or `json`
+    pub(crate) log_format: Option<String>,
     /// `[repair]`
     #[serde(default)]
     pub(crate) repair: PartialRepair,
@@ -195,6 +239,9 @@ pub(crate) struct Partial {
     /// `[store]`
     #[serde(default)]
     pub(crate) store: PartialStore,
+    /// `[tree]`
+    #[serde(default)]
+    pub(crate) tree: PartialTree,
 }
 
 /// The `[store]` table from one source.
@@ -219,6 +266,22 @@ pub(crate) struct PartialMetrics {
 pub(crate) struct PartialTelemetry {
     /// `telemetry.otlp_endpoint`
     pub(crate) otlp_endpoint: Option<String>,
+}
+
+/// The `[tree]` table from one source: the shape of every tree of the store.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTree {
+    /// `tree.algorithm`: `sha512` or `blake3`
+    pub(crate) algorithm: Option<String>,
+    /// `tree.slot_count`
+    pub(crate) slot_count: Option<u32>,
+    /// `tree.fanout`
+    pub(crate) fanout: Option<u32>,
+    /// `tree.depth`
+    pub(crate) depth: Option<u32>,
+    /// `tree.digest_width`
+    pub(crate) digest_width: Option<u32>,
 }
 
 /// The `[repair]` table from one source.
@@ -261,6 +324,8 @@ impl Partial {
     pub(crate) fn over(self, lower: Partial) -> Partial {
         let r = self.repair;
         let l = lower.repair;
+        let t = self.tree;
+        let u = lower.tree;
         Partial {
             node_id: self.node_id.or(lower.node_id),
             listen: self.listen.or(lower.listen),
@@ -270,6 +335,14 @@ impl Partial {
             max_property_bytes: self.max_property_bytes.or(lower.max_property_bytes),
             members: self.members.or(lower.members),
             groups: self.groups.or(lower.groups),
+            log_format: self.log_format.or(lower.log_format),
+            tree: PartialTree {
+                algorithm: t.algorithm.or(u.algorithm),
+                slot_count: t.slot_count.or(u.slot_count),
+                fanout: t.fanout.or(u.fanout),
+                depth: t.depth.or(u.depth),
+                digest_width: t.digest_width.or(u.digest_width),
+            },
             repair: PartialRepair {
                 enabled: r.enabled.or(l.enabled),
                 period: r.period.or(l.period),
@@ -310,14 +383,29 @@ impl Partial {
             .unwrap_or_else(|| PathBuf::from("data").join(&node_id));
         let members = resolve_members(&node_id, listen, self.members)?;
         let groups = resolve_groups(self.groups)?;
-        let write_acks = self.write_acks.unwrap_or(1);
-        if write_acks == 0 {
-            return Err(invalid("write_acks", "must be >= 1"));
-        }
-        let max_property_bytes = self.max_property_bytes.unwrap_or(1024 * 1024);
-        if max_property_bytes == 0 {
-            return Err(invalid("max_property_bytes", "must be >= 1"));
-        }
+        let write_acks = bounded(
+            "write_acks",
+            self.write_acks.unwrap_or(1),
+            1,
+            MAX_WRITE_ACKS,
+        )?;
+        let max_property_bytes = bounded(
+            "max_property_bytes",
+            self.max_property_bytes
+                .unwrap_or(propd_store::DEFAULT_MAX_PROPERTY_BYTES),
+            1,
+            MAX_PROPERTY_BYTES_LIMIT,
+        )?;
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("`{other}` is neither `text` nor `json`"),
+                ));
+            }
+        };
         Ok(Config {
             node_id,
             listen,
@@ -339,8 +427,26 @@ impl Partial {
                     .map(check_otlp_endpoint)
                     .transpose()?,
             },
+            tree: self.tree.resolve()?,
+            log_format,
         })
     }
+}
+
+/// `value` when it lies in `min..=max`; otherwise an error naming `key` and the bounds.
+fn bounded<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is outside the accepted {min}..={max}"),
+        ));
+    }
+    Ok(value)
 }
 
 /// The members sorted by id, checked: unique non-empty ids, `node_id` among them. Without
@@ -371,19 +477,70 @@ fn resolve_members(
             format!("a member at {} has an empty id", member.addr),
         ));
     }
-    if !members.iter().any(|m| m.id == node_id) {
+    let mut by_addr = std::collections::BTreeMap::new();
+    for member in &members {
+        if let Some(other) = by_addr.insert(member.addr, &member.id) {
+            return Err(invalid(
+                "members",
+                format!(
+                    "`{other}` and `{}` have the same address {}: one node would count as two copies",
+                    member.id, member.addr
+                ),
+            ));
+        }
+    }
+    let Some(me) = members.iter().find(|m| m.id == node_id) else {
         return Err(invalid(
             "node_id",
             format!("`{node_id}` is not one of the members ({})", ids(&members)),
         ));
-    }
+    };
+    check_listen(listen, me)?;
     Ok(members)
+}
+
+/// The node must listen where the other members reach it: `listen` and its own member address
+/// have the same port, and the same IP unless `listen` is a wildcard (`0.0.0.0`, `[::]`), which
+/// serves every address of the host (a node may listen on all interfaces and be reached at one).
+fn check_listen(listen: SocketAddr, me: &Member) -> Result<(), ConfigError> {
+    let same_port = listen.port() == me.addr.port();
+    let same_ip = listen.ip().is_unspecified() || listen.ip() == me.addr.ip();
+    if same_port && same_ip {
+        return Ok(());
+    }
+    Err(invalid(
+        "listen",
+        format!(
+            "{listen} is not where the members reach `{}` ({}): the port must be the same, and the IP too unless listen is 0.0.0.0 or [::]",
+            me.id, me.addr
+        ),
+    ))
 }
 
 /// The groups validated by the store's rule, the one definition of a valid group; without
 /// groups, one `default` group of one shard.
 fn resolve_groups(groups: Option<Vec<GroupDef>>) -> Result<Groups, ConfigError> {
     let groups = groups.unwrap_or_else(|| vec![GroupDef::new("default", 1, 0)]);
+    for group in &groups {
+        let over = |value: u32, max: u32| {
+            format!(
+                "group `{}`: {value} is more than the limit of {max}",
+                group.name
+            )
+        };
+        if group.shard_num > MAX_SHARD_NUM {
+            return Err(invalid(
+                "groups.shard_num",
+                over(group.shard_num, MAX_SHARD_NUM),
+            ));
+        }
+        if group.replicas > MAX_REPLICAS {
+            return Err(invalid(
+                "groups.replicas",
+                over(group.replicas, MAX_REPLICAS),
+            ));
+        }
+    }
     Groups::new(groups).map_err(|error| {
         let key = match error {
             StoreConfigError::ZeroShards { .. } => "groups.shard_num",
@@ -399,33 +556,39 @@ impl PartialRepair {
         let defaults = RepairConfig::default();
         let repair = RepairConfig {
             enabled: self.enabled.unwrap_or(defaults.enabled),
-            period: duration_or("repair.period", self.period, defaults.period)?,
+            period: duration_or("repair.period", self.period, defaults.period, MAX_PERIOD)?,
             cron: self.cron,
             sync_timeout: duration_or(
                 "repair.sync_timeout",
                 self.sync_timeout,
                 defaults.sync_timeout,
+                MAX_SYNC_TIMEOUT,
             )?,
             round_timeout: duration_or(
                 "repair.round_timeout",
                 self.round_timeout,
                 defaults.round_timeout,
+                MAX_ROUND_TIMEOUT,
             )?,
             verify_interval: duration_or(
                 "repair.verify_interval",
                 self.verify_interval,
                 defaults.verify_interval,
+                MAX_PERIOD,
             )?,
             tombstone_grace: duration_or(
                 "repair.tombstone_grace",
                 self.tombstone_grace,
                 defaults.tombstone_grace,
+                MAX_TOMBSTONE_GRACE,
             )?,
-            throttle_bytes_per_second: self.throttle_bytes_per_second.unwrap_or(0),
+            throttle_bytes_per_second: bounded(
+                "repair.throttle_bytes_per_second",
+                self.throttle_bytes_per_second.unwrap_or(0),
+                0,
+                MAX_THROTTLE_BYTES_PER_SECOND,
+            )?,
         };
-        if repair.period.is_zero() {
-            return Err(invalid("repair.period", "must be longer than zero"));
-        }
         if repair.period >= repair.tombstone_grace {
             return Err(invalid(
                 "repair.period",
@@ -438,6 +601,106 @@ impl PartialRepair {
         }
         Ok(repair)
     }
+}
+
+impl PartialTree {
+    /// The `[tree]` table over the default shape, checked by the shape's own rules.
+    fn resolve(self) -> Result<Shape, ConfigError> {
+        let defaults = Shape::default();
+        let algorithm = match self.algorithm.as_deref() {
+            None => defaults.algorithm,
+            Some("sha512") => Algorithm::Sha512,
+            Some("blake3") => Algorithm::Blake3,
+            Some(other) => {
+                return Err(invalid(
+                    "tree.algorithm",
+                    format!("`{other}` is neither `sha512` nor `blake3`"),
+                ));
+            }
+        };
+        let shape = Shape {
+            algorithm,
+            slot_count: self.slot_count.unwrap_or(defaults.slot_count),
+            fanout: self.fanout.unwrap_or(defaults.fanout),
+            depth: self.depth.unwrap_or(defaults.depth),
+            digest_width: self.digest_width.unwrap_or(defaults.digest_width),
+            ..defaults
+        };
+        shape.validate().map_err(|error| match error {
+            ShapeError::OutOfRange {
+                field,
+                value,
+                min,
+                max,
+            } => invalid(
+                &tree_key(field),
+                format!("{value} is outside the accepted {min}..={max}"),
+            ),
+            other => invalid(
+                &tree_key("slot_count"),
+                format!("with tree.fanout and tree.depth: {other}"),
+            ),
+        })?;
+        Ok(shape)
+    }
+}
+
+/// The config key of each shape field, as [`ShapeError`] and the store name them.
+fn tree_key(field: &str) -> String {
+    format!("tree.{field}")
+}
+
+/// Says which `[tree]` keys differ between the shape recorded in a store and the configured
+/// one, each with both values: the error of a node whose tree shape changed over existing data.
+pub(crate) fn shape_change(stored: &Shape, given: &Shape) -> String {
+    let fields: [(&str, String, String); 5] = [
+        (
+            "algorithm",
+            algorithm_name(stored.algorithm),
+            algorithm_name(given.algorithm),
+        ),
+        (
+            "slot_count",
+            stored.slot_count.to_string(),
+            given.slot_count.to_string(),
+        ),
+        (
+            "fanout",
+            stored.fanout.to_string(),
+            given.fanout.to_string(),
+        ),
+        ("depth", stored.depth.to_string(), given.depth.to_string()),
+        (
+            "digest_width",
+            stored.digest_width.to_string(),
+            given.digest_width.to_string(),
+        ),
+    ];
+    let changed: Vec<String> = fields
+        .iter()
+        .filter(|(_, stored, given)| stored != given)
+        .map(|(field, stored, given)| {
+            format!("config key `{}`: the store was created with {stored}, the configuration gives {given}", tree_key(field))
+        })
+        .collect();
+    if changed.is_empty() {
+        return format!(
+            "the store's tree shape ({stored}) differs from the configured one ({given})"
+        );
+    }
+    format!(
+        "{}; a tree shape cannot change over existing data (set the recorded values, or start with an empty data_dir)",
+        changed.join("; ")
+    )
+}
+
+/// The name of an algorithm as `tree.algorithm` spells it.
+fn algorithm_name(algorithm: Algorithm) -> String {
+    match algorithm {
+        Algorithm::Sha512 => "sha512",
+        Algorithm::Blake3 => "blake3",
+    }
+    .to_owned()
 }
 
 impl Config {
@@ -457,6 +720,13 @@ impl Config {
         ));
         line(format!("write_acks = {}", self.write_acks));
         line(format!("max_property_bytes = {}", self.max_property_bytes));
+        line(format!(
+            "log_format = \"{}\"",
+            match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+        ));
         for member in &self.members {
             line(format!(
                 "[[members]] id = {:?}, addr = \"{}\"",
@@ -495,6 +765,15 @@ impl Config {
                 .as_deref()
                 .map_or_else(|| "none".to_owned(), |e| format!("{e:?}")),
         ));
+        let t = &self.tree;
+        line(format!(
+            "[tree] algorithm = \"{}\", slot_count = {}, fanout = {}, depth = {}, digest_width = {}",
+            algorithm_name(t.algorithm),
+            t.slot_count,
+            t.fanout,
+            t.depth,
+            t.digest_width
+        ));
         out
     }
 }
@@ -531,54 +810,45 @@ fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The duration at `key`, or `default` when it is not given; zero, below a millisecond or
+/// above `max` (a whole number of days) is refused.
 fn duration_or(
     key: &str,
     text: Option<String>,
     default: Duration,
+    max: Duration,
 ) -> Result<Duration, ConfigError> {
-    match text {
-        None => Ok(default),
-        Some(text) => parse_duration(&text).map_err(|message| invalid(key, message)),
-    }
-}
-
-/// Parses durations like `500ms`, `30s`, `10m`, `24h`, `7d` (one number, one unit).
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like \"30s\", \"10m\" or \"24h\""))?;
-    let seconds = match unit {
-        "ms" => return Ok(Duration::from_millis(value)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 60 * 60,
-        "d" => 24 * 60 * 60,
-        _ => return Err(format!("`{text}` has no known unit (ms, s, m, h, d)")),
+    let Some(text) = text else {
+        return Ok(default);
     };
-    value
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("`{text}` is too long"))
+    let duration = parse_duration(&text).map_err(|message| invalid(key, message))?;
+    if duration.is_zero() {
+        return Err(invalid(key, "must be longer than zero"));
+    }
+    if duration < MIN_DURATION || duration > max {
+        return Err(invalid(
+            key,
+            format!(
+                "`{text}` is outside the accepted {}..={}d",
+                format_duration(MIN_DURATION),
+                max.as_secs() / DAY
+            ),
+        ));
+    }
+    Ok(duration)
 }
 
-/// Formats a duration in the largest unit that divides it.
+/// Parses a duration with `humantime`: a number and a unit (`250ms`, `30s`, `10m`, `24h`,
+/// `7d`), or several (`1h 30m`); units may be spelled out (`2days`, `1hour`).
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|error| {
+        format!("`{text}` is not a duration like \"30s\", \"10m\" or \"24h\": {error}")
+    })
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back (`10m`, `7days`, `1h 30m`).
 pub(crate) fn format_duration(duration: Duration) -> String {
-    let millis = duration.as_millis();
-    if !millis.is_multiple_of(1000) {
-        return format!("{millis}ms");
-    }
-    let seconds = duration.as_secs();
-    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if seconds != 0 && seconds.is_multiple_of(size) {
-            return format!("{}{unit}", seconds / size);
-        }
-    }
-    format!("{seconds}s")
+    humantime::format_duration(duration).to_string()
 }
 
 #[cfg(test)]
@@ -712,6 +982,164 @@ mod tests {
         }
     }
 
+    fn file(text: &str) -> Partial {
+        toml::from_str(text).unwrap_or_else(|error| panic!("{text}: {error}"))
+    }
+
+    fn refusal(partial: Partial) -> String {
+        partial.resolve().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn two_members_at_one_address_are_refused() {
+        let error = refusal(file(
+            "[[members]]\nid = \"n1\"\naddr = \"127.0.0.1:7001\"\n[[members]]\nid = \"n2\"\naddr = \"127.0.0.1:7001\"\n",
+        ));
+        assert!(error.contains("`members`"), "{error}");
+        assert!(error.contains("`n1` and `n2`"), "{error}");
+    }
+
+    #[test]
+    fn an_absurd_shard_num_or_replica_count_is_refused() {
+        let error = refusal(file("[[groups]]\nname = \"g\"\nshard_num = 100000000\n"));
+        assert!(error.contains("`groups.shard_num`"), "{error}");
+        assert!(error.contains("65536"), "{error}");
+        file("[[groups]]\nname = \"g\"\nshard_num = 65536\n")
+            .resolve()
+            .expect("the bound itself is accepted");
+        let error = refusal(file(
+            "[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 256\n",
+        ));
+        assert!(error.contains("`groups.replicas`"), "{error}");
+    }
+
+    #[test]
+    fn every_zero_duration_is_refused() {
+        for key in [
+            "period",
+            "sync_timeout",
+            "round_timeout",
+            "verify_interval",
+            "tombstone_grace",
+        ] {
+            let error = refusal(file(&format!("[repair]\n{key} = \"0s\"\n")));
+            assert!(error.contains(&format!("`repair.{key}`")), "{error}");
+            assert!(error.contains("longer than zero"), "{error}");
+        }
+        let error = refusal(file("[repair]\nsync_timeout = \"500us\"\n"));
+        assert!(error.contains("`repair.sync_timeout`"), "{error}");
+        let error = refusal(file("[repair]\nround_timeout = \"400d\"\n"));
+        assert!(error.contains("`repair.round_timeout`"), "{error}");
+        assert!(error.contains("1ms..=30d"), "{error}");
+    }
+
+    #[test]
+    fn a_listen_address_the_members_do_not_reach_is_refused() {
+        let members = "[[members]]\nid = \"n1\"\naddr = \"10.0.0.1:7001\"\n[[members]]\nid = \"n2\"\naddr = \"10.0.0.2:7001\"\n";
+        for listen in ["10.0.0.1:7002", "10.0.0.2:7001", "0.0.0.0:7002"] {
+            let error = refusal(file(&format!("listen = \"{listen}\"\n{members}")));
+            assert!(error.contains("`listen`"), "{listen}: {error}");
+            assert!(error.contains("10.0.0.1:7001"), "{listen}: {error}");
+        }
+        for listen in ["10.0.0.1:7001", "0.0.0.0:7001", "[::]:7001"] {
+            file(&format!("listen = \"{listen}\"\n{members}"))
+                .resolve()
+                .unwrap_or_else(|error| panic!("{listen}: {error}"));
+        }
+    }
+
+    #[test]
+    fn numbers_above_their_bounds_are_refused() {
+        for (text, key) in [
+            (
+                format!("max_property_bytes = {}\n", MAX_PROPERTY_BYTES_LIMIT + 1),
+                "`max_property_bytes`",
+            ),
+            (
+                "max_property_bytes = 0\n".to_owned(),
+                "`max_property_bytes`",
+            ),
+            ("write_acks = 1000\n".to_owned(), "`write_acks`"),
+            ("write_acks = 0\n".to_owned(), "`write_acks`"),
+            (
+                format!(
+                    "[repair]\nthrottle_bytes_per_second = {}\n",
+                    MAX_THROTTLE_BYTES_PER_SECOND + 1
+                ),
+                "`repair.throttle_bytes_per_second`",
+            ),
+            ("[tree]\nfanout = 1\n".to_owned(), "`tree.fanout`"),
+            (
+                "[tree]\nslot_count = 70000\n".to_owned(),
+                "`tree.slot_count`",
+            ),
+            ("[tree]\ndepth = 9\n".to_owned(), "`tree.depth`"),
+            (
+                "[tree]\ndigest_width = 65\n".to_owned(),
+                "`tree.digest_width`",
+            ),
+            (
+                "[tree]\nslot_count = 65536\nfanout = 256\ndepth = 3\n".to_owned(),
+                "`tree.slot_count`",
+            ),
+            (
+                "[tree]\nalgorithm = \"md5\"\n".to_owned(),
+                "`tree.algorithm`",
+            ),
+            ("log_format = \"xml\"\n".to_owned(), "`log_format`"),
+        ] {
+            let error = refusal(file(&text));
+            assert!(error.contains(key), "{text}: `{error}` should name {key}");
+        }
+    }
+
+    #[test]
+    fn the_tree_shape_and_log_format_come_from_the_config() {
+        let config = file(
+            "log_format = \"json\"\n[tree]\nalgorithm = \"blake3\"\nslot_count = 8\nfanout = 4\ndepth = 2\ndigest_width = 32\n",
+        )
+        .resolve()
+        .unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.tree,
+            Shape {
+                algorithm: Algorithm::Blake3,
+                slot_count: 8,
+                fanout: 4,
+                depth: 2,
+                digest_width: 32,
+                ..Shape::default()
+            }
+        );
+        assert!(config.describe().contains("algorithm = \"blake3\""));
+        let config = Partial::default().resolve().unwrap();
+        assert_eq!(config.tree, Shape::default());
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn a_shape_change_names_each_changed_key_with_both_values() {
+        let stored = Shape::default();
+        let given = Shape {
+            algorithm: Algorithm::Blake3,
+            fanout: 8,
+            ..stored
+        };
+        let text = shape_change(&stored, &given);
+        assert!(
+            text.contains("`tree.algorithm`: the store was created with sha512, the configuration gives blake3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "`tree.fanout`: the store was created with 16, the configuration gives 8"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("tree.depth"), "{text}");
+    }
+
     #[test]
     fn a_file_group_without_replicas_has_none() {
         let file: Partial = toml::from_str("[[groups]]\nname = \"g\"\nshard_num = 2\n").unwrap();
@@ -731,10 +1159,24 @@ mod tests {
     }
 
     #[test]
-    fn durations_round_trip() {
-        for text in ["30s", "10m", "2h", "7d", "250ms"] {
-            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+    fn durations_keep_their_forms_and_round_trip() {
+        for (text, seconds) in [
+            ("30s", 30),
+            ("10m", 600),
+            ("2h", 7_200),
+            ("7d", 604_800),
+            ("1h 30m", 5_400),
+            ("2days", 172_800),
+        ] {
+            let duration = parse_duration(text).unwrap();
+            assert_eq!(duration, Duration::from_secs(seconds), "{text}");
+            assert_eq!(
+                parse_duration(&format_duration(duration)).unwrap(),
+                duration
+            );
         }
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(format_duration(Duration::from_secs(600)), "10m");
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("10").is_err());
     }

@@ -37,17 +37,49 @@ impl PropertyApi {
 
 /// A refused request: `InvalidArgument` naming the field.
 pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {message}"))
+    Status::invalid_argument(clip(format!("{field}: {message}")))
 }
 
 /// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
 pub(crate) fn store_status(error: StoreError) -> Status {
     match error.validation() {
-        Some(_) => Status::invalid_argument(error.to_string()),
+        Some(_) => Status::invalid_argument(clip(error.to_string())),
         None => {
             tracing::error!(%error, "store failure");
-            Status::internal(format!("store: {error}"))
+            Status::internal(clip(format!("store: {error}")))
         }
+    }
+}
+
+/// The longest message a refusal carries: it may echo what it refuses (an id, a name), and a
+/// `grpc-message` header of megabytes fails in clients as another error altogether.
+const MAX_MESSAGE_CHARS: usize = 256;
+
+/// `message`, or its first [`MAX_MESSAGE_CHARS`] characters, an ellipsis and its full length.
+fn clip(message: String) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => message,
+        Some((end, _)) => format!("{}… ({} bytes in all)", &message[..end], message.len()),
+    }
+}
+
+/// What the copies of a coordinated request that did not answer it said.
+#[derive(Debug, Default)]
+struct Refusals(Vec<Status>);
+
+impl Refusals {
+    fn add(&mut self, status: Status) {
+        self.0.push(status);
+    }
+
+    /// The refusal every copy gave, when each was reached and refused for the same reason: the
+    /// request itself is at fault, and the client gets that reason rather than "unreachable".
+    fn common(&self) -> Option<Status> {
+        let (first, rest) = self.0.split_first()?;
+        let same =
+            |status: &Status| status.code() == first.code() && status.message() == first.message();
+        (!propd_proto::peer::is_unreachable(first) && rest.iter().all(same))
+            .then(|| Status::new(first.code(), first.message()))
     }
 }
 
@@ -94,7 +126,7 @@ impl PropertyApi {
     /// Writes `property` (live or tombstone) to every copy of its shard at once and returns as
     /// soon as `write_acks` copies acknowledged, or as soon as so many no longer can: `(copies
     /// that acknowledged by then, copies the shard has, whether one of those that acknowledged
-    /// held a live copy before)`. The calls to the other copies keep running in the background; a
+    /// held a live copy before, what the others said)`. The calls to the other copies keep running in the background; a
     /// copy that then fails is recorded for write-miss repair like any miss (`write_copy`), and
     /// one that acknowledges later is not counted in the answer.
     async fn replicate(
@@ -102,7 +134,7 @@ impl PropertyApi {
         group: &GroupDef,
         shard: u32,
         property: Property,
-    ) -> (u32, u32, bool) {
+    ) -> (u32, u32, bool, Refusals) {
         let targets = self.node.node_ids(group, shard);
         let copies = targets.len() as u32;
         let required = self.required_acks(copies);
@@ -122,17 +154,21 @@ impl PropertyApi {
         }
         drop(answer);
         let (mut acknowledged, mut answered, mut had_live) = (0, 0, false);
+        let mut refusals = Refusals::default();
         while let Some(copy) = answers.recv().await {
             answered += 1;
-            if let Some(live_before) = copy {
-                acknowledged += 1;
-                had_live |= live_before;
+            match copy {
+                Ok(live_before) => {
+                    acknowledged += 1;
+                    had_live |= live_before;
+                }
+                Err(status) => refusals.add(status),
             }
             if acknowledged >= required || acknowledged + (copies - answered) < required {
                 break;
             }
         }
-        (acknowledged, copies, had_live)
+        (acknowledged, copies, had_live, refusals)
     }
 
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
@@ -142,8 +178,18 @@ impl PropertyApi {
     }
 
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
-    /// (capped at the number of copies); `what` names what was acknowledged.
-    fn require_acks(&self, acknowledged: u32, copies: u32, what: &str) -> Result<(), Status> {
+    /// (capped at the number of copies); `what` names what was acknowledged. When no copy
+    /// acknowledged and every copy refused for one reason, that reason is the answer.
+    fn require_acks(
+        &self,
+        acknowledged: u32,
+        copies: u32,
+        refusals: &Refusals,
+        what: &str,
+    ) -> Result<(), Status> {
+        if let Some(status) = refusals.common().filter(|_| acknowledged == 0) {
+            return Err(status);
+        }
         let required = self.required_acks(copies);
         if acknowledged < required {
             return Err(Status::unavailable(format!(
@@ -154,13 +200,14 @@ impl PropertyApi {
         Ok(())
     }
 
-    /// Every copy of (group, shard) that answers, with what it holds of `entity`.
+    /// Every copy of (group, shard) that answers, with what it holds of `entity`, and what the
+    /// others said.
     async fn read_copies(
         &self,
         group: &GroupDef,
         shard: u32,
         entity: &Entity,
-    ) -> Vec<(String, Option<Property>)> {
+    ) -> (Vec<(String, Option<Property>)>, Refusals) {
         let mut calls = tokio::task::JoinSet::new();
         for target in self.node.node_ids(group, shard) {
             let node = Arc::clone(&self.node);
@@ -171,16 +218,24 @@ impl PropertyApi {
             });
         }
         let mut copies = Vec::new();
+        let mut refusals = Refusals::default();
         while let Some(joined) = calls.join_next().await {
-            if let Ok(Some(answer)) = joined {
-                copies.push(answer);
+            match joined {
+                Ok(Ok(answer)) => copies.push(answer),
+                Ok(Err(status)) => refusals.add(status),
+                Err(_) => {}
             }
         }
-        copies
+        (copies, refusals)
     }
 
-    /// Runs `query` on every member holding a shard of `group`: what each that answered holds.
-    async fn query_holders(&self, group: &GroupDef, query: Query) -> Vec<(String, Vec<Property>)> {
+    /// Runs `query` on every member holding a shard of `group`: what each that answered holds,
+    /// and what the others said.
+    async fn query_holders(
+        &self,
+        group: &GroupDef,
+        query: Query,
+    ) -> (Vec<(String, Vec<Property>)>, Refusals) {
         let mut holders: Vec<String> = Vec::new();
         for shard in 0..group.shard_num {
             for id in self.node.node_ids(group, shard) {
@@ -200,12 +255,15 @@ impl PropertyApi {
             });
         }
         let mut answers = Vec::new();
+        let mut refusals = Refusals::default();
         while let Some(joined) = calls.join_next().await {
-            if let Ok(Some(answer)) = joined {
-                answers.push(answer);
+            match joined {
+                Ok(Ok(answer)) => answers.push(answer),
+                Ok(Err(status)) => refusals.add(status),
+                Err(_) => {}
             }
         }
-        answers
+        (answers, refusals)
     }
 
     /// Rewrites the copies older than `newest` (or missing it) in the background.
@@ -220,7 +278,7 @@ impl PropertyApi {
             tokio::spawn(async move {
                 if write_copy(&node, &target, &group, shard, newest)
                     .await
-                    .is_none()
+                    .is_err()
                 {
                     tracing::debug!(peer = %target, group, shard, "read repair did not reach the copy");
                 }
@@ -229,7 +287,7 @@ impl PropertyApi {
     }
 }
 
-/// Writes one copy on `target`; `Some(had_live)` when it acknowledged. A copy that could not be
+/// Writes one copy on `target`; `Ok(had_live)` when it acknowledged. A copy that could not be
 /// reached is remembered for write-miss repair.
 async fn write_copy(
     node: &Arc<NodeState>,
@@ -237,7 +295,7 @@ async fn write_copy(
     group: &str,
     shard: u32,
     property: Property,
-) -> Option<bool> {
+) -> Result<bool, Status> {
     if target == node.me() {
         let result = blocking(node, move |node| {
             let had_live = node
@@ -248,15 +306,15 @@ async fn write_copy(
             Ok(had_live)
         })
         .await;
-        return match result {
-            Ok(had_live) => Some(had_live),
-            Err(status) => {
-                tracing::warn!(group, shard, %status, "local copy of a coordinated write failed");
-                None
-            }
-        };
+        if let Err(status) = &result {
+            tracing::warn!(group, shard, %status, "local copy of a coordinated write failed");
+        }
+        return result;
     }
-    let mut client = node.peers.property_client(target)?;
+    let mut client = node
+        .peers
+        .property_client(target)
+        .ok_or_else(|| not_a_member(target))?;
     let mut request = Request::new(v1::ReplicaWriteRequest {
         property: Some(property_to_wire(&property)),
     });
@@ -264,13 +322,17 @@ async fn write_copy(
     let answer = client.replica_write(request).await;
     node.peers.saw_call(target, &answer);
     match answer {
-        Ok(response) => Some(response.into_inner().had_live),
+        Ok(response) => Ok(response.into_inner().had_live),
         Err(status) => {
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
-            None
+            Err(status)
         }
     }
+}
+
+fn not_a_member(target: &str) -> Status {
+    Status::unavailable(format!("{target} is not a known member"))
 }
 
 /// The shard of an entity in a validated group.
@@ -284,19 +346,20 @@ fn entity_of(property: &Property) -> Result<Entity, StoreError> {
         .map_err(|error| StoreError::Invalid(propd_store::ValidationError::Entity(error)))
 }
 
-/// Reads one copy from `target`: `Some(copy)` when it answered (`copy` may be `None`).
+/// Reads one copy from `target`: `Ok(copy)` when it answered (`copy` may be `None`).
 async fn read_copy(
     node: &Arc<NodeState>,
     target: &str,
     entity: &Entity,
-) -> Option<Option<Property>> {
+) -> Result<Option<Property>, Status> {
     if target == node.me() {
         let entity = entity.clone();
-        return blocking(node, move |node| node.store.get(&entity))
-            .await
-            .ok();
+        return blocking(node, move |node| node.store.get(&entity)).await;
     }
-    let mut client = node.peers.property_client(target)?;
+    let mut client = node
+        .peers
+        .property_client(target)
+        .ok_or_else(|| not_a_member(target))?;
     let mut request = Request::new(v1::GetRequest {
         group: entity.group().to_owned(),
         name: entity.name().to_owned(),
@@ -307,13 +370,14 @@ async fn read_copy(
     request.set_timeout(REPLICA_TIMEOUT);
     let answer = client.get(request).await;
     node.peers.saw_call(target, &answer);
-    answer
-        .ok()?
+    answer?
         .into_inner()
         .property
         .map(property_from_wire)
         .transpose()
-        .ok()
+        .map_err(|error| {
+            Status::internal(format!("{target} answered a malformed property: {error}"))
+        })
 }
 
 /// A query request checked and turned into the store's query (group-wide requests ask every
@@ -443,8 +507,13 @@ impl PropertyService for PropertyApi {
                 copies: 1,
             }));
         }
-        let (acknowledged, copies, _) = self.replicate(&group, shard, property).await;
-        self.require_acks(acknowledged, copies, &format!("revision {revision}"))?;
+        let (acknowledged, copies, _, refusals) = self.replicate(&group, shard, property).await;
+        self.require_acks(
+            acknowledged,
+            copies,
+            &refusals,
+            &format!("revision {revision}"),
+        )?;
         Ok(Response::new(v1::ApplyResponse {
             mod_revision: revision,
             acknowledged,
@@ -501,8 +570,9 @@ impl PropertyService for PropertyApi {
             mod_revision,
             delete_time,
         };
-        let (acknowledged, copies, found) = self.replicate(&group, shard, tombstone).await;
-        self.require_acks(acknowledged, copies, "the delete")?;
+        let (acknowledged, copies, found, refusals) =
+            self.replicate(&group, shard, tombstone).await;
+        self.require_acks(acknowledged, copies, &refusals, "the delete")?;
         Ok(Response::new(v1::DeleteResponse {
             found,
             mod_revision,
@@ -529,7 +599,10 @@ impl PropertyService for PropertyApi {
                 property: visible(copy),
             }));
         }
-        let copies = self.read_copies(&group, shard, &entity).await;
+        let (copies, refusals) = self.read_copies(&group, shard, &entity).await;
+        if let Some(status) = refusals.common().filter(|_| copies.is_empty()) {
+            return Err(status);
+        }
         if copies.is_empty() {
             return Err(Status::unavailable(format!(
                 "no copy of {entity} could be reached"
@@ -560,7 +633,10 @@ impl PropertyService for PropertyApi {
             }));
         }
         let tags_filter = !query.tags.is_empty();
-        let answers = self.query_holders(&group, query).await;
+        let (answers, refusals) = self.query_holders(&group, query).await;
+        if let Some(status) = refusals.common().filter(|_| answers.is_empty()) {
+            return Err(status);
+        }
         if answers.is_empty() {
             return Err(Status::unavailable(format!(
                 "no copy of group {:?} could be reached",
@@ -634,14 +710,19 @@ impl PropertyService for PropertyApi {
     }
 }
 
-/// Runs `query` on one holder: `Some(found)` when it answered.
-async fn query_copy(node: &Arc<NodeState>, target: &str, query: Query) -> Option<Vec<Property>> {
+/// Runs `query` on one holder: `Ok(found)` when it answered.
+async fn query_copy(
+    node: &Arc<NodeState>,
+    target: &str,
+    query: Query,
+) -> Result<Vec<Property>, Status> {
     if target == node.me() {
-        return blocking(node, move |node| node.store.query(&query))
-            .await
-            .ok();
+        return blocking(node, move |node| node.store.query(&query)).await;
     }
-    let mut client = node.peers.property_client(target)?;
+    let mut client = node
+        .peers
+        .property_client(target)
+        .ok_or_else(|| not_a_member(target))?;
     let mut request = Request::new(v1::QueryRequest {
         group: query.group,
         name: query.name.unwrap_or_default(),
@@ -661,14 +742,15 @@ async fn query_copy(node: &Arc<NodeState>, target: &str, query: Query) -> Option
     request.set_timeout(REPLICA_TIMEOUT);
     let answer = client.query(request).await;
     node.peers.saw_call(target, &answer);
-    answer
-        .ok()?
+    answer?
         .into_inner()
         .properties
         .into_iter()
         .map(property_from_wire)
         .collect::<Result<_, _>>()
-        .ok()
+        .map_err(|error| {
+            Status::internal(format!("{target} answered a malformed property: {error}"))
+        })
 }
 
 fn tag_wire(value: &TagValue) -> v1::TagValue {
@@ -689,6 +771,61 @@ mod tests {
     use super::*;
     use crate::config::{Member, Partial};
     use crate::node::lock;
+
+    #[test]
+    fn a_refusal_echoes_a_short_prefix_and_the_full_length() {
+        let id = "x".repeat(10 * 1024 * 1024);
+        let status = invalid("entity", format!("id {id} is refused"));
+        let message = status.message();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(message.len() < 1024, "{} bytes", message.len());
+        assert!(message.starts_with("entity: id xxx"), "{message}");
+        assert!(
+            message.ends_with(&format!("… ({} bytes in all)", id.len() + 22)),
+            "{message}"
+        );
+        assert_eq!(
+            invalid("group", "unknown group \"g\"").message(),
+            "group: unknown group \"g\"",
+            "a short message is whole"
+        );
+        let multibyte = clip("é".repeat(300));
+        assert!(
+            multibyte.starts_with(&"é".repeat(256)),
+            "cut on a character boundary"
+        );
+    }
+
+    #[test]
+    fn the_same_refusal_from_every_copy_is_the_answer() {
+        let refused = || Status::invalid_argument("tags: too many");
+        let mut all = Refusals::default();
+        for _ in 0..3 {
+            all.add(refused());
+        }
+        let status = all.common().expect("one reason");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "tags: too many");
+
+        let mut mixed = Refusals::default();
+        mixed.add(refused());
+        mixed.add(Status::invalid_argument("another reason"));
+        assert!(mixed.common().is_none(), "different reasons");
+
+        let mut down = Refusals::default();
+        down.add(Status::unavailable("connection refused"));
+        down.add(Status::unavailable("connection refused"));
+        assert!(
+            down.common().is_none(),
+            "unreachable copies are not refusals"
+        );
+
+        let mut partly = Refusals::default();
+        partly.add(refused());
+        partly.add(Status::unavailable("connection refused"));
+        assert!(partly.common().is_none(), "one copy was not reached");
+        assert!(Refusals::default().common().is_none());
+    }
 
     fn version(id: &str, mod_revision: i64, delete_time: i64) -> Property {
         Property {

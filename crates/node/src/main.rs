@@ -9,6 +9,8 @@ async fn main() -> ExitCode {
     let cli = propd_node::cli::Cli::parse();
     match propd_node::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`propd ... | head`): nothing is left to say.
+        Err(error) if propd_node::cli::is_closed_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             // One line on stderr: the error and its causes.
             let causes: Vec<String> = error.chain().map(ToString::to_string).collect();

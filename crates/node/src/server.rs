@@ -1,23 +1,25 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use propd_gossip::transport::{DriverConfig, GossipDriver};
 use propd_gossip::{Outcome, PropagationResult};
-use propd_merkle::Shape;
 use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
-use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
+use propd_store::{
+    ConfigError as StoreConfigError, RedbStore, StoreConfig, StoreError, VerifyOutcome,
+};
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, start_round};
-use crate::config::Config;
+use crate::config::{Config, LogFormat, shape_change};
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
@@ -35,18 +37,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs a node until SIGINT or SIGTERM.
 pub(crate) async fn serve(config: Config) -> Result<()> {
-    init_tracing();
-    #[allow(
-        clippy::print_stdout,
-        reason = "the configuration a node runs with is shown to its operator"
-    )]
-    {
-        println!(
-            "propd {} starting with:\n{}",
-            env!("CARGO_PKG_VERSION"),
-            config.describe()
-        );
-    }
+    init_tracing(config.log_format);
+    // The configuration a node runs with is shown to its operator; a closed stdout must not
+    // stop the node.
+    let _ = writeln!(
+        std::io::stdout(),
+        "propd {} starting with:\n{}",
+        env!("CARGO_PKG_VERSION"),
+        config.describe()
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let running = start(config, shutdown_rx).await?;
     wait_for_signal().await;
@@ -56,14 +55,18 @@ pub(crate) async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 async fn wait_for_signal() {
@@ -123,11 +126,17 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
-        ..StoreConfig::new(&config.data_dir, config.groups.clone(), Shape::default())
+        ..StoreConfig::new(&config.data_dir, config.groups.clone(), config.tree)
     };
     let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
         .await
         .context("opening the store")?
+        .map_err(|error| match error {
+            StoreError::Config(StoreConfigError::ShapeChanged { stored, given }) => {
+                anyhow::anyhow!(shape_change(&stored, &given))
+            }
+            other => anyhow::Error::new(other),
+        })
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let node = Arc::new(NodeState::new(config, store));
     let traces = match &node.config.telemetry.otlp_endpoint {

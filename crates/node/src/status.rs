@@ -278,6 +278,7 @@ pub(crate) mod tests {
                 ..SyncReport::default()
             }),
             error: error.map(str::to_owned),
+            count: 1,
         }
     }
 

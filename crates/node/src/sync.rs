@@ -114,19 +114,12 @@ impl SyncWork for RepairSync {
                     compared = report.compared,
                     sent = report.sent,
                     received = report.received,
-                    applied = report.applied + report.peer_applied,
+                    applied = report.applied,
+                    peer_applied = report.peer_applied,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "sync finished"
                 );
-                Ok(SyncReport {
-                    compared: report.compared,
-                    sent: report.sent,
-                    received: report.received,
-                    applied: report.applied + report.peer_applied,
-                    failed: report.failed + report.peer_failed,
-                    bytes_sent: report.bytes_sent,
-                    bytes_received: report.bytes_received,
-                })
+                Ok(trace_report(&report))
             }
             Err(error) => {
                 let text = error.to_string();
@@ -143,6 +136,23 @@ impl SyncWork for RepairSync {
                 }
             }
         }
+    }
+}
+
+/// The repair client's account of a sync as the round's trace keeps it: what this node (the
+/// holder) applied of what it received, and what the peer applied of what it was sent, each
+/// once and on its own side.
+fn trace_report(report: &propd_repair::SyncReport) -> SyncReport {
+    SyncReport {
+        compared: report.compared,
+        sent: report.sent,
+        received: report.received,
+        applied: report.applied,
+        failed: report.failed,
+        peer_applied: report.peer_applied,
+        peer_failed: report.peer_failed,
+        bytes_sent: report.bytes_sent,
+        bytes_received: report.bytes_received,
     }
 }
 
@@ -200,6 +210,7 @@ mod tests {
         };
         let config = Partial {
             node_id: Some("n1".into()),
+            listen: Some("127.0.0.1:1".into()),
             data_dir: Some(dir.path().to_owned()),
             members: Some(vec![
                 member("n1", "127.0.0.1:1".parse().expect("an address")),
@@ -234,6 +245,37 @@ mod tests {
             .wait(&message_id, Duration::from_secs(30))
             .await
             .expect("the round ends")
+    }
+
+    #[test]
+    fn the_trace_keeps_each_sides_applies_once() {
+        let client = propd_repair::SyncReport {
+            compared: 212,
+            sent: 3,
+            received: 106,
+            applied: 106,
+            failed: 1,
+            peer_applied: 2,
+            peer_failed: 1,
+            bytes_sent: 900,
+            bytes_received: 40_000,
+            ..propd_repair::SyncReport::default()
+        };
+        let mapped = trace_report(&client);
+        assert_eq!(
+            (mapped.received, mapped.applied, mapped.failed),
+            (106, 106, 1),
+            "the holder's side"
+        );
+        assert_eq!(
+            (mapped.sent, mapped.peer_applied, mapped.peer_failed),
+            (3, 2, 1),
+            "the peer's side"
+        );
+        assert_eq!(
+            (mapped.compared, mapped.bytes_sent, mapped.bytes_received),
+            (212, 900, 40_000)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

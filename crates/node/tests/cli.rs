@@ -69,3 +69,56 @@ fn environment_variables_set_config_keys_and_flags_win_over_them() {
         "the flag wins: {stderr}"
     );
 }
+
+#[test]
+fn serve_refuses_mistakes_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    for (args, variable, key) in [
+        (vec!["--group", "g:100000000:0"], None, "groups.shard_num"),
+        (
+            vec![],
+            Some(("PROPD_REPAIR_VERIFY_INTERVAL", "0s")),
+            "repair.verify_interval",
+        ),
+        (
+            vec![
+                "--member",
+                "n1=127.0.0.1:7001",
+                "--member",
+                "n2=127.0.0.1:7001",
+            ],
+            None,
+            "members",
+        ),
+        (
+            vec![
+                "--member",
+                "n1=127.0.0.1:7001",
+                "--listen",
+                "127.0.0.1:7005",
+            ],
+            None,
+            "listen",
+        ),
+        (
+            vec!["--max-property-bytes", "17000000"],
+            None,
+            "max_property_bytes",
+        ),
+        (vec!["--tree-algorithm", "md5"], None, "tree.algorithm"),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_propd"));
+        command.args(["serve", "--data-dir", data_dir]).args(&args);
+        if let Some((name, value)) = variable {
+            command.env(name, value);
+        }
+        let output = command.output().expect("running propd");
+        assert!(
+            !output.status.success(),
+            "{args:?} {variable:?} should fail"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("`{key}`")), "{key}: {stderr}");
+    }
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use propd_gossip::{
     Admission, Command, Config, ContextError, Engine, HandOffOutcome, MemberId, MessageId, Millis,
-    Propagation, PropagationResult, ShardKey, SpanKind, StartRequest, SyncFailure, SyncReport,
+    Progress, Propagation, PropagationResult, RoundStep, ShardKey, SpanKind, StartRequest,
+    SyncFailure, SyncReport,
 };
 
 /// What a message between two nodes is, for the filters.
@@ -15,6 +16,7 @@ pub(crate) enum Kind {
     Sync,
     HandOff,
     Report,
+    Progress,
 }
 
 /// A message between two nodes, as the filters see it.
@@ -57,6 +59,10 @@ enum Event {
         to: MemberId,
         result: PropagationResult,
     },
+    Progress {
+        to: MemberId,
+        progress: Progress,
+    },
 }
 
 type Filter<T> = Box<dyn FnMut(&Envelope) -> T>;
@@ -84,6 +90,8 @@ pub(crate) struct Router {
     pub(crate) results: Vec<(MemberId, PropagationResult)>,
     /// Reports lost on the way to their origin.
     pub(crate) lost_reports: usize,
+    /// Every step an origin passed on to its watchers, with the origin, in order.
+    pub(crate) steps: Vec<(MemberId, RoundStep)>,
     /// Syncs actually run (the toy exchange happened).
     pub(crate) syncs_run: usize,
 }
@@ -108,6 +116,7 @@ impl Router {
             log: Vec::new(),
             results: Vec::new(),
             lost_reports: 0,
+            steps: Vec::new(),
             syncs_run: 0,
         }
     }
@@ -263,6 +272,14 @@ impl Router {
                     self.lost_reports += 1;
                 }
             }
+            Command::ReportProgress { to, progress } => {
+                let env = envelope(Kind::Progress, &to);
+                let after = self.delay_of(&env);
+                if self.passes(&env) {
+                    self.schedule(after, Event::Progress { to, progress });
+                }
+            }
+            Command::Step(step) => self.steps.push((node.to_owned(), step)),
             Command::Finished(result) => self.results.push((node.to_owned(), result)),
         }
     }
@@ -341,6 +358,10 @@ impl Router {
                 self.engine(&to).handle_report(now, result);
                 self.drain(&to);
             }
+            Event::Progress { to, progress } => {
+                self.engine(&to).handle_progress(now, progress);
+                self.drain(&to);
+            }
         }
     }
 
@@ -364,8 +385,10 @@ impl Router {
             compared: 1,
             sent: u64::from(va > vb),
             received: u64::from(vb > va),
-            applied: u64::from(va != vb),
+            applied: u64::from(vb > va),
             failed: 0,
+            peer_applied: u64::from(va > vb),
+            peer_failed: 0,
             bytes_sent: 8,
             bytes_received: 8,
         }

@@ -309,6 +309,7 @@ fn a_round_that_returns_before_the_hand_off_answer_is_run_not_dropped() {
     );
     assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
     engine.handle_sync_done(t0, &MessageId("b-0-1".into()), "b", Ok(Default::default()));
+    assert!(matches!(engine.poll_command(), Some(Command::ReportProgress { to, .. }) if to == "b"));
     assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "b"));
     // Before "b accepted" reaches us, the round comes back from c with a later count.
     let mut back = first;
@@ -324,6 +325,10 @@ fn a_round_that_returns_before_the_hand_off_answer_is_run_not_dropped() {
     );
     assert_eq!(engine.running(&key(0)).map(|m| m.0.as_str()), Some("b-0-1"));
     engine.handle_sync_done(t0, &MessageId("b-0-1".into()), "b", Ok(Default::default()));
+    assert!(matches!(
+        engine.poll_command(),
+        Some(Command::ReportProgress { .. })
+    ));
     match engine.poll_command() {
         Some(Command::Report { to, result }) => {
             assert_eq!(to, "b");
@@ -466,6 +471,10 @@ fn a_hand_off_delivered_twice_runs_once() {
     // After the round has moved on, a late repeat still starts nothing.
     let id = MessageId("b-0-1".into());
     engine.handle_sync_done(Millis(2), &id, "b", Ok(Default::default()));
+    assert!(matches!(
+        engine.poll_command(),
+        Some(Command::ReportProgress { .. })
+    ));
     assert!(matches!(
         engine.poll_command(),
         Some(Command::HandOff { .. })

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use propd_gossip::transport::{DriverConfig, GossipDriver, MemberChannels, WaitError};
+use propd_gossip::transport::{DriverConfig, GossipDriver, MemberChannels, RoundEvent, WaitError};
 use propd_gossip::{
     MessageId, Outcome, PropagationResult, ShardKey, SpanKind, StartRequest, SyncFailure,
     SyncOutcome, SyncReport, SyncRequest, SyncWork,
@@ -409,4 +409,49 @@ async fn five_nodes_two_down_converge_from_every_live_origin_over_tonic() {
             assert_eq!(c.version(node), top, "origin {origin}");
         }
     }
+}
+
+/// Every event of a round's watch, to its end.
+async fn watch_all(cluster: &Cluster, origin: &str, id: &MessageId) -> Vec<RoundEvent> {
+    let mut watch = cluster.drivers[origin]
+        .watch(id)
+        .expect("a round started here");
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("an event in time")
+    {
+        events.push(event);
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_yields_one_event_per_step_over_tonic_and_ends_with_the_result() {
+    let cluster = cluster(&[("a", 1), ("b", 2), ("d", 4)], &["c"], None).await;
+    let id = cluster.start("d", 0, &["a", "b", "c", "d"]);
+    let events = watch_all(&cluster, "d", &id).await;
+    let Some((RoundEvent::Finished(result), steps)) = events.split_last() else {
+        panic!("the watch ends with the result: {events:?}");
+    };
+    assert_eq!(result.outcome, Outcome::Completed, "{result:?}");
+    assert_eq!(steps.len(), result.trace.len(), "{events:?}");
+    for (index, (event, span)) in steps.iter().zip(&result.trace).enumerate() {
+        let RoundEvent::Step(step) = event else {
+            panic!("only steps before the result: {event:?}");
+        };
+        assert_eq!(step.index as usize, index);
+        assert_eq!(&step.span, span);
+        assert_eq!(step.max_count, 5);
+    }
+    assert!(
+        result.trace.iter().any(|s| s.kind == SpanKind::Skip),
+        "c was skipped: {result:?}"
+    );
+    // A watch that starts after the end gets the same events at once.
+    assert_eq!(watch_all(&cluster, "d", &id).await, events);
+    assert!(matches!(
+        cluster.drivers["a"].watch(&id),
+        Err(WaitError::Unknown { .. })
+    ));
 }
