@@ -924,6 +924,10 @@ mod tests {
     /// Node `me` of a cluster of n1, n2 and n3 at `addrs`, holding group `g` (one shard, a copy
     /// on every node), with its store in `dir`.
     fn node_state(me: &str, addrs: [SocketAddr; 3], write_acks: u32, dir: &Path) -> Arc<NodeState> {
+        let listen = ["n1", "n2", "n3"]
+            .into_iter()
+            .zip(addrs)
+            .find_map(|(id, addr)| (id == me).then(|| addr.to_string()));
         let members = ["n1", "n2", "n3"]
             .into_iter()
             .zip(addrs)
@@ -934,6 +938,7 @@ mod tests {
             .collect();
         let config = Partial {
             node_id: Some(me.to_owned()),
+            listen,
             data_dir: Some(dir.to_owned()),
             write_acks: Some(write_acks),
             members: Some(members),
