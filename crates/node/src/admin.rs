@@ -11,9 +11,10 @@ use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{blocking, invalid};
+use crate::coordinator::{blocking, check_time, invalid};
 use crate::node::{NodeState, lock, now_nanos};
 use crate::sync::Gossip;
+use crate::tombstones::{NoticeCheck, check_notice, purge_blocked};
 
 /// The `AdminService` of one node.
 #[derive(Clone)]
@@ -164,14 +165,30 @@ impl AdminService for AdminApi {
         let now = now_nanos();
         let mut shards = Vec::new();
         for (group, shard) in node.local_shards() {
-            let last = {
+            let state = {
                 let group = group.clone();
-                blocking(node, move |node| {
-                    node.store.last_complete_repair(&group, shard)
-                })
-                .await?
+                blocking(node, move |node| node.store.purge_state(&group, shard)).await?
             };
+            let last = state.last_complete_round;
             let age = last.map_or(-1, |at| (now.saturating_sub(at) / 1_000_000_000).max(0));
+            let copies = node
+                .placement
+                .group(&group)
+                .map(|def| node.node_ids(def, shard))
+                .unwrap_or_default();
+            let down: Vec<String> = copies
+                .iter()
+                .filter(|id| !node.peers.is_up(id))
+                .cloned()
+                .collect();
+            let blocked = purge_blocked(
+                copies.len(),
+                last,
+                state.cutoff,
+                now,
+                node.config.repair.tombstone_grace,
+                &down,
+            );
             let key = ShardKey {
                 group: group.clone(),
                 shard,
@@ -183,6 +200,9 @@ impl AdminService for AdminApi {
                 shard,
                 last_repair_age_s: age,
                 pending,
+                purge_cutoff_ns: state.cutoff.unwrap_or(0),
+                purged_below_ns: state.purged_below,
+                purge_blocked: blocked.unwrap_or_default(),
             });
         }
         Ok(Response::new(v1::StatusResponse {
@@ -237,19 +257,47 @@ impl AdminService for AdminApi {
         request: Request<v1::CompleteRepairNotice>,
     ) -> Result<Response<v1::CompleteRepairAck>, Status> {
         let notice = request.into_inner();
-        if notice.started_at_ns <= 0 {
-            return Err(invalid("started_at_ns", "must be > 0"));
-        }
+        let node = &self.node;
+        let def = node
+            .placement
+            .group(&notice.group)
+            .ok_or_else(|| invalid("group", format!("unknown group {:?}", notice.group)))?;
+        let copies = node.node_ids(def, notice.shard);
+        check_time(check_notice(
+            NoticeCheck {
+                copies: &copies,
+                from: &notice.from,
+                started_at: notice.started_at_ns,
+                cutoff: notice.cutoff_ns,
+            },
+            now_nanos(),
+            node.config.max_clock_skew,
+        ))
+        .inspect_err(|status| {
+            tracing::warn!(
+                group = notice.group,
+                shard = notice.shard,
+                from = notice.from,
+                %status,
+                "complete-round notice refused"
+            );
+        })?;
         let group = notice.group.clone();
-        blocking(&self.node, move |node| {
-            node.store
-                .set_last_complete_repair(&notice.group, notice.shard, notice.started_at_ns)
+        blocking(node, move |node| {
+            node.store.record_complete_round(
+                &notice.group,
+                notice.shard,
+                notice.started_at_ns,
+                notice.cutoff_ns,
+            )
         })
         .await?;
         tracing::debug!(
             group,
             shard = notice.shard,
+            from = notice.from,
             message_id = notice.message_id,
+            cutoff_ns = notice.cutoff_ns,
             "complete round recorded"
         );
         Ok(Response::new(v1::CompleteRepairAck {}))

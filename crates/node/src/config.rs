@@ -133,12 +133,17 @@ pub(crate) struct Config {
     pub(crate) write_acks: u32,
     /// Largest accepted property, in canonical bytes.
     pub(crate) max_property_bytes: usize,
+    /// Bound on clock differences between nodes and on how far a client-chosen time may be
+    /// from the coordinator's clock (docs/protocol.md, "The life of a delete").
+    pub(crate) max_clock_skew: Duration,
     /// Background repair.
     pub(crate) repair: RepairConfig,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+/// The default `max_clock_skew`.
+pub(crate) const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// The single-node default HTTP address.
 pub(crate) const DEFAULT_HTTP: &str = "127.0.0.1:8001";
 
@@ -158,6 +163,8 @@ pub(crate) struct Partial {
     pub(crate) write_acks: Option<u32>,
     /// `max_property_bytes`
     pub(crate) max_property_bytes: Option<usize>,
+    /// `max_clock_skew`
+    pub(crate) max_clock_skew: Option<String>,
     /// `[[members]]`
     pub(crate) members: Option<Vec<Member>>,
     /// `[[groups]]`
@@ -215,6 +222,7 @@ impl Partial {
             data_dir: self.data_dir.or(lower.data_dir),
             write_acks: self.write_acks.or(lower.write_acks),
             max_property_bytes: self.max_property_bytes.or(lower.max_property_bytes),
+            max_clock_skew: self.max_clock_skew.or(lower.max_clock_skew),
             members: self.members.or(lower.members),
             groups: self.groups.or(lower.groups),
             repair: PartialRepair {
@@ -253,6 +261,14 @@ impl Partial {
         if max_property_bytes == 0 {
             return Err(invalid("max_property_bytes", "must be >= 1"));
         }
+        let max_clock_skew = duration_or(
+            "max_clock_skew",
+            self.max_clock_skew,
+            DEFAULT_MAX_CLOCK_SKEW,
+        )?;
+        if max_clock_skew.is_zero() {
+            return Err(invalid("max_clock_skew", "must be longer than zero"));
+        }
         Ok(Config {
             node_id,
             listen,
@@ -262,6 +278,7 @@ impl Partial {
             groups,
             write_acks,
             max_property_bytes,
+            max_clock_skew,
             repair: self.repair.resolve()?,
         })
     }
@@ -381,6 +398,10 @@ impl Config {
         ));
         line(format!("write_acks = {}", self.write_acks));
         line(format!("max_property_bytes = {}", self.max_property_bytes));
+        line(format!(
+            "max_clock_skew = \"{}\"",
+            format_duration(self.max_clock_skew)
+        ));
         for member in &self.members {
             line(format!(
                 "[[members]] id = {:?}, addr = \"{}\"",

@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
 use crate::node::{NodeState, now_nanos};
+use crate::tombstones::{
+    Refused, check_client_delete_time, check_client_revision, check_peer_copy,
+};
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,12 +96,7 @@ impl PropertyApi {
 
     /// Writes `property` (live or tombstone) to every copy of its shard; returns the copies that
     /// acknowledged and whether any held a live copy before.
-    async fn replicate(
-        &self,
-        group: &GroupDef,
-        shard: u32,
-        property: Property,
-    ) -> (u32, u32, bool) {
+    async fn replicate(&self, group: &GroupDef, shard: u32, property: Property) -> Replicated {
         let targets = self.node.node_ids(group, shard);
         let copies = targets.len() as u32;
         let mut calls = tokio::task::JoinSet::new();
@@ -108,15 +106,18 @@ impl PropertyApi {
             let group = group.name.clone();
             calls.spawn(async move { write_copy(&node, &target, &group, shard, property).await });
         }
-        let mut acknowledged = 0;
-        let mut had_live = false;
+        let mut acks = Vec::new();
         while let Some(joined) = calls.join_next().await {
-            if let Ok(Some(live_before)) = joined {
-                acknowledged += 1;
-                had_live |= live_before;
+            if let Ok(Some(ack)) = joined {
+                acks.push(ack);
             }
         }
-        (acknowledged, copies, had_live)
+        Replicated {
+            acknowledged: acks.len() as u32,
+            copies,
+            had_live: acks.iter().any(|ack| ack.had_live),
+            superseded: superseded(&acks),
+        }
     }
 
     fn required_acks(&self, copies: u32) -> u32 {
@@ -196,7 +197,45 @@ impl PropertyApi {
     }
 }
 
-/// Writes one copy on `target`; `Some(had_live)` when it acknowledged. A copy that could not be
+/// What a coordinated write did on the copies.
+#[derive(Debug, Clone, Copy)]
+struct Replicated {
+    acknowledged: u32,
+    copies: u32,
+    /// Whether any copy held a live version before.
+    had_live: bool,
+    /// The newest revision the write lost to, when it lost on every copy that acknowledged.
+    superseded: Option<i64>,
+}
+
+/// One copy's answer to a coordinated write.
+#[derive(Debug, Clone, Copy)]
+struct CopyAck {
+    had_live: bool,
+    /// The revision of the copy's own newer version, when the write lost to it.
+    newer: Option<i64>,
+}
+
+impl CopyAck {
+    fn of(outcome: &RepairOutcome, had_live: bool) -> Self {
+        let newer = match outcome {
+            RepairOutcome::LocalNewer(ours) => Some(ours.mod_revision),
+            _ => None,
+        };
+        CopyAck { had_live, newer }
+    }
+}
+
+/// The revision a write was superseded by: the newest one, when every acknowledging copy held a
+/// newer version.
+fn superseded(acks: &[CopyAck]) -> Option<i64> {
+    acks.iter()
+        .map(|ack| ack.newer)
+        .collect::<Option<Vec<i64>>>()
+        .and_then(|newer| newer.into_iter().max())
+}
+
+/// Writes one copy on `target`; `Some(ack)` when it acknowledged. A copy that could not be
 /// reached is remembered for write-miss repair.
 async fn write_copy(
     node: &Arc<NodeState>,
@@ -204,19 +243,18 @@ async fn write_copy(
     group: &str,
     shard: u32,
     property: Property,
-) -> Option<bool> {
+) -> Option<CopyAck> {
     if target == node.me() {
         let result = blocking(node, move |node| {
             let had_live = node
                 .store
                 .get(&entity_of(&property)?)?
                 .is_some_and(|p| !p.is_tombstone());
-            node.store.repair_apply(property)?;
-            Ok(had_live)
+            Ok(CopyAck::of(&node.store.repair_apply(property)?, had_live))
         })
         .await;
         return match result {
-            Ok(had_live) => Some(had_live),
+            Ok(ack) => Some(ack),
             Err(status) => {
                 tracing::warn!(group, shard, %status, "local copy of a coordinated write failed");
                 None
@@ -231,13 +269,28 @@ async fn write_copy(
     let answer = client.replica_write(request).await;
     node.peers.saw_call(target, &answer);
     match answer {
-        Ok(response) => Some(response.into_inner().had_live),
+        Ok(response) => {
+            let response = response.into_inner();
+            let newer = (response.outcome
+                == v1::replica_write_response::Outcome::LocalNewer as i32)
+                .then(|| response.current.map(|current| current.mod_revision))
+                .flatten();
+            Some(CopyAck {
+                had_live: response.had_live,
+                newer,
+            })
+        }
         Err(status) => {
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
             None
         }
     }
+}
+
+/// A time check's refusal as `InvalidArgument` naming the field.
+pub(crate) fn check_time(checked: Result<(), Refused>) -> Result<(), Status> {
+    checked.map_err(|refused| invalid(refused.field, refused.message))
 }
 
 /// The shard of an entity in a validated group.
@@ -399,18 +452,31 @@ impl PropertyService for PropertyApi {
         }
         if property.mod_revision == 0 {
             property.mod_revision = self.node.next_revision();
+        } else {
+            check_time(check_client_revision(
+                "property.mod_revision",
+                property.mod_revision,
+                now_nanos(),
+                self.node.config.max_clock_skew,
+            ))?;
         }
         self.check_size(&property)?;
         let revision = property.mod_revision;
         if request.local {
-            blocking(&self.node, move |node| node.store.apply(property)).await?;
+            let outcome = blocking(&self.node, move |node| node.store.apply(property)).await?;
             return Ok(Response::new(v1::ApplyResponse {
                 mod_revision: revision,
                 acknowledged: 1,
                 copies: 1,
+                superseded: CopyAck::of(&outcome, false).newer.unwrap_or(0),
             }));
         }
-        let (acknowledged, copies, _) = self.replicate(&group, shard, property).await;
+        let Replicated {
+            acknowledged,
+            copies,
+            superseded,
+            ..
+        } = self.replicate(&group, shard, property).await;
         let required = self.required_acks(copies);
         if acknowledged < required {
             return Err(Status::unavailable(format!(
@@ -422,6 +488,7 @@ impl PropertyService for PropertyApi {
             mod_revision: revision,
             acknowledged,
             copies,
+            superseded: superseded.unwrap_or(0),
         }))
     }
 
@@ -443,14 +510,23 @@ impl PropertyService for PropertyApi {
                 format!("{} must be >= 0", request.delete_time),
             ));
         }
+        let now = now_nanos();
+        let skew = self.node.config.max_clock_skew;
         let mod_revision = if request.mod_revision == 0 {
             self.node.next_revision()
         } else {
+            check_time(check_client_revision(
+                "mod_revision",
+                request.mod_revision,
+                now,
+                skew,
+            ))?;
             request.mod_revision
         };
         let delete_time = if request.delete_time == 0 {
-            now_nanos()
+            now
         } else {
+            check_time(check_client_delete_time(request.delete_time, now, skew))?;
             request.delete_time
         };
         if request.local {
@@ -464,6 +540,7 @@ impl PropertyService for PropertyApi {
                 delete_time,
                 acknowledged: 1,
                 copies: 1,
+                superseded: CopyAck::of(&outcome.outcome, false).newer.unwrap_or(0),
             }));
         }
         let tombstone = Property {
@@ -474,7 +551,12 @@ impl PropertyService for PropertyApi {
             mod_revision,
             delete_time,
         };
-        let (acknowledged, copies, found) = self.replicate(&group, shard, tombstone).await;
+        let Replicated {
+            acknowledged,
+            copies,
+            had_live: found,
+            superseded,
+        } = self.replicate(&group, shard, tombstone).await;
         let required = self.required_acks(copies);
         if acknowledged < required {
             return Err(Status::unavailable(format!(
@@ -488,6 +570,7 @@ impl PropertyService for PropertyApi {
             delete_time,
             acknowledged,
             copies,
+            superseded: superseded.unwrap_or(0),
         }))
     }
 
@@ -585,6 +668,11 @@ impl PropertyService for PropertyApi {
         let property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
         self.entity(&property.group, &property.name, &property.id)?;
         self.check_size(&property)?;
+        check_time(check_peer_copy(
+            &property,
+            now_nanos(),
+            self.node.config.max_clock_skew,
+        ))?;
         let (outcome, had_live) = blocking(&self.node, move |node| {
             let had_live = node
                 .store

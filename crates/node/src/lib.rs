@@ -22,3 +22,4 @@ mod placement;
 mod schedule;
 mod server;
 mod sync;
+mod tombstones;

@@ -34,9 +34,9 @@ use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError};
 use crate::validate::Rules;
 
-#[cfg(feature = "test-support")]
-pub(crate) use maintenance::purge_cutoff;
-pub use maintenance::{PurgeReport, VerifyOutcome};
+pub use maintenance::{
+    PURGE_CHUNK, PurgeReport, PurgeState, VerifyOutcome, purge_line, round_cutoff,
+};
 pub use query::Query;
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;

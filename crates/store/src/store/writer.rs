@@ -11,7 +11,7 @@ use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use crate::codec::{ShardMeta, encode_inner, encode_log};
 use crate::config::TreeUpkeep;
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{RepairOutcome, decide, entity_order};
+use crate::repair_view::{Decision, RepairOutcome, decide_at_line, entity_order};
 use crate::store::RedbStore;
 use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
@@ -92,7 +92,7 @@ impl<'txn> ShardWriter<'txn> {
         LiveTree::new(self.shape, storage).map_err(|error| ConfigError::Shape(error).into())
     }
 
-    fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
+    pub(super) fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
         read_row(&self.props, &self.names.props, entity)
     }
 
@@ -166,13 +166,21 @@ impl<'txn> ShardWriter<'txn> {
         Ok(recomputed)
     }
 
+    /// Writes one copy by the version order and the shard's purge line: a tombstone below the
+    /// line is never stored (docs/protocol.md, "The life of a delete").
     fn apply(&mut self, checked: &Checked) -> Result<RepairOutcome, StoreError> {
         let ours = self.get(&checked.entity)?;
-        let outcome = decide(ours.as_ref(), &checked.property, &self.shape);
-        if outcome == RepairOutcome::Applied {
-            self.put(checked)?;
+        match decide_at_line(
+            ours.as_ref(),
+            &checked.property,
+            &self.shape,
+            self.meta.purged_below,
+        ) {
+            Decision::Store => self.put(checked)?,
+            Decision::RemoveOurs => self.remove(&checked.entity)?,
+            Decision::Keep(outcome) => return Ok(outcome),
         }
-        Ok(outcome)
+        Ok(RepairOutcome::Applied)
     }
 
     /// Replaces the shard's tree (leaves, inner nodes, leaf log) by one built from its
