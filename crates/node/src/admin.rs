@@ -184,7 +184,6 @@ impl AdminService for AdminApi {
             let blocked = purge_blocked(
                 copies.len(),
                 last,
-                state.cutoff,
                 now,
                 node.config.repair.tombstone_grace,
                 &down,

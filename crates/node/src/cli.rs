@@ -697,12 +697,13 @@ fn result_output(
             "sent": report.sent,
             "received": report.received,
             "applied": report.applied,
+            "failed": report.failed,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "error": span.error,
         }));
         lines.push(format!(
-            "  sync {} -> {} {}ms compared={} sent={} received={} applied={} bytes={}/{}{}",
+            "  sync {} -> {} {}ms compared={} sent={} received={} applied={} failed={} bytes={}/{}{}",
             span.from,
             span.to,
             span.duration_ms,
@@ -710,6 +711,7 @@ fn result_output(
             report.sent,
             report.received,
             report.applied,
+            report.failed,
             report.bytes_sent,
             report.bytes_received,
             if span.error.is_empty() {

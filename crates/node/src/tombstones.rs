@@ -162,13 +162,13 @@ pub(crate) fn complete_for_purging(result: &PropagationResult) -> bool {
         })
 }
 
-/// Why purging of a shard is held back by rounds, `None` when it is not: a shard with two or more
-/// copies purges below `min(cutoff, now - grace)`, so purging waits for rounds while the cutoff
-/// lies below `now - grace` (or there is none). `down` are the shard's copies this node sees down.
+/// Why purging of a shard waits for a round, `None` when it does not: a shard with two or more
+/// copies purges only below the cutoff of its last complete round, so purging is blocked when no
+/// round has reached every copy within the grace (or ever). `down` are the shard's copies this
+/// node sees down.
 pub(crate) fn purge_blocked(
     copies: usize,
     last_complete_round: Option<i64>,
-    cutoff: Option<i64>,
     now: i64,
     grace: Duration,
     down: &[String],
@@ -176,14 +176,11 @@ pub(crate) fn purge_blocked(
     if copies <= 1 {
         return None;
     }
-    let by_grace = now.saturating_sub(nanos(grace));
-    if cutoff.is_some_and(|cutoff| cutoff >= by_grace) {
-        return None;
-    }
     let since = match last_complete_round {
+        Some(at) if at >= now.saturating_sub(nanos(grace)) => return None,
         Some(at) => format!(
             "no round has reached every copy since {} s ago",
-            now.saturating_sub(at).max(0) / 1_000_000_000
+            now.saturating_sub(at) / 1_000_000_000
         ),
         None => "no round has reached every copy yet".to_owned(),
     };
@@ -264,21 +261,18 @@ mod tests {
     }
 
     #[test]
-    fn purging_is_blocked_while_the_cutoff_lags_the_grace() {
+    fn purging_is_blocked_while_no_round_reached_every_copy_within_the_grace() {
         let grace = Duration::from_secs(100);
         let now = 1_000 * S;
         let down = ["n3".to_owned()];
-        assert_eq!(purge_blocked(1, None, None, now, grace, &down), None);
+        assert_eq!(purge_blocked(1, None, now, grace, &down), None);
+        assert_eq!(purge_blocked(3, Some(950 * S), now, grace, &down), None);
         assert_eq!(
-            purge_blocked(3, Some(950 * S), Some(900 * S), now, grace, &down),
-            None
-        );
-        assert_eq!(
-            purge_blocked(3, None, None, now, grace, &down).as_deref(),
+            purge_blocked(3, None, now, grace, &down).as_deref(),
             Some("no round has reached every copy yet; down: n3")
         );
         assert_eq!(
-            purge_blocked(3, Some(800 * S), Some(790 * S), now, grace, &[]).as_deref(),
+            purge_blocked(3, Some(800 * S), now, grace, &[]).as_deref(),
             Some(
                 "no round has reached every copy since 200 s ago; every copy answers, see the round results"
             )
