@@ -58,7 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
     let copy = 0..COPIES;
     let mask = prop::array::uniform3(prop::bool::weighted(0.35));
     prop_oneof![
-        4 => (copy.clone(), 0..IDS.len(), mask.clone()).prop_map(|(coordinator, id, missed)| Op::Put {
+        4 => (copy.clone(), 0..IDS.len(), mask).prop_map(|(coordinator, id, missed)| Op::Put {
             coordinator,
             id,
             missed,
@@ -67,7 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
             copy.clone(),
             0..IDS.len(),
             prop::option::of(-30i64..=30),
-            mask.clone()
+            mask
         )
             .prop_map(|(coordinator, id, offset, missed)| Op::Delete {
                 coordinator,
@@ -130,9 +130,9 @@ impl World {
     /// Writes `property` to the copies that are up and not missed; whether any took it.
     fn replicate(&self, property: &Property, missed: [bool; COPIES]) -> bool {
         let mut acknowledged = false;
-        for copy in 0..COPIES {
-            if self.up[copy] && !missed[copy] {
-                self.stores[copy]
+        for ((store, up), missed) in self.stores.iter().zip(self.up).zip(missed) {
+            if up && !missed {
+                store
                     .repair_apply(property.clone())
                     .unwrap_or_else(|e| panic!("{e}"));
                 acknowledged = true;
@@ -177,9 +177,9 @@ impl World {
         }
         if every_copy && failed == 0 {
             let cutoff = round_cutoff(started_at, SKEW);
-            for copy in 0..COPIES {
-                if !lost[copy] {
-                    self.stores[copy]
+            for (store, lost) in self.stores.iter().zip(lost) {
+                if !lost {
+                    store
                         .record_complete_round(GROUP, 0, started_at, cutoff)
                         .unwrap_or_else(|e| panic!("{e}"));
                 }
