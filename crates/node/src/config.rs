@@ -514,7 +514,9 @@ mod tests {
             vec![&GroupDef::new("default", 1, 0)]
         );
         assert_eq!(config.write_acks, 1);
+        assert_eq!(config.max_clock_skew, Duration::from_secs(30));
         assert!(config.describe().contains("name = \"default\""));
+        assert!(config.describe().contains("max_clock_skew = \"30s\""));
     }
 
     #[test]
@@ -593,6 +595,20 @@ mod tests {
                     ..Partial::default()
                 },
                 "`groups.name`",
+            ),
+            (
+                Partial {
+                    max_clock_skew: Some("0s".into()),
+                    ..Partial::default()
+                },
+                "`max_clock_skew`",
+            ),
+            (
+                Partial {
+                    max_clock_skew: Some("soon".into()),
+                    ..Partial::default()
+                },
+                "`max_clock_skew`",
             ),
             (
                 Partial {

@@ -326,71 +326,70 @@ proptest! {
     }
 }
 
+/// A round from `origin` whose notice reaches every copy.
+fn round(origin: usize) -> Op {
+    Op::Round {
+        origin,
+        lost: [false; COPIES],
+    }
+}
+
+/// A put of `g/n/a` that every copy takes.
+fn put_everywhere() -> Op {
+    Op::Put {
+        coordinator: 0,
+        id: 0,
+        missed: [false; COPIES],
+    }
+}
+
+/// A purge tick on every copy that is up.
+fn purge_all() -> [Op; COPIES] {
+    [0, 1, 2].map(|copy| Op::Purge { copy })
+}
+
+/// True time moves on past the grace.
+fn past_the_grace() -> Op {
+    Op::Advance { seconds: 2 * 3600 }
+}
+
 /// The case the rule was written for: a delete acknowledged while one copy is down, the other two
 /// purge as soon as they may, and the copy comes back after more than the grace holding the
 /// live version. Its first round removes it, and nothing is purged twice.
 #[test]
 fn a_copy_down_longer_than_the_grace_rejoins_and_the_delete_holds() {
-    let none = [false; COPIES];
-    let world = run(
-        [0, 15 * SECOND, -15 * SECOND],
+    let ops = [
         vec![
-            Op::Put {
-                coordinator: 0,
-                id: 0,
-                missed: none,
-            },
-            Op::Round {
-                origin: 0,
-                lost: none,
-            },
+            put_everywhere(),
+            round(0),
             Op::Toggle { copy: 2 },
             Op::Delete {
                 coordinator: 1,
                 id: 0,
                 offset: Some(-30),
-                missed: none,
+                missed: [false; COPIES],
             },
-            Op::Advance { seconds: 2 * 3600 },
-            Op::Round {
-                origin: 0,
-                lost: none,
-            },
-            Op::Purge { copy: 0 },
-            Op::Purge { copy: 1 },
-            Op::Advance { seconds: 2 * 3600 },
-            Op::Purge { copy: 0 },
-            Op::Toggle { copy: 2 },
-            Op::Round {
-                origin: 2,
-                lost: none,
-            },
-            Op::Advance { seconds: 2 * 3600 },
-            Op::Purge { copy: 0 },
-            Op::Purge { copy: 1 },
-            Op::Purge { copy: 2 },
-            Op::Round {
-                origin: 1,
-                lost: none,
-            },
-            Op::Advance { seconds: 2 * 3600 },
-            Op::Purge { copy: 0 },
-            Op::Purge { copy: 1 },
-            Op::Purge { copy: 2 },
+            past_the_grace(),
+            round(0),
         ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+        purge_all().to_vec(),
+        vec![
+            past_the_grace(),
+            Op::Toggle { copy: 2 },
+            round(2),
+            past_the_grace(),
+        ],
+        purge_all().to_vec(),
+        vec![round(1), past_the_grace()],
+        purge_all().to_vec(),
+    ]
+    .concat();
+    let world = run([0, 15 * SECOND, -15 * SECOND], ops).unwrap_or_else(|e| panic!("{e}"));
     let entity = Entity::new(GROUP, "n", "a").unwrap_or_else(|e| panic!("{e}"));
     for store in &world.stores {
         assert_eq!(store.get(&entity).unwrap_or_else(|e| panic!("{e}")), None);
-        assert_eq!(
-            store
-                .purged(GROUP, 0)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .len(),
-            1,
-            "each copy purged the tombstone once"
-        );
+        let purged = store.purged(GROUP, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(purged.len(), 1, "each copy purged the tombstone once");
     }
 }
 
@@ -400,35 +399,21 @@ fn a_copy_down_longer_than_the_grace_rejoins_and_the_delete_holds() {
 /// missed the write.
 #[test]
 fn a_delete_just_after_a_round_is_not_purged_on_that_rounds_authority() {
-    let none = [false; COPIES];
-    let world = run(
-        [-15 * SECOND, 15 * SECOND, 0],
-        vec![
-            Op::Put {
-                coordinator: 0,
-                id: 0,
-                missed: none,
-            },
-            Op::Round {
-                origin: 1,
-                lost: none,
-            },
-            Op::Delete {
-                coordinator: 0,
-                id: 0,
-                offset: Some(-30),
-                missed: [false, false, true],
-            },
-            Op::Advance { seconds: 2 * 3600 },
-            Op::Purge { copy: 0 },
-            Op::Purge { copy: 1 },
-            Op::Round {
-                origin: 0,
-                lost: none,
-            },
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let ops = vec![
+        put_everywhere(),
+        round(1),
+        Op::Delete {
+            coordinator: 0,
+            id: 0,
+            offset: Some(-30),
+            missed: [false, false, true],
+        },
+        past_the_grace(),
+        Op::Purge { copy: 0 },
+        Op::Purge { copy: 1 },
+        round(0),
+    ];
+    let world = run([-15 * SECOND, 15 * SECOND, 0], ops).unwrap_or_else(|e| panic!("{e}"));
     let entity = Entity::new(GROUP, "n", "a").unwrap_or_else(|e| panic!("{e}"));
     for store in &world.stores {
         let copy = store.get(&entity).unwrap_or_else(|e| panic!("{e}"));
