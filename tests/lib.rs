@@ -338,3 +338,5 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+pub mod nemesis;

@@ -32,7 +32,7 @@ use propd_merkle::{
 };
 use propd_repair::Config;
 use propd_repair::pair::sync_in_memory;
-use propd_store::{GroupDef, LeafKey, RedbStore, RepairOutcome, RepairStore, StoreConfig};
+use propd_store::{GroupDef, Groups, LeafKey, RedbStore, RepairOutcome, RepairStore, StoreConfig};
 
 const GROUP: &str = "bench";
 
@@ -309,7 +309,7 @@ fn big_property(i: u64) -> Property {
 fn open(dir: &tempfile::TempDir) -> RedbStore {
     let config = StoreConfig::new(
         dir.path(),
-        vec![GroupDef::new(GROUP, 1, 1)],
+        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
         Shape::default(),
     );
     RedbStore::open(config).expect("open")

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use propd_benches::properties::property;
 use propd_merkle::{Property, Shape};
-use propd_store::{GroupDef, RedbStore, StoreConfig, TreeUpkeep, WriteDurability};
+use propd_store::{GroupDef, Groups, RedbStore, StoreConfig, TreeUpkeep, WriteDurability};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest as _, Sha512};
 
@@ -43,7 +43,8 @@ fn rebuild_n() -> u64 {
 }
 
 fn config(dir: &Path, upkeep: TreeUpkeep, durability: WriteDurability) -> StoreConfig {
-    let mut config = StoreConfig::new(dir, vec![GroupDef::new(GROUP, 1, 2)], Shape::default());
+    let groups = Groups::new([GroupDef::new(GROUP, 1, 2)]).expect("valid groups");
+    let mut config = StoreConfig::new(dir, groups, Shape::default());
     config.tree_upkeep = upkeep;
     config.durability = durability;
     if let Some(threshold) = std::env::var("PROPD_BENCH_FLUSH_THRESHOLD")

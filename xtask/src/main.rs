@@ -8,30 +8,26 @@
     reason = "xtask is a command-line tool"
 )]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod boundaries;
 mod demo;
+mod nemesis;
 
 const HELP: &str = "\
 cargo xtask <command>
 
 commands:
-  ci       format check, clippy (warnings denied), purity checks, every test
+  ci       format check, clippy (warnings denied), crate boundaries, every test
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
   bench    run the criterion benches (release build); extra args go to `cargo bench`
+  nemesis  real nodes under injected faults, then check nothing acknowledged was lost
+           ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
   help     this text
 ";
-
-/// Crates whose protocol cores must stay pure: with their default features, their normal
-/// dependency tree holds none of [`FORBIDDEN_IN_PURE`].
-const PURE_CRATES: &[&str] = &["propd-merkle", "propd-gossip", "propd-repair"];
-
-/// What a pure crate must not link: the async runtime and the database.
-const FORBIDDEN_IN_PURE: &[&str] = &["tokio", "redb"];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -43,6 +39,7 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "bench" => bench(&rest),
         "demo" => demo::run(),
+        "nemesis" => nemesis::run(&root, &rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -73,9 +70,7 @@ fn ci() -> Result<()> {
             "warnings",
         ],
     )?;
-    for krate in PURE_CRATES {
-        check_pure(krate)?;
-    }
+    boundaries::check_all(&workspace_root())?;
     let test = if has_nextest() {
         cargo(&[
             "nextest",
@@ -103,51 +98,6 @@ fn ci() -> Result<()> {
         )?;
     }
     eprintln!("xtask ci: all checks passed");
-    Ok(())
-}
-
-/// Proves a crate's boundary: no crate of [`FORBIDDEN_IN_PURE`] anywhere in its normal
-/// dependency tree with default features. Fails when `cargo tree` fails, or lists nothing.
-fn check_pure(krate: &str) -> Result<()> {
-    let output = Command::new("cargo")
-        .args([
-            "tree", "--locked", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}",
-        ])
-        .output()
-        .context("running cargo tree")?;
-    if !output.status.success() {
-        bail!(
-            "cargo tree -p {krate} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    // Each line is `name vX.Y.Z [(path)] [(*)]`.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let names: BTreeSet<&str> = stdout
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    if !names.contains(krate) {
-        bail!("cargo tree -p {krate} did not list {krate} itself:\n{stdout}");
-    }
-    let found: Vec<&str> = FORBIDDEN_IN_PURE
-        .iter()
-        .copied()
-        .filter(|forbidden| names.contains(forbidden))
-        .collect();
-    if !found.is_empty() {
-        bail!(
-            "{krate} must not depend on {}, but its normal dependency tree has {}; \
-             `cargo tree -p {krate} -e normal -i <crate>` shows the path",
-            FORBIDDEN_IN_PURE.join(" or "),
-            found.join(", ")
-        );
-    }
-    eprintln!(
-        "xtask ci: {krate} is free of {}",
-        FORBIDDEN_IN_PURE.join(" and ")
-    );
     Ok(())
 }
 

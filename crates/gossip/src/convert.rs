@@ -141,6 +141,17 @@ impl TryFrom<pb::TraceSpan> for TraceSpan {
     }
 }
 
+/// The context every propagation message must carry.
+fn context_from(
+    context: Option<pb::PropagationContext>,
+    message: &'static str,
+) -> Result<Context, ConvertError> {
+    context.map(Context::from).ok_or(ConvertError::Missing {
+        message,
+        field: "context",
+    })
+}
+
 fn trace_from(trace: Vec<pb::TraceSpan>) -> Result<Vec<TraceSpan>, ConvertError> {
     trace.into_iter().map(TraceSpan::try_from).collect()
 }
@@ -158,12 +169,9 @@ impl TryFrom<pb::PropagationRequest> for Propagation {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationRequest) -> Result<Self, ConvertError> {
-        let context = r.context.ok_or(ConvertError::Missing {
-            message: "PropagationRequest",
-            field: "context",
-        })?;
+        let context = context_from(r.context, "PropagationRequest")?;
         Ok(Propagation {
-            context: context.into(),
+            context,
             trace: trace_from(r.trace)?,
         })
     }
@@ -197,10 +205,7 @@ impl TryFrom<pb::PropagationResult> for PropagationResult {
     type Error = ConvertError;
 
     fn try_from(r: pb::PropagationResult) -> Result<Self, ConvertError> {
-        let context = r.context.ok_or(ConvertError::Missing {
-            message: "PropagationResult",
-            field: "context",
-        })?;
+        let context = context_from(r.context, "PropagationResult")?;
         let outcome = match pb::PropagationOutcome::try_from(r.outcome) {
             Ok(pb::PropagationOutcome::Completed) => Outcome::Completed,
             Ok(pb::PropagationOutcome::NoPeers) => Outcome::NoPeers,
@@ -216,7 +221,7 @@ impl TryFrom<pb::PropagationResult> for PropagationResult {
             }
         };
         Ok(PropagationResult {
-            context: context.into(),
+            context,
             outcome,
             error: (!r.error.is_empty()).then_some(r.error),
             trace: trace_from(r.trace)?,

@@ -203,6 +203,7 @@ fn merge_by<'a, T>(
 mod tests {
     use super::*;
     use crate::build::TreeBuilder;
+    use crate::shape::strategies::small_shape;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -269,26 +270,6 @@ mod tests {
                 right: Shape::reference()
             })
         );
-    }
-
-    fn small_shape() -> impl Strategy<Value = Shape> {
-        (
-            1u32..5,
-            2u32..5,
-            0u32..3,
-            prop_oneof![
-                Just(crate::Algorithm::Sha512),
-                Just(crate::Algorithm::Blake3)
-            ],
-        )
-            .prop_map(|(slot_count, fanout, depth, algorithm)| Shape {
-                algorithm,
-                slot_count,
-                fanout,
-                depth,
-                digest_width: 8,
-                ..Shape::default()
-            })
     }
 
     proptest! {

@@ -1,5 +1,6 @@
 //! The incremental tree: leaf updates mark their bucket dirty; a flush recomputes only the dirty
-//! buckets and their ancestors.
+//! buckets and their ancestors. The tree keeps its dirty set itself, in memory: it lives from the
+//! first leaf change to the flush that recomputes it, so no storage has to keep one.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -35,12 +36,6 @@ pub enum LiveError<E: std::error::Error + 'static> {
         /// The given digest's width.
         found: usize,
     },
-    /// A stored entity or node disagrees with the shape (corrupt or foreign storage).
-    #[error("stored tree is inconsistent: {detail}")]
-    Corrupt {
-        /// What was found.
-        detail: String,
-    },
 }
 
 impl<E: std::error::Error + 'static> LiveError<E> {
@@ -55,7 +50,6 @@ impl<E: std::error::Error + 'static> LiveError<E> {
             LiveError::DigestWidth { expected, found } => {
                 Ok(LiveError::DigestWidth { expected, found })
             }
-            LiveError::Corrupt { detail } => Ok(LiveError::Corrupt { detail }),
         }
     }
 }
@@ -67,10 +61,14 @@ impl<E: std::error::Error + 'static> LiveError<E> {
 /// bottom-up, and nothing else. The readers of inner digests ([`LiveTree::root`],
 /// [`LiveTree::node`], [`LiveTree::children`], [`LiveTree::to_tree`]) take `&self` and require a
 /// flushed tree: they return [`LiveError::NotFlushed`] rather than a stale digest.
+///
+/// The dirty set (the buckets changed since the last flush) is the tree's own and lives in
+/// memory; [`LiveTree::into_storage`] before a flush drops it with the tree.
 #[derive(Debug, Clone)]
 pub struct LiveTree<S> {
     shape: Shape,
     storage: S,
+    dirty: BTreeSet<NodeId>,
 }
 
 type Result<T, S> = std::result::Result<T, LiveError<<S as TreeStorage>::Error>>;
@@ -79,7 +77,11 @@ impl<S: TreeStorage> LiveTree<S> {
     /// A live tree of a valid shape over some storage (empty or holding a tree of this shape).
     pub fn new(shape: Shape, storage: S) -> std::result::Result<Self, ShapeError> {
         shape.validate()?;
-        Ok(LiveTree { shape, storage })
+        Ok(LiveTree {
+            shape,
+            storage,
+            dirty: BTreeSet::new(),
+        })
     }
 
     /// The shape.
@@ -117,9 +119,7 @@ impl<S: TreeStorage> LiveTree<S> {
             .put_leaf(bucket.index, entity, digest)
             .map_err(LiveError::Storage)?;
         if previous != Some(digest) {
-            self.storage
-                .mark_dirty(bucket)
-                .map_err(LiveError::Storage)?;
+            self.dirty.insert(bucket);
         }
         Ok(previous)
     }
@@ -132,9 +132,7 @@ impl<S: TreeStorage> LiveTree<S> {
             .remove_leaf(bucket.index, entity)
             .map_err(LiveError::Storage)?;
         if removed.is_some() {
-            self.storage
-                .mark_dirty(bucket)
-                .map_err(LiveError::Storage)?;
+            self.dirty.insert(bucket);
         }
         Ok(removed)
     }
@@ -149,24 +147,19 @@ impl<S: TreeStorage> LiveTree<S> {
 
     /// Whether no dirty node is pending.
     pub fn is_flushed(&self) -> Result<bool, S> {
-        Ok(!self.storage.has_dirty().map_err(LiveError::Storage)?)
+        Ok(self.dirty.is_empty())
     }
 
     /// Recomputes the dirty nodes and their ancestors, deepest level first, then clears the dirty
     /// set. Returns the number of nodes recomputed (0 for a clean tree).
     pub fn flush(&mut self) -> Result<usize, S> {
-        let dirty = self.storage.dirty().map_err(LiveError::Storage)?;
-        if dirty.is_empty() {
+        if self.dirty.is_empty() {
             return Ok(0);
         }
         let bucket_level = self.shape.bucket_level();
         let mut by_level: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); bucket_level as usize + 1];
-        for node in dirty {
-            if !self.shape.contains(node) {
-                return Err(LiveError::Corrupt {
-                    detail: format!("dirty node {node} is outside the shape"),
-                });
-            }
+        // Only `upsert` and `remove` mark nodes, with buckets of this shape.
+        for node in &self.dirty {
             by_level[node.level as usize].insert(node.index);
         }
         let mut recomputed = 0;
@@ -194,7 +187,7 @@ impl<S: TreeStorage> LiveTree<S> {
                 }
             }
         }
-        self.storage.clear_dirty().map_err(LiveError::Storage)?;
+        self.dirty.clear();
         Ok(recomputed)
     }
 
@@ -226,7 +219,7 @@ impl<S: TreeStorage> LiveTree<S> {
     }
 
     fn require_flushed(&self) -> Result<(), S> {
-        if self.storage.has_dirty().map_err(LiveError::Storage)? {
+        if !self.dirty.is_empty() {
             return Err(LiveError::NotFlushed);
         }
         Ok(())
@@ -317,7 +310,7 @@ impl<S: TreeStorage> LiveTree<S> {
 mod tests {
     use super::*;
     use crate::build::TreeBuilder;
-    use crate::digest::Algorithm;
+    use crate::shape::strategies::small_shape;
     use crate::storage::MemStorage;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -420,28 +413,11 @@ mod tests {
         ]
     }
 
-    fn shape() -> impl Strategy<Value = Shape> {
-        (
-            1u32..5,
-            2u32..5,
-            0u32..3,
-            prop_oneof![Just(Algorithm::Sha512), Just(Algorithm::Blake3)],
-        )
-            .prop_map(|(slot_count, fanout, depth, algorithm)| Shape {
-                algorithm,
-                slot_count,
-                fanout,
-                depth,
-                digest_width: 8,
-                ..Shape::default()
-            })
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
         #[test]
         fn incremental_tree_equals_the_tree_rebuilt_from_scratch(
-            shape in shape(), ops in proptest::collection::vec(op(), 0..80),
+            shape in small_shape(), ops in proptest::collection::vec(op(), 0..80),
         ) {
             let mut live = LiveTree::new(shape, MemStorage::new()).expect("valid shape");
             let mut model: BTreeMap<u32, u8> = BTreeMap::new();

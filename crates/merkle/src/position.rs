@@ -56,6 +56,13 @@ impl NodeId {
     pub fn parent(self, shape: &Shape) -> Option<NodeId> {
         shape.parent(self)
     }
+
+    /// The ids of the nodes of `level` whose index is in `indexes`, as one range in (level,
+    /// index) order (a range of storage keys); `None` when `indexes` is empty.
+    pub fn level_range(level: u32, indexes: Range<u64>) -> Option<Range<NodeId>> {
+        (indexes.start < indexes.end)
+            .then(|| NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end))
+    }
 }
 
 impl std::fmt::Display for NodeId {
@@ -245,6 +252,15 @@ mod tests {
             }
             assert_eq!(shape.bucket_index(u64::MAX), by_division(&shape, u64::MAX));
         }
+    }
+
+    #[test]
+    fn level_ranges_stay_within_their_level() {
+        let range = NodeId::level_range(2, 3..5).expect("non-empty");
+        assert_eq!(range, NodeId::new(2, 3)..NodeId::new(2, 5));
+        assert!(!range.contains(&NodeId::new(1, 4)) && !range.contains(&NodeId::new(3, 4)));
+        assert_eq!(NodeId::level_range(2, 5..5), None);
+        assert_eq!(NodeId::level_range(2, Range { start: 6, end: 5 }), None);
     }
 
     #[test]

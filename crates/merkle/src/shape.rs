@@ -312,6 +312,34 @@ fn check(field: &'static str, value: u32, min: u32, max: u32) -> Result<(), Shap
     Ok(())
 }
 
+/// Property-test strategies over shapes, for the crate's own tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    use super::Shape;
+    use crate::digest::Algorithm;
+
+    /// Small valid shapes of either algorithm and 8-byte digests: few buckets, so random
+    /// entities share buckets and every level has work.
+    pub(crate) fn small_shape() -> impl Strategy<Value = Shape> {
+        (
+            1u32..5,
+            2u32..5,
+            0u32..3,
+            prop_oneof![Just(Algorithm::Sha512), Just(Algorithm::Blake3)],
+        )
+            .prop_map(|(slot_count, fanout, depth, algorithm)| Shape {
+                algorithm,
+                slot_count,
+                fanout,
+                depth,
+                digest_width: 8,
+                ..Shape::default()
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The small storage trait the live tree persists itself through, and its in-memory
 //! implementation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::ops::Range;
 
@@ -32,15 +32,20 @@ impl InnerNode {
     pub fn is_empty(&self) -> bool {
         self.leaf_count == 0
     }
+
+    /// The node, or `None` when no leaf is under it (how [`crate::RepairStore::tree_node`]
+    /// answers for an empty subtree).
+    pub fn non_empty(self) -> Option<Self> {
+        (!self.is_empty()).then_some(self)
+    }
 }
 
-/// Where a [`crate::LiveTree`] keeps its leaves, inner nodes and dirty set. The store implements
-/// it over redb tables inside its write transaction; [`MemStorage`] keeps everything in memory.
+/// Where a [`crate::LiveTree`] keeps its leaves and inner nodes. The store implements it over redb
+/// tables; [`MemStorage`] keeps everything in memory. The dirty set is not the storage's: the live
+/// tree keeps it in memory from a leaf change to the flush that recomputes it.
 ///
 /// Leaves are keyed by `(bucket index, entity)` and iterate in that order. Inner nodes are keyed
-/// by [`NodeId`] (level, index) and only non-empty ones are stored. The dirty set holds nodes whose
-/// stored digest may be stale; the live tree marks buckets only, and a flush recomputes each dirty
-/// node and its ancestors.
+/// by [`NodeId`] (level, index) and only non-empty ones are stored.
 pub trait TreeStorage {
     /// The storage's error.
     type Error: std::error::Error + 'static;
@@ -78,15 +83,6 @@ pub trait TreeStorage {
         indexes: Range<u64>,
         visit: &mut dyn FnMut(NodeId, InnerNode),
     ) -> Result<(), Self::Error>;
-
-    /// Adds a node to the dirty set.
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), Self::Error>;
-    /// The dirty set, in (level, index) order.
-    fn dirty(&self) -> Result<Vec<NodeId>, Self::Error>;
-    /// Whether the dirty set is non-empty.
-    fn has_dirty(&self) -> Result<bool, Self::Error>;
-    /// Empties the dirty set.
-    fn clear_dirty(&mut self) -> Result<(), Self::Error>;
 }
 
 /// A [`TreeStorage`] in memory, over `BTreeMap`s. Cannot fail.
@@ -94,7 +90,6 @@ pub trait TreeStorage {
 pub struct MemStorage {
     leaves: BTreeMap<u64, BTreeMap<Entity, Digest>>,
     inner: BTreeMap<NodeId, InnerNode>,
-    dirty: BTreeSet<NodeId>,
 }
 
 impl MemStorage {
@@ -178,31 +173,12 @@ impl TreeStorage for MemStorage {
         indexes: Range<u64>,
         visit: &mut dyn FnMut(NodeId, InnerNode),
     ) -> Result<(), Infallible> {
-        if indexes.start >= indexes.end {
+        let Some(range) = NodeId::level_range(level, indexes) else {
             return Ok(());
-        }
-        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        };
         for (&node, &inner) in self.inner.range(range) {
             visit(node, inner);
         }
-        Ok(())
-    }
-
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), Infallible> {
-        self.dirty.insert(node);
-        Ok(())
-    }
-
-    fn dirty(&self) -> Result<Vec<NodeId>, Infallible> {
-        Ok(self.dirty.iter().copied().collect())
-    }
-
-    fn has_dirty(&self) -> Result<bool, Infallible> {
-        Ok(!self.dirty.is_empty())
-    }
-
-    fn clear_dirty(&mut self) -> Result<(), Infallible> {
-        self.dirty.clear();
         Ok(())
     }
 }

@@ -120,8 +120,17 @@ impl PropertyApi {
         }
     }
 
-    fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+    /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
+    /// (capped at the number of copies); `what` names what was acknowledged.
+    fn require_acks(&self, acknowledged: u32, copies: u32, what: &str) -> Result<(), Status> {
+        let required = self.node.config.write_acks.min(copies);
+        if acknowledged < required {
+            return Err(Status::unavailable(format!(
+                "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
+                 copies that missed it will be repaired"
+            )));
+        }
+        Ok(())
     }
 
     /// Every copy of (group, shard) that answers, with what it holds of `entity`.
@@ -477,13 +486,7 @@ impl PropertyService for PropertyApi {
             superseded,
             ..
         } = self.replicate(&group, shard, property).await;
-        let required = self.required_acks(copies);
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged revision {revision}, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(acknowledged, copies, &format!("revision {revision}"))?;
         Ok(Response::new(v1::ApplyResponse {
             mod_revision: revision,
             acknowledged,
@@ -557,13 +560,7 @@ impl PropertyService for PropertyApi {
             had_live: found,
             superseded,
         } = self.replicate(&group, shard, tombstone).await;
-        let required = self.required_acks(copies);
-        if acknowledged < required {
-            return Err(Status::unavailable(format!(
-                "only {acknowledged} of {copies} copies acknowledged the delete, {required} required; \
-                 copies that missed it will be repaired"
-            )));
-        }
+        self.require_acks(acknowledged, copies, "the delete")?;
         Ok(Response::new(v1::DeleteResponse {
             found,
             mod_revision,

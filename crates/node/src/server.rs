@@ -120,11 +120,7 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
-        ..StoreConfig::new(
-            &config.data_dir,
-            config.groups.iter().cloned().collect(),
-            Shape::default(),
-        )
+        ..StoreConfig::new(&config.data_dir, config.groups.clone(), Shape::default())
     };
     let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
         .await

@@ -201,11 +201,8 @@ mod tests {
         }
         .resolve()
         .expect("a valid config");
-        let store_config = StoreConfig::new(
-            &config.data_dir,
-            config.groups.iter().cloned().collect(),
-            Shape::default(),
-        );
+        let store_config =
+            StoreConfig::new(&config.data_dir, config.groups.clone(), Shape::default());
         let store = RedbStore::open(store_config).expect("the store opens");
         let node = Arc::new(NodeState::new(config, store));
         let gossip: Gossip = GossipDriver::new(

@@ -392,20 +392,19 @@ impl Client {
     ) -> Result<(), ProtocolError> {
         let mut attributed = false;
         for node in summary.nodes {
-            let Some(&expected) = self.expected_leaves.front() else {
-                return Err(ProtocolError::UnlistedNode {
-                    message: "NodeLeaves",
-                    level: node.level,
-                    index: node.index,
-                });
+            // Each node must be the next one the client listed for its leaves.
+            let expected = match self.expected_leaves.front() {
+                Some(&expected) if (node.level, node.index) == (expected.level, expected.index) => {
+                    expected
+                }
+                _ => {
+                    return Err(ProtocolError::UnlistedNode {
+                        message: "NodeLeaves",
+                        level: node.level,
+                        index: node.index,
+                    });
+                }
             };
-            if (node.level, node.index) != (expected.level, expected.index) {
-                return Err(ProtocolError::UnlistedNode {
-                    message: "NodeLeaves",
-                    level: node.level,
-                    index: node.index,
-                });
-            }
             let fps = wire::fingerprints("NodeLeaves.fingerprints", &node.fingerprints)?;
             if !node.exists && (!fps.is_empty() || node.more) {
                 return Err(malformed(

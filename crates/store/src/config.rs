@@ -111,8 +111,8 @@ pub enum WriteDurability {
 pub struct StoreConfig {
     /// The data directory; created if missing. The database is `<data_dir>/propd.redb`.
     pub data_dir: PathBuf,
-    /// The groups this node knows.
-    pub groups: Vec<GroupDef>,
+    /// The groups this node knows, validated once by [`Groups::new`].
+    pub groups: Groups,
     /// The shape of every tree in this store; it must match the shape stored at creation.
     pub shape: Shape,
     /// The largest canonical property size accepted (default [`DEFAULT_MAX_PROPERTY_BYTES`]).
@@ -134,7 +134,7 @@ pub const DEFAULT_FLUSH_THRESHOLD: u64 = 32_768;
 
 impl StoreConfig {
     /// A configuration with the defaults for everything but the directory, groups and shape.
-    pub fn new(data_dir: impl Into<PathBuf>, groups: Vec<GroupDef>, shape: Shape) -> Self {
+    pub fn new(data_dir: impl Into<PathBuf>, groups: Groups, shape: Shape) -> Self {
         StoreConfig {
             data_dir: data_dir.into(),
             groups,

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 
 use propd_merkle::{Entity, NodeId, Property, Shape, TagValue, Tree, TreeBuilder, shard_of};
 
-use crate::config::GroupDef;
+use crate::config::{GroupDef, Groups};
 use crate::error::{StoreError, ValidationError};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore};
 
@@ -22,11 +22,12 @@ pub const SHARD_NUM: u32 = 4;
 pub const SHARD: u32 = 1;
 
 /// The group definitions a factory must give its store.
-pub fn suite_groups() -> Vec<GroupDef> {
-    vec![
+pub fn suite_groups() -> Groups {
+    Groups::new([
         GroupDef::new(GROUP, SHARD_NUM, 1),
         GroupDef::new("other", 2, 0),
-    ]
+    ])
+    .expect("the suite's groups are valid")
 }
 
 /// The shapes the suite runs with: the default (three bucket levels) and the reference's three
@@ -39,7 +40,7 @@ pub fn suite_shapes() -> Vec<Shape> {
 type Case<S> = (&'static str, fn(&S, Shape));
 
 /// Runs every case against stores made by `make(groups, shape)`.
-pub fn run_all<S, G>(mut make: impl FnMut(Vec<GroupDef>, Shape) -> (S, G))
+pub fn run_all<S, G>(mut make: impl FnMut(Groups, Shape) -> (S, G))
 where
     S: RepairStore<Error = StoreError>,
 {

@@ -7,11 +7,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
-use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{
-    Decision, LeafKey, RepairOutcome, RepairStore, below_line, decide_at_line, entity_order,
-    page_after,
+    Decision, LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, below_line,
+    decide_at_line, page_after,
 };
 use crate::store::{DeleteOutcome, PurgeReport, PurgeState};
 use crate::validate::{Checked, Rules, WriteKind};
@@ -90,11 +90,11 @@ impl ModelShard {
 
 impl ModelStore {
     /// An empty model store for these groups and tree shape, with the default size limit.
-    pub fn new(groups: Vec<GroupDef>, shape: Shape) -> Result<Self, StoreError> {
+    pub fn new(groups: Groups, shape: Shape) -> Result<Self, StoreError> {
         shape.validate().map_err(ConfigError::Shape)?;
         Ok(ModelStore {
             rules: Rules {
-                groups: Groups::new(groups)?,
+                groups,
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
             },
@@ -272,7 +272,7 @@ impl RepairStore for ModelStore {
     ) -> Result<Option<InnerNode>, StoreError> {
         self.with_shard(group, shard, |state| {
             let inner = state.flushed()?.node(node).map_err(tree_error)?;
-            Ok((!inner.is_empty()).then_some(inner))
+            Ok(inner.non_empty())
         })
     }
 
@@ -307,9 +307,7 @@ impl RepairStore for ModelStore {
         shard: u32,
         entities: &[Entity],
     ) -> Result<Vec<Option<Property>>, StoreError> {
-        for entity in entities {
-            self.rules.check_member(entity, group, shard)?;
-        }
+        self.rules.check_members(entities, group, shard)?;
         self.with_shard(group, shard, |state| {
             Ok(entities
                 .iter()
@@ -330,16 +328,10 @@ impl RepairStore for ModelStore {
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<RepairOutcome>, StoreError> {
-        self.rules.check_shard(group, shard)?;
         let checked = self.rules.check_batch(group, shard, batch)?;
-        let order = entity_order(&checked, |item| &item.entity);
         let shape = self.rules.shape;
         self.with_shard(group, shard, |state| {
-            let mut outcomes = vec![RepairOutcome::Same; checked.len()];
-            for index in order {
-                outcomes[index] = state.apply(checked[index].clone(), &shape)?;
-            }
-            Ok(outcomes)
+            apply_in_entity_order(&checked, |item| state.apply(item.clone(), &shape))
         })
     }
 }

@@ -7,6 +7,9 @@ use std::cmp::Ordering;
 
 use propd_merkle::{Entity, Leaf, Property, Shape, version_order};
 
+use crate::error::StoreError;
+use crate::validate::Checked;
+
 pub use propd_merkle::repair_store::{LeafKey, RepairOutcome, RepairStore};
 
 /// Decides what applying `incoming` over `ours` does, by the total version order.
@@ -60,10 +63,23 @@ pub(crate) fn decide_at_line(
 
 /// The order in which a batch is applied: input positions sorted by entity, stable, so repeated
 /// entities keep their input order.
-pub(crate) fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Vec<usize> {
+fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Vec<usize> {
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| entity(&items[a]).cmp(entity(&items[b])));
     order
+}
+
+/// Applies a checked batch item by item in entity order (see [`entity_order`]) with `apply`, and
+/// returns the outcomes in input order.
+pub(crate) fn apply_in_entity_order(
+    checked: &[Checked],
+    mut apply: impl FnMut(&Checked) -> Result<RepairOutcome, StoreError>,
+) -> Result<Vec<RepairOutcome>, StoreError> {
+    let mut outcomes = vec![RepairOutcome::Same; checked.len()];
+    for index in entity_order(checked, |item| &item.entity) {
+        outcomes[index] = apply(&checked[index])?;
+    }
+    Ok(outcomes)
 }
 
 /// One page of leaves in `(bucket, entity)` order: those strictly after `after`, at most `limit`.

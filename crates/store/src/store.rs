@@ -65,7 +65,6 @@ impl RedbStore {
     /// ([`ConfigError::ShapeChanged`], [`ConfigError::ShardNumChanged`]). New groups may be added.
     pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
         config.shape.validate().map_err(ConfigError::Shape)?;
-        let groups = Groups::new(config.groups.iter().cloned())?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::Io {
             path: config.data_dir.clone(),
             source,
@@ -79,7 +78,7 @@ impl RedbStore {
         let store = RedbStore {
             db,
             rules: Arc::new(Rules {
-                groups,
+                groups: config.groups,
                 shape: config.shape,
                 max_property_bytes: config.max_property_bytes,
             }),

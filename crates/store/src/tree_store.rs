@@ -1,9 +1,9 @@
 //! The merkle crate's `TreeStorage` over redb tables: one implementation inside a flush's write
-//! transaction (leaves and inner nodes in redb; the dirty set in memory, since a flush marks and
-//! recomputes within its one transaction), and one over a read snapshot that keeps its changes (the leaf log applied, a flush's recomputed
-//! digests) in memory.
+//! transaction (leaves and inner nodes in redb), and one over a read snapshot that keeps its
+//! changes (the leaf log applied, a flush's recomputed digests) in memory. The dirty set is the
+//! live tree's own, in memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use propd_merkle::{Digest, Entity, InnerNode, NodeId, TreeStorage};
@@ -21,18 +21,21 @@ fn corrupt(table: &str, error: DecodeError) -> StoreError {
     }
 }
 
+/// A leaf's digest from its stored bytes in the table `name`.
+fn leaf_digest(name: &str, bytes: &[u8]) -> Result<Digest, StoreError> {
+    decode_digest(bytes).map_err(|error| corrupt(name, error))
+}
+
 fn read_leaf(
     table: &impl ReadableTable<LeafKey<'static>, &'static [u8]>,
     name: &str,
     bucket: u64,
     entity: &Entity,
 ) -> Result<Option<Digest>, StoreError> {
-    match table.get((bucket, entity.as_str()))? {
-        Some(guard) => Ok(Some(
-            decode_digest(guard.value()).map_err(|error| corrupt(name, error))?,
-        )),
-        None => Ok(None),
-    }
+    table
+        .get((bucket, entity.as_str()))?
+        .map(|guard| leaf_digest(name, guard.value()))
+        .transpose()
 }
 
 fn visit_leaf_range(
@@ -51,8 +54,7 @@ fn visit_leaf_range(
             table: name.to_owned(),
             detail: format!("leaf key {text:?}: {error}"),
         })?;
-        let digest = decode_digest(value.value()).map_err(|error| corrupt(name, error))?;
-        visit(bucket, &entity, digest);
+        visit(bucket, &entity, leaf_digest(name, value.value())?);
     }
     Ok(())
 }
@@ -89,12 +91,30 @@ fn visit_inner_range(
     Ok(())
 }
 
+/// Visits, in key order, the stored rows that `stored` reports merged with the in-memory changes
+/// of `overlay` (`Some` written, `None` removed), which take precedence.
+fn visit_merged<K: Ord, V>(
+    stored: impl FnOnce(&mut dyn FnMut(K, V)) -> Result<(), StoreError>,
+    overlay: impl Iterator<Item = (K, Option<V>)>,
+    visit: &mut dyn FnMut(K, V),
+) -> Result<(), StoreError> {
+    let mut merged: BTreeMap<K, Option<V>> = BTreeMap::new();
+    stored(&mut |key, value| {
+        merged.insert(key, Some(value));
+    })?;
+    merged.extend(overlay);
+    for (key, value) in merged {
+        if let Some(value) = value {
+            visit(key, value);
+        }
+    }
+    Ok(())
+}
+
 /// The tables of one shard's tree, opened in a write transaction.
 pub(crate) struct TxnTree<'a, 'txn> {
     pub(crate) leaves: &'a mut Table<'txn, LeafKey<'static>, &'static [u8]>,
     pub(crate) nodes: &'a mut Table<'txn, (u32, u64), &'static [u8]>,
-    /// The dirty set lives only as long as the flush that marks and recomputes it.
-    pub(crate) dirty: BTreeSet<NodeId>,
     /// Table names for error messages: leaves, nodes.
     pub(crate) leaves_name: &'a str,
     pub(crate) nodes_name: &'a str,
@@ -113,25 +133,17 @@ impl TreeStorage for TxnTree<'_, '_> {
         entity: &Entity,
         digest: Digest,
     ) -> Result<Option<Digest>, StoreError> {
-        let previous = self
-            .leaves
-            .insert((bucket, entity.as_str()), digest.as_bytes())?;
-        match previous {
-            Some(guard) => Ok(Some(
-                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
-            )),
-            None => Ok(None),
-        }
+        self.leaves
+            .insert((bucket, entity.as_str()), digest.as_bytes())?
+            .map(|guard| leaf_digest(self.leaves_name, guard.value()))
+            .transpose()
     }
 
     fn remove_leaf(&mut self, bucket: u64, entity: &Entity) -> Result<Option<Digest>, StoreError> {
-        let removed = self.leaves.remove((bucket, entity.as_str()))?;
-        match removed {
-            Some(guard) => Ok(Some(
-                decode_digest(guard.value()).map_err(|error| corrupt(self.leaves_name, error))?,
-            )),
-            None => Ok(None),
-        }
+        self.leaves
+            .remove((bucket, entity.as_str()))?
+            .map(|guard| leaf_digest(self.leaves_name, guard.value()))
+            .transpose()
     }
 
     fn visit_leaves(
@@ -165,28 +177,10 @@ impl TreeStorage for TxnTree<'_, '_> {
     ) -> Result<(), StoreError> {
         visit_inner_range(self.nodes, self.nodes_name, level, indexes, visit)
     }
-
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
-        self.dirty.insert(node);
-        Ok(())
-    }
-
-    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.dirty.iter().copied().collect())
-    }
-
-    fn has_dirty(&self) -> Result<bool, StoreError> {
-        Ok(!self.dirty.is_empty())
-    }
-
-    fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty.clear();
-        Ok(())
-    }
 }
 
 /// One shard's tree as of a read snapshot. Reads come from the snapshot; writes (the leaf log's
-/// changes, a flush's inner nodes, the cleared dirty set) stay in memory, so a reader gets fresh
+/// changes, a flush's inner nodes) stay in memory, so a reader gets fresh
 /// digests without a write transaction. A missing table reads as empty.
 pub(crate) struct SnapshotTree {
     pub(crate) leaves: Option<ReadOnlyTable<LeafKey<'static>, &'static [u8]>>,
@@ -197,8 +191,6 @@ pub(crate) struct SnapshotTree {
     pub(crate) leaf_overlay: BTreeMap<u64, BTreeMap<Entity, Option<Digest>>>,
     /// Inner nodes written (`Some`) or removed (`None`) by a flush.
     pub(crate) inner_overlay: BTreeMap<NodeId, Option<InnerNode>>,
-    /// Nodes marked dirty in memory.
-    pub(crate) dirty_marked: BTreeSet<NodeId>,
 }
 
 impl TreeStorage for SnapshotTree {
@@ -256,29 +248,23 @@ impl TreeStorage for SnapshotTree {
                 None => Ok(()),
             };
         }
-        // Merge the stored leaves with the in-memory ones, which take precedence.
-        let mut merged: BTreeMap<(u64, Entity), Option<Digest>> = BTreeMap::new();
-        if let Some(table) = &self.leaves {
-            visit_leaf_range(
-                table,
-                &self.leaves_name,
-                buckets.clone(),
-                &mut |bucket, entity, digest| {
-                    merged.insert((bucket, entity.clone()), Some(digest));
-                },
-            )?;
-        }
-        for (bucket, leaves) in overlay {
-            for (entity, digest) in leaves {
-                merged.insert((*bucket, entity.clone()), *digest);
-            }
-        }
-        for ((bucket, entity), digest) in merged {
-            if let Some(digest) = digest {
-                visit(bucket, &entity, digest);
-            }
-        }
-        Ok(())
+        visit_merged(
+            |stored| match &self.leaves {
+                Some(table) => visit_leaf_range(
+                    table,
+                    &self.leaves_name,
+                    buckets,
+                    &mut |bucket, entity, digest| stored((bucket, entity.clone()), digest),
+                ),
+                None => Ok(()),
+            },
+            overlay.flat_map(|(bucket, leaves)| {
+                leaves
+                    .iter()
+                    .map(|(entity, digest)| ((*bucket, entity.clone()), *digest))
+            }),
+            &mut |(bucket, entity), digest| visit(bucket, &entity, digest),
+        )
     }
 
     fn get_inner(&self, node: NodeId) -> Result<Option<InnerNode>, StoreError> {
@@ -307,10 +293,9 @@ impl TreeStorage for SnapshotTree {
         indexes: Range<u64>,
         visit: &mut dyn FnMut(NodeId, InnerNode),
     ) -> Result<(), StoreError> {
-        if indexes.start >= indexes.end {
+        let Some(range) = NodeId::level_range(level, indexes.clone()) else {
             return Ok(());
-        }
-        let range = NodeId::new(level, indexes.start)..NodeId::new(level, indexes.end);
+        };
         let mut overlay = self.inner_overlay.range(range).peekable();
         if overlay.peek().is_none() {
             return match &self.nodes {
@@ -318,43 +303,19 @@ impl TreeStorage for SnapshotTree {
                 None => Ok(()),
             };
         }
-        // Merge the stored nodes with the in-memory ones, which take precedence.
-        let mut merged: BTreeMap<NodeId, Option<InnerNode>> = BTreeMap::new();
-        if let Some(table) = &self.nodes {
-            visit_inner_range(
-                table,
-                &self.nodes_name,
-                level,
-                indexes,
-                &mut |node, inner| {
-                    merged.insert(node, Some(inner));
-                },
-            )?;
-        }
-        merged.extend(overlay.map(|(node, inner)| (*node, *inner)));
-        for (node, inner) in merged {
-            if let Some(inner) = inner {
-                visit(node, inner);
-            }
-        }
-        Ok(())
-    }
-
-    fn mark_dirty(&mut self, node: NodeId) -> Result<(), StoreError> {
-        self.dirty_marked.insert(node);
-        Ok(())
-    }
-
-    fn dirty(&self) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.dirty_marked.iter().copied().collect())
-    }
-
-    fn has_dirty(&self) -> Result<bool, StoreError> {
-        Ok(!self.dirty_marked.is_empty())
-    }
-
-    fn clear_dirty(&mut self) -> Result<(), StoreError> {
-        self.dirty_marked.clear();
-        Ok(())
+        visit_merged(
+            |stored| match &self.nodes {
+                Some(table) => visit_inner_range(
+                    table,
+                    &self.nodes_name,
+                    level,
+                    indexes,
+                    &mut |node, inner| stored(node, inner),
+                ),
+                None => Ok(()),
+            },
+            overlay.map(|(node, inner)| (*node, *inner)),
+            visit,
+        )
     }
 }

@@ -164,14 +164,27 @@ impl Rules {
         Ok(())
     }
 
-    /// Validates every item of a repair batch for (group, shard); the first refusal names its
-    /// index.
+    /// Checks that every entity belongs to (group, shard), in order; the first stranger fails.
+    pub(crate) fn check_members(
+        &self,
+        entities: &[Entity],
+        group: &str,
+        shard: u32,
+    ) -> Result<(), ValidationError> {
+        entities
+            .iter()
+            .try_for_each(|entity| self.check_member(entity, group, shard))
+    }
+
+    /// Validates a repair batch for (group, shard): the shard first, then every item; the first
+    /// refused item names its index.
     pub(crate) fn check_batch(
         &self,
         group: &str,
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<Checked>, StoreError> {
+        self.check_shard(group, shard)?;
         batch
             .into_iter()
             .enumerate()

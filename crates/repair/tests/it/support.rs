@@ -4,12 +4,14 @@ use std::num::NonZeroU32;
 
 use propd_merkle::{Entity, NodeId, Property, Shape, TagValue, shard_of, version_order};
 use propd_repair::Config;
-use propd_store::{GroupDef, ModelStore, RedbStore, RepairStore, StoreConfig, WriteDurability};
+use propd_store::{
+    GroupDef, Groups, ModelStore, RedbStore, RepairStore, StoreConfig, WriteDurability,
+};
 
 pub(crate) const GROUP: &str = "g";
 
-pub(crate) fn groups(shard_num: u32) -> Vec<GroupDef> {
-    vec![GroupDef::new(GROUP, shard_num, 2)]
+pub(crate) fn groups(shard_num: u32) -> Groups {
+    Groups::new([GroupDef::new(GROUP, shard_num, 2)]).expect("valid groups")
 }
 
 pub(crate) fn model(shape: Shape, shard_num: u32) -> ModelStore {

@@ -31,7 +31,7 @@ impl RepairStore for RedbStore {
             .live_tree(group, shard)?
             .node(node)
             .map_err(tree_error)?;
-        Ok((!inner.is_empty()).then_some(inner))
+        Ok(inner.non_empty())
     }
 
     fn tree_children(
@@ -66,9 +66,7 @@ impl RepairStore for RedbStore {
         shard: u32,
         entities: &[Entity],
     ) -> Result<Vec<Option<Property>>, StoreError> {
-        for entity in entities {
-            self.rules.check_member(entity, group, shard)?;
-        }
+        self.rules.check_members(entities, group, shard)?;
         let snapshot = self.snapshot()?;
         let names = ShardTableNames::new(group, shard);
         let Some(table) = open_read(&snapshot.txn, names.props())? else {

@@ -58,7 +58,6 @@ impl Snapshot {
             nodes_name: names.nodes.clone(),
             leaf_overlay: Default::default(),
             inner_overlay: Default::default(),
-            dirty_marked: Default::default(),
         };
         let mut tree = LiveTree::new(self.rules.shape, storage).map_err(ConfigError::Shape)?;
         if let Some(log) = open_read(&self.txn, names.log())? {

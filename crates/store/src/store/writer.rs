@@ -3,15 +3,13 @@
 //! revision bumped, all in one write transaction ([`ShardWriter`]); and a flush after the commit
 //! when the log has grown past the threshold.
 
-use std::collections::BTreeSet;
-
 use propd_merkle::{Digest, Entity, LiveTree, Property, Shape, Tree};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::codec::{ShardMeta, encode_inner, encode_log};
 use crate::config::TreeUpkeep;
 use crate::error::{ConfigError, StoreError, tree_error};
-use crate::repair_view::{Decision, RepairOutcome, decide_at_line, entity_order};
+use crate::repair_view::{Decision, RepairOutcome, apply_in_entity_order, decide_at_line};
 use crate::store::RedbStore;
 use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
@@ -85,7 +83,6 @@ impl<'txn> ShardWriter<'txn> {
         let storage = TxnTree {
             leaves: &mut self.leaves,
             nodes: &mut self.nodes,
-            dirty: BTreeSet::new(),
             leaves_name: &self.names.leaves,
             nodes_name: &self.names.nodes,
         };
@@ -301,18 +298,12 @@ impl RedbStore {
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<RepairOutcome>, StoreError> {
-        self.rules.check_shard(group, shard)?;
         let checked = self.rules.check_batch(group, shard, batch)?;
         if checked.is_empty() {
             return Ok(Vec::new());
         }
-        let order = entity_order(&checked, |item| &item.entity);
         self.write_shard(group, shard, |writer| {
-            let mut outcomes = vec![RepairOutcome::Same; checked.len()];
-            for index in order {
-                outcomes[index] = writer.apply(&checked[index])?;
-            }
-            Ok(outcomes)
+            apply_in_entity_order(&checked, |item| writer.apply(item))
         })
     }
 }

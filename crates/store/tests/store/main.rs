@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use propd_merkle::{Entity, Property, Shape, TagValue};
-use propd_store::{GroupDef, RedbStore, StoreConfig, WriteDurability};
+use propd_store::{GroupDef, Groups, RedbStore, StoreConfig, WriteDurability};
 
 /// The groups every test store knows: `g` with 4 shards, `h` with 1.
-pub fn groups() -> Vec<GroupDef> {
-    vec![GroupDef::new("g", 4, 2), GroupDef::new("h", 1, 0)]
+pub fn groups() -> Groups {
+    Groups::new([GroupDef::new("g", 4, 2), GroupDef::new("h", 1, 0)])
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A test configuration in `dir` with the default shape. Writes are not synced (the crash test

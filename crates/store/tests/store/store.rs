@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use propd_merkle::{NodeId, Property, Shape, TagValue, snapshot};
 use propd_store::{
-    ConfigError, GroupDef, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore, RepairOutcome,
-    RepairStore, StoreError, TreeUpkeep, VerifyOutcome, purge_line, round_cutoff,
+    ConfigError, GroupDef, Groups, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore,
+    RepairOutcome, RepairStore, StoreError, TreeUpkeep, VerifyOutcome, purge_line, round_cutoff,
 };
 
-use crate::{config, entity_of, live, open};
+use crate::{config, entity_of, groups, live, open};
 
 fn ok<T>(result: Result<T, StoreError>) -> T {
     result.unwrap_or_else(|e| panic!("{e}"))
@@ -44,7 +44,8 @@ fn data_survives_reopen_and_the_recorded_config_is_enforced() {
         other => panic!("another shape must be refused, got {other:?}"),
     }
     let mut other_shards = config(dir.path());
-    other_shards.groups = vec![GroupDef::new("g", 8, 2)];
+    other_shards.groups =
+        Groups::new([GroupDef::new("g", 8, 2)]).unwrap_or_else(|error| panic!("{error}"));
     match RedbStore::open(other_shards) {
         Err(StoreError::Config(ConfigError::ShardNumChanged {
             stored: 4,
@@ -54,7 +55,8 @@ fn data_survives_reopen_and_the_recorded_config_is_enforced() {
         other => panic!("another shard_num must be refused, got {other:?}"),
     }
     let mut more_groups = config(dir.path());
-    more_groups.groups.push(GroupDef::new("new", 2, 1));
+    more_groups.groups = Groups::new(groups().iter().cloned().chain([GroupDef::new("new", 2, 1)]))
+        .unwrap_or_else(|error| panic!("{error}"));
     let store = RedbStore::open(more_groups).unwrap_or_else(|e| panic!("adding a group: {e}"));
     assert_eq!(ok(store.get(&entity_of(&property))), Some(property));
     assert!(store.groups().has_shard("new", 1));
