@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use propd_benches::properties::property;
 use propd_merkle::{Property, Shape};
-use propd_store::{GroupDef, PURGE_CHUNK, RedbStore, StoreConfig, WriteDurability};
+use propd_store::{GroupDef, Groups, PURGE_CHUNK, RedbStore, StoreConfig, WriteDurability};
 
 const GROUP: &str = "bench";
 /// Every tombstone's delete time is below this line.
@@ -40,7 +40,8 @@ fn tombstones() -> u64 {
 }
 
 fn open(dir: &Path, durability: WriteDurability) -> RedbStore {
-    let mut config = StoreConfig::new(dir, vec![GroupDef::new(GROUP, 1, 2)], Shape::default());
+    let groups = Groups::new([GroupDef::new(GROUP, 1, 2)]).expect("valid groups");
+    let mut config = StoreConfig::new(dir, groups, Shape::default());
     config.durability = durability;
     RedbStore::open(config).expect("open")
 }
