@@ -45,6 +45,6 @@ pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PurgeReport, Query, RedbStore, ShardScan, Snapshot, TreeView, VerifyOutcome,
-    purge_cutoff,
+    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore, ShardScan, Snapshot,
+    TreeView, VerifyOutcome, purge_line, round_cutoff,
 };
