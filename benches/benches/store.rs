@@ -188,7 +188,7 @@ impl Loaded {
             .expect("open");
             load(&store, 0..n, 20_000);
             // One synced commit makes everything durable before the store closes.
-            store.set_last_complete_repair(GROUP, 0, 1).expect("sync");
+            store.record_complete_round(GROUP, 0, 1, 0).expect("sync");
         }
         println!(
             "store_rebuild: loaded {n} properties in {:.1} s",

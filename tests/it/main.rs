@@ -1,5 +1,6 @@
 //! Whole-system tests, one binary with a module per suite.
 mod canonical;
 mod cluster;
+mod deletes;
 mod operator;
 mod operator_cli;

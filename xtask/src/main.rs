@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 mod boundaries;
 mod demo;
+mod fuzz;
 mod nemesis;
 
 const HELP: &str = "\
@@ -26,6 +27,8 @@ commands:
   bench    run the criterion benches (release build); extra args go to `cargo bench`
   nemesis  real nodes under injected faults, then check nothing acknowledged was lost
            ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
+  fuzz     run each cargo-fuzz target for a while (nightly toolchain; skipped without it)
+           ([--seconds S] [TARGET...]; see --help)
   help     this text
 ";
 
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
         "bench" => bench(&rest),
         "demo" => demo::run(),
         "nemesis" => nemesis::run(&root, &rest),
+        "fuzz" => fuzz::run(&root, &rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

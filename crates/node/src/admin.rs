@@ -14,9 +14,10 @@ use propd_proto::v1::admin_service_server::AdminService;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{blocking, invalid};
-use crate::node::NodeState;
+use crate::coordinator::{blocking, check_time, invalid};
+use crate::node::{NodeState, now_nanos};
 use crate::sync::Gossip;
+use crate::tombstones::{NoticeCheck, check_notice};
 
 /// The `AdminService` of one node.
 #[derive(Clone)]
@@ -198,6 +199,9 @@ impl AdminService for AdminApi {
             .map(|s| v1::ShardStatus {
                 last_repair_age_s: s.last_repair_age_s.unwrap_or(-1),
                 pending: s.pending_write_misses + u64::from(s.running_round.is_some()),
+                purge_cutoff_ns: s.purge_cutoff_ms.map_or(0, |ms| ms * 1_000_000),
+                purged_below_ns: s.purged_below_ms.map_or(0, |ms| ms * 1_000_000),
+                purge_blocked: s.purge_blocked.unwrap_or_default(),
                 group: s.group,
                 shard: s.shard,
             })
@@ -254,19 +258,47 @@ impl AdminService for AdminApi {
         request: Request<v1::CompleteRepairNotice>,
     ) -> Result<Response<v1::CompleteRepairAck>, Status> {
         let notice = request.into_inner();
-        if notice.started_at_ns <= 0 {
-            return Err(invalid("started_at_ns", "must be > 0"));
-        }
+        let node = &self.node;
+        let def = node
+            .placement
+            .group(&notice.group)
+            .ok_or_else(|| invalid("group", format!("unknown group {:?}", notice.group)))?;
+        let copies = node.node_ids(def, notice.shard);
+        check_time(check_notice(
+            NoticeCheck {
+                copies: &copies,
+                from: &notice.from,
+                started_at: notice.started_at_ns,
+                cutoff: notice.cutoff_ns,
+            },
+            now_nanos(),
+            node.config.max_clock_skew,
+        ))
+        .inspect_err(|status| {
+            tracing::warn!(
+                group = notice.group,
+                shard = notice.shard,
+                from = notice.from,
+                %status,
+                "complete-round notice refused"
+            );
+        })?;
         let group = notice.group.clone();
-        blocking(&self.node, move |node| {
-            node.store
-                .set_last_complete_repair(&notice.group, notice.shard, notice.started_at_ns)
+        blocking(node, move |node| {
+            node.store.record_complete_round(
+                &notice.group,
+                notice.shard,
+                notice.started_at_ns,
+                notice.cutoff_ns,
+            )
         })
         .await?;
         tracing::debug!(
             group,
             shard = notice.shard,
+            from = notice.from,
             message_id = notice.message_id,
+            cutoff_ns = notice.cutoff_ns,
             "complete round recorded"
         );
         Ok(Response::new(v1::CompleteRepairAck {}))

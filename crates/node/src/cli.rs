@@ -81,6 +81,9 @@ struct ServeArgs {
     /// `max_property_bytes`: the largest accepted property.
     #[arg(long, env = "PROPD_MAX_PROPERTY_BYTES")]
     max_property_bytes: Option<usize>,
+    /// `max_clock_skew`: bound on clock differences and on client-chosen times ("30s").
+    #[arg(long, env = "PROPD_MAX_CLOCK_SKEW")]
+    max_clock_skew: Option<String>,
     /// `repair.enabled`: run background repair rounds.
     #[arg(long, env = "PROPD_REPAIR_ENABLED")]
     repair_enabled: Option<bool>,
@@ -148,6 +151,7 @@ impl ServeArgs {
             data_dir: self.data_dir,
             write_acks: self.write_acks,
             max_property_bytes: self.max_property_bytes,
+            max_clock_skew: self.max_clock_skew,
             members: (!self.members.is_empty()).then_some(self.members),
             groups: (!self.groups.is_empty()).then_some(self.groups),
             repair: PartialRepair {
@@ -511,12 +515,41 @@ async fn put(args: PutArgs) -> Result<()> {
         .into_inner();
     print(
         args.client.output,
-        &json!({"mod_revision": response.mod_revision, "acknowledged": response.acknowledged, "copies": response.copies}),
+        &json!({
+            "mod_revision": response.mod_revision,
+            "acknowledged": response.acknowledged,
+            "copies": response.copies,
+            "superseded": superseded_json(response.superseded),
+        }),
         &format!(
-            "ok revision={} acknowledged={}/{}",
-            response.mod_revision, response.acknowledged, response.copies
+            "{} revision={} acknowledged={}/{}",
+            outcome_word(response.superseded, "ok"),
+            response.mod_revision,
+            response.acknowledged,
+            response.copies
         ),
     )?;
+    superseded_exit(response.superseded)
+}
+
+/// `superseded` in JSON: the revision, or `null` when the write took effect.
+fn superseded_json(superseded: i64) -> Value {
+    (superseded != 0).then_some(superseded).into()
+}
+
+fn outcome_word(superseded: i64, ok: &str) -> String {
+    if superseded != 0 {
+        format!("superseded by revision {superseded} (nothing changed):")
+    } else {
+        ok.to_owned()
+    }
+}
+
+/// A write that lost to a newer version on every copy exits non-zero.
+fn superseded_exit(superseded: i64) -> Result<()> {
+    if superseded != 0 {
+        bail!("superseded by revision {superseded}");
+    }
     Ok(())
 }
 
@@ -572,10 +605,14 @@ async fn delete(args: DeleteArgs) -> Result<()> {
             "delete_time": response.delete_time,
             "acknowledged": response.acknowledged,
             "copies": response.copies,
+            "superseded": superseded_json(response.superseded),
         }),
         &format!(
-            "ok {} revision={} delete_time={} acknowledged={}/{}",
-            if response.found {
+            "{} {} revision={} delete_time={} acknowledged={}/{}",
+            outcome_word(response.superseded, "ok"),
+            if response.superseded != 0 {
+                "not deleted"
+            } else if response.found {
                 "deleted"
             } else {
                 "tombstone written (no live copy found)"
@@ -586,7 +623,7 @@ async fn delete(args: DeleteArgs) -> Result<()> {
             response.copies
         ),
     )?;
-    Ok(())
+    superseded_exit(response.superseded)
 }
 
 async fn query(args: QueryArgs) -> Result<()> {
@@ -720,12 +757,13 @@ fn result_output(
             "received": report.received,
             "applied": report.applied,
             "peer_applied": report.peer_applied,
+            "failed": report.failed,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "error": span.error,
         }));
         lines.push(format!(
-            "  sync {} -> {} {}ms compared={} sent={} peer_applied={} received={} applied={} bytes={}/{}{}",
+            "  sync {} -> {} {}ms compared={} sent={} peer_applied={} received={} applied={} failed={} bytes={}/{}{}",
             span.from,
             span.to,
             span.duration_ms,
@@ -734,6 +772,7 @@ fn result_output(
             report.peer_applied,
             report.received,
             report.applied,
+            report.failed,
             report.bytes_sent,
             report.bytes_received,
             if span.error.is_empty() {
@@ -954,6 +993,9 @@ async fn status(args: StatusArgs) -> Result<()> {
                 "shard": s.shard,
                 "last_repair_age_s": (s.last_repair_age_s >= 0).then_some(s.last_repair_age_s),
                 "pending": s.pending,
+                "purge_cutoff_ns": (s.purge_cutoff_ns > 0).then_some(s.purge_cutoff_ns),
+                "purged_below_ns": (s.purged_below_ns > 0).then_some(s.purged_below_ns),
+                "purge_blocked": (!s.purge_blocked.is_empty()).then_some(&s.purge_blocked),
             })
         })
         .collect();
@@ -982,9 +1024,24 @@ async fn status(args: StatusArgs) -> Result<()> {
             "never".to_owned()
         };
         lines.push(format!(
-            "  shard {}/{} last repair {age}, pending {}",
-            s.group, s.shard, s.pending
+            "  shard {}/{} last repair {age}, pending {}, purge cutoff {}, purged below {}",
+            s.group,
+            s.shard,
+            s.pending,
+            if s.purge_cutoff_ns > 0 {
+                s.purge_cutoff_ns.to_string()
+            } else {
+                "none".to_owned()
+            },
+            if s.purged_below_ns > 0 {
+                s.purged_below_ns.to_string()
+            } else {
+                "none".to_owned()
+            },
         ));
+        if !s.purge_blocked.is_empty() {
+            lines.push(format!("    purging blocked: {}", s.purge_blocked));
+        }
     }
     print(args.client.output, &json, &lines.join("\n"))?;
     Ok(())

@@ -161,6 +161,9 @@ pub(crate) struct Config {
     pub(crate) write_acks: u32,
     /// Largest accepted property, in canonical bytes.
     pub(crate) max_property_bytes: usize,
+    /// Bound on clock differences between nodes and on how far a client-chosen time may be
+    /// from the coordinator's clock (docs/protocol.md, "The life of a delete").
+    pub(crate) max_clock_skew: Duration,
     /// Background repair.
     pub(crate) repair: RepairConfig,
     /// `store.group_commit`: synced writes that wait for the same sync share one transaction.
@@ -199,8 +202,13 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+/// The largest accepted `max_clock_skew`: clocks a day apart are a broken setup, not skew.
+const MAX_CLOCK_SKEW_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+/// The default `max_clock_skew`.
+pub(crate) const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// The single-node default HTTP address.
 pub(crate) const DEFAULT_HTTP: &str = "127.0.0.1:8001";
 
@@ -220,6 +228,8 @@ pub(crate) struct Partial {
     pub(crate) write_acks: Option<u32>,
     /// `max_property_bytes`
     pub(crate) max_property_bytes: Option<usize>,
+    /// `max_clock_skew`
+    pub(crate) max_clock_skew: Option<String>,
     /// `[[members]]`
     pub(crate) members: Option<Vec<Member>>,
     /// `[[groups]]`
@@ -333,6 +343,7 @@ impl Partial {
             data_dir: self.data_dir.or(lower.data_dir),
             write_acks: self.write_acks.or(lower.write_acks),
             max_property_bytes: self.max_property_bytes.or(lower.max_property_bytes),
+            max_clock_skew: self.max_clock_skew.or(lower.max_clock_skew),
             members: self.members.or(lower.members),
             groups: self.groups.or(lower.groups),
             log_format: self.log_format.or(lower.log_format),
@@ -406,6 +417,12 @@ impl Partial {
                 ));
             }
         };
+        let max_clock_skew = duration_or(
+            "max_clock_skew",
+            self.max_clock_skew,
+            DEFAULT_MAX_CLOCK_SKEW,
+            MAX_CLOCK_SKEW_LIMIT,
+        )?;
         Ok(Config {
             node_id,
             listen,
@@ -415,6 +432,7 @@ impl Partial {
             groups,
             write_acks,
             max_property_bytes,
+            max_clock_skew,
             repair: self.repair.resolve()?,
             group_commit: self.store.group_commit.unwrap_or(true),
             metrics: MetricsConfig {
@@ -727,6 +745,10 @@ impl Config {
                 LogFormat::Json => "json",
             }
         ));
+        line(format!(
+            "max_clock_skew = \"{}\"",
+            format_duration(self.max_clock_skew)
+        ));
         for member in &self.members {
             line(format!(
                 "[[members]] id = {:?}, addr = \"{}\"",
@@ -866,7 +888,9 @@ mod tests {
             vec![&GroupDef::new("default", 1, 0)]
         );
         assert_eq!(config.write_acks, 1);
+        assert_eq!(config.max_clock_skew, Duration::from_secs(30));
         assert!(config.describe().contains("name = \"default\""));
+        assert!(config.describe().contains("max_clock_skew = \"30s\""));
     }
 
     #[test]
@@ -954,6 +978,20 @@ mod tests {
                     ..Partial::default()
                 },
                 "`groups.name`",
+            ),
+            (
+                Partial {
+                    max_clock_skew: Some("0s".into()),
+                    ..Partial::default()
+                },
+                "`max_clock_skew`",
+            ),
+            (
+                Partial {
+                    max_clock_skew: Some("soon".into()),
+                    ..Partial::default()
+                },
+                "`max_clock_skew`",
             ),
             (
                 Partial {

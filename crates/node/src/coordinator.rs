@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
 use crate::node::{NodeState, now_nanos};
+use crate::tombstones::{
+    Refused, check_client_delete_time, check_client_revision, check_peer_copy,
+};
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -124,9 +127,9 @@ impl PropertyApi {
     }
 
     /// Writes `property` (live or tombstone) to every copy of its shard at once and returns as
-    /// soon as `write_acks` copies acknowledged, or as soon as so many no longer can: `(copies
-    /// that acknowledged by then, copies the shard has, whether one of those that acknowledged
-    /// held a live copy before, what the others said)`. The calls to the other copies keep running in the background; a
+    /// soon as `write_acks` copies acknowledged, or as soon as so many no longer can: the copies that acknowledged by then
+    /// (with whether one held a live copy before and whether the write lost to a newer version on
+    /// each of them), and what the others said. The calls to the other copies keep running in the background; a
     /// copy that then fails is recorded for write-miss repair like any miss (`write_copy`), and
     /// one that acknowledges later is not counted in the answer.
     async fn replicate(
@@ -134,7 +137,7 @@ impl PropertyApi {
         group: &GroupDef,
         shard: u32,
         property: Property,
-    ) -> (u32, u32, bool, Refusals) {
+    ) -> Replicated {
         let targets = self.node.node_ids(group, shard);
         let copies = targets.len() as u32;
         let required = self.required_acks(copies);
@@ -153,22 +156,25 @@ impl PropertyApi {
             });
         }
         drop(answer);
-        let (mut acknowledged, mut answered, mut had_live) = (0, 0, false);
-        let mut refusals = Refusals::default();
+        let (mut answered, mut acks, mut refusals) = (0, Vec::new(), Refusals::default());
         while let Some(copy) = answers.recv().await {
             answered += 1;
             match copy {
-                Ok(live_before) => {
-                    acknowledged += 1;
-                    had_live |= live_before;
-                }
+                Ok(ack) => acks.push(ack),
                 Err(status) => refusals.add(status),
             }
+            let acknowledged = acks.len() as u32;
             if acknowledged >= required || acknowledged + (copies - answered) < required {
                 break;
             }
         }
-        (acknowledged, copies, had_live, refusals)
+        Replicated {
+            acknowledged: acks.len() as u32,
+            copies,
+            had_live: acks.iter().any(|ack| ack.had_live),
+            superseded: superseded(&acks),
+            refusals,
+        }
     }
 
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
@@ -287,7 +293,47 @@ impl PropertyApi {
     }
 }
 
-/// Writes one copy on `target`; `Ok(had_live)` when it acknowledged. A copy that could not be
+/// What a coordinated write did on the copies.
+#[derive(Debug)]
+struct Replicated {
+    acknowledged: u32,
+    copies: u32,
+    /// Whether any copy held a live version before.
+    had_live: bool,
+    /// The newest revision the write lost to, when it lost on every copy that acknowledged.
+    superseded: Option<i64>,
+    /// What the copies that refused said.
+    refusals: Refusals,
+}
+
+/// One copy's answer to a coordinated write.
+#[derive(Debug, Clone, Copy)]
+struct CopyAck {
+    had_live: bool,
+    /// The revision of the copy's own newer version, when the write lost to it.
+    newer: Option<i64>,
+}
+
+impl CopyAck {
+    fn of(outcome: &RepairOutcome, had_live: bool) -> Self {
+        let newer = match outcome {
+            RepairOutcome::LocalNewer(ours) => Some(ours.mod_revision),
+            _ => None,
+        };
+        CopyAck { had_live, newer }
+    }
+}
+
+/// The revision a write was superseded by: the newest one, when every acknowledging copy held a
+/// newer version.
+fn superseded(acks: &[CopyAck]) -> Option<i64> {
+    acks.iter()
+        .map(|ack| ack.newer)
+        .collect::<Option<Vec<i64>>>()
+        .and_then(|newer| newer.into_iter().max())
+}
+
+/// Writes one copy on `target`; `Ok(ack)` when it acknowledged. A copy that could not be
 /// reached is remembered for write-miss repair.
 async fn write_copy(
     node: &Arc<NodeState>,
@@ -295,15 +341,14 @@ async fn write_copy(
     group: &str,
     shard: u32,
     property: Property,
-) -> Result<bool, Status> {
+) -> Result<CopyAck, Status> {
     if target == node.me() {
         let result = blocking(node, move |node| {
             let had_live = node
                 .store
                 .get(&entity_of(&property)?)?
                 .is_some_and(|p| !p.is_tombstone());
-            node.store.repair_apply(property)?;
-            Ok(had_live)
+            Ok(CopyAck::of(&node.store.repair_apply(property)?, had_live))
         })
         .await;
         if let Err(status) = &result {
@@ -322,7 +367,17 @@ async fn write_copy(
     let answer = client.replica_write(request).await;
     node.peers.saw_call(target, &answer);
     match answer {
-        Ok(response) => Ok(response.into_inner().had_live),
+        Ok(response) => {
+            let response = response.into_inner();
+            let newer = (response.outcome
+                == v1::replica_write_response::Outcome::LocalNewer as i32)
+                .then(|| response.current.map(|current| current.mod_revision))
+                .flatten();
+            Ok(CopyAck {
+                had_live: response.had_live,
+                newer,
+            })
+        }
         Err(status) => {
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
@@ -333,6 +388,11 @@ async fn write_copy(
 
 fn not_a_member(target: &str) -> Status {
     Status::unavailable(format!("{target} is not a known member"))
+}
+
+/// A time check's refusal as `InvalidArgument` naming the field.
+pub(crate) fn check_time(checked: Result<(), Refused>) -> Result<(), Status> {
+    checked.map_err(|refused| invalid(refused.field, refused.message))
 }
 
 /// The shard of an entity in a validated group.
@@ -496,18 +556,32 @@ impl PropertyService for PropertyApi {
         }
         if property.mod_revision == 0 {
             property.mod_revision = self.node.next_revision();
+        } else {
+            check_time(check_client_revision(
+                "property.mod_revision",
+                property.mod_revision,
+                now_nanos(),
+                self.node.config.max_clock_skew,
+            ))?;
         }
         self.check_size(&property)?;
         let revision = property.mod_revision;
         if request.local {
-            blocking(&self.node, move |node| node.store.apply(property)).await?;
+            let outcome = blocking(&self.node, move |node| node.store.apply(property)).await?;
             return Ok(Response::new(v1::ApplyResponse {
                 mod_revision: revision,
                 acknowledged: 1,
                 copies: 1,
+                superseded: CopyAck::of(&outcome, false).newer.unwrap_or(0),
             }));
         }
-        let (acknowledged, copies, _, refusals) = self.replicate(&group, shard, property).await;
+        let Replicated {
+            acknowledged,
+            copies,
+            superseded,
+            refusals,
+            ..
+        } = self.replicate(&group, shard, property).await;
         self.require_acks(
             acknowledged,
             copies,
@@ -518,6 +592,7 @@ impl PropertyService for PropertyApi {
             mod_revision: revision,
             acknowledged,
             copies,
+            superseded: superseded.unwrap_or(0),
         }))
     }
 
@@ -539,14 +614,23 @@ impl PropertyService for PropertyApi {
                 format!("{} must be >= 0", request.delete_time),
             ));
         }
+        let now = now_nanos();
+        let skew = self.node.config.max_clock_skew;
         let mod_revision = if request.mod_revision == 0 {
             self.node.next_revision()
         } else {
+            check_time(check_client_revision(
+                "mod_revision",
+                request.mod_revision,
+                now,
+                skew,
+            ))?;
             request.mod_revision
         };
         let delete_time = if request.delete_time == 0 {
-            now_nanos()
+            now
         } else {
+            check_time(check_client_delete_time(request.delete_time, now, skew))?;
             request.delete_time
         };
         if request.local {
@@ -560,6 +644,7 @@ impl PropertyService for PropertyApi {
                 delete_time,
                 acknowledged: 1,
                 copies: 1,
+                superseded: CopyAck::of(&outcome.outcome, false).newer.unwrap_or(0),
             }));
         }
         let tombstone = Property {
@@ -570,8 +655,13 @@ impl PropertyService for PropertyApi {
             mod_revision,
             delete_time,
         };
-        let (acknowledged, copies, found, refusals) =
-            self.replicate(&group, shard, tombstone).await;
+        let Replicated {
+            acknowledged,
+            copies,
+            had_live: found,
+            superseded,
+            refusals,
+        } = self.replicate(&group, shard, tombstone).await;
         self.require_acks(acknowledged, copies, &refusals, "the delete")?;
         Ok(Response::new(v1::DeleteResponse {
             found,
@@ -579,6 +669,7 @@ impl PropertyService for PropertyApi {
             delete_time,
             acknowledged,
             copies,
+            superseded: superseded.unwrap_or(0),
         }))
     }
 
@@ -682,6 +773,11 @@ impl PropertyService for PropertyApi {
         let property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
         let (_, _, shard) = self.entity(&property.group, &property.name, &property.id)?;
         self.check_size(&property)?;
+        check_time(check_peer_copy(
+            &property,
+            now_nanos(),
+            self.node.config.max_clock_skew,
+        ))?;
         let labels = self.node.metrics.labels(&property.group, shard);
         let (outcome, had_live) = blocking(&self.node, move |node| {
             let had_live = node

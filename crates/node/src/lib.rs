@@ -26,3 +26,4 @@ mod services;
 mod status;
 mod sync;
 mod telemetry;
+mod tombstones;

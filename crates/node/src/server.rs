@@ -13,7 +13,8 @@ use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
 use propd_store::{
-    ConfigError as StoreConfigError, RedbStore, StoreConfig, StoreError, VerifyOutcome,
+    ConfigError as StoreConfigError, PURGE_CHUNK, RedbStore, StoreConfig, StoreError,
+    VerifyOutcome, purge_line, round_cutoff,
 };
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
@@ -27,6 +28,7 @@ use crate::schedule::{CronWindow, designated_origin};
 use crate::services::Serving;
 use crate::sync::{Gossip, RepairSync};
 use crate::telemetry::TraceExport;
+use crate::tombstones::complete_for_purging;
 
 /// How often the schedulers and the health probe look around.
 const TICK: Duration = Duration::from_secs(1);
@@ -265,8 +267,8 @@ impl HttpState for HttpView {
 }
 
 /// Handles the results of rounds this node started: metrics, the trace exported over OTLP when
-/// configured, and for a round that reached every copy, the notice that lets tombstones older
-/// than it be purged.
+/// configured, and for a round that completed for purging (every copy took part and applied
+/// everything), the notice of the cutoff below which tombstones may be purged.
 async fn watch_results(node: Arc<NodeState>, gossip: Gossip, traces: Option<TraceExport>) {
     let mut results = gossip.subscribe();
     loop {
@@ -308,23 +310,34 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
         now_millis(),
         period_ms(node),
     );
-    if !result.reached_every_copy() || context.preview {
+    if !complete_for_purging(result) {
+        if result.reached_every_copy() && !context.preview {
+            tracing::info!(
+                message_id = %context.message_id,
+                group = context.key.group,
+                shard = context.key.shard,
+                "round reached every copy but a sync failed or failed to apply copies: it does not count for purging"
+            );
+        }
         return;
     }
     let started_at_ns = context.started_at.0.saturating_mul(1_000_000);
+    let cutoff_ns = round_cutoff(started_at_ns, node.config.max_clock_skew);
     for target in &context.nodes {
         let notice = v1::CompleteRepairNotice {
             group: context.key.group.clone(),
             shard: context.key.shard,
             started_at_ns,
             message_id: context.message_id.to_string(),
+            from: node.me().to_owned(),
+            cutoff_ns,
         };
         if target == node.me() {
             let group = notice.group.clone();
             let shard = notice.shard;
             if let Err(status) = blocking(node, move |node| {
                 node.store
-                    .set_last_complete_repair(&group, shard, started_at_ns)
+                    .record_complete_round(&group, shard, started_at_ns, cutoff_ns)
             })
             .await
             {
@@ -463,18 +476,38 @@ async fn verify_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     }
 }
 
+/// Purges the shard's tombstones below its purge line (docs/protocol.md, "The life of a
+/// delete"), in chunks so that writes keep flowing.
 async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     let key = group.to_owned();
     let grace = node.config.repair.tombstone_grace;
+    let copies = node
+        .placement
+        .group(group)
+        .map_or(0, |def| node.node_ids(def, shard).len());
     match blocking(node, move |node| {
-        node.store.purge_tombstones(&key, shard, now_nanos(), grace)
+        let state = node.store.purge_state(&key, shard)?;
+        match purge_line(now_nanos(), grace, copies, state.cutoff) {
+            Some(line) => node
+                .store
+                .purge_tombstones(&key, shard, line, PURGE_CHUNK)
+                .map(Some),
+            None => Ok(None),
+        }
     })
     .await
     {
-        Ok(report) if report.purged > 0 => {
+        Ok(Some(report)) if report.purged > 0 => {
             let labels = node.metrics.labels(group, shard);
             node.metrics.tombstones_purged.add(&labels, report.purged);
-            tracing::info!(group, shard, purged = report.purged, "tombstones purged");
+            tracing::info!(
+                group,
+                shard,
+                purged = report.purged,
+                chunks = report.chunks,
+                purged_below = report.purged_below,
+                "tombstones purged"
+            );
         }
         Ok(_) => {}
         Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),

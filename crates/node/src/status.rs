@@ -9,6 +9,7 @@ use serde::Serialize;
 use tonic::Status;
 
 use crate::coordinator::blocking;
+use crate::tombstones::purge_blocked;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::sync::Gossip;
 
@@ -60,9 +61,15 @@ pub(crate) struct ShardView {
     pub(crate) pending_write_misses: u64,
     /// The round running for this shard with this node as origin.
     pub(crate) running_round: Option<String>,
-    /// Tombstones deleted before this time (unix milliseconds) may be purged; `None` until a
-    /// round reached every copy.
+    /// The cutoff the last round that completed for purging gave this copy (unix
+    /// milliseconds); `None` until such a round.
     pub(crate) purge_cutoff_ms: Option<i64>,
+    /// The purge line this copy last used (unix milliseconds): tombstones below it are gone and
+    /// never stored again; `None` before the first purge.
+    pub(crate) purged_below_ms: Option<i64>,
+    /// Why purging waits for a round (which copies are down, since when); `None` when it does
+    /// not.
+    pub(crate) purge_blocked: Option<String>,
 }
 
 /// One finished round and its trace.
@@ -142,11 +149,11 @@ pub(crate) async fn shards(
     gossip: &Gossip,
 ) -> Result<Vec<ShardView>, Status> {
     let keys = node.local_shards();
-    let lasts = {
+    let states = {
         let keys = keys.clone();
         blocking(node, move |node| {
             keys.iter()
-                .map(|(group, shard)| node.store.last_complete_repair(group, *shard))
+                .map(|(group, shard)| node.store.purge_state(group, *shard))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?
@@ -154,7 +161,7 @@ pub(crate) async fn shards(
     let now = now_nanos();
     let grace = node.config.repair.tombstone_grace;
     let mut shards = Vec::with_capacity(keys.len());
-    for ((group, shard), last) in keys.into_iter().zip(lasts) {
+    for ((group, shard), state) in keys.into_iter().zip(states) {
         let copies = node
             .placement
             .group(&group)
@@ -165,14 +172,22 @@ pub(crate) async fn shards(
             shard,
         });
         let pending_write_misses = lock(&node.misses).pending(&group, shard);
+        let last = state.last_complete_round;
+        let down: Vec<String> = copies
+            .iter()
+            .filter(|id| !node.peers.is_up(id))
+            .cloned()
+            .collect();
+        let purge_blocked = purge_blocked(copies.len(), last, now, grace, &down);
         shards.push(ShardView {
             copies,
             last_complete_round_ms: last.map(|at| at / 1_000_000),
             last_repair_age_s: last.map(|at| age_seconds(now, at)),
             pending_write_misses,
             running_round: running.map(|id| id.to_string()),
-            purge_cutoff_ms: propd_store::purge_cutoff(now, grace, last.unwrap_or(0))
-                .map(|cutoff| cutoff / 1_000_000),
+            purge_cutoff_ms: state.cutoff.map(|cutoff| cutoff / 1_000_000),
+            purged_below_ms: (state.purged_below > 0).then(|| state.purged_below / 1_000_000),
+            purge_blocked,
             group,
             shard,
         });

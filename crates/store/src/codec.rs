@@ -191,30 +191,50 @@ pub(crate) struct ShardMeta {
     pub(crate) verified_revision: u64,
     /// When the last repair round that reached every copy started (unix nanos; 0: never).
     pub(crate) last_complete_repair: i64,
+    /// The largest purge cutoff a complete round gave this copy (unix nanos; 0: none).
+    pub(crate) purge_cutoff: i64,
+    /// The largest purge line this copy used: tombstones with a delete time below it are
+    /// purged, never stored and never sent (0: none).
+    pub(crate) purged_below: i64,
 }
 
 impl ShardMeta {
-    /// Layout: `u64 revision`, `u64 verified_revision`, `i64 last_complete_repair`.
-    pub(crate) fn encode(&self) -> [u8; 24] {
-        let mut out = [0; 24];
+    /// The size of an encoded row.
+    const LEN: usize = 40;
+    /// The size of a row written before the purge cutoff and line were kept (both read as 0).
+    const LEN_WITHOUT_PURGE: usize = 24;
+
+    /// Layout: `u64 revision`, `u64 verified_revision`, `i64 last_complete_repair`,
+    /// `i64 purge_cutoff`, `i64 purged_below`.
+    pub(crate) fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0; Self::LEN];
         out[..8].copy_from_slice(&self.revision.to_le_bytes());
         out[8..16].copy_from_slice(&self.verified_revision.to_le_bytes());
-        out[16..].copy_from_slice(&self.last_complete_repair.to_le_bytes());
+        out[16..24].copy_from_slice(&self.last_complete_repair.to_le_bytes());
+        out[24..32].copy_from_slice(&self.purge_cutoff.to_le_bytes());
+        out[32..].copy_from_slice(&self.purged_below.to_le_bytes());
         out
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() != Self::LEN && bytes.len() != Self::LEN_WITHOUT_PURGE {
+            return Err(DecodeError(format!(
+                "shard meta of {} bytes, expected {} or {}",
+                bytes.len(),
+                Self::LEN,
+                Self::LEN_WITHOUT_PURGE
+            )));
+        }
         let mut reader = Reader { bytes, at: 0 };
-        let meta = ShardMeta {
+        let mut meta = ShardMeta {
             revision: reader.u64()?,
             verified_revision: reader.u64()?,
             last_complete_repair: reader.i64()?,
+            ..ShardMeta::default()
         };
-        if reader.at != bytes.len() {
-            return Err(DecodeError(format!(
-                "shard meta of {} bytes, expected 24",
-                bytes.len()
-            )));
+        if bytes.len() == Self::LEN {
+            meta.purge_cutoff = reader.i64()?;
+            meta.purged_below = reader.i64()?;
         }
         Ok(meta)
     }
@@ -382,9 +402,22 @@ mod tests {
             revision: 7,
             verified_revision: 5,
             last_complete_repair: -1,
+            purge_cutoff: 9,
+            purged_below: -3,
         };
         assert_eq!(ShardMeta::decode(&meta.encode()), Ok(meta));
         assert!(ShardMeta::decode(&[0; 23]).is_err());
+        assert!(ShardMeta::decode(&[0; 41]).is_err());
+        let older = ShardMeta::decode(&meta.encode()[..24]);
+        assert_eq!(
+            older,
+            Ok(ShardMeta {
+                purge_cutoff: 0,
+                purged_below: 0,
+                ..meta
+            }),
+            "a row written before the purge fields reads them as 0"
+        );
         let inner = InnerNode {
             digest: Digest::zero(16),
             leaf_count: 3,

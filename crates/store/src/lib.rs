@@ -45,6 +45,20 @@ pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PurgeReport, Query, RedbStore, ShardScan, Snapshot, TreeView, VerifyOutcome,
-    purge_cutoff,
+    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore, ShardScan, Snapshot,
+    TreeView, VerifyOutcome, purge_line, round_cutoff,
 };
+
+/// Decodes one stored property row, its key and its value (the property's canonical bytes),
+/// with the checks the store applies when it reads a row; a failure is the store's
+/// [`StoreError::Corrupt`]. Exposed for the fuzz targets (`tests/fuzz`), behind `test-support`.
+#[cfg(feature = "test-support")]
+pub fn decode_property_row(key: &str, value: &[u8]) -> Result<propd_merkle::Property, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        table: "(fuzz)".to_owned(),
+        detail,
+    };
+    let entity = propd_merkle::Entity::parse(key)
+        .map_err(|error| corrupt(format!("key {key:?}: {error}")))?;
+    codec::decode_property(&entity, value).map_err(|error| corrupt(error.0))
+}

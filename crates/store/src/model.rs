@@ -4,16 +4,16 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
 use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{
-    LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, decide, page_after,
+    Decision, LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, below_line,
+    decide_at_line, page_after,
 };
-use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff, purgeable};
+use crate::store::{DeleteOutcome, PurgeReport, PurgeState};
 use crate::validate::{Checked, Rules, WriteKind};
 
 /// An in-memory store with the redb store's semantics (version order, validation, tombstone
@@ -30,6 +30,10 @@ struct ModelShard {
     tree: LiveTree<MemStorage>,
     revision: u64,
     last_complete_repair: i64,
+    purge_cutoff: i64,
+    purged_below: i64,
+    /// Every tombstone this copy dropped (purged, or taken and purged at once), in order.
+    purged: Vec<Property>,
 }
 
 impl ModelShard {
@@ -39,6 +43,9 @@ impl ModelShard {
             tree: LiveTree::new(shape, MemStorage::new()).map_err(ConfigError::Shape)?,
             revision: 0,
             last_complete_repair: 0,
+            purge_cutoff: 0,
+            purged_below: 0,
+            purged: Vec::new(),
         })
     }
 
@@ -51,16 +58,28 @@ impl ModelShard {
         Ok(())
     }
 
+    fn remove(&mut self, entity: &Entity) -> Result<(), StoreError> {
+        self.tree.remove(entity).map_err(tree_error)?;
+        self.properties.remove(entity);
+        self.revision += 1;
+        Ok(())
+    }
+
     fn apply(&mut self, checked: Checked, shape: &Shape) -> Result<RepairOutcome, StoreError> {
-        let outcome = decide(
+        match decide_at_line(
             self.properties.get(&checked.entity),
             &checked.property,
             shape,
-        );
-        if outcome == RepairOutcome::Applied {
-            self.put(checked)?;
+            self.purged_below,
+        ) {
+            Decision::Store => self.put(checked)?,
+            Decision::RemoveOurs => {
+                self.remove(&checked.entity)?;
+                self.purged.push(checked.property);
+            }
+            Decision::Keep(outcome) => return Ok(outcome),
         }
-        Ok(outcome)
+        Ok(RepairOutcome::Applied)
     }
 
     fn flushed(&mut self) -> Result<&LiveTree<MemStorage>, StoreError> {
@@ -169,55 +188,68 @@ impl ModelStore {
         })
     }
 
-    /// Records when the last repair round that reached every copy of the shard started (unix
-    /// nanoseconds); an earlier time than the stored one is ignored.
-    pub fn set_last_complete_repair(
+    /// Records a round that completed for purging: its start and cutoff (neither moves back).
+    pub fn record_complete_round(
         &self,
         group: &str,
         shard: u32,
-        time: i64,
+        started_at: i64,
+        cutoff: i64,
     ) -> Result<(), StoreError> {
         self.with_shard(group, shard, |state| {
-            state.last_complete_repair = state.last_complete_repair.max(time);
+            state.last_complete_repair = state.last_complete_repair.max(started_at);
+            state.purge_cutoff = state.purge_cutoff.max(cutoff);
             Ok(())
         })
     }
 
-    /// The last complete repair time, `None` if never set.
-    pub fn last_complete_repair(&self, group: &str, shard: u32) -> Result<Option<i64>, StoreError> {
+    /// The shard's purge bookkeeping.
+    pub fn purge_state(&self, group: &str, shard: u32) -> Result<PurgeState, StoreError> {
         self.with_shard(group, shard, |state| {
-            Ok((state.last_complete_repair > 0).then_some(state.last_complete_repair))
+            Ok(PurgeState {
+                last_complete_round: (state.last_complete_repair > 0)
+                    .then_some(state.last_complete_repair),
+                cutoff: (state.purge_cutoff > 0).then_some(state.purge_cutoff),
+                purged_below: state.purged_below,
+            })
         })
     }
 
-    /// Removes tombstones older than both `now - grace` and the last complete repair.
+    /// Raises the purge line to `line` (never back) and removes every tombstone below it, in
+    /// chunks of at most `chunk` (counted as the redb store counts its transactions).
     pub fn purge_tombstones(
         &self,
         group: &str,
         shard: u32,
-        now: i64,
-        grace: Duration,
+        line: i64,
+        chunk: usize,
     ) -> Result<PurgeReport, StoreError> {
         self.with_shard(group, shard, |state| {
-            let Some(cutoff) = purge_cutoff(now, grace, state.last_complete_repair) else {
-                return Ok(PurgeReport::default());
-            };
+            state.purged_below = state.purged_below.max(line);
             let doomed: Vec<Entity> = state
                 .properties
                 .iter()
-                .filter(|(_, property)| purgeable(property, cutoff))
+                .filter(|(_, property)| below_line(property, state.purged_below))
                 .map(|(entity, _)| entity.clone())
                 .collect();
             for entity in &doomed {
-                state.properties.remove(entity);
-                state.tree.remove(entity).map_err(tree_error)?;
-                state.revision += 1;
+                if let Some(property) = state.properties.get(entity).cloned() {
+                    state.remove(entity)?;
+                    state.purged.push(property);
+                }
             }
             Ok(PurgeReport {
                 purged: doomed.len() as u64,
-                cutoff: Some(cutoff),
+                purged_below: state.purged_below,
+                chunks: doomed.len().div_ceil(chunk.max(1)) as u64,
             })
         })
+    }
+
+    /// Every tombstone of the shard this copy dropped, in order: purged, or taken below the purge
+    /// line and purged at once (when it removed an older version).
+    pub fn purged(&self, group: &str, shard: u32) -> Result<Vec<Property>, StoreError> {
+        self.with_shard(group, shard, |state| Ok(state.purged.clone()))
     }
 }
 
@@ -279,7 +311,13 @@ impl RepairStore for ModelStore {
         self.with_shard(group, shard, |state| {
             Ok(entities
                 .iter()
-                .map(|entity| state.properties.get(entity).cloned())
+                .map(|entity| {
+                    state
+                        .properties
+                        .get(entity)
+                        .filter(|property| !below_line(property, state.purged_below))
+                        .cloned()
+                })
                 .collect())
         })
     }

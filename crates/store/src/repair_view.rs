@@ -24,6 +24,43 @@ pub(crate) fn decide(ours: Option<&Property>, incoming: &Property, shape: &Shape
     }
 }
 
+/// Whether `property` is a tombstone below a purge line: such a tombstone is purged, never
+/// stored and never sent (docs/protocol.md, "The life of a delete").
+pub(crate) fn below_line(property: &Property, purged_below: i64) -> bool {
+    property.is_tombstone() && property.delete_time < purged_below
+}
+
+/// What a write of one copy does to the stored version, by the version order and the purge line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// The incoming copy is newer: store it ([`RepairOutcome::Applied`]).
+    Store,
+    /// The incoming copy is a newer tombstone below the line: the stored version goes and
+    /// nothing is stored (the delete takes effect, its tombstone is purged at once;
+    /// [`RepairOutcome::Applied`]).
+    RemoveOurs,
+    /// Nothing changes; the outcome to report.
+    Keep(RepairOutcome),
+}
+
+/// Decides what writing `incoming` over `ours` does on a copy whose purge line is
+/// `purged_below`.
+pub(crate) fn decide_at_line(
+    ours: Option<&Property>,
+    incoming: &Property,
+    shape: &Shape,
+    purged_below: i64,
+) -> Decision {
+    match decide(ours, incoming, shape) {
+        RepairOutcome::Applied if below_line(incoming, purged_below) => match ours {
+            Some(_) => Decision::RemoveOurs,
+            None => Decision::Keep(RepairOutcome::Same),
+        },
+        RepairOutcome::Applied => Decision::Store,
+        outcome => Decision::Keep(outcome),
+    }
+}
+
 /// The order in which a batch is applied: input positions sorted by entity, stable, so repeated
 /// entities keep their input order.
 pub(crate) fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Vec<usize> {

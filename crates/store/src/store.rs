@@ -36,9 +36,9 @@ use crate::error::{ConfigError, StoreError};
 use crate::group_commit::GroupCommit;
 use crate::validate::Rules;
 
-#[cfg(feature = "test-support")]
-pub(crate) use maintenance::purgeable;
-pub use maintenance::{PurgeReport, VerifyOutcome, purge_cutoff};
+pub use maintenance::{
+    PURGE_CHUNK, PurgeReport, PurgeState, VerifyOutcome, purge_line, round_cutoff,
+};
 pub use query::Query;
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;

@@ -2,6 +2,7 @@
 
 mod convergence;
 mod interrupted;
+mod lifecycle;
 mod malformed;
 mod scenarios;
 mod support;

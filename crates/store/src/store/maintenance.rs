@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use propd_merkle::{Entity, InnerNode, Leaf, Property};
-use redb::{Durability, ReadableTable};
+use propd_merkle::{Entity, InnerNode, Leaf};
+use redb::Durability;
 
 use crate::error::StoreError;
+use crate::repair_view::below_line;
 use crate::store::RedbStore;
-use crate::store::rows::{decode_row, read_meta, read_meta_snapshot};
+use crate::store::rows::{read_meta, read_meta_snapshot};
 use crate::tables::META;
 
 /// What a tombstone purge did.
@@ -17,9 +18,50 @@ use crate::tables::META;
 pub struct PurgeReport {
     /// Tombstones removed.
     pub purged: u64,
-    /// Tombstones with `delete_time` below this were eligible; `None` when the shard never had a
-    /// complete repair, so nothing was eligible.
+    /// The shard's purge line after this purge: tombstones with a delete time below it are
+    /// gone, are never stored again and never sent (0: none).
+    pub purged_below: i64,
+    /// Write transactions the purge took (each removes at most the chunk size).
+    pub chunks: u64,
+}
+
+/// What a copy knows of its shard's purging: the bookkeeping of [`RedbStore::purge_tombstones`]
+/// and [`RedbStore::record_complete_round`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeState {
+    /// When the last round that completed for purging started (origin's clock, unix nanos).
+    pub last_complete_round: Option<i64>,
+    /// The largest cutoff a complete round gave this copy.
     pub cutoff: Option<i64>,
+    /// The largest purge line this copy used (0: none).
+    pub purged_below: i64,
+}
+
+/// Tombstones removed per write transaction of a purge unless the caller says otherwise: other
+/// writes of the node wait for at most one chunk.
+pub const PURGE_CHUNK: usize = 1000;
+
+/// The cutoff a round that completed for purging gives every copy of its shard: its start
+/// minus three clock-skew bounds (one for the delete time a client may choose, one for the
+/// clock difference between the coordinator and the origin, one for the delivery of the write;
+/// docs/protocol.md, "The life of a delete").
+pub fn round_cutoff(started_at: i64, max_clock_skew: Duration) -> i64 {
+    started_at.saturating_sub(nanos(max_clock_skew).saturating_mul(3))
+}
+
+/// The purge line of a shard at `now`: tombstones with a delete time below it may go. A shard
+/// with one copy needs no round: `now - grace`. A shard with more copies also waits for a complete
+/// round: `min(cutoff, now - grace)`, and nothing while it never had one.
+pub fn purge_line(now: i64, grace: Duration, copies: usize, cutoff: Option<i64>) -> Option<i64> {
+    let by_grace = now.saturating_sub(nanos(grace));
+    if copies <= 1 {
+        return Some(by_grace);
+    }
+    cutoff.map(|cutoff| cutoff.min(by_grace))
+}
+
+fn nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// The result of [`RedbStore::verify`].
@@ -49,22 +91,6 @@ pub enum VerifyOutcome {
         /// The rebuilt root.
         rebuilt_root: InnerNode,
     },
-}
-
-/// The purge cutoff: tombstones with `delete_time` below it may go. `None` when the shard never
-/// had a complete repair. Times are unix nanoseconds: the earlier of `now - grace` and the start
-/// of the last complete repair round.
-pub fn purge_cutoff(now: i64, grace: Duration, last_complete_repair: i64) -> Option<i64> {
-    if last_complete_repair <= 0 {
-        return None;
-    }
-    let grace = i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX);
-    Some(now.saturating_sub(grace).min(last_complete_repair))
-}
-
-/// Whether a purge with this cutoff removes the property: a tombstone deleted before it.
-pub(crate) fn purgeable(property: &Property, cutoff: i64) -> bool {
-    property.is_tombstone() && property.delete_time < cutoff
 }
 
 /// Entities whose leaves are missing, extra or different between two leaf lists in (bucket,
@@ -159,74 +185,118 @@ impl RedbStore {
         })
     }
 
-    /// Records when the last repair round that reached every copy of the shard started (unix
-    /// nanoseconds). Durable; an earlier time than the stored one is ignored.
-    pub fn set_last_complete_repair(
+    /// Records a round that completed for purging: its start (origin's clock, unix nanos) and
+    /// the cutoff it gives every copy. Durable. Neither ever moves back: an older round's notice
+    /// arriving late changes nothing.
+    pub fn record_complete_round(
         &self,
         group: &str,
         shard: u32,
-        time: i64,
+        started_at: i64,
+        cutoff: i64,
     ) -> Result<(), StoreError> {
         self.rules.check_shard(group, shard)?;
         self.write(Durability::Immediate, |txn| {
             let mut table = txn.open_table(META)?;
             let mut meta = read_meta(&table, group, shard)?;
-            meta.last_complete_repair = meta.last_complete_repair.max(time);
+            meta.last_complete_repair = meta.last_complete_repair.max(started_at);
+            meta.purge_cutoff = meta.purge_cutoff.max(cutoff);
             table.insert((group, shard), meta.encode().as_slice())?;
             Ok(())
         })
     }
 
-    /// The last complete repair time of the shard, `None` if never set.
-    pub fn last_complete_repair(&self, group: &str, shard: u32) -> Result<Option<i64>, StoreError> {
+    /// The shard's purge bookkeeping.
+    pub fn purge_state(&self, group: &str, shard: u32) -> Result<PurgeState, StoreError> {
         self.rules.check_shard(group, shard)?;
         let meta = read_meta_snapshot(&self.snapshot()?.txn, group, shard)?;
-        Ok((meta.last_complete_repair > 0).then_some(meta.last_complete_repair))
+        Ok(PurgeState {
+            last_complete_round: (meta.last_complete_repair > 0)
+                .then_some(meta.last_complete_repair),
+            cutoff: (meta.purge_cutoff > 0).then_some(meta.purge_cutoff),
+            purged_below: meta.purged_below,
+        })
     }
 
-    /// Removes the shard's tombstones whose `delete_time` is older than both `now - grace` and
-    /// the shard's last complete repair (DESIGN §3); nothing else is ever removed. Without a
-    /// recorded complete repair nothing is purged.
+    /// Raises the shard's purge line to `line` (it never moves back) and removes every
+    /// tombstone whose delete time is below it; nothing else is ever removed. The caller
+    /// computes the line ([`purge_line`]).
+    ///
+    /// The line is raised first, in its own transaction: from then on such tombstones are
+    /// neither stored nor sent. The removal runs in write transactions of at most `chunk`
+    /// tombstones each, found by scanning a fresh snapshot from where the previous chunk ended,
+    /// so other writes of the node wait for one chunk at most.
     pub fn purge_tombstones(
         &self,
         group: &str,
         shard: u32,
-        now: i64,
-        grace: Duration,
+        line: i64,
+        chunk: usize,
     ) -> Result<PurgeReport, StoreError> {
         self.rules.check_shard(group, shard)?;
-        let meta = read_meta_snapshot(&self.snapshot()?.txn, group, shard)?;
-        if purge_cutoff(now, grace, meta.last_complete_repair).is_none() {
-            return Ok(PurgeReport::default());
-        }
-        let report = self.write_shard(group, shard, |writer| {
-            // Read the cutoff again inside the transaction: it is the one that counts.
-            let Some(cutoff) = purge_cutoff(now, grace, writer.meta.last_complete_repair) else {
-                return Ok(PurgeReport::default());
-            };
-            let mut doomed = Vec::new();
-            for row in writer.props.iter()? {
-                let (key, value) = row?;
-                let property = decode_row(&writer.names.props, key.value(), value.value())?;
-                if purgeable(&property, cutoff) {
-                    doomed.push(Entity::parse(key.value()).map_err(|error| {
-                        StoreError::Corrupt {
-                            table: writer.names.props.clone(),
-                            detail: error.to_string(),
-                        }
-                    })?);
+        let chunk = chunk.max(1);
+        let purged_below = self.write(Durability::Immediate, |txn| {
+            let mut table = txn.open_table(META)?;
+            let mut meta = read_meta(&table, group, shard)?;
+            if line > meta.purged_below {
+                meta.purged_below = line;
+                table.insert((group, shard), meta.encode().as_slice())?;
+            }
+            Ok(meta.purged_below)
+        })?;
+        let mut report = PurgeReport {
+            purged_below,
+            ..PurgeReport::default()
+        };
+        let mut after: Option<Entity> = None;
+        loop {
+            let mut doomed = Vec::with_capacity(chunk);
+            let mut scan = self.snapshot()?.scan_after(group, shard, after.as_ref())?;
+            let mut exhausted = true;
+            for property in scan.by_ref() {
+                let property = property?;
+                let entity = property.entity().map_err(|error| StoreError::Corrupt {
+                    table: format!("{group}/{shard} properties"),
+                    detail: error.to_string(),
+                })?;
+                after = Some(entity.clone());
+                if below_line(&property, purged_below) {
+                    doomed.push(entity);
+                    if doomed.len() == chunk {
+                        exhausted = false;
+                        break;
+                    }
                 }
             }
-            for entity in &doomed {
-                writer.remove(entity)?;
+            drop(scan);
+            if !doomed.is_empty() {
+                report.purged += self.write_shard(group, shard, |writer| {
+                    let mut removed = 0;
+                    for entity in &doomed {
+                        // Checked again in the transaction: a newer version may have come.
+                        let current = writer.get(entity)?;
+                        if current.is_some_and(|p| below_line(&p, writer.meta.purged_below)) {
+                            writer.remove(entity)?;
+                            removed += 1;
+                        }
+                    }
+                    Ok(removed)
+                })?;
+                report.chunks += 1;
             }
-            Ok(PurgeReport {
-                purged: doomed.len() as u64,
-                cutoff: Some(cutoff),
-            })
-        })?;
+            if exhausted {
+                break;
+            }
+        }
         if report.purged > 0 {
-            tracing::info!(group, shard, purged = report.purged, "tombstones purged");
+            tracing::info!(
+                group,
+                shard,
+                purged = report.purged,
+                chunks = report.chunks,
+                purged_below,
+                "tombstones purged"
+            );
         }
         Ok(report)
     }

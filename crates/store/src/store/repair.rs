@@ -4,9 +4,9 @@
 use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
 
 use crate::error::{StoreError, tree_error};
-use crate::repair_view::{LeafKey, RepairOutcome, RepairStore};
+use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, below_line};
 use crate::store::RedbStore;
-use crate::store::rows::{open_read, read_row};
+use crate::store::rows::{open_read, read_meta_snapshot, read_row};
 use crate::tables::ShardTableNames;
 
 impl RepairStore for RedbStore {
@@ -72,9 +72,14 @@ impl RepairStore for RedbStore {
         let Some(table) = open_read(&snapshot.txn, names.props())? else {
             return Ok(vec![None; entities.len()]);
         };
+        // A tombstone below the purge line is never sent: it reads as absent.
+        let purged_below = read_meta_snapshot(&snapshot.txn, group, shard)?.purged_below;
         entities
             .iter()
-            .map(|entity| read_row(&table, &names.props, entity))
+            .map(|entity| {
+                let row = read_row(&table, &names.props, entity)?;
+                Ok(row.filter(|property| !below_line(property, purged_below)))
+            })
             .collect()
     }
 

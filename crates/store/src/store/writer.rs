@@ -21,7 +21,7 @@ use crate::codec::{ShardMeta, encode_inner, encode_log};
 use crate::config::TreeUpkeep;
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::group_commit::GroupId;
-use crate::repair_view::{RepairOutcome, decide, entity_order};
+use crate::repair_view::{Decision, RepairOutcome, decide_at_line, entity_order};
 use crate::store::RedbStore;
 use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
@@ -130,7 +130,7 @@ impl<'txn> ShardWriter<'txn> {
         LiveTree::new(self.shape, storage).map_err(|error| ConfigError::Shape(error).into())
     }
 
-    fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
+    pub(super) fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
         read_row(&self.props, &self.names.props, entity)
     }
 
@@ -204,15 +204,29 @@ impl<'txn> ShardWriter<'txn> {
         Ok(recomputed)
     }
 
+    /// Writes one copy by the version order and the shard's purge line: a tombstone below the
+    /// line is never stored (docs/protocol.md, "The life of a delete").
     fn apply(&mut self, checked: &Checked) -> Result<ItemOutcome, StoreError> {
         let ours = self.get(&checked.entity)?;
         let had_live = ours
             .as_ref()
             .is_some_and(|property| !property.is_tombstone());
-        let outcome = decide(ours.as_ref(), &checked.property, &self.shape);
-        if outcome == RepairOutcome::Applied {
-            self.put(checked)?;
-        }
+        let outcome = match decide_at_line(
+            ours.as_ref(),
+            &checked.property,
+            &self.shape,
+            self.meta.purged_below,
+        ) {
+            Decision::Store => {
+                self.put(checked)?;
+                RepairOutcome::Applied
+            }
+            Decision::RemoveOurs => {
+                self.remove(&checked.entity)?;
+                RepairOutcome::Applied
+            }
+            Decision::Keep(outcome) => outcome,
+        };
         Ok(ItemOutcome { outcome, had_live })
     }
 

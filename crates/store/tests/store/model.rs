@@ -1,14 +1,13 @@
-//! Model-based test: random apply / delete / repair_apply / purge / set-repair-time / reopen /
+//! Model-based test: random apply / delete / repair_apply / purge / complete-round / reopen /
 //! verify sequences against a `BTreeMap` model, compared after every step, with the live tree of
 //! every shard equal to a tree rebuilt from the model.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
-use std::time::Duration;
 
 use propd_merkle::{Entity, Property, Shape, TagValue, TreeBuilder, shard_of, version_order};
-use propd_store::{RedbStore, RepairOutcome, StoreError, VerifyOutcome};
+use propd_store::{PurgeState, RedbStore, RepairOutcome, StoreError, VerifyOutcome};
 use proptest::prelude::*;
 
 use crate::{entity_of, open};
@@ -30,12 +29,13 @@ enum Op {
     },
     Purge {
         shard: u32,
-        now: i64,
-        grace: u64,
+        line: i64,
+        chunk: usize,
     },
-    SetRepair {
+    Round {
         shard: u32,
-        time: i64,
+        started_at: i64,
+        cutoff: i64,
     },
     Verify {
         shard: u32,
@@ -82,12 +82,16 @@ fn op() -> impl Strategy<Value = Op> {
         3 => property().prop_map(Op::RepairApply),
         2 => (0..SHARDS, prop::collection::vec(property(), 0..5))
             .prop_map(|(shard, copies)| Op::Batch { shard, copies }),
-        1 => (0..SHARDS, 0i64..200, 0u64..60).prop_map(|(shard, now, grace)| Op::Purge {
+        1 => (0..SHARDS, 0i64..150, 1usize..4).prop_map(|(shard, line, chunk)| Op::Purge {
             shard,
-            now,
-            grace,
+            line,
+            chunk,
         }),
-        1 => (0..SHARDS, 0i64..150).prop_map(|(shard, time)| Op::SetRepair { shard, time }),
+        1 => (0..SHARDS, 0i64..150, 0i64..150).prop_map(|(shard, started_at, cutoff)| Op::Round {
+            shard,
+            started_at,
+            cutoff,
+        }),
         1 => (0..SHARDS).prop_map(|shard| Op::Verify { shard }),
         1 => Just(Op::Reopen),
     ]
@@ -96,7 +100,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Default)]
 struct Model {
     properties: BTreeMap<Entity, Property>,
-    last_repair: BTreeMap<u32, i64>,
+    /// Per shard: last complete round, cutoff, purge line.
+    purge: BTreeMap<u32, PurgeState>,
 }
 
 fn shard(entity: &Entity) -> u32 {
@@ -108,8 +113,15 @@ fn valid_copy(property: &Property) -> bool {
 }
 
 impl Model {
+    fn line(&self, entity: &Entity) -> i64 {
+        self.purge
+            .get(&shard(entity))
+            .map_or(0, |state| state.purged_below)
+    }
+
     fn apply(&mut self, incoming: Property) -> RepairOutcome {
         let entity = entity_of(&incoming);
+        let line = self.line(&entity);
         let outcome = match self.properties.get(&entity) {
             None => RepairOutcome::Applied,
             Some(ours) => match version_order(&incoming, ours, &Shape::default()) {
@@ -118,9 +130,17 @@ impl Model {
                 Ordering::Less => RepairOutcome::LocalNewer(ours.clone()),
             },
         };
-        if outcome == RepairOutcome::Applied {
-            self.properties.insert(entity, incoming);
+        if outcome != RepairOutcome::Applied {
+            return outcome;
         }
+        if incoming.is_tombstone() && incoming.delete_time < line {
+            // Below the purge line a tombstone is never stored; an older version goes.
+            return match self.properties.remove(&entity) {
+                Some(_) => RepairOutcome::Applied,
+                None => RepairOutcome::Same,
+            };
+        }
+        self.properties.insert(entity, incoming);
         outcome
     }
 }
@@ -175,16 +195,12 @@ fn check(store: &RedbStore, model: &Model, step: usize) -> Result<(), TestCaseEr
             step,
             shard_index
         );
-        let last = store
-            .last_complete_repair("g", shard_index)
+        let state = store
+            .purge_state("g", shard_index)
             .unwrap_or_else(|e| panic!("{e}"));
         prop_assert_eq!(
-            last,
-            model
-                .last_repair
-                .get(&shard_index)
-                .copied()
-                .filter(|t| *t > 0)
+            state,
+            model.purge.get(&shard_index).copied().unwrap_or_default()
         );
     }
     for entity in model.properties.keys() {
@@ -268,28 +284,33 @@ proptest! {
                         }
                     }
                 }
-                Op::Purge { shard: target, now, grace } => {
+                Op::Purge { shard: target, line, chunk } => {
                     let report = store
-                        .purge_tombstones("g", target, now, Duration::from_nanos(grace))
+                        .purge_tombstones("g", target, line, chunk)
                         .unwrap_or_else(|e| panic!("{e}"));
-                    let last = model.last_repair.get(&target).copied().unwrap_or(0);
+                    let state = model.purge.entry(target).or_default();
+                    state.purged_below = state.purged_below.max(line);
+                    let line = state.purged_below;
                     let mut purged = 0;
-                    if last > 0 {
-                        let cutoff = (now - grace as i64).min(last);
-                        model.properties.retain(|entity, property| {
-                            let doomed = shard(entity) == target
-                                && property.is_tombstone()
-                                && property.delete_time < cutoff;
-                            purged += u64::from(doomed);
-                            !doomed
-                        });
-                    }
+                    model.properties.retain(|entity, property| {
+                        let doomed = shard(entity) == target
+                            && property.is_tombstone()
+                            && property.delete_time < line;
+                        purged += u64::from(doomed);
+                        !doomed
+                    });
                     prop_assert_eq!(report.purged, purged);
+                    prop_assert_eq!(report.purged_below, line);
+                    prop_assert_eq!(report.chunks, purged.div_ceil(chunk as u64));
                 }
-                Op::SetRepair { shard: target, time } => {
-                    store.set_last_complete_repair("g", target, time).unwrap_or_else(|e| panic!("{e}"));
-                    let entry = model.last_repair.entry(target).or_insert(0);
-                    *entry = (*entry).max(time);
+                Op::Round { shard: target, started_at, cutoff } => {
+                    store
+                        .record_complete_round("g", target, started_at, cutoff)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    let state = model.purge.entry(target).or_default();
+                    state.last_complete_round =
+                        state.last_complete_round.max(Some(started_at)).filter(|t| *t > 0);
+                    state.cutoff = state.cutoff.max(Some(cutoff)).filter(|t| *t > 0);
                 }
                 Op::Verify { shard: target } => {
                     let outcome = store.verify("g", target).unwrap_or_else(|e| panic!("{e}"));

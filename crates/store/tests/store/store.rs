@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use propd_merkle::{NodeId, Property, Shape, TagValue, snapshot};
 use propd_store::{
-    ConfigError, GroupDef, Groups, Query, RedbStore, RepairOutcome, StoreError, TreeUpkeep,
-    VerifyOutcome,
+    ConfigError, GroupDef, Groups, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore,
+    RepairOutcome, RepairStore, StoreError, TreeUpkeep, VerifyOutcome, purge_line, round_cutoff,
 };
 
 use crate::{config, entity_of, groups, live, open};
@@ -22,11 +22,19 @@ fn data_survives_reopen_and_the_recorded_config_is_enforced() {
     {
         let store = open(dir.path());
         ok(store.apply(property.clone()));
-        ok(store.set_last_complete_repair("g", 0, 77));
+        ok(store.record_complete_round("g", 0, 77, 70));
+        ok(store.purge_tombstones("g", 0, 60, PURGE_CHUNK));
     }
     let store = open(dir.path());
     assert_eq!(ok(store.get(&entity_of(&property))), Some(property.clone()));
-    assert_eq!(ok(store.last_complete_repair("g", 0)), Some(77));
+    assert_eq!(
+        ok(store.purge_state("g", 0)),
+        PurgeState {
+            last_complete_round: Some(77),
+            cutoff: Some(70),
+            purged_below: 60
+        }
+    );
     drop(store);
 
     let mut other_shape = config(dir.path());
@@ -283,48 +291,114 @@ fn writes_without_tree_upkeep_are_healed_by_verification() {
 }
 
 #[test]
-fn purge_removes_only_old_tombstones_covered_by_a_complete_repair() {
+fn the_purge_line_comes_from_the_grace_and_the_cutoff_of_a_complete_round() {
+    let grace = Duration::from_nanos(100);
+    assert_eq!(
+        purge_line(1000, grace, 1, None),
+        Some(900),
+        "one copy: the grace"
+    );
+    assert_eq!(
+        purge_line(1000, grace, 3, None),
+        None,
+        "never a complete round"
+    );
+    assert_eq!(purge_line(1000, grace, 3, Some(25)), Some(25));
+    assert_eq!(purge_line(1000, grace, 3, Some(5000)), Some(900));
+    assert_eq!(
+        round_cutoff(10_000_000_000, Duration::from_secs(1)),
+        7_000_000_000,
+        "three skew bounds below the round's start"
+    );
+    assert_eq!(round_cutoff(i64::MIN + 1, Duration::MAX), i64::MIN);
+}
+
+#[test]
+fn purge_removes_tombstones_below_the_line_in_chunks_and_the_line_never_moves_back() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = open(dir.path());
-    let grace = Duration::from_nanos(100);
-    // Tombstones deleted at 10, 20, 30 and a live property; now = 1000.
-    for (id, delete_time) in [("a", 10), ("b", 20), ("c", 30)] {
+    // Tombstones deleted at 10, 20, 30, 40, 50 and a live property.
+    for (id, delete_time) in [("a", 10), ("b", 20), ("c", 30), ("d", 40), ("e", 50)] {
         ok(store.apply(live("h", "n", id, 1, &[])));
         ok(store.delete(&entity_of(&live("h", "n", id, 1, &[])), 2, delete_time));
     }
     ok(store.apply(live("h", "n", "live", 1, &[])));
-    let report = ok(store.purge_tombstones("h", 0, 1000, grace));
+    let report = ok(store.purge_tombstones("h", 0, 45, 2));
     assert_eq!(
-        (report.purged, report.cutoff),
-        (0, None),
-        "never repaired: nothing goes"
+        report,
+        PurgeReport {
+            purged: 4,
+            purged_below: 45,
+            chunks: 2
+        },
+        "a to d, two per transaction"
     );
-    ok(store.set_last_complete_repair("h", 0, 25));
-    let report = ok(store.purge_tombstones("h", 0, 1000, grace));
+    let report = ok(store.purge_tombstones("h", 0, 15, 2));
     assert_eq!(
-        (report.purged, report.cutoff),
-        (2, Some(25)),
-        "only deletes before the repair"
+        (report.purged, report.purged_below),
+        (0, 45),
+        "the line never moves back"
     );
-    ok(store.set_last_complete_repair("h", 0, 5000));
-    let report = ok(store.purge_tombstones("h", 0, 120, grace));
-    assert_eq!(
-        (report.purged, report.cutoff),
-        (0, Some(20)),
-        "c (30) is within the grace at 120"
-    );
-    let report = ok(store.purge_tombstones("h", 0, 1000, grace));
-    assert_eq!(report.purged, 1);
     let left: Vec<String> = ok(ok(store.snapshot()).scan("h", 0))
         .map(|p| ok(p).id)
         .collect();
-    assert_eq!(left, ["live"], "live properties are never purged");
+    assert_eq!(left, ["e", "live"], "live properties are never purged");
     let snapshot = ok(store.snapshot());
     assert_eq!(ok(snapshot.tree("h", 0)), ok(snapshot.rebuild_tree("h", 0)));
-    ok(store.set_last_complete_repair("h", 0, 7));
+    ok(store.record_complete_round("h", 0, 500, 400));
+    ok(store.record_complete_round("h", 0, 7, 3));
+    let state = ok(store.purge_state("h", 0));
     assert_eq!(
-        ok(store.last_complete_repair("h", 0)),
-        Some(5000),
-        "the time never goes back"
+        (state.last_complete_round, state.cutoff),
+        (Some(500), Some(400)),
+        "a late notice of an older round changes nothing"
     );
+}
+
+#[test]
+fn a_tombstone_below_the_line_is_never_stored_nor_sent_and_removes_an_older_version() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = open(dir.path());
+    let old = live("h", "n", "old", 1, &[]);
+    ok(store.apply(old.clone()));
+    let kept = live("h", "n", "kept", 9, &[]);
+    ok(store.apply(kept.clone()));
+    ok(store.purge_tombstones("h", 0, 100, PURGE_CHUNK));
+    let tombstone = |id: &str, revision: i64, delete_time: i64| Property {
+        tags: Default::default(),
+        mod_revision: revision,
+        delete_time,
+        ..live("h", "n", id, 1, &[])
+    };
+    assert_eq!(
+        ok(store.repair_apply(tombstone("gone", 5, 50))),
+        RepairOutcome::Same,
+        "nothing held, nothing stored"
+    );
+    assert_eq!(ok(store.get(&entity_of(&tombstone("gone", 5, 50)))), None);
+    assert_eq!(
+        ok(store.repair_apply(tombstone("old", 5, 50))),
+        RepairOutcome::Applied,
+        "the delete takes effect"
+    );
+    assert_eq!(
+        ok(store.get(&entity_of(&old))),
+        None,
+        "and its tombstone is not kept"
+    );
+    assert_eq!(
+        ok(store.repair_apply(tombstone("kept", 5, 50))),
+        RepairOutcome::LocalNewer(kept.clone()),
+        "an older tombstone loses as always"
+    );
+    // Above the line a tombstone is stored; raising the line hides it from syncs until purged.
+    ok(store.repair_apply(tombstone("late", 5, 150)));
+    let entity = entity_of(&tombstone("late", 5, 150));
+    assert_eq!(
+        ok(store.get_many("h", 0, std::slice::from_ref(&entity))),
+        [Some(tombstone("late", 5, 150))]
+    );
+    ok(store.purge_tombstones("h", 0, 200, PURGE_CHUNK));
+    assert_eq!(ok(store.get(&entity)), None);
+    assert_eq!(ok(store.get_many("h", 0, &[entity])), [None]);
 }

@@ -1,7 +1,5 @@
 //! Every refused request names the field and leaves the store unchanged (DESIGN §9).
 
-use std::time::Duration;
-
 use propd_merkle::{Entity, NodeId, Property, TagValue, Tree};
 use propd_store::{
     Query, RedbStore, RepairStore, StoreConfig, StoreError, ValidationError, WriteDurability,
@@ -118,8 +116,9 @@ fn refused_requests_change_nothing() {
     }
     expect_invalid(store.tree_view("g", 9), "shard");
     expect_invalid(store.verify("g", 9), "shard");
-    expect_invalid(store.purge_tombstones("g", 9, 0, Duration::ZERO), "shard");
-    expect_invalid(store.set_last_complete_repair("nope", 0, 5), "nope");
+    expect_invalid(store.purge_tombstones("g", 9, 0, 1), "shard");
+    expect_invalid(store.record_complete_round("nope", 0, 5, 1), "nope");
+    expect_invalid(store.purge_state("g", 9), "shard");
     expect_invalid(store.tree_children("g", 4, NodeId::ROOT), "shard");
     expect_invalid(
         store.snapshot().and_then(|s| s.scan("g", 4).map(|_| ())),

@@ -1,0 +1,332 @@
+//! Deletes stay deleted (docs/protocol.md, "The life of a delete"), over real processes: client
+//! times outside the skew bound are refused, a forged complete-round notice is refused and the
+//! deletes it would have let go hold when the missing copy returns, a round with failed applies
+//! does not enable purging, a single-copy shard purges after the grace, and a write that loses to
+//! a newer copy says so.
+
+use std::future::Future;
+use std::time::Duration;
+
+use propd_proto::v1;
+use propd_proto::v1::admin_service_client::AdminServiceClient;
+use propd_proto::v1::property_service_client::PropertyServiceClient;
+use propd_tests::{Cluster, eventually};
+use serde_json::Value;
+
+const SECOND: i64 = 1_000_000_000;
+
+/// One shard on every node, background repair off, a short grace and skew bound, and a purge
+/// tick every second.
+fn config(replicas: u32) -> String {
+    format!(
+        "max_clock_skew = \"1s\"\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = {replicas}\n\n\
+         [repair]\nenabled = false\nperiod = \"1s\"\ntombstone_grace = \"2s\"\nverify_interval = \"1s\"\n"
+    )
+}
+
+fn block_on<T>(future: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
+}
+
+fn url(cluster: &Cluster, i: usize) -> String {
+    format!("http://{}", cluster.nodes[i].listen)
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Node `i`'s own copy of `g/n/{id}`, tombstones included.
+fn stored(cluster: &Cluster, i: usize, id: &str) -> Option<v1::Property> {
+    block_on(async {
+        let mut client = PropertyServiceClient::connect(url(cluster, i))
+            .await
+            .expect("connect");
+        client
+            .get(v1::GetRequest {
+                group: "g".into(),
+                name: "n".into(),
+                id: id.into(),
+                local: true,
+                include_deleted: true,
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .property
+    })
+}
+
+fn delete_at(cluster: &Cluster, i: usize, request: v1::DeleteRequest) -> Result<(), tonic::Status> {
+    block_on(async {
+        let mut client = PropertyServiceClient::connect(url(cluster, i))
+            .await
+            .expect("connect");
+        client.delete(request).await.map(drop)
+    })
+}
+
+fn notice_to(
+    cluster: &Cluster,
+    i: usize,
+    notice: v1::CompleteRepairNotice,
+) -> Result<(), tonic::Status> {
+    block_on(async {
+        let mut client = AdminServiceClient::connect(url(cluster, i))
+            .await
+            .expect("connect");
+        client.record_complete_repair(notice).await.map(drop)
+    })
+}
+
+fn shard_status(cluster: &Cluster, i: usize) -> Value {
+    cluster.json(i, &["status"])["shards"][0].clone()
+}
+
+fn expect_invalid(result: Result<(), tonic::Status>, field: &str) {
+    match result {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            assert!(
+                status.message().starts_with(field),
+                "the refusal names {field}: {status}"
+            );
+        }
+        Ok(()) => panic!("a request with a bad {field} was accepted"),
+    }
+}
+
+#[test]
+fn client_times_beyond_the_skew_bound_are_refused_naming_the_field() {
+    let cluster = Cluster::start(1, &config(0));
+    cluster.json(0, &["put", "g/n/x", "--tag", "a=1"]);
+    let delete = |mod_revision, delete_time| v1::DeleteRequest {
+        group: "g".into(),
+        name: "n".into(),
+        id: "x".into(),
+        mod_revision,
+        delete_time,
+        local: false,
+    };
+    expect_invalid(delete_at(&cluster, 0, delete(0, 1)), "delete_time");
+    expect_invalid(
+        delete_at(&cluster, 0, delete(0, now_nanos() + 3600 * SECOND)),
+        "delete_time",
+    );
+    expect_invalid(delete_at(&cluster, 0, delete(i64::MAX, 0)), "mod_revision");
+    let output = cluster.cli(0, &["put", "g/n/x", "--revision", &i64::MAX.to_string()]);
+    assert!(
+        !output.status.success(),
+        "a revision nobody could pass is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("mod_revision"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        cluster.json(0, &["get", "g/n/x"])["tags"]["a"],
+        "1",
+        "nothing was deleted or frozen"
+    );
+    // A delete time within the bound is taken as given.
+    let within = now_nanos() - 500_000_000;
+    delete_at(&cluster, 0, delete(0, within)).expect("a delete time within the bound");
+    assert_eq!(
+        stored(&cluster, 0, "x").map(|p| p.delete_time),
+        Some(within)
+    );
+}
+
+#[test]
+fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
+    let mut cluster = Cluster::start(3, &config(2));
+    let ids: Vec<String> = (0..6).map(|k| k.to_string()).collect();
+    for id in &ids {
+        cluster.json(0, &["put", &format!("g/n/{id}"), "--tag", "v=live"]);
+    }
+    cluster.kill(2);
+    for id in &ids {
+        let deleted = cluster.json(0, &["delete", &format!("g/n/{id}")]);
+        assert_eq!(deleted["acknowledged"], 2, "{deleted}");
+    }
+    let forged = |from: &str, started_at_ns: i64, cutoff_ns: i64| v1::CompleteRepairNotice {
+        group: "g".into(),
+        shard: 0,
+        started_at_ns,
+        message_id: "forged".into(),
+        from: from.into(),
+        cutoff_ns,
+    };
+    let tomorrow = now_nanos() + 24 * 3600 * SECOND;
+    for i in 0..2 {
+        expect_invalid(
+            notice_to(&cluster, i, forged("n1", tomorrow, tomorrow - 3 * SECOND)),
+            "started_at_ns",
+        );
+        expect_invalid(
+            notice_to(&cluster, i, forged("n1", i64::MAX, i64::MAX - 3 * SECOND)),
+            "started_at_ns",
+        );
+        expect_invalid(
+            notice_to(
+                &cluster,
+                i,
+                forged("n9", now_nanos(), now_nanos() - 3 * SECOND),
+            ),
+            "from",
+        );
+        expect_invalid(
+            notice_to(&cluster, i, forged("n2", now_nanos(), now_nanos())),
+            "cutoff_ns",
+        );
+    }
+    // Well past the grace, with purge ticks every second: nothing may go while n3 is away.
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..2 {
+        for id in &ids {
+            let copy = stored(&cluster, i, id).expect("the tombstone is kept");
+            assert!(copy.delete_time > 0, "n{}: {copy:?}", i + 1);
+        }
+        let status = shard_status(&cluster, i);
+        assert!(
+            status["purge_blocked"]
+                .as_str()
+                .is_some_and(|why| why.contains("never") || why.contains("n3")),
+            "status says why purging waits: {status}"
+        );
+    }
+    cluster.start_node(2);
+    cluster.wait_ready(2);
+    for id in &ids {
+        assert_eq!(
+            stored(&cluster, 2, id).map(|p| p.delete_time),
+            Some(0),
+            "n3 still holds the live version"
+        );
+    }
+    let round = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    for id in &ids {
+        let read = cluster.cli(1, &["get", &format!("g/n/{id}")]);
+        assert!(!read.status.success(), "g/n/{id} came back");
+        for i in 0..3 {
+            // The round may already have let the copies purge it (past the grace and cutoff).
+            assert!(
+                stored(&cluster, i, id).is_none_or(|p| p.delete_time > 0),
+                "n{} holds the tombstone or nothing",
+                i + 1
+            );
+        }
+    }
+    // Now every copy took part in a round after the deletes: past the grace and the round's
+    // cutoff, every copy purges them, once.
+    let purged = eventually(Duration::from_secs(30), || {
+        (0..3).all(|i| ids.iter().all(|id| stored(&cluster, i, id).is_none()))
+    });
+    assert!(
+        purged,
+        "the tombstones were purged after the complete round"
+    );
+    let status = shard_status(&cluster, 0);
+    assert!(status["purge_cutoff_ns"].as_i64().is_some(), "{status}");
+    let round = cluster.json(2, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    for id in &ids {
+        assert!(
+            (0..3).all(|i| stored(&cluster, i, id).is_none()),
+            "g/n/{id}: a purged tombstone does not bounce back"
+        );
+    }
+}
+
+#[test]
+fn a_round_with_failed_applies_does_not_enable_purging() {
+    let mut cluster = Cluster::start(3, &config(2));
+    // n2 refuses properties over 300 bytes: its applies of a larger copy fail.
+    let path = &cluster.nodes[1].config;
+    let text = std::fs::read_to_string(path).expect("n2's config");
+    let text = text.replacen(
+        "node_id = \"n2\"\n",
+        "node_id = \"n2\"\nmax_property_bytes = 300\n",
+        1,
+    );
+    std::fs::write(path, text).expect("writing n2's config");
+    cluster.restart(1);
+    cluster.json(0, &["put", "g/n/gone", "--tag", "v=1"]);
+    cluster.json(0, &["delete", "g/n/gone"]);
+    let big = format!("v={}", "x".repeat(1000));
+    cluster.json(0, &["put", "g/n/big", "--tag", &big, "--local"]);
+    let round = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    let failed: u64 = round["syncs"]
+        .as_array()
+        .expect("syncs")
+        .iter()
+        .map(|sync| sync["failed"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(failed > 0, "n2 failed to apply the large copy: {round}");
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..3 {
+        let status = shard_status(&cluster, i);
+        assert!(
+            status["last_repair_age_s"].is_null() && status["purge_cutoff_ns"].is_null(),
+            "n{}: a round with failed applies counts for nothing: {status}",
+            i + 1
+        );
+        assert!(
+            stored(&cluster, i, "gone").is_some_and(|p| p.delete_time > 0),
+            "n{} keeps the tombstone",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn a_single_copy_shard_purges_after_the_grace() {
+    let cluster = Cluster::start(1, &config(0));
+    cluster.json(0, &["put", "g/n/one", "--tag", "a=1"]);
+    cluster.json(0, &["delete", "g/n/one"]);
+    assert!(stored(&cluster, 0, "one").is_some_and(|p| p.delete_time > 0));
+    let purged = eventually(Duration::from_secs(20), || {
+        stored(&cluster, 0, "one").is_none()
+    });
+    assert!(purged, "the tombstone was purged; log:\n{}", cluster.log(0));
+    let status = shard_status(&cluster, 0);
+    assert!(status["purged_below_ns"].as_i64().is_some(), "{status}");
+    assert!(status["purge_blocked"].is_null(), "{status}");
+}
+
+#[test]
+fn a_write_that_loses_to_a_newer_copy_says_superseded() {
+    let cluster = Cluster::start(3, &config(2));
+    let current = cluster.json(0, &["put", "g/n/s", "--tag", "v=new"]);
+    let revision = current["mod_revision"].as_i64().expect("revision");
+    for args in [
+        vec!["put", "g/n/s", "--tag", "v=old", "--revision", "5"],
+        vec!["delete", "g/n/s", "--revision", "5"],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--output", "json"]);
+        let output = cluster.cli(1, &all);
+        assert!(
+            !output.status.success(),
+            "{args:?} lost, and exits non-zero"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("superseded by revision {revision}")),
+            "{stderr}"
+        );
+        let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+        assert_eq!(answer["superseded"], revision, "{answer}");
+    }
+    assert_eq!(cluster.json(2, &["get", "g/n/s"])["tags"]["v"], "new");
+    let newer = cluster.json(0, &["put", "g/n/s", "--tag", "v=newer"]);
+    assert!(newer["superseded"].is_null(), "{newer}");
+}
