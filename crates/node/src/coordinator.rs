@@ -132,12 +132,7 @@ impl PropertyApi {
     /// each of them), and what the others said. The calls to the other copies keep running in the background; a
     /// copy that then fails is recorded for write-miss repair like any miss (`write_copy`), and
     /// one that acknowledges later is not counted in the answer.
-    async fn replicate(
-        &self,
-        group: &GroupDef,
-        shard: u32,
-        property: Property,
-    ) -> Replicated {
+    async fn replicate(&self, group: &GroupDef, shard: u32, property: Property) -> Replicated {
         let targets = self.node.node_ids(group, shard);
         let copies = targets.len() as u32;
         let required = self.required_acks(copies);

@@ -9,9 +9,9 @@ use serde::Serialize;
 use tonic::Status;
 
 use crate::coordinator::blocking;
-use crate::tombstones::purge_blocked;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::sync::Gossip;
+use crate::tombstones::purge_blocked;
 
 /// How many recent rounds the status page shows.
 pub(crate) const RECENT_ROUNDS: usize = 20;
