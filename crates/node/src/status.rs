@@ -186,7 +186,7 @@ pub(crate) async fn shards(
             pending_write_misses,
             running_round: running.map(|id| id.to_string()),
             purge_cutoff_ms: state.cutoff.map(|cutoff| cutoff / 1_000_000),
-            purged_below_ms: (state.purged_below > 0).then(|| state.purged_below / 1_000_000),
+            purged_below_ms: (state.purged_below > 0).then_some(state.purged_below / 1_000_000),
             purge_blocked,
             group,
             shard,
