@@ -758,6 +758,7 @@ fn result_output(
             "applied": report.applied,
             "peer_applied": report.peer_applied,
             "failed": report.failed,
+            "peer_failed": report.peer_failed,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "error": span.error,

@@ -158,7 +158,9 @@ pub(crate) fn complete_for_purging(result: &PropagationResult) -> bool {
         && result.trace.iter().all(|span| {
             span.kind == SpanKind::Sync
                 && span.error.is_none()
-                && span.report.is_some_and(|report| report.failed == 0)
+                && span
+                    .report
+                    .is_some_and(|report| report.failed == 0 && report.peer_failed == 0)
         })
 }
 
