@@ -35,12 +35,13 @@ mod validate;
 
 pub use config::{
     DATABASE_FILE, DEFAULT_FLUSH_THRESHOLD, DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups,
-    StoreConfig, TreeUpkeep, WriteDurability,
+    ReadCheck, StoreConfig, TreeUpkeep, WriteDurability,
 };
 pub use error::{ConfigError, StoreError, ValidationError};
 #[cfg(feature = "test-support")]
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PurgeReport, Query, RedbStore, ShardScan, Snapshot, TreeView, VerifyOutcome,
+    DeleteOutcome, PurgeReport, QuarantinedRow, Query, RedbStore, ScrubReport, ShardScan, Snapshot,
+    StoreHealth, TreeView, VerifyOutcome,
 };

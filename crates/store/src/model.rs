@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
-use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups};
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups, ReadCheck};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, decide, entity_order, page_after};
 use crate::store::{DeleteOutcome, PurgeReport, purge_cutoff};
@@ -76,6 +76,7 @@ impl ModelStore {
                 groups: Groups::new(groups)?,
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
+                read_check: ReadCheck::On,
             },
             shards: Mutex::new(BTreeMap::new()),
         })

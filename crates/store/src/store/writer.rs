@@ -4,16 +4,18 @@
 //! when the log has grown past the threshold.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use propd_merkle::{Digest, Entity, LiveTree, Property, Shape, Tree};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::codec::{ShardMeta, encode_inner, encode_log};
-use crate::config::TreeUpkeep;
+use crate::config::{ReadCheck, TreeUpkeep};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{RepairOutcome, decide, entity_order};
 use crate::store::RedbStore;
-use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
+use crate::store::quarantine::RotQueue;
+use crate::store::rows::{RowRead, build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
 use crate::tree_store::TxnTree;
 use crate::validate::{Checked, WriteKind};
@@ -41,6 +43,8 @@ pub(crate) fn tombstone(entity: &Entity, mod_revision: i64, delete_time: i64) ->
 
 /// The tables of one (group, shard) opened in a write transaction, and its bookkeeping.
 pub(super) struct ShardWriter<'txn> {
+    pub(super) txn: &'txn WriteTransaction,
+    pub(super) rot: Arc<RotQueue>,
     pub(super) names: ShardTableNames,
     group: String,
     shard: u32,
@@ -62,10 +66,13 @@ impl<'txn> ShardWriter<'txn> {
         shard: u32,
         shape: Shape,
         upkeep: TreeUpkeep,
+        rot: Arc<RotQueue>,
     ) -> Result<Self, StoreError> {
         let names = ShardTableNames::new(group, shard);
         let meta = read_meta(&txn.open_table(META)?, group, shard)?;
         Ok(ShardWriter {
+            txn,
+            rot,
             props: txn.open_table(names.props())?,
             leaves: txn.open_table(names.leaves())?,
             nodes: txn.open_table(names.nodes())?,
@@ -92,11 +99,20 @@ impl<'txn> ShardWriter<'txn> {
         LiveTree::new(self.shape, storage).map_err(|error| ConfigError::Shape(error).into())
     }
 
-    fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
-        read_row(&self.props, &self.names.props, entity)
+    /// The stored copy of `entity`; a rotten copy is quarantined in this transaction and reads
+    /// as absent.
+    fn get(&mut self, entity: &Entity) -> Result<Option<Property>, StoreError> {
+        match read_row(&self.props, &self.names, entity, ReadCheck::On)? {
+            RowRead::Absent => Ok(None),
+            RowRead::Good(property) => Ok(Some(property)),
+            RowRead::Rotten(rotten) => {
+                self.quarantine(&rotten)?;
+                Ok(None)
+            }
+        }
     }
 
-    fn bump(&mut self) {
+    pub(super) fn bump(&mut self) {
         self.meta.revision += 1;
         self.meta_changed = true;
     }
@@ -178,7 +194,15 @@ impl<'txn> ShardWriter<'txn> {
     /// Replaces the shard's tree (leaves, inner nodes, leaf log) by one built from its
     /// properties. Returns the rebuilt tree.
     pub(super) fn rebuild_tree(&mut self) -> Result<Tree, StoreError> {
-        let tree = build_from_rows(self.shape, &self.props, &self.names.props)?;
+        // The build leaves rotten rows out; they are quarantined before the tree is written, so
+        // the tree and the rows agree.
+        let mut rotten = Vec::new();
+        let (tree, _) = build_from_rows(self.shape, &self.props, &self.names, &mut |row| {
+            rotten.push(row)
+        })?;
+        for row in &rotten {
+            self.quarantine(row)?;
+        }
         self.leaves.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
         self.log.retain(|_, _| false)?;
@@ -215,7 +239,14 @@ impl RedbStore {
         group: &str,
         shard: u32,
     ) -> Result<ShardWriter<'txn>, StoreError> {
-        ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)
+        ShardWriter::open(
+            txn,
+            group,
+            shard,
+            self.rules.shape,
+            self.upkeep,
+            Arc::clone(&self.rot),
+        )
     }
 
     /// Runs `f` on the writer of (group, shard) in one write transaction with the configured

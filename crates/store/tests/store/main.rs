@@ -2,6 +2,8 @@
 
 mod conformance;
 mod crash;
+mod disk_full;
+mod integrity;
 mod laws;
 mod model;
 mod snapshots;
