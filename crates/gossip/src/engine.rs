@@ -198,6 +198,8 @@ struct OriginRound {
     propagation: Propagation,
     /// The node the origin is handing the round to, while it does.
     dispatching_to: Option<usize>,
+    /// When the origin began its current hand-off (the start of a skip span if it fails).
+    dispatched_at: Millis,
 }
 
 /// The propagation state machine of one node.
@@ -299,6 +301,7 @@ impl Engine {
             OriginRound {
                 propagation,
                 dispatching_to: None,
+                dispatched_at: now,
             },
         );
         self.dispatch(now, &message_id, 0);
@@ -313,6 +316,7 @@ impl Engine {
         let target = round.propagation.context.nodes[index].clone();
         if target != self.me {
             round.dispatching_to = Some(index);
+            round.dispatched_at = now;
             let propagation = round.propagation.clone();
             self.commands.push_back(Command::HandOff {
                 to: target,
@@ -692,8 +696,8 @@ impl Engine {
                     kind: SpanKind::Skip,
                     from: self.me.clone(),
                     to: to.to_owned(),
-                    start: now,
-                    duration: Duration::ZERO,
+                    start: round.dispatched_at,
+                    duration: now.since(round.dispatched_at),
                     report: None,
                     error: Some(format!("hand-off failed: {error}")),
                 });
