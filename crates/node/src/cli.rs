@@ -101,6 +101,13 @@ struct ServeArgs {
     /// `repair.throttle_bytes_per_second`: repair traffic limit (0: none).
     #[arg(long, env = "PROPD_REPAIR_THROTTLE_BYTES_PER_SECOND")]
     repair_throttle_bytes_per_second: Option<u64>,
+    /// How fast the scrub rereads stored rows, bytes per second (0: off).
+    #[arg(long, env = "PROPD_REPAIR_SCRUB_BYTES_PER_SECOND")]
+    repair_scrub_bytes_per_second: Option<u64>,
+    /// Start with an empty store if the data file is damaged (it is kept as
+    /// `propd.redb.damaged`); without it such a node refuses to start.
+    #[arg(long, env = "PROPD_ALLOW_EMPTY_STORE", num_args = 0..=1, default_missing_value = "true")]
+    allow_empty_store: Option<bool>,
 }
 
 impl ServeArgs {
@@ -117,6 +124,7 @@ impl ServeArgs {
             data_dir: self.data_dir,
             write_acks: self.write_acks,
             max_property_bytes: self.max_property_bytes,
+            allow_empty_store: self.allow_empty_store,
             members: (!self.members.is_empty()).then_some(self.members),
             groups: (!self.groups.is_empty()).then_some(self.groups),
             repair: PartialRepair {
@@ -128,6 +136,7 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+                scrub_bytes_per_second: self.repair_scrub_bytes_per_second,
             },
         };
         Ok(flags.over(file))
@@ -311,6 +320,7 @@ async fn channel(server: &str) -> Result<Channel> {
         .with_context(|| format!("--server `{server}` is not an address"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60 * 60))
+        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|error| anyhow!("cannot reach {server}: {}", source_chain(&error)))
@@ -645,7 +655,7 @@ fn result_output(
     for span in &result.trace {
         let report = span.report.clone().unwrap_or_default();
         if span.kind == v1::trace_span::Kind::Skip as i32 {
-            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error}));
+            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error, "duration_ms": span.duration_ms}));
             lines.push(format!(
                 "  skip {} -> {}: {}",
                 span.from, span.to, span.error
@@ -795,16 +805,22 @@ async fn status(args: StatusArgs) -> Result<()> {
             })
         })
         .collect();
-    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused});
-    let mut lines = vec![format!(
-        "node {} (background repair {})",
-        status.node,
-        if status.repair_paused {
-            "paused"
-        } else {
-            "running"
-        }
-    )];
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "store_health": status.store_health, "quarantined": status.quarantined});
+    let mut lines = vec![
+        format!(
+            "node {} (background repair {})",
+            status.node,
+            if status.repair_paused {
+                "paused"
+            } else {
+                "running"
+            }
+        ),
+        format!(
+            "  store {}, {} quarantined rows",
+            status.store_health, status.quarantined
+        ),
+    ];
     for m in &status.members {
         lines.push(format!(
             "  member {} {} {}",

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use propd_store::{GroupDef, RedbStore};
+use propd_store::{GroupDef, RedbStore, StoreHealth};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -34,7 +34,18 @@ pub(crate) struct NodeState {
     pub(crate) misses: Mutex<MissedWrites>,
     /// When each shard this node originates is next due.
     pub(crate) rounds: Mutex<RoundClock>,
+    /// What the scrub has done since start.
+    pub(crate) scrub: ScrubProgress,
     revisions: RevisionClock,
+}
+
+/// What the scrub has done since the node started.
+#[derive(Debug, Default)]
+pub(crate) struct ScrubProgress {
+    /// Stored row bytes reread and checked.
+    pub(crate) bytes: AtomicU64,
+    /// Passes over every local shard finished.
+    pub(crate) passes: AtomicU64,
 }
 
 impl NodeState {
@@ -53,6 +64,7 @@ impl NodeState {
             throttle,
             misses: Mutex::new(MissedWrites::default()),
             rounds: Mutex::new(RoundClock::default()),
+            scrub: ScrubProgress::default(),
             revisions: RevisionClock::default(),
         }
     }
@@ -92,6 +104,23 @@ impl NodeState {
     /// Remembers that a write to (group, shard) missed `node`.
     pub(crate) fn record_miss(&self, node: &str, group: &str, shard: u32) {
         lock(&self.misses).record(node, group, shard);
+    }
+
+    /// Why the store cannot fully serve (`/health` and `status` show it), `None` when it can.
+    pub(crate) fn store_fault(&self) -> Option<String> {
+        match self.store.health() {
+            StoreHealth::Ok => None,
+            StoreHealth::DiskFull(detail) => Some(format!(
+                "disk full: writes to {} fail ({detail}); reads go on",
+                self.store.path().display()
+            )),
+            StoreHealth::WritesFailing(detail) => Some(format!(
+                "store writes fail: {} ({detail}); reads go on",
+                self.store.path().display()
+            )),
+            StoreHealth::Damaged(detail) => Some(format!("store damaged: {detail}")),
+            other => Some(format!("store unhealthy: {other:?}")),
+        }
     }
 
     /// Whether background repair is paused.

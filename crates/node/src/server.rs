@@ -2,6 +2,7 @@
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -29,6 +30,12 @@ const TICK: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for in-flight requests and syncs.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one gossip hand-off or report call may take: it only asks the peer to admit a
+/// round, so a peer that takes longer is as good as down.
+const GOSSIP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set to `off` to accept connections without `TCP_NODELAY`, as propd did before: only for
+/// measuring what Nagle's algorithm costs (docs/benchmarks.md, "Coordinated get latency").
+const SERVER_NODELAY_VAR: &str = "PROPD_BENCH_SERVER_NODELAY";
 
 /// Runs a node until SIGINT or SIGTERM.
 pub(crate) async fn serve(config: Config) -> Result<()> {
@@ -119,6 +126,7 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
+        start_empty_if_damaged: config.allow_empty_store,
         ..StoreConfig::new(
             &config.data_dir,
             config.groups.iter().cloned().collect(),
@@ -137,6 +145,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
+        request_timeout: GOSSIP_REQUEST_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
@@ -145,6 +154,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    let peers_of = Arc::clone(&node);
+    gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
@@ -152,7 +163,15 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let http_listener = crate::http::bind(node.config.http).await?;
     tracing::info!(node = node.me(), listen = %node.config.listen, http = %node.config.http, "serving");
 
+    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather than held
+    // back by Nagle's algorithm until the peer's delayed ACK (about 40 ms on Linux). Keepalive
+    // pings find a client that stopped answering.
+    let nodelay = std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off");
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(nodelay));
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -164,10 +183,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             Arc::clone(&node),
             gossip.clone(),
         )))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            signalled(shutdown.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming, signalled(shutdown.clone()));
     let http = crate::http::serve(
         http_listener,
         Arc::new(HttpView(Arc::clone(&node))),
@@ -190,6 +206,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(scrub(Arc::clone(&node))),
+        tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
 }
@@ -217,13 +235,19 @@ struct HttpView(Arc<NodeState>);
 
 impl HttpState for HttpView {
     fn metrics_text(&self) -> String {
-        self.0
+        let node = &self.0;
+        let mut text = node
             .metrics
-            .render(&self.0.local_shards(), now_millis() / 1000)
+            .render(&node.local_shards(), now_millis() / 1000);
+        text.push_str(&store_metrics(node));
+        text
     }
 
     fn health(&self) -> Result<String, String> {
-        Ok(format!("node {}", self.0.me()))
+        match self.0.store_fault() {
+            Some(reason) => Err(format!("node {}: {reason}", self.0.me())),
+            None => Ok(format!("node {}", self.0.me())),
+        }
     }
 }
 
@@ -351,8 +375,9 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             };
             let mut request = tonic::Request::new(v1::PingRequest {});
             request.set_timeout(PROBE_TIMEOUT);
-            let up = client.ping(request).await.is_ok();
-            if node.peers.set_up(&peer, up) {
+            let answer = client.ping(request).await;
+            let up = answer.is_ok();
+            if node.peers.saw_call(&peer, &answer) {
                 tracing::info!(peer, "member answers again");
             }
             if !up || node.is_paused() || !node.config.repair.enabled {
@@ -435,5 +460,106 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
         }
         Ok(_) => {}
         Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),
+    }
+}
+
+/// The store's fault metrics, in the Prometheus text format: rows quarantined since start,
+/// scrub progress, and whether the store serves.
+fn store_metrics(node: &NodeState) -> String {
+    let metrics = [
+        (
+            "propd_store_rows_quarantined_total",
+            "counter",
+            "Stored property rows that failed their check and were quarantined since start.",
+            node.store.quarantined_since_open(),
+        ),
+        (
+            "propd_scrub_bytes_total",
+            "counter",
+            "Stored row bytes the scrub reread and checked.",
+            node.scrub.bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "propd_scrub_passes_total",
+            "counter",
+            "Scrub passes over every local shard finished.",
+            node.scrub.passes.load(Ordering::Relaxed),
+        ),
+        (
+            "propd_store_healthy",
+            "gauge",
+            "1 when the store serves; 0 when it is damaged or its disk is full (see /health).",
+            u64::from(node.store_fault().is_none()),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}
+
+/// Scrubs every local shard in turn, again and again, at `repair.scrub_bytes_per_second`:
+/// every stored row is reread and checked against its digests, rotten rows are quarantined
+/// and the tree healed without them (the next repair brings their good copies back). Unlike
+/// verification, an unchanged shard is scrubbed too: bytes rot at rest.
+async fn scrub(node: Arc<NodeState>) {
+    let rate = node.config.repair.scrub_bytes_per_second;
+    if rate == 0 {
+        return;
+    }
+    loop {
+        let mut damaged = false;
+        for (group, shard) in node.local_shards() {
+            let started = Instant::now();
+            let key = group.clone();
+            let bytes = match blocking(&node, move |node| node.store.scrub(&key, shard)).await {
+                Ok(report) => {
+                    if report.quarantined > 0 || report.healed.is_some() {
+                        tracing::warn!(
+                            group,
+                            shard,
+                            quarantined = report.quarantined,
+                            healed_leaves = report.healed.unwrap_or(0),
+                            "scrub quarantined rotten rows or healed the tree"
+                        );
+                    }
+                    report.bytes
+                }
+                Err(status) => {
+                    damaged = true;
+                    tracing::error!(group, shard, %status, "scrub failed");
+                    0
+                }
+            };
+            node.scrub.bytes.fetch_add(bytes, Ordering::Relaxed);
+            // Pace by the bytes read: at most `rate` bytes per second on average.
+            let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep(budget.saturating_sub(started.elapsed())).await;
+        }
+        node.scrub.passes.fetch_add(1, Ordering::Relaxed);
+        if !damaged {
+            node.store.clear_damage();
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// While a write failed on an I/O error (a full disk), reopens the store and probes whether
+/// writes work again, every second: the node recovers by itself once space is freed.
+async fn recover_store(node: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if !node.store.writes_failing() {
+            continue;
+        }
+        match blocking(&node, |node| node.store.recover()).await {
+            Ok(true) => tracing::info!("the store takes writes again"),
+            Ok(false) => tracing::debug!("the disk is still full"),
+            Err(status) => tracing::warn!(%status, "recovering the store failed"),
+        }
     }
 }
