@@ -1,3 +1,4 @@
 //! Whole-system tests, one binary with a module per suite.
 mod canonical;
 mod cluster;
+mod tls;

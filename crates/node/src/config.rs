@@ -8,6 +8,8 @@ use std::time::Duration;
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
+use crate::tls::TlsPaths;
+
 /// Why a configuration cannot be used. Each message names the key.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -135,6 +137,10 @@ pub(crate) struct Config {
     pub(crate) max_property_bytes: usize,
     /// Background repair.
     pub(crate) repair: RepairConfig,
+    /// `[tls]`: mutual TLS on every port and every dial; `None` serves plaintext.
+    pub(crate) tls: Option<TlsPaths>,
+    /// `insecure`: plaintext on a non-loopback address was asked for explicitly.
+    pub(crate) insecure: bool,
 }
 
 /// The single-node default address of the gRPC port; the CLI's default `--server`.
@@ -166,6 +172,23 @@ pub(crate) struct Partial {
     /// `[repair]`
     #[serde(default)]
     pub(crate) repair: PartialRepair,
+    /// `insecure`
+    pub(crate) insecure: Option<bool>,
+    /// `[tls]`
+    #[serde(default)]
+    pub(crate) tls: PartialTls,
+}
+
+/// The `[tls]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTls {
+    /// `tls.cert`
+    pub(crate) cert: Option<PathBuf>,
+    /// `tls.key`
+    pub(crate) key: Option<PathBuf>,
+    /// `tls.ca`
+    pub(crate) ca: Option<PathBuf>,
 }
 
 /// The `[repair]` table from one source.
@@ -229,6 +252,12 @@ impl Partial {
                     .throttle_bytes_per_second
                     .or(l.throttle_bytes_per_second),
             },
+            insecure: self.insecure.or(lower.insecure),
+            tls: PartialTls {
+                cert: self.tls.cert.or(lower.tls.cert),
+                key: self.tls.key.or(lower.tls.key),
+                ca: self.tls.ca.or(lower.tls.ca),
+            },
         }
     }
 
@@ -263,6 +292,8 @@ impl Partial {
             write_acks,
             max_property_bytes,
             repair: self.repair.resolve()?,
+            tls: resolve_tls(self.tls, self.insecure.unwrap_or(false), &[listen, http])?,
+            insecure: self.insecure.unwrap_or(false),
         })
     }
 }
@@ -302,6 +333,44 @@ fn resolve_members(
         ));
     }
     Ok(members)
+}
+
+/// `[tls]`: all three files or none; without them, every address must be loopback unless
+/// `insecure` says plaintext on the network is meant.
+fn resolve_tls(
+    tls: PartialTls,
+    insecure: bool,
+    addrs: &[SocketAddr],
+) -> Result<Option<TlsPaths>, ConfigError> {
+    match (tls.cert, tls.key, tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsPaths { cert, key, ca })),
+        (None, None, None) => {
+            if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback())
+                && !insecure
+            {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "{addr} is not a loopback address: give [tls] cert, key and ca, or set `insecure = true` to serve plaintext"
+                    ),
+                ));
+            }
+            Ok(None)
+        }
+        (cert, key, _) => {
+            let missing = if cert.is_none() {
+                "tls.cert"
+            } else if key.is_none() {
+                "tls.key"
+            } else {
+                "tls.ca"
+            };
+            Err(invalid(
+                missing,
+                "missing: [tls] needs cert, key and ca together",
+            ))
+        }
+    }
 }
 
 /// The groups validated by the store's rule, the one definition of a valid group; without
@@ -407,6 +476,18 @@ impl Config {
             format_duration(r.tombstone_grace),
             r.throttle_bytes_per_second,
         ));
+        match &self.tls {
+            Some(tls) => line(format!(
+                "[tls] cert = {:?}, key = {:?}, ca = {:?}",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string(),
+                tls.ca.display().to_string()
+            )),
+            None => line(format!(
+                "[tls] none (plaintext), insecure = {}",
+                self.insecure
+            )),
+        }
         out
     }
 }
@@ -616,6 +697,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("nodeid"), "{error}");
+    }
+
+    #[test]
+    fn tls_is_all_three_files_and_plaintext_off_loopback_must_be_asked_for() {
+        let network = Partial {
+            listen: Some("0.0.0.0:7001".into()),
+            ..Partial::default()
+        };
+        let error = network.clone().resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("config key `tls`") && error.contains("insecure"),
+            "{error}"
+        );
+        let insecure = Partial {
+            insecure: Some(true),
+            ..network.clone()
+        }
+        .resolve()
+        .unwrap();
+        assert!(insecure.insecure && insecure.tls.is_none());
+        let half = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: None,
+            },
+            ..network.clone()
+        };
+        let error = half.resolve().unwrap_err().to_string();
+        assert!(error.contains("`tls.ca`"), "{error}");
+        let full = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: Some("ca.pem".into()),
+            },
+            ..network
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(full.tls.unwrap().ca, PathBuf::from("ca.pem"));
+        assert!(Partial::default().resolve().unwrap().tls.is_none());
     }
 
     #[test]

@@ -17,12 +17,16 @@ pub(crate) trait HttpState: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
 }
 
-/// Serves `/metrics` and `/health` on `listener` until `shutdown` resolves.
-pub(crate) async fn serve<S: HttpState>(
-    listener: tokio::net::TcpListener,
+/// Serves `/metrics` and `/health` on `listener` (plain TCP, or TLS streams) until `shutdown` resolves.
+pub(crate) async fn serve<S: HttpState, L>(
+    listener: L,
     state: Arc<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/health", get(health::<S>))

@@ -10,6 +10,8 @@
 //! `propd-merkle`. Here they are wired to sockets, clocks and tasks.
 
 mod admin;
+mod auth;
+mod certs;
 pub mod cli;
 mod config;
 mod convert;
@@ -22,3 +24,4 @@ mod placement;
 mod schedule;
 mod server;
 mod sync;
+mod tls;

@@ -74,6 +74,10 @@ pub(crate) struct Metrics {
     pub(crate) tombstones_purged: Counter,
     /// Read repairs written to stale copies.
     pub(crate) read_repairs: Counter,
+    /// Calls refused by the auth layer (no certificate, not a member, too small a role).
+    pub(crate) auth_refusals: std::sync::Arc<Counter>,
+    /// TLS handshakes refused (no client certificate, unknown CA, expired, ...).
+    pub(crate) tls_handshakes_refused: std::sync::Arc<Counter>,
     /// Unix seconds of the last successful round per (group, shard), as origin or participant.
     last_repair: Mutex<BTreeMap<(String, u32), u64>>,
 }
@@ -88,7 +92,17 @@ impl Metrics {
     /// Prometheus text exposition format, with `now` (unix seconds) for the ages.
     pub(crate) fn render(&self, shards: &[(String, u32)], now: u64) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 20] = [
+        let counters: [(&str, &str, &Counter); 22] = [
+            (
+                "propd_auth_refusals_total",
+                "Calls refused: no client certificate, not a member, or too small a role.",
+                &self.auth_refusals,
+            ),
+            (
+                "propd_tls_handshakes_refused_total",
+                "TLS handshakes refused (no or untrusted or expired client certificate).",
+                &self.tls_handshakes_refused,
+            ),
             (
                 "propd_tree_rebuilds_started_total",
                 "Full tree rebuilds started.",

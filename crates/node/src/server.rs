@@ -1,6 +1,8 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
+use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,14 +16,18 @@ use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
 use propd_store::{RedbStore, StoreConfig, VerifyOutcome};
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::admin::{AdminApi, start_round};
+use crate::auth::AuthLayer;
 use crate::config::Config;
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::schedule::{CronWindow, designated_origin};
 use crate::sync::{Gossip, RepairSync};
+use crate::tls::{self, FileWatch, ServerTls, TlsListener};
 
 /// How often the schedulers and the health probe look around.
 const TICK: Duration = Duration::from_secs(1);
@@ -142,13 +148,33 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         driver_config,
     );
 
+    if let Some(paths) = &node.config.tls {
+        node.peers.use_tls(paths)?;
+    } else if node.config.insecure {
+        tracing::warn!(
+            listen = %node.config.listen,
+            http = %node.config.http,
+            "insecure = true: serving plaintext without authentication; anyone who reaches these ports can read, write and repair"
+        );
+    }
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .with_context(|| format!("binding listen address {}", node.config.listen))?;
     let http_listener = crate::http::bind(node.config.http).await?;
     tracing::info!(node = node.me(), listen = %node.config.listen, http = %node.config.http, "serving");
 
-    let grpc = tonic::transport::Server::builder()
+    let auth = AuthLayer::new(
+        node.config.tls.as_ref().map(|_| {
+            node.config
+                .members
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<HashSet<_>>()
+        }),
+        Arc::clone(&node.metrics.auth_refusals),
+    );
+    let router = tonic::transport::Server::builder()
+        .layer(auth)
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -159,16 +185,49 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         .add_service(AdminServiceServer::new(AdminApi::new(
             Arc::clone(&node),
             gossip.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            signalled(shutdown.clone()),
-        );
-    let http = crate::http::serve(
-        http_listener,
-        Arc::new(HttpView(Arc::clone(&node))),
-        signalled(shutdown.clone()),
-    );
+        )));
+    let view = Arc::new(HttpView(Arc::clone(&node)));
+    let (grpc, http): (
+        BoxedServer<tonic::transport::Error>,
+        BoxedServer<std::io::Error>,
+    ) = match &node.config.tls {
+        None => (
+            Box::pin(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                signalled(shutdown.clone()),
+            )),
+            Box::pin(crate::http::serve(
+                http_listener,
+                view,
+                signalled(shutdown.clone()),
+            )),
+        ),
+        Some(paths) => {
+            let refused: Arc<dyn Fn() + Send + Sync> = {
+                let counter = Arc::clone(&node.metrics.tls_handshakes_refused);
+                Arc::new(move || counter.inc())
+            };
+            let grpc_tls = Arc::new(ServerTls::load(paths, tls::ALPN_H2)?);
+            let http_tls = Arc::new(ServerTls::load(paths, tls::ALPN_HTTP1)?);
+            let http_addr = http_listener.local_addr()?;
+            let grpc_incoming = tls::accept(grpc_listener, grpc_tls, Arc::clone(&refused));
+            let http_incoming = tls::accept(http_listener, http_tls, refused);
+            (
+                Box::pin(
+                    router.serve_with_incoming_shutdown(
+                        ReceiverStream::new(grpc_incoming)
+                            .map(|(stream, _)| Ok::<_, std::io::Error>(stream)),
+                        signalled(shutdown.clone()),
+                    ),
+                ),
+                Box::pin(crate::http::serve(
+                    TlsListener::new(http_incoming, http_addr),
+                    view,
+                    signalled(shutdown.clone()),
+                )),
+            )
+        }
+    };
     let servers = vec![
         tokio::spawn(async move {
             if let Err(error) = grpc.await {
@@ -186,8 +245,34 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(reload_peer_tls(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// A server future of either kind (plaintext or TLS).
+type BoxedServer<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Remakes the channels to the other members when the `[tls]` files change, so that a
+/// rotated certificate is the one this node shows when it dials.
+async fn reload_peer_tls(node: Arc<NodeState>) {
+    let Some(paths) = node.config.tls.clone() else {
+        return;
+    };
+    let watch = FileWatch::new(paths);
+    let mut tick = tokio::time::interval(tls::RELOAD_CHECK);
+    loop {
+        tick.tick().await;
+        if !watch.changed() {
+            continue;
+        }
+        match node.peers.use_tls(watch.paths()) {
+            Ok(()) => tracing::info!("TLS files changed; channels to members remade"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; keeping the channels");
+            }
+        }
+    }
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {
