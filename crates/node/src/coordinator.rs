@@ -175,7 +175,7 @@ impl PropertyApi {
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
     /// number of copies.
     fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+        required_acks(self.node.config.write_acks, copies)
     }
 
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
@@ -388,6 +388,12 @@ fn not_a_member(target: &str) -> Status {
 /// A time check's refusal as `InvalidArgument` naming the field.
 pub(crate) fn check_time(checked: Result<(), Refused>) -> Result<(), Status> {
     checked.map_err(|refused| invalid(refused.field, refused.message))
+}
+
+/// How many copies must acknowledge a coordinated write: `write_acks`, capped at the copies
+/// there are.
+fn required_acks(write_acks: u32, copies: u32) -> u32 {
+    write_acks.min(copies)
 }
 
 /// The shard of an entity in a validated group.
@@ -931,6 +937,15 @@ mod tests {
 
     fn nodes(ids: &[&str]) -> Vec<String> {
         ids.iter().map(|id| (*id).to_owned()).collect()
+    }
+
+    #[test]
+    fn write_acks_is_capped_at_the_number_of_copies() {
+        assert_eq!(required_acks(1, 3), 1);
+        assert_eq!(required_acks(2, 3), 2);
+        assert_eq!(required_acks(3, 3), 3);
+        assert_eq!(required_acks(5, 3), 3, "capped");
+        assert_eq!(required_acks(2, 1), 1, "one copy needs one ack");
     }
 
     #[test]
