@@ -4,7 +4,7 @@
 //! Everything is bounded in time: waits poll with deadlines and every child is killed on drop.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -42,7 +42,10 @@ pub fn propd_binary() -> &'static Path {
             build.args(["--profile", profile]);
         }
         let status = build
-            .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
+            .env(
+                "CARGO_TARGET_DIR",
+                profile_dir.parent().expect("target dir"),
+            )
             .status()
             .expect("running cargo build for the propd binary");
         assert!(status.success(), "building propd failed");
@@ -52,27 +55,21 @@ pub fn propd_binary() -> &'static Path {
     })
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-///
-/// Drawn at random from 10000..30000, below Linux's ephemeral range (32768..61000): a port the
-/// kernel hands out for `bind(0)` or an outgoing connection — in this process or in a parallel
-/// test — can then never be the port of a node that a test stopped and will restart. Prefer
-/// [`PortHold`], which keeps the port from other tests until its node is about to bind it.
-pub fn free_port() -> u16 {
-    PortHold::new().port()
-}
-
-/// A port on 127.0.0.1 reserved by a listening socket held open: no other test can draw it (its
+/// A port on 127.0.0.1 reserved by a socket bound to it without listening (a [`DeadAddr`]):
+/// connections to it are refused, as to a stopped node, and no other test can draw it (its
 /// `bind` fails) until [`PortHold::release`] closes the socket, just before the node that owns
 /// the port starts and binds it.
 #[derive(Debug)]
 pub struct PortHold {
     port: u16,
-    listener: Option<TcpListener>,
+    socket: Option<socket2::Socket>,
 }
 
 impl PortHold {
-    /// Reserves a random port of 10000..30000 (see [`free_port`]).
+    /// Reserves a random port of 10000..30000, below Linux's ephemeral range (32768..61000): a
+    /// port the kernel hands out for `bind(0)` or an outgoing connection, in this process or in
+    /// a parallel test, can then never be the port of a node that a test stopped and will
+    /// restart.
     pub fn new() -> PortHold {
         use std::hash::{BuildHasher as _, Hasher as _};
         loop {
@@ -84,10 +81,13 @@ impl PortHold {
                     .map_or(0, |d| d.as_nanos()),
             );
             let port = 10_000 + (hasher.finish() % 20_000) as u16;
-            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            // A port that a listener of another test holds cannot be bound; one that only a
+            // closing connection holds (TIME_WAIT) can be by the node, but not by this socket
+            // without SO_REUSEADDR, so such a port is passed over too.
+            if let Some(socket) = bound_socket(port) {
                 return PortHold {
                     port,
-                    listener: Some(listener),
+                    socket: Some(socket),
                 };
             }
         }
@@ -100,16 +100,27 @@ impl PortHold {
 
     /// Closes the reserving socket so that the port's owner can bind it.
     pub fn release(&mut self) {
-        self.listener = None;
+        self.socket = None;
     }
 
-    /// Takes the port back after its owner stopped (best effort: it fails only if another
-    /// process bound the port in the moment since).
+    /// Takes the port back after its owner stopped. Best effort: it fails while connections
+    /// the owner closed linger in TIME_WAIT on the port (then nothing listens there either).
     pub fn retake(&mut self) {
-        if self.listener.is_none() {
-            self.listener = TcpListener::bind(("127.0.0.1", self.port)).ok();
+        if self.socket.is_none() {
+            self.socket = bound_socket(self.port);
         }
     }
+}
+
+/// A TCP socket bound to 127.0.0.1:`port` (0: any) without listening and without
+/// `SO_REUSEADDR`, or `None` when the port is taken.
+fn bound_socket(port: u16) -> Option<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .ok()?;
+    Some(socket)
 }
 
 impl Default for PortHold {
@@ -131,11 +142,7 @@ pub struct DeadAddr {
 impl DeadAddr {
     /// Binds a fresh port of the kernel's choice without listening.
     pub fn new() -> DeadAddr {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("a TCP socket");
-        socket
-            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .expect("binding a port");
+        let socket = bound_socket(0).expect("binding a port");
         let addr = socket
             .local_addr()
             .expect("the bound address")
@@ -191,7 +198,8 @@ impl Cluster {
     /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
     pub fn start(n: usize, shared: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<[PortHold; 2]> = (0..n).map(|_| [PortHold::new(), PortHold::new()]).collect();
+        let ports: Vec<[PortHold; 2]> =
+            (0..n).map(|_| [PortHold::new(), PortHold::new()]).collect();
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|i| {
                 let [listen, http] = &ports[i - 1];

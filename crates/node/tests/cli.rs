@@ -118,7 +118,11 @@ fn a_bad_config_names_the_key_and_fails() {
             "repair.period",
             "tombstone_grace",
         ),
-        ("[repair]\nsync_timeout = \"x\"\n", "repair.sync_timeout", "x"),
+        (
+            "[repair]\nsync_timeout = \"x\"\n",
+            "repair.sync_timeout",
+            "x",
+        ),
         (
             "[repair]\nround_timeout = \"1 hour\"\n",
             "repair.round_timeout",
@@ -151,7 +155,11 @@ fn a_bad_config_names_the_key_and_fails() {
             "groups.shard_num",
             "",
         ),
-        ("[[groups]]\nname = \"a/b\"\nshard_num = 1\n", "groups.name", ""),
+        (
+            "[[groups]]\nname = \"a/b\"\nshard_num = 1\n",
+            "groups.name",
+            "",
+        ),
         ("nodeid = \"x\"\n", "nodeid", ""),
     ] {
         let members = if text.contains("[[members]]") {

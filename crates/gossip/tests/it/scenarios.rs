@@ -566,9 +566,16 @@ fn a_holder_whose_every_successor_is_unreachable_ends_with_no_peers() {
     let result = next_result(&mut engine);
     assert_eq!(result.outcome, Outcome::NoPeers);
     assert_eq!(spans(&result), [skip("a", "b"), skip("a", "c")]);
-    assert_eq!(result.context.count, 2, "both skips count; the third is not tried");
+    assert_eq!(
+        result.context.count, 2,
+        "both skips count; the third is not tried"
+    );
     assert!(
-        result.error.as_deref().unwrap_or("").contains("no reachable successor"),
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no reachable successor"),
         "{result:?}"
     );
 }
@@ -603,7 +610,10 @@ fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
     }
     let result = next_result(&mut engine);
     assert_eq!(result.outcome, Outcome::NoPeers);
-    assert_eq!(result.context.count, 0, "the origin's skips are not counted");
+    assert_eq!(
+        result.context.count, 0,
+        "the origin's skips are not counted"
+    );
     assert_eq!(spans(&result), [skip("z", "a"), skip("z", "b")]);
 }
 
