@@ -31,6 +31,7 @@ commands:
            ([--seconds S] [TARGET...]; see --help)
   mutants  mutation testing with cargo-mutants (installed when missing):
              cargo xtask mutants [--crate CRATE]... [--file GLOB]... [ARGS for cargo mutants]
+           (default --output target/mutants, --timeout 300)
            e.g. `cargo xtask mutants --crate propd-repair --file crates/repair/src/server.rs`;
            results under target/mutants/mutants.out (see docs/testing.md)
   help     this text
@@ -130,9 +131,10 @@ fn mutants(args: &[String]) -> Result<()> {
         eprintln!("xtask mutants: cargo-mutants is missing; installing it");
         run("cargo", &["install", "--locked", "cargo-mutants"])?;
     }
-    let mut command = cargo(&["mutants", "--in-place", "--output", "target/mutants"]);
+    let mut command = cargo(&["mutants", "--in-place"]);
     let mut rest = args.iter();
     let mut timeout_given = false;
+    let mut output_given = false;
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--crate" => {
@@ -145,9 +147,13 @@ fn mutants(args: &[String]) -> Result<()> {
             }
             other => {
                 timeout_given |= other.starts_with("--timeout");
+                output_given |= other.starts_with("--output");
                 command.arg(other);
             }
         }
+    }
+    if !output_given {
+        command.args(["--output", "target/mutants"]);
     }
     if !timeout_given {
         // A mutant that makes a loop endless must not hold the machine: a mutant's tests may
