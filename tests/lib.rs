@@ -316,30 +316,11 @@ impl Cluster {
     /// Sends SIGTERM to node `i` and waits (at most 30 s) for it to exit; returns whether it
     /// exited successfully.
     pub fn terminate(&mut self, i: usize) -> bool {
-        let Some(mut child) = self.children[i].take() else {
+        if self.children[i].is_none() {
             return false;
-        };
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let clean = loop {
-            if let Some(exit) = child.try_wait().expect("polling a child") {
-                break exit.success();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        for hold in &mut self.ports[i] {
-            hold.retake();
         }
-        clean
+        self.signal_terminate(i);
+        self.wait_exit(i, Duration::from_secs(30)).unwrap_or(false)
     }
 
     /// Sends SIGTERM to node `i` without waiting for it to exit; [`Cluster::wait_exit`] then

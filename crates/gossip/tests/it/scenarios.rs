@@ -580,9 +580,8 @@ fn a_holder_whose_every_successor_is_unreachable_ends_with_no_peers() {
     );
 }
 
-#[test]
-fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
-    // The origin z is not a copy: it hands the round to a, then b.
+/// Engine z starts a round of shard 0 over nodes a and b (z itself is no copy).
+fn origin_outside_the_list() -> (Engine, MessageId) {
     let mut engine = Engine::new("z".into(), Config::default());
     let id = engine
         .start(
@@ -594,6 +593,13 @@ fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
             },
         )
         .expect("valid");
+    (engine, id)
+}
+
+#[test]
+fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
+    // The origin z is not a copy: it hands the round to a, then b.
+    let (mut engine, id) = origin_outside_the_list();
     for peer in ["a", "b"] {
         assert!(
             matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == peer),
@@ -619,17 +625,7 @@ fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
 
 #[test]
 fn an_origin_whose_hand_off_is_rejected_aborts_the_round() {
-    let mut engine = Engine::new("z".into(), Config::default());
-    let id = engine
-        .start(
-            Millis(0),
-            propd_gossip::StartRequest {
-                key: key(0),
-                nodes: vec!["a".into(), "b".into()],
-                preview: false,
-            },
-        )
-        .expect("valid");
+    let (mut engine, id) = origin_outside_the_list();
     assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "a"));
     engine.handle_hand_off(
         Millis(1),
