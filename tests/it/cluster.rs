@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use propd_tests::{Cluster, DeadAddr, cli_at, eventually, http_get, propd_binary};
 use serde_json::Value;
@@ -47,26 +47,35 @@ fn all_equal(values: &[String]) -> bool {
 }
 
 /// The counter `name` on node `i`, summed over its label sets (every metric is labelled by
-/// group); 0 when the counter is declared but has no sample yet. Whole names are compared, so
-/// that `…_total 1` is not mistaken for `…_total 12`.
+/// group); 0 while it has no sample (a labelled family shows nothing until its first). Whole
+/// names are compared, so that `…_total 1` is not mistaken for `…_total 12`; the tests that
+/// expect 0 of a counter also see it counted elsewhere, so a renamed counter fails them.
 fn metric(cluster: &Cluster, i: usize, name: &str) -> u64 {
     let text = http_get(cluster.nodes[i].http, "/metrics")
         .expect("the metrics page answers")
         .1;
-    let samples: Vec<u64> = text
-        .lines()
+    assert!(
+        text.contains("# EOF"),
+        "node {i}'s metrics page is whole:\n{text}"
+    );
+    text.lines()
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let key = series.split_once('{').map_or(series, |(key, _)| key);
-            (key == name).then(|| value.trim().parse().expect("a counter value"))
+            (key == name).then(|| value.trim().parse::<u64>().expect("a counter value"))
         })
-        .collect();
-    let family = name.strip_suffix("_total").unwrap_or(name);
+        .sum()
+}
+
+/// Waits until the clock is `cutoff` past `time`: a round started then lets go of the
+/// tombstones deleted before `time` (its cutoff is its start minus three clock-skew bounds).
+fn past_cutoff(time: SystemTime, cutoff: Duration) {
     assert!(
-        !samples.is_empty() || text.lines().any(|l| l == format!("# TYPE {family} counter")),
-        "{name} is not on node {i}'s metrics page:\n{text}"
+        eventually(Duration::from_secs(10), || time
+            .elapsed()
+            .is_ok_and(|elapsed| elapsed > cutoff)),
+        "the clock moved on"
     );
-    samples.iter().sum()
 }
 
 /// Whether every round node `i` started has ended.
@@ -317,8 +326,15 @@ fn a_write_fails_when_fewer_than_write_acks_copies_acknowledge() {
     let output = cluster.cli(0, &["put", "g/acks/short", "--tag", "a=2"]);
     assert!(!output.status.success(), "two of three acks < write_acks 3");
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // The answer goes out as soon as three acknowledgements are out of reach: when n3's call
+    // failed, whether or not n1 and n2 had acknowledged by then.
+    let acknowledged: u32 = stderr
+        .split_once("only ")
+        .and_then(|(_, rest)| rest.split_once(" of 3 copies acknowledged"))
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("the refusal counts the acknowledgements: {stderr}"));
     assert!(
-        stderr.contains("only 2 of 3 copies acknowledged") && stderr.contains("3 required"),
+        acknowledged < 3 && stderr.contains("3 required"),
         "{stderr}"
     );
     let output = cluster.cli(0, &["delete", "g/acks/all"]);
@@ -499,16 +515,19 @@ fn background_rounds_repair_every_shard_within_the_period_unless_paused() {
 #[test]
 fn a_purge_needs_a_complete_round_newer_than_the_tombstone() {
     // Verification and purging run every second, tombstones are old after two; background
-    // rounds are off, so only the rounds below count.
+    // rounds are off, so only the rounds below count. A round lets go of the tombstones older
+    // than its start minus three clock-skew bounds: 300 ms here.
     let mut cluster = Cluster::start(
         3,
-        "[[groups]]\nname = \"g\"\nshard_num = 2\nreplicas = 2\n[repair]\nenabled = false\n\
+        "max_clock_skew = \"100ms\"\n\
+         [[groups]]\nname = \"g\"\nshard_num = 2\nreplicas = 2\n[repair]\nenabled = false\n\
          period = \"1s\"\nverify_interval = \"1s\"\ntombstone_grace = \"2s\"\n",
     );
     for k in 0..16 {
         cluster.json(0, &["put", &format!("g/p/{k}")]);
         cluster.json(0, &["delete", &format!("g/p/{k}")]);
     }
+    let deleted = SystemTime::now();
     let tombstones: Vec<u64> = (0..2).map(|s| leaves(&cluster, 0, "g", s)).collect();
     assert!(
         tombstones.iter().all(|&n| n > 0),
@@ -525,8 +544,10 @@ fn a_purge_needs_a_complete_round_newer_than_the_tombstone() {
         "{skipping}"
     );
     cluster.restart(2);
-    // Shard 1: a complete round. Its result is recorded after shard 0's rounds (results are
-    // handled in order), so once it shows, shard 0's are settled.
+    // Shard 1: a complete round, started past the cutoff of the deletes. Its result is recorded
+    // after shard 0's rounds (results are handled in order), so once it shows, shard 0's are
+    // settled.
+    past_cutoff(deleted, Duration::from_millis(300));
     let complete = cluster.json(0, &["repair", "--group", "g", "--shard", "1", "--wait"]);
     assert_eq!(complete["ok"], true, "{complete}");
     assert!(complete["skipped"].as_array().unwrap().is_empty());
@@ -817,12 +838,51 @@ fn fields(value: &Value) -> String {
     out.join(" ")
 }
 
+/// The JSON type of `value`'s field at `path` (dot-separated; `[0]` for an array's first
+/// element): "null", "bool", "number", "string", "array" or "object".
+fn kind(value: &Value, path: &str) -> &'static str {
+    let mut at = value;
+    for step in path.split('.') {
+        at = match step.strip_suffix("[0]") {
+            Some(key) => &at[key][0],
+            None => &at[step],
+        };
+    }
+    match at {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
 #[test]
 fn every_command_prints_the_documented_json_fields() {
-    let mut cluster = Cluster::start(2, &group("g", 1, 1));
+    // Verification and purging every second, a short grace: the status fields of a purge show
+    // with values.
+    let mut cluster = Cluster::start(
+        2,
+        &format!(
+            // `group` ends in the [repair] table.
+            "max_clock_skew = \"100ms\"\n{}period = \"1s\"\nverify_interval = \"1s\"\n\
+             tombstone_grace = \"2s\"\n",
+            group("g", 1, 1)
+        ),
+    );
     const PROPERTY: &str = "delete_time group id mod_revision name tags";
+    const WRITE: &str = "acknowledged copies mod_revision superseded";
     let put = cluster.json(0, &["put", "g/j/1", "--tag", "a=b"]);
-    assert_eq!(fields(&put), "acknowledged copies mod_revision");
+    assert_eq!(fields(&put), WRITE);
+    assert_eq!(kind(&put, "superseded"), "null", "{put}");
+    // A write older than the stored version: superseded, with the revision that won, on stdout
+    // (and a failure exit).
+    let lost = cluster.cli(0, &["put", "g/j/1", "--revision", "1", "--output", "json"]);
+    assert!(!lost.status.success(), "a superseded write exits non-zero");
+    let lost: Value = serde_json::from_slice(&lost.stdout).expect("JSON on stdout");
+    assert_eq!(fields(&lost), WRITE);
+    assert_eq!(lost["superseded"], put["mod_revision"], "{lost}");
     let get = cluster.json(0, &["get", "g/j/1"]);
     assert_eq!(fields(&get), PROPERTY);
     let query = cluster.json(0, &["query", "--group", "g"]);
@@ -841,17 +901,43 @@ fn every_command_prints_the_documented_json_fields() {
          shape.fanout shape.format_version shape.slot_count shard slots slots[].digest \
          slots[].leaves slots[].slot"
     );
+    const STATUS: &str = "members members[].addr members[].id members[].up node repair_paused \
+         shards shards[].group shards[].last_repair_age_s shards[].pending \
+         shards[].purge_blocked shards[].purge_cutoff_ns shards[].purged_below_ns shards[].shard";
     let status = cluster.json(0, &["status"]);
-    assert_eq!(
-        fields(&status),
-        "members members[].addr members[].id members[].up node repair_paused shards \
-         shards[].group shards[].last_repair_age_s shards[].pending shards[].shard"
-    );
+    assert_eq!(fields(&status), STATUS);
+    // No complete round yet: purging is blocked, with the reason.
+    for (field, expected) in [
+        ("last_repair_age_s", "null"),
+        ("purge_cutoff_ns", "null"),
+        ("purged_below_ns", "null"),
+        ("purge_blocked", "string"),
+    ] {
+        assert_eq!(
+            kind(&status, &format!("shards[0].{field}")),
+            expected,
+            "{status}"
+        );
+    }
     const ROUND: &str = "error message_id ok skipped syncs syncs[].applied \
-         syncs[].bytes_received syncs[].bytes_sent syncs[].compared syncs[].error syncs[].from syncs[].ok \
+         syncs[].bytes_received syncs[].bytes_sent syncs[].compared syncs[].error \
+         syncs[].failed syncs[].from syncs[].ok syncs[].peer_applied syncs[].peer_failed \
          syncs[].received syncs[].sent syncs[].to";
     let repair = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
     assert_eq!(fields(&repair), ROUND);
+    for field in [
+        "applied",
+        "peer_applied",
+        "failed",
+        "peer_failed",
+        "compared",
+    ] {
+        assert_eq!(
+            kind(&repair, &format!("syncs[0].{field}")),
+            "number",
+            "{repair}"
+        );
+    }
     let preview = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--preview"]);
     assert_eq!(fields(&preview), ROUND);
     let started = cluster.json(0, &["repair", "--group", "g", "--shard", "0"]);
@@ -861,8 +947,26 @@ fn every_command_prints_the_documented_json_fields() {
     let delete = cluster.json(0, &["delete", "g/j/1"]);
     assert_eq!(
         fields(&delete),
-        "acknowledged copies delete_time found mod_revision"
+        "acknowledged copies delete_time found mod_revision superseded"
     );
+    // A complete round past the delete's cutoff, then the purge past the grace: every status
+    // field of the shard has a value.
+    past_cutoff(SystemTime::now(), Duration::from_millis(300));
+    let round = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    let purged = eventually(Duration::from_secs(30), || {
+        kind(&cluster.json(0, &["status"]), "shards[0].purged_below_ns") == "number"
+    });
+    let status = cluster.json(0, &["status"]);
+    assert!(purged, "the tombstone was never purged: {status}");
+    assert_eq!(fields(&status), STATUS);
+    for field in ["last_repair_age_s", "purge_cutoff_ns", "purged_below_ns"] {
+        assert_eq!(
+            kind(&status, &format!("shards[0].{field}")),
+            "number",
+            "{status}"
+        );
+    }
     // A skip, with the node it skipped.
     cluster.kill(1);
     let skipping = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);

@@ -1152,9 +1152,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_can_no_longer_reach_write_acks_fails_without_waiting_for_a_hung_copy() {
         let dir = tempfile::tempdir().unwrap();
-        // n2 refuses connections (nothing listens on its port); n3 hangs.
-        let (closed, n2) = listener().await;
-        drop(closed);
+        // n2 refuses connections: its port is bound without listening, and held for the test
+        // (a closed port could be bound by another test meanwhile). n3 hangs.
+        let refusing = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+        refusing
+            .bind("127.0.0.1:0".parse().unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let n2 = refusing.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let (n3_listener, n3) = listener().await;
         let release = hung_peer(n3_listener);
         let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();

@@ -124,9 +124,9 @@ fn a_bad_config_names_the_key_and_fails() {
             "x",
         ),
         (
-            "[repair]\nround_timeout = \"1 hour\"\n",
+            "[repair]\nround_timeout = \"31d\"\n",
             "repair.round_timeout",
-            "1 hour",
+            "31d",
         ),
         (
             "[repair]\nverify_interval = \"often\"\n",
@@ -140,8 +140,16 @@ fn a_bad_config_names_the_key_and_fails() {
         ),
         ("[repair]\ncron = \"* * *\"\n", "repair.cron", "5"),
         ("[repair]\ncron = \"61 * * * *\"\n", "repair.cron", "minute"),
-        ("write_acks = 0\n", "write_acks", ">= 1"),
-        ("max_property_bytes = 0\n", "max_property_bytes", ">= 1"),
+        (
+            "write_acks = 0\n",
+            "write_acks",
+            "0 is outside the accepted 1..=",
+        ),
+        (
+            "max_property_bytes = 0\n",
+            "max_property_bytes",
+            "0 is outside the accepted",
+        ),
         ("http = \"nowhere\"\n", "http", "nowhere"),
         ("node_id = \"\"\n", "node_id", "empty"),
         ("node_id = \"n9\"\n", "node_id", "n9"),
@@ -191,56 +199,39 @@ fn a_bad_config_names_the_key_and_fails() {
 fn members_and_groups_from_the_environment_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let env = |members: &'static str, groups: &'static str| {
-        [
-            ("PROPD_DATA_DIR", data),
-            ("PROPD_NODE_ID", "n1"),
-            ("PROPD_MEMBERS", members),
-            ("PROPD_GROUPS", groups),
-        ]
+    // n1 listens where the members reach it, on held ports: a wrongly accepted config fails to
+    // bind instead of serving.
+    let (_held, listen) = held_port();
+    let (_held_http, http) = held_port();
+    let (listen, http) = (listen.to_string(), http.to_string());
+    let check = |members: &str, groups: &str, key: &str, detail: &str| {
+        let members = members.replace("N1", &listen);
+        refused(
+            &["serve"],
+            &[
+                ("PROPD_DATA_DIR", data),
+                ("PROPD_NODE_ID", "n1"),
+                ("PROPD_LISTEN", &listen),
+                ("PROPD_HTTP", &http),
+                ("PROPD_MEMBERS", &members),
+                ("PROPD_GROUPS", groups),
+            ],
+            key,
+            detail,
+        );
     };
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1,n2", "g:1:0"),
-        "ID=ADDR",
-        "n2",
-    );
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1,n2=nowhere", "g:1:0"),
-        "n2=nowhere",
-        "",
-    );
-    refused(
-        &["serve"],
-        &env("n2=127.0.0.1:1,n3=127.0.0.1:2", "g:1:0"),
+    check("n1=N1,n2", "g:1:0", "ID=ADDR", "n2");
+    check("n1=N1,n2=nowhere", "g:1:0", "n2=nowhere", "");
+    check(
+        "n2=127.0.0.1:1,n3=127.0.0.1:2",
+        "g:1:0",
         "node_id",
         "n2, n3",
     );
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1,n1=127.0.0.1:2", "g:1:0"),
-        "members",
-        "twice",
-    );
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1", "g:1"),
-        "NAME:SHARD_NUM:REPLICAS",
-        "",
-    );
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1", "g:1:0,h:0:0"),
-        "groups.shard_num",
-        "",
-    );
-    refused(
-        &["serve"],
-        &env("n1=127.0.0.1:1", "g:1:0,g:2:0"),
-        "groups.name",
-        "",
-    );
+    check("n1=N1,n1=127.0.0.1:2", "g:1:0", "members", "twice");
+    check("n1=N1", "g:1", "NAME:SHARD_NUM:REPLICAS", "");
+    check("n1=N1", "g:1:0,h:0:0", "groups.shard_num", "");
+    check("n1=N1", "g:1:0,g:2:0", "groups.name", "");
 }
 
 #[test]
