@@ -220,20 +220,22 @@ fn a_node_certificate_rotated_mid_run_keeps_the_cluster_serving() {
     let put = cluster.cli(0, &["put", "g/p/before"]);
     assert!(put.status.success(), "{}", stderr(&put));
 
-    // New key and certificate for n2, written in place while it runs.
+    // New key and certificate for n2, written in place while it runs. Its dials use them once
+    // it has remade its channels; its port serves them from the next connection on.
     certs.issue(&["--member", &format!("n2={}", cluster.nodes[1].listen)]);
     assert!(
         eventually(Duration::from_secs(10), || cluster
             .log(1)
-            .contains("TLS certificate reloaded")),
-        "n2 did not reload its certificate:\n{}",
+            .contains("channels to members remade")),
+        "n2 did not remake its channels:\n{}",
         cluster.log(1)
     );
+    let status = cluster.cli(1, &["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
     assert!(
-        eventually(Duration::from_secs(10), || cluster
-            .log(1)
-            .contains("channels to members remade")),
-        "n2 did not remake its channels"
+        cluster.log(1).contains("TLS certificate reloaded"),
+        "n2 did not reload its certificate:\n{}",
+        cluster.log(1)
     );
     // New connections to n2, from a client and from the other nodes, and n2's own dials work.
     for (i, entity) in [(1, "g/p/after-1"), (0, "g/p/after-0"), (2, "g/p/after-2")] {
