@@ -304,6 +304,15 @@ impl Cluster {
         })
     }
 
+    /// Node `i`'s own copy of `entity` (`get --local`), `None` when it has none.
+    pub fn local_copy(&self, i: usize, entity: &str) -> Option<Value> {
+        let output = self.cli(i, &["get", entity, "--local", "--output", "json"]);
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
+    }
+
     /// Runs `propd ARGS --server <node i> --output json`, asserts success, parses stdout.
     pub fn json(&self, i: usize, args: &[&str]) -> Value {
         let mut all = args.to_vec();

@@ -30,14 +30,6 @@ fn roots(cluster: &Cluster, nodes: &[usize], group: &str, shard: u32) -> Vec<Str
         .collect()
 }
 
-fn local_copy(cluster: &Cluster, i: usize, entity: &str) -> Option<Value> {
-    let output = cluster.cli(i, &["get", entity, "--local", "--output", "json"]);
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
-}
-
 fn all_equal(values: &[String]) -> bool {
     values.windows(2).all(|w| w[0] == w[1])
 }
@@ -59,12 +51,12 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
     cluster.json(1, &["delete", "g/item/0"]);
     cluster.restart(2);
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/20"),
+        cluster.local_copy(2, "g/item/20"),
         None,
         "n3 missed the write while it was down"
     );
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/0").unwrap()["delete_time"],
+        cluster.local_copy(2, "g/item/0").unwrap()["delete_time"],
         0,
         "and the delete"
     );
@@ -84,7 +76,7 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
     for k in 1..25 {
         let entity = format!("g/item/{k}");
         let copies: Vec<Value> = (0..3)
-            .map(|i| local_copy(&cluster, i, &entity).expect("every copy holds it"))
+            .map(|i| cluster.local_copy(i, &entity).expect("every copy holds it"))
             .collect();
         assert!(
             copies.windows(2).all(|w| w[0] == w[1]),
@@ -94,7 +86,7 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
         assert_eq!(copies[0]["tags"]["round"], expected);
     }
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/0"),
+        cluster.local_copy(2, "g/item/0"),
         None,
         "the delete reached n3"
     );
@@ -129,7 +121,7 @@ fn five_versions_on_five_nodes_converge_to_the_newest_in_one_propagation() {
         .sum();
     assert!(found > 0, "the preview saw the differing copies: {preview}");
     assert_eq!(
-        local_copy(&cluster, 0, "g/doc/one").unwrap()["mod_revision"],
+        cluster.local_copy(0, "g/doc/one").unwrap()["mod_revision"],
         1,
         "a preview changes nothing"
     );
@@ -141,7 +133,7 @@ fn five_versions_on_five_nodes_converge_to_the_newest_in_one_propagation() {
         "at most 2n - 3 syncs: {result}"
     );
     for i in 0..5 {
-        let copy = local_copy(&cluster, i, "g/doc/one").unwrap();
+        let copy = cluster.local_copy(i, "g/doc/one").unwrap();
         assert_eq!(copy["mod_revision"], 5, "node {i}: {copy}");
         assert_eq!(copy["tags"]["v"], "5");
     }
@@ -168,13 +160,13 @@ fn a_node_down_during_a_propagation_is_skipped_and_the_rest_converge() {
     );
     for i in [0, 2, 3] {
         assert_eq!(
-            local_copy(&cluster, i, "g/doc/x").unwrap()["mod_revision"],
+            cluster.local_copy(i, "g/doc/x").unwrap()["mod_revision"],
             13,
             "node {i}"
         );
         for j in [0, 2, 3] {
             assert!(
-                local_copy(&cluster, i, &format!("g/only/{j}")).is_some(),
+                cluster.local_copy(i, &format!("g/only/{j}")).is_some(),
                 "node {i} has g/only/{j}"
             );
         }
@@ -203,7 +195,9 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
     assert_eq!(put["acknowledged"], 2);
     cluster.restart(2);
     let repaired = eventually(Duration::from_secs(30), || {
-        local_copy(&cluster, 2, "g/late/one").is_some_and(|copy| copy["tags"]["k"] == "v")
+        cluster
+            .local_copy(2, "g/late/one")
+            .is_some_and(|copy| copy["tags"]["k"] == "v")
     });
     assert!(
         repaired,
@@ -334,14 +328,14 @@ fn background_rounds_repair_every_shard_within_the_period_unless_paused() {
     }
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        (0..6).all(|k| local_copy(&cluster, 1, &format!("g/bg/{k}")).is_none()),
+        (0..6).all(|k| cluster.local_copy(1, &format!("g/bg/{k}")).is_none()),
         "paused nodes start no background round"
     );
     for i in 0..3 {
         assert_eq!(cluster.json(i, &["repair", "resume"])["paused"], false);
     }
     let converged = eventually(Duration::from_secs(30), || {
-        (0..6).all(|k| (1..3).all(|i| local_copy(&cluster, i, &format!("g/bg/{k}")).is_some()))
+        (0..6).all(|k| (1..3).all(|i| cluster.local_copy(i, &format!("g/bg/{k}")).is_some()))
     });
     assert!(
         converged,
@@ -382,7 +376,11 @@ fn a_coordinated_get_returns_the_newest_copy_and_repairs_the_stale_ones() {
     assert_eq!(read["tags"]["v"], "new", "{read}");
     assert_eq!(read["mod_revision"], 11);
     let repaired = eventually(Duration::from_secs(10), || {
-        (0..3).all(|i| local_copy(&cluster, i, "g/rr/x").is_some_and(|c| c["mod_revision"] == 11))
+        (0..3).all(|i| {
+            cluster
+                .local_copy(i, "g/rr/x")
+                .is_some_and(|c| c["mod_revision"] == 11)
+        })
     });
     assert!(repaired, "read repair rewrote the stale copies");
     let listed = cluster.json(0, &["query", "--group", "g"]);

@@ -30,14 +30,6 @@ fn metric(cluster: &Cluster, i: usize, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
 }
 
-fn local_copy(cluster: &Cluster, i: usize, entity: &str) -> Option<Value> {
-    let output = cluster.cli(i, &["get", entity, "--local", "--output", "json"]);
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
-}
-
 #[test]
 fn a_mutual_tls_cluster_serves_puts_gets_and_a_repair_round() {
     let cluster = Cluster::start_tls(3, &group("g", 1, 2));
@@ -54,7 +46,7 @@ fn a_mutual_tls_cluster_serves_puts_gets_and_a_repair_round() {
     assert!(round.status.success(), "{}", stderr(&round));
     assert!(
         eventually(Duration::from_secs(20), || (0..3)
-            .all(|i| local_copy(&cluster, i, "g/p/2").is_some())),
+            .all(|i| cluster.local_copy(i, "g/p/2").is_some())),
         "the round did not reach every copy"
     );
 
@@ -247,7 +239,7 @@ fn a_node_certificate_rotated_mid_run_keeps_the_cluster_serving() {
     assert!(https_get(cluster.nodes[1].http, "/health", &certs, "reader").is_some());
     for i in 0..3 {
         assert!(
-            local_copy(&cluster, i, "g/p/after-1").is_some(),
+            cluster.local_copy(i, "g/p/after-1").is_some(),
             "n{} misses it",
             i + 1
         );
