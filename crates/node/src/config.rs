@@ -1161,9 +1161,11 @@ mod tests {
             assert!(error.contains("10.0.0.1:7001"), "{listen}: {error}");
         }
         for listen in ["10.0.0.1:7001", "0.0.0.0:7001", "[::]:7001"] {
-            file(&format!("listen = \"{listen}\"\ninsecure = true\n{members}"))
-                .resolve()
-                .unwrap_or_else(|error| panic!("{listen}: {error}"));
+            file(&format!(
+                "listen = \"{listen}\"\ninsecure = true\n{members}"
+            ))
+            .resolve()
+            .unwrap_or_else(|error| panic!("{listen}: {error}"));
         }
     }
 
