@@ -268,32 +268,26 @@ fn a_zeroed_page_is_an_error_naming_the_damage_never_a_panic_or_a_wrong_value() 
             }
             Err(other) => panic!("page {page}: open failed with {other}"),
         };
-        let mut damaged = false;
-        match store.query(&Query::group("h")) {
-            Ok(found) => assert!(
+        // A read returns written values, or an error that names the damage and the file.
+        let named_damage = |what: &str, result: Result<(), StoreError>| match result {
+            Ok(()) => false,
+            Err(error @ StoreError::Damaged { .. }) => {
+                assert!(
+                    error.to_string().contains("propd.redb"),
+                    "names the file: {error}"
+                );
+                true
+            }
+            Err(other) => panic!("page {page}: {what} failed with {other}"),
+        };
+        let queried = store.query(&Query::group("h")).map(|found| {
+            assert!(
                 found.iter().all(|p| written.contains(p)),
                 "page {page}: a wrong value was served"
-            ),
-            Err(error @ StoreError::Damaged { .. }) => {
-                assert!(
-                    error.to_string().contains("propd.redb"),
-                    "names the file: {error}"
-                );
-                damaged = true;
-            }
-            Err(other) => panic!("page {page}: query failed with {other}"),
-        }
-        match store.scrub("h", 0) {
-            Ok(_) => {}
-            Err(error @ StoreError::Damaged { .. }) => {
-                assert!(
-                    error.to_string().contains("propd.redb"),
-                    "names the file: {error}"
-                );
-                damaged = true;
-            }
-            Err(other) => panic!("page {page}: scrub failed with {other}"),
-        }
+            );
+        });
+        let damaged =
+            named_damage("query", queried) | named_damage("scrub", store.scrub("h", 0).map(drop));
         if damaged {
             named += 1;
             assert!(
