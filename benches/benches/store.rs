@@ -361,7 +361,6 @@ fn concurrent_writes(c: &mut Criterion) {
     }
 }
 
-
 /// Properties in each store of the read benches.
 const READ_N: u64 = 100_000;
 /// Point reads per timed call.

@@ -604,7 +604,7 @@ mod tests {
             .observe(0.1);
         metrics.set_last_repair_age("g", 0, Some(1));
         let names = exposed_names(&metrics);
-        assert_eq!(names.len(), 26, "{names:?}");
+        assert_eq!(names.len(), 30, "{names:?}");
         for name in &names {
             assert!(
                 docs.contains(&format!("| `{name}` |")),
