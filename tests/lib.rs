@@ -36,7 +36,17 @@ pub fn propd_binary() -> &'static Path {
             .expect("a profile directory name");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"]);
+        // The features of `cargo xtask ci` (the whole workspace, every feature): the build that
+        // compiled this suite already made that binary, so this is a no-op there, where another
+        // feature set would rebuild propd-node and replace the binary in every run.
+        build.args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--all-features",
+            "--bin",
+            "propd",
+        ]);
         // `debug` is the `dev` profile's directory; any other is named as its profile.
         if profile != "debug" {
             build.args(["--profile", profile]);

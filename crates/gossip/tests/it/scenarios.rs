@@ -488,6 +488,17 @@ fn a_hand_off_delivered_twice_runs_once() {
     assert!(engine.poll_command().is_none());
 }
 
+/// The next command other than progress (`ReportProgress`, `Step`), which a holder emits after
+/// each sync besides the command that moves the round on.
+fn next_action(engine: &mut Engine) -> Option<Command> {
+    loop {
+        match engine.poll_command()? {
+            Command::ReportProgress { .. } | Command::Step(_) => {}
+            command => return Some(command),
+        }
+    }
+}
+
 /// The result an engine reports next (to another origin or to itself), skipping other commands.
 fn next_result(engine: &mut Engine) -> propd_gossip::PropagationResult {
     while let Some(command) = engine.poll_command() {
@@ -508,9 +519,9 @@ fn mid_chain_hand_off(outcome: HandOffOutcome) -> propd_gossip::PropagationResul
         engine.handle_propagate(Millis(0), context("c-0-1", "c", Millis(0))),
         Ok(Admission::Accepted)
     );
-    assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
+    assert!(matches!(next_action(&mut engine), Some(Command::Sync(s)) if s.peer == "b"));
     engine.handle_sync_done(Millis(1), &id, "b", Ok(Default::default()));
-    assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "b"));
+    assert!(matches!(next_action(&mut engine), Some(Command::HandOff { to, .. }) if to == "b"));
     engine.handle_hand_off(Millis(2), &id, "b", outcome);
     let result = next_result(&mut engine);
     assert!(engine.running(&key(0)).is_none(), "the shard is free again");
@@ -551,7 +562,7 @@ fn a_holder_whose_every_successor_is_unreachable_ends_with_no_peers() {
     );
     for (t, peer) in [(1, "b"), (2, "c")] {
         assert!(
-            matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == peer),
+            matches!(next_action(&mut engine), Some(Command::Sync(s)) if s.peer == peer),
             "a tries {peer}"
         );
         engine.handle_sync_done(
@@ -602,7 +613,7 @@ fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
     let (mut engine, id) = origin_outside_the_list();
     for peer in ["a", "b"] {
         assert!(
-            matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == peer),
+            matches!(next_action(&mut engine), Some(Command::HandOff { to, .. }) if to == peer),
             "z hands off to {peer}"
         );
         engine.handle_hand_off(
@@ -626,7 +637,7 @@ fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
 #[test]
 fn an_origin_whose_hand_off_is_rejected_aborts_the_round() {
     let (mut engine, id) = origin_outside_the_list();
-    assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "a"));
+    assert!(matches!(next_action(&mut engine), Some(Command::HandOff { to, .. }) if to == "a"));
     engine.handle_hand_off(
         Millis(1),
         &id,
