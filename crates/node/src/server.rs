@@ -185,9 +185,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let nodelay = std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off");
     let incoming =
         tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(nodelay));
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
+    let grpc = crate::services::grpc_server()
         .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
