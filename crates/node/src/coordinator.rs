@@ -26,6 +26,9 @@ use crate::tombstones::{
 /// waits for it: writes answer at `write_acks`, reads by the read rule ([`read_done`]); the
 /// calls still running then finish in the background.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set to `on` to make coordinated gets wait for every copy, as propd did before the read rule:
+/// only for measuring what the rule saves (docs/benchmarks.md, "latency").
+const READ_EVERY_COPY_VAR: &str = "PROPD_BENCH_READ_EVERY_COPY";
 /// The query limit when the client gives none.
 pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
@@ -239,7 +242,11 @@ impl PropertyApi {
     ) -> (Vec<(String, Option<Property>)>, Refusals) {
         let targets = self.up_copies(self.node.node_ids(group, shard));
         let copies = targets.len();
-        let required = self.required_acks(copies as u32) as usize;
+        let required = if read_every_copy() {
+            copies
+        } else {
+            self.required_acks(copies as u32) as usize
+        };
         // One detached task per copy (a `JoinSet` would abort the calls still running when the
         // answer goes out); each sends its answer, and the channel holds all of them.
         let (answer, mut answers) = tokio::sync::mpsc::channel(copies.max(1));
@@ -601,6 +608,12 @@ fn reconcile(answers: Vec<(String, Option<Property>)>, shape: &Shape) -> Option<
         .map(|(node, _)| node)
         .collect();
     Some(EntityRead { newest, stale })
+}
+
+/// Whether [`READ_EVERY_COPY_VAR`] is `on` (read once).
+fn read_every_copy() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(READ_EVERY_COPY_VAR).is_ok_and(|value| value == "on"))
 }
 
 /// The read rule: a coordinated read answers once `required` copies (`write_acks`, capped at
