@@ -118,6 +118,13 @@ fn a_flipped_byte_in_a_stopped_nodes_file_is_never_served_nor_spread() {
     );
     let status = cluster.json(2, &["status"]);
     assert_eq!(status["quarantined"], 1, "{status}");
+    let (_, page) = http_get(cluster.nodes[2].http, "/status.json").expect("/status.json");
+    let page: Value = serde_json::from_str(&page).expect("JSON");
+    assert_eq!(
+        (&page["quarantined"], &page["store_health"]),
+        (&Value::from(1), &Value::from("ok")),
+        "the status page's data agree"
+    );
     for k in (0..20).filter(|k| *k != 7) {
         assert_eq!(
             tag_of(&local_copy(&cluster, 2, &format!("g/item/{k}"))),
@@ -405,7 +412,8 @@ async fn counts_up(
 
 #[test]
 fn a_stopped_peer_slows_no_get_put_or_query_before_it_is_seen_down() {
-    let cluster = Cluster::start(3, &format!("write_acks = 1\n{}", config(3, 0)));
+    // write_acks = 2: writes and reads (their quorum is 3 - 2 + 1) need two of the three copies.
+    let cluster = Cluster::start(3, &format!("write_acks = 2\n{}", config(3, 0)));
     put_items(&cluster, 5);
     let url = format!("http://{}", cluster.nodes[0].listen);
     let (answered, down) = block_on(async {
@@ -436,7 +444,7 @@ fn a_stopped_peer_slows_no_get_put_or_query_before_it_is_seen_down() {
                 .await
                 .expect("put")
                 .into_inner();
-            assert!(put.acknowledged >= 1);
+            assert!(put.acknowledged >= 2);
             let got = property
                 .get(v1::GetRequest {
                     group: "g".into(),

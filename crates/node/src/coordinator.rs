@@ -1,9 +1,10 @@
 //! The property API (DESIGN §8): the node that receives a request coordinates it. Writes go to
 //! every copy of the shard and succeed when `write_acks` copies acknowledge; reads ask every
-//! copy and answer by the read rule ([`read_done`]: as soon as `write_acks` copies answered and
-//! one holds a version) with the newest by the version order of those answers, rewriting stale
-//! copies (read repair, also of the copies that answer later). No answer waits for a slow or
-//! hung copy beyond what the rule needs. A write that misses a copy is remembered, and the shard
+//! copy and answer by the read rule ([`read_done`]: as soon as `copies - write_acks + 1` copies
+//! answered and one holds a version, so that every acknowledged write is seen) with the newest by
+//! the version order of those answers, rewriting stale copies (read repair, also of the copies
+//! that answer later). No answer waits for a copy the rule does not need, nor for one found hung
+//! meanwhile. A write that misses a copy is remembered, and the shard
 //! is repaired when that node answers again. `local` requests touch only this node's own copy.
 
 use std::collections::BTreeMap;
@@ -204,6 +205,14 @@ impl PropertyApi {
         self.node.config.write_acks.min(copies)
     }
 
+    /// How many copies a read of a shard with `copies` copies waits for: `copies - write_acks +
+    /// 1`, so that the copies it hears from and the `write_acks` copies that acknowledged any
+    /// write share at least one copy, and the read sees every acknowledged write. With
+    /// `write_acks` = the number of copies, the first answer; with the default 1, every copy.
+    fn read_quorum(&self, copies: usize) -> usize {
+        read_quorum(copies, self.node.config.write_acks)
+    }
+
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
     /// (capped at the number of copies); `what` names what was acknowledged. When no copy
     /// acknowledged and every copy refused for one reason, that reason is the answer.
@@ -231,7 +240,8 @@ impl PropertyApi {
     }
 
     /// Reads `entity` from the copies of (group, shard) and returns by the read rule
-    /// ([`read_done`]): the copies that answered by then, with what each holds, and what the
+    /// ([`read_done`], with the read quorum; a copy found hung while waiting is not waited for):
+    /// the copies that answered by then, with what each holds, and what the
     /// others said. The calls still running go on in the background; once they end, the copies
     /// they show stale are rewritten too ([`late_repair`]).
     async fn read_copies(
@@ -245,12 +255,12 @@ impl PropertyApi {
         let required = if read_every_copy() {
             copies
         } else {
-            self.required_acks(copies as u32) as usize
+            self.read_quorum(copies)
         };
         // One detached task per copy (a `JoinSet` would abort the calls still running when the
         // answer goes out); each sends its answer, and the channel holds all of them.
         let (answer, mut answers) = tokio::sync::mpsc::channel(copies.max(1));
-        for target in targets {
+        for target in targets.iter().cloned() {
             let node = Arc::clone(&self.node);
             let entity = entity.clone();
             let answer = answer.clone();
@@ -261,14 +271,28 @@ impl PropertyApi {
         }
         drop(answer);
         let (mut finished, mut found, mut refusals) = (0, Vec::new(), Refusals::default());
-        while let Some((target, copy)) = answers.recv().await {
-            finished += 1;
-            match copy {
-                Ok(copy) => found.push((target, copy)),
-                Err(status) => refusals.add(status),
+        let mut waiting: Vec<String> = targets.clone();
+        loop {
+            let hung_found = self.node.peers.hung_found();
+            tokio::select! {
+                received = answers.recv() => {
+                    let Some((target, copy)) = received else { break };
+                    finished += 1;
+                    waiting.retain(|id| *id != target);
+                    match copy {
+                        Ok(copy) => found.push((target, copy)),
+                        Err(status) => refusals.add(status),
+                    }
+                }
+                () = hung_found => {}
             }
+            // A copy found hung meanwhile (its probe timed out) is not waited for any more.
+            let given_up = waiting
+                .iter()
+                .filter(|id| self.node.peers.is_hung(id))
+                .count();
             let holding = found.iter().filter(|(_, copy)| copy.is_some()).count();
-            if read_done(found.len(), holding, finished, copies, required) {
+            if read_done(found.len(), holding, finished + given_up, copies, required) {
                 break;
             }
         }
@@ -293,7 +317,7 @@ impl PropertyApi {
     }
 
     /// Runs `query` on every member holding a shard of `group` and returns as soon as every
-    /// shard has answers from as many of its copies as the read rule asks ([`read_done`], with
+    /// shard has answers from its read quorum ([`read_done`], with
     /// each answer counted as holding: a holder's answer covers every shard it holds), or once
     /// every holder answered: what each holder that answered by then holds, and what the others
     /// said. The calls still running go on in the background (their answers are not used: the
@@ -341,7 +365,7 @@ impl PropertyApi {
                     answered,
                     count(copies, &|id| finished.contains(id)),
                     count(copies, &|id| holders.contains(id)),
-                    self.required_acks(copies.len() as u32) as usize,
+                    self.read_quorum(copies.len()),
                 )
             });
             if every_shard || finished.len() == holders.len() {
@@ -610,15 +634,22 @@ fn reconcile(answers: Vec<(String, Option<Property>)>, shape: &Shape) -> Option<
     Some(EntityRead { newest, stale })
 }
 
+/// `copies - write_acks + 1` (`write_acks` capped at the copies), at least 1.
+fn read_quorum(copies: usize, write_acks: u32) -> usize {
+    (copies + 1)
+        .saturating_sub((write_acks as usize).min(copies))
+        .max(1)
+}
+
 /// Whether [`READ_EVERY_COPY_VAR`] is `on` (read once).
 fn read_every_copy() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var(READ_EVERY_COPY_VAR).is_ok_and(|value| value == "on"))
 }
 
-/// The read rule: a coordinated read answers once `required` copies (`write_acks`, capped at
-/// the copies) answered and one of them holds a version, or once every copy asked has finished
-/// (answered or failed). An answer without the entity does not end a read while other copies
+/// The read rule: a coordinated read answers once `required` copies (the read quorum,
+/// `PropertyApi::read_quorum`) answered and one of them holds a version, or once every copy
+/// asked has finished (answered, failed, or been found hung). An answer without the entity does not end a read while other copies
 /// may still answer: a copy that lost its row (quarantined, or a store started empty) must not
 /// make a get say "not found".
 fn read_done(
@@ -1169,8 +1200,18 @@ mod tests {
     }
 
     #[test]
+    fn a_read_hears_from_enough_copies_to_meet_every_acknowledged_write() {
+        assert_eq!(read_quorum(3, 1), 3);
+        assert_eq!(read_quorum(3, 2), 2);
+        assert_eq!(read_quorum(3, 3), 1);
+        assert_eq!(read_quorum(3, 7), 1, "write_acks is capped at the copies");
+        assert_eq!(read_quorum(1, 1), 1);
+        assert_eq!(read_quorum(0, 1), 1);
+    }
+
+    #[test]
     fn a_read_answers_once_enough_copies_answered_and_one_holds_a_version() {
-        // write_acks = 1: the first copy holding a version.
+        // A quorum of 1 (write_acks = copies): the first copy holding a version.
         assert!(read_done(1, 1, 1, 3, 1));
         assert!(
             !read_done(1, 0, 1, 3, 1),
@@ -1179,7 +1220,7 @@ mod tests {
         assert!(read_done(2, 1, 2, 3, 1));
         assert!(read_done(3, 0, 3, 3, 1), "every copy answered: not found");
         assert!(read_done(1, 0, 3, 3, 1), "the others failed");
-        // write_acks = 2: two copies.
+        // A quorum of 2.
         assert!(!read_done(1, 1, 1, 3, 2));
         assert!(read_done(2, 1, 2, 3, 2));
         assert!(!read_done(0, 0, 0, 3, 1));
@@ -1218,7 +1259,8 @@ mod tests {
         let (n2_listener, n2) = listener().await;
         let (n3_listener, n3) = listener().await;
         let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let second = node_state("n2", [n1, n2, n3], 1, n2_dir.path());
+        // write_acks = 2: a read hears from two of the three copies.
+        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
@@ -1227,7 +1269,7 @@ mod tests {
                 .serve_with_incoming(TcpListenerStream::new(n2_listener)),
         );
         let release = hung_peer(n3_listener);
-        let first = node_state("n1", [n1, n2, n3], 1, n1_dir.path());
+        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
         let stored = version("a", 5, 0);
         first.store.apply(stored.clone()).unwrap();
         second.store.apply(stored.clone()).unwrap();

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 
 /// The status page: static HTML and script that draw `/status.json` and refresh themselves.
 const STATUS_PAGE: &str = include_str!("status_page.html");
@@ -35,6 +36,12 @@ pub(crate) async fn serve<S: HttpState>(
         .route("/metrics", get(metrics::<S>))
         .route("/health", get(health::<S>))
         .with_state(state);
+    // TCP_NODELAY on every accepted socket, as on the gRPC port.
+    let listener = listener.tap_io(|socket| {
+        if let Err(error) = socket.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on an HTTP connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
