@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 
 /// The status page: static HTML and script that draw `/status.json` and refresh themselves.
 const STATUS_PAGE: &str = include_str!("status_page.html");
@@ -24,24 +23,22 @@ pub(crate) trait HttpState: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
 }
 
-/// Serves the HTTP port on `listener` until `shutdown` resolves.
-pub(crate) async fn serve<S: HttpState>(
-    listener: tokio::net::TcpListener,
+/// Serves the HTTP port on `listener` (plain TCP, or TLS streams) until `shutdown` resolves.
+pub(crate) async fn serve<S: HttpState, L>(
+    listener: L,
     state: Arc<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = Router::new()
         .route("/", get(status_page))
         .route("/status.json", get(status_json::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/health", get(health::<S>))
         .with_state(state);
-    // TCP_NODELAY on every accepted socket, as on the gRPC port.
-    let listener = listener.tap_io(|socket| {
-        if let Err(error) = socket.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on an HTTP connection");
-        }
-    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
