@@ -5,8 +5,9 @@
 //!   (Nagle's algorithm held small answers back until the peer's delayed ACK, about 40 ms) and a
 //!   get that waits for every copy;
 //! - `TCP_NODELAY` on, a get still waiting for every copy;
-//! - now: `TCP_NODELAY` on and the read rule (with `write_acks = 1`, the first copy that holds
-//!   the property answers; the others are read in the background).
+//! - now: `TCP_NODELAY` on and the read quorum (`copies - write_acks + 1`; the clusters run with
+//!   `write_acks = 3`, so the first copy that holds the property answers and the others are read
+//!   in the background).
 //!
 //! `PROPD_BENCH_GETS` sequential gets (default 1 000) of one property of about 200 canonical
 //! bytes, through the coordinator on the first node. Prints p50, p90, p99 and the maximum of
@@ -24,7 +25,7 @@ use propd_proto::v1::property_service_client::PropertyServiceClient;
 use propd_tests::Cluster;
 use tonic::transport::Endpoint;
 
-const GROUP: &str = "[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n\n[repair]\nenabled = false\nscrub_bytes_per_second = 0\n";
+const GROUP: &str = "write_acks = 3\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n\n[repair]\nenabled = false\nscrub_bytes_per_second = 0\n";
 
 /// Percentiles of one side, in milliseconds.
 struct Figures {
