@@ -1,11 +1,17 @@
 //! Latency of coordinated gets on a 3-node local cluster of real `propd serve` processes (the
-//! release binary), with the servers' accepted sockets without `TCP_NODELAY` (propd before
-//! issue "Faults a node meets": Nagle's algorithm held small answers back until the peer's
-//! delayed ACK, about 40 ms) and with it (now), in the same run.
+//! release binary), three sides in the same run:
+//!
+//! - before issue "Faults a node meets": the servers' accepted sockets without `TCP_NODELAY`
+//!   (Nagle's algorithm held small answers back until the peer's delayed ACK, about 40 ms) and a
+//!   get that waits for every copy;
+//! - `TCP_NODELAY` on, a get still waiting for every copy;
+//! - now: `TCP_NODELAY` on and the read quorum (`copies - write_acks + 1`; the clusters run with
+//!   `write_acks = 3`, so the first copy that holds the property answers and the others are read
+//!   in the background).
 //!
 //! `PROPD_BENCH_GETS` sequential gets (default 1 000) of one property of about 200 canonical
-//! bytes, through the coordinator on the first node, which reads every copy. Prints p50, p90,
-//! p99 and the maximum of each side, and the ratio of the p99s.
+//! bytes, through the coordinator on the first node. Prints p50, p90, p99 and the maximum of
+//! each side, and the ratios to the first.
 
 #![allow(
     clippy::print_stdout,
@@ -19,7 +25,7 @@ use propd_proto::v1::property_service_client::PropertyServiceClient;
 use propd_tests::Cluster;
 use tonic::transport::Endpoint;
 
-const GROUP: &str = "[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n\n[repair]\nenabled = false\nscrub_bytes_per_second = 0\n";
+const GROUP: &str = "write_acks = 3\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = 2\n\n[repair]\nenabled = false\nscrub_bytes_per_second = 0\n";
 
 /// Percentiles of one side, in milliseconds.
 struct Figures {
@@ -29,11 +35,15 @@ struct Figures {
     max: f64,
 }
 
-fn measure(server_nodelay: &str, gets: usize) -> Figures {
+fn measure(server_nodelay: &str, read_every_copy: &str, gets: usize) -> Figures {
     let mut cluster = Cluster::configure(3, GROUP);
     cluster.env.push((
         "PROPD_BENCH_SERVER_NODELAY".to_owned(),
         server_nodelay.to_owned(),
+    ));
+    cluster.env.push((
+        "PROPD_BENCH_READ_EVERY_COPY".to_owned(),
+        read_every_copy.to_owned(),
     ));
     for i in 0..3 {
         cluster.start_node(i);
@@ -116,20 +126,26 @@ fn main() {
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(1_000);
-    let before = measure("off", gets);
-    let after = measure("on", gets);
-    for (label, f) in [
-        ("server TCP_NODELAY off (before)", &before),
-        ("server TCP_NODELAY on (now)", &after),
-    ] {
+    let sides = [
+        ("server TCP_NODELAY off, every copy (before)", "off", "on"),
+        ("server TCP_NODELAY on, every copy", "on", "on"),
+        ("server TCP_NODELAY on, read rule (now)", "on", "off"),
+    ];
+    let figures: Vec<Figures> = sides
+        .iter()
+        .map(|(_, nodelay, every)| measure(nodelay, every, gets))
+        .collect();
+    for ((label, _, _), f) in sides.iter().zip(&figures) {
         println!(
             "latency/coordinated_get ({gets} gets, {label}): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             f.p50, f.p90, f.p99, f.max
         );
     }
-    println!(
-        "latency/coordinated_get: p99 before / now = {:.1}x, p50 before / now = {:.1}x",
-        before.p99 / after.p99,
-        before.p50 / after.p50
-    );
+    for ((label, _, _), f) in sides.iter().zip(&figures).skip(1) {
+        println!(
+            "latency/coordinated_get: before / ({label}) = p50 {:.1}x, p99 {:.1}x",
+            figures[0].p50 / f.p50,
+            figures[0].p99 / f.p99
+        );
+    }
 }

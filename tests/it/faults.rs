@@ -8,7 +8,9 @@
 //! - after the first ENOSPC every write failed until a restart, and the client was never told
 //!   the disk was full;
 //! - a SIGSTOPped peer held every coordinated request for 5 s and a repair round for minutes of
-//!   hand-off retries.
+//!   hand-off retries; then each get still waited up to 1 s for it until it was seen down;
+//! - a write that failed on another copy for lack of space was reported as a missed copy to be
+//!   repaired, not as a full disk.
 //!
 //! No test asserts a time: bounds are hang guards only.
 
@@ -16,6 +18,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use propd_proto::v1;
+use propd_proto::v1::admin_service_client::AdminServiceClient;
+use propd_proto::v1::property_service_client::PropertyServiceClient;
 use propd_tests::{Cluster, eventually, http_get};
 use serde_json::Value;
 
@@ -113,6 +118,13 @@ fn a_flipped_byte_in_a_stopped_nodes_file_is_never_served_nor_spread() {
     );
     let status = cluster.json(2, &["status"]);
     assert_eq!(status["quarantined"], 1, "{status}");
+    let (_, page) = http_get(cluster.nodes[2].http, "/status.json").expect("/status.json");
+    let page: Value = serde_json::from_str(&page).expect("JSON");
+    assert_eq!(
+        (&page["quarantined"], &page["store_health"]),
+        (&Value::from(1), &Value::from("ok")),
+        "the status page's data agree"
+    );
     for k in (0..20).filter(|k| *k != 7) {
         assert_eq!(
             tag_of(&local_copy(&cluster, 2, &format!("g/item/{k}"))),
@@ -375,4 +387,141 @@ fn a_stopped_peer_holds_no_coordinated_write_read_or_round() {
         }),
         "n3 is seen up again after SIGCONT"
     );
+}
+
+fn block_on<T>(future: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
+}
+
+/// Whether node `i` counts member `id` up, by its `Status` (`None`: no answer).
+async fn counts_up(
+    admin: &mut AdminServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> Option<bool> {
+    let status = admin.status(v1::StatusRequest {}).await.ok()?.into_inner();
+    status
+        .members
+        .iter()
+        .find(|member| member.id == id)
+        .map(|member| member.up)
+}
+
+#[test]
+fn a_stopped_peer_slows_no_get_put_or_query_before_it_is_seen_down() {
+    // write_acks = 2: writes and reads (their quorum is 3 - 2 + 1) need two of the three copies.
+    let cluster = Cluster::start(3, &format!("write_acks = 2\n{}", config(3, 0)));
+    put_items(&cluster, 5);
+    let url = format!("http://{}", cluster.nodes[0].listen);
+    let (answered, down) = block_on(async {
+        let mut property = PropertyServiceClient::connect(url.clone())
+            .await
+            .expect("connect");
+        let mut admin = AdminServiceClient::connect(url).await.expect("connect");
+        assert_eq!(counts_up(&mut admin, "n3").await, Some(true));
+        cluster.signal(2, "STOP");
+        // Rounds of a put, a get and a query through n1, each followed by n1's view of n3. A
+        // coordinator that waits for the stopped copy (a get's deadline, a query's) sees it
+        // time out, and that marks n3 down before the call returns; one that answers from the
+        // copies that did answer returns while n3 still counts up, until n1's probe of n3
+        // (every second, one second to answer) times out.
+        let mut answered = 0;
+        for k in 0..1000 {
+            let id = format!("{k}");
+            let put = property
+                .apply(v1::ApplyRequest {
+                    property: Some(v1::Property {
+                        group: "g".into(),
+                        name: "more".into(),
+                        id: id.clone(),
+                        ..v1::Property::default()
+                    }),
+                    local: false,
+                })
+                .await
+                .expect("put")
+                .into_inner();
+            assert!(put.acknowledged >= 2);
+            let got = property
+                .get(v1::GetRequest {
+                    group: "g".into(),
+                    name: "more".into(),
+                    id,
+                    ..v1::GetRequest::default()
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            assert!(got.property.is_some(), "the write is read back");
+            let found = property
+                .query(v1::QueryRequest {
+                    group: "g".into(),
+                    name: "item".into(),
+                    ..v1::QueryRequest::default()
+                })
+                .await
+                .expect("query")
+                .into_inner();
+            assert_eq!(found.properties.len(), 5);
+            if counts_up(&mut admin, "n3").await != Some(true) {
+                return (answered, true);
+            }
+            answered += 1;
+        }
+        (answered, false)
+    });
+    cluster.signal(2, "CONT");
+    assert!(
+        answered >= 1,
+        "the first put, get and query returned only after n1 gave up on the stopped n3"
+    );
+    assert!(down || answered == 1000, "n3 was seen down");
+}
+
+#[test]
+fn a_full_disk_on_another_copy_is_named_to_the_client() {
+    let mut cluster = Cluster::configure(3, &format!("write_acks = 3\n{}", config(3, 0)));
+    let Some(_tmpfs) = Tmpfs::mount(&cluster.data_dir(1), "4m") else {
+        #[allow(clippy::print_stderr, reason = "a skipped test says why")]
+        {
+            eprintln!("skipped: mounting a tmpfs is not allowed here");
+        }
+        return;
+    };
+    std::fs::write(cluster.data_dir(1).join("filler"), vec![1u8; 2 << 20]).expect("filler");
+    for i in 0..3 {
+        cluster.start_node(i);
+    }
+    for i in 0..3 {
+        cluster.wait_ready(i);
+    }
+    let blob = "x".repeat(60_000);
+    let mut written = 0;
+    let refusal = loop {
+        let entity = format!("g/big/{written}");
+        let output = cluster.cli(0, &["put", &entity, "--tag", &format!("blob={blob}")]);
+        if !output.status.success() {
+            break String::from_utf8_lossy(&output.stderr).into_owned();
+        }
+        written += 1;
+        assert!(written < 5000, "n2's tmpfs never filled");
+    };
+    assert!(
+        refusal.contains("resource exhausted") && refusal.contains("disk full"),
+        "the client is told a copy's disk is full: {refusal}"
+    );
+    assert!(
+        refusal.contains("n2"),
+        "the refusal names the copy: {refusal}"
+    );
+    assert!(
+        !refusal.contains("will be repaired"),
+        "not reported as a missed copy: {refusal}"
+    );
+    for i in 0..3 {
+        cluster.kill(i);
+    }
 }

@@ -1,8 +1,11 @@
 //! The property API (DESIGN §8): the node that receives a request coordinates it. Writes go to
 //! every copy of the shard and succeed when `write_acks` copies acknowledge; reads ask every
-//! copy, answer with the newest by the version order and rewrite stale copies (read repair). A
-//! write that misses a copy is remembered, and the shard is repaired when that node answers
-//! again. `local` requests touch only this node's own copy.
+//! copy and answer by the read rule ([`read_done`]: as soon as `copies - write_acks + 1` copies
+//! answered and one holds a version, so that every acknowledged write is seen) with the newest by
+//! the version order of those answers, rewriting stale copies (read repair, also of the copies
+//! that answer later). No answer waits for a copy the rule does not need, nor for one found hung
+//! meanwhile. A write that misses a copy is remembered, and the shard
+//! is repaired when that node answers again. `local` requests touch only this node's own copy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,11 +23,13 @@ use crate::tombstones::{
     Refused, check_client_delete_time, check_client_revision, check_peer_copy,
 };
 
-/// How long one node-to-node call of a coordinated request may take.
+/// How long one node-to-node call of a coordinated request may take. The client's answer never
+/// waits for it: writes answer at `write_acks`, reads by the read rule ([`read_done`]); the
+/// calls still running then finish in the background.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one copy of a coordinated get may take to answer: a get returns with the copies
-/// that answered by then (a hung member costs this once; once its probe fails it is skipped).
-const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// Set to `on` to make coordinated gets wait for every copy, as propd did before the read rule:
+/// only for measuring what the rule saves (docs/benchmarks.md, "latency").
+const READ_EVERY_COPY_VAR: &str = "PROPD_BENCH_READ_EVERY_COPY";
 /// The query limit when the client gives none.
 pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
@@ -83,6 +88,18 @@ struct Refusals(Vec<Status>);
 impl Refusals {
     fn add(&mut self, status: Status) {
         self.0.push(status);
+    }
+
+    /// The refusals that say a copy's disk is full (`ResourceExhausted`), joined: a write that
+    /// missed `write_acks` because of them is a full disk for the client, not a copy to repair.
+    fn disk_full(&self) -> Option<String> {
+        let full: Vec<&str> = self
+            .0
+            .iter()
+            .filter(|status| status.code() == tonic::Code::ResourceExhausted)
+            .map(Status::message)
+            .collect();
+        (!full.is_empty()).then(|| full.join("; "))
     }
 
     /// The refusal every copy gave, when each was reached and refused for the same reason: the
@@ -188,6 +205,14 @@ impl PropertyApi {
         required_acks(self.node.config.write_acks, copies)
     }
 
+    /// How many copies a read of a shard with `copies` copies waits for: `copies - write_acks +
+    /// 1`, so that the copies it hears from and the `write_acks` copies that acknowledged any
+    /// write share at least one copy, and the read sees every acknowledged write. With
+    /// `write_acks` = the number of copies, the first answer; with the default 1, every copy.
+    fn read_quorum(&self, copies: usize) -> usize {
+        read_quorum(copies, self.node.config.write_acks)
+    }
+
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
     /// (capped at the number of copies); `what` names what was acknowledged. When no copy
     /// acknowledged and every copy refused for one reason, that reason is the answer.
@@ -203,78 +228,151 @@ impl PropertyApi {
         }
         let required = self.required_acks(copies);
         if acknowledged < required {
-            return Err(self.shortfall(format!(
-                "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
-                 copies that missed it will be repaired"
-            )));
+            let short = format!(
+                "only {acknowledged} of {copies} copies acknowledged {what}, {required} required"
+            );
+            if let Some(full) = refusals.disk_full() {
+                return Err(Status::resource_exhausted(clip(format!("{short}: {full}"))));
+            }
+            return Err(self.shortfall(format!("{short}; copies that missed it will be repaired")));
         }
         Ok(())
     }
 
-    /// Every copy of (group, shard) that answers, with what it holds of `entity`, and what the
-    /// others said.
+    /// Reads `entity` from the copies of (group, shard) and returns by the read rule
+    /// ([`read_done`], with the read quorum; a copy found hung while waiting is not waited for):
+    /// the copies that answered by then, with what each holds, and what the
+    /// others said. The calls still running go on in the background; once they end, the copies
+    /// they show stale are rewritten too ([`late_repair`]).
     async fn read_copies(
         &self,
         group: &GroupDef,
         shard: u32,
         entity: &Entity,
     ) -> (Vec<(String, Option<Property>)>, Refusals) {
-        let mut calls = tokio::task::JoinSet::new();
-        for target in self.up_copies(self.node.node_ids(group, shard)) {
+        let targets = self.up_copies(self.node.node_ids(group, shard));
+        let copies = targets.len();
+        let required = if read_every_copy() {
+            copies
+        } else {
+            self.read_quorum(copies)
+        };
+        // One detached task per copy (a `JoinSet` would abort the calls still running when the
+        // answer goes out); each sends its answer, and the channel holds all of them.
+        let (answer, mut answers) = tokio::sync::mpsc::channel(copies.max(1));
+        for target in targets.iter().cloned() {
             let node = Arc::clone(&self.node);
             let entity = entity.clone();
-            calls.spawn(async move {
+            let answer = answer.clone();
+            tokio::spawn(async move {
                 let copy = read_copy(&node, &target, &entity).await;
-                copy.map(|copy| (target, copy))
+                let _ = answer.send((target, copy)).await;
             });
         }
-        let mut copies = Vec::new();
-        let mut refusals = Refusals::default();
-        while let Some(joined) = calls.join_next().await {
-            match joined {
-                Ok(Ok(answer)) => copies.push(answer),
-                Ok(Err(status)) => refusals.add(status),
-                Err(_) => {}
+        drop(answer);
+        let (mut finished, mut found, mut refusals) = (0, Vec::new(), Refusals::default());
+        let mut waiting: Vec<String> = targets.clone();
+        loop {
+            let hung_found = self.node.peers.hung_found();
+            tokio::select! {
+                received = answers.recv() => {
+                    let Some((target, copy)) = received else { break };
+                    finished += 1;
+                    waiting.retain(|id| *id != target);
+                    match copy {
+                        Ok(copy) => found.push((target, copy)),
+                        Err(status) => refusals.add(status),
+                    }
+                }
+                () = hung_found => {}
+            }
+            // A copy found hung meanwhile (its probe timed out) is not waited for any more.
+            let given_up = waiting
+                .iter()
+                .filter(|id| self.node.peers.is_hung(id))
+                .count();
+            let holding = found.iter().filter(|(_, copy)| copy.is_some()).count();
+            if read_done(found.len(), holding, finished + given_up, copies, required) {
+                break;
             }
         }
-        (copies, refusals)
+        if finished < copies {
+            let api = self.clone();
+            let early = found.clone();
+            let group = group.name.clone();
+            tokio::spawn(async move {
+                let mut all = early.clone();
+                while let Some((target, copy)) = answers.recv().await {
+                    if let Ok(copy) = copy {
+                        all.push((target, copy));
+                    }
+                }
+                let shape = api.node.store.shape();
+                if let Some(read) = late_repair(early, all, &shape) {
+                    api.read_repair(&group, shard, &read.newest, read.stale);
+                }
+            });
+        }
+        (found, refusals)
     }
 
-    /// Runs `query` on every member holding a shard of `group`: what each that answered holds,
-    /// and what the others said.
+    /// Runs `query` on every member holding a shard of `group` and returns as soon as every
+    /// shard has answers from its read quorum ([`read_done`], with
+    /// each answer counted as holding: a holder's answer covers every shard it holds), or once
+    /// every holder answered: what each holder that answered by then holds, and what the others
+    /// said. The calls still running go on in the background (their answers are not used: the
+    /// next read or the background repair covers the copies they would show stale).
     async fn query_holders(
         &self,
         group: &GroupDef,
         query: Query,
     ) -> (Vec<(String, Vec<Property>)>, Refusals) {
+        let shards: Vec<Vec<String>> = (0..group.shard_num)
+            .map(|shard| self.node.node_ids(group, shard))
+            .collect();
         let mut holders: Vec<String> = Vec::new();
-        for shard in 0..group.shard_num {
-            for id in self.node.node_ids(group, shard) {
-                if !holders.contains(&id) {
-                    holders.push(id);
-                }
+        for id in shards.iter().flatten() {
+            if !holders.contains(id) {
+                holders.push(id.clone());
             }
         }
-        let mut calls = tokio::task::JoinSet::new();
-        for target in self.up_copies(holders) {
+        let holders = self.up_copies(holders);
+        let (answer, mut answers) = tokio::sync::mpsc::channel(holders.len().max(1));
+        for target in holders.iter().cloned() {
             let node = Arc::clone(&self.node);
             let query = query.clone();
-            calls.spawn(async move {
-                query_copy(&node, &target, query)
-                    .await
-                    .map(|found| (target, found))
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let found = query_copy(&node, &target, query).await;
+                let _ = answer.send((target, found)).await;
             });
         }
-        let mut answers = Vec::new();
-        let mut refusals = Refusals::default();
-        while let Some(joined) = calls.join_next().await {
-            match joined {
-                Ok(Ok(answer)) => answers.push(answer),
-                Ok(Err(status)) => refusals.add(status),
-                Err(_) => {}
+        drop(answer);
+        let (mut finished, mut found, mut refusals) = (Vec::new(), Vec::new(), Refusals::default());
+        while let Some((target, answer)) = answers.recv().await {
+            finished.push(target.clone());
+            match answer {
+                Ok(properties) => found.push((target, properties)),
+                Err(status) => refusals.add(status),
+            }
+            let count = |copies: &[String], among: &dyn Fn(&String) -> bool| {
+                copies.iter().filter(|id| among(id)).count()
+            };
+            let every_shard = shards.iter().all(|copies| {
+                let answered = count(copies, &|id| found.iter().any(|(node, _)| node == id));
+                read_done(
+                    answered,
+                    answered,
+                    count(copies, &|id| finished.contains(id)),
+                    count(copies, &|id| holders.contains(id)),
+                    self.read_quorum(copies.len()),
+                )
+            });
+            if every_shard || finished.len() == holders.len() {
+                break;
             }
         }
-        (answers, refusals)
+        (found, refusals)
     }
 
     /// The copies worth asking in a read: hung members (their last probe or call timed out)
@@ -414,6 +512,13 @@ async fn write_copy(
         Err(status) => {
             tracing::info!(peer = target, group, shard, %status, "a coordinated write missed a copy; it will be repaired");
             node.record_miss(target, group, shard);
+            if status.code() == tonic::Code::ResourceExhausted {
+                // The copy's disk is full: the client hears which copy.
+                return Err(Status::resource_exhausted(format!(
+                    "{target}: {}",
+                    status.message()
+                )));
+            }
             Err(status)
         }
     }
@@ -466,7 +571,7 @@ async fn read_copy(
         local: true,
         include_deleted: true,
     });
-    request.set_timeout(READ_TIMEOUT);
+    request.set_timeout(REPLICA_TIMEOUT);
     let answer = client.get(request).await;
     node.peers.saw_call(target, &answer);
     answer?
@@ -533,6 +638,50 @@ fn reconcile(answers: Vec<(String, Option<Property>)>, shape: &Shape) -> Option<
         .map(|(node, _)| node)
         .collect();
     Some(EntityRead { newest, stale })
+}
+
+/// `copies - write_acks + 1` (`write_acks` capped at the copies), at least 1.
+fn read_quorum(copies: usize, write_acks: u32) -> usize {
+    (copies + 1)
+        .saturating_sub((write_acks as usize).min(copies))
+        .max(1)
+}
+
+/// Whether [`READ_EVERY_COPY_VAR`] is `on` (read once).
+fn read_every_copy() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(READ_EVERY_COPY_VAR).is_ok_and(|value| value == "on"))
+}
+
+/// The read rule: a coordinated read answers once `required` copies (the read quorum,
+/// `PropertyApi::read_quorum`) answered and one of them holds a version, or once every copy
+/// asked has finished (answered, failed, or been found hung). An answer without the entity does not end a read while other copies
+/// may still answer: a copy that lost its row (quarantined, or a store started empty) must not
+/// make a get say "not found".
+fn read_done(
+    answered: usize,
+    holding: usize,
+    finished: usize,
+    copies: usize,
+    required: usize,
+) -> bool {
+    (answered >= required.max(1) && holding > 0) || finished >= copies
+}
+
+/// The read repair still to do once a read's late answers are in: the newest version over all
+/// answers, and the copies to rewrite with it, leaving out the early copies the answer's own read
+/// repair rewrote already (when the newest did not change). `None` when nothing is left to do.
+fn late_repair(
+    early: Vec<(String, Option<Property>)>,
+    all: Vec<(String, Option<Property>)>,
+    shape: &Shape,
+) -> Option<EntityRead> {
+    let before = reconcile(early, shape);
+    let mut after = reconcile(all, shape)?;
+    if let Some(before) = before.filter(|before| before.newest == after.newest) {
+        after.stale.retain(|node| !before.stale.contains(node));
+    }
+    (!after.stale.is_empty()).then_some(after)
 }
 
 /// Merges the answers of a group-wide query, `(node, properties it holds)`, into one read per
@@ -1063,6 +1212,116 @@ mod tests {
         let reads = merge_answers(answers, |_| Vec::new(), &Shape::default());
         assert_eq!(reads[1].stale, Vec::<String>::new());
         assert_eq!(reads[0].stale, nodes(&["n2"]));
+    }
+
+    #[test]
+    fn a_read_hears_from_enough_copies_to_meet_every_acknowledged_write() {
+        assert_eq!(read_quorum(3, 1), 3);
+        assert_eq!(read_quorum(3, 2), 2);
+        assert_eq!(read_quorum(3, 3), 1);
+        assert_eq!(read_quorum(3, 7), 1, "write_acks is capped at the copies");
+        assert_eq!(read_quorum(1, 1), 1);
+        assert_eq!(read_quorum(0, 1), 1);
+    }
+
+    #[test]
+    fn a_read_answers_once_enough_copies_answered_and_one_holds_a_version() {
+        // A quorum of 1 (write_acks = copies): the first copy holding a version.
+        assert!(read_done(1, 1, 1, 3, 1));
+        assert!(
+            !read_done(1, 0, 1, 3, 1),
+            "an answer without the entity waits for the other copies"
+        );
+        assert!(read_done(2, 1, 2, 3, 1));
+        assert!(read_done(3, 0, 3, 3, 1), "every copy answered: not found");
+        assert!(read_done(1, 0, 3, 3, 1), "the others failed");
+        // A quorum of 2.
+        assert!(!read_done(1, 1, 1, 3, 2));
+        assert!(read_done(2, 1, 2, 3, 2));
+        assert!(!read_done(0, 0, 0, 3, 1));
+    }
+
+    #[test]
+    fn late_answers_rewrite_only_what_the_answer_did_not() {
+        let (old, new, newer) = (version("a", 1, 0), version("a", 2, 0), version("a", 3, 0));
+        let early = vec![
+            ("n1".to_owned(), Some(new.clone())),
+            ("n2".to_owned(), Some(old.clone())),
+        ];
+        let with = |late: Option<Property>| {
+            let mut all = early.clone();
+            all.push(("n3".to_owned(), late));
+            all
+        };
+        let shape = Shape::default();
+        let read = late_repair(early.clone(), with(Some(old)), &shape).unwrap();
+        assert_eq!((read.newest, read.stale), (new.clone(), nodes(&["n3"])));
+        let read = late_repair(early.clone(), with(None), &shape).unwrap();
+        assert_eq!(read.stale, nodes(&["n3"]));
+        assert_eq!(late_repair(early.clone(), with(Some(new)), &shape), None);
+        let read = late_repair(early.clone(), with(Some(newer.clone())), &shape).unwrap();
+        assert_eq!(
+            (read.newest, read.stale),
+            (newer, nodes(&["n1", "n2"])),
+            "a newer late copy goes to every copy that answered"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
+        let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
+        let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
+        let (n2_listener, n2) = listener().await;
+        let (n3_listener, n3) = listener().await;
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        // write_acks = 2: a read hears from two of the three copies.
+        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
+                    &second,
+                ))))
+                .serve_with_incoming(TcpListenerStream::new(n2_listener)),
+        );
+        let release = hung_peer(n3_listener);
+        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        let stored = version("a", 5, 0);
+        first.store.apply(stored.clone()).unwrap();
+        second.store.apply(stored.clone()).unwrap();
+        let api = PropertyApi::new(Arc::clone(&first));
+
+        let got = api
+            .get(Request::new(v1::GetRequest {
+                group: "g".into(),
+                name: "n".into(),
+                id: "a".into(),
+                local: false,
+                include_deleted: false,
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(got.property, Some(property_to_wire(&stored)));
+        let found = api
+            .query(Request::new(v1::QueryRequest {
+                group: "g".into(),
+                ..v1::QueryRequest::default()
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(found.properties, vec![property_to_wire(&stored)]);
+        // n3 cannot have answered, and its calls have not timed out yet: a coordinator that
+        // waited for them would have seen them fail and marked n3 hung.
+        assert!(
+            first.peers.is_up("n3") && !first.peers.is_hung("n3"),
+            "answered without waiting for n3"
+        );
+        release.send(()).unwrap();
+        eventually("the calls to n3 fail in the background", || {
+            !first.peers.is_up("n3")
+        })
+        .await;
     }
 
     /// Node `me` of a cluster of n1, n2 and n3 at `addrs`, holding group `g` (one shard, a copy

@@ -36,6 +36,8 @@ pub(crate) struct Peers {
     /// Members whose last probe or call ran out of time: they accept connections but do not
     /// answer (a stopped process), so calling them costs a whole timeout.
     hung: Mutex<HashSet<String>>,
+    /// Woken whenever a member is found hung, so that a read waiting for it stops waiting.
+    hung_found: tokio::sync::Notify,
 }
 
 impl Peers {
@@ -57,6 +59,7 @@ impl Peers {
             addresses: members.iter().map(|m| (m.id.clone(), m.addr)).collect(),
             up: Mutex::new(up),
             hung: Mutex::default(),
+            hung_found: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,6 +125,12 @@ impl Peers {
         lock(&self.hung).contains(id)
     }
 
+    /// Resolves the next time a member is found hung (create it before checking
+    /// [`Peers::is_hung`], so that no finding is missed in between).
+    pub(crate) fn hung_found(&self) -> tokio::sync::futures::Notified<'_> {
+        self.hung_found.notified()
+    }
+
     /// Records what a probe or call saw; returns true when the member just came back up.
     pub(crate) fn set_up(&self, id: &str, up: bool) -> bool {
         if up {
@@ -150,6 +159,7 @@ impl Peers {
                     tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
                 ) {
                     lock(&self.hung).insert(id.to_owned());
+                    self.hung_found.notify_waiters();
                 }
                 self.set_up(id, false)
             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use axum::serve::ListenerExt as _;
 use propd_gossip::transport::{DriverConfig, GossipDriver};
 use propd_gossip::{Outcome, PropagationResult};
 use propd_proto::MAX_MESSAGE_BYTES;
@@ -210,11 +211,10 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         node.metrics.auth_refusals.clone(),
     );
     // The auth layer is outermost: a refused call is not timed, so that callers without a
-    // certificate cannot grow the latency histogram's label set. Keepalive pings find a client
-    // that stopped answering.
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
+    // certificate cannot grow the latency histogram's label set. The server pings its clients
+    // (HTTP/2 keepalive) and keeps a connection whose resets it reads after a pause
+    // (`services::grpc_server`).
+    let router = crate::services::grpc_server()
         .layer(auth)
         .layer(node.metrics.rpc_layer())
         .add_service(
@@ -251,7 +251,12 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
                 ),
             ),
             Box::pin(crate::http::serve(
-                http_listener,
+                // TCP_NODELAY on the HTTP port too (the TLS acceptor sets it on its sockets).
+                http_listener.tap_io(|socket| {
+                    if let Err(error) = socket.set_nodelay(true) {
+                        tracing::debug!(%error, "could not set TCP_NODELAY on an HTTP connection");
+                    }
+                }),
                 view,
                 signalled(shutdown.clone()),
             )),

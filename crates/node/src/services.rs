@@ -66,10 +66,33 @@ pub(crate) fn reflection() -> Result<
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
+/// How many streams a client may reset before this server accepted them, per connection, before
+/// the server closes the connection (h2's guard against rapid-reset floods; its default is 20).
+///
+/// A member that stops (SIGSTOP, a long pause) accepts nothing meanwhile, and its peers' calls
+/// to it time out and reset their streams: a dozen seconds of probes, gets and hand-offs are more
+/// than 20. When it runs again it reads those resets all at once and, at h2's default, answered
+/// with GOAWAY `ENHANCE_YOUR_CALM`, which failed every call still running on the connection —
+/// an in-flight sync included — with `RESOURCE_EXHAUSTED`, a code that reads as the peer's
+/// refusal (the round was aborted) rather than as a lost connection.
+pub(crate) const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4096;
+
+/// The gRPC server every node runs, before its services: `TCP_NODELAY` is set on the accepted
+/// sockets by the caller's incoming stream; here HTTP/2 keepalive pings (a client that stopped
+/// answering is found within seconds) and the reset-stream bound above.
+pub(crate) fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+}
+
 #[cfg(test)]
 mod tests {
-    use tonic::Request;
+    use tokio::sync::watch;
+    use tonic::{Request, Status};
     use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::health_server::Health as _;
 
     use super::*;
@@ -98,5 +121,135 @@ mod tests {
         for name in std::iter::once("").chain(PROPD_SERVICES) {
             assert_eq!(check(&service, name).await, 2, "{name:?} NOT_SERVING");
         }
+    }
+
+    /// Reads bytes from `from` and writes them to `to`, holding them while `held` says so.
+    async fn forward(
+        from: tokio::net::tcp::OwnedReadHalf,
+        to: tokio::net::tcp::OwnedWriteHalf,
+        mut held: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            from.readable().await?;
+            let n = match from.try_read(&mut buffer) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            };
+            if held.wait_for(|held| !held).await.is_err() {
+                return Ok(());
+            }
+            let mut sent = 0;
+            while sent < n {
+                to.writable().await?;
+                match to.try_write(&buffer[sent..n]) {
+                    Ok(written) => sent += written,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+    }
+
+    /// A TCP relay to `server` that can hold what clients send, as a stopped server process
+    /// does (the bytes wait until it reads again); `true` on the sender holds.
+    async fn relay(server: std::net::SocketAddr) -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, held) = watch::channel(false);
+        let (open, never) = watch::channel(false);
+        tokio::spawn(async move {
+            let _open = open;
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = upstream.into_split();
+                tokio::spawn(forward(server_read, client_write, never.clone()));
+                tokio::spawn(forward(client_read, server_write, held.clone()));
+            }
+        });
+        (addr, hold)
+    }
+
+    /// Many calls reset while the server was not reading (a SIGSTOPped member), then read all at
+    /// once: the server must not close the connection, and a stream in flight on it (a sync in
+    /// a round) must go on.
+    async fn in_flight_stream_after_a_pause(
+        mut server: tonic::transport::Server,
+    ) -> Result<(), Status> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reporter = HealthReporter::new();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        tokio::spawn(
+            server
+                .add_service(tonic_health::pb::health_server::HealthServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (relayed, hold) = relay(addr).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{relayed}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let mut watch = client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(watch.message().await?.map(|m| m.status), Some(1));
+
+        hold.send(true).unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..(3 * 20) {
+            let mut client = client.clone();
+            calls.spawn(async move {
+                let call = client.check(HealthCheckRequest {
+                    service: String::new(),
+                });
+                // The caller gives up, as a probe or a coordinated read of a stopped member
+                // does: its stream is reset.
+                tokio::time::timeout(std::time::Duration::from_millis(200), call)
+                    .await
+                    .is_err()
+            });
+        }
+        while let Some(gave_up) = calls.join_next().await {
+            assert!(gave_up.unwrap(), "no call can be answered while held");
+        }
+        hold.send(false).unwrap();
+
+        // The stream in flight sees the next change, and the connection takes new calls.
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        assert_eq!(watch.message().await?.map(|m| m.status), Some(2));
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resets_read_after_a_pause_close_nothing() {
+        let at_h2_default =
+            in_flight_stream_after_a_pause(tonic::transport::Server::builder()).await;
+        assert_eq!(
+            at_h2_default.err().map(|status| status.code()),
+            Some(tonic::Code::ResourceExhausted),
+            "h2's default closes the connection (the bug this guards against)"
+        );
+        in_flight_stream_after_a_pause(grpc_server())
+            .await
+            .unwrap_or_else(|status| panic!("a node's server: {status}"));
     }
 }

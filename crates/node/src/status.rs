@@ -35,6 +35,17 @@ pub(crate) struct ClusterView {
     pub(crate) shards: Vec<ShardView>,
     /// The recent rounds this node started, newest first.
     pub(crate) rounds: Vec<RoundView>,
+    /// Whether the store serves: `ok`, or why not, as `/health` says it.
+    pub(crate) store_health: String,
+    /// Rows the store's quarantine table holds (they failed their check).
+    pub(crate) quarantined: u64,
+}
+
+/// The store's health (`ok` or why it cannot fully serve) and the rows it keeps quarantined.
+pub(crate) async fn store(node: &Arc<NodeState>) -> Result<(String, u64), Status> {
+    let quarantined = blocking(node, |node| node.store.quarantined_count()).await?;
+    let health = node.store_fault().unwrap_or_else(|| "ok".to_owned());
+    Ok((health, quarantined))
 }
 
 /// One member as this node sees it.
@@ -243,6 +254,7 @@ pub(crate) async fn cluster_view(
     gossip: &Gossip,
 ) -> Result<ClusterView, Status> {
     let shards = shards(node, gossip).await?;
+    let (store_health, quarantined) = store(node).await?;
     let recent = gossip.recent_results();
     let rounds = recent
         .iter()
@@ -259,6 +271,8 @@ pub(crate) async fn cluster_view(
         members: members(node),
         shards,
         rounds,
+        store_health,
+        quarantined,
     })
 }
 

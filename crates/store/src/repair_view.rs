@@ -7,8 +7,8 @@ use std::cmp::Ordering;
 
 use propd_merkle::{Entity, Leaf, Property, Shape, version_order};
 
-use crate::error::StoreError;
-use crate::validate::Checked;
+#[cfg(feature = "test-support")]
+use crate::{error::StoreError, validate::Checked};
 
 pub use propd_merkle::repair_store::{LeafKey, RepairOutcome, RepairStore};
 
@@ -70,7 +70,9 @@ pub(crate) fn entity_order<T>(items: &[T], entity: impl Fn(&T) -> &Entity) -> Ve
 }
 
 /// Applies a checked batch item by item in entity order (see [`entity_order`]) with `apply`, and
-/// returns the outcomes in input order.
+/// returns the outcomes in input order. (The model store's; the redb store applies through its
+/// writers.)
+#[cfg(feature = "test-support")]
 pub(crate) fn apply_in_entity_order(
     checked: &[Checked],
     mut apply: impl FnMut(&Checked) -> Result<RepairOutcome, StoreError>,
