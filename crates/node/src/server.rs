@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use propd_gossip::transport::{DriverConfig, GossipDriver};
-use propd_gossip::{Outcome, PropagationResult};
+use propd_gossip::{Outcome, Placement, PropagationResult};
 use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
@@ -156,6 +156,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         engine: propd_gossip::Config {
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
+            max_clock_skew: node.config.max_clock_skew,
         },
         ..DriverConfig::default()
     };
@@ -165,6 +166,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    gossip.set_placement(shard_placement(Arc::clone(&node)));
 
     if let Some(paths) = &node.config.tls {
         node.peers.use_tls(paths)?;
@@ -280,6 +282,24 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(reload_peer_tls(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// The gossip admission's view of placement: a round handed to this node must name a known
+/// group and an in-range shard, and carry that shard's node list as this node computes it.
+fn shard_placement(node: Arc<NodeState>) -> Placement {
+    Placement::new(move |key| {
+        let group = node
+            .placement
+            .group(&key.group)
+            .ok_or_else(|| format!("unknown group {:?}", key.group))?;
+        if key.shard >= group.shard_num {
+            return Err(format!(
+                "shard {} is out of range (shard_num {})",
+                key.shard, group.shard_num
+            ));
+        }
+        Ok(node.node_ids(group, key.shard))
+    })
 }
 
 /// A server future of either kind (plaintext or TLS).
