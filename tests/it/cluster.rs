@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use propd_tests::{Cluster, cli_at, eventually, free_port, http_get};
+use propd_tests::{Cluster, cli_at, eventually, free_port};
 use serde_json::Value;
 
 /// A group table and background repair off: the tests trigger repair themselves unless they
@@ -204,7 +204,7 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
         "n3 never received the write it missed; n1's log:\n{}",
         cluster.log(0)
     );
-    let metrics = http_get(cluster.nodes[0].http, "/metrics").unwrap().1;
+    let metrics = cluster.http(0, "/metrics").unwrap().1;
     assert!(
         metrics.contains("propd_propagations_started_total{group=\"g\"} 1")
             || metrics.contains("propd_propagations_started_total{group=\"g\"} 2"),
