@@ -22,6 +22,9 @@ use crate::tombstones::{
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one copy of a coordinated get may take to answer: a get returns with the copies
+/// that answered by then (a hung member costs this once; once its probe fails it is skipped).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// The query limit when the client gives none.
 pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
@@ -43,10 +46,17 @@ pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(clip(format!("{field}: {message}")))
 }
 
-/// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
+/// A store error as a status: bad input is `InvalidArgument`, a full disk `ResourceExhausted`,
+/// failing writes `Unavailable`, the rest `Internal`.
 pub(crate) fn store_status(error: StoreError) -> Status {
     match error.validation() {
         Some(_) => Status::invalid_argument(clip(error.to_string())),
+        None if matches!(error, StoreError::DiskFull { .. }) => {
+            Status::resource_exhausted(clip(error.to_string()))
+        }
+        None if matches!(error, StoreError::WritesFailing { .. }) => {
+            Status::unavailable(clip(error.to_string()))
+        }
         None => {
             tracing::error!(%error, "store failure");
             Status::internal(clip(format!("store: {error}")))
@@ -189,7 +199,7 @@ impl PropertyApi {
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
     /// number of copies.
     fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+        required_acks(self.node.config.write_acks, copies)
     }
 
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
@@ -207,7 +217,7 @@ impl PropertyApi {
         }
         let required = self.required_acks(copies);
         if acknowledged < required {
-            return Err(Status::unavailable(format!(
+            return Err(self.shortfall(format!(
                 "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
                  copies that missed it will be repaired"
             )));
@@ -224,7 +234,7 @@ impl PropertyApi {
         entity: &Entity,
     ) -> (Vec<(String, Option<Property>)>, Refusals) {
         let mut calls = tokio::task::JoinSet::new();
-        for target in self.node.node_ids(group, shard) {
+        for target in self.up_copies(self.node.node_ids(group, shard)) {
             let node = Arc::clone(&self.node);
             let entity = entity.clone();
             calls.spawn(async move {
@@ -260,7 +270,7 @@ impl PropertyApi {
             }
         }
         let mut calls = tokio::task::JoinSet::new();
-        for target in holders {
+        for target in self.up_copies(holders) {
             let node = Arc::clone(&self.node);
             let query = query.clone();
             calls.spawn(async move {
@@ -279,6 +289,26 @@ impl PropertyApi {
             }
         }
         (answers, refusals)
+    }
+
+    /// The copies worth asking in a read: hung members (their last probe or call timed out)
+    /// are skipped, so a stopped member does not hold every read for a timeout.
+    fn up_copies(&self, targets: Vec<String>) -> Vec<String> {
+        targets
+            .into_iter()
+            .filter(|target| !self.node.peers.is_hung(target))
+            .collect()
+    }
+
+    /// The status of a coordinated write that too few copies acknowledged: `ResourceExhausted`
+    /// when this node's own disk is full (the client must hear it), else `Unavailable`.
+    fn shortfall(&self, message: String) -> Status {
+        match self.node.store_fault() {
+            Some(fault) if self.node.store.writes_failing() => {
+                Status::resource_exhausted(format!("{message}; this node: {fault}"))
+            }
+            _ => Status::unavailable(message),
+        }
     }
 
     /// Rewrites the copies older than `newest` (or missing it) in the background.
@@ -365,6 +395,14 @@ async fn write_copy(
         }
         return result;
     }
+    if node.peers.is_hung(target) {
+        // Its last probe or call timed out: do not hold the write for a member that does not
+        // answer; the write-miss repair brings it the write when it answers again.
+        node.record_miss(target, group, shard);
+        return Err(Status::unavailable(format!(
+            "{target} does not answer (its last call timed out)"
+        )));
+    }
     let mut client = node
         .peers
         .property_client(target)
@@ -404,6 +442,12 @@ pub(crate) fn check_time(checked: Result<(), Refused>) -> Result<(), Status> {
     checked.map_err(|refused| invalid(refused.field, refused.message))
 }
 
+/// How many copies must acknowledge a coordinated write: `write_acks`, capped at the copies
+/// there are.
+fn required_acks(write_acks: u32, copies: u32) -> u32 {
+    write_acks.min(copies)
+}
+
 /// The shard of an entity in a validated group.
 fn shard_for(entity: &Entity, group: &GroupDef) -> u32 {
     let shard_num = std::num::NonZeroU32::new(group.shard_num).unwrap_or(std::num::NonZeroU32::MIN);
@@ -436,7 +480,7 @@ async fn read_copy(
         local: true,
         include_deleted: true,
     });
-    request.set_timeout(REPLICA_TIMEOUT);
+    request.set_timeout(READ_TIMEOUT);
     let answer = client.get(request).await;
     node.peers.saw_call(target, &answer);
     answer?
@@ -951,6 +995,15 @@ mod tests {
     }
 
     #[test]
+    fn write_acks_is_capped_at_the_number_of_copies() {
+        assert_eq!(required_acks(1, 3), 1);
+        assert_eq!(required_acks(2, 3), 2);
+        assert_eq!(required_acks(3, 3), 3);
+        assert_eq!(required_acks(5, 3), 3, "capped");
+        assert_eq!(required_acks(2, 1), 1, "one copy needs one ack");
+    }
+
+    #[test]
     fn the_newest_copy_wins_and_older_ones_are_rewritten() {
         let read = reconcile(
             vec![
@@ -1154,9 +1207,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_can_no_longer_reach_write_acks_fails_without_waiting_for_a_hung_copy() {
         let dir = tempfile::tempdir().unwrap();
-        // n2 refuses connections (nothing listens on its port); n3 hangs.
-        let (closed, n2) = listener().await;
-        drop(closed);
+        // n2 refuses connections: its port is bound without listening, and held for the test
+        // (a closed port could be bound by another test meanwhile). n3 hangs.
+        let refusing = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+        refusing
+            .bind("127.0.0.1:0".parse().unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let n2 = refusing.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let (n3_listener, n3) = listener().await;
         let release = hung_peer(n3_listener);
         let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
