@@ -43,7 +43,8 @@ fn all_equal(values: &[String]) -> bool {
 /// names are compared, so that `…_total 1` is not mistaken for `…_total 12`; the tests that
 /// expect 0 of a counter also see it counted elsewhere, so a renamed counter fails them.
 fn metric(cluster: &Cluster, i: usize, name: &str) -> u64 {
-    let text = cluster.http(i, "/metrics")
+    let text = cluster
+        .http(i, "/metrics")
         .expect("the metrics page answers")
         .1;
     assert!(

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use propd_tests::{Cluster, eventually, http_get};
+use propd_tests::{Cluster, eventually};
 use serde_json::Value;
 
 /// One group of one shard on every node; background repair off (the tests start rounds), and
@@ -75,7 +75,7 @@ fn flip_every(file: &Path, marker: &[u8]) -> usize {
 }
 
 fn health(cluster: &Cluster, i: usize) -> Option<(u16, String)> {
-    http_get(cluster.nodes[i].http, "/health")
+    cluster.http(i, "/health")
 }
 
 #[test]
