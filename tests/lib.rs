@@ -210,8 +210,11 @@ pub struct Cluster {
 impl Cluster {
     /// Writes the config of `n` nodes sharing `shared` (TOML: top-level keys first, then tables
     /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
+    ///
+    /// With `PROPD_TEST_TLS=1` in the environment this is [`Cluster::start_tls`]: the whole
+    /// suite then runs with mutual TLS on (`cargo xtask ci` runs it both ways).
     pub fn start(n: usize, shared: &str) -> Cluster {
-        Self::start_with(n, shared, false)
+        Self::start_with(n, shared, tls_from_env())
     }
 
     /// Like [`Cluster::start`], with mutual TLS on: `propd cert` makes a CA, a certificate per
@@ -219,6 +222,12 @@ impl Cluster {
     /// `<dir>/certs`; every config gets a `[tls]` table; [`Cluster::cli`] speaks TLS as `admin`.
     pub fn start_tls(n: usize, shared: &str) -> Cluster {
         Self::start_with(n, shared, true)
+    }
+
+    /// Like [`Cluster::start`], always in plaintext (for clients that cannot present a
+    /// certificate, such as a headless browser).
+    pub fn start_plaintext(n: usize, shared: &str) -> Cluster {
+        Self::start_with(n, shared, false)
     }
 
     fn start_with(n: usize, shared: &str, tls: bool) -> Cluster {
@@ -454,6 +463,35 @@ impl Cluster {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
+    /// A gRPC endpoint of node `i`: plaintext, or in a TLS cluster mutual TLS with node `i`'s
+    /// own member certificate (a member may call every RPC, as anyone may in plaintext).
+    pub fn endpoint(&self, i: usize) -> tonic::transport::Endpoint {
+        let node = &self.nodes[i];
+        let Some(certs) = &self.certs else {
+            return tonic::transport::Endpoint::from_shared(format!("http://{}", node.listen))
+                .expect("a valid URL");
+        };
+        let read = |path: PathBuf| std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(certs.ca())))
+            .identity(tonic::transport::Identity::from_pem(
+                read(certs.cert(&node.id)),
+                read(certs.key(&node.id)),
+            ))
+            .domain_name(node.id.clone());
+        tonic::transport::Endpoint::from_shared(format!("https://{}", node.listen))
+            .expect("a valid URL")
+            .tls_config(tls)
+            .expect("a valid TLS config")
+    }
+
+    /// The CLI flags that reach node `i` as client `admin` in a TLS cluster; none in plaintext.
+    pub fn tls_args(&self, i: usize) -> Vec<String> {
+        self.certs.as_ref().map_or_else(Vec::new, |certs| {
+            certs.client_args("admin", &self.nodes[i].id)
+        })
+    }
+
     /// `GET path` on node `i`'s HTTP port: over TLS as `admin` in a TLS cluster.
     pub fn http(&self, i: usize, path: &str) -> Option<(u16, String)> {
         match &self.certs {
@@ -533,6 +571,11 @@ pub fn cli_at(server: &str, args: &[&str]) -> Output {
         .args(["--server", server])
         .stdin(Stdio::null());
     run_bounded(command, Duration::from_secs(120)).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Whether `PROPD_TEST_TLS=1` asks every [`Cluster::start`] for mutual TLS.
+pub fn tls_from_env() -> bool {
+    std::env::var("PROPD_TEST_TLS").is_ok_and(|value| value == "1")
 }
 
 /// A directory of certificates made by `propd cert`.

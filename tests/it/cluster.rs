@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use propd_tests::{Cluster, DeadAddr, cli_at, eventually, http_get, propd_binary};
+use propd_tests::{Cluster, DeadAddr, cli_at, eventually, propd_binary};
 use serde_json::Value;
 
 /// A group table and background repair off: the tests trigger repair themselves unless they
@@ -43,7 +43,8 @@ fn all_equal(values: &[String]) -> bool {
 /// names are compared, so that `…_total 1` is not mistaken for `…_total 12`; the tests that
 /// expect 0 of a counter also see it counted elsewhere, so a renamed counter fails them.
 fn metric(cluster: &Cluster, i: usize, name: &str) -> u64 {
-    let text = http_get(cluster.nodes[i].http, "/metrics")
+    let text = cluster
+        .http(i, "/metrics")
         .expect("the metrics page answers")
         .1;
     assert!(

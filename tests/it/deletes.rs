@@ -96,10 +96,6 @@ fn block_on<T>(future: impl Future<Output = T>) -> T {
         .block_on(future)
 }
 
-fn url(cluster: &Cluster, i: usize) -> String {
-    format!("http://{}", cluster.nodes[i].listen)
-}
-
 fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -114,9 +110,8 @@ fn stored(cluster: &Cluster, i: usize, id: &str) -> Option<v1::Property> {
 /// Node `i`'s own copy of `{group}/n/{id}`, tombstones included.
 fn stored_in(cluster: &Cluster, i: usize, group: &str, id: &str) -> Option<v1::Property> {
     block_on(async {
-        let mut client = PropertyServiceClient::connect(url(cluster, i))
-            .await
-            .expect("connect");
+        let mut client =
+            PropertyServiceClient::new(cluster.endpoint(i).connect().await.expect("connect"));
         client
             .get(v1::GetRequest {
                 group: group.into(),
@@ -134,9 +129,8 @@ fn stored_in(cluster: &Cluster, i: usize, group: &str, id: &str) -> Option<v1::P
 
 fn delete_at(cluster: &Cluster, i: usize, request: v1::DeleteRequest) -> Result<(), tonic::Status> {
     block_on(async {
-        let mut client = PropertyServiceClient::connect(url(cluster, i))
-            .await
-            .expect("connect");
+        let mut client =
+            PropertyServiceClient::new(cluster.endpoint(i).connect().await.expect("connect"));
         client.delete(request).await.map(drop)
     })
 }
@@ -147,9 +141,8 @@ fn notice_to(
     notice: v1::CompleteRepairNotice,
 ) -> Result<(), tonic::Status> {
     block_on(async {
-        let mut client = AdminServiceClient::connect(url(cluster, i))
-            .await
-            .expect("connect");
+        let mut client =
+            AdminServiceClient::new(cluster.endpoint(i).connect().await.expect("connect"));
         client.record_complete_repair(notice).await.map(drop)
     })
 }

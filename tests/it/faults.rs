@@ -80,7 +80,7 @@ fn flip_every(file: &Path, marker: &[u8]) -> usize {
 }
 
 fn health(cluster: &Cluster, i: usize) -> Option<(u16, String)> {
-    http_get(cluster.nodes[i].http, "/health")
+    cluster.http(i, "/health")
 }
 
 #[test]

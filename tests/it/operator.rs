@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use propd_tests::{Cluster, eventually, http_get, run_bounded};
+use propd_tests::{Cluster, eventually, run_bounded};
 use serde_json::Value;
 
 /// Three copies of every shard, background repair off: each test triggers its own round.
@@ -59,7 +59,7 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 fn metrics_have_histograms_group_labels_build_info_and_ages_that_agree_with_status_on_every_copy() {
     let cluster = Cluster::start(3, THREE_COPIES);
     diverge_and_repair(&cluster);
-    let origin = http_get(cluster.nodes[0].http, "/metrics").unwrap().1;
+    let origin = cluster.http(0, "/metrics").unwrap().1;
     for series in [
         "propd_propagations_started_total{group=\"g\"}",
         "propd_propagations_finished_total{group=\"g\"}",
@@ -104,7 +104,7 @@ fn metrics_have_histograms_group_labels_build_info_and_ages_that_agree_with_stat
             cluster.log(i)
         );
         let age = age_in_status().unwrap();
-        let metrics = http_get(cluster.nodes[i].http, "/metrics").unwrap().1;
+        let metrics = cluster.http(i, "/metrics").unwrap().1;
         let gauge = sample(
             &metrics,
             "propd_last_repair_age_seconds{group=\"g\",shard=\"0\"}",
@@ -211,12 +211,13 @@ fn the_status_page_shows_members_shards_and_the_rounds_trace_in_a_browser() {
     let Some(chromium) = chromium() else {
         return;
     };
-    let cluster = Cluster::start(3, THREE_COPIES);
+    // Plaintext even in the TLS run: headless Chromium has no client certificate to present.
+    let cluster = Cluster::start_plaintext(3, THREE_COPIES);
     let result = diverge_and_repair(&cluster);
     let message_id = result["message_id"].as_str().unwrap().to_owned();
     let url = format!("http://{}/", cluster.nodes[0].http);
 
-    let (code, json) = http_get(cluster.nodes[0].http, "/status.json").unwrap();
+    let (code, json) = cluster.http(0, "/status.json").unwrap();
     assert_eq!(code, 200, "{json}");
     let view: Value = serde_json::from_str(&json).expect("status.json is JSON");
     assert_eq!(view["node"], "n1");
@@ -308,13 +309,9 @@ fn health_and_reflection_answer_for_every_service() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let cluster = Cluster::start(1, THREE_COPIES);
-    let endpoint = format!("http://{}", cluster.nodes[0].listen);
+    let endpoint = cluster.endpoint(0);
     runtime().block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)
-            .unwrap()
-            .connect()
-            .await
-            .expect("connecting to the node");
+        let channel = endpoint.connect().await.expect("connecting to the node");
         let mut health = HealthClient::new(channel.clone());
         for service in std::iter::once("").chain(PROPD_SERVICES) {
             let answer = health
@@ -376,14 +373,10 @@ fn health_turns_not_serving_as_soon_as_shutdown_begins() {
     use tonic_health::pb::health_client::HealthClient;
 
     let mut cluster = Cluster::start(1, THREE_COPIES);
-    let endpoint = format!("http://{}", cluster.nodes[0].listen);
+    let endpoint = cluster.endpoint(0);
     let runtime = runtime();
     let mut watch = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)
-            .unwrap()
-            .connect()
-            .await
-            .expect("connecting to the node");
+        let channel = endpoint.connect().await.expect("connecting to the node");
         let mut watch = HealthClient::new(channel)
             .watch(HealthCheckRequest {
                 service: "propd.v1.PropertyService".to_owned(),

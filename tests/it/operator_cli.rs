@@ -96,6 +96,7 @@ fn a_closed_stdout_ends_a_command_quietly() {
     let output = Command::new(propd_binary())
         .args(["query", "--group", "default", "--server"])
         .arg(cluster.nodes[0].listen.to_string())
+        .args(cluster.tls_args(0))
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(Stdio::piped())

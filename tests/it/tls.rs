@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use propd_proto::v1;
+use propd_proto::v1::gossip_service_client::GossipServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
 use propd_proto::v1::repair_service_client::RepairServiceClient;
 use propd_tests::{Certs, Cluster, cli_at, eventually, http_get, https_get};
@@ -250,5 +251,127 @@ fn a_node_certificate_rotated_mid_run_keeps_the_cluster_serving() {
             "n{} misses it",
             i + 1
         );
+    }
+}
+
+/// A channel to node `i` as the member `member` (its own certificate from the cluster CA).
+async fn member_channel(cluster: &Cluster, i: usize, member: &str) -> tonic::transport::Channel {
+    let certs = cluster.certs.clone().unwrap();
+    let read = |path| std::fs::read(path).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(certs.ca())))
+        .identity(Identity::from_pem(
+            read(certs.cert(member)),
+            read(certs.key(member)),
+        ))
+        .domain_name(cluster.nodes[i].id.clone());
+    Endpoint::from_shared(format!("https://{}", cluster.nodes[i].listen))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[test]
+fn peer_messages_are_checked_against_what_a_member_could_send() {
+    // One copy per shard: two of the three nodes do not hold shard 0.
+    let cluster = Cluster::start_tls(3, &group("g", 1, 0));
+    let put = cluster.cli(0, &["put", "g/p/1"]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    let holder = (0..3)
+        .find(|&i| cluster.local_copy(i, "g/p/1").is_some())
+        .expect("one node holds the copy");
+    let other = (holder + 1) % 3;
+    let sender = cluster.nodes[holder].id.clone();
+
+    // A `--local` write to a node that does not hold the shard is refused.
+    let local = cluster.cli_as(other, "writer", &["put", "g/p/2", "--local"]);
+    assert!(!local.status.success());
+    assert!(
+        stderr(&local).contains("holds no copy"),
+        "{}",
+        stderr(&local)
+    );
+
+    runtime().block_on(async {
+        let channel = member_channel(&cluster, other, &sender).await;
+        // A replica write from a member, for a shard the receiver does not hold.
+        let property = v1::Property {
+            group: "g".into(),
+            name: "p".into(),
+            id: "3".into(),
+            tags: Vec::new(),
+            mod_revision: 1,
+            delete_time: 0,
+        };
+        let refused = PropertyServiceClient::new(channel.clone())
+            .replica_write(v1::ReplicaWriteRequest {
+                property: Some(property),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("holds no copy"),
+            "{}",
+            refused.message()
+        );
+
+        // Gossip hand-offs: a node list that is not the shard's placement, an unknown group, an
+        // out-of-range shard and a start far in the future are refused at admission.
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let hop = |nodes: Vec<String>, group: &str, shard: u32, started_at_ms: i64| {
+            let n = u32::try_from(nodes.len()).unwrap();
+            v1::PropagationRequest {
+                context: Some(v1::PropagationContext {
+                    nodes,
+                    max_count: 2 * n - 3,
+                    count: 0,
+                    origin_node: sender.clone(),
+                    message_id: format!("{sender}-forged"),
+                    group: group.to_owned(),
+                    shard,
+                    started_at_ms,
+                    preview: false,
+                }),
+                trace: Vec::new(),
+            }
+        };
+        let all: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+        let mut gossip = GossipServiceClient::new(channel);
+        for (request, expected) in [
+            (hop(all.clone(), "g", 0, now_ms), "is not the placement"),
+            (hop(all.clone(), "nope", 0, now_ms), "unknown group"),
+            (hop(all.clone(), "g", 7, now_ms), "out of range"),
+            (
+                hop(all.clone(), "g", 0, now_ms + 3_600_000),
+                "ahead of this node's clock",
+            ),
+        ] {
+            let refused = gossip.propagate(request).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+            assert!(
+                refused.message().contains(expected),
+                "{expected}: {}",
+                refused.message()
+            );
+        }
+    });
+    for i in 0..3 {
+        for entity in ["g/p/2", "g/p/3"] {
+            assert!(
+                cluster.local_copy(i, entity).is_none(),
+                "{entity} landed on n{}",
+                i + 1
+            );
+        }
     }
 }

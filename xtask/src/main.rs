@@ -100,6 +100,38 @@ fn ci() -> Result<()> {
         ])
     };
     status(test)?;
+    // The cluster suite once more with mutual TLS on every node and every client call
+    // (`PROPD_TEST_TLS=1` makes the harness issue certificates with `propd cert`).
+    let mut tls = if has_nextest() {
+        // The same build as the run above (the whole workspace, all features), filtered to
+        // the suite: nothing is compiled again.
+        cargo(&[
+            "nextest",
+            "run",
+            "--workspace",
+            "--all-features",
+            "--locked",
+            "--no-fail-fast",
+            "-E",
+            "package(propd-tests)",
+        ])
+    } else {
+        cargo(&[
+            "test",
+            "--package",
+            "propd-tests",
+            "--all-features",
+            "--locked",
+            "--no-fail-fast",
+        ])
+    };
+    tls.env("PROPD_TEST_TLS", "1");
+    let started = std::time::Instant::now();
+    status(tls)?;
+    eprintln!(
+        "xtask ci: the cluster suite with mutual TLS took {:.0?}",
+        started.elapsed()
+    );
     if has_nextest() {
         // nextest does not run doctests.
         run(

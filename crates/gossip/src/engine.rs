@@ -7,6 +7,7 @@
 //! under the in-memory router of the tests.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
 use std::time::Duration;
 
 use crate::sync::{SyncFailure, SyncOutcome, SyncRequest};
@@ -24,6 +25,9 @@ pub struct Config {
     /// A round older than this (measured from its start at the origin) ends as timed out; the
     /// origin gives up waiting for its result after this long.
     pub round_timeout: Duration,
+    /// The bound on clock differences between nodes: a hop whose `started_at` lies further
+    /// ahead of this node's clock is refused (it would never time out here).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for Config {
@@ -31,6 +35,7 @@ impl Default for Config {
         Config {
             sync_timeout: Duration::from_secs(10 * 60),
             round_timeout: Duration::from_secs(60 * 60),
+            max_clock_skew: Duration::from_secs(30),
         }
     }
 }
@@ -103,6 +108,92 @@ pub enum ContextError {
         /// The round's max count.
         max_count: u32,
     },
+    /// The node list is longer than any shard's placement can be.
+    #[error("the node list has {count} nodes, more than the limit of {MAX_NODES}")]
+    TooManyNodes {
+        /// The length of the node list.
+        count: usize,
+    },
+    /// The (group, shard) is not one this node knows (unknown group, shard out of range).
+    #[error("group {group:?} shard {shard}: {reason}")]
+    UnknownShard {
+        /// The group named.
+        group: String,
+        /// The shard named.
+        shard: u32,
+        /// Why it is refused, from the placement.
+        reason: String,
+    },
+    /// The node list is not the shard's placement.
+    #[error(
+        "node list {nodes:?} is not the placement {placement:?} of group {group:?} shard {shard}"
+    )]
+    NotPlacement {
+        /// The group.
+        group: String,
+        /// The shard.
+        shard: u32,
+        /// The list received.
+        nodes: Vec<MemberId>,
+        /// The shard's node list here.
+        placement: Vec<MemberId>,
+    },
+    /// `started_at` lies further ahead of this node's clock than the clock skew bound.
+    #[error("started_at {started_at} is more than {skew_ms} ms ahead of this node's clock ({now})")]
+    StartedAhead {
+        /// The round's start.
+        started_at: Millis,
+        /// This node's clock.
+        now: Millis,
+        /// The bound.
+        skew_ms: u128,
+    },
+}
+
+/// The longest node list a propagation may carry: a shard's copies are capped at 255 and at
+/// the member count, so a longer list is not a placement (and checking it would cost time).
+pub const MAX_NODES: usize = 256;
+
+/// The node list of a (group, shard) as this node places it; `Err` with the reason when the
+/// group is unknown or the shard out of range. Supplied by the node (see
+/// [`Engine::set_placement`]); without one every well-formed list is admitted.
+#[derive(Clone)]
+pub struct Placement(std::sync::Arc<PlacementFn>);
+
+type PlacementFn = dyn Fn(&ShardKey) -> Result<Vec<MemberId>, String> + Send + Sync;
+
+impl Placement {
+    /// A placement answered by `lookup`.
+    pub fn new(
+        lookup: impl Fn(&ShardKey) -> Result<Vec<MemberId>, String> + Send + Sync + 'static,
+    ) -> Self {
+        Placement(std::sync::Arc::new(lookup))
+    }
+
+    /// Checks that `context` names a known shard and carries its placement.
+    fn check(&self, context: &Context) -> Result<(), ContextError> {
+        let key = &context.key;
+        let placement = (self.0)(key).map_err(|reason| ContextError::UnknownShard {
+            group: key.group.clone(),
+            shard: key.shard,
+            reason,
+        })?;
+        if placement != context.nodes {
+            return Err(ContextError::NotPlacement {
+                group: key.group.clone(),
+                shard: key.shard,
+                nodes: context.nodes.clone(),
+                placement,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Placement(..)")
+    }
 }
 
 /// The answer to a propagation handed to this node.
@@ -221,6 +312,7 @@ struct OriginRound {
 pub struct Engine {
     me: MemberId,
     config: Config,
+    placement: Option<Placement>,
     sequence: u64,
     held: BTreeMap<ShardKey, Held>,
     origin_rounds: BTreeMap<MessageId, OriginRound>,
@@ -240,12 +332,19 @@ impl Engine {
         Engine {
             me,
             config,
+            placement: None,
             sequence: 0,
             held: BTreeMap::new(),
             origin_rounds: BTreeMap::new(),
             accepted: VecDeque::new(),
             commands: VecDeque::new(),
         }
+    }
+
+    /// Checks every admitted round against `placement`: its (group, shard) must be known and
+    /// its node list must be that shard's placement.
+    pub fn set_placement(&mut self, placement: Placement) {
+        self.placement = Some(placement);
     }
 
     /// This node's id.
@@ -364,11 +463,22 @@ impl Engine {
     /// Accepts it and starts the sync with the successor, or refuses it when a round for the
     /// same (group, shard) is running here. A running round that has made no progress for
     /// `sync_timeout` is taken over: it ends as [`Outcome::TimedOut`] at its origin.
+    ///
+    /// A hop whose `started_at` lies more than `max_clock_skew` ahead of `now` is refused: no
+    /// origin can have started it yet, and it would never time out here.
     pub fn handle_propagate(
         &mut self,
         now: Millis,
         propagation: Propagation,
     ) -> Result<Admission, ContextError> {
+        let started_at = propagation.context.started_at;
+        if started_at > now.plus(self.config.max_clock_skew) {
+            return Err(ContextError::StartedAhead {
+                started_at,
+                now,
+                skew_ms: self.config.max_clock_skew.as_millis(),
+            });
+        }
         self.admit(now, propagation)
     }
 
@@ -378,6 +488,9 @@ impl Engine {
     fn admit(&mut self, now: Millis, propagation: Propagation) -> Result<Admission, ContextError> {
         let context = &propagation.context;
         validate_context(context)?;
+        if let Some(placement) = &self.placement {
+            placement.check(context)?;
+        }
         let me = context
             .index_of(&self.me)
             .ok_or_else(|| ContextError::NotInList {
@@ -944,6 +1057,9 @@ fn validate_context(context: &Context) -> Result<(), ContextError> {
 }
 
 fn validate_nodes(nodes: &[MemberId]) -> Result<(), ContextError> {
+    if nodes.len() > MAX_NODES {
+        return Err(ContextError::TooManyNodes { count: nodes.len() });
+    }
     if nodes.len() < 2 {
         return Err(ContextError::TooFewNodes { count: nodes.len() });
     }

@@ -49,7 +49,10 @@ pub mod transport;
 mod types;
 
 pub use convert::ConvertError;
-pub use engine::{Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest};
+pub use engine::{
+    Admission, Command, Config, ContextError, Engine, HandOffOutcome, MAX_NODES, Placement,
+    StartRequest,
+};
 pub use results::RecentResults;
 pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
 pub use types::{

@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
-    Admission, Command, Config, ContextError, Engine, HandOffOutcome, StartRequest,
+    Admission, Command, Config, ContextError, Engine, HandOffOutcome, Placement, StartRequest,
 };
 use crate::results::RecentResults;
 use crate::sync::SyncWork;
@@ -268,6 +268,12 @@ impl<S: SyncWork> GossipDriver<S> {
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Checks every round handed to this node against `placement` (see
+    /// [`Engine::set_placement`]).
+    pub fn set_placement(&self, placement: Placement) {
+        self.inner.lock().engine.set_placement(placement);
     }
 
     /// Starts a round as its origin and returns its message id at once; the round runs in

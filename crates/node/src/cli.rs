@@ -112,6 +112,12 @@ struct ServeArgs {
     /// `repair.throttle_bytes_per_second`: repair traffic limit (0: none).
     #[arg(long, env = "PROPD_REPAIR_THROTTLE_BYTES_PER_SECOND")]
     repair_throttle_bytes_per_second: Option<u64>,
+    /// `repair.max_streams`: repair streams served at once, from all peers.
+    #[arg(long, env = "PROPD_REPAIR_MAX_STREAMS")]
+    repair_max_streams: Option<u32>,
+    /// `repair.max_streams_per_peer`: repair streams served at once for one peer.
+    #[arg(long, env = "PROPD_REPAIR_MAX_STREAMS_PER_PEER")]
+    repair_max_streams_per_peer: Option<u32>,
     /// `store.group_commit`: synced writes waiting for the same sync share one transaction.
     #[arg(long, env = "PROPD_STORE_GROUP_COMMIT")]
     store_group_commit: Option<bool>,
@@ -187,6 +193,8 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+                max_streams: self.repair_max_streams,
+                max_streams_per_peer: self.repair_max_streams_per_peer,
                 scrub_bytes_per_second: self.repair_scrub_bytes_per_second,
             },
             store: PartialStore {

@@ -24,6 +24,12 @@ const MESSAGE_HEADROOM: usize = 64 * 1024;
 /// The largest `max_property_bytes`: a property must fit in one gRPC message with its request.
 pub(crate) const MAX_PROPERTY_BYTES_LIMIT: usize =
     propd_proto::MAX_MESSAGE_BYTES - MESSAGE_HEADROOM;
+/// The largest `repair.max_streams`: each open stream holds a task and a store snapshot.
+pub(crate) const MAX_REPAIR_STREAMS: u32 = 4_096;
+/// The default `repair.max_streams`.
+pub(crate) const DEFAULT_MAX_STREAMS: u32 = 128;
+/// The default `repair.max_streams_per_peer`.
+pub(crate) const DEFAULT_MAX_STREAMS_PER_PEER: u32 = 32;
 /// The largest `repair.throttle_bytes_per_second` (1 TiB/s; 0 means no limit).
 pub(crate) const MAX_THROTTLE_BYTES_PER_SECOND: u64 = 1 << 40;
 /// The shortest non-zero duration of any key: the gossip counts time in milliseconds.
@@ -127,6 +133,10 @@ pub(crate) struct RepairConfig {
     pub(crate) tombstone_grace: Duration,
     /// Repair traffic limit in bytes per second; 0 for none.
     pub(crate) throttle_bytes_per_second: u64,
+    /// Repair streams this node serves at once, from all peers together.
+    pub(crate) max_streams: u32,
+    /// Repair streams this node serves at once for one peer.
+    pub(crate) max_streams_per_peer: u32,
     /// How fast the scrub rereads stored rows to check them against their digests, in bytes
     /// per second; 0 turns the scrub off.
     pub(crate) scrub_bytes_per_second: u64,
@@ -146,6 +156,8 @@ impl Default for RepairConfig {
             verify_interval: Duration::from_secs(60 * 60),
             tombstone_grace: Duration::from_secs(7 * 24 * 60 * 60),
             throttle_bytes_per_second: 0,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_streams_per_peer: DEFAULT_MAX_STREAMS_PER_PEER,
             scrub_bytes_per_second: DEFAULT_SCRUB_BYTES_PER_SECOND,
         }
     }
@@ -350,6 +362,10 @@ pub(crate) struct PartialRepair {
     pub(crate) tombstone_grace: Option<String>,
     /// `repair.throttle_bytes_per_second`
     pub(crate) throttle_bytes_per_second: Option<u64>,
+    /// `repair.max_streams`
+    pub(crate) max_streams: Option<u32>,
+    /// `repair.max_streams_per_peer`
+    pub(crate) max_streams_per_peer: Option<u32>,
     /// `repair.scrub_bytes_per_second`
     pub(crate) scrub_bytes_per_second: Option<u64>,
 }
@@ -404,6 +420,8 @@ impl Partial {
                 throttle_bytes_per_second: r
                     .throttle_bytes_per_second
                     .or(l.throttle_bytes_per_second),
+                max_streams: r.max_streams.or(l.max_streams),
+                max_streams_per_peer: r.max_streams_per_peer.or(l.max_streams_per_peer),
                 scrub_bytes_per_second: r.scrub_bytes_per_second.or(l.scrub_bytes_per_second),
             },
             store: PartialStore {
@@ -693,6 +711,19 @@ impl PartialRepair {
                 0,
                 MAX_THROTTLE_BYTES_PER_SECOND,
             )?,
+            max_streams: bounded(
+                "repair.max_streams",
+                self.max_streams.unwrap_or(defaults.max_streams),
+                1,
+                MAX_REPAIR_STREAMS,
+            )?,
+            max_streams_per_peer: bounded(
+                "repair.max_streams_per_peer",
+                self.max_streams_per_peer
+                    .unwrap_or(defaults.max_streams_per_peer),
+                1,
+                MAX_REPAIR_STREAMS,
+            )?,
             scrub_bytes_per_second: bounded(
                 "repair.scrub_bytes_per_second",
                 self.scrub_bytes_per_second
@@ -858,7 +889,7 @@ impl Config {
         }
         let r = &self.repair;
         line(format!(
-            "[repair] enabled = {}, period = \"{}\", cron = {}, sync_timeout = \"{}\", round_timeout = \"{}\", verify_interval = \"{}\", tombstone_grace = \"{}\", throttle_bytes_per_second = {}, scrub_bytes_per_second = {}",
+            "[repair] enabled = {}, period = \"{}\", cron = {}, sync_timeout = \"{}\", round_timeout = \"{}\", verify_interval = \"{}\", tombstone_grace = \"{}\", throttle_bytes_per_second = {}, scrub_bytes_per_second = {}, max_streams = {}, max_streams_per_peer = {}",
             r.enabled,
             format_duration(r.period),
             r.cron
@@ -870,6 +901,8 @@ impl Config {
             format_duration(r.tombstone_grace),
             r.throttle_bytes_per_second,
             r.scrub_bytes_per_second,
+            r.max_streams,
+            r.max_streams_per_peer,
         ));
         line(format!("[store] group_commit = {}", self.group_commit));
         line(format!(
@@ -1215,6 +1248,17 @@ mod tests {
                     MAX_THROTTLE_BYTES_PER_SECOND + 1
                 ),
                 "`repair.throttle_bytes_per_second`",
+            ),
+            (
+                "[repair]\nmax_streams = 0\n".to_owned(),
+                "`repair.max_streams`",
+            ),
+            (
+                format!(
+                    "[repair]\nmax_streams_per_peer = {}\n",
+                    MAX_REPAIR_STREAMS + 1
+                ),
+                "`repair.max_streams_per_peer`",
             ),
             ("[tree]\nfanout = 1\n".to_owned(), "`tree.fanout`"),
             (

@@ -141,6 +141,20 @@ impl PropertyApi {
         Ok((entity, config, shard))
     }
 
+    /// Refuses a write to this node's own copy (a replica write, a `--local` write) of a shard
+    /// it does not hold: that data would live where no read or repair looks.
+    fn check_held(&self, group: &GroupDef, shard: u32) -> Result<(), Status> {
+        if self.node.placement.holds(self.node.me(), group, shard) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "{} holds no copy of group {:?} shard {shard} (its copies are on {:?})",
+            self.node.me(),
+            group.name,
+            self.node.node_ids(group, shard)
+        )))
+    }
+
     fn check_size(&self, property: &Property) -> Result<(), Status> {
         let size = property.canonical_bytes().len();
         let max = self.node.config.max_property_bytes;
@@ -755,6 +769,7 @@ impl PropertyService for PropertyApi {
         self.check_size(&property)?;
         let revision = property.mod_revision;
         if request.local {
+            self.check_held(&group, shard)?;
             let outcome = blocking(&self.node, move |node| node.store.apply(property)).await?;
             return Ok(Response::new(v1::ApplyResponse {
                 mod_revision: revision,
@@ -822,6 +837,7 @@ impl PropertyService for PropertyApi {
             request.delete_time
         };
         if request.local {
+            self.check_held(&group, shard)?;
             let outcome = blocking(&self.node, move |node| {
                 node.store.delete(&entity, mod_revision, delete_time)
             })
@@ -959,7 +975,8 @@ impl PropertyService for PropertyApi {
             .property
             .ok_or_else(|| invalid("property", "missing"))?;
         let property = property_from_wire(wire).map_err(|error| invalid("property", error))?;
-        let (_, _, shard) = self.entity(&property.group, &property.name, &property.id)?;
+        let (_, group, shard) = self.entity(&property.group, &property.name, &property.id)?;
+        self.check_held(&group, shard)?;
         self.check_size(&property)?;
         check_time(check_peer_copy(
             &property,

@@ -26,6 +26,7 @@ mod schedule;
 mod server;
 mod services;
 mod status;
+mod streams;
 mod sync;
 mod telemetry;
 mod tls;

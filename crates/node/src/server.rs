@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use axum::serve::ListenerExt as _;
 use propd_gossip::transport::{DriverConfig, GossipDriver};
-use propd_gossip::{Outcome, PropagationResult};
+use propd_gossip::{Outcome, Placement, PropagationResult};
 use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
@@ -169,6 +169,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         engine: propd_gossip::Config {
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
+            max_clock_skew: node.config.max_clock_skew,
         },
         request_timeout: GOSSIP_REQUEST_TIMEOUT,
         ..DriverConfig::default()
@@ -179,6 +180,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    gossip.set_placement(shard_placement(Arc::clone(&node)));
     let peers_of = Arc::clone(&node);
     gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
@@ -311,6 +313,24 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// The gossip admission's view of placement: a round handed to this node must name a known
+/// group and an in-range shard, and carry that shard's node list as this node computes it.
+fn shard_placement(node: Arc<NodeState>) -> Placement {
+    Placement::new(move |key| {
+        let group = node
+            .placement
+            .group(&key.group)
+            .ok_or_else(|| format!("unknown group {:?}", key.group))?;
+        if key.shard >= group.shard_num {
+            return Err(format!(
+                "shard {} is out of range (shard_num {})",
+                key.shard, group.shard_num
+            ));
+        }
+        Ok(node.node_ids(group, key.shard))
+    })
 }
 
 /// A server future of either kind (plaintext or TLS).

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use propd_gossip::transport::GossipDriver;
 use propd_gossip::{SyncFailure, SyncOutcome, SyncReport, SyncRequest, SyncWork};
+use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1::repair_service_server::RepairServiceServer;
 use propd_repair::Disposition;
 use propd_repair::transport::{RepairServer, TransportConfig};
@@ -19,6 +20,7 @@ use propd_store::RedbStore;
 use tokio::sync::Mutex;
 
 use crate::node::NodeState;
+use crate::streams::{LimitedRepair, StreamLimits};
 
 /// This node's gossip driver.
 pub(crate) type Gossip = GossipDriver<RepairSync>;
@@ -164,12 +166,26 @@ fn trace_report(report: &propd_repair::SyncReport) -> SyncReport {
 }
 
 /// The `RepairService` other nodes sync against.
-pub(crate) fn repair_service(node: &NodeState) -> RepairServiceServer<RepairServer<RedbStore>> {
+///
+/// At most `repair.max_streams` streams are served at once, `repair.max_streams_per_peer` for
+/// one peer (see [`crate::streams`]).
+pub(crate) fn repair_service(
+    node: &NodeState,
+) -> RepairServiceServer<LimitedRepair<RepairServer<RedbStore>>> {
     let config = TransportConfig {
         timeout: node.config.repair.sync_timeout,
         ..TransportConfig::default()
     };
-    RepairServer::new(Arc::clone(&node.store), config).into_service()
+    let limits = StreamLimits::new(
+        node.config.repair.max_streams,
+        node.config.repair.max_streams_per_peer,
+    );
+    RepairServiceServer::new(LimitedRepair::new(
+        RepairServer::new(Arc::clone(&node.store), config),
+        limits,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use propd_gossip::{
-    Admission, Command, Config, Context, ContextError, Engine, HandOffOutcome, MessageId, Millis,
-    Outcome, Propagation, SpanKind, SyncFailure,
+    Admission, Command, Config, Context, ContextError, Engine, HandOffOutcome, MAX_NODES,
+    MessageId, Millis, Outcome, Placement, Propagation, SpanKind, SyncFailure,
 };
 
 use crate::router::{Kind, Router, key, spans};
@@ -384,6 +384,86 @@ fn an_invalid_hand_off_is_rejected_by_field() {
     bad.context.max_count = 9;
     let err = engine.handle_propagate(Millis(0), bad).unwrap_err();
     assert_eq!(err.to_string(), "max_count is 9, expected 3 for 3 nodes");
+}
+
+/// A placement of group `g` with 4 shards, each on `a`, `b`, `c`.
+fn placement() -> Placement {
+    Placement::new(|key| {
+        if key.group != "g" {
+            return Err(format!("unknown group {:?}", key.group));
+        }
+        if key.shard >= 4 {
+            return Err(format!("shard {} is out of range (shard_num 4)", key.shard));
+        }
+        Ok(vec!["a".into(), "b".into(), "c".into()])
+    })
+}
+
+#[test]
+fn a_hand_off_must_carry_the_placement_of_a_known_shard() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    engine.set_placement(placement());
+
+    let mut unknown = context("b-0-1", "b", Millis(0));
+    unknown.context.key.group = "nope".into();
+    let err = engine.handle_propagate(Millis(0), unknown).unwrap_err();
+    assert!(
+        matches!(err, ContextError::UnknownShard { ref reason, .. } if reason.contains("unknown group")),
+        "{err}"
+    );
+
+    let mut out_of_range = context("b-0-2", "b", Millis(0));
+    out_of_range.context.key.shard = 4;
+    let err = engine
+        .handle_propagate(Millis(0), out_of_range)
+        .unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+
+    // Members of the cluster, in another order or with one left out: not the placement.
+    for nodes in [vec!["b", "a", "c"], vec!["a", "b"]] {
+        let mut other = context("b-0-3", "b", Millis(0));
+        other.context.max_count = u32::try_from(2 * nodes.len() - 3).unwrap();
+        other.context.nodes = nodes.iter().map(|n| (*n).to_owned()).collect();
+        let err = engine.handle_propagate(Millis(0), other).unwrap_err();
+        assert!(matches!(err, ContextError::NotPlacement { .. }), "{err}");
+    }
+    // The refusals held nothing: the real round for the shard is admitted.
+    assert_eq!(
+        engine.handle_propagate(Millis(0), context("b-0-4", "b", Millis(0))),
+        Ok(Admission::Accepted)
+    );
+}
+
+#[test]
+fn a_node_list_longer_than_any_placement_is_refused_before_it_is_read() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let mut huge = context("b-0-1", "b", Millis(0));
+    huge.context.nodes = (0..100_000).map(|i| format!("n{i}")).collect();
+    huge.context.nodes[0] = "a".into();
+    huge.context.max_count = 199_997;
+    let err = engine.handle_propagate(Millis(0), huge).unwrap_err();
+    assert_eq!(
+        err,
+        ContextError::TooManyNodes { count: 100_000 },
+        "more than {MAX_NODES}"
+    );
+}
+
+#[test]
+fn a_hand_off_started_further_ahead_than_the_skew_bound_is_refused() {
+    let config = Config::default();
+    let skew = config.max_clock_skew;
+    let mut engine = Engine::new("a".into(), config);
+    let now = Millis(1_000_000);
+    let ahead = context("b-0-1", "b", now.plus(skew).plus(Duration::from_millis(1)));
+    let err = engine.handle_propagate(now, ahead).unwrap_err();
+    assert!(matches!(err, ContextError::StartedAhead { .. }), "{err}");
+    // Within the bound (a peer whose clock runs ahead by less than the skew) is admitted.
+    let within = context("b-0-2", "b", now.plus(skew));
+    assert_eq!(
+        engine.handle_propagate(now, within),
+        Ok(Admission::Accepted)
+    );
 }
 
 #[test]
