@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use propd_proto::v1;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use propd_tests::{Cluster, eventually, http_get};
+use propd_tests::{Cluster, eventually};
 use serde_json::Value;
 
 /// One group of one shard on every node; background repair off (the tests start rounds), and
@@ -118,7 +118,7 @@ fn a_flipped_byte_in_a_stopped_nodes_file_is_never_served_nor_spread() {
     );
     let status = cluster.json(2, &["status"]);
     assert_eq!(status["quarantined"], 1, "{status}");
-    let (_, page) = http_get(cluster.nodes[2].http, "/status.json").expect("/status.json");
+    let (_, page) = cluster.http(2, "/status.json").expect("/status.json");
     let page: Value = serde_json::from_str(&page).expect("JSON");
     assert_eq!(
         (&page["quarantined"], &page["store_health"]),
