@@ -330,7 +330,10 @@ fn a_copy_down_longer_than_the_grace_rejoins_as_it_is_and_its_stale_versions_los
     let purged = eventually(Duration::from_secs(30), || {
         (0..3).all(|i| ids.iter().all(|id| stored(&cluster, i, id).is_none()))
     });
-    assert!(purged, "the tombstones were purged after the complete round");
+    assert!(
+        purged,
+        "the tombstones were purged after the complete round"
+    );
     let round = cluster.json(1, &["repair", "--group", "g", "--shard", "0", "--wait"]);
     assert_eq!(round["ok"], true, "{round}");
     for id in &ids {

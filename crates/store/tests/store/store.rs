@@ -337,7 +337,10 @@ fn a_purge_flushes_the_leaf_log_in_slices_and_leaves_a_consistent_tree() {
     assert_eq!(after.leaf_count(), 20, "the live properties are left");
     assert_ne!(after.root(), before.root());
     assert!(
-        matches!(ok(store.verify("h", 0)), VerifyOutcome::Consistent { leaf_count: 20, .. }),
+        matches!(
+            ok(store.verify("h", 0)),
+            VerifyOutcome::Consistent { leaf_count: 20, .. }
+        ),
         "the tree the slices left equals a rebuild"
     );
     assert_eq!(
