@@ -254,12 +254,12 @@ impl World {
         for copy in 0..COPIES {
             for tombstone in &purged[copy][self.checked_purges[copy]..] {
                 let entity = tombstone.entity().unwrap_or_else(|e| panic!("{e}"));
-                for other in 0..COPIES {
-                    let holds = self.stores[other]
-                        .get(&entity)
-                        .unwrap_or_else(|e| panic!("{e}"))
-                        .is_some_and(|p| version_order(&p, tombstone, &shape).is_ge());
-                    let dropped = purged[other].iter().any(|p| {
+                for (other, (store, dropped_there)) in self.stores.iter().zip(&purged).enumerate() {
+                    let held = store.get(&entity).unwrap_or_else(|e| panic!("{e}"));
+                    let holds = held
+                        .as_ref()
+                        .is_some_and(|p| version_order(p, tombstone, &shape).is_ge());
+                    let dropped = dropped_there.iter().any(|p| {
                         p.entity().ok().as_ref() == Some(&entity)
                             && version_order(p, tombstone, &shape).is_ge()
                     });
@@ -270,9 +270,7 @@ impl World {
                         copy,
                         tombstone,
                         other,
-                        self.stores[other]
-                            .get(&entity)
-                            .unwrap_or_else(|e| panic!("{e}"))
+                        held
                     );
                 }
             }

@@ -99,13 +99,16 @@ pub(super) fn read_log(
     Ok(read_log_oldest(log, table, usize::MAX)?.0)
 }
 
+/// Leaf changes read from a leaf log: the last change of each entity.
+pub(super) type LeafChanges = BTreeMap<Entity, Option<Digest>>;
+
 /// The oldest `max` entries of a leaf log, the last change of each entity among them, and the
 /// sequence number of the last entry read (`None` for an empty log).
 pub(super) fn read_log_oldest(
     log: &impl ReadableTable<u64, &'static [u8]>,
     table: &str,
     max: usize,
-) -> Result<(BTreeMap<Entity, Option<Digest>>, Option<u64>), StoreError> {
+) -> Result<(LeafChanges, Option<u64>), StoreError> {
     let mut changes = BTreeMap::new();
     let mut last = None;
     for row in log.iter()?.take(max) {
