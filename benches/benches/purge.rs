@@ -1,8 +1,10 @@
 //! Write latency while a node purges tombstones, against the same writes with no purge, in one
 //! run (docs/protocol.md, "The life of a delete"): a store holding `PROPD_BENCH_PURGE_N`
 //! tombstones (default 1 000 000) in the shard the writes go to; synced single writes (a
-//! client's acknowledged write) are timed first alone, then while `purge_tombstones` removes
-//! every tombstone in chunks of `PURGE_CHUNK`. Goal: p99 during the purge within 2x of no purge.
+//! client's acknowledged write) are timed alone, then while `purge_tombstones` removes every
+//! tombstone in chunks of `PURGE_CHUNK`, then alone again: the writes with no purge are taken half
+//! before and half after the purge, so that a machine whose load drifts during the run weighs on
+//! both sides. Goal: p99 during the purge within 2x of no purge.
 //!
 //! Criterion times the write with no purge; the bench prints p50 / p99 / max of both phases and
 //! the p99 ratio beside it.
@@ -29,8 +31,8 @@ use propd_store::{GroupDef, Groups, PURGE_CHUNK, RedbStore, StoreConfig, WriteDu
 const GROUP: &str = "bench";
 /// Every tombstone's delete time is below this line.
 const LINE: i64 = 1_800_000_000_000_000_000;
-/// Timed writes with no purge.
-const ALONE: usize = 400;
+/// Timed writes with no purge, before the purge and again after it.
+const ALONE: usize = 500;
 
 fn tombstones() -> u64 {
     std::env::var("PROPD_BENCH_PURGE_N")
@@ -140,6 +142,10 @@ fn bench_purge(c: &mut Criterion) {
         during.push(write(&store, next));
     }
     let (report, took) = purger.join().expect("purge thread");
+    alone.extend((0..ALONE).map(|_| {
+        next += 1;
+        write(&store, next)
+    }));
     assert_eq!(report.purged, n, "every tombstone was purged");
     println!(
         "purge: {} tombstones in {} transactions, {:.1} s",

@@ -1,8 +1,9 @@
 //! Deletes stay deleted (docs/protocol.md, "The life of a delete"), over real processes: client
 //! times outside the skew bound are refused, a forged complete-round notice is refused and the
 //! deletes it would have let go hold when the missing copy returns, a round with failed applies
-//! does not enable purging, a single-copy shard purges after the grace, and a write that loses to
-//! a newer copy says so.
+//! does not enable purging, a copy down longer than the grace rejoins as it is and its stale live
+//! versions lose, a single-copy shard purges after the grace, and a write that loses to a newer
+//! copy says so.
 
 use std::future::Future;
 use std::time::Duration;
@@ -311,6 +312,106 @@ fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
             (0..3).all(|i| stored(&cluster, i, id).is_none()),
             "g/n/{id}: a purged tombstone does not bounce back"
         );
+    }
+}
+
+#[test]
+fn a_copy_down_longer_than_the_grace_rejoins_as_it_is_and_its_stale_versions_lose() {
+    let mut cluster = Cluster::start(3, &config(2));
+    let ids: Vec<String> = (0..6).map(|k| format!("stale-{k}")).collect();
+    for id in &ids {
+        cluster.json(0, &["put", &format!("g/n/{id}"), "--tag", "v=live"]);
+    }
+    // A round reaches every copy: each copy may purge below its cutoff from now on.
+    let round = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    for i in 0..3 {
+        let status = shard_status(&cluster, i);
+        assert!(status["purge_cutoff_ns"].as_i64().is_some(), "{status}");
+    }
+    cluster.kill(2);
+    let mut deleted_at = Vec::new();
+    for id in &ids {
+        let deleted = cluster.json(0, &["delete", &format!("g/n/{id}")]);
+        assert_eq!(deleted["acknowledged"], 2, "{deleted}");
+        let tombstone = stored(&cluster, 0, id).expect("the tombstone");
+        assert!(tombstone.delete_time > 0, "{tombstone:?}");
+        deleted_at.push(tombstone.delete_time);
+    }
+    let first_delete = deleted_at.iter().copied().min().expect("deletes");
+    // The last complete round grows older than the grace (2 s) while n3 is away: the copies that
+    // stayed say that purging waits, since when, and for whom.
+    let blocked = eventually(Duration::from_secs(30), || {
+        (0..2).all(|i| {
+            shard_status(&cluster, i)["purge_blocked"]
+                .as_str()
+                .is_some_and(|why| why.contains(" s ago") && why.contains("down: n3"))
+        })
+    });
+    assert!(
+        blocked,
+        "status names n3 as the copy purging waits for: {} / {}",
+        shard_status(&cluster, 0),
+        shard_status(&cluster, 1)
+    );
+    // Nothing deleted since the last complete round was purged meanwhile: the purge line of
+    // every copy that stayed is below the first delete, and every tombstone is kept.
+    for i in 0..2 {
+        let status = shard_status(&cluster, i);
+        assert!(
+            status["purged_below_ns"]
+                .as_i64()
+                .is_none_or(|line| line < first_delete),
+            "n{}: the purge line stays below the deletes made while n3 was away: {status}",
+            i + 1
+        );
+        for id in &ids {
+            let copy = stored(&cluster, i, id).expect("the tombstone is kept");
+            assert!(copy.delete_time > 0, "n{}: {copy:?}", i + 1);
+        }
+    }
+    // n3 rejoins as it is, longer than the grace after its last round, holding live versions.
+    cluster.start_node(2);
+    cluster.wait_ready(2);
+    for id in &ids {
+        assert_eq!(
+            stored(&cluster, 2, id).map(|p| p.delete_time),
+            Some(0),
+            "n3 still holds the live version of {id}"
+        );
+    }
+    // The stale copy itself runs the round: its live versions lose to the tombstones.
+    let round = cluster.json(2, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    for id in &ids {
+        for i in 0..3 {
+            let read = cluster.cli(i, &["get", &format!("g/n/{id}")]);
+            assert!(!read.status.success(), "g/n/{id} came back at n{}", i + 1);
+            assert!(
+                stored(&cluster, i, id).is_none_or(|p| p.delete_time > 0),
+                "n{} holds the tombstone of {id} or nothing",
+                i + 1
+            );
+        }
+    }
+    // After that round every copy purges the tombstones, and they stay gone.
+    let purged = eventually(Duration::from_secs(30), || {
+        (0..3).all(|i| ids.iter().all(|id| stored(&cluster, i, id).is_none()))
+    });
+    assert!(
+        purged,
+        "the tombstones were purged after the complete round"
+    );
+    let round = cluster.json(1, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
+    for id in &ids {
+        for i in 0..3 {
+            assert!(
+                stored(&cluster, i, id).is_none(),
+                "n{}: g/n/{id} stays deleted",
+                i + 1
+            );
+        }
     }
 }
 

@@ -158,9 +158,10 @@ async fn one_client(
                 })
                 .await
             {
-                Ok(answer) => Outcome::Written {
-                    revision: answer.into_inner().mod_revision,
-                },
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    answered(answer.mod_revision, answer.superseded)
+                }
                 Err(status) => failure(&status),
             };
             (Request::Put { value }, outcome)
@@ -176,9 +177,10 @@ async fn one_client(
                 })
                 .await
             {
-                Ok(answer) => Outcome::Written {
-                    revision: answer.into_inner().mod_revision,
-                },
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    answered(answer.mod_revision, answer.superseded)
+                }
                 Err(status) => failure(&status),
             };
             (Request::Delete, outcome)
@@ -210,6 +212,20 @@ async fn one_client(
             end: now_nanos(),
         });
         tokio::time::sleep(Duration::from_millis(rng.between(0, 20))).await;
+    }
+}
+
+/// What an answered write did: acknowledged with its revision, unless it answered that it lost to
+/// a newer version (`superseded`). Such a write is not acknowledged, yet a copy that lacked the
+/// newer version may hold it until repair replaces it, so reads may see it meanwhile: it is
+/// recorded as indeterminate.
+fn answered(revision: i64, superseded: i64) -> Outcome {
+    if superseded == 0 {
+        Outcome::Written { revision }
+    } else {
+        Outcome::Indeterminate {
+            error: format!("superseded by revision {superseded} (written with {revision})"),
+        }
     }
 }
 
@@ -258,6 +274,12 @@ mod tests {
         property.delete_time = 0;
         property.tags.clear();
         assert_eq!(version_of(&property).value.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn a_write_answered_superseded_is_not_acknowledged() {
+        assert_eq!(answered(7, 0), Outcome::Written { revision: 7 });
+        assert!(matches!(answered(7, 9), Outcome::Indeterminate { .. }));
     }
 
     #[test]

@@ -22,7 +22,8 @@ const HELP: &str = "\
 cargo xtask <command>
 
 commands:
-  ci       format check, clippy (warnings denied), crate boundaries, every test
+  ci       format check, clippy (warnings denied), crate boundaries, every test, two 60 s
+           nemesis schedules, 30 s of each fuzz target (where the nightly toolchain is)
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
   bench    run the criterion benches (release build); extra args go to `cargo bench`
   nemesis  real nodes under injected faults, then check nothing acknowledged was lost
@@ -36,6 +37,9 @@ commands:
            results under target/mutants/mutants.out (see docs/testing.md)
   help     this text
 ";
+
+/// The nemesis schedules `ci` runs (60 s each, every fault kind).
+const NEMESIS_CI_SEEDS: [&str; 2] = ["1", "2"];
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -139,6 +143,17 @@ fn ci() -> Result<()> {
             &["test", "--workspace", "--all-features", "--locked", "--doc"],
         )?;
     }
+    // Two seeded nemesis schedules with every fault kind, on the debug binaries the test suite
+    // has just built (docs/reliability.md, "In CI").
+    for seed in NEMESIS_CI_SEEDS {
+        let args = ["--debug", "--no-build", "--seconds", "60", "--seed", seed];
+        nemesis::run(&workspace_root(), &args.map(str::to_owned))?;
+    }
+    // Each fuzz target for 30 s where the nightly toolchain is present (it says why it skips).
+    fuzz::run(
+        &workspace_root(),
+        &["--seconds".to_owned(), "30".to_owned()],
+    )?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }

@@ -8,11 +8,12 @@ use anyhow::{Context, Result, bail};
 
 const USAGE: &str = "\
 cargo xtask nemesis [--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]
-                    [--clients C] [--entities E] [--rss-limit-mib M] [--out DIR]
+                    [--no-build] [--clients C] [--entities E] [--rss-limit-mib M] [--out DIR]
 
   --faults  `all` (default) or a list of:
             kill,pause,partition,cut,delay,bandwidth,refuse,skew,corrupt,disk-full
   --debug   use a debug build instead of the release build (faster to build, slower to run)
+  --no-build  run the binaries already built (`cargo xtask ci` runs the ones its test suite built)
   --out     where the logs, configs, data and history go (default target/nemesis/seed-X-TIME)
 ";
 
@@ -25,6 +26,7 @@ const LIBFAKETIME: &[&str] = &[
 
 pub(crate) fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut debug = false;
+    let mut build_first = true;
     let mut seed = None;
     let mut out = None;
     let mut faults = "all".to_owned();
@@ -33,6 +35,7 @@ pub(crate) fn run(root: &Path, args: &[String]) -> Result<()> {
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--debug" => debug = true,
+            "--no-build" => build_first = false,
             "--help" | "-h" => {
                 print!("{USAGE}");
                 return Ok(());
@@ -79,7 +82,9 @@ pub(crate) fn run(root: &Path, args: &[String]) -> Result<()> {
     if !debug {
         build.arg("--release");
     }
-    crate::status(build)?;
+    if build_first {
+        crate::status(build)?;
+    }
 
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -89,6 +94,16 @@ pub(crate) fn run(root: &Path, args: &[String]) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let out = out.unwrap_or_else(|| target.join("nemesis").join(format!("seed-{seed}-{stamp}")));
+    if !build_first {
+        for name in ["propd", "nemesis"] {
+            if !bin.join(name).exists() {
+                bail!(
+                    "--no-build: {} is not built (build it, or leave --no-build out)",
+                    bin.join(name).display()
+                );
+            }
+        }
+    }
     let mut nemesis = Command::new(bin.join("nemesis"));
     nemesis
         .arg("--propd")

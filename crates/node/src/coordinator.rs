@@ -437,7 +437,7 @@ struct Replicated {
     copies: u32,
     /// Whether any copy held a live version before.
     had_live: bool,
-    /// The newest revision the write lost to, when it lost on every copy that acknowledged.
+    /// The newest revision the write lost to, when it lost on any copy that acknowledged.
     superseded: Option<i64>,
     /// What the copies that refused said.
     refusals: Refusals,
@@ -461,13 +461,13 @@ impl CopyAck {
     }
 }
 
-/// The revision a write was superseded by: the newest one, when every acknowledging copy held a
-/// newer version.
+/// The revision a write was superseded by: the newest one any acknowledging copy held. One is
+/// enough: the version order is total, so that newer version wins on every copy once repair has
+/// carried it there, and the write, stored on a copy that lacked it, is lost there too. (With
+/// `write_acks` copies out of `n`, `2 * write_acks > n`, the copies acknowledging two writes
+/// overlap, so a write acknowledged after another always meets it on one of them.)
 fn superseded(acks: &[CopyAck]) -> Option<i64> {
-    acks.iter()
-        .map(|ack| ack.newer)
-        .collect::<Option<Vec<i64>>>()
-        .and_then(|newer| newer.into_iter().max())
+    acks.iter().filter_map(|ack| ack.newer).max()
 }
 
 /// Writes one copy on `target`; `Ok(ack)` when it acknowledged. A copy that could not be
@@ -1072,6 +1072,24 @@ mod tests {
     use super::*;
     use crate::config::{Member, Partial};
     use crate::node::lock;
+
+    /// Found by the nemesis (seed 1): a write acknowledged by one copy that held a newer version
+    /// and by one that lacked it answered ok, and lost.
+    #[test]
+    fn a_write_that_lost_on_any_acknowledging_copy_is_superseded() {
+        let applied = CopyAck {
+            had_live: true,
+            newer: None,
+        };
+        let lost = |revision| CopyAck {
+            had_live: true,
+            newer: Some(revision),
+        };
+        assert_eq!(superseded(&[applied, applied]), None);
+        assert_eq!(superseded(&[applied, lost(7)]), Some(7));
+        assert_eq!(superseded(&[lost(5), applied, lost(9)]), Some(9));
+        assert_eq!(superseded(&[]), None);
+    }
 
     #[test]
     fn a_refusal_echoes_a_short_prefix_and_the_full_length() {

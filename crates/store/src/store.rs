@@ -154,6 +154,7 @@ impl RedbStore {
             damage: Mutex::new(None),
         };
         store.guarded(|| store.check_recorded_config(existed))?;
+        store.guarded(|| store.check_shard_tables())?;
         tracing::debug!(path = %store.path.display(), "store opened");
         Ok(store)
     }

@@ -37,9 +37,10 @@ pub struct PurgeState {
     pub purged_below: i64,
 }
 
-/// Tombstones removed per write transaction of a purge unless the caller says otherwise: other
-/// writes of the node wait for at most one chunk.
-pub const PURGE_CHUNK: usize = 1000;
+/// Tombstones removed per write transaction of a purge unless the caller says otherwise, and the
+/// leaf-log changes flushed per transaction during a purge: other writes of the node wait for at
+/// most one such transaction (docs/benchmarks.md, "purge").
+pub const PURGE_CHUNK: usize = 64;
 
 /// The cutoff a round that completed for purging gives every copy of its shard: its start
 /// minus three clock-skew bounds (one for the delete time a client may choose, one for the
@@ -151,7 +152,18 @@ impl RedbStore {
         // commit come back and are recomputed, so the flush need not wait for the disk.
         self.write(Durability::None, |txn| {
             let mut writer = self.shard_writer(txn, group, shard)?;
-            writer.flush_tree()
+            writer.flush_tree(usize::MAX)
+        })
+    }
+
+    /// Applies the oldest `max` changes of the shard's leaf log to its tree in one write
+    /// transaction, synced like a property write: a purge pays for its own writes to disk rather
+    /// than leaving them to the next write's sync. Returns the changes left in the log.
+    fn flush_oldest(&self, group: &str, shard: u32, max: usize) -> Result<u64, StoreError> {
+        self.write(self.data_durability(), |txn| {
+            let mut writer = self.shard_writer(txn, group, shard)?;
+            writer.flush_tree(max)?;
+            writer.pending()
         })
     }
 
@@ -301,10 +313,13 @@ impl RedbStore {
     /// tombstone whose delete time is below it; nothing else is ever removed. The caller
     /// computes the line ([`purge_line`]).
     ///
-    /// The line is raised first, in its own transaction: from then on such tombstones are
-    /// neither stored nor sent. The removal runs in write transactions of at most `chunk`
-    /// tombstones each, found by scanning a fresh snapshot from where the previous chunk ended,
-    /// so other writes of the node wait for one chunk at most.
+    /// The line is raised first, in its own synced transaction: from then on such tombstones are
+    /// neither stored nor sent. The removal then runs in short write transactions, so that other
+    /// writes of the node wait for one of them at most: each removes at most `chunk` tombstones,
+    /// found by scanning a fresh snapshot from where the previous chunk ended, and is followed by
+    /// a flush of at most `chunk` of the oldest leaf-log changes (the log stays short, so no
+    /// write meets a full log and pays a whole flush). Each is synced like a property write, so
+    /// the purge pays for its own writes to disk, and each yields the writer to whatever waits.
     pub fn purge_tombstones(
         &self,
         group: &str,
@@ -349,7 +364,8 @@ impl RedbStore {
             }
             drop(scan);
             if !doomed.is_empty() {
-                report.purged += self.write_shard(group, shard, |writer| {
+                report.purged += self.write(self.data_durability(), |txn| {
+                    let mut writer = self.shard_writer(txn, group, shard)?;
                     let mut removed = 0;
                     for entity in &doomed {
                         // Checked again in the transaction: a newer version may have come.
@@ -359,12 +375,27 @@ impl RedbStore {
                             removed += 1;
                         }
                     }
+                    writer.finish(txn)?;
                     Ok(removed)
                 })?;
                 report.chunks += 1;
+                std::thread::yield_now();
+                self.flush_oldest(group, shard, chunk)?;
+                std::thread::yield_now();
             }
             if exhausted {
                 break;
+            }
+        }
+        if report.chunks > 0 {
+            // The rest of the log, in slices (as many as it has now: changes that writes add
+            // meanwhile wait for the next flush).
+            let mut left = self.flush_oldest(group, shard, chunk)?;
+            let mut slices = left.div_ceil(chunk as u64);
+            while left > 0 && slices > 0 {
+                std::thread::yield_now();
+                left = self.flush_oldest(group, shard, chunk)?;
+                slices -= 1;
             }
         }
         // Rows the scans found rotten were skipped (never purged, never kept as tombstones):

@@ -96,16 +96,31 @@ pub(super) fn read_log(
     log: &impl ReadableTable<u64, &'static [u8]>,
     table: &str,
 ) -> Result<BTreeMap<Entity, Option<Digest>>, StoreError> {
+    Ok(read_log_oldest(log, table, usize::MAX)?.0)
+}
+
+/// Leaf changes read from a leaf log: the last change of each entity.
+pub(super) type LeafChanges = BTreeMap<Entity, Option<Digest>>;
+
+/// The oldest `max` entries of a leaf log, the last change of each entity among them, and the
+/// sequence number of the last entry read (`None` for an empty log).
+pub(super) fn read_log_oldest(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    table: &str,
+    max: usize,
+) -> Result<(LeafChanges, Option<u64>), StoreError> {
     let mut changes = BTreeMap::new();
-    for row in log.iter()? {
-        let (_, value) = row?;
+    let mut last = None;
+    for row in log.iter()?.take(max) {
+        let (key, value) = row?;
         let entry = decode_log(value.value()).map_err(|error| StoreError::Corrupt {
             table: table.to_owned(),
             detail: error.0,
         })?;
         changes.insert(entry.entity, entry.digest);
+        last = Some(key.value());
     }
-    Ok(changes)
+    Ok((changes, last))
 }
 
 /// Builds a shard's tree from its property rows, checking each: a row's leaf digest is the hash

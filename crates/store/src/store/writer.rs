@@ -25,7 +25,7 @@ use crate::group_commit::GroupId;
 use crate::repair_view::{Decision, RepairOutcome, decide_at_line, entity_order};
 use crate::store::RedbStore;
 use crate::store::quarantine::RotQueue;
-use crate::store::rows::{RowRead, build_from_rows, read_log, read_meta, read_row};
+use crate::store::rows::{RowRead, build_from_rows, read_log_oldest, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
 use crate::tree_store::TxnTree;
 use crate::validate::{Checked, WriteKind};
@@ -191,14 +191,16 @@ impl<'txn> ShardWriter<'txn> {
     }
 
     /// Leaf changes waiting in the log.
-    fn pending(&self) -> Result<u64, StoreError> {
+    pub(super) fn pending(&self) -> Result<u64, StoreError> {
         Ok(self.log.len()?)
     }
 
-    /// Applies the leaf log to the leaf table in (bucket, entity) order, recomputes every dirty
-    /// node and empties the log. Returns the number of inner nodes recomputed.
-    pub(super) fn flush_tree(&mut self) -> Result<usize, StoreError> {
-        let changes = read_log(&self.log, &self.names.log)?;
+    /// Applies the oldest `max` entries of the leaf log (`usize::MAX`: all) to the leaf table in
+    /// (bucket, entity) order, recomputes every dirty node and removes those entries from the
+    /// log. Entries left are newer, so a reader applying the log over the leaf table sees the
+    /// same tree. Returns the number of inner nodes recomputed.
+    pub(super) fn flush_tree(&mut self, max: usize) -> Result<usize, StoreError> {
+        let (changes, last) = read_log_oldest(&self.log, &self.names.log, max)?;
         let mut sorted: Vec<(u64, Entity, Option<Digest>)> = changes
             .into_iter()
             .map(|(entity, digest)| (self.shape.bucket_of(&entity).index, entity, digest))
@@ -213,9 +215,11 @@ impl<'txn> ShardWriter<'txn> {
             .map_err(tree_error)?;
         }
         let recomputed = tree.flush().map_err(tree_error)?;
-        if !sorted.is_empty() {
-            self.log.retain(|_, _| false)?;
-            self.next_seq = None;
+        if let Some(last) = last {
+            self.log.retain_in(..=last, |_, _| false)?;
+            if self.log.is_empty()? {
+                self.next_seq = None;
+            }
         }
         Ok(recomputed)
     }

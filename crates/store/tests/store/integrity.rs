@@ -298,3 +298,32 @@ fn a_zeroed_page_is_an_error_naming_the_damage_never_a_panic_or_a_wrong_value() 
     }
     assert!(named > 0, "zeroing pages found no damage at all");
 }
+
+/// Found by the nemesis (seed 1): bytes flipped in a stopped node's file damaged the stored
+/// definition of one shard's table; the node started, served its other shards, and failed every
+/// read of that one ("Current definition of (u32,u64) does not match stored definition") while
+/// its copies there went stale. A table whose stored definition does not match is now refused at
+/// start, naming it, like any other damage to the file.
+#[test]
+fn a_table_whose_stored_definition_is_damaged_refuses_the_file_at_start() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    filled(dir.path(), 3);
+    let file = dir.path().join("propd.redb");
+    {
+        // The nodes table of h/0 stored with another key type, as a damaged definition reads.
+        let db = redb::Database::open(&file).unwrap_or_else(|e| panic!("{e}"));
+        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        txn.delete_table(redb::TableDefinition::<(u32, u64), &[u8]>::new("nodes/h/0"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("nodes/h/0"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+    }
+    match propd_store::RedbStore::open(config(dir.path())) {
+        Err(StoreError::DamagedFile { path, detail }) => {
+            assert_eq!(path, file);
+            assert!(detail.contains("nodes/h/0"), "{detail}");
+        }
+        other => panic!("a damaged table definition must be refused, got {other:?}"),
+    }
+}
