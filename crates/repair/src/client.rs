@@ -82,6 +82,8 @@ pub struct Client {
     wire_width: usize,
     /// The protocol version of the sync (known from `RootCompare`).
     version: u32,
+    /// Our tree was empty when the sync started (the server may then stream the whole shard).
+    empty: bool,
     phase: Phase,
     out: VecDeque<pb::RepairRequest>,
     /// The level whose digests are being sent (1 = slots).
@@ -146,6 +148,7 @@ impl Client {
             shard,
             shape,
             version: 1,
+            empty: leaf_count == 0,
             phase: Phase::AwaitRootCompare,
             out: VecDeque::new(),
             level: 0,
@@ -361,6 +364,19 @@ impl Client {
             return Ok(());
         }
         self.phase = Phase::Descent;
+        if answer.whole_shard {
+            if !(self.bulk() && self.empty) {
+                return Err(ProtocolError::Unexpected {
+                    phase: "a sync with a non-empty client tree, a preview or version 1",
+                    message: "RootCompare.whole_shard",
+                }
+                .into());
+            }
+            // No descent: the whole shard comes as BulkSync pages.
+            self.listed.insert(NodeId::ROOT);
+            self.start_level(1, Vec::new());
+            return Ok(());
+        }
         self.start_level(1, vec![NodeId::ROOT]);
         Ok(())
     }

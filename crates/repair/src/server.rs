@@ -48,6 +48,11 @@ enum Job {
     /// Find the versions the client asked for, then send them.
     Resolve(Vec<Wanted>),
     Copies(CopyQueue),
+    /// Stream the whole shard in entity order (the client's tree is empty), resuming after the
+    /// entity: the bulk path of version 2 for a wiped replica.
+    Shard {
+        after: Option<Entity>,
+    },
     /// Stream every property under these nodes (the client lacks them), resuming after the
     /// cursor in the front one: the bulk path of version 2.
     Bulk {
@@ -330,6 +335,20 @@ impl Server {
             done(self, answer);
             return Ok(());
         }
+        if root.leaf_count == 0 && self.streams(false) {
+            // A wiped replica: no descent, the whole shard in the order its store writes fastest.
+            answer.whole_shard = true;
+            self.out.push_back(Job::Message(pb::RepairResponse {
+                msg: Some(Out::RootCompare(answer)),
+            }));
+            self.listed.insert(NodeId::ROOT);
+            self.out.push_back(Job::Shard { after: None });
+            self.phase = Phase::Descent;
+            // Level 1 with an empty frontier: no LevelDigests is accepted, and the sync ends
+            // with SyncEnd after the client's NoMorePropertySync.
+            self.level = 1;
+            return Ok(());
+        }
         self.out.push_back(Job::Message(pb::RepairResponse {
             msg: Some(Out::RootCompare(answer)),
         }));
@@ -570,6 +589,7 @@ impl Server {
                 }
                 Job::Copies(queue) => self.send_copies(store, queue)?,
                 Job::Bulk { nodes, after } => self.bulk_page(store, nodes, after)?,
+                Job::Shard { after } => self.shard_page(store, after)?,
             };
             if msg.is_some() {
                 return Ok(msg);
@@ -701,6 +721,56 @@ impl Server {
             self.out.push_front(Job::Copies(queue));
         }
         Ok(())
+    }
+
+    /// One `BulkSync` page of the whole shard in entity order, resuming after `after`: at most
+    /// `page_items` properties and about `page_bytes` bytes, read one store range at a time;
+    /// `None` once the shard is spent.
+    fn shard_page<S: RepairStore>(
+        &mut self,
+        store: &S,
+        mut after: Option<Entity>,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        const READ_BATCH: usize = 64;
+        let limit = self.config.page_items;
+        let mut page: Vec<pb::Property> = Vec::new();
+        let mut bytes = 0usize;
+        let mut spent = false;
+        'fill: while page.len() < limit && bytes < self.config.page_bytes {
+            let want = (limit - page.len()).min(READ_BATCH);
+            let found = store
+                .properties_after(&self.group, self.shard, after.as_ref(), want)
+                .map_err(SyncError::store("reading the shard to stream"))?;
+            spent = found.len() < want;
+            for property in &found {
+                after = Some(
+                    property
+                        .entity()
+                        .map_err(SyncError::store("reading the shard to stream"))?,
+                );
+                let property = wire::property_to_proto(property);
+                bytes += property.encoded_len();
+                page.push(property);
+                if bytes >= self.config.page_bytes {
+                    spent = false;
+                    break 'fill;
+                }
+            }
+            if spent {
+                break;
+            }
+        }
+        if !spent {
+            self.out.push_front(Job::Shard { after });
+        }
+        if page.is_empty() {
+            return Ok(None);
+        }
+        self.report.sent += page.len() as u64;
+        self.report.streamed += page.len() as u64;
+        Ok(Some(pb::RepairResponse {
+            msg: Some(Out::BulkSync(pb::PropertySync { properties: page })),
+        }))
     }
 
     /// One `BulkSync` page of the properties under `nodes`, in `(bucket, entity)` order,

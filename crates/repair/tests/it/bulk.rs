@@ -75,6 +75,16 @@ impl RepairStore for Counting {
         Ok(leaves)
     }
 
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, Self::Error> {
+        self.inner.properties_after(group, shard, after, limit)
+    }
+
     fn get_many(
         &self,
         group: &str,
@@ -131,13 +141,50 @@ fn an_empty_replica_is_filled_by_the_bulk_path_without_fingerprints() {
             (0, 0, 3000)
         );
         let fingerprints: u64 = report.levels.iter().map(|l| l.fingerprints).sum();
-        assert_eq!(fingerprints, 0, "no fingerprint list travels: {report:?}");
+        let digests: u64 = report.levels.iter().map(|l| l.digests).sum();
+        assert_eq!(
+            (fingerprints, digests),
+            (0, 0),
+            "no descent, no fingerprint list: {report:?}"
+        );
+        // Pages stay within the limits whatever the shard's size.
+        assert!(report.bytes_received < 3000 * 400, "{report:?}");
     }
 }
 
 #[test]
-fn a_subtree_only_the_server_holds_is_streamed_and_the_rest_merged() {
+fn a_whole_shard_streams_in_entity_order_and_version_one_descends() {
     let shape = small_shape();
+    let full = model(shape, 1);
+    put(&full, 0, props("e", 300));
+    // Recording the order the client receives copies in: BulkSync pages, in turn.
+    let empty = model(shape, 1);
+    let mut streamed: Vec<String> = Vec::new();
+    drive(&empty, &full, small_pages(), small_pages(), |msg| {
+        if let Some(pb::repair_response::Msg::BulkSync(page)) = &msg.msg {
+            streamed.extend(page.properties.iter().map(|p| p.id.clone()));
+        }
+    });
+    let mut sorted = streamed.clone();
+    sorted.sort();
+    assert_eq!(streamed.len(), 300);
+    assert_eq!(streamed, sorted, "the whole shard comes in entity order");
+    assert_eq!(contents(&empty, 0), contents(&full, 0));
+
+    // At version 1 the same sync descends and asks for every fingerprint back.
+    let empty = model(shape, 1);
+    let v1 = Config {
+        protocol_version: 1,
+        ..small_pages()
+    };
+    let (report, _) = sync_in_memory(&empty, &full, GROUP, 0, v1).expect("sync");
+    assert_eq!((report.streamed, report.requested), (0, 300));
+    assert_eq!(contents(&empty, 0), contents(&full, 0));
+}
+
+#[test]
+fn a_subtree_only_the_server_holds_is_streamed_and_the_rest_merged() {
+    let shape = Shape::default();
     let (a, b) = (model(shape, 1), model(shape, 1));
     // Common entities, a few differing versions, and many the client lacks.
     let common = props("c", 200);
@@ -152,44 +199,105 @@ fn a_subtree_only_the_server_holds_is_streamed_and_the_rest_merged() {
     assert_eq!(contents(&a, 0), expected);
     assert_eq!(contents(&b, 0), expected);
     assert_eq!(report.protocol_version, 2);
+    // The client holds 220 entities among the default shape's 512 level-2 nodes: many of the
+    // server's 500 lie under nodes the client lacks and come by the bulk path, the rest by the
+    // leaf merge.
+    assert!(report.streamed > 0 && report.streamed <= 500, "{report:?}");
+    assert!(report.requested > 0, "{report:?}");
+    // Every version the client asked for came once, except c1's: the server took the client's
+    // newer c1 first, so its old version no longer resolves (c2's came once, as the answer to
+    // the client's older copy, not again for the request).
+    assert_eq!(
+        report.received,
+        report.streamed + report.requested - 1,
+        "{report:?}"
+    );
 }
 
-/// Drives a sync by hand and returns, for each `PropertyMissing` page the server handled, the
-/// leaves it read to answer it (the server reads a client message only once it has sent
-/// everything, so the reads between two deliveries belong to the first).
+/// Drives a sync by hand, as the driver does: the server reads the client's next message only
+/// once it has sent everything. `seen` sees every server message before the client; `idle` is
+/// called each time the server has sent everything, with the client message it answered.
+fn drive_with<C: RepairStore, S: RepairStore>(
+    client_store: &C,
+    server_store: &S,
+    client_config: Config,
+    server_config: Config,
+    mut seen: impl FnMut(&pb::RepairResponse),
+    mut idle: impl FnMut(Option<&pb::RepairRequest>),
+) {
+    let mut client = Client::new(client_store, GROUP, 0, client_config).expect("client");
+    let mut server = Server::new(server_config).expect("server");
+    let mut to_server: VecDeque<pb::RepairRequest> = VecDeque::new();
+    let mut answered: Option<pb::RepairRequest> = None;
+    for _ in 0..1_000_000 {
+        while let Some(msg) = client.poll_transmit(client_store).expect("client sends") {
+            to_server.push_back(msg);
+        }
+        while let Some(msg) = server.poll_transmit(server_store).expect("server sends") {
+            seen(&msg);
+            client.handle(client_store, msg).expect("client handles");
+            while let Some(msg) = client.poll_transmit(client_store).expect("client sends") {
+                to_server.push_back(msg);
+            }
+        }
+        idle(answered.as_ref());
+        if client.is_done() && server.is_done() {
+            return;
+        }
+        let msg = to_server.pop_front().expect("a stalled sync");
+        server
+            .handle(server_store, msg.clone())
+            .expect("server handles");
+        answered = Some(msg);
+    }
+    panic!("the sync did not finish");
+}
+
+fn drive<C: RepairStore, S: RepairStore>(
+    client_store: &C,
+    server_store: &S,
+    client_config: Config,
+    server_config: Config,
+    seen: impl FnMut(&pb::RepairResponse),
+) {
+    drive_with(
+        client_store,
+        server_store,
+        client_config,
+        server_config,
+        seen,
+        |_| {},
+    );
+}
+
+/// For each `PropertyMissing` page the server handled, the leaves it read to answer it: the
+/// reads between its delivery and the server's next idle moment.
 fn leaf_reads_per_missing_page(
     client_store: &ModelStore,
     server_store: &Counting,
     client_config: Config,
     server_config: Config,
 ) -> Vec<u64> {
-    let mut client = Client::new(client_store, GROUP, 0, client_config).expect("client");
-    let mut server = Server::new(server_config).expect("server");
-    let mut to_server: VecDeque<pb::RepairRequest> = VecDeque::new();
     let mut per_page = Vec::new();
-    let mut answering_missing = false;
-    for _ in 0..1_000_000 {
-        while let Some(msg) = client.poll_transmit(client_store).expect("client sends") {
-            to_server.push_back(msg);
-        }
-        let before = server_store.reads();
-        while let Some(msg) = server.poll_transmit(server_store).expect("server sends") {
-            client.handle(client_store, msg).expect("client handles");
-            while let Some(msg) = client.poll_transmit(client_store).expect("client sends") {
-                to_server.push_back(msg);
+    let mut last = 0;
+    drive_with(
+        client_store,
+        server_store,
+        client_config,
+        server_config,
+        |_| {},
+        |answered| {
+            let now = server_store.reads();
+            if let Some(pb::RepairRequest {
+                msg: Some(pb::repair_request::Msg::PropertyMissing(_)),
+            }) = answered
+            {
+                per_page.push(now - last);
             }
-        }
-        if answering_missing {
-            per_page.push(server_store.reads() - before);
-        }
-        if client.is_done() && server.is_done() {
-            return per_page;
-        }
-        let msg = to_server.pop_front().expect("a stalled sync");
-        answering_missing = matches!(msg.msg, Some(pb::repair_request::Msg::PropertyMissing(_)));
-        server.handle(server_store, msg).expect("server handles");
-    }
-    panic!("the sync did not finish");
+            last = now;
+        },
+    );
+    per_page
 }
 
 #[test]

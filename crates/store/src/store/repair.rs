@@ -6,7 +6,7 @@ use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
 use crate::error::{StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, below_line};
 use crate::store::RedbStore;
-use crate::store::rows::{open_read, read_meta_snapshot, read_row};
+use crate::store::rows::{decode_row, open_read, read_meta_snapshot, read_row};
 use crate::tables::ShardTableNames;
 
 impl RepairStore for RedbStore {
@@ -81,6 +81,37 @@ impl RepairStore for RedbStore {
                 Ok(row.filter(|property| !below_line(property, purged_below)))
             })
             .collect()
+    }
+
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, StoreError> {
+        use std::ops::Bound;
+        let snapshot = self.snapshot()?;
+        let names = ShardTableNames::new(group, shard);
+        let Some(table) = open_read(&snapshot.txn, names.props())? else {
+            return Ok(Vec::new());
+        };
+        let purged_below = read_meta_snapshot(&snapshot.txn, group, shard)?.purged_below;
+        let start = after.map_or(Bound::Unbounded, |entity| Bound::Excluded(entity.as_str()));
+        let mut found = Vec::new();
+        // One range read of the property rows, in key order.
+        for row in table.range::<&str>((start, Bound::Unbounded))? {
+            if found.len() >= limit {
+                break;
+            }
+            let (key, value) = row?;
+            let property = decode_row(&names.props, key.value(), value.value())?;
+            // A tombstone below the purge line is never sent: it reads as absent.
+            if !below_line(&property, purged_below) {
+                found.push(property);
+            }
+        }
+        Ok(found)
     }
 
     fn repair_apply_batch(
