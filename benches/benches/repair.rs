@@ -16,7 +16,8 @@
 //!   empty store, with the process's peak RSS above its RSS before the sync (both nodes live in
 //!   this process). `PROPD_BENCH_FILL_N` small properties (default 1 000 000, ~200 B) and
 //!   `PROPD_BENCH_FILL_BIG_N` properties of ~2 KB (default 100 000); `PROPD_BENCH_FILL_RUNS`
-//!   runs each (default 3, median reported; 0 skips a size).
+//!   runs each (default 3, median reported; 0 skips a size); `PROPD_BENCH_FILL_COMPARE=0` skips
+//!   the local load (for the 10 M-property restore, which is timed alone).
 
 #![allow(
     missing_docs,
@@ -533,7 +534,9 @@ fn fill_once(
     })
 }
 
-fn fill(label: &str, n: u64, make: fn(u64) -> Property, runs: usize) {
+/// Fills `runs` empty replicas from one source of `n` properties `make(i)`; with `compare`, each
+/// run first times a local key-order bulk load of the same data.
+fn fill(label: &str, n: u64, make: fn(u64) -> Property, runs: usize, compare: bool) {
     if runs == 0 || n == 0 {
         return;
     }
@@ -543,7 +546,14 @@ fn fill(label: &str, n: u64, make: fn(u64) -> Property, runs: usize) {
         .build()
         .expect("runtime");
     let source_dir = tempfile::tempdir().expect("dir");
-    let source = Arc::new(open(&source_dir));
+    // The source is not timed: loaded without syncs.
+    let mut config = StoreConfig::new(
+        source_dir.path(),
+        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
+        Shape::default(),
+    );
+    config.durability = propd_store::WriteDurability::NotSynced;
+    let source = Arc::new(RedbStore::open(config).expect("open"));
     let started = Instant::now();
     bulk_load_with(&source, n, make);
     println!(
@@ -555,13 +565,15 @@ fill {label}: loading the {n}-property source took {:.2?}",
     let mut synced = Vec::new();
     let mut peaks = Vec::new();
     for run in 0..runs {
-        let dir = tempfile::tempdir().expect("dir");
-        let empty = open(&dir);
-        let started = Instant::now();
-        bulk_load_with(&empty, n, make);
-        local.push(started.elapsed());
-        drop(empty);
-        drop(dir);
+        if compare {
+            let dir = tempfile::tempdir().expect("dir");
+            let empty = open(&dir);
+            let started = Instant::now();
+            bulk_load_with(&empty, n, make);
+            local.push(started.elapsed());
+        } else {
+            local.push(std::time::Duration::ZERO);
+        }
 
         let (elapsed, peak, report) = fill_once(&runtime, &source);
         assert_eq!(report.applied, n);
@@ -621,18 +633,10 @@ fn main() {
     }
     if wants("fill") {
         let runs = env("PROPD_BENCH_FILL_RUNS", 3) as usize;
-        fill(
-            "small",
-            env("PROPD_BENCH_FILL_N", 1_000_000),
-            property,
-            runs,
-        );
-        fill(
-            "2 KB",
-            env("PROPD_BENCH_FILL_BIG_N", 100_000),
-            big_property,
-            runs,
-        );
+        // PROPD_BENCH_FILL_COMPARE=0 skips the local load (the 10 M restore, timed alone).
+        let compare = env("PROPD_BENCH_FILL_COMPARE", 1) != 0;
+        fill("small", env("PROPD_BENCH_FILL_N", 1_000_000), property, runs, compare);
+        fill("2 KB", env("PROPD_BENCH_FILL_BIG_N", 100_000), big_property, runs, compare);
     }
     if wants("throughput") {
         throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));
