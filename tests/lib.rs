@@ -33,6 +33,8 @@ pub fn propd_binary() -> &'static Path {
         let release = profile_dir.ends_with("release").then_some("--release");
         if !binary.exists() || release.is_some() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            // A bench runs from target/release: it measures the release binary.
+            let release = profile_dir.ends_with("release").then_some("--release");
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
                 .args(release)
@@ -93,6 +95,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The nodes, in id order.
     pub nodes: Vec<NodeSpec>,
+    /// Environment variables every node is started with (beside `RUST_LOG`).
+    pub env: Vec<(String, String)>,
     children: Vec<Option<Child>>,
 }
 
@@ -100,6 +104,18 @@ impl Cluster {
     /// Writes the config of `n` nodes sharing `shared` (TOML: top-level keys first, then tables
     /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
     pub fn start(n: usize, shared: &str) -> Cluster {
+        let mut cluster = Cluster::configure(n, shared);
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        for i in 0..n {
+            cluster.wait_ready(i);
+        }
+        cluster
+    }
+
+    /// Writes the config of `n` nodes as [`Cluster::start`] does, and starts none of them.
+    pub fn configure(n: usize, shared: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|i| {
@@ -135,18 +151,49 @@ impl Cluster {
             std::fs::write(&node.config, text).expect("writing a config file");
         }
         let children = nodes.iter().map(|_| None).collect();
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             nodes,
+            env: Vec::new(),
             children,
-        };
-        for i in 0..n {
-            cluster.start_node(i);
         }
-        for i in 0..n {
-            cluster.wait_ready(i);
+    }
+
+    /// The data directory of node `i`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].id)
+    }
+
+    /// The database file of node `i`.
+    pub fn data_file(&self, i: usize) -> PathBuf {
+        self.data_dir(i).join("propd.redb")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to node `i`.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let child = self.children[i].as_ref().expect("the node is running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits (at most `limit`) for node `i` to exit by itself; its exit status, `None` if it
+    /// still runs (it is then left running).
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.children[i].as_mut()?;
+            if let Some(status) = child.try_wait().expect("polling a child") {
+                self.children[i] = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        cluster
     }
 
     /// Starts node `i` (index into `nodes`) and does not wait.
@@ -164,6 +211,7 @@ impl Cluster {
                 "RUST_LOG",
                 std::env::var("PROPD_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -247,6 +295,16 @@ impl Cluster {
                 .collect();
             panic!("{error}\n{}", logs.join("\n"))
         })
+    }
+
+    /// Node `i`'s own copy of `entity` as `propd get --local` prints it, `None` when it has
+    /// none.
+    pub fn local_copy(&self, i: usize, entity: &str) -> Option<Value> {
+        let output = self.cli(i, &["get", entity, "--local", "--output", "json"]);
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
     }
 
     /// Runs `propd ARGS --server <node i> --output json`, asserts success, parses stdout.

@@ -31,11 +31,7 @@ fn roots(cluster: &Cluster, nodes: &[usize], group: &str, shard: u32) -> Vec<Str
 }
 
 fn local_copy(cluster: &Cluster, i: usize, entity: &str) -> Option<Value> {
-    let output = cluster.cli(i, &["get", entity, "--local", "--output", "json"]);
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
+    cluster.local_copy(i, entity)
 }
 
 fn all_equal(values: &[String]) -> bool {

@@ -135,6 +135,13 @@ struct ServeArgs {
     /// `log_format`: `text` (default) or `json`, one object per line.
     #[arg(long, env = "PROPD_LOG_FORMAT")]
     log_format: Option<String>,
+    /// How fast the scrub rereads stored rows, bytes per second (0: off).
+    #[arg(long, env = "PROPD_REPAIR_SCRUB_BYTES_PER_SECOND")]
+    repair_scrub_bytes_per_second: Option<u64>,
+    /// Start with an empty store if the data file is damaged (it is kept as
+    /// `propd.redb.damaged`); without it such a node refuses to start.
+    #[arg(long, env = "PROPD_ALLOW_EMPTY_STORE", num_args = 0..=1, default_missing_value = "true")]
+    allow_empty_store: Option<bool>,
 }
 
 impl ServeArgs {
@@ -152,6 +159,7 @@ impl ServeArgs {
             write_acks: self.write_acks,
             max_property_bytes: self.max_property_bytes,
             max_clock_skew: self.max_clock_skew,
+            allow_empty_store: self.allow_empty_store,
             members: (!self.members.is_empty()).then_some(self.members),
             groups: (!self.groups.is_empty()).then_some(self.groups),
             repair: PartialRepair {
@@ -163,6 +171,7 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+                scrub_bytes_per_second: self.repair_scrub_bytes_per_second,
             },
             store: PartialStore {
                 group_commit: self.store_group_commit,
@@ -363,6 +372,7 @@ async fn channel(server: &str) -> Result<Channel> {
         .with_context(|| format!("--server `{server}` is not an address"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60 * 60))
+        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|error| anyhow!("cannot reach {server}: {}", source_chain(&error)))
@@ -741,7 +751,7 @@ fn result_output(
     for span in &result.trace {
         let report = span.report.clone().unwrap_or_default();
         if span.kind == v1::trace_span::Kind::Skip as i32 {
-            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error}));
+            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error, "duration_ms": span.duration_ms}));
             lines.push(format!(
                 "  skip {} -> {}: {}",
                 span.from, span.to, span.error
@@ -1000,16 +1010,22 @@ async fn status(args: StatusArgs) -> Result<()> {
             })
         })
         .collect();
-    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused});
-    let mut lines = vec![format!(
-        "node {} (background repair {})",
-        status.node,
-        if status.repair_paused {
-            "paused"
-        } else {
-            "running"
-        }
-    )];
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "store_health": status.store_health, "quarantined": status.quarantined});
+    let mut lines = vec![
+        format!(
+            "node {} (background repair {})",
+            status.node,
+            if status.repair_paused {
+                "paused"
+            } else {
+                "running"
+            }
+        ),
+        format!(
+            "  store {}, {} quarantined rows",
+            status.store_health, status.quarantined
+        ),
+    ];
     for m in &status.members {
         lines.push(format!(
             "  member {} {} {}",

@@ -36,6 +36,12 @@ const TICK: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for in-flight requests and syncs.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one gossip hand-off or report call may take: it only asks the peer to admit a
+/// round, so a peer that takes longer is as good as down.
+const GOSSIP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set to `off` to accept connections without `TCP_NODELAY`, as propd did before: only for
+/// measuring what Nagle's algorithm costs (docs/benchmarks.md, "Coordinated get latency").
+const SERVER_NODELAY_VAR: &str = "PROPD_BENCH_SERVER_NODELAY";
 
 /// Runs a node until SIGINT or SIGTERM.
 pub(crate) async fn serve(config: Config) -> Result<()> {
@@ -128,6 +134,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
+        start_empty_if_damaged: config.allow_empty_store,
         ..StoreConfig::new(&config.data_dir, config.groups.clone(), config.tree)
     };
     let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
@@ -151,6 +158,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
+        request_timeout: GOSSIP_REQUEST_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
@@ -159,6 +167,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    let peers_of = Arc::clone(&node);
+    gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
@@ -169,7 +179,15 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let (serving, health) = crate::services::health().await;
     let (reflection_v1, reflection_v1alpha) =
         crate::services::reflection().context("building the reflection service")?;
+    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather than held
+    // back by Nagle's algorithm until the peer's delayed ACK (about 40 ms on Linux). Keepalive
+    // pings find a client that stopped answering.
+    let nodelay = std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off");
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(nodelay));
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
         .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
@@ -185,10 +203,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            not_serving_on_shutdown(serving, shutdown.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming, not_serving_on_shutdown(serving, shutdown.clone()));
     let http = crate::http::serve(
         http_listener,
         Arc::new(HttpView {
@@ -214,6 +229,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(scrub(Arc::clone(&node))),
+        tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
 }
@@ -251,6 +268,10 @@ impl HttpState for HttpView {
                 tracing::warn!(%status, "reading the shards' last repairs for /metrics failed")
             }
         }
+        self.node.metrics.set_store(
+            self.node.store.quarantined_since_open(),
+            self.node.store_fault().is_none(),
+        );
         self.node.metrics.encode()
     }
 
@@ -262,7 +283,10 @@ impl HttpState for HttpView {
     }
 
     fn health(&self) -> Result<String, String> {
-        Ok(format!("node {}", self.node.me()))
+        match self.node.store_fault() {
+            Some(reason) => Err(format!("node {}: {reason}", self.node.me())),
+            None => Ok(format!("node {}", self.node.me())),
+        }
     }
 }
 
@@ -405,8 +429,9 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             };
             let mut request = tonic::Request::new(v1::PingRequest {});
             request.set_timeout(PROBE_TIMEOUT);
-            let up = client.ping(request).await.is_ok();
-            if node.peers.set_up(&peer, up) {
+            let answer = client.ping(request).await;
+            let up = answer.is_ok();
+            if node.peers.saw_call(&peer, &answer) {
                 tracing::info!(peer, "member answers again");
             }
             if !up || node.is_paused() || !node.config.repair.enabled {
@@ -511,5 +536,68 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
         }
         Ok(_) => {}
         Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),
+    }
+}
+
+/// Scrubs every local shard in turn, again and again, at `repair.scrub_bytes_per_second`:
+/// every stored row is reread and checked against its digests, rotten rows are quarantined
+/// and the tree healed without them (the next repair brings their good copies back). Unlike
+/// verification, an unchanged shard is scrubbed too: bytes rot at rest.
+async fn scrub(node: Arc<NodeState>) {
+    let rate = node.config.repair.scrub_bytes_per_second;
+    if rate == 0 {
+        return;
+    }
+    loop {
+        let mut damaged = false;
+        for (group, shard) in node.local_shards() {
+            let started = Instant::now();
+            let key = group.clone();
+            let bytes = match blocking(&node, move |node| node.store.scrub(&key, shard)).await {
+                Ok(report) => {
+                    if report.quarantined > 0 || report.healed.is_some() {
+                        tracing::warn!(
+                            group,
+                            shard,
+                            quarantined = report.quarantined,
+                            healed_leaves = report.healed.unwrap_or(0),
+                            "scrub quarantined rotten rows or healed the tree"
+                        );
+                    }
+                    report.bytes
+                }
+                Err(status) => {
+                    damaged = true;
+                    tracing::error!(group, shard, %status, "scrub failed");
+                    0
+                }
+            };
+            node.metrics.scrub_bytes.inc_by(bytes);
+            // Pace by the bytes read: at most `rate` bytes per second on average.
+            let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep(budget.saturating_sub(started.elapsed())).await;
+        }
+        node.metrics.scrub_passes.inc();
+        if !damaged {
+            node.store.clear_damage();
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// While a write failed on an I/O error (a full disk), reopens the store and probes whether
+/// writes work again, every second: the node recovers by itself once space is freed.
+async fn recover_store(node: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if !node.store.writes_failing() {
+            continue;
+        }
+        match blocking(&node, |node| node.store.recover()).await {
+            Ok(true) => tracing::info!("the store takes writes again"),
+            Ok(false) => tracing::debug!("the disk is still full"),
+            Err(status) => tracing::warn!(%status, "recovering the store failed"),
+        }
     }
 }
