@@ -635,8 +635,20 @@ fn main() {
         let runs = env("PROPD_BENCH_FILL_RUNS", 3) as usize;
         // PROPD_BENCH_FILL_COMPARE=0 skips the local load (the 10 M restore, timed alone).
         let compare = env("PROPD_BENCH_FILL_COMPARE", 1) != 0;
-        fill("small", env("PROPD_BENCH_FILL_N", 1_000_000), property, runs, compare);
-        fill("2 KB", env("PROPD_BENCH_FILL_BIG_N", 100_000), big_property, runs, compare);
+        fill(
+            "small",
+            env("PROPD_BENCH_FILL_N", 1_000_000),
+            property,
+            runs,
+            compare,
+        );
+        fill(
+            "2 KB",
+            env("PROPD_BENCH_FILL_BIG_N", 100_000),
+            big_property,
+            runs,
+            compare,
+        );
     }
     if wants("throughput") {
         throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));
