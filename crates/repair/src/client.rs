@@ -62,6 +62,10 @@ struct Missing {
     listed: usize,
 }
 
+/// A frontier parent of a sent `LevelDigests` page and the presence bitmap of its children we
+/// sent (a clear bit is a child we lack).
+type SentParent = (NodeId, Vec<u8>);
+
 /// Whether `leaf` lies beyond the inclusive end `until` of a chunk.
 fn beyond(leaf: &propd_merkle::Leaf, until: Option<&LeafKey>) -> bool {
     until.is_some_and(|until| (leaf.bucket, &leaf.entity) > (until.bucket, &until.entity))
@@ -94,7 +98,7 @@ pub struct Client {
     level_sent: bool,
     /// Parents of each sent page awaiting its LevelDiff (each with the presence bitmap of its
     /// children we sent), and whether it was the last page.
-    awaiting_diff: VecDeque<(Vec<(NodeId, Vec<u8>)>, bool)>,
+    awaiting_diff: VecDeque<(Vec<SentParent>, bool)>,
     next_frontier: Vec<NodeId>,
     /// Nodes whose leaf lists the server announced and has not finished.
     expected_leaves: VecDeque<NodeId>,
@@ -431,7 +435,7 @@ impl Client {
                 let child = NodeId::new(self.level, range.start + i as u64);
                 if wire::bit(leaves, i) {
                     // A node we lack comes as a stream of properties, any other as a list.
-                    if !(bulk && !wire::bit(&present, i)) {
+                    if !bulk || wire::bit(&present, i) {
                         self.expected_leaves.push_back(child);
                     }
                     self.listed.insert(child);
