@@ -9,6 +9,8 @@ use propd_merkle::{Algorithm, Shape, ShapeError};
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
+use crate::tls::TlsPaths;
+
 /// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
 /// its copies, so a typo must not ask for millions of them.
 pub(crate) const MAX_SHARD_NUM: u32 = 65_536;
@@ -183,6 +185,10 @@ pub(crate) struct Config {
     pub(crate) tree: Shape,
     /// How log lines are written.
     pub(crate) log_format: LogFormat,
+    /// `[tls]`: mutual TLS on every port and every dial; `None` serves plaintext.
+    pub(crate) tls: Option<TlsPaths>,
+    /// `insecure`: plaintext on a non-loopback address was asked for explicitly.
+    pub(crate) insecure: bool,
     /// Start with an empty store when the data file exists but is damaged (empty, truncated,
     /// unreadable); the damaged file is kept as `propd.redb.damaged`. Off by default: such a
     /// node refuses to start.
@@ -265,6 +271,11 @@ pub(crate) struct Partial {
     /// `[tree]`
     #[serde(default)]
     pub(crate) tree: PartialTree,
+    /// `insecure`
+    pub(crate) insecure: Option<bool>,
+    /// `[tls]`
+    #[serde(default)]
+    pub(crate) tls: PartialTls,
 }
 
 /// The `[store]` table from one source.
@@ -305,6 +316,18 @@ pub(crate) struct PartialTree {
     pub(crate) depth: Option<u32>,
     /// `tree.digest_width`
     pub(crate) digest_width: Option<u32>,
+}
+
+/// The `[tls]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTls {
+    /// `tls.cert`
+    pub(crate) cert: Option<PathBuf>,
+    /// `tls.key`
+    pub(crate) key: Option<PathBuf>,
+    /// `tls.ca`
+    pub(crate) ca: Option<PathBuf>,
 }
 
 /// The `[repair]` table from one source.
@@ -395,6 +418,12 @@ impl Partial {
                     .otlp_endpoint
                     .or(lower.telemetry.otlp_endpoint),
             },
+            insecure: self.insecure.or(lower.insecure),
+            tls: PartialTls {
+                cert: self.tls.cert.or(lower.tls.cert),
+                key: self.tls.key.or(lower.tls.key),
+                ca: self.tls.ca.or(lower.tls.ca),
+            },
         }
     }
 
@@ -464,6 +493,8 @@ impl Partial {
             },
             tree: self.tree.resolve()?,
             log_format,
+            tls: resolve_tls(self.tls, self.insecure.unwrap_or(false), &[listen, http])?,
+            insecure: self.insecure.unwrap_or(false),
             allow_empty_store: self.allow_empty_store.unwrap_or(false),
         })
     }
@@ -551,6 +582,44 @@ fn check_listen(listen: SocketAddr, me: &Member) -> Result<(), ConfigError> {
             me.id, me.addr
         ),
     ))
+}
+
+/// `[tls]`: all three files or none; without them, every address must be loopback unless
+/// `insecure` says plaintext on the network is meant.
+fn resolve_tls(
+    tls: PartialTls,
+    insecure: bool,
+    addrs: &[SocketAddr],
+) -> Result<Option<TlsPaths>, ConfigError> {
+    match (tls.cert, tls.key, tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsPaths { cert, key, ca })),
+        (None, None, None) => {
+            if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback())
+                && !insecure
+            {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "{addr} is not a loopback address: give [tls] cert, key and ca, or set `insecure = true` to serve plaintext"
+                    ),
+                ));
+            }
+            Ok(None)
+        }
+        (cert, key, _) => {
+            let missing = if cert.is_none() {
+                "tls.cert"
+            } else if key.is_none() {
+                "tls.key"
+            } else {
+                "tls.ca"
+            };
+            Err(invalid(
+                missing,
+                "missing: [tls] needs cert, key and ca together",
+            ))
+        }
+    }
 }
 
 /// The groups validated by the store's rule, the one definition of a valid group; without
@@ -823,6 +892,18 @@ impl Config {
             t.depth,
             t.digest_width
         ));
+        match &self.tls {
+            Some(tls) => line(format!(
+                "[tls] cert = {:?}, key = {:?}, ca = {:?}",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string(),
+                tls.ca.display().to_string()
+            )),
+            None => line(format!(
+                "[tls] none (plaintext), insecure = {}",
+                self.insecure
+            )),
+        }
         out
     }
 }
@@ -1107,9 +1188,11 @@ mod tests {
             assert!(error.contains("10.0.0.1:7001"), "{listen}: {error}");
         }
         for listen in ["10.0.0.1:7001", "0.0.0.0:7001", "[::]:7001"] {
-            file(&format!("listen = \"{listen}\"\n{members}"))
-                .resolve()
-                .unwrap_or_else(|error| panic!("{listen}: {error}"));
+            file(&format!(
+                "listen = \"{listen}\"\ninsecure = true\n{members}"
+            ))
+            .resolve()
+            .unwrap_or_else(|error| panic!("{listen}: {error}"));
         }
     }
 
@@ -1221,6 +1304,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("nodeid"), "{error}");
+    }
+
+    #[test]
+    fn tls_is_all_three_files_and_plaintext_off_loopback_must_be_asked_for() {
+        let network = Partial {
+            listen: Some("0.0.0.0:7001".into()),
+            ..Partial::default()
+        };
+        let error = network.clone().resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("config key `tls`") && error.contains("insecure"),
+            "{error}"
+        );
+        let insecure = Partial {
+            insecure: Some(true),
+            ..network.clone()
+        }
+        .resolve()
+        .unwrap();
+        assert!(insecure.insecure && insecure.tls.is_none());
+        let half = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: None,
+            },
+            ..network.clone()
+        };
+        let error = half.resolve().unwrap_err().to_string();
+        assert!(error.contains("`tls.ca`"), "{error}");
+        let full = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: Some("ca.pem".into()),
+            },
+            ..network
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(full.tls.unwrap().ca, PathBuf::from("ca.pem"));
+        assert!(Partial::default().resolve().unwrap().tls.is_none());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! skipped while down and repaired when it answers again.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,10 +14,11 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::peer::is_unreachable;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Member;
 use crate::node::lock;
+use crate::tls::{TlsError, TlsPaths, client_config};
 
 /// How long connecting to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,6 +31,7 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) struct Peers {
     me: String,
     channels: MemberChannels,
+    addresses: HashMap<String, SocketAddr>,
     up: Mutex<HashMap<String, bool>>,
     /// Members whose last probe or call ran out of time: they accept connections but do not
     /// answer (a stopped process), so calling them costs a whole timeout.
@@ -51,9 +54,33 @@ impl Peers {
         Self {
             me: me.to_owned(),
             channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
+            addresses: members.iter().map(|m| (m.id.clone(), m.addr)).collect(),
             up: Mutex::new(up),
             hung: Mutex::default(),
         }
+    }
+
+    /// Remakes every channel over mutual TLS with the identity in `paths`; each checks that
+    /// the member it reaches holds a certificate naming the member id it meant to reach. Called
+    /// at start and again whenever the files change (calls in flight finish on the old ones).
+    pub(crate) fn use_tls(&self, paths: &TlsPaths) -> Result<(), TlsError> {
+        let mut channels = HashMap::new();
+        for (id, addr) in &self.addresses {
+            let address = format!("https://{addr}");
+            let refused = |error: tonic::transport::Error| TlsError::Client {
+                member: id.clone(),
+                message: error.to_string(),
+            };
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(refused)?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .tls_config(client_config(paths, Some(id))?)
+                .map_err(refused)?;
+            channels.insert(id.clone(), (address, endpoint.connect_lazy()));
+        }
+        self.channels.replace_channels(channels);
+        Ok(())
     }
 
     /// The pool of channels, for the gossip driver.

@@ -1,7 +1,9 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
+use std::collections::HashSet;
 use std::io::Write as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +19,12 @@ use propd_store::{
     VerifyOutcome, purge_line, round_cutoff,
 };
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, start_round};
+use crate::auth::AuthLayer;
 use crate::config::{Config, LogFormat, shape_change};
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
@@ -28,6 +33,7 @@ use crate::schedule::{CronWindow, designated_origin};
 use crate::services::Serving;
 use crate::sync::{Gossip, RepairSync};
 use crate::telemetry::TraceExport;
+use crate::tls::{self, FileWatch, ServerTls, TlsListener};
 use crate::tombstones::complete_for_purging;
 
 /// How often the schedulers and the health probe look around.
@@ -130,6 +136,11 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
+/// Whether accepted sockets get TCP_NODELAY (on unless the bench variable says `off`).
+pub(crate) fn server_nodelay() -> bool {
+    std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off")
+}
+
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
@@ -170,6 +181,15 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let peers_of = Arc::clone(&node);
     gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
+    if let Some(paths) = &node.config.tls {
+        node.peers.use_tls(paths)?;
+    } else if node.config.insecure {
+        tracing::warn!(
+            listen = %node.config.listen,
+            http = %node.config.http,
+            "insecure = true: serving plaintext without authentication; anyone who reaches these ports can read, write and repair"
+        );
+    }
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .with_context(|| format!("binding listen address {}", node.config.listen))?;
@@ -179,15 +199,23 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let (serving, health) = crate::services::health().await;
     let (reflection_v1, reflection_v1alpha) =
         crate::services::reflection().context("building the reflection service")?;
-    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather than held
-    // back by Nagle's algorithm until the peer's delayed ACK (about 40 ms on Linux). Keepalive
-    // pings find a client that stopped answering.
-    let nodelay = std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off");
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(nodelay));
-    let grpc = tonic::transport::Server::builder()
+    let auth = AuthLayer::new(
+        node.config.tls.as_ref().map(|_| {
+            node.config
+                .members
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<HashSet<_>>()
+        }),
+        node.metrics.auth_refusals.clone(),
+    );
+    // The auth layer is outermost: a refused call is not timed, so that callers without a
+    // certificate cannot grow the latency histogram's label set. Keepalive pings find a client
+    // that stopped answering.
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
+        .layer(auth)
         .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
@@ -202,16 +230,60 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         )))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, not_serving_on_shutdown(serving, shutdown.clone()));
-    let http = crate::http::serve(
-        http_listener,
-        Arc::new(HttpView {
-            node: Arc::clone(&node),
-            gossip: gossip.clone(),
-        }),
-        signalled(shutdown.clone()),
-    );
+        .add_service(reflection_v1alpha);
+    let view = Arc::new(HttpView {
+        node: Arc::clone(&node),
+        gossip: gossip.clone(),
+    });
+    let (grpc, http): (
+        BoxedServer<tonic::transport::Error>,
+        BoxedServer<std::io::Error>,
+    ) = match &node.config.tls {
+        None => (
+            Box::pin(
+                router.serve_with_incoming_shutdown(
+                    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather
+                    // than held back by Nagle's algorithm until the peer's delayed ACK (about 40 ms
+                    // on Linux). The TLS acceptor sets it too.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(server_nodelay())),
+                    not_serving_on_shutdown(serving, shutdown.clone()),
+                ),
+            ),
+            Box::pin(crate::http::serve(
+                http_listener,
+                view,
+                signalled(shutdown.clone()),
+            )),
+        ),
+        Some(paths) => {
+            let refused: Arc<dyn Fn() + Send + Sync> = {
+                let counter = node.metrics.tls_handshakes_refused.clone();
+                Arc::new(move || {
+                    counter.inc();
+                })
+            };
+            let grpc_tls = Arc::new(ServerTls::load(paths, tls::ALPN_H2)?);
+            let http_tls = Arc::new(ServerTls::load(paths, tls::ALPN_HTTP1)?);
+            let http_addr = http_listener.local_addr()?;
+            let grpc_incoming = tls::accept(grpc_listener, grpc_tls, Arc::clone(&refused));
+            let http_incoming = tls::accept(http_listener, http_tls, refused);
+            (
+                Box::pin(
+                    router.serve_with_incoming_shutdown(
+                        ReceiverStream::new(grpc_incoming)
+                            .map(|(stream, _)| Ok::<_, std::io::Error>(stream)),
+                        not_serving_on_shutdown(serving, shutdown.clone()),
+                    ),
+                ),
+                Box::pin(crate::http::serve(
+                    TlsListener::new(http_incoming, http_addr),
+                    view,
+                    signalled(shutdown.clone()),
+                )),
+            )
+        }
+    };
     let servers = vec![
         tokio::spawn(async move {
             if let Err(error) = grpc.await {
@@ -229,10 +301,36 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(reload_peer_tls(Arc::clone(&node))),
         tokio::spawn(scrub(Arc::clone(&node))),
         tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// A server future of either kind (plaintext or TLS).
+type BoxedServer<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Remakes the channels to the other members when the `[tls]` files change, so that a
+/// rotated certificate is the one this node shows when it dials.
+async fn reload_peer_tls(node: Arc<NodeState>) {
+    let Some(paths) = node.config.tls.clone() else {
+        return;
+    };
+    let watch = FileWatch::new(paths);
+    let mut tick = tokio::time::interval(tls::RELOAD_CHECK);
+    loop {
+        tick.tick().await;
+        if !watch.changed() {
+            continue;
+        }
+        match node.peers.use_tls(watch.paths()) {
+            Ok(()) => tracing::info!("TLS files changed; channels to members remade"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; keeping the channels");
+            }
+        }
+    }
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {
