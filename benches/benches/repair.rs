@@ -9,7 +9,15 @@
 //!   gRPC frame header per message);
 //! - repair throughput: 100 000 properties of 2 KB (`PROPD_BENCH_REPAIR_THROUGHPUT_N`) synced
 //!   over loopback tonic into an empty redb store, against a local bulk load of the same data
-//!   into an empty redb store (both with synced commits, the node's default).
+//!   into an empty redb store (both with synced commits, the node's default);
+//! - fill (`fill`): an empty replica filled by one sync over loopback tonic from a full one, the
+//!   empty side as the client (the bulk path of protocol version 2: the server streams every
+//!   property, no fingerprint list), against a local key-order bulk load of the same data into an
+//!   empty store, with the process's peak RSS above its RSS before the sync (both nodes live in
+//!   this process). `PROPD_BENCH_FILL_N` small properties (default 1 000 000, ~200 B) and
+//!   `PROPD_BENCH_FILL_BIG_N` properties of ~2 KB (default 100 000); `PROPD_BENCH_FILL_RUNS`
+//!   runs each (default 3, median reported; 0 skips a size); `PROPD_BENCH_FILL_COMPARE=0` skips
+//!   the local load (for the 10 M-property restore, which is timed alone).
 
 #![allow(
     missing_docs,
@@ -169,6 +177,36 @@ impl RepairStore for BenchStore {
         Ok(out)
     }
 
+    /// Sorts every entity of the tree on each call: correct, slow, and only reached when a
+    /// bench store is an empty client (the bandwidth bench never syncs one).
+    fn properties_after(
+        &self,
+        _: &str,
+        _: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, Infallible> {
+        let tree = self.tree.lock().expect("lock");
+        let mut entities = Vec::new();
+        tree.storage()
+            .visit_leaves(
+                self.shape.bucket_range(NodeId::ROOT),
+                &mut |_, entity, _| {
+                    if after.is_none_or(|after| entity > after) {
+                        entities.push(entity.clone());
+                    }
+                },
+            )
+            .expect("visit");
+        drop(tree);
+        entities.sort();
+        Ok(entities
+            .iter()
+            .filter_map(|entity| self.current(entity))
+            .take(limit)
+            .collect())
+    }
+
     fn get_many(
         &self,
         _: &str,
@@ -316,9 +354,14 @@ fn open(dir: &tempfile::TempDir) -> RedbStore {
 }
 
 fn bulk_load(store: &RedbStore, n: u64) {
+    bulk_load_with(store, n, big_property);
+}
+
+/// Loads properties `make(0..n)` in key order, 1024 per synced transaction, then flushes.
+fn bulk_load_with(store: &RedbStore, n: u64, make: fn(u64) -> Property) {
     let mut batch = Vec::with_capacity(1024);
     for i in 0..n {
-        batch.push(big_property(i));
+        batch.push(make(i));
         if batch.len() == 1024 || i + 1 == n {
             store
                 .repair_apply_batch(GROUP, 0, std::mem::take(&mut batch))
@@ -432,6 +475,132 @@ fn throughput(n: u64) {
     );
 }
 
+/// A line of `/proc/self/status` in kB (`VmRSS`, `VmHWM`), 0 where unavailable.
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+                rest.trim().trim_end_matches("kB").trim().parse().ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux `clear_refs`, value 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One fill: an empty store, as the client, synced over loopback from `source` served by a
+/// `RepairServer`. Returns the time, the peak RSS above the RSS before (kB) and the report.
+fn fill_once(
+    runtime: &tokio::runtime::Runtime,
+    source: &Arc<RedbStore>,
+) -> (std::time::Duration, u64, propd_repair::SyncReport) {
+    use propd_repair::transport::{RepairServer, TransportConfig, sync};
+    let dir = tempfile::tempdir().expect("dir");
+    let empty = open(&dir);
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service =
+            RepairServer::new(Arc::clone(source), TransportConfig::default()).into_service();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let idle = status_kb("VmRSS");
+        reset_peak_rss();
+        let started = Instant::now();
+        let report = sync(channel, &empty, GROUP, 0, &TransportConfig::default())
+            .await
+            .expect("sync");
+        let elapsed = started.elapsed();
+        let peak = status_kb("VmHWM").saturating_sub(idle);
+        server.abort();
+        let root = |s: &RedbStore| s.tree_node(GROUP, 0, NodeId::ROOT).expect("root");
+        assert_eq!(root(source), root(&empty), "the copy must be complete");
+        (elapsed, peak, report)
+    })
+}
+
+/// Fills `runs` empty replicas from one source of `n` properties `make(i)`; with `compare`, each
+/// run first times a local key-order bulk load of the same data.
+fn fill(label: &str, n: u64, make: fn(u64) -> Property, runs: usize, compare: bool) {
+    if runs == 0 || n == 0 {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let source_dir = tempfile::tempdir().expect("dir");
+    // The source is not timed: loaded without syncs.
+    let mut config = StoreConfig::new(
+        source_dir.path(),
+        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
+        Shape::default(),
+    );
+    config.durability = propd_store::WriteDurability::NotSynced;
+    let source = Arc::new(RedbStore::open(config).expect("open"));
+    let started = Instant::now();
+    bulk_load_with(&source, n, make);
+    println!(
+        "
+fill {label}: loading the {n}-property source took {:.2?}",
+        started.elapsed()
+    );
+    let mut local = Vec::new();
+    let mut synced = Vec::new();
+    let mut peaks = Vec::new();
+    for run in 0..runs {
+        if compare {
+            let dir = tempfile::tempdir().expect("dir");
+            let empty = open(&dir);
+            let started = Instant::now();
+            bulk_load_with(&empty, n, make);
+            local.push(started.elapsed());
+        } else {
+            local.push(std::time::Duration::ZERO);
+        }
+
+        let (elapsed, peak, report) = fill_once(&runtime, &source);
+        assert_eq!(report.applied, n);
+        println!(
+            "  run {run}: local key-order load {:.2?}, sync {elapsed:.2?} (streamed {}, \
+             fingerprints {}, v{}), peak RSS +{} MB",
+            local[run],
+            report.streamed,
+            report.levels.iter().map(|l| l.fingerprints).sum::<u64>(),
+            report.protocol_version,
+            peak / 1024,
+        );
+        synced.push(elapsed);
+        peaks.push(peak);
+    }
+    local.sort();
+    synced.sort();
+    let (l, r) = (local[runs / 2], synced[runs / 2]);
+    println!(
+        "fill {label}: {n} properties into an empty replica (median of {runs})\n  local key-order \
+         bulk load: {l:.2?}   sync over loopback (bulk path): {r:.2?}   ratio {:.2}x   \
+         peak RSS above idle, both nodes: at most {} MB",
+        r.as_secs_f64() / l.as_secs_f64(),
+        peaks.iter().max().copied().unwrap_or(0) / 1024,
+    );
+}
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -461,6 +630,25 @@ fn main() {
                 started.elapsed()
             );
         }
+    }
+    if wants("fill") {
+        let runs = env("PROPD_BENCH_FILL_RUNS", 3) as usize;
+        // PROPD_BENCH_FILL_COMPARE=0 skips the local load (the 10 M restore, timed alone).
+        let compare = env("PROPD_BENCH_FILL_COMPARE", 1) != 0;
+        fill(
+            "small",
+            env("PROPD_BENCH_FILL_N", 1_000_000),
+            property,
+            runs,
+            compare,
+        );
+        fill(
+            "2 KB",
+            env("PROPD_BENCH_FILL_BIG_N", 100_000),
+            big_property,
+            runs,
+            compare,
+        );
     }
     if wants("throughput") {
         throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));

@@ -92,6 +92,18 @@ pub trait RepairStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Leaf>, Self::Error>;
 
+    /// The shard's properties in entity order, strictly after `after`, at most `limit`
+    /// (tombstones included; those a `get_many` would not return left out). Entity order is the
+    /// key order of a store's property rows, the order in which a store writes a batch fastest:
+    /// the bulk path streams a whole shard this way to a replica that holds none of it.
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, Self::Error>;
+
     /// Properties by entity (tombstones included), `None` where absent; one answer per entity in
     /// input order. Every entity must belong to (group, shard).
     fn get_many(

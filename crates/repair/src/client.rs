@@ -36,12 +36,39 @@ impl Phase {
     }
 }
 
-/// A leaf merge in progress: the server's fingerprints under a node against our leaves.
+/// A leaf merge in progress: the server's fingerprints under a node (or, from version 2, under
+/// one chunk of its list: a leaf-key range of the node) against our leaves in the same range.
 #[derive(Debug)]
 struct Merge {
     node: NodeId,
     theirs: HashSet<u64>,
+    /// Our scan cursor; starts at the chunk's start.
     after: Option<LeafKey>,
+    /// The chunk's range: exclusive start and inclusive end (`None`: the node's start or end).
+    start: Option<LeafKey>,
+    until: Option<LeafKey>,
+    /// Fingerprints the server listed in the chunk: what resolving a request for it costs the
+    /// server at most, charged against a request page.
+    listed: usize,
+}
+
+/// Server versions to ask for under one listed chunk.
+#[derive(Debug)]
+struct Missing {
+    node: NodeId,
+    fingerprints: Vec<u64>,
+    start: Option<LeafKey>,
+    until: Option<LeafKey>,
+    listed: usize,
+}
+
+/// A frontier parent of a sent `LevelDigests` page and the presence bitmap of its children we
+/// sent (a clear bit is a child we lack).
+type SentParent = (NodeId, Vec<u8>);
+
+/// Whether `leaf` lies beyond the inclusive end `until` of a chunk.
+fn beyond(leaf: &propd_merkle::Leaf, until: Option<&LeafKey>) -> bool {
+    until.is_some_and(|until| (leaf.bucket, &leaf.entity) > (until.bucket, &until.entity))
 }
 
 /// The client side of one sync of one (group, shard). Pure: it owns no socket and reads no clock;
@@ -57,6 +84,10 @@ pub struct Client {
     shard: u32,
     shape: Shape,
     wire_width: usize,
+    /// The protocol version of the sync (known from `RootCompare`).
+    version: u32,
+    /// Our tree was empty when the sync started (the server may then stream the whole shard).
+    empty: bool,
     phase: Phase,
     out: VecDeque<pb::RepairRequest>,
     /// The level whose digests are being sent (1 = slots).
@@ -65,16 +96,19 @@ pub struct Client {
     frontier: VecDeque<NodeId>,
     /// Whether the last page of `level` has been sent.
     level_sent: bool,
-    /// Parents of each sent page awaiting its LevelDiff, and whether it was the last page.
-    awaiting_diff: VecDeque<(Vec<NodeId>, bool)>,
+    /// Parents of each sent page awaiting its LevelDiff (each with the presence bitmap of its
+    /// children we sent), and whether it was the last page.
+    awaiting_diff: VecDeque<(Vec<SentParent>, bool)>,
     next_frontier: Vec<NodeId>,
     /// Nodes whose leaf lists the server announced and has not finished.
     expected_leaves: VecDeque<NodeId>,
     partial: HashSet<u64>,
+    /// Version 2: where the next chunk of the front expected node's list starts.
+    chunk_start: Option<LeafKey>,
     listed: Listed,
     merges: VecDeque<Merge>,
     copies: CopyQueue,
-    missing: VecDeque<(NodeId, Vec<u64>)>,
+    missing: VecDeque<Missing>,
     missing_count: usize,
     applier: Applier,
     report: SyncReport,
@@ -117,6 +151,8 @@ impl Client {
             group: group.to_owned(),
             shard,
             shape,
+            version: 1,
+            empty: leaf_count == 0,
             phase: Phase::AwaitRootCompare,
             out: VecDeque::new(),
             level: 0,
@@ -126,6 +162,7 @@ impl Client {
             next_frontier: Vec::new(),
             expected_leaves: VecDeque::new(),
             partial: HashSet::new(),
+            chunk_start: None,
             listed: Listed::default(),
             merges: VecDeque::new(),
             copies: CopyQueue::default(),
@@ -144,6 +181,7 @@ impl Client {
                 leaf_count,
                 preview: client.config.preview,
                 wire_digest_width: client.wire_width as u32,
+                protocol_version: client.config.protocol_version,
             })),
         });
         Ok(client)
@@ -244,20 +282,12 @@ impl Client {
             (Phase::Descent | Phase::AwaitSyncEnd, In::PropertySync(page))
                 if !self.config.preview =>
             {
-                self.report.record_bytes += page
-                    .properties
-                    .iter()
-                    .map(|p| p.encoded_len() as u64)
-                    .sum::<u64>();
-                self.report.received += page.properties.len() as u64;
-                self.applier
-                    .push_page(&self.shape, &self.group, &self.listed, page)?;
-                if self
-                    .applier
-                    .is_full(self.config.apply_batch, 4 * self.config.page_bytes)
-                {
-                    self.apply_pending(store);
-                }
+                self.on_copies(store, page)
+            }
+            (Phase::Descent | Phase::AwaitSyncEnd, In::BulkSync(page)) if self.bulk() => {
+                let count = page.properties.len() as u64;
+                self.on_copies(store, page)?;
+                self.report.streamed += count;
                 Ok(())
             }
             (Phase::AwaitSyncEnd, In::SyncEnd(end)) => {
@@ -269,6 +299,34 @@ impl Client {
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    /// Whether listed nodes we lack come by the bulk path (the server decides the same way).
+    fn bulk(&self) -> bool {
+        self.version >= wire::BULK_VERSION && !self.config.preview
+    }
+
+    /// A page of the server's copies: checked, queued, applied once a batch is full.
+    fn on_copies<S: RepairStore>(
+        &mut self,
+        store: &S,
+        page: pb::PropertySync,
+    ) -> Result<(), SyncError> {
+        self.report.record_bytes += page
+            .properties
+            .iter()
+            .map(|p| p.encoded_len() as u64)
+            .sum::<u64>();
+        self.report.received += page.properties.len() as u64;
+        self.applier
+            .push_page(&self.shape, &self.group, &self.listed, page)?;
+        if self
+            .applier
+            .is_full(self.config.apply_batch, 4 * self.config.page_bytes)
+        {
+            self.apply_pending(store);
+        }
+        Ok(())
     }
 
     fn apply_pending<S: RepairStore>(&mut self, store: &S) {
@@ -302,12 +360,27 @@ impl Client {
                 reason: answer.error,
             });
         }
+        self.version = wire::version_of(answer.protocol_version).min(self.config.protocol_version);
+        self.report.protocol_version = self.version;
         if answer.root_match {
             self.report.in_sync = true;
             self.phase = Phase::Done;
             return Ok(());
         }
         self.phase = Phase::Descent;
+        if answer.whole_shard {
+            if !(self.bulk() && self.empty) {
+                return Err(ProtocolError::Unexpected {
+                    phase: "a sync with a non-empty client tree, a preview or version 1",
+                    message: "RootCompare.whole_shard",
+                }
+                .into());
+            }
+            // No descent: the whole shard comes as BulkSync pages.
+            self.listed.insert(NodeId::ROOT);
+            self.start_level(1, Vec::new());
+            return Ok(());
+        }
         self.start_level(1, vec![NodeId::ROOT]);
         Ok(())
     }
@@ -339,8 +412,9 @@ impl Client {
             ));
         }
         let bucket_level = self.shape.bucket_level();
+        let bulk = self.bulk();
         let mut reader = wire::Reader::new("LevelDiff.packed", &diff.packed);
-        for parent in parents {
+        for (parent, present) in parents {
             let range = self.shape.child_range(parent);
             let n = (range.end - range.start) as usize;
             let differ = reader.take(wire::bitmap_len(n))?;
@@ -360,7 +434,10 @@ impl Client {
                 }
                 let child = NodeId::new(self.level, range.start + i as u64);
                 if wire::bit(leaves, i) {
-                    self.expected_leaves.push_back(child);
+                    // A node we lack comes as a stream of properties, any other as a list.
+                    if !bulk || wire::bit(&present, i) {
+                        self.expected_leaves.push_back(child);
+                    }
                     self.listed.insert(child);
                 } else if self.level == bucket_level {
                     return Err(malformed(
@@ -419,14 +496,43 @@ impl Client {
                     attributed = true;
                 }
             }
+            let until = wire::leaf_key_from_bytes("NodeLeaves.until", &node.until)?;
+            if self.version >= wire::BULK_VERSION {
+                // Each chunk is merged and requested on its own, over its key range.
+                if node.more != until.is_some() {
+                    return Err(malformed(
+                        "NodeLeaves.until",
+                        "must be set exactly when more chunks follow",
+                    ));
+                }
+                let listed = fps.len();
+                let start = if node.more {
+                    std::mem::replace(&mut self.chunk_start, until.clone())
+                } else {
+                    self.expected_leaves.pop_front();
+                    self.chunk_start.take()
+                };
+                self.merges.push_back(Merge {
+                    node: expected,
+                    theirs: fps.into_iter().collect(),
+                    after: start.clone(),
+                    start,
+                    until,
+                    listed,
+                });
+                continue;
+            }
             self.partial.extend(fps);
             if !node.more {
                 self.expected_leaves.pop_front();
                 let theirs = std::mem::take(&mut self.partial);
                 self.merges.push_back(Merge {
                     node: expected,
+                    listed: theirs.len(),
                     theirs,
                     after: None,
+                    start: None,
+                    until: None,
                 });
             }
         }
@@ -521,7 +627,12 @@ impl Client {
                 limit,
             )
             .map_err(SyncError::store("reading leaves to merge"))?;
+        let mut past_end = false;
         for leaf in &leaves {
+            if beyond(leaf, merge.until.as_ref()) {
+                past_end = true;
+                break;
+            }
             self.report.compared += 1;
             if !merge.theirs.remove(&wire::fingerprint(&leaf.digest)) {
                 self.report.sent += u64::from(self.config.preview);
@@ -531,7 +642,7 @@ impl Client {
             }
         }
         merge.after = leaves.last().map(leaf_key);
-        if leaves.len() < limit {
+        if past_end || leaves.len() < limit {
             let Some(done) = self.merges.pop_front() else {
                 return Ok(());
             };
@@ -542,23 +653,47 @@ impl Client {
                 let mut fps: Vec<u64> = done.theirs.into_iter().collect();
                 fps.sort_unstable();
                 self.missing_count += fps.len();
-                self.missing.push_back((done.node, fps));
+                self.missing.push_back(Missing {
+                    node: done.node,
+                    fingerprints: fps,
+                    start: done.start,
+                    until: done.until,
+                    listed: done.listed,
+                });
             }
         }
         Ok(())
     }
 
+    /// One `PropertyMissing` page: at most `page_items` fingerprints, and chunks whose listed
+    /// sizes add up to at most `page_items` (the first always fits), so that the server's scans
+    /// to answer one page stay within a few pages of leaves.
     fn missing_page(&mut self) -> pb::RepairRequest {
         let mut budget = self.config.page_items;
+        let mut cost = 0usize;
         let mut nodes = Vec::new();
         while budget > 0 {
-            let Some((node, fps)) = self.missing.front_mut() else {
+            let Some(front) = self.missing.front_mut() else {
                 break;
             };
-            let take = fps.len().min(budget);
-            let chunk: Vec<u64> = fps.drain(..take).collect();
-            let node = *node;
-            if fps.is_empty() {
+            if !nodes.is_empty() && cost + front.listed > self.config.page_items {
+                break;
+            }
+            cost += front.listed;
+            let take = front.fingerprints.len().min(budget);
+            let chunk: Vec<u64> = front.fingerprints.drain(..take).collect();
+            let node = front.node;
+            let after = front
+                .start
+                .as_ref()
+                .map(wire::leaf_key_to_bytes)
+                .unwrap_or_default();
+            let until = front
+                .until
+                .as_ref()
+                .map(wire::leaf_key_to_bytes)
+                .unwrap_or_default();
+            if front.fingerprints.is_empty() {
                 self.missing.pop_front();
             }
             budget -= take;
@@ -571,6 +706,8 @@ impl Client {
                 level: node.level,
                 index: node.index,
                 fingerprints: bytes,
+                after,
+                until,
             });
         }
         let requested: u64 = nodes
@@ -620,7 +757,7 @@ impl Client {
             }
             packed.extend_from_slice(&bitmap);
             packed.extend_from_slice(&body);
-            parents.push(parent);
+            parents.push((parent, bitmap));
         }
         let last = self.frontier.is_empty();
         self.level_sent = last;

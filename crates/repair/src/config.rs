@@ -29,6 +29,10 @@ pub struct Config {
     /// they are sent. Default 8 pages. Bounds the client's memory; the server is bounded by
     /// reading one message only after it has sent the answers to the previous one.
     pub max_backlog: usize,
+    /// The highest protocol version this side speaks (default
+    /// [`crate::PROTOCOL_VERSION`]); a sync runs at the lower of the two sides'. 1 turns off
+    /// the bulk path and the range cursors (for mixed-version clusters and their tests).
+    pub protocol_version: u32,
 }
 
 impl Default for Config {
@@ -41,6 +45,7 @@ impl Default for Config {
             leaf_list_max: 16,
             preview: false,
             max_backlog: 8 * 1024,
+            protocol_version: crate::wire::PROTOCOL_VERSION,
         }
     }
 }
@@ -81,6 +86,13 @@ impl Config {
                 "apply_batch",
                 self.apply_batch as u64,
                 "must lie in 1..=65536",
+            );
+        }
+        if !(1..=crate::wire::PROTOCOL_VERSION).contains(&self.protocol_version) {
+            return bad(
+                "protocol_version",
+                self.protocol_version as u64,
+                "must lie in 1..=PROTOCOL_VERSION",
             );
         }
         if self.max_backlog < self.page_items {

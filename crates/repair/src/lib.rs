@@ -36,6 +36,6 @@ pub use error::{Disposition, PropertyError, ProtocolError, SyncError};
 pub use report::{LevelTraffic, ServerReport, SyncReport};
 pub use server::Server;
 pub use wire::{
-    FINGERPRINT_BYTES, MAX_PAGE_ITEMS, property_from_proto, property_to_proto, shape_from_proto,
-    shape_to_proto,
+    FINGERPRINT_BYTES, MAX_PAGE_ITEMS, PROTOCOL_VERSION, property_from_proto, property_to_proto,
+    shape_from_proto, shape_to_proto,
 };

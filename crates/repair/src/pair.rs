@@ -58,9 +58,28 @@ impl<'a, C: RepairStore, S: RepairStore> Pair<'a, C, S> {
         shard: u32,
         config: Config,
     ) -> Result<Self, PairError> {
+        Self::with_configs(
+            client_store,
+            server_store,
+            group,
+            shard,
+            config.clone(),
+            config,
+        )
+    }
+
+    /// A pair whose sides use different configs (another protocol version, other limits).
+    pub fn with_configs(
+        client_store: &'a C,
+        server_store: &'a S,
+        group: &str,
+        shard: u32,
+        client_config: Config,
+        server_config: Config,
+    ) -> Result<Self, PairError> {
         let client =
-            Client::new(client_store, group, shard, config.clone()).map_err(PairError::Client)?;
-        let server = Server::new(config).map_err(PairError::Server)?;
+            Client::new(client_store, group, shard, client_config).map_err(PairError::Client)?;
+        let server = Server::new(server_config).map_err(PairError::Server)?;
         Ok(Pair {
             client_store,
             server_store,

@@ -54,6 +54,11 @@ pub struct SyncReport {
     pub record_bytes: u64,
     /// Per level, from 0 (root compare) to `depth + 2` (requests).
     pub levels: Vec<LevelTraffic>,
+    /// Copies received through the bulk path (part of `received`): the server's properties
+    /// under nodes the client lacked, sent without a fingerprint list.
+    pub streamed: u64,
+    /// The protocol version the sync ran at (0 until the server answered).
+    pub protocol_version: u32,
 }
 
 impl SyncReport {
@@ -106,6 +111,8 @@ impl From<&SyncReport> for pb::SyncReport {
             requested: report.requested,
             preview: report.preview,
             in_sync: report.in_sync,
+            streamed: report.streamed,
+            protocol_version: report.protocol_version,
         }
     }
 }
@@ -123,8 +130,13 @@ pub struct ServerReport {
     pub applied: u64,
     /// Received copies the store failed to apply.
     pub failed: u64,
-    /// Copies sent to the client (answers to requests and newer copies sent back).
+    /// Copies sent to the client (answers to requests, newer copies sent back and the bulk
+    /// stream).
     pub sent: u64,
+    /// Copies sent through the bulk path (part of `sent`).
+    pub streamed: u64,
+    /// The protocol version the sync ran at.
+    pub protocol_version: u32,
     /// Bytes sent (encoded protobuf sizes).
     pub bytes_sent: u64,
     /// Bytes received.

@@ -46,8 +46,31 @@ enum Job {
         after: Option<LeafKey>,
     },
     /// Find the versions the client asked for, then send them.
-    Resolve(Vec<(NodeId, HashSet<u64>)>),
+    Resolve(Vec<Wanted>),
     Copies(CopyQueue),
+    /// Stream the whole shard in entity order (the client's tree is empty), resuming after the
+    /// entity: the bulk path of version 2 for a wiped replica.
+    Shard {
+        after: Option<Entity>,
+    },
+    /// Stream every property under these nodes (the client lacks them), resuming after the
+    /// cursor in the front one: the bulk path of version 2.
+    Bulk {
+        nodes: VecDeque<NodeId>,
+        after: Option<LeafKey>,
+    },
+}
+
+/// Versions the client asked for under one listed node, and where to look for them: the
+/// leaf-key range of the listing chunk they came from (version 2), or the whole node.
+#[derive(Debug)]
+struct Wanted {
+    node: NodeId,
+    fingerprints: HashSet<u64>,
+    /// Exclusive start; `None` is the node's start.
+    after: Option<LeafKey>,
+    /// Inclusive end; `None` is the node's end.
+    until: Option<LeafKey>,
 }
 
 /// The answer to one `LevelDigests` page, computed before the page changes any state.
@@ -57,6 +80,8 @@ struct LevelAnswer {
     packed: Vec<u8>,
     /// Differing children whose leaves are listed now.
     to_list: VecDeque<NodeId>,
+    /// Differing children the client lacks, streamed as properties (version 2).
+    to_stream: VecDeque<NodeId>,
     /// Differing children the descent goes into at the next level.
     descend: Vec<NodeId>,
 }
@@ -73,6 +98,8 @@ pub struct Server {
     shape: Shape,
     preview: bool,
     wire_width: usize,
+    /// The protocol version of this sync (set by `TreeRoot`).
+    version: u32,
     level: u32,
     /// Parents at `level - 1` the client must send the children of, in order.
     frontier: VecDeque<NodeId>,
@@ -97,6 +124,7 @@ impl Server {
             shape: Shape::default(),
             preview: false,
             wire_width: 8,
+            version: 1,
             level: 0,
             frontier: VecDeque::new(),
             next_frontier: Vec::new(),
@@ -248,9 +276,12 @@ impl Server {
         self.shard = root.shard;
         self.preview = root.preview;
         self.report.preview = root.preview;
+        self.version = wire::version_of(root.protocol_version).min(self.config.protocol_version);
+        self.report.protocol_version = self.version;
         let ours = store.shape();
         let mut answer = pb::RootCompare {
             server_shape: Some(wire::shape_to_proto(&ours)),
+            protocol_version: self.version,
             ..pb::RootCompare::default()
         };
         let done = |this: &mut Server, answer: pb::RootCompare| {
@@ -302,6 +333,20 @@ impl Server {
         if answer.root_match {
             self.report.in_sync = true;
             done(self, answer);
+            return Ok(());
+        }
+        if root.leaf_count == 0 && self.streams(false) {
+            // A wiped replica: no descent, the whole shard in the order its store writes fastest.
+            answer.whole_shard = true;
+            self.out.push_back(Job::Message(pb::RepairResponse {
+                msg: Some(Out::RootCompare(answer)),
+            }));
+            self.listed.insert(NodeId::ROOT);
+            self.out.push_back(Job::Shard { after: None });
+            self.phase = Phase::Descent;
+            // Level 1 with an empty frontier: no LevelDigests is accepted, and the sync ends
+            // with SyncEnd after the client's NoMorePropertySync.
+            self.level = 1;
             return Ok(());
         }
         self.out.push_back(Job::Message(pb::RepairResponse {
@@ -423,7 +468,10 @@ impl Server {
             }
             wire::set_bit(&mut differ, i);
             let child = NodeId::new(self.level, index);
-            if self.lists_now(theirs.is_some(), mine) {
+            if self.streams(theirs.is_some()) {
+                wire::set_bit(&mut leaves, i);
+                answer.to_stream.push_back(child);
+            } else if self.lists_now(theirs.is_some(), mine) {
                 wire::set_bit(&mut leaves, i);
                 answer.to_list.push_back(child);
             } else {
@@ -433,6 +481,13 @@ impl Server {
         answer.packed.extend_from_slice(&differ);
         answer.packed.extend_from_slice(&leaves);
         Ok(())
+    }
+
+    /// Whether a differing child goes by the bulk path: the client lacks it (so we hold it), the
+    /// sync speaks version 2 and applies. It is marked in the `leaves` bitmap like a listed node;
+    /// the client, knowing it sent no digest for it, expects properties instead of fingerprints.
+    fn streams(&self, theirs_exists: bool) -> bool {
+        !theirs_exists && !self.preview && self.version >= wire::BULK_VERSION
     }
 
     /// Whether a differing child of the current level has its leaves listed now rather than
@@ -451,10 +506,11 @@ impl Server {
         let LevelAnswer {
             packed,
             to_list,
+            to_stream,
             descend,
         } = answer;
         self.frontier.drain(..page.parents as usize);
-        for node in &to_list {
+        for node in to_list.iter().chain(&to_stream) {
             self.listed.insert(*node);
         }
         self.next_frontier.extend(descend);
@@ -471,16 +527,20 @@ impl Server {
                 after: None,
             });
         }
+        // After the lists, so that the client merges them while the stream flows.
+        if !to_stream.is_empty() {
+            self.out.push_back(Job::Bulk {
+                nodes: to_stream,
+                after: None,
+            });
+        }
         if page.last_page {
             self.frontier = std::mem::take(&mut self.next_frontier).into();
             self.level += 1;
         }
     }
 
-    fn check_missing(
-        &self,
-        request: pb::PropertyMissing,
-    ) -> Result<Vec<(NodeId, HashSet<u64>)>, ProtocolError> {
+    fn check_missing(&self, request: pb::PropertyMissing) -> Result<Vec<Wanted>, ProtocolError> {
         let mut wanted = Vec::with_capacity(request.nodes.len());
         let mut total = 0usize;
         for node in request.nodes {
@@ -494,7 +554,14 @@ impl Server {
             }
             let fps = wire::fingerprints("MissingLeaves.fingerprints", &node.fingerprints)?;
             total += fps.len();
-            wanted.push((id, fps.into_iter().collect::<HashSet<u64>>()));
+            let after = wire::leaf_key_from_bytes("MissingLeaves.after", &node.after)?;
+            let until = wire::leaf_key_from_bytes("MissingLeaves.until", &node.until)?;
+            wanted.push(Wanted {
+                node: id,
+                fingerprints: fps.into_iter().collect(),
+                after,
+                until,
+            });
         }
         if total > wire::MAX_PAGE_ITEMS {
             return Err(ProtocolError::PageTooLarge {
@@ -521,6 +588,8 @@ impl Server {
                     None
                 }
                 Job::Copies(queue) => self.send_copies(store, queue)?,
+                Job::Bulk { nodes, after } => self.bulk_page(store, nodes, after)?,
+                Job::Shard { after } => self.shard_page(store, after)?,
             };
             if msg.is_some() {
                 return Ok(msg);
@@ -571,8 +640,14 @@ impl Server {
             }
             budget -= leaves.len();
             let exists = !leaves.is_empty() || after.is_some();
+            let mut until = Vec::new();
             if more {
                 after = leaves.last().map(leaf_key);
+                if self.version >= wire::BULK_VERSION
+                    && let Some(key) = &after
+                {
+                    until = wire::leaf_key_to_bytes(key);
+                }
             } else {
                 after = None;
                 nodes.pop_front();
@@ -583,6 +658,7 @@ impl Server {
                 exists,
                 fingerprints: fps,
                 more,
+                until,
             });
         }
         if !nodes.is_empty() {
@@ -597,16 +673,23 @@ impl Server {
 
     /// Finds, under each requested node, the leaves whose fingerprints the client asked for,
     /// and queues their entities to be sent ahead of the other jobs (except those already sent
-    /// back as newer).
+    /// back as newer). Each request is looked for in its listing chunk's range only, and the scan
+    /// stops as soon as every fingerprint is found, so answering all the requests of a node reads
+    /// its leaves a bounded number of times, never once per request page from the node's start.
     fn resolve_requested<S: RepairStore>(
         &mut self,
         store: &S,
-        wanted: Vec<(NodeId, HashSet<u64>)>,
+        wanted: Vec<Wanted>,
     ) -> Result<(), SyncError> {
         let mut queue = CopyQueue::default();
-        for (node, mut fps) in wanted {
-            let mut after: Option<LeafKey> = None;
-            while !fps.is_empty() {
+        for Wanted {
+            node,
+            fingerprints: mut fps,
+            mut after,
+            until,
+        } in wanted
+        {
+            'scan: while !fps.is_empty() {
                 let leaves = store
                     .leaves_under(
                         &self.group,
@@ -617,6 +700,11 @@ impl Server {
                     )
                     .map_err(SyncError::store("finding requested leaves"))?;
                 for leaf in &leaves {
+                    if until.as_ref().is_some_and(|until| {
+                        (leaf.bucket, &leaf.entity) > (until.bucket, &until.entity)
+                    }) {
+                        break 'scan;
+                    }
                     if fps.remove(&wire::fingerprint(&leaf.digest))
                         && !self.returned.contains(&leaf.entity)
                     {
@@ -633,6 +721,110 @@ impl Server {
             self.out.push_front(Job::Copies(queue));
         }
         Ok(())
+    }
+
+    /// One `BulkSync` page of the whole shard in entity order, resuming after `after`: at most
+    /// `page_items` properties and about `page_bytes` bytes, read one store range at a time;
+    /// `None` once the shard is spent.
+    fn shard_page<S: RepairStore>(
+        &mut self,
+        store: &S,
+        mut after: Option<Entity>,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        const READ_BATCH: usize = 64;
+        let limit = self.config.page_items;
+        let mut page: Vec<pb::Property> = Vec::new();
+        let mut bytes = 0usize;
+        let mut spent = false;
+        'fill: while page.len() < limit && bytes < self.config.page_bytes {
+            let want = (limit - page.len()).min(READ_BATCH);
+            let found = store
+                .properties_after(&self.group, self.shard, after.as_ref(), want)
+                .map_err(SyncError::store("reading the shard to stream"))?;
+            spent = found.len() < want;
+            for property in &found {
+                after = Some(
+                    property
+                        .entity()
+                        .map_err(SyncError::store("reading the shard to stream"))?,
+                );
+                let property = wire::property_to_proto(property);
+                bytes += property.encoded_len();
+                page.push(property);
+                if bytes >= self.config.page_bytes {
+                    spent = false;
+                    break 'fill;
+                }
+            }
+            if spent {
+                break;
+            }
+        }
+        if !spent {
+            self.out.push_front(Job::Shard { after });
+        }
+        if page.is_empty() {
+            return Ok(None);
+        }
+        self.report.sent += page.len() as u64;
+        self.report.streamed += page.len() as u64;
+        Ok(Some(pb::RepairResponse {
+            msg: Some(Out::BulkSync(pb::PropertySync { properties: page })),
+        }))
+    }
+
+    /// One `BulkSync` page of the properties under `nodes`, in `(bucket, entity)` order,
+    /// resuming after `after` in the front node: at most `page_items` properties and about
+    /// `page_bytes` bytes, read one store page at a time. The nodes not finished go back to
+    /// the front of the queue; `None` once they are spent.
+    fn bulk_page<S: RepairStore>(
+        &mut self,
+        store: &S,
+        mut nodes: VecDeque<NodeId>,
+        mut after: Option<LeafKey>,
+    ) -> Result<Option<pb::RepairResponse>, SyncError> {
+        const READ_BATCH: usize = 64;
+        let limit = self.config.page_items;
+        let mut page: Vec<pb::Property> = Vec::new();
+        let mut bytes = 0usize;
+        'fill: while page.len() < limit && bytes < self.config.page_bytes {
+            let Some(&node) = nodes.front() else { break };
+            let want = (limit - page.len()).min(READ_BATCH);
+            let leaves = store
+                .leaves_under(&self.group, self.shard, node, after.as_ref(), want)
+                .map_err(SyncError::store("listing leaves to stream"))?;
+            let entities: Vec<Entity> = leaves.iter().map(|leaf| leaf.entity.clone()).collect();
+            let found = store
+                .get_many(&self.group, self.shard, &entities)
+                .map_err(SyncError::store("reading properties to stream"))?;
+            for (leaf, property) in leaves.iter().zip(found) {
+                after = Some(leaf_key(leaf));
+                // Deleted or purged since the leaf was read: nothing to send.
+                let Some(property) = property else { continue };
+                let property = wire::property_to_proto(&property);
+                bytes += property.encoded_len();
+                page.push(property);
+                if bytes >= self.config.page_bytes {
+                    // The node stays at the front, resuming after this leaf.
+                    break 'fill;
+                }
+            }
+            if leaves.len() < want {
+                nodes.pop_front();
+                after = None;
+            }
+        }
+        if !nodes.is_empty() {
+            self.out.push_front(Job::Bulk { nodes, after });
+        }
+        if page.is_empty() {
+            return Ok(None);
+        }
+        self.report.sent += page.len() as u64;
+        self.report.streamed += page.len() as u64;
+        Ok(Some(pb::RepairResponse {
+            msg: Some(Out::BulkSync(pb::PropertySync { properties: page })),
+        }))
     }
 
     /// The next `PropertySync` page of `queue`, which goes back to the front of the queue;

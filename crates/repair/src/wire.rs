@@ -6,6 +6,7 @@ use propd_merkle::{Algorithm, Digest, Entity, Property, Shape, TagValue};
 use propd_proto::v1 as pb;
 
 use crate::error::{PropertyError, ProtocolError, malformed};
+use crate::store_api::LeafKey;
 
 /// Hard bound on the entries of one page, whatever the sender's config says.
 pub const MAX_PAGE_ITEMS: usize = 65_536;
@@ -20,6 +21,50 @@ pub(crate) fn fingerprint(digest: &Digest) -> u64 {
     let n = src.len().min(FINGERPRINT_BYTES);
     bytes[..n].copy_from_slice(&src[..n]);
     u64::from_le_bytes(bytes)
+}
+
+/// The highest protocol version this crate speaks (docs/protocol.md, "Versions").
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first version with the bulk path and range cursors on leaf lists.
+pub(crate) const BULK_VERSION: u32 = 2;
+
+/// A version number as sent: 0 (a peer that predates the field) means 1.
+pub(crate) fn version_of(sent: u32) -> u32 {
+    sent.max(1)
+}
+
+/// The wire form of a leaf key: the bucket as 8 bytes little-endian, then the entity's bytes.
+pub(crate) fn leaf_key_to_bytes(key: &LeafKey) -> Vec<u8> {
+    let entity = key.entity.as_bytes();
+    let mut bytes = Vec::with_capacity(8 + entity.len());
+    bytes.extend_from_slice(&key.bucket.to_le_bytes());
+    bytes.extend_from_slice(entity);
+    bytes
+}
+
+/// Reads a leaf key; an empty field is `None` (the start or the end of a node).
+pub(crate) fn leaf_key_from_bytes(
+    field: &'static str,
+    bytes: &[u8],
+) -> Result<Option<LeafKey>, ProtocolError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() < 8 {
+        return Err(malformed(
+            field,
+            format!("{} bytes, a leaf key has at least 9", bytes.len()),
+        ));
+    }
+    let (bucket, entity) = bytes.split_at(8);
+    let mut word = [0u8; 8];
+    word.copy_from_slice(bucket);
+    let entity = Entity::from_bytes(entity).map_err(|err| malformed(field, err.to_string()))?;
+    Ok(Some(LeafKey {
+        bucket: u64::from_le_bytes(word),
+        entity,
+    }))
 }
 
 /// Splits a packed fingerprint field into fingerprints.
@@ -243,6 +288,7 @@ pub(crate) fn response_kind(msg: &pb::RepairResponse) -> &'static str {
         Some(Msg::LevelDiff(_)) => "LevelDiff",
         Some(Msg::DifferTreeSummary(_)) => "DifferTreeSummary",
         Some(Msg::PropertySync(_)) => "PropertySync",
+        Some(Msg::BulkSync(_)) => "BulkSync",
         Some(Msg::SyncEnd(_)) => "SyncEnd",
         None => "empty RepairResponse",
     }

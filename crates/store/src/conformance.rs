@@ -45,7 +45,7 @@ where
     S: RepairStore<Error = StoreError>,
 {
     for shape in suite_shapes() {
-        let cases: [Case<S>; 8] = [
+        let cases: [Case<S>; 9] = [
             ("empty_shard", empty_shard),
             ("tree_matches_rebuild", tree_matches_rebuild),
             ("version_order_outcomes", version_order_outcomes),
@@ -54,6 +54,10 @@ where
                 batch_outcomes_in_input_order,
             ),
             ("leaves_paging", leaves_paging),
+            (
+                "properties_after_pages_in_entity_order",
+                properties_after_pages_in_entity_order,
+            ),
             (
                 "invalid_batch_changes_nothing",
                 invalid_batch_changes_nothing,
@@ -176,6 +180,49 @@ fn get_all<S: RepairStore<Error = StoreError>>(
     store
         .get_many(GROUP, SHARD, entities)
         .unwrap_or_else(|error| panic!("get_many: {error}"))
+}
+
+fn properties_after_pages_in_entity_order<S: RepairStore<Error = StoreError>>(store: &S, _: Shape) {
+    let case = "properties_after_pages_in_entity_order";
+    let page = |after: Option<&Entity>, limit| {
+        store
+            .properties_after(GROUP, SHARD, after, limit)
+            .unwrap_or_else(|error| panic!("{case}: {error}"))
+    };
+    assert_eq!(page(None, 10), Vec::new(), "{case}: empty shard");
+    let entities = entities(40);
+    // Applied out of entity order, tombstones included.
+    let properties: Vec<Property> = entities
+        .iter()
+        .enumerate()
+        .map(|(i, entity)| {
+            if i % 5 == 0 {
+                dead(entity, 10, 100 + i as i64)
+            } else {
+                live(entity, 10, i as i64)
+            }
+        })
+        .collect();
+    let mut shuffled = properties.clone();
+    shuffled.reverse();
+    apply(store, shuffled);
+    let mut got = Vec::new();
+    let mut after: Option<Entity> = None;
+    loop {
+        let next = page(after.as_ref(), 7);
+        assert!(next.len() <= 7, "{case}: a page of {} over 7", next.len());
+        let Some(last) = next.last() else { break };
+        after = Some(
+            last.entity()
+                .unwrap_or_else(|error| panic!("{case}: {error}")),
+        );
+        got.extend(next);
+    }
+    assert_eq!(
+        got, properties,
+        "{case}: every property once, in entity order"
+    );
+    assert_eq!(page(Some(&entities[38]), 10), vec![properties[39].clone()]);
 }
 
 fn empty_shard<S: RepairStore<Error = StoreError>>(store: &S, shape: Shape) {

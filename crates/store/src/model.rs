@@ -323,6 +323,27 @@ impl RepairStore for ModelStore {
         })
     }
 
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, StoreError> {
+        use std::ops::Bound;
+        self.with_shard(group, shard, |state| {
+            let start = after.map_or(Bound::Unbounded, |entity| Bound::Excluded(entity.clone()));
+            Ok(state
+                .properties
+                .range((start, Bound::Unbounded))
+                .map(|(_, property)| property)
+                .filter(|property| !below_line(property, state.purged_below))
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
     fn repair_apply_batch(
         &self,
         group: &str,

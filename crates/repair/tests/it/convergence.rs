@@ -2,7 +2,7 @@
 
 use propd_merkle::{Property, Shape};
 use propd_repair::Config;
-use propd_repair::pair::sync_in_memory;
+use propd_repair::pair::Pair;
 use propd_store::RepairStore;
 use proptest::prelude::*;
 
@@ -39,7 +39,9 @@ fn copies() -> impl Strategy<Value = Vec<(Option<Property>, Option<Property>)>> 
     })
 }
 
-fn configs() -> impl Strategy<Value = (Shape, Config)> {
+/// A shape and a config for each side: the limits are shared, the protocol versions drawn per
+/// side (a sync runs at the lower one).
+fn configs() -> impl Strategy<Value = (Shape, (Config, Config))> {
     let shape = prop_oneof![
         Just(Shape::default()),
         Just(Shape::reference()),
@@ -55,7 +57,13 @@ fn configs() -> impl Strategy<Value = (Shape, Config)> {
             ..Config::default()
         })
     ];
-    (shape, config)
+    (shape, config, 1u32..=2, 1u32..=2).prop_map(|(shape, config, client, server)| {
+        let side = |protocol_version| Config {
+            protocol_version,
+            ..config.clone()
+        };
+        (shape, (side(client), side(server)))
+    })
 }
 
 fn check<A: RepairStore, B: RepairStore>(
@@ -63,14 +71,25 @@ fn check<A: RepairStore, B: RepairStore>(
     b: &B,
     data: &[(Option<Property>, Option<Property>)],
     shape: Shape,
-    config: Config,
+    (client, server): (Config, Config),
 ) {
     let mine: Vec<Property> = data.iter().filter_map(|(x, _)| x.clone()).collect();
     let theirs: Vec<Property> = data.iter().filter_map(|(_, y)| y.clone()).collect();
     put(a, 0, mine.clone());
     put(b, 0, theirs.clone());
     let expected = merged(&mine, &theirs, &shape);
-    let (report, server) = sync_in_memory(a, b, GROUP, 0, config).expect("sync");
+    let version = client.protocol_version.min(server.protocol_version);
+    let (report, server) = Pair::with_configs(a, b, GROUP, 0, client, server)
+        .expect("pair")
+        .drive_bounded(10_000_000)
+        .expect("sync");
+    assert_eq!(
+        (report.protocol_version, server.protocol_version),
+        (version, version)
+    );
+    if version == 1 {
+        assert_eq!(report.streamed, 0);
+    }
     assert_eq!(contents(a, 0), expected, "client");
     assert_eq!(contents(b, 0), expected, "server");
     assert_eq!(root(a, 0), root(b, 0));

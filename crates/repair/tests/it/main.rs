@@ -1,5 +1,6 @@
 //! Integration tests of the repair protocol: scenarios, convergence, bad input, tonic.
 
+mod bulk;
 mod convergence;
 mod interrupted;
 mod lifecycle;

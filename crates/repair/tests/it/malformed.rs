@@ -65,6 +65,7 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
                     level: 99,
                     index: 0,
                     fingerprints: vec![0; 8],
+                    ..Default::default()
                 }],
             })),
         },
@@ -102,11 +103,17 @@ fn bad_responses() -> Vec<pb::RepairResponse> {
                     exists: true,
                     fingerprints: vec![0; 8],
                     more: false,
+                    ..Default::default()
                 }],
             })),
         },
         pb::RepairResponse {
             msg: Some(Msg::PropertySync(pb::PropertySync {
+                properties: vec![foreign_copy()],
+            })),
+        },
+        pb::RepairResponse {
+            msg: Some(Msg::BulkSync(pb::PropertySync {
                 properties: vec![foreign_copy()],
             })),
         },

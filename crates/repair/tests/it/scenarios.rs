@@ -76,7 +76,43 @@ fn only_on_the_client_is_sent_and_only_on_the_server_is_fetched() {
     let both = vec![prop("mine", 1, "a", 0), prop("theirs", 1, "b", 0)];
     assert_eq!(contents(&a, 0), both);
     assert_eq!(contents(&b, 0), both);
-    assert_eq!((report.sent, report.requested, report.received), (1, 1, 1));
+    // The two entities lie in different slots: the client lacks the server's slot, which comes
+    // by the bulk path (streamed, not requested).
+    assert_eq!(
+        (
+            report.sent,
+            report.requested,
+            report.received,
+            report.streamed
+        ),
+        (1, 0, 1, 1)
+    );
+}
+
+#[test]
+fn version_one_fetches_what_version_two_streams() {
+    let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+    put(&a, 0, vec![prop("mine", 1, "a", 0)]);
+    put(&b, 0, vec![prop("theirs", 1, "b", 0)]);
+    let v1 = Config {
+        protocol_version: 1,
+        ..Config::default()
+    };
+    // Either side at version 1 runs the whole sync at version 1.
+    let (report, server) = sync_in_memory(&a, &b, GROUP, 0, v1.clone()).expect("sync");
+    assert_eq!((report.protocol_version, server.protocol_version), (1, 1));
+    assert_eq!(
+        (
+            report.sent,
+            report.requested,
+            report.received,
+            report.streamed
+        ),
+        (1, 1, 1, 0)
+    );
+    let both = vec![prop("mine", 1, "a", 0), prop("theirs", 1, "b", 0)];
+    assert_eq!(contents(&a, 0), both);
+    assert_eq!(contents(&b, 0), both);
 }
 
 #[test]

@@ -7,7 +7,8 @@ use crate::config::ReadCheck;
 use crate::error::{StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, below_line};
 use crate::store::RedbStore;
-use crate::store::rows::{open_read, read_meta_snapshot, read_row};
+use crate::store::quarantine::Rotten;
+use crate::store::rows::{RowRead, damaged, decode_row, open_read, read_meta_snapshot, read_row};
 use crate::tables::ShardTableNames;
 
 impl RepairStore for RedbStore {
@@ -88,6 +89,52 @@ impl RepairStore for RedbStore {
                     Ok(row.filter(|property| !below_line(property, purged_below)))
                 })
                 .collect()
+        });
+        self.settle_rot();
+        copies
+    }
+
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, StoreError> {
+        use std::ops::Bound;
+        // Copies are checked whatever `read_check` says, as in `get_many`: a rotten row is
+        // skipped (quarantined), never sent.
+        let copies = self.guarded(|| {
+            let snapshot = self.snapshot()?;
+            let names = ShardTableNames::new(group, shard);
+            let Some(table) = open_read(&snapshot.txn, names.props())? else {
+                return Ok(Vec::new());
+            };
+            // A tombstone below the purge line is never sent: it reads as absent.
+            let purged_below = read_meta_snapshot(&snapshot.txn, group, shard)?.purged_below;
+            let start = after.map_or(Bound::Unbounded, |entity| Bound::Excluded(entity.as_str()));
+            let mut found = Vec::new();
+            let mut last_key = String::new();
+            // One range read of the property rows, in key order.
+            for row in table.range::<&str>((start, Bound::Unbounded))? {
+                if found.len() >= limit {
+                    break;
+                }
+                let (key, value) = row.map_err(|error| damaged(&names.props, &last_key, error))?;
+                let (key, value) = (key.value(), value.value());
+                last_key.clear();
+                last_key.push_str(key);
+                let read = match decode_row(key, value, ReadCheck::On) {
+                    Ok(property) => RowRead::Good(property),
+                    Err(reason) => RowRead::Rotten(Rotten::new(&names, key, value, reason)),
+                };
+                if let Some(property) = snapshot.good(read)
+                    && !below_line(&property, purged_below)
+                {
+                    found.push(property);
+                }
+            }
+            Ok(found)
         });
         self.settle_rot();
         copies
