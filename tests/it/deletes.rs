@@ -394,7 +394,23 @@ fn a_copy_down_longer_than_the_grace_rejoins_as_it_is_and_its_stale_versions_los
             );
         }
     }
-    // After that round every copy purges the tombstones, and they stay gone.
+    // A round's cutoff is its start less three skews (3 s here): once the clock is past that
+    // much after the last delete, the next complete round lets every copy purge the tombstones,
+    // and they stay gone.
+    let last_delete = deleted_at.iter().copied().max().expect("deletes");
+    let cutoff_passes = last_delete + 3 * 1_000_000_000 + 500_000_000;
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos();
+        let Some(left) = u128::try_from(cutoff_passes).expect("positive").checked_sub(now) else {
+            break;
+        };
+        std::thread::sleep(Duration::from_nanos(u64::try_from(left).expect("seconds")));
+    }
+    let round = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(round["ok"], true, "{round}");
     let purged = eventually(Duration::from_secs(30), || {
         (0..3).all(|i| ids.iter().all(|id| stored(&cluster, i, id).is_none()))
     });
