@@ -1209,6 +1209,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_every_copy_must_acknowledge_succeeds_when_every_copy_does() {
+        let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let (n2_listener, n2) = listener().await;
+        let (n3_listener, n3) = listener().await;
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for (me, listener, dir) in [("n2", n2_listener, &dirs[1]), ("n3", n3_listener, &dirs[2])] {
+            let state = node_state(me, [n1, n2, n3], 3, dir.path());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(PropertyServiceServer::new(PropertyApi::new(state)))
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+        }
+        let first = node_state("n1", [n1, n2, n3], 3, dirs[0].path());
+        // write_acks = 3 of three copies: the answer waits for the last one, and does not give
+        // up while the copies still out can make it.
+        let answer = PropertyApi::new(first)
+            .apply(apply_request("c"))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!((answer.acknowledged, answer.copies), (3, 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_can_no_longer_reach_write_acks_fails_without_waiting_for_a_hung_copy() {
         let dir = tempfile::tempdir().unwrap();
         // n2 refuses connections: its port is bound without listening, and held for the test
