@@ -2,5 +2,7 @@
 mod canonical;
 mod cluster;
 mod deletes;
+mod faults;
 mod operator;
 mod operator_cli;
+mod tls;
