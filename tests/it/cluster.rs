@@ -981,7 +981,7 @@ fn every_command_prints_the_documented_json_fields() {
     skipped.dedup();
     assert_eq!(
         skipped.join(" "),
-        "skipped[].error skipped[].from skipped[].to",
+        "skipped[].duration_ms skipped[].error skipped[].from skipped[].to",
         "{skipping}"
     );
 }
