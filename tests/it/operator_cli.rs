@@ -123,4 +123,16 @@ fn log_format_json_writes_one_json_object_per_log_line() {
             .any(|e| e["level"] == "INFO" && e["fields"]["message"] == "serving"),
         "{log}"
     );
+    // The other lines are the config printed at start, never a log event in the text format
+    // ("<time>  INFO <target>: <message>").
+    let text_events: Vec<&str> = log
+        .lines()
+        .filter(|line| !line.starts_with('{'))
+        .filter(|line| {
+            [" TRACE ", " DEBUG ", " INFO ", " WARN ", " ERROR "]
+                .iter()
+                .any(|level| line.contains(level))
+        })
+        .collect();
+    assert!(text_events.is_empty(), "text log lines: {text_events:?}");
 }

@@ -164,6 +164,9 @@ fn bench(extra: &[String]) -> Result<()> {
     status(command)
 }
 
+/// The cargo-mutants release `cargo xtask mutants` installs when none is installed.
+const CARGO_MUTANTS: &str = "27.1.0";
+
 /// Runs cargo-mutants over the chosen crates and files, installing it first when missing.
 /// `--crate X` and `--file F` narrow the run (both may repeat); every other argument goes to
 /// `cargo mutants` as is (`--re`, `--timeout`, `--list`, ...). Mutants are built in place, in
@@ -175,8 +178,18 @@ fn mutants(args: &[String]) -> Result<()> {
         .output()
         .is_ok_and(|output| output.status.success());
     if !installed {
-        eprintln!("xtask mutants: cargo-mutants is missing; installing it");
-        run("cargo", &["install", "--locked", "cargo-mutants"])?;
+        // The version docs/testing.md's figures were measured with.
+        eprintln!("xtask mutants: cargo-mutants is missing; installing {CARGO_MUTANTS}");
+        run(
+            "cargo",
+            &[
+                "install",
+                "--locked",
+                "cargo-mutants",
+                "--version",
+                CARGO_MUTANTS,
+            ],
+        )?;
     }
     let mut command = cargo(&["mutants", "--in-place"]);
     let mut rest = args.iter();

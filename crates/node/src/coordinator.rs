@@ -1171,6 +1171,65 @@ mod tests {
     }
 
     #[test]
+    fn a_write_is_superseded_only_when_every_acknowledging_copy_held_a_newer_version() {
+        let newer = |revision| CopyAck {
+            had_live: true,
+            newer: Some(revision),
+        };
+        let applied = CopyAck {
+            had_live: false,
+            newer: None,
+        };
+        assert_eq!(
+            superseded(&[newer(7), newer(9), newer(8)]),
+            Some(9),
+            "the newest version it lost to"
+        );
+        assert_eq!(
+            superseded(&[newer(7), applied]),
+            None,
+            "applied on one copy"
+        );
+        assert_eq!(superseded(&[applied]), None);
+    }
+
+    #[tokio::test]
+    async fn too_few_acknowledgements_are_unavailable_unless_every_copy_refused_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        // No call is made: the addresses are never used.
+        let addrs = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].map(|a| a.parse().unwrap());
+        let api = PropertyApi::new(node_state("n1", addrs, 2, dir.path()));
+        let none = Refusals::default();
+        assert!(
+            api.require_acks(2, 3, &none, "it").is_ok(),
+            "write_acks met"
+        );
+        assert!(api.require_acks(3, 3, &none, "it").is_ok(), "more than met");
+        let short = api.require_acks(1, 3, &none, "it").unwrap_err();
+        assert_eq!(short.code(), tonic::Code::Unavailable, "{short}");
+        assert!(
+            short
+                .message()
+                .starts_with("only 1 of 3 copies acknowledged it, 2 required"),
+            "{short}"
+        );
+        // write_acks = 2 with one copy: one acknowledgement is enough.
+        assert!(api.require_acks(1, 1, &none, "it").is_ok(), "capped");
+        let mut alike = Refusals::default();
+        for _ in 0..3 {
+            alike.add(Status::invalid_argument("tags: too many"));
+        }
+        let refused = api.require_acks(0, 3, &alike, "it").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+        // One copy took it: the others' refusal is not the request's fault alone.
+        let mut two = Refusals::default();
+        two.add(Status::invalid_argument("tags: too many"));
+        two.add(Status::invalid_argument("tags: too many"));
+        let short = api.require_acks(1, 3, &two, "it").unwrap_err();
+        assert_eq!(short.code(), tonic::Code::Unavailable, "{short}");
+    }
+
+    #[test]
     fn the_newest_copy_wins_and_older_ones_are_rewritten() {
         let read = reconcile(
             vec![
@@ -1479,6 +1538,31 @@ mod tests {
             lock(&first.misses).pending("g", 0) == 1
         })
         .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_every_copy_must_acknowledge_succeeds_when_every_copy_does() {
+        let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let (n2_listener, n2) = listener().await;
+        let (n3_listener, n3) = listener().await;
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for (me, listener, dir) in [("n2", n2_listener, &dirs[1]), ("n3", n3_listener, &dirs[2])] {
+            let state = node_state(me, [n1, n2, n3], 3, dir.path());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(PropertyServiceServer::new(PropertyApi::new(state)))
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+        }
+        let first = node_state("n1", [n1, n2, n3], 3, dirs[0].path());
+        // write_acks = 3 of three copies: the answer waits for the last one, and does not give
+        // up while the copies still out can make it.
+        let answer = PropertyApi::new(first)
+            .apply(apply_request("c"))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!((answer.acknowledged, answer.copies), (3, 3));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,3 +302,65 @@ fn paging_and_deep_descent_give_the_same_result() {
     let (again, _) = sync_in_memory(&a, &b, GROUP, 0, tiny_pages()).expect("second sync");
     assert!(again.in_sync);
 }
+
+/// Where the server lists a differing subtree's leaves (adaptive descent, `Server::lists_now`):
+/// at once when the client lacks the subtree or it holds at most `leaf_list_max` leaves, and
+/// otherwise one level further down, until the buckets. The default shape has 32 slots (level
+/// 1) above three bucket levels (2 to 4).
+#[test]
+fn a_small_or_missing_subtree_is_listed_at_once_and_a_large_one_descended() {
+    let shape = Shape::default();
+    let bucket_level = shape.bucket_level() as usize;
+    let shared: Vec<_> = (0..100)
+        .map(|i| prop(&format!("k{i}"), 1, "v", 0))
+        .collect();
+    let diverged = || {
+        let (a, b) = (model(shape, 1), model(shape, 1));
+        put(&a, 0, shared.clone());
+        put(&b, 0, shared.clone());
+        put(&b, 0, vec![prop("extra", 1, "v", 0)]);
+        (a, b)
+    };
+
+    // One extra leaf in a slot of about three: the slot is small, listed at level 1.
+    let (a, b) = diverged();
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, Config::default()).expect("sync");
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    assert!(report.levels[1].fingerprints >= 1, "{report:?}");
+    assert!(
+        report.levels[2..=bucket_level]
+            .iter()
+            .all(|level| level.digests == 0 && level.fingerprints == 0),
+        "no descent below the slots: {report:?}"
+    );
+
+    // The same slot with `leaf_list_max = 0`: descended into, until a node the client lacks
+    // or a bucket is listed.
+    let (a, b) = diverged();
+    let config = Config {
+        leaf_list_max: 0,
+        ..Config::default()
+    };
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, config.clone()).expect("sync");
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    assert_eq!(report.levels[1].fingerprints, 0, "{report:?}");
+    assert!(report.levels[2].digests > 0, "descended: {report:?}");
+    let listed_below: u64 = report.levels[2..=bucket_level]
+        .iter()
+        .map(|level| level.fingerprints)
+        .sum();
+    assert!(listed_below >= 1, "{report:?}");
+
+    // A client without any of the slots: each is listed at level 1, however large.
+    let (empty, full) = (model(shape, 1), model(shape, 1));
+    put(&full, 0, shared.clone());
+    let (report, _) = sync_in_memory(&empty, &full, GROUP, 0, config).expect("sync");
+    assert_eq!(contents(&empty, 0), contents(&full, 0));
+    assert_eq!(report.levels[1].fingerprints, 100, "{report:?}");
+    assert!(
+        report.levels[2..=bucket_level]
+            .iter()
+            .all(|level| level.fingerprints == 0),
+        "nothing is descended into: {report:?}"
+    );
+}

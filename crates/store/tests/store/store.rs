@@ -376,6 +376,13 @@ fn purge_removes_tombstones_below_the_line_in_chunks_and_the_line_never_moves_ba
         (0, 45),
         "the line never moves back"
     );
+    // e was deleted at 50: a tombstone at the line is not below it.
+    let report = ok(store.purge_tombstones("h", 0, 50, 2));
+    assert_eq!(
+        (report.purged, report.purged_below),
+        (0, 50),
+        "a tombstone at the line stays"
+    );
     let left: Vec<String> = ok(ok(store.snapshot()).scan("h", 0))
         .map(|p| ok(p).id)
         .collect();
