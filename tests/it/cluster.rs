@@ -728,7 +728,7 @@ fn a_query_merges_copies_that_differ_and_repairs_them() {
 fn sigterm_with_a_round_in_flight_exits_after_the_grace_and_loses_nothing() {
     // One node's syncs are paced at 2000 bytes a second: after a round that moved some
     // kilobytes, its next sync waits seconds, long enough to stop the node meanwhile.
-    let mut cluster = Cluster::start(
+    let mut cluster = Cluster::start_plaintext(
         3,
         "[[groups]]\nname = \"g\"\nshard_num = 2\nreplicas = 2\n[repair]\nenabled = false\n\
          throttle_bytes_per_second = 2000\n",

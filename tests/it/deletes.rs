@@ -404,7 +404,10 @@ fn a_copy_down_longer_than_the_grace_rejoins_as_it_is_and_its_stale_versions_los
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
             .as_nanos();
-        let Some(left) = u128::try_from(cutoff_passes).expect("positive").checked_sub(now) else {
+        let Some(left) = u128::try_from(cutoff_passes)
+            .expect("positive")
+            .checked_sub(now)
+        else {
             break;
         };
         std::thread::sleep(Duration::from_nanos(u64::try_from(left).expect("seconds")));

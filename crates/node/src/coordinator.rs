@@ -1171,7 +1171,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_superseded_only_when_every_acknowledging_copy_held_a_newer_version() {
+    fn a_write_is_superseded_when_any_acknowledging_copy_held_a_newer_version() {
         let newer = |revision| CopyAck {
             had_live: true,
             newer: Some(revision),
@@ -1187,9 +1187,10 @@ mod tests {
         );
         assert_eq!(
             superseded(&[newer(7), applied]),
-            None,
-            "applied on one copy"
+            Some(7),
+            "stored on one copy, but repair carries the newer version there too"
         );
+        assert_eq!(superseded(&[applied, applied]), None);
         assert_eq!(superseded(&[applied]), None);
     }
 

@@ -104,6 +104,7 @@ struct Span {
     start: i64,
     duration_ms: u64,
     error: String,
+    count: u32,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -169,7 +170,11 @@ fn drain(engine: &mut Engine, pending: &mut Pending) -> usize {
             Command::HandOff { to, propagation } => {
                 pending.hand_offs.push((propagation.context.message_id, to));
             }
-            Command::CancelSync { .. } | Command::Report { .. } | Command::Finished(_) => {}
+            Command::CancelSync { .. }
+            | Command::Report { .. }
+            | Command::ReportProgress { .. }
+            | Command::Step(_)
+            | Command::Finished(_) => {}
         }
     }
     count
@@ -234,6 +239,7 @@ fuzz_target!(|ops: Vec<Op>| {
                             duration_ms: s.duration_ms,
                             report: None,
                             error: s.error,
+                            count: s.count,
                         })
                         .collect(),
                 };

@@ -13,7 +13,7 @@ use arbitrary::Arbitrary;
 use propd_merkle::{NodeId, Property, Shape, TagValue};
 use propd_proto::v1 as pb;
 use propd_repair::{Client, Config, Server, SyncError};
-use propd_store::{GroupDef, ModelStore, RepairStore};
+use propd_store::{GroupDef, Groups, ModelStore, RepairStore};
 use prost::Message;
 
 /// The group every seeded property belongs to; it has one shard, 0.
@@ -93,12 +93,18 @@ impl Setup {
             leaf_list_max: u64::from(self.leaf_list_max % 20),
             preview: self.preview,
             max_backlog: page_items + usize::from(self.extra_backlog % 16),
+            // Both wire versions: version 1 descends and lists, version 2 streams one-sided
+            // subtrees.
+            protocol_version: if self.preview { 1 } else { 2 },
         }
     }
 
     fn store(&self, seeds: &[Seed]) -> ModelStore {
-        let store = ModelStore::new(vec![GroupDef::new(GROUP, 1, 1)], self.shape())
-            .expect("a valid group and shape");
+        let store = ModelStore::new(
+            Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("a valid group"),
+            self.shape(),
+        )
+        .expect("a valid group and shape");
         let batch: Vec<Property> = seeds.iter().take(64).map(|s| s.property()).collect();
         // Seeds are valid copies: the store accepts every one (the greater version wins).
         store
@@ -283,6 +289,7 @@ impl Request {
                 leaf_count,
                 preview,
                 wire_digest_width,
+                protocol_version: 2,
             })),
             Request::LevelDigests {
                 level,
@@ -302,6 +309,8 @@ impl Request {
                         level,
                         index,
                         fingerprints,
+                        after: Vec::new(),
+                        until: Vec::new(),
                     })
                     .collect(),
             })),
@@ -356,6 +365,8 @@ impl Response {
                 server_shape: server_shape.make(),
                 error,
                 leaf_count,
+                protocol_version: 2,
+                whole_shard: false,
             })),
             Response::LevelDiff {
                 level,
@@ -377,6 +388,7 @@ impl Response {
                                 exists,
                                 fingerprints,
                                 more,
+                                until: Vec::new(),
                             },
                         )
                         .collect(),

@@ -307,6 +307,9 @@ fn paging_and_deep_descent_give_the_same_result() {
 /// at once when the client lacks the subtree or it holds at most `leaf_list_max` leaves, and
 /// otherwise one level further down, until the buckets. The default shape has 32 slots (level
 /// 1) above three bucket levels (2 to 4).
+///
+/// Protocol version 1: version 2 streams a subtree the client lacks instead of listing it (the
+/// bulk path, tested in `bulk`).
 #[test]
 fn a_small_or_missing_subtree_is_listed_at_once_and_a_large_one_descended() {
     let shape = Shape::default();
@@ -339,6 +342,7 @@ fn a_small_or_missing_subtree_is_listed_at_once_and_a_large_one_descended() {
     let (a, b) = diverged();
     let config = Config {
         leaf_list_max: 0,
+        protocol_version: 1,
         ..Config::default()
     };
     let (report, _) = sync_in_memory(&a, &b, GROUP, 0, config.clone()).expect("sync");
