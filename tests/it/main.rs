@@ -4,3 +4,4 @@ mod cluster;
 mod deletes;
 mod operator;
 mod operator_cli;
+mod pages;

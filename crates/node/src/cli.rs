@@ -18,6 +18,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
+mod transfer;
+
 use crate::config::{
     DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
     PartialTree,
@@ -41,8 +43,12 @@ enum Command {
     Get(GetArgs),
     /// Delete a property (every copy stores the same tombstone).
     Delete(DeleteArgs),
-    /// Query the properties of a group.
-    Query(QueryArgs),
+    /// Query the properties of a group: one page, or every page with --all.
+    Query(transfer::QueryArgs),
+    /// Write a group (or one shard) as JSON lines, tombstones included (a backup).
+    Export(transfer::ExportArgs),
+    /// Write the properties of an export, keeping their versions: newer versions win.
+    Import(transfer::ImportArgs),
     /// Start a repair round for a shard with this node as origin, or pause/resume background repair.
     Repair(RepairArgs),
     /// Show a shard's Merkle tree: shape, root, revision, per-slot digests and counts.
@@ -273,27 +279,6 @@ struct DeleteArgs {
     local: bool,
 }
 
-#[derive(Debug, Args)]
-struct QueryArgs {
-    #[command(flatten)]
-    client: Client,
-    #[arg(long)]
-    group: String,
-    #[arg(long)]
-    name: Option<String>,
-    /// Match these ids (repeat).
-    #[arg(long = "id")]
-    ids: Vec<String>,
-    /// Tag equality filter KEY=VALUE (repeat; all must match).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// At most this many properties.
-    #[arg(long, default_value_t = 0)]
-    limit: u32,
-    #[arg(long)]
-    local: bool,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum RepairAction {
     /// Pause background repair rounds on this node.
@@ -346,7 +331,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Put(args) => put(args).await,
         Command::Get(args) => get(args).await,
         Command::Delete(args) => delete(args).await,
-        Command::Query(args) => query(args).await,
+        Command::Query(args) => transfer::query(args).await,
+        Command::Export(args) => transfer::export(args).await,
+        Command::Import(args) => transfer::import(args).await,
         Command::Repair(args) => repair(args).await,
         Command::Tree(args) => tree(args).await,
         Command::Status(args) => status(args).await,
@@ -624,35 +611,6 @@ async fn delete(args: DeleteArgs) -> Result<()> {
         ),
     )?;
     superseded_exit(response.superseded)
-}
-
-async fn query(args: QueryArgs) -> Result<()> {
-    let filters = parse_tags(&args.tags)?
-        .into_iter()
-        .map(|tag| v1::TagFilter {
-            key: tag.key,
-            value: tag.value,
-        })
-        .collect();
-    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
-    let request = v1::QueryRequest {
-        group: args.group,
-        name: args.name.unwrap_or_default(),
-        ids: args.ids,
-        tags: filters,
-        limit: args.limit,
-        local: args.local,
-        include_deleted: false,
-    };
-    let response = client
-        .query(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let json = Value::Array(response.properties.iter().map(property_json).collect());
-    let text: Vec<String> = response.properties.iter().map(property_text).collect();
-    print(args.client.output, &json, &text.join("\n"))?;
-    Ok(())
 }
 
 async fn repair(args: RepairArgs) -> Result<()> {

@@ -45,8 +45,8 @@ pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore, ShardScan, Snapshot,
-    TreeView, VerifyOutcome, purge_line, round_cutoff,
+    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, Query, QueryPage, RedbStore, ShardScan,
+    Snapshot, TreeView, VerifyOutcome, purge_line, round_cutoff,
 };
 
 /// Decodes one stored property row, its key and its value (the property's canonical bytes),

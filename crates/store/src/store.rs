@@ -39,7 +39,7 @@ use crate::validate::Rules;
 pub use maintenance::{
     PURGE_CHUNK, PurgeReport, PurgeState, VerifyOutcome, purge_line, round_cutoff,
 };
-pub use query::Query;
+pub use query::{Query, QueryPage};
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;
 pub use writer::DeleteOutcome;
