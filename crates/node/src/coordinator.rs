@@ -273,21 +273,33 @@ impl PropertyApi {
         };
         let mut merge = pages::PageMerge::new(first);
         let mut answer = pages::Answer::default();
+        // The last entity decided: where the next page starts when this one ends before an entity.
+        let mut decided: Option<Entity> = None;
         loop {
             match merge.step(copies_of) {
                 pages::Step::Entity(entity, answers) => {
                     let Some(read) = reconcile(answers, &shape) else {
                         continue;
                     };
+                    let visible = include_deleted || !read.newest.is_tombstone();
+                    if visible
+                        && !answer.fits(&read.newest)?
+                        && let Some(last) = &decided
+                    {
+                        // Over the answer's byte bound: the next page starts with this entity.
+                        return Ok(v1::QueryResponse {
+                            properties: answer.properties,
+                            next_page_token: pages::page_token(last),
+                            page_version: pages::PAGE_VERSION,
+                        });
+                    }
                     self.read_repair(
                         &group.name,
                         shard_for(&entity, group),
                         &read.newest,
                         read.stale,
                     );
-                    if (include_deleted || !read.newest.is_tombstone())
-                        && answer.push(&read.newest, limit)?
-                    {
+                    if visible && answer.push(&read.newest, limit)? {
                         let next_page_token = if merge.exhausted() {
                             String::new()
                         } else {
@@ -299,6 +311,7 @@ impl PropertyApi {
                             page_version: pages::PAGE_VERSION,
                         });
                     }
+                    decided = Some(entity);
                 }
                 pages::Step::Fetch(fetch) if !fetch.is_empty() => {
                     pages::fetch_pages(&self.node, &mut merge, fetch, &query).await;

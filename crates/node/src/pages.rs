@@ -444,6 +444,13 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
+    /// Whether `property` still belongs in this answer: an answer never goes over
+    /// [`PAGE_BYTES`], except with its first property (refused when even that could not fit).
+    pub(crate) fn fits(&self, property: &Property) -> Result<bool, Status> {
+        let size = answer_size(property)?;
+        Ok(self.properties.is_empty() || self.bytes + size <= PAGE_BYTES)
+    }
+
     /// Adds a visible property; `true` when the answer is full.
     pub(crate) fn push(&mut self, property: &Property, limit: usize) -> Result<bool, Status> {
         let size = answer_size(property)?;

@@ -101,6 +101,12 @@ impl PageBuilder {
         }
     }
 
+    /// Whether a match of `size` bytes still belongs in this page: a page never goes over the
+    /// byte bound, except with its first property.
+    fn fits(&self, size: usize) -> bool {
+        self.properties.is_empty() || self.bytes.saturating_add(size) <= self.max_bytes
+    }
+
     /// Adds a match of `size` bytes; `true` when the page is full.
     fn push(&mut self, property: Property, size: usize) -> bool {
         self.properties.push(property);
@@ -227,12 +233,18 @@ impl Snapshot {
                 }
                 None => continue,
             };
+            if query.matches(&property) {
+                if !page.fits(size) {
+                    // The next page starts with it.
+                    return page.finish(true);
+                }
+                if page.push(property, size) {
+                    return page.finish(true);
+                }
+            }
             cursor.advance()?;
             if let Some((next, _)) = &cursor.head {
                 heads.push(Reverse((next.value().to_owned(), i)));
-            }
-            if query.matches(&property) && page.push(property, size) {
-                return page.finish(true);
             }
         }
         page.finish(false)
@@ -266,6 +278,9 @@ impl Snapshot {
                 && query.matches(&property)
             {
                 let size = property.canonical_bytes().len() + ROW_OVERHEAD;
+                if !page.fits(size) {
+                    return page.finish(true);
+                }
                 if page.push(property, size) {
                     return page.finish(i + 1 < last);
                 }

@@ -160,6 +160,14 @@ fn query_pages_resume_after_their_last_entity_and_add_up_to_the_whole() {
     query.max_bytes = 1;
     assert_eq!(ok(store.query_page(&query)).properties.len(), 1);
     assert_eq!(pages(query), whole);
+    // A page stays within the bound (a key, the stored bytes and 16 bytes of framing each).
+    let size = |p: &Property| key(p).len() + p.canonical_bytes().len() + 16;
+    let mut query = Query::group("g");
+    query.max_bytes = 3 * size(&whole[0]) + 10;
+    let page = ok(store.query_page(&query));
+    assert_eq!(page.properties.len(), 3);
+    assert!(page.properties.iter().map(size).sum::<usize>() <= query.max_bytes);
+    assert_eq!(pages(query), whole);
     // Tombstones, a name, ids, one shard: each paged the same way.
     let mut query = Query::group("g");
     query.include_deleted = true;
