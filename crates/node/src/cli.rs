@@ -1023,6 +1023,9 @@ mod tests {
             "propd delete g/n/i --revision 9",
             "propd repair resume",
             "propd status --output json",
+            "propd query --group g --limit 5 --page-token 1.67 --all --output json",
+            "propd export --group g --shard 1 --file g.jsonl --page-size 500",
+            "propd import - --batch 500 --dry-run --server 127.0.0.1:7002",
         ] {
             parse(line);
         }

@@ -24,28 +24,28 @@ use crate::pages::MAX_QUERY_LIMIT;
 #[derive(Debug, Args)]
 pub(super) struct QueryArgs {
     #[command(flatten)]
-    client: Client,
+    pub(super) client: Client,
     #[arg(long)]
-    group: String,
+    pub(super) group: String,
     #[arg(long)]
-    name: Option<String>,
+    pub(super) name: Option<String>,
     /// Match these ids (repeat).
     #[arg(long = "id")]
-    ids: Vec<String>,
+    pub(super) ids: Vec<String>,
     /// Tag equality filter KEY=VALUE (repeat; all must match).
     #[arg(long = "tag")]
-    tags: Vec<String>,
+    pub(super) tags: Vec<String>,
     /// At most this many properties per page (0: the server's default, 1000).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_QUERY_LIMIT)))]
-    limit: u32,
+    pub(super) limit: u32,
     /// Start after the page that answered with this `next_page_token`.
     #[arg(long, default_value = "")]
-    page_token: String,
+    pub(super) page_token: String,
     /// Every page, one property per line (JSON lines with `--output json`).
     #[arg(long)]
-    all: bool,
+    pub(super) all: bool,
     #[arg(long)]
-    local: bool,
+    pub(super) local: bool,
 }
 
 /// `propd export`.
