@@ -2,6 +2,8 @@
 mod canonical;
 mod cluster;
 mod deletes;
+mod faults;
 mod operator;
 mod operator_cli;
 mod pages;
+mod tls;

@@ -9,6 +9,8 @@ use propd_merkle::{Algorithm, Shape, ShapeError};
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
+use crate::tls::TlsPaths;
+
 /// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
 /// its copies, so a typo must not ask for millions of them.
 pub(crate) const MAX_SHARD_NUM: u32 = 65_536;
@@ -125,7 +127,13 @@ pub(crate) struct RepairConfig {
     pub(crate) tombstone_grace: Duration,
     /// Repair traffic limit in bytes per second; 0 for none.
     pub(crate) throttle_bytes_per_second: u64,
+    /// How fast the scrub rereads stored rows to check them against their digests, in bytes
+    /// per second; 0 turns the scrub off.
+    pub(crate) scrub_bytes_per_second: u64,
 }
+
+/// The default scrub rate: 1 MiB/s, a full pass over 3.6 GB of rows an hour.
+pub(crate) const DEFAULT_SCRUB_BYTES_PER_SECOND: u64 = 1 << 20;
 
 impl Default for RepairConfig {
     fn default() -> Self {
@@ -138,6 +146,7 @@ impl Default for RepairConfig {
             verify_interval: Duration::from_secs(60 * 60),
             tombstone_grace: Duration::from_secs(7 * 24 * 60 * 60),
             throttle_bytes_per_second: 0,
+            scrub_bytes_per_second: DEFAULT_SCRUB_BYTES_PER_SECOND,
         }
     }
 }
@@ -176,6 +185,14 @@ pub(crate) struct Config {
     pub(crate) tree: Shape,
     /// How log lines are written.
     pub(crate) log_format: LogFormat,
+    /// `[tls]`: mutual TLS on every port and every dial; `None` serves plaintext.
+    pub(crate) tls: Option<TlsPaths>,
+    /// `insecure`: plaintext on a non-loopback address was asked for explicitly.
+    pub(crate) insecure: bool,
+    /// Start with an empty store when the data file exists but is damaged (empty, truncated,
+    /// unreadable); the damaged file is kept as `propd.redb.damaged`. Off by default: such a
+    /// node refuses to start.
+    pub(crate) allow_empty_store: bool,
 }
 
 /// The `[metrics]` table.
@@ -230,6 +247,8 @@ pub(crate) struct Partial {
     pub(crate) max_property_bytes: Option<usize>,
     /// `max_clock_skew`
     pub(crate) max_clock_skew: Option<String>,
+    /// `allow_empty_store`
+    pub(crate) allow_empty_store: Option<bool>,
     /// `[[members]]`
     pub(crate) members: Option<Vec<Member>>,
     /// `[[groups]]`
@@ -252,6 +271,11 @@ pub(crate) struct Partial {
     /// `[tree]`
     #[serde(default)]
     pub(crate) tree: PartialTree,
+    /// `insecure`
+    pub(crate) insecure: Option<bool>,
+    /// `[tls]`
+    #[serde(default)]
+    pub(crate) tls: PartialTls,
 }
 
 /// The `[store]` table from one source.
@@ -294,6 +318,18 @@ pub(crate) struct PartialTree {
     pub(crate) digest_width: Option<u32>,
 }
 
+/// The `[tls]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTls {
+    /// `tls.cert`
+    pub(crate) cert: Option<PathBuf>,
+    /// `tls.key`
+    pub(crate) key: Option<PathBuf>,
+    /// `tls.ca`
+    pub(crate) ca: Option<PathBuf>,
+}
+
 /// The `[repair]` table from one source.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,6 +350,8 @@ pub(crate) struct PartialRepair {
     pub(crate) tombstone_grace: Option<String>,
     /// `repair.throttle_bytes_per_second`
     pub(crate) throttle_bytes_per_second: Option<u64>,
+    /// `repair.scrub_bytes_per_second`
+    pub(crate) scrub_bytes_per_second: Option<u64>,
 }
 
 impl Partial {
@@ -344,6 +382,7 @@ impl Partial {
             write_acks: self.write_acks.or(lower.write_acks),
             max_property_bytes: self.max_property_bytes.or(lower.max_property_bytes),
             max_clock_skew: self.max_clock_skew.or(lower.max_clock_skew),
+            allow_empty_store: self.allow_empty_store.or(lower.allow_empty_store),
             members: self.members.or(lower.members),
             groups: self.groups.or(lower.groups),
             log_format: self.log_format.or(lower.log_format),
@@ -365,6 +404,7 @@ impl Partial {
                 throttle_bytes_per_second: r
                     .throttle_bytes_per_second
                     .or(l.throttle_bytes_per_second),
+                scrub_bytes_per_second: r.scrub_bytes_per_second.or(l.scrub_bytes_per_second),
             },
             store: PartialStore {
                 group_commit: self.store.group_commit.or(lower.store.group_commit),
@@ -377,6 +417,12 @@ impl Partial {
                     .telemetry
                     .otlp_endpoint
                     .or(lower.telemetry.otlp_endpoint),
+            },
+            insecure: self.insecure.or(lower.insecure),
+            tls: PartialTls {
+                cert: self.tls.cert.or(lower.tls.cert),
+                key: self.tls.key.or(lower.tls.key),
+                ca: self.tls.ca.or(lower.tls.ca),
             },
         }
     }
@@ -447,6 +493,9 @@ impl Partial {
             },
             tree: self.tree.resolve()?,
             log_format,
+            tls: resolve_tls(self.tls, self.insecure.unwrap_or(false), &[listen, http])?,
+            insecure: self.insecure.unwrap_or(false),
+            allow_empty_store: self.allow_empty_store.unwrap_or(false),
         })
     }
 }
@@ -535,6 +584,44 @@ fn check_listen(listen: SocketAddr, me: &Member) -> Result<(), ConfigError> {
     ))
 }
 
+/// `[tls]`: all three files or none; without them, every address must be loopback unless
+/// `insecure` says plaintext on the network is meant.
+fn resolve_tls(
+    tls: PartialTls,
+    insecure: bool,
+    addrs: &[SocketAddr],
+) -> Result<Option<TlsPaths>, ConfigError> {
+    match (tls.cert, tls.key, tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsPaths { cert, key, ca })),
+        (None, None, None) => {
+            if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback())
+                && !insecure
+            {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "{addr} is not a loopback address: give [tls] cert, key and ca, or set `insecure = true` to serve plaintext"
+                    ),
+                ));
+            }
+            Ok(None)
+        }
+        (cert, key, _) => {
+            let missing = if cert.is_none() {
+                "tls.cert"
+            } else if key.is_none() {
+                "tls.key"
+            } else {
+                "tls.ca"
+            };
+            Err(invalid(
+                missing,
+                "missing: [tls] needs cert, key and ca together",
+            ))
+        }
+    }
+}
+
 /// The groups validated by the store's rule, the one definition of a valid group; without
 /// groups, one `default` group of one shard.
 fn resolve_groups(groups: Option<Vec<GroupDef>>) -> Result<Groups, ConfigError> {
@@ -603,6 +690,13 @@ impl PartialRepair {
             throttle_bytes_per_second: bounded(
                 "repair.throttle_bytes_per_second",
                 self.throttle_bytes_per_second.unwrap_or(0),
+                0,
+                MAX_THROTTLE_BYTES_PER_SECOND,
+            )?,
+            scrub_bytes_per_second: bounded(
+                "repair.scrub_bytes_per_second",
+                self.scrub_bytes_per_second
+                    .unwrap_or(defaults.scrub_bytes_per_second),
                 0,
                 MAX_THROTTLE_BYTES_PER_SECOND,
             )?,
@@ -749,6 +843,7 @@ impl Config {
             "max_clock_skew = \"{}\"",
             format_duration(self.max_clock_skew)
         ));
+        line(format!("allow_empty_store = {}", self.allow_empty_store));
         for member in &self.members {
             line(format!(
                 "[[members]] id = {:?}, addr = \"{}\"",
@@ -763,7 +858,7 @@ impl Config {
         }
         let r = &self.repair;
         line(format!(
-            "[repair] enabled = {}, period = \"{}\", cron = {}, sync_timeout = \"{}\", round_timeout = \"{}\", verify_interval = \"{}\", tombstone_grace = \"{}\", throttle_bytes_per_second = {}",
+            "[repair] enabled = {}, period = \"{}\", cron = {}, sync_timeout = \"{}\", round_timeout = \"{}\", verify_interval = \"{}\", tombstone_grace = \"{}\", throttle_bytes_per_second = {}, scrub_bytes_per_second = {}",
             r.enabled,
             format_duration(r.period),
             r.cron
@@ -774,6 +869,7 @@ impl Config {
             format_duration(r.verify_interval),
             format_duration(r.tombstone_grace),
             r.throttle_bytes_per_second,
+            r.scrub_bytes_per_second,
         ));
         line(format!("[store] group_commit = {}", self.group_commit));
         line(format!(
@@ -796,6 +892,18 @@ impl Config {
             t.depth,
             t.digest_width
         ));
+        match &self.tls {
+            Some(tls) => line(format!(
+                "[tls] cert = {:?}, key = {:?}, ca = {:?}",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string(),
+                tls.ca.display().to_string()
+            )),
+            None => line(format!(
+                "[tls] none (plaintext), insecure = {}",
+                self.insecure
+            )),
+        }
         out
     }
 }
@@ -1080,9 +1188,11 @@ mod tests {
             assert!(error.contains("10.0.0.1:7001"), "{listen}: {error}");
         }
         for listen in ["10.0.0.1:7001", "0.0.0.0:7001", "[::]:7001"] {
-            file(&format!("listen = \"{listen}\"\n{members}"))
-                .resolve()
-                .unwrap_or_else(|error| panic!("{listen}: {error}"));
+            file(&format!(
+                "listen = \"{listen}\"\ninsecure = true\n{members}"
+            ))
+            .resolve()
+            .unwrap_or_else(|error| panic!("{listen}: {error}"));
         }
     }
 
@@ -1194,6 +1304,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("nodeid"), "{error}");
+    }
+
+    #[test]
+    fn tls_is_all_three_files_and_plaintext_off_loopback_must_be_asked_for() {
+        let network = Partial {
+            listen: Some("0.0.0.0:7001".into()),
+            ..Partial::default()
+        };
+        let error = network.clone().resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("config key `tls`") && error.contains("insecure"),
+            "{error}"
+        );
+        let insecure = Partial {
+            insecure: Some(true),
+            ..network.clone()
+        }
+        .resolve()
+        .unwrap();
+        assert!(insecure.insecure && insecure.tls.is_none());
+        let half = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: None,
+            },
+            ..network.clone()
+        };
+        let error = half.resolve().unwrap_err().to_string();
+        assert!(error.contains("`tls.ca`"), "{error}");
+        let full = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: Some("ca.pem".into()),
+            },
+            ..network
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(full.tls.unwrap().ca, PathBuf::from("ca.pem"));
+        assert!(Partial::default().resolve().unwrap().tls.is_none());
     }
 
     #[test]

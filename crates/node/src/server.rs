@@ -1,7 +1,9 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
+use std::collections::HashSet;
 use std::io::Write as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +19,12 @@ use propd_store::{
     VerifyOutcome, purge_line, round_cutoff,
 };
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, start_round};
+use crate::auth::AuthLayer;
 use crate::config::{Config, LogFormat, shape_change};
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
@@ -28,6 +33,7 @@ use crate::schedule::{CronWindow, designated_origin};
 use crate::services::Serving;
 use crate::sync::{Gossip, RepairSync};
 use crate::telemetry::TraceExport;
+use crate::tls::{self, FileWatch, ServerTls, TlsListener};
 use crate::tombstones::complete_for_purging;
 
 /// How often the schedulers and the health probe look around.
@@ -36,6 +42,12 @@ const TICK: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for in-flight requests and syncs.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one gossip hand-off or report call may take: it only asks the peer to admit a
+/// round, so a peer that takes longer is as good as down.
+const GOSSIP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set to `off` to accept connections without `TCP_NODELAY`, as propd did before: only for
+/// measuring what Nagle's algorithm costs (docs/benchmarks.md, "Coordinated get latency").
+const SERVER_NODELAY_VAR: &str = "PROPD_BENCH_SERVER_NODELAY";
 
 /// Runs a node until SIGINT or SIGTERM.
 pub(crate) async fn serve(config: Config) -> Result<()> {
@@ -124,10 +136,16 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
+/// Whether accepted sockets get TCP_NODELAY (on unless the bench variable says `off`).
+pub(crate) fn server_nodelay() -> bool {
+    std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off")
+}
+
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
+        start_empty_if_damaged: config.allow_empty_store,
         ..StoreConfig::new(&config.data_dir, config.groups.clone(), config.tree)
     };
     let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
@@ -151,6 +169,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
+        request_timeout: GOSSIP_REQUEST_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
@@ -159,7 +178,18 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    let peers_of = Arc::clone(&node);
+    gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
+    if let Some(paths) = &node.config.tls {
+        node.peers.use_tls(paths)?;
+    } else if node.config.insecure {
+        tracing::warn!(
+            listen = %node.config.listen,
+            http = %node.config.http,
+            "insecure = true: serving plaintext without authentication; anyone who reaches these ports can read, write and repair"
+        );
+    }
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .with_context(|| format!("binding listen address {}", node.config.listen))?;
@@ -169,7 +199,23 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let (serving, health) = crate::services::health().await;
     let (reflection_v1, reflection_v1alpha) =
         crate::services::reflection().context("building the reflection service")?;
-    let grpc = tonic::transport::Server::builder()
+    let auth = AuthLayer::new(
+        node.config.tls.as_ref().map(|_| {
+            node.config
+                .members
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<HashSet<_>>()
+        }),
+        node.metrics.auth_refusals.clone(),
+    );
+    // The auth layer is outermost: a refused call is not timed, so that callers without a
+    // certificate cannot grow the latency histogram's label set. Keepalive pings find a client
+    // that stopped answering.
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
+        .layer(auth)
         .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
@@ -184,19 +230,60 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         )))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            not_serving_on_shutdown(serving, shutdown.clone()),
-        );
-    let http = crate::http::serve(
-        http_listener,
-        Arc::new(HttpView {
-            node: Arc::clone(&node),
-            gossip: gossip.clone(),
-        }),
-        signalled(shutdown.clone()),
-    );
+        .add_service(reflection_v1alpha);
+    let view = Arc::new(HttpView {
+        node: Arc::clone(&node),
+        gossip: gossip.clone(),
+    });
+    let (grpc, http): (
+        BoxedServer<tonic::transport::Error>,
+        BoxedServer<std::io::Error>,
+    ) = match &node.config.tls {
+        None => (
+            Box::pin(
+                router.serve_with_incoming_shutdown(
+                    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather
+                    // than held back by Nagle's algorithm until the peer's delayed ACK (about 40 ms
+                    // on Linux). The TLS acceptor sets it too.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(server_nodelay())),
+                    not_serving_on_shutdown(serving, shutdown.clone()),
+                ),
+            ),
+            Box::pin(crate::http::serve(
+                http_listener,
+                view,
+                signalled(shutdown.clone()),
+            )),
+        ),
+        Some(paths) => {
+            let refused: Arc<dyn Fn() + Send + Sync> = {
+                let counter = node.metrics.tls_handshakes_refused.clone();
+                Arc::new(move || {
+                    counter.inc();
+                })
+            };
+            let grpc_tls = Arc::new(ServerTls::load(paths, tls::ALPN_H2)?);
+            let http_tls = Arc::new(ServerTls::load(paths, tls::ALPN_HTTP1)?);
+            let http_addr = http_listener.local_addr()?;
+            let grpc_incoming = tls::accept(grpc_listener, grpc_tls, Arc::clone(&refused));
+            let http_incoming = tls::accept(http_listener, http_tls, refused);
+            (
+                Box::pin(
+                    router.serve_with_incoming_shutdown(
+                        ReceiverStream::new(grpc_incoming)
+                            .map(|(stream, _)| Ok::<_, std::io::Error>(stream)),
+                        not_serving_on_shutdown(serving, shutdown.clone()),
+                    ),
+                ),
+                Box::pin(crate::http::serve(
+                    TlsListener::new(http_incoming, http_addr),
+                    view,
+                    signalled(shutdown.clone()),
+                )),
+            )
+        }
+    };
     let servers = vec![
         tokio::spawn(async move {
             if let Err(error) = grpc.await {
@@ -214,8 +301,36 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(reload_peer_tls(Arc::clone(&node))),
+        tokio::spawn(scrub(Arc::clone(&node))),
+        tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// A server future of either kind (plaintext or TLS).
+type BoxedServer<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Remakes the channels to the other members when the `[tls]` files change, so that a
+/// rotated certificate is the one this node shows when it dials.
+async fn reload_peer_tls(node: Arc<NodeState>) {
+    let Some(paths) = node.config.tls.clone() else {
+        return;
+    };
+    let watch = FileWatch::new(paths);
+    let mut tick = tokio::time::interval(tls::RELOAD_CHECK);
+    loop {
+        tick.tick().await;
+        if !watch.changed() {
+            continue;
+        }
+        match node.peers.use_tls(watch.paths()) {
+            Ok(()) => tracing::info!("TLS files changed; channels to members remade"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; keeping the channels");
+            }
+        }
+    }
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {
@@ -251,6 +366,10 @@ impl HttpState for HttpView {
                 tracing::warn!(%status, "reading the shards' last repairs for /metrics failed")
             }
         }
+        self.node.metrics.set_store(
+            self.node.store.quarantined_since_open(),
+            self.node.store_fault().is_none(),
+        );
         self.node.metrics.encode()
     }
 
@@ -262,7 +381,10 @@ impl HttpState for HttpView {
     }
 
     fn health(&self) -> Result<String, String> {
-        Ok(format!("node {}", self.node.me()))
+        match self.node.store_fault() {
+            Some(reason) => Err(format!("node {}: {reason}", self.node.me())),
+            None => Ok(format!("node {}", self.node.me())),
+        }
     }
 }
 
@@ -405,8 +527,9 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             };
             let mut request = tonic::Request::new(v1::PingRequest {});
             request.set_timeout(PROBE_TIMEOUT);
-            let up = client.ping(request).await.is_ok();
-            if node.peers.set_up(&peer, up) {
+            let answer = client.ping(request).await;
+            let up = answer.is_ok();
+            if node.peers.saw_call(&peer, &answer) {
                 tracing::info!(peer, "member answers again");
             }
             if !up || node.is_paused() || !node.config.repair.enabled {
@@ -511,5 +634,68 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
         }
         Ok(_) => {}
         Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),
+    }
+}
+
+/// Scrubs every local shard in turn, again and again, at `repair.scrub_bytes_per_second`:
+/// every stored row is reread and checked against its digests, rotten rows are quarantined
+/// and the tree healed without them (the next repair brings their good copies back). Unlike
+/// verification, an unchanged shard is scrubbed too: bytes rot at rest.
+async fn scrub(node: Arc<NodeState>) {
+    let rate = node.config.repair.scrub_bytes_per_second;
+    if rate == 0 {
+        return;
+    }
+    loop {
+        let mut damaged = false;
+        for (group, shard) in node.local_shards() {
+            let started = Instant::now();
+            let key = group.clone();
+            let bytes = match blocking(&node, move |node| node.store.scrub(&key, shard)).await {
+                Ok(report) => {
+                    if report.quarantined > 0 || report.healed.is_some() {
+                        tracing::warn!(
+                            group,
+                            shard,
+                            quarantined = report.quarantined,
+                            healed_leaves = report.healed.unwrap_or(0),
+                            "scrub quarantined rotten rows or healed the tree"
+                        );
+                    }
+                    report.bytes
+                }
+                Err(status) => {
+                    damaged = true;
+                    tracing::error!(group, shard, %status, "scrub failed");
+                    0
+                }
+            };
+            node.metrics.scrub_bytes.inc_by(bytes);
+            // Pace by the bytes read: at most `rate` bytes per second on average.
+            let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep(budget.saturating_sub(started.elapsed())).await;
+        }
+        node.metrics.scrub_passes.inc();
+        if !damaged {
+            node.store.clear_damage();
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// While a write failed on an I/O error (a full disk), reopens the store and probes whether
+/// writes work again, every second: the node recovers by itself once space is freed.
+async fn recover_store(node: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if !node.store.writes_failing() {
+            continue;
+        }
+        match blocking(&node, |node| node.store.recover()).await {
+            Ok(true) => tracing::info!("the store takes writes again"),
+            Ok(false) => tracing::debug!("the disk is still full"),
+            Err(status) => tracing::warn!(%status, "recovering the store failed"),
+        }
     }
 }

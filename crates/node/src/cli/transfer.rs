@@ -51,9 +51,9 @@ pub(super) struct QueryArgs {
 /// `propd export`.
 #[derive(Debug, Args)]
 pub(super) struct ExportArgs {
-    /// The node to talk to.
-    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
-    server: String,
+    /// The node, and TLS (`--output` does not apply: the lines are JSON).
+    #[command(flatten)]
+    client: Client,
     #[arg(long)]
     group: String,
     /// Only this shard of the group.
@@ -70,9 +70,9 @@ pub(super) struct ExportArgs {
 /// `propd import`.
 #[derive(Debug, Args)]
 pub(super) struct ImportArgs {
-    /// The node to talk to.
-    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
-    server: String,
+    /// The node, and TLS.
+    #[command(flatten)]
+    client: Client,
     /// The export to read (JSON lines); `-` for stdin.
     file: PathBuf,
     /// Properties per import request.
@@ -83,8 +83,8 @@ pub(super) struct ImportArgs {
     dry_run: bool,
 }
 
-async fn property_client(server: &str) -> Result<PropertyServiceClient<Channel>> {
-    Ok(PropertyServiceClient::new(channel(server).await?)
+async fn property_client(client: &Client) -> Result<PropertyServiceClient<Channel>> {
+    Ok(PropertyServiceClient::new(channel(client).await?)
         .max_decoding_message_size(propd_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(propd_proto::MAX_MESSAGE_BYTES))
 }
@@ -97,7 +97,7 @@ pub(super) async fn query(args: QueryArgs) -> Result<()> {
             value: tag.value,
         })
         .collect();
-    let mut client = property_client(&args.client.server).await?;
+    let mut client = property_client(&args.client).await?;
     let mut request = v1::QueryRequest {
         group: args.group,
         name: args.name.unwrap_or_default(),
@@ -296,7 +296,7 @@ pub(crate) fn parse_line(line: &str) -> Result<v1::Property, LineError> {
 }
 
 pub(super) async fn export(args: ExportArgs) -> Result<()> {
-    let mut client = property_client(&args.server).await?;
+    let mut client = property_client(&args.client).await?;
     let mut out: Box<dyn std::io::Write> = match &args.file {
         Some(path) => Box::new(BufWriter::new(
             File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -428,7 +428,7 @@ fn refused_line(status: &tonic::Status, lines: &[usize]) -> anyhow::Error {
 }
 
 pub(super) async fn import(args: ImportArgs) -> Result<()> {
-    let mut client = property_client(&args.server).await?;
+    let mut client = property_client(&args.client).await?;
     let input = open_input(&args.file)?;
     let size = input.metadata().map(|m| m.len()).unwrap_or(0);
     let batch = args.batch as usize;

@@ -14,7 +14,8 @@ use redb::{AccessGuard, Range};
 
 use crate::error::{StoreError, ValidationError};
 use crate::store::RedbStore;
-use crate::store::rows::{decode_row, open_read};
+use crate::store::quarantine::Rotten;
+use crate::store::rows::{damaged, decode_row, open_read};
 use crate::store::snapshot::Snapshot;
 use crate::tables::ShardTableNames;
 
@@ -136,14 +137,25 @@ type Row = (
 
 /// One shard's rows in key order, with the row read ahead.
 struct Cursor {
-    table: String,
+    names: ShardTableNames,
     rows: Range<'static, &'static str, &'static [u8]>,
     head: Option<Row>,
 }
 
 impl Cursor {
+    /// Reads the next row ahead; a damaged page is an error naming the table and the last key
+    /// read.
     fn advance(&mut self) -> Result<(), StoreError> {
-        self.head = self.rows.next().transpose()?;
+        let last = self
+            .head
+            .as_ref()
+            .map(|(key, _)| key.value().to_owned())
+            .unwrap_or_default();
+        self.head = self
+            .rows
+            .next()
+            .transpose()
+            .map_err(|error| damaged(&self.names.props, &last, error))?;
         Ok(())
     }
 }
@@ -202,7 +214,7 @@ impl Snapshot {
             };
             let mut cursor = Cursor {
                 rows: table.range::<&str>((start, Bound::Unbounded))?,
-                table: names.props,
+                names,
                 head: None,
             };
             cursor.advance()?;
@@ -223,17 +235,24 @@ impl Snapshot {
                 return page.finish(false);
             }
             let cursor = &mut cursors[i];
-            let (property, size) = match &cursor.head {
+            let decoded = match &cursor.head {
                 Some((_, value)) => {
                     let value = value.value();
-                    (
-                        decode_row(&cursor.table, &key, value)?,
-                        key.len() + value.len() + ROW_OVERHEAD,
-                    )
+                    // A row that fails its check is skipped (and quarantined after the query).
+                    match decode_row(&key, value, self.rules.read_check) {
+                        Ok(property) => Some((property, key.len() + value.len() + ROW_OVERHEAD)),
+                        Err(reason) => {
+                            self.rot
+                                .push(Rotten::new(&cursor.names, &key, value, reason));
+                            None
+                        }
+                    }
                 }
                 None => continue,
             };
-            if query.matches(&property) {
+            if let Some((property, size)) = decoded
+                && query.matches(&property)
+            {
                 if !page.fits(size) {
                     // The next page starts with it.
                     return page.finish(true);
@@ -292,12 +311,19 @@ impl Snapshot {
 
 impl RedbStore {
     /// Properties of one group matching a query, in entity order, at most `query.limit`.
+    ///
+    /// Rows that fail their check are left out and quarantined.
     pub fn query(&self, query: &Query) -> Result<Vec<Property>, StoreError> {
-        self.snapshot()?.query(query)
+        let found = self.guarded(|| self.snapshot()?.query(query));
+        self.settle_rot();
+        found
     }
 
-    /// One page of a query's answer; see [`Snapshot::query_page`].
+    /// One page of a query's answer; see [`Snapshot::query_page`]. Rows that fail their check
+    /// are left out and quarantined.
     pub fn query_page(&self, query: &Query) -> Result<QueryPage, StoreError> {
-        self.snapshot()?.query_page(query)
+        let found = self.guarded(|| self.snapshot()?.query_page(query));
+        self.settle_rot();
+        found
     }
 }

@@ -160,8 +160,9 @@ fn query_pages_resume_after_their_last_entity_and_add_up_to_the_whole() {
     query.max_bytes = 1;
     assert_eq!(ok(store.query_page(&query)).properties.len(), 1);
     assert_eq!(pages(query), whole);
-    // A page stays within the bound (a key, the stored bytes and 16 bytes of framing each).
-    let size = |p: &Property| key(p).len() + p.canonical_bytes().len() + 16;
+    // A page stays within the bound (a key, the stored row: an 8-byte check and the canonical
+    // bytes, and 16 bytes of framing each).
+    let size = |p: &Property| key(p).len() + 8 + p.canonical_bytes().len() + 16;
     let mut query = Query::group("g");
     query.max_bytes = 3 * size(&whole[0]) + 10;
     let page = ok(store.query_page(&query));
