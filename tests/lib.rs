@@ -346,3 +346,4 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 }
 
 pub mod nemesis;
+pub mod etcd;

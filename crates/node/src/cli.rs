@@ -18,9 +18,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
+mod members;
+
 use crate::config::{
-    DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
-    PartialTree,
+    DEFAULT_LISTEN, Member, Partial, PartialEtcd, PartialMetrics, PartialRepair, PartialStore,
+    PartialTelemetry, PartialTree,
 };
 
 /// propd: a replicated property store whose replicas repair themselves.
@@ -49,6 +51,10 @@ enum Command {
     Tree(TreeArgs),
     /// Show the cluster as this node sees it and the repair status of its shards.
     Status(StatusArgs),
+    /// Members in etcd: list, drain, remove, replace.
+    Member(members::MemberArgs),
+    /// Groups in etcd: create, alter, list.
+    Group(members::GroupArgs),
 }
 
 /// Flags of `propd serve`; each is also a `PROPD_*` environment variable and a config key.
@@ -135,6 +141,12 @@ struct ServeArgs {
     /// `log_format`: `text` (default) or `json`, one object per line.
     #[arg(long, env = "PROPD_LOG_FORMAT")]
     log_format: Option<String>,
+    /// `etcd.endpoints`: take members and groups from this etcd (repeat, or comma-separate).
+    #[arg(long = "etcd", env = "PROPD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// `etcd.prefix`: this cluster's key prefix in etcd (default `/propd`).
+    #[arg(long, env = "PROPD_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
 }
 
 impl ServeArgs {
@@ -181,6 +193,10 @@ impl ServeArgs {
                 digest_width: self.tree_digest_width,
             },
             log_format: self.log_format,
+            etcd: PartialEtcd {
+                endpoints: (!self.etcd_endpoints.is_empty()).then_some(self.etcd_endpoints),
+                prefix: self.etcd_prefix,
+            },
         };
         Ok(flags.over(file))
     }
@@ -350,6 +366,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Repair(args) => repair(args).await,
         Command::Tree(args) => tree(args).await,
         Command::Status(args) => status(args).await,
+        Command::Member(args) => members::member(args).await,
+        Command::Group(args) => members::group(args).await,
     }
 }
 
@@ -1000,7 +1018,7 @@ async fn status(args: StatusArgs) -> Result<()> {
             })
         })
         .collect();
-    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused});
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "membership": status.membership});
     let mut lines = vec![format!(
         "node {} (background repair {})",
         status.node,
@@ -1010,6 +1028,9 @@ async fn status(args: StatusArgs) -> Result<()> {
             "running"
         }
     )];
+    if !status.membership.is_empty() {
+        lines.push(format!("  {}", status.membership));
+    }
     for m in &status.members {
         lines.push(format!(
             "  member {} {} {}",

@@ -16,6 +16,7 @@ mod config;
 mod convert;
 mod coordinator;
 mod http;
+mod membership;
 mod metrics;
 mod node;
 mod peers;

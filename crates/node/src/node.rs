@@ -2,12 +2,13 @@
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use propd_store::{GroupDef, RedbStore};
 
 use crate::config::Config;
+use crate::membership::MembershipView;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::placement::Placement;
@@ -18,8 +19,10 @@ use crate::schedule::{MissedWrites, RoundClock};
 pub(crate) struct NodeState {
     /// The resolved configuration.
     pub(crate) config: Config,
-    /// Shard placement.
-    pub(crate) placement: Placement,
+    /// Shard placement: fixed with a static membership, replaced on each change seen in etcd.
+    placement: RwLock<Arc<Placement>>,
+    /// Where the membership comes from and whether that source answers.
+    pub(crate) membership: Mutex<MembershipView>,
     /// This node's store.
     pub(crate) store: Arc<RedbStore>,
     /// Channels to the other members and their health.
@@ -46,7 +49,8 @@ impl NodeState {
         let metrics = Metrics::new(config.metrics.shard_labels);
         Self {
             config,
-            placement,
+            placement: RwLock::new(Arc::new(placement)),
+            membership: Mutex::new(MembershipView::fixed()),
             store: Arc::new(store),
             peers,
             metrics,
@@ -63,6 +67,16 @@ impl NodeState {
         &self.config.node_id
     }
 
+    /// The placement in force (a change in etcd replaces it; a caller keeps the one it got).
+    pub(crate) fn placement(&self) -> Arc<Placement> {
+        Arc::clone(&self.placement.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the placement.
+    pub(crate) fn set_placement(&self, placement: Placement) {
+        *self.placement.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+    }
+
     /// A new revision for a coordinated write: unix nanoseconds, strictly increasing.
     pub(crate) fn next_revision(&self) -> i64 {
         self.revisions.next(now_nanos())
@@ -70,7 +84,7 @@ impl NodeState {
 
     /// The node ids of (group, shard)'s copies, in placement order.
     pub(crate) fn node_ids(&self, group: &GroupDef, shard: u32) -> Vec<String> {
-        self.placement
+        self.placement()
             .node_list(group, shard)
             .iter()
             .map(|m| m.id.clone())
@@ -80,9 +94,10 @@ impl NodeState {
     /// Every (group, shard) this node holds a copy of.
     pub(crate) fn local_shards(&self) -> Vec<(String, u32)> {
         let mut shards = Vec::new();
-        for group in self.placement.groups() {
+        let placement = self.placement();
+        for group in placement.groups() {
             for shard in 0..group.shard_num {
-                if self.placement.holds(self.me(), group, shard) {
+                if placement.holds(self.me(), group, shard) {
                     shards.push((group.name.clone(), shard));
                 }
             }

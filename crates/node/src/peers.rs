@@ -50,6 +50,22 @@ impl Peers {
         }
     }
 
+    /// Replaces the members (a membership change seen in etcd): channels to unchanged members
+    /// are kept, a new member starts as up, a member that left is forgotten.
+    pub(crate) fn set_members(&self, members: &[Member]) {
+        self.channels.set_members(
+            members
+                .iter()
+                .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+                .collect(),
+        );
+        let mut up = lock(&self.up);
+        up.retain(|id, _| members.iter().any(|m| &m.id == id));
+        for member in members.iter().filter(|m| m.id != self.me) {
+            up.entry(member.id.clone()).or_insert(true);
+        }
+    }
+
     /// The pool of channels, for the gossip driver.
     pub(crate) fn channels(&self) -> MemberChannels {
         self.channels.clone()

@@ -13,21 +13,35 @@ use propd_store::{GroupDef, Groups};
 
 use crate::config::{Config, Member};
 
-/// The configured data nodes, sorted by id, and the groups they serve.
+/// The data nodes, sorted by id, and the groups they serve.
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
     members: Vec<Member>,
+    /// Each member's slot (same index): the name its weights come from, its own id unless it
+    /// took another member's place (`member replace`).
+    slots: Vec<String>,
     groups: Groups,
 }
 
 impl Placement {
     /// Placement for a resolved configuration.
     pub(crate) fn new(config: &Config) -> Self {
-        let mut members = config.members.clone();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let members = config
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.clone()))
+            .collect();
+        Self::with_slots(members, config.groups.clone())
+    }
+
+    /// Placement over `(slot, member)` pairs.
+    pub(crate) fn with_slots(mut members: Vec<(String, Member)>, groups: Groups) -> Self {
+        members.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        let (slots, members) = members.into_iter().unzip();
         Self {
             members,
-            groups: config.groups.clone(),
+            slots,
+            groups,
         }
     }
 
@@ -39,6 +53,11 @@ impl Placement {
     /// The group with this name.
     pub(crate) fn group(&self, name: &str) -> Option<&GroupDef> {
         self.groups.get(name)
+    }
+
+    /// The groups.
+    pub(crate) fn group_set(&self) -> &Groups {
+        &self.groups
     }
 
     /// Every group, in name order.
@@ -57,7 +76,8 @@ impl Placement {
         let mut ranked: Vec<(u64, &Member)> = self
             .members
             .iter()
-            .map(|m| (weight(&group.name, shard, &m.id), m))
+            .zip(&self.slots)
+            .map(|(m, slot)| (weight(&group.name, shard, slot), m))
             .collect();
         ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
         ranked

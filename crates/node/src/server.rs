@@ -125,6 +125,14 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
+    // With etcd, members and groups come from there (the store opens with etcd's groups).
+    let (config, from_etcd) = match config.etcd.clone() {
+        Some(etcd) => {
+            let (config, records, connected) = crate::membership::prepare(config).await?;
+            (config, Some((etcd, records, connected)))
+        }
+        None => (config, None),
+    };
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
@@ -141,6 +149,9 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         })
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let node = Arc::new(NodeState::new(config, store));
+    if let Some((_, records, connected)) = &from_etcd {
+        *lock(&node.membership) = crate::membership::initial_view(records, *connected);
+    }
     let traces = match &node.config.telemetry.otlp_endpoint {
         Some(endpoint) => Some(TraceExport::start(endpoint, node.me())?),
         None => None,
@@ -209,12 +220,20 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             }
         }),
     ];
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(watch_results(Arc::clone(&node), gossip.clone(), traces)),
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
     ];
+    if let Some((etcd, records, _)) = from_etcd {
+        tasks.push(tokio::spawn(crate::membership::run(
+            Arc::clone(&node),
+            etcd,
+            records,
+            shutdown.clone(),
+        )));
+    }
     Ok(Running { servers, tasks })
 }
 
@@ -262,7 +281,10 @@ impl HttpState for HttpView {
     }
 
     fn health(&self) -> Result<String, String> {
-        Ok(format!("node {}", self.node.me()))
+        // A node that lost etcd still serves (on the last membership it saw): healthy, and
+        // the body says so.
+        let membership = lock(&self.node.membership).summary();
+        Ok(format!("node {}; {membership}", self.node.me()))
     }
 }
 
@@ -376,7 +398,8 @@ async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
             continue;
         }
         let mut mine = Vec::new();
-        for group in node.placement.groups() {
+        let placement = node.placement();
+        for group in placement.groups() {
             for shard in 0..group.shard_num {
                 let ids = node.node_ids(group, shard);
                 let list: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -482,7 +505,7 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     let key = group.to_owned();
     let grace = node.config.repair.tombstone_grace;
     let copies = node
-        .placement
+        .placement()
         .group(group)
         .map_or(0, |def| node.node_ids(def, shard).len());
     match blocking(node, move |node| {

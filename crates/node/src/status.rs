@@ -9,6 +9,7 @@ use serde::Serialize;
 use tonic::Status;
 
 use crate::coordinator::blocking;
+use crate::membership::MembershipView;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::sync::Gossip;
 use crate::tombstones::purge_blocked;
@@ -35,6 +36,8 @@ pub(crate) struct ClusterView {
     pub(crate) shards: Vec<ShardView>,
     /// The recent rounds this node started, newest first.
     pub(crate) rounds: Vec<RoundView>,
+    /// Where the membership comes from and whether that source answers.
+    pub(crate) membership: MembershipView,
 }
 
 /// One member as this node sees it.
@@ -132,7 +135,7 @@ fn age_seconds(now_ns: i64, at_ns: i64) -> i64 {
 
 /// The members as this node sees them.
 pub(crate) fn members(node: &NodeState) -> Vec<MemberView> {
-    node.placement
+    node.placement()
         .members()
         .iter()
         .map(|member| MemberView {
@@ -163,7 +166,7 @@ pub(crate) async fn shards(
     let mut shards = Vec::with_capacity(keys.len());
     for ((group, shard), state) in keys.into_iter().zip(states) {
         let copies = node
-            .placement
+            .placement()
             .group(&group)
             .map(|def| node.node_ids(def, shard))
             .unwrap_or_default();
@@ -259,6 +262,7 @@ pub(crate) async fn cluster_view(
         members: members(node),
         shards,
         rounds,
+        membership: lock(&node.membership).clone(),
     })
 }
 
