@@ -62,7 +62,10 @@ impl Etcd {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(&self.binary)
             .arg("--name=test")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -136,7 +139,10 @@ fn etcd_binary() -> Option<PathBuf> {
     }
     let found = find();
     if found.is_none() {
-        println!("SKIPPED: {} ran but no etcd is on the PATH", script.display());
+        println!(
+            "SKIPPED: {} ran but no etcd is on the PATH",
+            script.display()
+        );
     }
     found
 }

@@ -345,5 +345,5 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
-pub mod nemesis;
 pub mod etcd;
+pub mod nemesis;

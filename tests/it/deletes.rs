@@ -163,6 +163,7 @@ fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
         message_id: "forged".into(),
         from: from.into(),
         cutoff_ns,
+        copies: Vec::new(),
     };
     let tomorrow = now_nanos() + 24 * 3600 * SECOND;
     for i in 0..2 {

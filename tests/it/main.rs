@@ -2,5 +2,6 @@
 mod canonical;
 mod cluster;
 mod deletes;
+mod membership;
 mod operator;
 mod operator_cli;

@@ -286,6 +286,7 @@ impl AdminService for AdminApi {
             );
         })?;
         let group = notice.group.clone();
+        node.round_completed(&notice.group, notice.shard, &notice.copies);
         blocking(node, move |node| {
             node.store.record_complete_round(
                 &notice.group,

@@ -275,10 +275,7 @@ impl PartialEtcd {
     pub(crate) fn resolve(self) -> Result<Option<EtcdConfig>, ConfigError> {
         let Some(endpoints) = self.endpoints.filter(|e| !e.is_empty()) else {
             if self.prefix.is_some() {
-                return Err(invalid(
-                    "etcd.prefix",
-                    "is given without `etcd.endpoints`",
-                ));
+                return Err(invalid("etcd.prefix", "is given without `etcd.endpoints`"));
             }
             return Ok(None);
         };

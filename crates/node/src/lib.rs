@@ -18,6 +18,7 @@ mod coordinator;
 mod http;
 mod membership;
 mod metrics;
+mod moves;
 mod node;
 mod peers;
 mod placement;

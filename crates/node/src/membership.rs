@@ -275,9 +275,7 @@ impl Registry {
             Err(_) => {
                 return Err(etcd_error(
                     config,
-                    etcd_client::Error::InvalidArgs(format!(
-                        "no answer within {CALL_TIMEOUT:?}"
-                    )),
+                    etcd_client::Error::InvalidArgs(format!("no answer within {CALL_TIMEOUT:?}")),
                 ));
             }
         };
@@ -393,7 +391,11 @@ impl Registry {
         Ok(response.succeeded())
     }
 
-    async fn put_json<T: Serialize>(&mut self, key: &str, value: &T) -> Result<(), MembershipError> {
+    async fn put_json<T: Serialize>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), MembershipError> {
         let bytes = serde_json::to_vec(value).map_err(|e| MembershipError::Record {
             key: key.to_owned(),
             message: e.to_string(),
@@ -673,7 +675,8 @@ fn apply(node: &NodeState, records: &ClusterRecords) {
         }
     };
     let placement = Placement::with_slots(records.placement_members(), groups);
-    node.set_placement(placement);
+    let members = records.members.keys().cloned().collect();
+    node.set_placement(placement, &members);
     node.peers.set_members(&records.all_members());
     let mut view = lock(&node.membership);
     view.revision = records.revision;
@@ -757,19 +760,20 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
         view.unreachable_since_ms = None;
         view.last_error = None;
     }
-    let (mut keeper, mut keep_alive) =
-        bounded(registry.client.lease_keep_alive(lease.id()))
-            .await
-            .map_err(|source| registry.error(source))?;
+    let (mut keeper, mut keep_alive) = bounded(registry.client.lease_keep_alive(lease.id()))
+        .await
+        .map_err(|source| registry.error(source))?;
     let root = format!("{}/", etcd.prefix);
-    let mut stream = bounded(registry.client.watch(
-        root.as_str(),
-        Some(
-            WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1),
+    let mut stream = bounded(
+        registry.client.watch(
+            root.as_str(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
         ),
-    ))
+    )
     .await
     .map_err(|source| registry.error(source))?;
     let mut ticker = tokio::time::interval(KEEP_ALIVE_EVERY);

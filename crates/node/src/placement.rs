@@ -86,11 +86,6 @@ impl Placement {
             .map(|(_, m)| m)
             .collect()
     }
-
-    /// Whether `node` holds a copy of (group, shard).
-    pub(crate) fn holds(&self, node: &str, group: &GroupDef, shard: u32) -> bool {
-        self.node_list(group, shard).iter().any(|m| m.id == node)
-    }
 }
 
 /// The rendezvous weight of member `id` for (group, shard): xxh3 of the three, each
@@ -250,13 +245,49 @@ mod tests {
     }
 
     #[test]
+    fn a_replacement_in_the_slot_of_a_member_holds_exactly_its_copies() {
+        let before = placement_of(&ids(1..=5), 256, 2);
+        let members = ids(1..=5)
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let member = Member {
+                    id: if id == "n3" {
+                        "n9".to_owned()
+                    } else {
+                        id.clone()
+                    },
+                    addr: format!("127.0.0.1:{}", 7001 + i).parse().unwrap(),
+                };
+                (id, member)
+            })
+            .collect();
+        let after = Placement::with_slots(members, before.group_set().clone());
+        for (old, new) in copy_sets(&before).iter().zip(copy_sets(&after)) {
+            let renamed: BTreeSet<String> = old
+                .iter()
+                .map(|id| {
+                    if id == "n3" {
+                        "n9".to_owned()
+                    } else {
+                        id.clone()
+                    }
+                })
+                .collect();
+            assert_eq!(renamed, new);
+        }
+    }
+
+    #[test]
     fn the_modulo_rule_moved_far_more() {
         // The comparison for the figure above: DESIGN §4's original rule (consecutive members
         // from `(xxh3_64(group) + shard) % N`) on the same change moves two fifths of the
         // copies, twice the new member's share, most of them between old members.
         fn modulo(n: u64, shard: u32) -> BTreeSet<u64> {
             let offset = xxh3_64(b"g") % n;
-            (0..3).map(|r| (offset + u64::from(shard) + r) % n).collect()
+            (0..3)
+                .map(|r| (offset + u64::from(shard) + r) % n)
+                .collect()
         }
         let shards = 4096u32;
         let moved: usize = (0..shards)

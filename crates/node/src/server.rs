@@ -345,6 +345,9 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
     }
     let started_at_ns = context.started_at.0.saturating_mul(1_000_000);
     let cutoff_ns = round_cutoff(started_at_ns, node.config.max_clock_skew);
+    // The origin may hold no copy (it originates a shard it sees on the move): the move it
+    // tracks ends here, whether or not a notice reaches it.
+    node.round_completed(&context.key.group, context.key.shard, &context.nodes);
     for target in &context.nodes {
         let notice = v1::CompleteRepairNotice {
             group: context.key.group.clone(),
@@ -353,6 +356,7 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
             message_id: context.message_id.to_string(),
             from: node.me().to_owned(),
             cutoff_ns,
+            copies: context.nodes.clone(),
         };
         if target == node.me() {
             let group = notice.group.clone();
@@ -403,7 +407,12 @@ async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
             for shard in 0..group.shard_num {
                 let ids = node.node_ids(group, shard);
                 let list: Vec<&str> = ids.iter().map(String::as_str).collect();
-                if designated_origin(&list, shard, |id| node.peers.is_up(id)) == Some(node.me()) {
+                // A node that sees the shard on the move originates its rounds too: the round
+                // covers the old holders this node lists, so its move can end.
+                let moving = !lock(&node.moves).leaving(&group.name, shard).is_empty();
+                if moving
+                    || designated_origin(&list, shard, |id| node.peers.is_up(id)) == Some(node.me())
+                {
                     mine.push((group.name.clone(), shard));
                 }
             }

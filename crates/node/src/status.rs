@@ -10,6 +10,7 @@ use tonic::Status;
 
 use crate::coordinator::blocking;
 use crate::membership::MembershipView;
+use crate::moves::MoveView;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::sync::Gossip;
 use crate::tombstones::purge_blocked;
@@ -38,6 +39,8 @@ pub(crate) struct ClusterView {
     pub(crate) rounds: Vec<RoundView>,
     /// Where the membership comes from and whether that source answers.
     pub(crate) membership: MembershipView,
+    /// Shards on the move: old copies kept until the new copy set completes a round.
+    pub(crate) moves: Vec<MoveView>,
 }
 
 /// One member as this node sees it.
@@ -263,6 +266,7 @@ pub(crate) async fn cluster_view(
         shards,
         rounds,
         membership: lock(&node.membership).clone(),
+        moves: lock(&node.moves).views(),
     })
 }
 
