@@ -72,26 +72,24 @@ pub(crate) fn run() -> Result<()> {
             ],
         )?;
     }
+    wait_settled(&nodes)?;
     let before = copies(&nodes)?;
 
     say("starting n4: it registers in etcd and every node sees it");
     nodes.push(start_node(&binary, &dir, "n4", &endpoint)?);
     wait_members(&nodes, 4)?;
     let started = Instant::now();
-    let settled = wait_until(Duration::from_secs(120), || {
-        Ok(nodes.iter().all(|n| {
-            status(&n.http).is_ok_and(|s| s["moves"].as_array().is_some_and(Vec::is_empty))
-        }))
-    })?;
-    if !settled {
-        bail!("the moved shards did not finish their moves within 120 s");
-    }
+    wait_settled(&nodes)?;
     let after = copies(&nodes)?;
     let mut moved = 0;
     for (shard, list) in &after {
         let old = before.get(shard).cloned().unwrap_or_default();
         if list != &old {
-            moved += list.iter().filter(|id| !old.contains(id)).count();
+            let new: Vec<&String> = list.iter().filter(|id| !old.contains(id)).collect();
+            if new.iter().any(|id| id.as_str() != "n4") {
+                bail!("shard {shard} moved to another member than n4: {old:?} -> {list:?}");
+            }
+            moved += new.len();
             say(&format!(
                 "  shard {shard}: {} -> {}",
                 old.join(","),
@@ -223,6 +221,19 @@ fn start_node(binary: &Path, dir: &Path, id: &str, endpoint: &str) -> Result<Joi
         );
     }
     Ok(node)
+}
+
+/// Waits until no node sees a shard on the move.
+fn wait_settled(nodes: &[JoinNode]) -> Result<()> {
+    let settled = wait_until(Duration::from_secs(120), || {
+        Ok(nodes.iter().all(|n| {
+            status(&n.http).is_ok_and(|s| s["moves"].as_array().is_some_and(Vec::is_empty))
+        }))
+    })?;
+    if !settled {
+        bail!("the moved shards did not finish their moves within 120 s");
+    }
+    Ok(())
 }
 
 fn wait_members(nodes: &[JoinNode], n: usize) -> Result<()> {

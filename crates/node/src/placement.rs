@@ -168,7 +168,7 @@ mod tests {
                 .map(|i| format!("n{i}"))
                 .map(|id| (weight("g", shard, &id), id))
                 .collect();
-            expected.sort_by(|a, b| b.0.cmp(&a.0));
+            expected.sort_by_key(|e| std::cmp::Reverse(e.0));
             let expected: Vec<&str> = expected[..3].iter().map(|(_, id)| id.as_str()).collect();
             assert_eq!(ids, expected);
         }
