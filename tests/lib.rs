@@ -4,7 +4,7 @@
 //! Everything is bounded in time: waits poll with deadlines and every child is killed on drop.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -12,12 +12,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `propd` binary of this build.
+/// The `propd` binary of the current source.
 ///
-/// `cargo test --workspace` (and nextest) build it, because `propd-node` has an integration
-/// test of its own; when only this package is tested and the binary is missing, it is built. A
-/// bench (running from `target/release`) always asks cargo for the release binary, so that it
-/// measures the current code.
+/// Built once per test process with `cargo build -p propd-node --bin propd` into the target
+/// directory this test executable lives in, whether or not a binary is there already: a binary
+/// left by an earlier build would otherwise run the cluster suite against old code. When the
+/// binary is up to date the build is a no-op check; when several test processes start at once
+/// (nextest runs each test in a process of its own), cargo's lock on the target directory
+/// serializes their builds. A bench (running from `target/release`) gets the release binary the
+/// same way, so that it measures the current code.
 pub fn propd_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -27,47 +30,139 @@ pub fn propd_binary() -> &'static Path {
             .parent()
             .and_then(Path::parent)
             .expect("target/<profile>/deps");
-        let binary = profile_dir.join("propd");
-        // A bench runs from target/release and measures the release binary: build it (a no-op
-        // when it is current).
-        let release = profile_dir.ends_with("release").then_some("--release");
-        if !binary.exists() || release.is_some() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"])
-                .args(release)
-                .env(
-                    "CARGO_TARGET_DIR",
-                    profile_dir.parent().expect("target dir"),
-                )
-                .status()
-                .expect("running cargo build for the propd binary");
-            assert!(status.success(), "building propd failed");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("a profile directory name");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "propd-node", "--bin", "propd"]);
+        // `debug` is the `dev` profile's directory; any other is named as its profile.
+        if profile != "debug" {
+            build.args(["--profile", profile]);
         }
+        let status = build
+            .env(
+                "CARGO_TARGET_DIR",
+                profile_dir.parent().expect("target dir"),
+            )
+            .status()
+            .expect("running cargo build for the propd binary");
+        assert!(status.success(), "building propd failed");
+        let binary = profile_dir.join("propd");
         assert!(binary.exists(), "{} was not built", binary.display());
         binary
     })
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-///
-/// Drawn at random from 10000..30000, below Linux's ephemeral range (32768..61000): a port the
-/// kernel hands out for `bind(0)` or an outgoing connection — in this process or in a parallel
-/// test — can then never be the port of a node that a test stopped and will restart.
-pub fn free_port() -> u16 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    loop {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        let port = 10_000 + (hasher.finish() % 20_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+/// A port on 127.0.0.1 reserved by a socket bound to it without listening (a [`DeadAddr`]):
+/// connections to it are refused, as to a stopped node, and no other test can draw it (its
+/// `bind` fails) until [`PortHold::release`] closes the socket, just before the node that owns
+/// the port starts and binds it.
+#[derive(Debug)]
+pub struct PortHold {
+    port: u16,
+    socket: Option<socket2::Socket>,
+}
+
+impl PortHold {
+    /// Reserves a random port of 10000..30000, below Linux's ephemeral range (32768..61000): a
+    /// port the kernel hands out for `bind(0)` or an outgoing connection, in this process or in
+    /// a parallel test, can then never be the port of a node that a test stopped and will
+    /// restart.
+    pub fn new() -> PortHold {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        loop {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            let port = 10_000 + (hasher.finish() % 20_000) as u16;
+            // A port that a listener of another test holds cannot be bound; one that only a
+            // closing connection holds (TIME_WAIT) can be by the node, but not by this socket
+            // without SO_REUSEADDR, so such a port is passed over too.
+            if let Some(socket) = bound_socket(port) {
+                return PortHold {
+                    port,
+                    socket: Some(socket),
+                };
+            }
         }
+    }
+
+    /// The reserved port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes the reserving socket so that the port's owner can bind it.
+    pub fn release(&mut self) {
+        self.socket = None;
+    }
+
+    /// Takes the port back after its owner stopped. Best effort: it fails while connections
+    /// the owner closed linger in TIME_WAIT on the port (then nothing listens there either).
+    pub fn retake(&mut self) {
+        if self.socket.is_none() {
+            self.socket = bound_socket(self.port);
+        }
+    }
+}
+
+/// A TCP socket bound to 127.0.0.1:`port` (0: any) without listening and without
+/// `SO_REUSEADDR`, or `None` when the port is taken.
+fn bound_socket(port: u16) -> Option<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .ok()?;
+    Some(socket)
+}
+
+impl Default for PortHold {
+    fn default() -> Self {
+        PortHold::new()
+    }
+}
+
+/// An address on 127.0.0.1 where nothing answers, for as long as the value lives: a TCP socket
+/// bound to the port without listening, so connections to it are refused and no other socket
+/// (which would need `SO_REUSEADDR` on both) can bind the port meanwhile. `std` can only bind a
+/// socket by listening on it, hence `socket2`.
+#[derive(Debug)]
+pub struct DeadAddr {
+    addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl DeadAddr {
+    /// Binds a fresh port of the kernel's choice without listening.
+    pub fn new() -> DeadAddr {
+        let socket = bound_socket(0).expect("binding a port");
+        let addr = socket
+            .local_addr()
+            .expect("the bound address")
+            .as_socket()
+            .expect("an IP address");
+        DeadAddr {
+            addr,
+            _socket: socket,
+        }
+    }
+
+    /// The address where nothing answers.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Default for DeadAddr {
+    fn default() -> Self {
+        DeadAddr::new()
     }
 }
 
@@ -94,6 +189,8 @@ pub struct Cluster {
     /// The nodes, in id order.
     pub nodes: Vec<NodeSpec>,
     children: Vec<Option<Child>>,
+    /// Each node's two ports, held while the node is not running.
+    ports: Vec<[PortHold; 2]>,
 }
 
 impl Cluster {
@@ -101,10 +198,13 @@ impl Cluster {
     /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
     pub fn start(n: usize, shared: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<[PortHold; 2]> =
+            (0..n).map(|_| [PortHold::new(), PortHold::new()]).collect();
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|i| {
-                let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-                let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let [listen, http] = &ports[i - 1];
+                let listen = SocketAddr::from(([127, 0, 0, 1], listen.port()));
+                let http = SocketAddr::from(([127, 0, 0, 1], http.port()));
                 NodeSpec {
                     id: format!("n{i}"),
                     listen,
@@ -139,6 +239,7 @@ impl Cluster {
             dir,
             nodes,
             children,
+            ports,
         };
         for i in 0..n {
             cluster.start_node(i);
@@ -149,8 +250,12 @@ impl Cluster {
         cluster
     }
 
-    /// Starts node `i` (index into `nodes`) and does not wait.
+    /// Starts node `i` (index into `nodes`) and does not wait. Its ports are released just
+    /// before it starts.
     pub fn start_node(&mut self, i: usize) {
+        for hold in &mut self.ports[i] {
+            hold.release();
+        }
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -172,10 +277,19 @@ impl Cluster {
         self.children[i] = Some(child);
     }
 
-    /// Waits (at most 30 s) until node `i` answers `/health`.
-    pub fn wait_ready(&self, i: usize) {
+    /// Waits (at most 30 s) until node `i` answers `/health`; fails at once when it exited.
+    pub fn wait_ready(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            if let Some(child) = self.children[i].as_mut()
+                && let Some(exit) = child.try_wait().expect("polling a child")
+            {
+                panic!(
+                    "node {} exited ({exit}) before it was ready; log:\n{}",
+                    self.nodes[i].id,
+                    self.log(i)
+                );
+            }
             if http_get(self.nodes[i].http, "/health").is_some_and(|(code, _)| code == 200) {
                 return;
             }
@@ -194,31 +308,52 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        for hold in &mut self.ports[i] {
+            hold.retake();
+        }
     }
 
     /// Sends SIGTERM to node `i` and waits (at most 30 s) for it to exit; returns whether it
     /// exited successfully.
     pub fn terminate(&mut self, i: usize) -> bool {
-        let Some(mut child) = self.children[i].take() else {
+        if self.children[i].is_none() {
             return false;
-        };
+        }
+        self.signal_terminate(i);
+        self.wait_exit(i, Duration::from_secs(30)).unwrap_or(false)
+    }
+
+    /// Sends SIGTERM to node `i` without waiting for it to exit; [`Cluster::wait_exit`] then
+    /// collects it.
+    pub fn signal_terminate(&mut self, i: usize) {
+        let child = self.children[i].as_ref().expect("the node runs");
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
             .expect("running kill");
         assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+    }
+
+    /// Waits (at most `limit`) for node `i` to exit after a signal; `Some(success)`, or `None`
+    /// when it still runs (it is then killed).
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<bool> {
+        let mut child = self.children[i].take()?;
+        let deadline = Instant::now() + limit;
+        let exit = loop {
             if let Some(exit) = child.try_wait().expect("polling a child") {
-                return exit.success();
+                break Some(exit.success());
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return false;
+                break None;
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        for hold in &mut self.ports[i] {
+            hold.retake();
         }
+        exit
     }
 
     /// Restarts node `i` and waits until it is ready.

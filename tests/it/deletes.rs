@@ -15,13 +15,77 @@ use serde_json::Value;
 
 const SECOND: i64 = 1_000_000_000;
 
-/// One shard on every node, background repair off, a short grace and skew bound, and a purge
-/// tick every second.
+/// One shard of `g` on every node, background repair off, a short grace and skew bound, and a
+/// purge tick every second. Group `w` holds the witnesses of purge passes (see [`Witnesses`]).
 fn config(replicas: u32) -> String {
     format!(
         "max_clock_skew = \"1s\"\nwrite_acks = 2\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = {replicas}\n\n\
+         [[groups]]\nname = \"w\"\nshard_num = 3\nreplicas = 0\n\n\
          [repair]\nenabled = false\nperiod = \"1s\"\ntombstone_grace = \"2s\"\nverify_interval = \"1s\"\n"
     )
+}
+
+/// Witnesses that a node ran a purge pass over group `g` late enough that the grace alone would
+/// have let `g`'s tombstones go: one single-copy entity of group `w` per node.
+///
+/// A node verifies and purges its shards in group-name order, `g` before `w`, one pass after
+/// the other. Once a witness deleted at least a second after `g`'s last delete is purged (its
+/// shard has one copy, so only the grace holds it), the pass that purged it had purged `g` just
+/// before, past the grace of every `g` tombstone, and that purge is over. Whatever `g` still
+/// holds then, the purge rule kept.
+struct Witnesses(Vec<(usize, String)>);
+
+impl Witnesses {
+    /// Writes `w/n/{k}` for k = 0, 1, ... until each of `nodes` holds one (the shard of an id is
+    /// a fixed hash, so this ends).
+    fn new(cluster: &Cluster, nodes: &[usize]) -> Witnesses {
+        let mut found: Vec<(usize, String)> = Vec::new();
+        for k in 0..200 {
+            if nodes.iter().all(|i| found.iter().any(|(j, _)| j == i)) {
+                return Witnesses(found);
+            }
+            let id = format!("witness-{k}");
+            cluster.json(0, &["put", &format!("w/n/{id}"), "--tag", "w=1"]);
+            let holder = nodes
+                .iter()
+                .copied()
+                .find(|&i| stored_in(cluster, i, "w", &id).is_some());
+            if let Some(i) = holder.filter(|i| !found.iter().any(|(j, _)| j == i)) {
+                found.push((i, id));
+            }
+        }
+        panic!("no witness on some of {nodes:?}: {found:?}");
+    }
+
+    /// Deletes the witnesses once a second has passed since `after_ns` (the newest `g`
+    /// tombstone), and waits until every one of them is purged.
+    fn purged_after(&self, cluster: &Cluster, after_ns: i64) {
+        assert!(
+            eventually(Duration::from_secs(10), || now_nanos() > after_ns + SECOND),
+            "the clock passed the last delete"
+        );
+        for (_, id) in &self.0 {
+            cluster.json(0, &["delete", &format!("w/n/{id}")]);
+        }
+        for (i, id) in &self.0 {
+            let deleted = stored_in(cluster, *i, "w", id).map(|p| p.delete_time);
+            assert!(
+                deleted.is_some_and(|time| time > after_ns + SECOND),
+                "n{} holds the witness's tombstone, deleted after the others: {deleted:?}",
+                i + 1
+            );
+        }
+        let purged = eventually(Duration::from_secs(30), || {
+            self.0
+                .iter()
+                .all(|(i, id)| stored_in(cluster, *i, "w", id).is_none())
+        });
+        assert!(
+            purged,
+            "every node ran a purge pass past the grace; n1's log:\n{}",
+            cluster.log(0)
+        );
+    }
 }
 
 fn block_on<T>(future: impl Future<Output = T>) -> T {
@@ -44,13 +108,18 @@ fn now_nanos() -> i64 {
 
 /// Node `i`'s own copy of `g/n/{id}`, tombstones included.
 fn stored(cluster: &Cluster, i: usize, id: &str) -> Option<v1::Property> {
+    stored_in(cluster, i, "g", id)
+}
+
+/// Node `i`'s own copy of `{group}/n/{id}`, tombstones included.
+fn stored_in(cluster: &Cluster, i: usize, group: &str, id: &str) -> Option<v1::Property> {
     block_on(async {
         let mut client = PropertyServiceClient::connect(url(cluster, i))
             .await
             .expect("connect");
         client
             .get(v1::GetRequest {
-                group: "g".into(),
+                group: group.into(),
                 name: "n".into(),
                 id: id.into(),
                 local: true,
@@ -151,6 +220,7 @@ fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
     for id in &ids {
         cluster.json(0, &["put", &format!("g/n/{id}"), "--tag", "v=live"]);
     }
+    let witnesses = Witnesses::new(&cluster, &[0, 1]);
     cluster.kill(2);
     for id in &ids {
         let deleted = cluster.json(0, &["delete", &format!("g/n/{id}")]);
@@ -188,8 +258,13 @@ fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
             "cutoff_ns",
         );
     }
-    // Well past the grace, with purge ticks every second: nothing may go while n3 is away.
-    std::thread::sleep(Duration::from_secs(4));
+    // A purge pass past the grace on n1 and n2: nothing may go while n3 is away.
+    let last_delete = ids
+        .iter()
+        .filter_map(|id| stored(&cluster, 0, id).map(|p| p.delete_time))
+        .max()
+        .expect("n1 holds the tombstones");
+    witnesses.purged_after(&cluster, last_delete);
     for i in 0..2 {
         for id in &ids {
             let copy = stored(&cluster, i, id).expect("the tombstone is kept");
@@ -260,6 +335,7 @@ fn a_round_with_failed_applies_does_not_enable_purging() {
     );
     std::fs::write(path, text).expect("writing n2's config");
     cluster.restart(1);
+    let witnesses = Witnesses::new(&cluster, &[0, 1, 2]);
     cluster.json(0, &["put", "g/n/gone", "--tag", "v=1"]);
     cluster.json(0, &["delete", "g/n/gone"]);
     let big = format!("v={}", "x".repeat(1000));
@@ -274,7 +350,9 @@ fn a_round_with_failed_applies_does_not_enable_purging() {
         })
         .sum();
     assert!(failed > 0, "n2 failed to apply the large copy: {round}");
-    std::thread::sleep(Duration::from_secs(4));
+    // A purge pass past the grace on every node.
+    let deleted = stored(&cluster, 0, "gone").map_or(0, |p| p.delete_time);
+    witnesses.purged_after(&cluster, deleted);
     for i in 0..3 {
         let status = shard_status(&cluster, i);
         assert!(

@@ -7,7 +7,6 @@
     reason = "a skipped browser test says why, and the screenshot's path is printed"
 )]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -20,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use propd_tests::{Cluster, eventually, free_port, http_get, run_bounded};
+use propd_tests::{Cluster, eventually, http_get, run_bounded};
 use serde_json::Value;
 
 /// Three copies of every shard, background repair off: each test triggers its own round.
@@ -461,15 +460,16 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 #[test]
 fn every_round_is_exported_as_otlp_spans_one_per_sync_under_the_round() {
     let receiver = Receiver::default();
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    // The kernel picks the receiver's port: no other test can hold it.
     let listener = server_runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("binding the receiver");
+    let addr = listener.local_addr().expect("the receiver's address");
     server_runtime.spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))

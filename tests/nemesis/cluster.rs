@@ -86,8 +86,8 @@ impl Cluster {
         let ports: Vec<(SocketAddr, SocketAddr)> = (0..n)
             .map(|_| {
                 (
-                    SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
-                    SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
+                    SocketAddr::from(([127, 0, 0, 1], free_port())),
+                    SocketAddr::from(([127, 0, 0, 1], free_port())),
                 )
             })
             .collect();
@@ -442,4 +442,11 @@ impl Drop for Cluster {
         }
         self.unmount_all();
     }
+}
+
+/// A port of 10000..30000 (below the ephemeral range, so that a restarted node finds its port
+/// free) that was free a moment ago. A nemesis run owns the machine's test ports for its
+/// duration, so the port is not held until the node binds it.
+fn free_port() -> u16 {
+    crate::PortHold::new().port()
 }

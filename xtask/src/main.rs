@@ -31,6 +31,11 @@ commands:
            ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
   fuzz     run each cargo-fuzz target for a while (nightly toolchain; skipped without it)
            ([--seconds S] [TARGET...]; see --help)
+  mutants  mutation testing with cargo-mutants (installed when missing):
+             cargo xtask mutants [--crate CRATE]... [--file GLOB]... [ARGS for cargo mutants]
+           (default --output target/mutants, --timeout 300)
+           e.g. `cargo xtask mutants --crate propd-repair --file crates/repair/src/server.rs`;
+           results under target/mutants/mutants.out (see docs/testing.md)
   help     this text
 ";
 
@@ -47,6 +52,7 @@ fn main() -> Result<()> {
         "demo" => demo::run(),
         "nemesis" => nemesis::run(&root, &rest),
         "fuzz" => fuzz::run(&root, &rest),
+        "mutants" => mutants(&rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -111,6 +117,52 @@ fn ci() -> Result<()> {
 fn bench(extra: &[String]) -> Result<()> {
     let mut command = cargo(&["bench", "--package", "propd-benches", "--locked"]);
     command.args(extra);
+    status(command)
+}
+
+/// Runs cargo-mutants over the chosen crates and files, installing it first when missing.
+/// `--crate X` and `--file F` narrow the run (both may repeat); every other argument goes to
+/// `cargo mutants` as is (`--re`, `--timeout`, `--list`, ...). Mutants are built in place, in
+/// this tree's own target directory, so the dependencies are not compiled again: do not edit
+/// the sources while it runs (cargo-mutants restores each file after its mutant).
+fn mutants(args: &[String]) -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !installed {
+        eprintln!("xtask mutants: cargo-mutants is missing; installing it");
+        run("cargo", &["install", "--locked", "cargo-mutants"])?;
+    }
+    let mut command = cargo(&["mutants", "--in-place"]);
+    let mut rest = args.iter();
+    let mut timeout_given = false;
+    let mut output_given = false;
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--crate" => {
+                let krate = rest.next().context("--crate needs a package name")?;
+                command.args(["--package", krate]);
+            }
+            "--file" => {
+                let file = rest.next().context("--file needs a path or glob")?;
+                command.args(["--file", file]);
+            }
+            other => {
+                timeout_given |= other.starts_with("--timeout");
+                output_given |= other.starts_with("--output");
+                command.arg(other);
+            }
+        }
+    }
+    if !output_given {
+        command.args(["--output", "target/mutants"]);
+    }
+    if !timeout_given {
+        // A mutant that makes a loop endless must not hold the machine: a mutant's tests may
+        // take at most this long (the unmutated tests take seconds).
+        command.args(["--timeout", "300"]);
+    }
     status(command)
 }
 

@@ -1073,28 +1073,108 @@ async fn status(args: StatusArgs) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn parse(line: &str) -> Command {
+        Cli::try_parse_from(line.split(' '))
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+            .command
+    }
+
     #[test]
     fn the_documented_commands_parse() {
         for line in [
             "propd serve",
-            "propd serve --config c.toml --member n1=127.0.0.1:7001 --group g:4:2",
-            "propd put g/n/i --tag a=b --tag c=d --revision 5 --local --output json",
-            "propd get --server 127.0.0.1:7002 g/n/i/with/slashes --local",
             "propd delete g/n/i --revision 9",
-            "propd query --group g --name n --id a --id b --tag k=v --local --output json",
-            "propd repair --group g --shard 3 --wait --preview",
-            "propd repair pause --server 127.0.0.1:7001",
             "propd repair resume",
-            "propd tree --group g --shard 0 --output json",
             "propd status --output json",
         ] {
-            Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
+            parse(line);
         }
     }
 
     #[test]
+    fn flags_reach_the_values_they_name() {
+        let Command::Serve(serve) =
+            parse("propd serve --config c.toml --member n1=127.0.0.1:7001 --group g:4:2")
+        else {
+            panic!("serve");
+        };
+        assert_eq!(serve.config, Some(PathBuf::from("c.toml")));
+        assert_eq!(
+            serve.members,
+            [Member {
+                id: "n1".into(),
+                addr: "127.0.0.1:7001".parse().unwrap(),
+            }]
+        );
+        assert_eq!(serve.groups, [GroupDef::new("g", 4, 2)]);
+
+        let Command::Put(put) =
+            parse("propd put g/n/i --tag a=b --tag c=d --revision 5 --local --output json")
+        else {
+            panic!("put");
+        };
+        assert_eq!(put.entity, "g/n/i");
+        assert_eq!(put.tags, ["a=b", "c=d"]);
+        assert_eq!(put.revision, Some(5));
+        assert!(put.local);
+        assert_eq!(put.client.output, Output::Json);
+        assert_eq!(put.client.server, DEFAULT_LISTEN);
+
+        let Command::Get(get) =
+            parse("propd get --server 127.0.0.1:7002 g/n/i/with/slashes --local")
+        else {
+            panic!("get");
+        };
+        assert_eq!(get.entity, "g/n/i/with/slashes");
+        assert_eq!(get.client.server, "127.0.0.1:7002");
+        assert_eq!(get.client.output, Output::Text);
+        assert!(get.local);
+
+        let Command::Query(query) =
+            parse("propd query --group g --name n --id a --id b --tag k=v --local --output json")
+        else {
+            panic!("query");
+        };
+        assert_eq!(
+            (query.group.as_str(), query.name.as_deref()),
+            ("g", Some("n"))
+        );
+        assert_eq!(query.ids, ["a", "b"]);
+        assert_eq!(query.tags, ["k=v"]);
+        assert_eq!(query.limit, 0);
+        assert!(query.local);
+
+        let Command::Repair(repair) = parse("propd repair --group g --shard 3 --wait --preview")
+        else {
+            panic!("repair");
+        };
+        assert_eq!(repair.action, None);
+        assert_eq!(
+            (repair.group.as_deref(), repair.shard),
+            (Some("g"), Some(3))
+        );
+        assert!(repair.wait && repair.preview);
+
+        let Command::Repair(pause) = parse("propd repair pause --server 127.0.0.1:7001") else {
+            panic!("repair pause");
+        };
+        assert_eq!(pause.action, Some(RepairAction::Pause));
+        assert_eq!((pause.group, pause.shard), (None, None));
+
+        let Command::Tree(tree) = parse("propd tree --group g --shard 0 --output json") else {
+            panic!("tree");
+        };
+        assert_eq!((tree.group.as_str(), tree.shard), ("g", 0));
+    }
+
+    #[test]
     fn repair_without_a_shard_or_action_is_refused() {
-        assert!(Cli::try_parse_from(["propd", "repair", "--group", "g"]).is_err());
+        let error = Cli::try_parse_from(["propd", "repair", "--group", "g"]).unwrap_err();
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert!(error.to_string().contains("--shard"), "{error}");
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl PropertyApi {
     /// How many acknowledgements a write to `copies` copies needs: `write_acks`, capped at the
     /// number of copies.
     fn required_acks(&self, copies: u32) -> u32 {
-        self.node.config.write_acks.min(copies)
+        required_acks(self.node.config.write_acks, copies)
     }
 
     /// Refuses a replicated write that fewer copies acknowledged than `write_acks` requires
@@ -388,6 +388,12 @@ fn not_a_member(target: &str) -> Status {
 /// A time check's refusal as `InvalidArgument` naming the field.
 pub(crate) fn check_time(checked: Result<(), Refused>) -> Result<(), Status> {
     checked.map_err(|refused| invalid(refused.field, refused.message))
+}
+
+/// How many copies must acknowledge a coordinated write: `write_acks`, capped at the copies
+/// there are.
+fn required_acks(write_acks: u32, copies: u32) -> u32 {
+    write_acks.min(copies)
 }
 
 /// The shard of an entity in a validated group.
@@ -934,6 +940,15 @@ mod tests {
     }
 
     #[test]
+    fn write_acks_is_capped_at_the_number_of_copies() {
+        assert_eq!(required_acks(1, 3), 1);
+        assert_eq!(required_acks(2, 3), 2);
+        assert_eq!(required_acks(3, 3), 3);
+        assert_eq!(required_acks(5, 3), 3, "capped");
+        assert_eq!(required_acks(2, 1), 1, "one copy needs one ack");
+    }
+
+    #[test]
     fn the_newest_copy_wins_and_older_ones_are_rewritten() {
         let read = reconcile(
             vec![
@@ -1137,9 +1152,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_that_can_no_longer_reach_write_acks_fails_without_waiting_for_a_hung_copy() {
         let dir = tempfile::tempdir().unwrap();
-        // n2 refuses connections (nothing listens on its port); n3 hangs.
-        let (closed, n2) = listener().await;
-        drop(closed);
+        // n2 refuses connections: its port is bound without listening, and held for the test
+        // (a closed port could be bound by another test meanwhile). n3 hangs.
+        let refusing = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+        refusing
+            .bind("127.0.0.1:0".parse().unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let n2 = refusing.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let (n3_listener, n3) = listener().await;
         let release = hung_peer(n3_listener);
         let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();

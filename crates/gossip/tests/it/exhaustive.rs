@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use propd_gossip::{Config, Outcome, SpanKind, max_count};
 
-use crate::router::{Router, key, spans};
+use crate::router::{Kind, Router, key, spans};
+
+/// How long each sync takes in [`check_round`].
+const SYNC_TIME: Duration = Duration::from_secs(1);
 
 #[test]
 fn one_round_converges_every_reachable_node_for_n_up_to_6() {
@@ -49,6 +52,14 @@ fn one_round_converges_every_reachable_node_for_n_up_to_6() {
 
 fn check_round(ids: &[&str], up: &[&str], versions: &[u64], origin: &str, max: u32, mask: u32) {
     let mut router = Router::new(ids, Config::default());
+    // Every sync takes one second of the router's clock; hand-offs take none.
+    router.set_delay(|e| {
+        if e.kind == Kind::Sync {
+            SYNC_TIME
+        } else {
+            Duration::ZERO
+        }
+    });
     for (i, id) in ids.iter().enumerate() {
         if mask & (1 << i) != 0 {
             router.down.insert((*id).to_owned());
@@ -103,7 +114,15 @@ fn check_round(ids: &[&str], up: &[&str], versions: &[u64], origin: &str, max: u
         "trace differs from what happened: {}",
         case()
     );
-    assert!(result.trace.iter().all(|s| s.duration == Duration::ZERO));
+    assert!(
+        result
+            .trace
+            .iter()
+            .filter(|s| s.kind == SpanKind::Sync)
+            .all(|s| s.duration == SYNC_TIME),
+        "a sync span lasts as long as its sync: {}",
+        case()
+    );
 }
 
 /// Every assignment of `1..=m` to `m` nodes.

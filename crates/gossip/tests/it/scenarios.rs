@@ -487,3 +487,158 @@ fn a_hand_off_delivered_twice_runs_once() {
     );
     assert!(engine.poll_command().is_none());
 }
+
+/// The result an engine reports next (to another origin or to itself), skipping other commands.
+fn next_result(engine: &mut Engine) -> propd_gossip::PropagationResult {
+    while let Some(command) = engine.poll_command() {
+        match command {
+            Command::Report { result, .. } | Command::Finished(result) => return result,
+            _ => {}
+        }
+    }
+    panic!("the engine reported no result");
+}
+
+/// Engine `a` holds round `c-0-1` (nodes a, b, c; origin c), syncs with b, and hands the round
+/// to b; b answers `outcome`. Returns what a reports to c.
+fn mid_chain_hand_off(outcome: HandOffOutcome) -> propd_gossip::PropagationResult {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let id = MessageId("c-0-1".into());
+    assert_eq!(
+        engine.handle_propagate(Millis(0), context("c-0-1", "c", Millis(0))),
+        Ok(Admission::Accepted)
+    );
+    assert!(matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == "b"));
+    engine.handle_sync_done(Millis(1), &id, "b", Ok(Default::default()));
+    assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "b"));
+    engine.handle_hand_off(Millis(2), &id, "b", outcome);
+    let result = next_result(&mut engine);
+    assert!(engine.running(&key(0)).is_none(), "the shard is free again");
+    result
+}
+
+#[test]
+fn a_refusal_in_the_middle_of_a_chain_ends_the_round_as_refused() {
+    let result = mid_chain_hand_off(HandOffOutcome::Refused {
+        reason: "b holds b-0-7 for g/0".into(),
+    });
+    assert_eq!(result.outcome, Outcome::Refused);
+    assert_eq!(result.error.as_deref(), Some("b holds b-0-7 for g/0"));
+    assert_eq!(result.context.origin, "c");
+    assert_eq!(spans(&result), [sync("a", "b")]);
+}
+
+#[test]
+fn a_rejected_hand_off_in_the_middle_of_a_chain_aborts_the_round() {
+    let result = mid_chain_hand_off(HandOffOutcome::Rejected {
+        error: "max_count is 9, expected 3 for 3 nodes".into(),
+    });
+    assert_eq!(result.outcome, Outcome::Aborted);
+    assert_eq!(
+        result.error.as_deref(),
+        Some("b rejected the hand-off: max_count is 9, expected 3 for 3 nodes")
+    );
+    assert_eq!(spans(&result), [sync("a", "b")]);
+}
+
+#[test]
+fn a_holder_whose_every_successor_is_unreachable_ends_with_no_peers() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let id = MessageId("c-0-1".into());
+    assert_eq!(
+        engine.handle_propagate(Millis(0), context("c-0-1", "c", Millis(0))),
+        Ok(Admission::Accepted)
+    );
+    for (t, peer) in [(1, "b"), (2, "c")] {
+        assert!(
+            matches!(engine.poll_command(), Some(Command::Sync(s)) if s.peer == peer),
+            "a tries {peer}"
+        );
+        engine.handle_sync_done(
+            Millis(t),
+            &id,
+            peer,
+            Err(SyncFailure::Unreachable {
+                error: format!("{peer} is down"),
+            }),
+        );
+    }
+    let result = next_result(&mut engine);
+    assert_eq!(result.outcome, Outcome::NoPeers);
+    assert_eq!(spans(&result), [skip("a", "b"), skip("a", "c")]);
+    assert_eq!(
+        result.context.count, 2,
+        "both skips count; the third is not tried"
+    );
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no reachable successor"),
+        "{result:?}"
+    );
+}
+
+/// Engine z starts a round of shard 0 over nodes a and b (z itself is no copy).
+fn origin_outside_the_list() -> (Engine, MessageId) {
+    let mut engine = Engine::new("z".into(), Config::default());
+    let id = engine
+        .start(
+            Millis(0),
+            propd_gossip::StartRequest {
+                key: key(0),
+                nodes: vec!["a".into(), "b".into()],
+                preview: false,
+            },
+        )
+        .expect("valid");
+    (engine, id)
+}
+
+#[test]
+fn an_origin_that_reaches_no_node_of_the_list_ends_with_no_peers() {
+    // The origin z is not a copy: it hands the round to a, then b.
+    let (mut engine, id) = origin_outside_the_list();
+    for peer in ["a", "b"] {
+        assert!(
+            matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == peer),
+            "z hands off to {peer}"
+        );
+        engine.handle_hand_off(
+            Millis(1),
+            &id,
+            peer,
+            HandOffOutcome::Unreachable {
+                error: "connection refused".into(),
+            },
+        );
+    }
+    let result = next_result(&mut engine);
+    assert_eq!(result.outcome, Outcome::NoPeers);
+    assert_eq!(
+        result.context.count, 0,
+        "the origin's skips are not counted"
+    );
+    assert_eq!(spans(&result), [skip("z", "a"), skip("z", "b")]);
+}
+
+#[test]
+fn an_origin_whose_hand_off_is_rejected_aborts_the_round() {
+    let (mut engine, id) = origin_outside_the_list();
+    assert!(matches!(engine.poll_command(), Some(Command::HandOff { to, .. }) if to == "a"));
+    engine.handle_hand_off(
+        Millis(1),
+        &id,
+        "a",
+        HandOffOutcome::Rejected {
+            error: "group must not be empty".into(),
+        },
+    );
+    let result = next_result(&mut engine);
+    assert_eq!(result.outcome, Outcome::Aborted);
+    assert_eq!(
+        result.error.as_deref(),
+        Some("a rejected the hand-off: group must not be empty")
+    );
+}

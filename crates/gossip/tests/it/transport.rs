@@ -275,12 +275,20 @@ async fn a_second_origin_is_refused_over_tonic() {
         Some(first.clone())
     );
     // Open the gate for a's sync (a syncs once in this round: a -> b; the chain then runs
-    // b -> c and c -> a from the other nodes); retry in case the gate was opened too early.
+    // b -> c and c -> a from the other nodes); retry in case the gate was opened too early,
+    // for at most 20 s.
     gate.notify_one();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let done = loop {
         match c.drivers["b"].wait(&first, Duration::from_millis(50)).await {
             Ok(result) => break result,
-            Err(WaitError::TimedOut { .. }) => gate.notify_one(),
+            Err(WaitError::TimedOut { .. }) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the first round never ended"
+                );
+                gate.notify_one();
+            }
             Err(other) => panic!("unexpected wait error {other}"),
         }
     };

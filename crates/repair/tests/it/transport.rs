@@ -121,7 +121,48 @@ async fn two_redb_stores_converge_over_loopback_tonic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_crosses_the_wire_as_a_typed_error() {
+async fn the_real_servers_refusal_crosses_the_wire_and_changes_nothing() {
+    // Our client checks its own configuration, so it never sends what the server refuses; a
+    // raw stream does: a wire digest width wider than the server's digests.
+    let dir = tempfile::tempdir().expect("dir");
+    let b = Arc::new(one_property_store(&dir));
+    let before = contents(&*b, 0);
+    let channel = serve(Arc::clone(&b), TransportConfig::default()).await;
+    let shape = Shape::default();
+    let opening = pb::RepairRequest {
+        msg: Some(pb::repair_request::Msg::TreeRoot(pb::TreeRoot {
+            group: GROUP.to_owned(),
+            shard: 0,
+            shape: Some(propd_repair::shape_to_proto(&shape)),
+            root: vec![0; shape.digest_width as usize],
+            leaf_count: 1,
+            preview: false,
+            wire_digest_width: shape.digest_width + 1,
+        })),
+    };
+    let mut answers = pb::repair_service_client::RepairServiceClient::new(channel)
+        .repair(tokio_stream::iter(vec![opening]))
+        .await
+        .expect("the server takes the stream")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("an answer")
+        .expect("the root compare");
+    let Some(pb::repair_response::Msg::RootCompare(compare)) = answer.msg else {
+        panic!("expected a root compare, got {answer:?}");
+    };
+    assert!(compare.tree_found && compare.shape_ok, "{compare:?}");
+    assert!(
+        compare.error.contains("wire_digest_width"),
+        "the refusal names the field: {compare:?}"
+    );
+    assert_eq!(contents(&*b, 0), before, "the refused sync changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tree_on_the_peer_crosses_the_wire_as_a_typed_error_and_is_skipped() {
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -137,6 +178,7 @@ async fn a_refusal_crosses_the_wire_as_a_typed_error() {
         matches!(err, SyncError::TreeNotFound { shard: 3, .. }),
         "{err:?}"
     );
+    assert_eq!(err.disposition(), Disposition::Skip);
 }
 
 #[tokio::test(start_paused = true)]

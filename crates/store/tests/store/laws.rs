@@ -92,11 +92,24 @@ proptest! {
         prop_assert_eq!(merge(&merge(&a, &b), &c), merge(&a, &merge(&b, &c)));
     }
 
+    /// Merging what a store already holds changes nothing: applied again, in reverse order,
+    /// every copy answers `Same` or `LocalNewer` (never `Applied`), and the properties and
+    /// trees stay as they were.
     #[test]
-    fn merge_is_idempotent(a in copy(&["x"]), b in copy(&["x"])) {
-        prop_assert_eq!(merge(&a, &a), a.clone());
-        let ab = merge(&a, &b);
-        prop_assert_eq!(merge(&ab, &b), ab.clone());
+    fn merge_is_idempotent(copies in prop::collection::vec(copy(&["x", "y"]), 1..8)) {
+        let store = ModelStore::new(groups(), Shape::default()).unwrap_or_else(|e| panic!("{e}"));
+        for copy in &copies {
+            store.repair_apply(copy.clone()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let before = final_state(&store);
+        for copy in copies.iter().rev() {
+            let outcome = store.repair_apply(copy.clone()).unwrap_or_else(|e| panic!("{e}"));
+            prop_assert!(
+                !matches!(outcome, RepairOutcome::Applied),
+                "{:?} was applied again: {:?}", copy, outcome
+            );
+        }
+        prop_assert_eq!(final_state(&store), before);
     }
 }
 

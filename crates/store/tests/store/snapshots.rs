@@ -1,7 +1,7 @@
 //! Snapshots: a scan or tree read sees one consistent state while writes continue.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use propd_merkle::{Property, TagValue};
 use propd_store::RedbStore;
@@ -79,13 +79,20 @@ fn scans_are_consistent_during_concurrent_writes() {
     store
         .repair_apply_batch("g", 2, generation(&ids, 1))
         .unwrap_or_else(|e| panic!("{e}"));
+    // The writer goes on until the reader has read several times, so reads overlap writes
+    // whatever the threads' speeds (bounded, in case the reader never runs).
     let done = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
     let writer = {
         let store = Arc::clone(&store);
         let ids = ids.clone();
         let done = Arc::clone(&done);
+        let reads = Arc::clone(&reads);
         std::thread::spawn(move || {
-            for generation_no in 2..=40 {
+            let mut generation_no = 1;
+            while generation_no < 40 || reads.load(Ordering::SeqCst) < 20 {
+                generation_no += 1;
+                assert!(generation_no < 100_000, "the reader never read");
                 // One write transaction per generation: every entity moves together.
                 store
                     .repair_apply_batch("g", 2, generation(&ids, generation_no))
@@ -95,6 +102,7 @@ fn scans_are_consistent_during_concurrent_writes() {
                 }
             }
             done.store(true, Ordering::SeqCst);
+            generation_no
         })
     };
     let check = |store: &RedbStore| {
@@ -124,16 +132,19 @@ fn scans_are_consistent_during_concurrent_writes() {
         );
         generation_no
     };
-    let mut reads = 0;
+    let mut seen = std::collections::BTreeSet::new();
     while !done.load(Ordering::SeqCst) {
-        check(&store);
-        reads += 1;
+        seen.insert(check(&store));
+        reads.fetch_add(1, Ordering::SeqCst);
     }
-    writer
+    let last = writer
         .join()
         .unwrap_or_else(|_| panic!("the writer panicked"));
-    assert_eq!(check(&store), 40, "after the writer: the last generation");
-    assert!(reads >= 1);
+    assert_eq!(check(&store), last, "after the writer: the last generation");
+    assert!(
+        seen.len() >= 2,
+        "the reads saw the writes move on: generations {seen:?}"
+    );
 }
 
 #[test]
