@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, http_get, run_bounded};
+use crate::{PortHold, http_get, run_bounded};
 
 /// One single-member etcd.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct Etcd {
     /// The client port on 127.0.0.1.
     pub client_port: u16,
     peer_port: u16,
+    /// The two ports, held while etcd is stopped so that no other test draws them.
+    holds: [PortHold; 2],
     binary: PathBuf,
     child: Option<Child>,
 }
@@ -30,10 +32,12 @@ impl Etcd {
     /// `SKIPPED: ...`, only when no etcd is installed and `.ci/install-etcd` cannot install one.
     pub fn start() -> Option<Etcd> {
         let binary = etcd_binary()?;
+        let holds = [PortHold::new(), PortHold::new()];
         let mut etcd = Etcd {
             dir: tempfile::tempdir().expect("temp dir"),
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: holds[0].port(),
+            peer_port: holds[1].port(),
+            holds,
             binary,
             child: None,
         };
@@ -46,11 +50,14 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
-    /// Kills etcd (SIGKILL) and reaps it; its data stays.
+    /// Kills etcd (SIGKILL) and reaps it; its data stays, its ports are held again.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            for hold in &mut self.holds {
+                hold.retake();
+            }
         }
     }
 
@@ -65,6 +72,9 @@ impl Etcd {
             .expect("opening the etcd log");
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        for hold in &mut self.holds {
+            hold.release();
+        }
         let child = Command::new(&self.binary)
             .arg("--name=test")
             .arg(format!(

@@ -901,8 +901,8 @@ fn every_command_prints_the_documented_json_fields() {
          shape.fanout shape.format_version shape.slot_count shard slots slots[].digest \
          slots[].leaves slots[].slot"
     );
-    const STATUS: &str = "members members[].addr members[].id members[].up node repair_paused \
-         shards shards[].group shards[].last_repair_age_s shards[].pending \
+    const STATUS: &str = "members members[].addr members[].id members[].up membership node \
+         repair_paused shards shards[].group shards[].last_repair_age_s shards[].pending \
          shards[].purge_blocked shards[].purge_cutoff_ns shards[].purged_below_ns shards[].shard";
     let status = cluster.json(0, &["status"]);
     assert_eq!(fields(&status), STATUS);

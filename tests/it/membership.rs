@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use propd_tests::etcd::Etcd;
-use propd_tests::{Cluster, cli_at, eventually, free_port, http_get, propd_binary, run_bounded};
+use propd_tests::{Cluster, PortHold, cli_at, eventually, http_get, propd_binary, run_bounded};
 use serde_json::Value;
 
 const SHARDS: u32 = 8;
@@ -40,8 +40,9 @@ struct Extra {
 
 impl Extra {
     fn start(dir: &Path, id: &str, shared: &str) -> Extra {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut holds = [PortHold::new(), PortHold::new()];
+        let listen = SocketAddr::from(([127, 0, 0, 1], holds[0].port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], holds[1].port()));
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(
             &config,
@@ -52,6 +53,9 @@ impl Extra {
         )
         .expect("writing a config");
         let log = std::fs::File::create(dir.join(format!("{id}.log"))).expect("a log file");
+        for hold in &mut holds {
+            hold.release();
+        }
         let child = Command::new(propd_binary())
             .args(["serve", "--config"])
             .arg(&config)

@@ -664,8 +664,9 @@ fn apply_to_config(config: &mut Config, records: &ClusterRecords) -> anyhow::Res
     Ok(())
 }
 
-/// The placement and peers of `node` from the records.
-fn apply(node: &NodeState, records: &ClusterRecords) {
+/// The placement and peers of `node` from the records. `first`: the records the node started
+/// with (its store holds what it held before; nothing moves).
+fn apply(node: &NodeState, records: &ClusterRecords, first: bool) {
     let (groups, waiting) = records.groups_for(node.store.groups());
     let groups = match Groups::new(groups) {
         Ok(groups) => groups,
@@ -675,8 +676,12 @@ fn apply(node: &NodeState, records: &ClusterRecords) {
         }
     };
     let placement = Placement::with_slots(records.placement_members(), groups);
-    let members = records.members.keys().cloned().collect();
-    node.set_placement(placement, &members);
+    if first {
+        node.start_placement(placement);
+    } else {
+        let members = records.members.keys().cloned().collect();
+        node.set_placement(placement, &members);
+    }
     node.peers.set_members(&records.all_members());
     let mut view = lock(&node.membership);
     view.revision = records.revision;
@@ -704,7 +709,7 @@ pub(crate) async fn run(
     records: ClusterRecords,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    apply(&node, &records);
+    apply(&node, &records, true);
     loop {
         let result = tokio::select! {
             result = session(&node, &etcd) => result,
@@ -749,7 +754,7 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
     .map_err(|source| registry.error(source))?;
     let records = registry.read().await?;
     let revision = records.revision;
-    apply(node, &records);
+    apply(node, &records, false);
     let _ = save_last_seen(&node.config.data_dir, &records);
     {
         let mut view = lock(&node.membership);
@@ -800,7 +805,7 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
                 if changed {
                     let records = registry.read().await?;
                     tracing::info!(revision = records.revision, members = records.members.len(), groups = records.groups.len(), "etcd: membership changed");
-                    apply(node, &records);
+                    apply(node, &records, false);
                     let _ = save_last_seen(&node.config.data_dir, &records);
                 }
             }

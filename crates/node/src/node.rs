@@ -93,6 +93,15 @@ impl NodeState {
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
     }
 
+    /// Sets the placement a node starts with (from etcd: slots and draining members, which the
+    /// configuration cannot say); nothing moves.
+    pub(crate) fn start_placement(&self, placement: Placement) {
+        *self
+            .placement
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+    }
+
     /// A round over `covered` completed for (group, shard): a move it finishes ends.
     pub(crate) fn round_completed(&self, group: &str, shard: u32, covered: &[String]) {
         let Some(def) = self.placement().group(group).cloned() else {

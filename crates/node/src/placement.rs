@@ -3,7 +3,7 @@
 //!
 //! The rule is rendezvous (highest-random-weight) hashing: every member gets a weight
 //! `xxh3_64(group, shard, member id)` for each shard, and the shard's copies are the `copies`
-//! members of highest weight, in weight order. A member's weights do not depend on the other
+//! members of highest weight (listed in id order, rotated by shard). A member's weights do not depend on the other
 //! members, so when one joins it takes only the copies where it outweighs a current holder
 //! (about `copies / N` of them) and when one leaves only its own copies move.
 
@@ -70,8 +70,11 @@ impl Placement {
         (group.replicas as usize + 1).min(self.members.len())
     }
 
-    /// The node list of (group, shard): the `copies` members of highest [`weight`], highest
-    /// first (ties, which need equal 64-bit hashes, go to the smaller id).
+    /// The node list of (group, shard): the `copies` members of highest [`weight`] (ties,
+    /// which need equal 64-bit hashes, go to the smaller id), in id order rotated left by
+    /// `(xxh3_64(group) + shard) % copies`. The rotation spreads the first place (the chain's
+    /// start, and the designated origin's rotation) over the copies, and where every member
+    /// holds a copy the list is the one DESIGN §4's modulo rule gave.
     pub(crate) fn node_list(&self, group: &GroupDef, shard: u32) -> Vec<&Member> {
         let mut ranked: Vec<(u64, &Member)> = self
             .members
@@ -80,11 +83,18 @@ impl Placement {
             .map(|(m, slot)| (weight(&group.name, shard, slot), m))
             .collect();
         ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
-        ranked
+        let mut chosen: Vec<&Member> = ranked
             .into_iter()
             .take(self.copies(group))
             .map(|(_, m)| m)
-            .collect()
+            .collect();
+        chosen.sort_by(|a, b| a.id.cmp(&b.id));
+        let k = chosen.len() as u64;
+        if k > 0 {
+            let start = (xxh3_64(group.name.as_bytes()) % k + u64::from(shard) % k) % k;
+            chosen.rotate_left(start as usize);
+        }
+        chosen
     }
 }
 
@@ -155,7 +165,7 @@ mod tests {
     }
 
     #[test]
-    fn node_lists_are_the_distinct_members_of_highest_weight() {
+    fn node_lists_are_the_members_of_highest_weight_in_rotated_id_order() {
         let placement = placement(5, 2);
         let group = placement.group("g").unwrap().clone();
         for shard in 0..8 {
@@ -164,12 +174,32 @@ mod tests {
                 .iter()
                 .map(|m| m.id.as_str())
                 .collect();
-            let mut expected: Vec<(u64, String)> = (1..=5)
+            let mut heaviest: Vec<(u64, String)> = (1..=5)
                 .map(|i| format!("n{i}"))
                 .map(|id| (weight("g", shard, &id), id))
                 .collect();
-            expected.sort_by_key(|e| std::cmp::Reverse(e.0));
-            let expected: Vec<&str> = expected[..3].iter().map(|(_, id)| id.as_str()).collect();
+            heaviest.sort_by_key(|e| std::cmp::Reverse(e.0));
+            let mut expected: Vec<&str> = heaviest[..3].iter().map(|(_, id)| id.as_str()).collect();
+            expected.sort_unstable();
+            expected.rotate_left(((xxh3_64(b"g") % 3 + u64::from(shard) % 3) % 3) as usize);
+            assert_eq!(ids, expected);
+        }
+    }
+
+    #[test]
+    fn with_every_member_a_copy_the_list_is_the_modulo_rules() {
+        let placement = placement(3, 2);
+        let group = placement.group("g").unwrap().clone();
+        let offset = (xxh3_64(b"g") % 3) as usize;
+        for shard in 0..8 {
+            let ids: Vec<String> = placement
+                .node_list(&group, shard)
+                .iter()
+                .map(|m| m.id.clone())
+                .collect();
+            let expected: Vec<String> = (0..3)
+                .map(|r| format!("n{}", (offset + shard as usize + r) % 3 + 1))
+                .collect();
             assert_eq!(ids, expected);
         }
     }
