@@ -188,6 +188,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The nodes, in id order.
     pub nodes: Vec<NodeSpec>,
+    /// With mutual TLS on: the certificates (`None`: plaintext).
+    pub certs: Option<Certs>,
     children: Vec<Option<Child>>,
     /// Each node's two ports, held while the node is not running.
     ports: Vec<[PortHold; 2]>,
@@ -197,6 +199,17 @@ impl Cluster {
     /// Writes the config of `n` nodes sharing `shared` (TOML: top-level keys first, then tables
     /// such as `[[groups]]` and `[repair]`), starts them and waits until each answers.
     pub fn start(n: usize, shared: &str) -> Cluster {
+        Self::start_with(n, shared, false)
+    }
+
+    /// Like [`Cluster::start`], with mutual TLS on: `propd cert` makes a CA, a certificate per
+    /// member and the clients `admin`, `writer` and `reader` (roles admin, write, read) in
+    /// `<dir>/certs`; every config gets a `[tls]` table; [`Cluster::cli`] speaks TLS as `admin`.
+    pub fn start_tls(n: usize, shared: &str) -> Cluster {
+        Self::start_with(n, shared, true)
+    }
+
+    fn start_with(n: usize, shared: &str, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<[PortHold; 2]> =
             (0..n).map(|_| [PortHold::new(), PortHold::new()]).collect();
@@ -223,10 +236,35 @@ impl Cluster {
                 )
             })
             .collect();
+        let certs = tls.then(|| {
+            let certs = Certs {
+                dir: dir.path().join("certs"),
+            };
+            let mut args = vec!["--out".to_owned(), certs.dir.display().to_string()];
+            for node in &nodes {
+                args.extend([
+                    "--member".to_owned(),
+                    format!("{}={}", node.id, node.listen),
+                ]);
+            }
+            for client in ["admin=admin", "writer=write", "reader=read"] {
+                args.extend(["--client".to_owned(), client.to_owned()]);
+            }
+            certs.issue(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            certs
+        });
         for node in &nodes {
             let data_dir = dir.path().join(&node.id);
+            let tls_table = certs.as_ref().map_or_else(String::new, |certs| {
+                format!(
+                    "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                    certs.cert(&node.id).display().to_string(),
+                    certs.key(&node.id).display().to_string(),
+                    certs.ca().display().to_string(),
+                )
+            });
             let text = format!(
-                "node_id = \"{}\"\nlisten = \"{}\"\nhttp = \"{}\"\ndata_dir = {:?}\n{shared}\n{members}",
+                "node_id = \"{}\"\nlisten = \"{}\"\nhttp = \"{}\"\ndata_dir = {:?}\n{shared}\n{members}{tls_table}",
                 node.id,
                 node.listen,
                 node.http,
@@ -238,6 +276,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             nodes,
+            certs,
             children,
             ports,
         };
@@ -290,7 +329,7 @@ impl Cluster {
                     self.log(i)
                 );
             }
-            if http_get(self.nodes[i].http, "/health").is_some_and(|(code, _)| code == 200) {
+            if self.http(i, "/health").is_some_and(|(code, _)| code == 200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -368,20 +407,45 @@ impl Cluster {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
+    /// `GET path` on node `i`'s HTTP port: over TLS as `admin` in a TLS cluster.
+    pub fn http(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        match &self.certs {
+            None => http_get(self.nodes[i].http, path),
+            Some(certs) => https_get(self.nodes[i].http, path, certs, "admin"),
+        }
+    }
+
     /// Runs `propd ARGS --server <node i>` (at most 120 s; on a timeout the panic shows every
-    /// node's log).
+    /// node's log); in a TLS cluster as client `admin`.
     pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        self.cli_as(i, "admin", args)
+    }
+
+    /// Like [`Cluster::cli`], as the client `client` of a TLS cluster (no effect in plaintext).
+    pub fn cli_as(&self, i: usize, client: &str, args: &[&str]) -> Output {
         let mut command = Command::new(propd_binary());
         command
             .args(args)
             .args(["--server", &self.nodes[i].listen.to_string()])
             .stdin(Stdio::null());
+        if let Some(certs) = &self.certs {
+            command.args(certs.client_args(client, &self.nodes[i].id));
+        }
         run_bounded(command, Duration::from_secs(120)).unwrap_or_else(|error| {
             let logs: Vec<String> = (0..self.nodes.len())
                 .map(|n| format!("--- {} ---\n{}", self.nodes[n].id, self.log(n)))
                 .collect();
             panic!("{error}\n{}", logs.join("\n"))
         })
+    }
+
+    /// Node `i`'s own copy of `entity` (`get --local`), `None` when it has none.
+    pub fn local_copy(&self, i: usize, entity: &str) -> Option<Value> {
+        let output = self.cli(i, &["get", entity, "--local", "--output", "json"]);
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
     }
 
     /// Runs `propd ARGS --server <node i> --output json`, asserts success, parses stdout.
@@ -423,6 +487,113 @@ pub fn cli_at(server: &str, args: &[&str]) -> Output {
     run_bounded(command, Duration::from_secs(120)).unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// A directory of certificates made by `propd cert`.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    /// `ca.pem`, `ca.key`, `NAME.pem`, `NAME.key`.
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    /// Runs `propd cert --out <dir> ARGS` (ARGS may repeat `--out`: the first wins only if
+    /// given first), asserting success.
+    pub fn issue(&self, args: &[&str]) {
+        let mut command = Command::new(propd_binary());
+        command.arg("cert");
+        if !args.contains(&"--out") {
+            command.arg("--out").arg(&self.dir);
+        }
+        command.args(args).stdin(Stdio::null());
+        let output = run_bounded(command, Duration::from_secs(60)).expect("propd cert");
+        assert!(
+            output.status.success(),
+            "propd cert {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `NAME.pem`.
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+
+    /// `NAME.key`.
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+
+    /// The CLI flags that speak TLS as `client` to the member `server_name`.
+    pub fn client_args(&self, client: &str, server_name: &str) -> Vec<String> {
+        vec![
+            "--ca".to_owned(),
+            self.ca().display().to_string(),
+            "--cert".to_owned(),
+            self.cert(client).display().to_string(),
+            "--key".to_owned(),
+            self.key(client).display().to_string(),
+            "--server-name".to_owned(),
+            server_name.to_owned(),
+        ]
+    }
+}
+
+/// `GET path` over TLS with the client certificate `client` of `certs`, checking the server's
+/// certificate against the CA and the address's IP: `(status code, body)`, or `None` when
+/// nothing answers or the handshake fails.
+pub fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    certs: &Certs,
+    client: &str,
+) -> Option<(u16, String)> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(certs.ca()).ok()? {
+        roots.add(ca.ok()?).ok()?;
+    }
+    let chain = CertificateDer::pem_file_iter(certs.cert(client))
+        .ok()?
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let key = PrivateKeyDer::from_pem_file(certs.key(client)).ok()?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .ok()?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    // A server that closes without close_notify ends the read with an error after the body.
+    let _ = stream.read_to_end(&mut bytes);
+    parse_response(&String::from_utf8_lossy(&bytes))
+}
+
+fn parse_response(response: &str) -> Option<(u16, String)> {
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
 /// Runs a command, killing it if it outlives `limit` (then the error says so, with its stderr).
 pub fn run_bounded(mut command: Command, limit: Duration) -> Result<Output, String> {
     let mut child = command
@@ -458,12 +629,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    let code = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Some((code, body))
+    parse_response(&response)
 }
 
 /// Polls `condition` every 100 ms until it holds or `limit` passes; returns whether it held.

@@ -34,14 +34,6 @@ fn roots(cluster: &Cluster, nodes: &[usize], group: &str, shard: u32) -> Vec<Str
         .collect()
 }
 
-fn local_copy(cluster: &Cluster, i: usize, entity: &str) -> Option<Value> {
-    let output = cluster.cli(i, &["get", entity, "--local", "--output", "json"]);
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).expect("get prints JSON"))
-}
-
 fn all_equal(values: &[String]) -> bool {
     values.windows(2).all(|w| w[0] == w[1])
 }
@@ -121,12 +113,12 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
     cluster.json(1, &["delete", "g/item/0"]);
     cluster.restart(2);
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/20"),
+        cluster.local_copy(2, "g/item/20"),
         None,
         "n3 missed the write while it was down"
     );
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/0").unwrap()["delete_time"],
+        cluster.local_copy(2, "g/item/0").unwrap()["delete_time"],
         0,
         "and the delete"
     );
@@ -146,7 +138,7 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
     for k in 1..25 {
         let entity = format!("g/item/{k}");
         let copies: Vec<Value> = (0..3)
-            .map(|i| local_copy(&cluster, i, &entity).expect("every copy holds it"))
+            .map(|i| cluster.local_copy(i, &entity).expect("every copy holds it"))
             .collect();
         assert!(
             copies.windows(2).all(|w| w[0] == w[1]),
@@ -156,7 +148,7 @@ fn a_killed_node_misses_writes_and_one_repair_per_shard_makes_every_copy_equal()
         assert_eq!(copies[0]["tags"]["round"], expected);
     }
     assert_eq!(
-        local_copy(&cluster, 2, "g/item/0"),
+        cluster.local_copy(2, "g/item/0"),
         None,
         "the delete reached n3"
     );
@@ -191,7 +183,7 @@ fn five_versions_on_five_nodes_converge_to_the_newest_in_one_propagation() {
         .sum();
     assert!(found > 0, "the preview saw the differing copies: {preview}");
     assert_eq!(
-        local_copy(&cluster, 0, "g/doc/one").unwrap()["mod_revision"],
+        cluster.local_copy(0, "g/doc/one").unwrap()["mod_revision"],
         1,
         "a preview changes nothing"
     );
@@ -203,7 +195,7 @@ fn five_versions_on_five_nodes_converge_to_the_newest_in_one_propagation() {
         "at most 2n - 3 syncs: {result}"
     );
     for i in 0..5 {
-        let copy = local_copy(&cluster, i, "g/doc/one").unwrap();
+        let copy = cluster.local_copy(i, "g/doc/one").unwrap();
         assert_eq!(copy["mod_revision"], 5, "node {i}: {copy}");
         assert_eq!(copy["tags"]["v"], "5");
     }
@@ -234,13 +226,13 @@ fn a_node_down_when_a_propagation_starts_is_skipped_and_the_rest_converge() {
     );
     for i in [0, 2, 3] {
         assert_eq!(
-            local_copy(&cluster, i, "g/doc/x").unwrap()["mod_revision"],
+            cluster.local_copy(i, "g/doc/x").unwrap()["mod_revision"],
             13,
             "node {i}"
         );
         for j in [0, 2, 3] {
             assert!(
-                local_copy(&cluster, i, &format!("g/only/{j}")).is_some(),
+                cluster.local_copy(i, &format!("g/only/{j}")).is_some(),
                 "node {i} has g/only/{j}"
             );
         }
@@ -280,7 +272,9 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
     assert_eq!(put["acknowledged"], 2);
     cluster.restart(2);
     let repaired = eventually(Duration::from_secs(30), || {
-        local_copy(&cluster, 2, "g/late/one").is_some_and(|copy| copy["tags"]["k"] == "v")
+        cluster
+            .local_copy(2, "g/late/one")
+            .is_some_and(|copy| copy["tags"]["k"] == "v")
     });
     assert!(
         repaired,
@@ -297,7 +291,7 @@ fn a_missed_write_is_repaired_without_a_manual_trigger() {
         "n2 starts no scheduled round outside the cron window"
     );
     assert!(
-        (0..12).all(|k| local_copy(&cluster, 1, &format!("h/local/{k}")).is_none()),
+        (0..12).all(|k| cluster.local_copy(1, &format!("h/local/{k}")).is_none()),
         "no scheduled round repaired group h"
     );
 }
@@ -482,7 +476,7 @@ fn background_rounds_repair_every_shard_within_the_period_unless_paused() {
     });
     assert!(idle, "paused nodes start no background round");
     assert!(
-        (0..6).all(|k| local_copy(&cluster, 1, &format!("g/bg/{k}")).is_none()),
+        (0..6).all(|k| cluster.local_copy(1, &format!("g/bg/{k}")).is_none()),
         "paused nodes start no background round"
     );
     for i in 0..3 {
@@ -507,7 +501,7 @@ fn background_rounds_repair_every_shard_within_the_period_unless_paused() {
         "every shard was repaired {took:?} after resume; the period is {PERIOD_S}s"
     );
     assert!(
-        (0..6).all(|k| (1..3).all(|i| local_copy(&cluster, i, &format!("g/bg/{k}")).is_some())),
+        (0..6).all(|k| (1..3).all(|i| cluster.local_copy(i, &format!("g/bg/{k}")).is_some())),
         "background rounds repaired every shard"
     );
 }
@@ -591,7 +585,11 @@ fn a_coordinated_get_returns_the_newest_copy_and_repairs_the_stale_ones() {
     assert_eq!(read["tags"]["v"], "new", "{read}");
     assert_eq!(read["mod_revision"], 11);
     let repaired = eventually(Duration::from_secs(10), || {
-        (0..3).all(|i| local_copy(&cluster, i, "g/rr/x").is_some_and(|c| c["mod_revision"] == 11))
+        (0..3).all(|i| {
+            cluster
+                .local_copy(i, "g/rr/x")
+                .is_some_and(|c| c["mod_revision"] == 11)
+        })
     });
     assert!(repaired, "read repair rewrote the stale copies");
     let listed = cluster.json(0, &["query", "--group", "g"]);
@@ -629,7 +627,7 @@ fn read_repair_spreads_a_newer_tombstone_and_fills_a_missing_copy() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("not found"));
     let spread = eventually(Duration::from_secs(10), || {
-        (0..2).all(|i| local_copy(&cluster, i, "g/rr/gone").is_none())
+        (0..2).all(|i| cluster.local_copy(i, "g/rr/gone").is_none())
     });
     assert!(
         spread,
@@ -652,11 +650,13 @@ fn read_repair_spreads_a_newer_tombstone_and_fills_a_missing_copy() {
             ],
         );
     }
-    assert_eq!(local_copy(&cluster, 2, "g/rr/half"), None);
+    assert_eq!(cluster.local_copy(2, "g/rr/half"), None);
     let read = cluster.json(2, &["get", "g/rr/half"]);
     assert_eq!(read["mod_revision"], 5, "{read}");
     let filled = eventually(Duration::from_secs(10), || {
-        local_copy(&cluster, 2, "g/rr/half").is_some_and(|c| c["tags"]["v"] == "1")
+        cluster
+            .local_copy(2, "g/rr/half")
+            .is_some_and(|c| c["tags"]["v"] == "1")
     });
     assert!(filled, "read repair wrote the copy that lacked the entity");
     assert!(all_equal(&roots(&cluster, &[0, 1, 2], "g", 0)));
@@ -710,9 +710,11 @@ fn a_query_merges_copies_that_differ_and_repairs_them() {
 
     let repaired = eventually(Duration::from_secs(10), || {
         (0..3).all(|i| {
-            local_copy(&cluster, i, "g/q/a").is_some_and(|c| c["mod_revision"] == 2)
-                && local_copy(&cluster, i, "g/q/b").is_some()
-                && local_copy(&cluster, i, "g/q/c").is_none()
+            cluster
+                .local_copy(i, "g/q/a")
+                .is_some_and(|c| c["mod_revision"] == 2)
+                && cluster.local_copy(i, "g/q/b").is_some()
+                && cluster.local_copy(i, "g/q/c").is_none()
         })
     });
     assert!(repaired, "the query's read repair made every copy equal");
@@ -802,7 +804,7 @@ fn sigterm_with_a_round_in_flight_exits_after_the_grace_and_loses_nothing() {
     for shard in 0..2 {
         assert!(all_equal(&roots(&cluster, &[0, 1, 2], "g", shard)));
     }
-    assert!((0..40).all(|k| local_copy(&cluster, 2, &format!("g/slow/{k}")).is_some()));
+    assert!((0..40).all(|k| cluster.local_copy(2, &format!("g/slow/{k}")).is_some()));
 }
 
 /// Every JSON field a command prints, as sorted `path` lines (`[]` for an array's elements).

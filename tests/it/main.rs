@@ -5,3 +5,4 @@ mod deletes;
 mod membership;
 mod operator;
 mod operator_cli;
+mod tls;

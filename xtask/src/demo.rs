@@ -4,6 +4,10 @@
 //! another is stopped, shows the trees disagree, runs one repair round per shard and shows the
 //! trees agree again — with the properties repaired, the bytes moved and the time taken — then
 //! stops the cluster. Everything lives under `target/demo/` and is removed first.
+//!
+//! The cluster runs with mutual TLS: `propd cert` makes a development CA, a certificate per
+//! node and an `admin` client certificate in `target/demo/certs/`; the nodes dial each other
+//! with theirs and the demo's CLI calls present the client's.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -28,6 +32,7 @@ struct Node {
 struct Demo {
     binary: PathBuf,
     nodes: Vec<Node>,
+    certs: PathBuf,
 }
 
 impl Drop for Demo {
@@ -74,9 +79,17 @@ pub(crate) fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
+    let nodes = write_configs(&dir)?;
+    let certs = dir.join("certs");
+    issue_certs(&binary, &nodes, &certs)?;
+    say(&format!(
+        "mutual TLS on: CA, node and client certificates in {}",
+        certs.display()
+    ));
     let mut demo = Demo {
         binary,
-        nodes: write_configs(&dir)?,
+        nodes,
+        certs,
     };
     for i in 0..demo.nodes.len() {
         demo.start(i)?;
@@ -196,6 +209,38 @@ fn write_configs(dir: &Path) -> Result<Vec<Node>> {
     Ok(nodes)
 }
 
+/// `propd cert` for the members of n1's config and an `admin` client, then a `[tls]` table in
+/// every node's config.
+fn issue_certs(binary: &Path, nodes: &[Node], certs: &Path) -> Result<()> {
+    let output = Command::new(binary)
+        .args(["cert", "--client", "admin=admin", "--out"])
+        .arg(certs)
+        .arg("--config")
+        .arg(&nodes[0].config)
+        .stdin(Stdio::null())
+        .output()
+        .context("running propd cert")?;
+    if !output.status.success() {
+        bail!(
+            "propd cert failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    for node in nodes {
+        let mut text = std::fs::read_to_string(&node.config)?;
+        let path = |name: String| certs.join(name).display().to_string();
+        text.push_str(&format!(
+            "\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+            path(format!("{}.pem", node.id)),
+            path(format!("{}.key", node.id)),
+            path("ca.pem".to_owned()),
+        ));
+        std::fs::write(&node.config, text)
+            .with_context(|| format!("writing {}", node.config.display()))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -239,6 +284,10 @@ impl Demo {
         let output = Command::new(&self.binary)
             .args(args)
             .args(["--server", &self.nodes[i].listen])
+            .env("PROPD_CA", self.certs.join("ca.pem"))
+            .env("PROPD_CERT", self.certs.join("admin.pem"))
+            .env("PROPD_KEY", self.certs.join("admin.key"))
+            .env("PROPD_SERVER_NAME", &self.nodes[i].id)
             .stdin(Stdio::null())
             .output()
             .context("running the propd CLI")?;

@@ -81,6 +81,14 @@ impl MemberChannels {
         }
     }
 
+    /// Replaces the whole pool with channels the caller made (for example over TLS, with a
+    /// client identity): member id to its address and channel. Calls already running on the old
+    /// channels finish on them.
+    pub fn replace_channels(&self, channels: HashMap<MemberId, (String, Channel)>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        *pool = channels;
+    }
+
     /// The channel to member `id`; `None` for an unknown member.
     #[must_use]
     pub fn channel(&self, id: &str) -> Option<Channel> {

@@ -20,10 +20,12 @@ use propd_store::GroupDef;
 
 mod members;
 
+use crate::certs::{Subject, issue};
 use crate::config::{
     DEFAULT_LISTEN, Member, Partial, PartialEtcd, PartialMetrics, PartialRepair, PartialStore,
-    PartialTelemetry, PartialTree,
+    PartialTelemetry, PartialTls, PartialTree,
 };
+use crate::tls::cli_client_config;
 
 /// propd: a replicated property store whose replicas repair themselves.
 #[derive(Debug, Parser)]
@@ -55,6 +57,8 @@ enum Command {
     Member(members::MemberArgs),
     /// Groups in etcd: create, alter, list.
     Group(members::GroupArgs),
+    /// Make a development CA (once per directory) and member and client certificates (PEM).
+    Cert(CertArgs),
 }
 
 /// Flags of `propd serve`; each is also a `PROPD_*` environment variable and a config key.
@@ -147,6 +151,18 @@ struct ServeArgs {
     /// `etcd.prefix`: this cluster's key prefix in etcd (default `/propd`).
     #[arg(long, env = "PROPD_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
+    /// `tls.cert`: this node's certificate chain (PEM); with key and ca, turns on mutual TLS.
+    #[arg(long, env = "PROPD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// `tls.key`: this node's private key (PEM).
+    #[arg(long, env = "PROPD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// `tls.ca`: the CA that signs members' and clients' certificates (PEM).
+    #[arg(long, env = "PROPD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// `insecure`: allow plaintext on a non-loopback address.
+    #[arg(long, env = "PROPD_INSECURE")]
+    insecure: Option<bool>,
 }
 
 impl ServeArgs {
@@ -197,6 +213,12 @@ impl ServeArgs {
                 endpoints: (!self.etcd_endpoints.is_empty()).then_some(self.etcd_endpoints),
                 prefix: self.etcd_prefix,
             },
+            insecure: self.insecure,
+            tls: PartialTls {
+                cert: self.tls_cert,
+                key: self.tls_key,
+                ca: self.tls_ca,
+            },
         };
         Ok(flags.over(file))
     }
@@ -245,6 +267,37 @@ struct Client {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// CA certificate (PEM) the node's certificate must be signed by; turns on TLS.
+    #[arg(long, env = "PROPD_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) carrying a role (`propd cert --client NAME=ROLE`).
+    #[arg(long, env = "PROPD_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "PROPD_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name the node's certificate must carry (its member id); default: the address.
+    #[arg(long, env = "PROPD_SERVER_NAME")]
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CertArgs {
+    /// Directory for the files: ca.pem and ca.key (made once, then reused), NAME.pem, NAME.key.
+    #[arg(long)]
+    out: PathBuf,
+    /// Issue a member certificate for every member of this config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A member to issue for, as ID=ADDR (repeat).
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<Member>,
+    /// A client to issue for, as NAME=ROLE with ROLE read, write or admin (repeat).
+    #[arg(long = "client")]
+    clients: Vec<String>,
+    /// Days of validity from now; a negative number makes already-expired certificates.
+    #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
+    days: i64,
 }
 
 #[derive(Debug, Args)]
@@ -368,17 +421,59 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => status(args).await,
         Command::Member(args) => members::member(args).await,
         Command::Group(args) => members::group(args).await,
+        Command::Cert(args) => cert(args),
     }
 }
 
-async fn channel(server: &str) -> Result<Channel> {
+fn cert(args: CertArgs) -> Result<()> {
+    let mut subjects = Vec::new();
+    if let Some(path) = &args.config {
+        let config = Partial::from_file(path)?.resolve()?;
+        subjects.extend(config.members.into_iter().map(|m| Subject::Member {
+            id: m.id,
+            addr: m.addr,
+        }));
+    }
+    subjects.extend(args.members.into_iter().map(|m| Subject::Member {
+        id: m.id,
+        addr: m.addr,
+    }));
+    for client in &args.clients {
+        let (name, role) = client
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--client `{client}`: expected NAME=ROLE"))?;
+        subjects.push(Subject::Client {
+            name: name.to_owned(),
+            role: role.to_owned(),
+        });
+    }
+    let written = issue(&args.out, &subjects, args.days)?;
+    #[allow(clippy::print_stdout, reason = "the CLI's output")]
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+async fn channel(client: &Client) -> Result<Channel> {
+    let server = client.server.as_str();
+    let scheme = if client.ca.is_some() { "https" } else { "http" };
     let uri = if server.contains("://") {
         server.to_owned()
     } else {
-        format!("http://{server}")
+        format!("{scheme}://{server}")
     };
-    Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("--server `{server}` is not an address"))?
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("--server `{server}` is not an address"))?;
+    if let Some(ca) = &client.ca {
+        let identity = client.cert.as_deref().zip(client.key.as_deref());
+        endpoint = endpoint.tls_config(cli_client_config(
+            ca,
+            identity,
+            client.server_name.as_deref(),
+        )?)?;
+    }
+    endpoint
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60 * 60))
         .connect()
@@ -514,7 +609,7 @@ fn property_text(property: &v1::Property) -> String {
 async fn put(args: PutArgs) -> Result<()> {
     let (group, name, id) = split_entity(&args.entity)?;
     let tags = parse_tags(&args.tags)?;
-    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let mut client = PropertyServiceClient::new(channel(&args.client).await?);
     let request = v1::ApplyRequest {
         property: Some(v1::Property {
             group,
@@ -573,7 +668,7 @@ fn superseded_exit(superseded: i64) -> Result<()> {
 
 async fn get(args: GetArgs) -> Result<()> {
     let (group, name, id) = split_entity(&args.entity)?;
-    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let mut client = PropertyServiceClient::new(channel(&args.client).await?);
     let request = v1::GetRequest {
         group,
         name,
@@ -601,7 +696,7 @@ async fn get(args: GetArgs) -> Result<()> {
 
 async fn delete(args: DeleteArgs) -> Result<()> {
     let (group, name, id) = split_entity(&args.entity)?;
-    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let mut client = PropertyServiceClient::new(channel(&args.client).await?);
     let request = v1::DeleteRequest {
         group,
         name,
@@ -652,7 +747,7 @@ async fn query(args: QueryArgs) -> Result<()> {
             value: tag.value,
         })
         .collect();
-    let mut client = PropertyServiceClient::new(channel(&args.client.server).await?);
+    let mut client = PropertyServiceClient::new(channel(&args.client).await?);
     let request = v1::QueryRequest {
         group: args.group,
         name: args.name.unwrap_or_default(),
@@ -674,7 +769,7 @@ async fn query(args: QueryArgs) -> Result<()> {
 }
 
 async fn repair(args: RepairArgs) -> Result<()> {
-    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    let mut client = AdminServiceClient::new(channel(&args.client).await?);
     if let Some(action) = args.action {
         let response = match action {
             RepairAction::Pause => client.pause_repair(v1::PauseRequest {}).await,
@@ -930,7 +1025,7 @@ fn step_line(step: &v1::RoundStep) -> String {
 }
 
 async fn tree(args: TreeArgs) -> Result<()> {
-    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    let mut client = AdminServiceClient::new(channel(&args.client).await?);
     let request = v1::TreeRequest {
         group: args.group,
         shard: args.shard,
@@ -992,7 +1087,7 @@ async fn tree(args: TreeArgs) -> Result<()> {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let mut client = AdminServiceClient::new(channel(&args.client.server).await?);
+    let mut client = AdminServiceClient::new(channel(&args.client).await?);
     let status = client
         .status(v1::StatusRequest {})
         .await

@@ -10,6 +10,7 @@ use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
 use crate::membership::{DEFAULT_PREFIX, EtcdConfig};
+use crate::tls::TlsPaths;
 
 /// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
 /// its copies, so a typo must not ask for millions of them.
@@ -180,6 +181,10 @@ pub(crate) struct Config {
     pub(crate) log_format: LogFormat,
     /// `[etcd]`: membership and groups from etcd; `None`: the members and groups above.
     pub(crate) etcd: Option<EtcdConfig>,
+    /// `[tls]`: mutual TLS on every port and every dial; `None` serves plaintext.
+    pub(crate) tls: Option<TlsPaths>,
+    /// `insecure`: plaintext on a non-loopback address was asked for explicitly.
+    pub(crate) insecure: bool,
 }
 
 /// The `[metrics]` table.
@@ -259,6 +264,11 @@ pub(crate) struct Partial {
     /// `[etcd]`
     #[serde(default)]
     pub(crate) etcd: PartialEtcd,
+    /// `insecure`
+    pub(crate) insecure: Option<bool>,
+    /// `[tls]`
+    #[serde(default)]
+    pub(crate) tls: PartialTls,
 }
 
 /// The `[etcd]` table from one source.
@@ -339,6 +349,18 @@ pub(crate) struct PartialTree {
     pub(crate) depth: Option<u32>,
     /// `tree.digest_width`
     pub(crate) digest_width: Option<u32>,
+}
+
+/// The `[tls]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialTls {
+    /// `tls.cert`
+    pub(crate) cert: Option<PathBuf>,
+    /// `tls.key`
+    pub(crate) key: Option<PathBuf>,
+    /// `tls.ca`
+    pub(crate) ca: Option<PathBuf>,
 }
 
 /// The `[repair]` table from one source.
@@ -429,6 +451,12 @@ impl Partial {
                 endpoints: self.etcd.endpoints.or(lower.etcd.endpoints),
                 prefix: self.etcd.prefix.or(lower.etcd.prefix),
             },
+            insecure: self.insecure.or(lower.insecure),
+            tls: PartialTls {
+                cert: self.tls.cert.or(lower.tls.cert),
+                key: self.tls.key.or(lower.tls.key),
+                ca: self.tls.ca.or(lower.tls.ca),
+            },
         }
     }
 
@@ -499,6 +527,8 @@ impl Partial {
             tree: self.tree.resolve()?,
             log_format,
             etcd: self.etcd.resolve()?,
+            tls: resolve_tls(self.tls, self.insecure.unwrap_or(false), &[listen, http])?,
+            insecure: self.insecure.unwrap_or(false),
         })
     }
 }
@@ -585,6 +615,44 @@ fn check_listen(listen: SocketAddr, me: &Member) -> Result<(), ConfigError> {
             me.id, me.addr
         ),
     ))
+}
+
+/// `[tls]`: all three files or none; without them, every address must be loopback unless
+/// `insecure` says plaintext on the network is meant.
+fn resolve_tls(
+    tls: PartialTls,
+    insecure: bool,
+    addrs: &[SocketAddr],
+) -> Result<Option<TlsPaths>, ConfigError> {
+    match (tls.cert, tls.key, tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsPaths { cert, key, ca })),
+        (None, None, None) => {
+            if let Some(addr) = addrs.iter().find(|a| !a.ip().is_loopback())
+                && !insecure
+            {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "{addr} is not a loopback address: give [tls] cert, key and ca, or set `insecure = true` to serve plaintext"
+                    ),
+                ));
+            }
+            Ok(None)
+        }
+        (cert, key, _) => {
+            let missing = if cert.is_none() {
+                "tls.cert"
+            } else if key.is_none() {
+                "tls.key"
+            } else {
+                "tls.ca"
+            };
+            Err(invalid(
+                missing,
+                "missing: [tls] needs cert, key and ca together",
+            ))
+        }
+    }
 }
 
 /// The groups validated by the store's rule, the one definition of a valid group; without
@@ -854,6 +922,18 @@ impl Config {
             t.depth,
             t.digest_width
         ));
+        match &self.tls {
+            Some(tls) => line(format!(
+                "[tls] cert = {:?}, key = {:?}, ca = {:?}",
+                tls.cert.display().to_string(),
+                tls.key.display().to_string(),
+                tls.ca.display().to_string()
+            )),
+            None => line(format!(
+                "[tls] none (plaintext), insecure = {}",
+                self.insecure
+            )),
+        }
         out
     }
 }
@@ -1138,9 +1218,11 @@ mod tests {
             assert!(error.contains("10.0.0.1:7001"), "{listen}: {error}");
         }
         for listen in ["10.0.0.1:7001", "0.0.0.0:7001", "[::]:7001"] {
-            file(&format!("listen = \"{listen}\"\n{members}"))
-                .resolve()
-                .unwrap_or_else(|error| panic!("{listen}: {error}"));
+            file(&format!(
+                "listen = \"{listen}\"\ninsecure = true\n{members}"
+            ))
+            .resolve()
+            .unwrap_or_else(|error| panic!("{listen}: {error}"));
         }
     }
 
@@ -1252,6 +1334,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("nodeid"), "{error}");
+    }
+
+    #[test]
+    fn tls_is_all_three_files_and_plaintext_off_loopback_must_be_asked_for() {
+        let network = Partial {
+            listen: Some("0.0.0.0:7001".into()),
+            ..Partial::default()
+        };
+        let error = network.clone().resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("config key `tls`") && error.contains("insecure"),
+            "{error}"
+        );
+        let insecure = Partial {
+            insecure: Some(true),
+            ..network.clone()
+        }
+        .resolve()
+        .unwrap();
+        assert!(insecure.insecure && insecure.tls.is_none());
+        let half = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: None,
+            },
+            ..network.clone()
+        };
+        let error = half.resolve().unwrap_err().to_string();
+        assert!(error.contains("`tls.ca`"), "{error}");
+        let full = Partial {
+            tls: PartialTls {
+                cert: Some("n1.pem".into()),
+                key: Some("n1.key".into()),
+                ca: Some("ca.pem".into()),
+            },
+            ..network
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(full.tls.unwrap().ca, PathBuf::from("ca.pem"));
+        assert!(Partial::default().resolve().unwrap().tls.is_none());
     }
 
     #[test]

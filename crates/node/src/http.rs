@@ -23,12 +23,16 @@ pub(crate) trait HttpState: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
 }
 
-/// Serves the HTTP port on `listener` until `shutdown` resolves.
-pub(crate) async fn serve<S: HttpState>(
-    listener: tokio::net::TcpListener,
+/// Serves the HTTP port on `listener` (plain TCP, or TLS streams) until `shutdown` resolves.
+pub(crate) async fn serve<S: HttpState, L>(
+    listener: L,
     state: Arc<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = Router::new()
         .route("/", get(status_page))
         .route("/status.json", get(status_json::<S>))

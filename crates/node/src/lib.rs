@@ -11,6 +11,8 @@
 //! `propd-merkle`. Here they are wired to sockets, clocks and tasks.
 
 mod admin;
+mod auth;
+mod certs;
 pub mod cli;
 mod config;
 mod convert;
@@ -28,4 +30,5 @@ mod services;
 mod status;
 mod sync;
 mod telemetry;
+mod tls;
 mod tombstones;

@@ -682,7 +682,12 @@ fn apply(node: &NodeState, records: &ClusterRecords, first: bool) {
         let members = records.members.keys().cloned().collect();
         node.set_placement(placement, &members);
     }
-    node.peers.set_members(&records.all_members());
+    if let Err(error) = node
+        .peers
+        .set_members(&records.all_members(), node.config.tls.as_ref())
+    {
+        tracing::warn!(%error, "etcd: the channels to the members could not be remade");
+    }
     let mut view = lock(&node.membership);
     view.revision = records.revision;
     view.groups_waiting_for_restart = waiting;

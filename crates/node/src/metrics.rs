@@ -144,6 +144,33 @@ pub(crate) struct Metrics {
     pub(crate) round_duration: GroupHistogram,
     rpc_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
     last_repair_age: Family<AgeLabels, Gauge>,
+    /// Calls refused by the auth layer, by gRPC code (no certificate, not a member, too small
+    /// a role).
+    pub(crate) auth_refusals: AuthRefusals,
+    /// TLS handshakes refused (no client certificate, unknown CA, expired, ...).
+    pub(crate) tls_handshakes_refused: Counter,
+}
+
+/// The label of an auth refusal: the gRPC code the caller got.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    code: &'static str,
+}
+
+/// Calls refused by the auth layer, per gRPC code (`unauthenticated`, `permission_denied`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AuthRefusals(Family<RefusalLabels, Counter>);
+
+impl AuthRefusals {
+    /// Counts one refusal answered with `code`.
+    pub(crate) fn inc(&self, code: tonic::Code) {
+        let code = match code {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            _ => "other",
+        };
+        self.0.get_or_create(&RefusalLabels { code }).inc();
+    }
 }
 
 impl Metrics {
@@ -177,6 +204,8 @@ impl Metrics {
             round_duration: GroupHistogram::new(seconds_buckets),
             rpc_duration: Family::new_with_constructor(rpc_buckets),
             last_repair_age: Family::default(),
+            auth_refusals: AuthRefusals::default(),
+            tls_handshakes_refused: Counter::default(),
         };
         metrics.register();
         metrics
@@ -313,6 +342,16 @@ impl Metrics {
             "propd_last_repair_age_seconds",
             "Seconds since the last repair round of the shard that reached every copy (-1: never).",
             self.last_repair_age.clone(),
+        );
+        registry.register(
+            "propd_auth_refusals",
+            "Calls refused by the auth layer (no client certificate, not a member, or too small a role), by gRPC code.",
+            self.auth_refusals.0.clone(),
+        );
+        registry.register(
+            "propd_tls_handshakes_refused",
+            "TLS handshakes refused (no, untrusted or expired client certificate).",
+            self.tls_handshakes_refused.clone(),
         );
         registry.register(
             "propd_build",
@@ -564,8 +603,10 @@ mod tests {
             })
             .observe(0.1);
         metrics.set_last_repair_age("g", 0, Some(1));
+        metrics.auth_refusals.inc(tonic::Code::Unauthenticated);
+        metrics.tls_handshakes_refused.inc();
         let names = exposed_names(&metrics);
-        assert_eq!(names.len(), 26, "{names:?}");
+        assert_eq!(names.len(), 28, "{names:?}");
         for name in &names {
             assert!(
                 docs.contains(&format!("| `{name}` |")),

@@ -5,6 +5,7 @@
 //! skipped while down and repaired when it answers again.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,10 +14,11 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::peer::is_unreachable;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Member;
 use crate::node::lock;
+use crate::tls::{TlsError, TlsPaths, client_config};
 
 /// How long connecting to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -27,6 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct Peers {
     me: String,
     channels: MemberChannels,
+    addresses: Mutex<HashMap<String, SocketAddr>>,
     up: Mutex<HashMap<String, bool>>,
 }
 
@@ -46,24 +49,59 @@ impl Peers {
         Self {
             me: me.to_owned(),
             channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
+            addresses: Mutex::new(members.iter().map(|m| (m.id.clone(), m.addr)).collect()),
             up: Mutex::new(up),
         }
     }
 
     /// Replaces the members (a membership change seen in etcd): channels to unchanged members
-    /// are kept, a new member starts as up, a member that left is forgotten.
-    pub(crate) fn set_members(&self, members: &[Member]) {
-        self.channels.set_members(
-            members
-                .iter()
-                .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
-                .collect(),
-        );
+    /// are kept, a new member starts as up, a member that left is forgotten. With `tls`, every
+    /// channel is remade over TLS.
+    pub(crate) fn set_members(
+        &self,
+        members: &[Member],
+        tls: Option<&TlsPaths>,
+    ) -> Result<(), TlsError> {
+        *lock(&self.addresses) = members.iter().map(|m| (m.id.clone(), m.addr)).collect();
+        match tls {
+            Some(paths) => self.use_tls(paths)?,
+            None => self.channels.set_members(
+                members
+                    .iter()
+                    .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+                    .collect(),
+            ),
+        }
         let mut up = lock(&self.up);
         up.retain(|id, _| members.iter().any(|m| &m.id == id));
         for member in members.iter().filter(|m| m.id != self.me) {
             up.entry(member.id.clone()).or_insert(true);
         }
+        Ok(())
+    }
+
+    /// Remakes every channel over mutual TLS with the identity in `paths`; each checks that
+    /// the member it reaches holds a certificate naming the member id it meant to reach. Called
+    /// at start and again whenever the files change (calls in flight finish on the old ones).
+    pub(crate) fn use_tls(&self, paths: &TlsPaths) -> Result<(), TlsError> {
+        let mut channels = HashMap::new();
+        let addresses = lock(&self.addresses).clone();
+        for (id, addr) in &addresses {
+            let address = format!("https://{addr}");
+            let refused = |error: tonic::transport::Error| TlsError::Client {
+                member: id.clone(),
+                message: error.to_string(),
+            };
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(refused)?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .tls_config(client_config(paths, Some(id))?)
+                .map_err(refused)?;
+            channels.insert(id.clone(), (address, endpoint.connect_lazy()));
+        }
+        self.channels.replace_channels(channels);
+        Ok(())
     }
 
     /// The pool of channels, for the gossip driver.

@@ -1,7 +1,9 @@
 //! `propd serve`: opens the store, assembles the services on one gRPC port and the HTTP port,
 //! runs the background tasks, and shuts down gracefully on SIGINT or SIGTERM.
 
+use std::collections::HashSet;
 use std::io::Write as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +19,12 @@ use propd_store::{
     VerifyOutcome, purge_line, round_cutoff,
 };
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminApi, start_round};
+use crate::auth::AuthLayer;
 use crate::config::{Config, LogFormat, shape_change};
 use crate::coordinator::{PropertyApi, blocking};
 use crate::http::HttpState;
@@ -28,6 +33,7 @@ use crate::schedule::{CronWindow, designated_origin};
 use crate::services::Serving;
 use crate::sync::{Gossip, RepairSync};
 use crate::telemetry::TraceExport;
+use crate::tls::{self, FileWatch, ServerTls, TlsListener};
 use crate::tombstones::complete_for_purging;
 
 /// How often the schedulers and the health probe look around.
@@ -171,6 +177,15 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         driver_config,
     );
 
+    if let Some(paths) = &node.config.tls {
+        node.peers.use_tls(paths)?;
+    } else if node.config.insecure {
+        tracing::warn!(
+            listen = %node.config.listen,
+            http = %node.config.http,
+            "insecure = true: serving plaintext without authentication; anyone who reaches these ports can read, write and repair"
+        );
+    }
     let grpc_listener = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .with_context(|| format!("binding listen address {}", node.config.listen))?;
@@ -180,7 +195,20 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let (serving, health) = crate::services::health().await;
     let (reflection_v1, reflection_v1alpha) =
         crate::services::reflection().context("building the reflection service")?;
-    let grpc = tonic::transport::Server::builder()
+    let auth = AuthLayer::new(
+        node.config.tls.as_ref().map(|_| {
+            node.config
+                .members
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<HashSet<_>>()
+        }),
+        node.metrics.auth_refusals.clone(),
+    );
+    // The auth layer is outermost: a refused call is not timed, so that callers without a
+    // certificate cannot grow the latency histogram's label set.
+    let router = tonic::transport::Server::builder()
+        .layer(auth)
         .layer(node.metrics.rpc_layer())
         .add_service(
             PropertyServiceServer::new(PropertyApi::new(Arc::clone(&node)))
@@ -195,19 +223,54 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         )))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            not_serving_on_shutdown(serving, shutdown.clone()),
-        );
-    let http = crate::http::serve(
-        http_listener,
-        Arc::new(HttpView {
-            node: Arc::clone(&node),
-            gossip: gossip.clone(),
-        }),
-        signalled(shutdown.clone()),
-    );
+        .add_service(reflection_v1alpha);
+    let view = Arc::new(HttpView {
+        node: Arc::clone(&node),
+        gossip: gossip.clone(),
+    });
+    let (grpc, http): (
+        BoxedServer<tonic::transport::Error>,
+        BoxedServer<std::io::Error>,
+    ) = match &node.config.tls {
+        None => (
+            Box::pin(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                not_serving_on_shutdown(serving, shutdown.clone()),
+            )),
+            Box::pin(crate::http::serve(
+                http_listener,
+                view,
+                signalled(shutdown.clone()),
+            )),
+        ),
+        Some(paths) => {
+            let refused: Arc<dyn Fn() + Send + Sync> = {
+                let counter = node.metrics.tls_handshakes_refused.clone();
+                Arc::new(move || {
+                    counter.inc();
+                })
+            };
+            let grpc_tls = Arc::new(ServerTls::load(paths, tls::ALPN_H2)?);
+            let http_tls = Arc::new(ServerTls::load(paths, tls::ALPN_HTTP1)?);
+            let http_addr = http_listener.local_addr()?;
+            let grpc_incoming = tls::accept(grpc_listener, grpc_tls, Arc::clone(&refused));
+            let http_incoming = tls::accept(http_listener, http_tls, refused);
+            (
+                Box::pin(
+                    router.serve_with_incoming_shutdown(
+                        ReceiverStream::new(grpc_incoming)
+                            .map(|(stream, _)| Ok::<_, std::io::Error>(stream)),
+                        not_serving_on_shutdown(serving, shutdown.clone()),
+                    ),
+                ),
+                Box::pin(crate::http::serve(
+                    TlsListener::new(http_incoming, http_addr),
+                    view,
+                    signalled(shutdown.clone()),
+                )),
+            )
+        }
+    };
     let servers = vec![
         tokio::spawn(async move {
             if let Err(error) = grpc.await {
@@ -225,6 +288,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
+        tokio::spawn(reload_peer_tls(Arc::clone(&node))),
     ];
     if let Some((etcd, records, _)) = from_etcd {
         tasks.push(tokio::spawn(crate::membership::run(
@@ -235,6 +299,31 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         )));
     }
     Ok(Running { servers, tasks })
+}
+
+/// A server future of either kind (plaintext or TLS).
+type BoxedServer<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// Remakes the channels to the other members when the `[tls]` files change, so that a
+/// rotated certificate is the one this node shows when it dials.
+async fn reload_peer_tls(node: Arc<NodeState>) {
+    let Some(paths) = node.config.tls.clone() else {
+        return;
+    };
+    let watch = FileWatch::new(paths);
+    let mut tick = tokio::time::interval(tls::RELOAD_CHECK);
+    loop {
+        tick.tick().await;
+        if !watch.changed() {
+            continue;
+        }
+        match node.peers.use_tls(watch.paths()) {
+            Ok(()) => tracing::info!("TLS files changed; channels to members remade"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; keeping the channels");
+            }
+        }
+    }
 }
 
 async fn signalled(mut shutdown: watch::Receiver<bool>) {
