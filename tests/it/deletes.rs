@@ -20,7 +20,7 @@ const SECOND: i64 = 1_000_000_000;
 fn config(replicas: u32) -> String {
     format!(
         "max_clock_skew = \"1s\"\nwrite_acks = 2\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = {replicas}\n\n\
-         [[groups]]\nname = \"w\"\nshard_num = 3\nreplicas = 0\n\n\
+         [[groups]]\nname = \"w\"\nshard_num = 12\nreplicas = 0\n\n\
          [repair]\nenabled = false\nperiod = \"1s\"\ntombstone_grace = \"2s\"\nverify_interval = \"1s\"\n"
     )
 }
