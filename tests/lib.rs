@@ -190,6 +190,8 @@ pub struct Cluster {
     pub nodes: Vec<NodeSpec>,
     /// With mutual TLS on: the certificates (`None`: plaintext).
     pub certs: Option<Certs>,
+    /// Environment variables every node is started with (beside `RUST_LOG`).
+    pub env: Vec<(String, String)>,
     children: Vec<Option<Child>>,
     /// Each node's two ports, held while the node is not running.
     ports: Vec<[PortHold; 2]>,
@@ -210,6 +212,22 @@ impl Cluster {
     }
 
     fn start_with(n: usize, shared: &str, tls: bool) -> Cluster {
+        let mut cluster = Cluster::configure_with(n, shared, tls);
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        for i in 0..n {
+            cluster.wait_ready(i);
+        }
+        cluster
+    }
+
+    /// Writes the config of `n` nodes as [`Cluster::start`] does, and starts none of them.
+    pub fn configure(n: usize, shared: &str) -> Cluster {
+        Self::configure_with(n, shared, false)
+    }
+
+    fn configure_with(n: usize, shared: &str, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<[PortHold; 2]> =
             (0..n).map(|_| [PortHold::new(), PortHold::new()]).collect();
@@ -273,20 +291,34 @@ impl Cluster {
             std::fs::write(&node.config, text).expect("writing a config file");
         }
         let children = nodes.iter().map(|_| None).collect();
-        let mut cluster = Cluster {
+        Cluster {
             dir,
             nodes,
             certs,
+            env: Vec::new(),
             children,
             ports,
-        };
-        for i in 0..n {
-            cluster.start_node(i);
         }
-        for i in 0..n {
-            cluster.wait_ready(i);
-        }
-        cluster
+    }
+
+    /// The data directory of node `i`.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].id)
+    }
+
+    /// The database file of node `i`.
+    pub fn data_file(&self, i: usize) -> PathBuf {
+        self.data_dir(i).join("propd.redb")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to node `i`.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let child = self.children[i].as_ref().expect("the node is running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// Starts node `i` (index into `nodes`) and does not wait. Its ports are released just
@@ -308,6 +340,7 @@ impl Cluster {
                 "RUST_LOG",
                 std::env::var("PROPD_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -359,7 +392,13 @@ impl Cluster {
             return false;
         }
         self.signal_terminate(i);
-        self.wait_exit(i, Duration::from_secs(30)).unwrap_or(false)
+        match self.wait_exit(i, Duration::from_secs(30)) {
+            Some(exit) => exit.success(),
+            None => {
+                self.kill(i);
+                false
+            }
+        }
     }
 
     /// Sends SIGTERM to node `i` without waiting for it to exit; [`Cluster::wait_exit`] then
@@ -373,26 +412,24 @@ impl Cluster {
         assert!(status.success(), "kill -TERM failed");
     }
 
-    /// Waits (at most `limit`) for node `i` to exit after a signal; `Some(success)`, or `None`
-    /// when it still runs (it is then killed).
-    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<bool> {
-        let mut child = self.children[i].take()?;
+    /// Waits (at most `limit`) for node `i` to exit (by itself or after a signal); its exit
+    /// status, or `None` when it still runs (it is then left running: [`Cluster::kill`] ends it).
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
-        let exit = loop {
-            if let Some(exit) = child.try_wait().expect("polling a child") {
-                break Some(exit.success());
+        loop {
+            let child = self.children[i].as_mut()?;
+            if let Some(status) = child.try_wait().expect("polling a child") {
+                self.children[i] = None;
+                for hold in &mut self.ports[i] {
+                    hold.retake();
+                }
+                return Some(status);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
-        };
-        for hold in &mut self.ports[i] {
-            hold.retake();
         }
-        exit
     }
 
     /// Restarts node `i` and waits until it is ready.
@@ -439,7 +476,8 @@ impl Cluster {
         })
     }
 
-    /// Node `i`'s own copy of `entity` (`get --local`), `None` when it has none.
+    /// Node `i`'s own copy of `entity` as `propd get --local` prints it, `None` when it has
+    /// none.
     pub fn local_copy(&self, i: usize, entity: &str) -> Option<Value> {
         let output = self.cli(i, &["get", entity, "--local", "--output", "json"]);
         output

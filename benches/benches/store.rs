@@ -6,8 +6,10 @@
 //!   write) and synced batches of 1000 (the repair path); goal: live >= 90% of off;
 //! - a full rebuild of one shard's tree from a snapshot scan against a bare redb scan + SHA-512
 //!   of the same rows; goal: within 1.5x. The shard holds `PROPD_BENCH_STORE_N` properties
-//!   (default 1 000 000).
-//!
+//!   (default 1 000 000);
+//! - point reads (`get`) and shard scans with every row checked against its check digest against
+//!   the same reads with the check off (`ReadCheck::OffForBenchmarksOnly`); goal: the check costs
+//!   at most 10%. Both sides read the same `READ_N` properties, each in its own store;
 //! - acknowledged writes per second and p50/p99 latency with 1, 8, 50 and 200 concurrent
 //!   writers, group commit against one sync per write (`StoreConfig::group_commit` off); goal:
 //!   with 50 writers at least 10x the throughput, p99 no worse; one writer no slower.
@@ -32,8 +34,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use propd_benches::acks;
 use propd_benches::properties::property;
+use propd_merkle::Entity;
 use propd_merkle::{Property, Shape};
-use propd_store::{GroupDef, Groups, RedbStore, StoreConfig, TreeUpkeep, WriteDurability};
+use propd_store::{
+    GroupDef, Groups, ReadCheck, RedbStore, StoreConfig, TreeUpkeep, WriteDurability,
+};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest as _, Sha512};
 
@@ -356,5 +361,100 @@ fn concurrent_writes(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, writes, concurrent_writes, rebuild);
+/// Properties in each store of the read benches.
+const READ_N: u64 = 100_000;
+/// Point reads per timed call.
+const GETS: u64 = 1_000;
+
+/// A store of `READ_N` properties opened with one read-check setting.
+struct Reader {
+    store: RedbStore,
+    _dir: tempfile::TempDir,
+}
+
+impl Reader {
+    fn new(check: ReadCheck) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = config(dir.path(), TreeUpkeep::Live, WriteDurability::NotSynced);
+        config.read_check = check;
+        let store = RedbStore::open(config).expect("open");
+        load(&store, 0..READ_N, 20_000);
+        store.flush(GROUP, 0).expect("flush");
+        Reader { store, _dir: dir }
+    }
+
+    /// `GETS` point reads spread over the key space (a fixed stride, so both sides read the
+    /// same entities).
+    fn gets(&self, entities: &[Entity]) -> u64 {
+        let mut found = 0;
+        for entity in entities {
+            found += u64::from(self.store.get(entity).expect("get").is_some());
+        }
+        found
+    }
+
+    /// One scan of the whole shard, every row decoded.
+    fn scan(&self) -> u64 {
+        let snapshot = self.store.snapshot().expect("snapshot");
+        let mut rows = 0;
+        for property in snapshot.scan(GROUP, 0).expect("scan") {
+            black_box(property.expect("row"));
+            rows += 1;
+        }
+        rows
+    }
+}
+
+fn reads(c: &mut Criterion) {
+    let entities: Vec<Entity> = (0..GETS)
+        .map(|i| property(i * (READ_N / GETS) + 7).entity().expect("entity"))
+        .collect();
+    let sides = [
+        ("checked", ReadCheck::On),
+        ("unchecked", ReadCheck::OffForBenchmarksOnly),
+    ];
+    let readers = sides.map(|(_, check)| Reader::new(check));
+    let mut group = c.benchmark_group("store_read");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for ((label, _), reader) in sides.iter().zip(&readers) {
+        group.bench_function(format!("get_{GETS}/{label}"), |b| {
+            b.iter(|| reader.gets(&entities))
+        });
+        group.bench_function(format!("scan_{READ_N}/{label}"), |b| {
+            b.iter(|| reader.scan())
+        });
+    }
+    group.finish();
+
+    // The claim: interleaved rounds of both sides, the median of each.
+    let mut get_times = [Vec::new(), Vec::new()];
+    let mut scan_times = [Vec::new(), Vec::new()];
+    for _round in 0..15 {
+        for (side, reader) in readers.iter().enumerate() {
+            let start = Instant::now();
+            assert_eq!(reader.gets(&entities), GETS);
+            get_times[side].push(start.elapsed().as_secs_f64());
+            let start = Instant::now();
+            assert_eq!(reader.scan(), READ_N);
+            scan_times[side].push(start.elapsed().as_secs_f64());
+        }
+    }
+    let [get_checked, get_unchecked] = get_times.map(median);
+    let [scan_checked, scan_unchecked] = scan_times.map(median);
+    println!(
+        "store_read: get {:.2} us checked vs {:.2} us unchecked = {:+.1}% (goal <= +10%); \
+         scan of {READ_N} rows {:.1} ms checked vs {:.1} ms unchecked = {:+.1}%",
+        get_checked / GETS as f64 * 1e6,
+        get_unchecked / GETS as f64 * 1e6,
+        100.0 * (get_checked / get_unchecked - 1.0),
+        scan_checked * 1e3,
+        scan_unchecked * 1e3,
+        100.0 * (scan_checked / scan_unchecked - 1.0),
+    );
+}
+
+criterion_group!(benches, writes, concurrent_writes, rebuild, reads);
 criterion_main!(benches);

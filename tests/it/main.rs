@@ -2,6 +2,7 @@
 mod canonical;
 mod cluster;
 mod deletes;
+mod faults;
 mod membership;
 mod operator;
 mod operator_cli;

@@ -212,6 +212,8 @@ struct OriginRound {
     dispatching_to: Option<usize>,
     /// The steps passed on as [`Command::Step`] so far, in trace order.
     steps: Vec<RoundStep>,
+    /// When the origin began its current hand-off (the start of a skip span if it fails).
+    dispatched_at: Millis,
 }
 
 /// The propagation state machine of one node.
@@ -323,6 +325,7 @@ impl Engine {
                 propagation,
                 dispatching_to: None,
                 steps: Vec::new(),
+                dispatched_at: now,
             },
         );
         self.dispatch(now, &message_id, 0);
@@ -337,6 +340,7 @@ impl Engine {
         let target = round.propagation.context.nodes[index].clone();
         if target != self.me {
             round.dispatching_to = Some(index);
+            round.dispatched_at = now;
             let propagation = round.propagation.clone();
             self.commands.push_back(Command::HandOff {
                 to: target,
@@ -713,8 +717,8 @@ impl Engine {
                     kind: SpanKind::Skip,
                     from: self.me.clone(),
                     to: to.to_owned(),
-                    start: now,
-                    duration: Duration::ZERO,
+                    start: round.dispatched_at,
+                    duration: now.since(round.dispatched_at),
                     report: None,
                     error: Some(format!("hand-off failed: {error}")),
                     count: round.propagation.context.count,

@@ -35,6 +35,14 @@ use crate::types::{
 /// them from the result).
 const EVENTS_CAPACITY: usize = 1024;
 
+/// How often an idle connection to a member is pinged (HTTP/2 keepalive), so that a member that
+/// stops answering (a hung process, a cut link) is noticed within seconds instead of by a call's
+/// timeout. The node's server pings its clients at the same rate.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long a keepalive ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// One lazily connected channel per member, by member id: a node's one pool of channels, for
 /// the gossip driver and every other client the node has. Cheap to clone (one shared map).
 ///
@@ -102,6 +110,9 @@ impl MemberChannels {
             endpoint
                 .connect_timeout(self.connect_timeout)
                 .tcp_nodelay(true)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .connect_lazy(),
         )
     }
@@ -175,7 +186,11 @@ struct State {
     syncs: HashMap<(MessageId, MemberId), AbortHandle>,
     finished: broadcast::Sender<PropagationResult>,
     events: broadcast::Sender<RoundEvent>,
+    peer_down: Option<PeerDown>,
 }
+
+/// Tells whether a member is known to be down (the node's liveness probes know).
+pub type PeerDown = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 struct Inner<S> {
     me: MemberId,
@@ -217,6 +232,7 @@ impl<S: SyncWork> GossipDriver<S> {
             syncs: HashMap::new(),
             finished: broadcast::channel(config.results_capacity.max(1)).0,
             events: broadcast::channel(EVENTS_CAPACITY).0,
+            peer_down: None,
         };
         let inner = Arc::new(Inner {
             me,
@@ -235,6 +251,13 @@ impl<S: SyncWork> GossipDriver<S> {
     #[must_use]
     pub fn node_id(&self) -> &str {
         &self.inner.me
+    }
+
+    /// Tells the driver which members are known to be down: a failed hand-off or report to one
+    /// is not retried (a hung member would otherwise hold a round for `attempts` request
+    /// timeouts).
+    pub fn set_peer_down(&self, peer_down: PeerDown) {
+        self.inner.lock().peer_down = Some(peer_down);
     }
 
     /// The tonic service to add to this node's gRPC server.
@@ -545,7 +568,8 @@ impl<S: SyncWork> Inner<S> {
             };
         };
         let request = pb::PropagationRequest::from(propagation);
-        let sent = with_retries(&self.config, || {
+        let down = self.peer_down(to);
+        let sent = with_retries(&self.config, &down, || {
             let mut client = client(channel.clone());
             let request = request.clone();
             async move { client.propagate(request).await }
@@ -578,7 +602,8 @@ impl<S: SyncWork> Inner<S> {
             return;
         };
         let request = pb::PropagationResult::from(result);
-        let sent = with_retries(&self.config, || {
+        let down = self.peer_down(to);
+        let sent = with_retries(&self.config, &down, || {
             let mut client = client(channel.clone());
             let request = request.clone();
             async move { client.report(request).await }
@@ -615,12 +640,25 @@ impl<S: SyncWork> Inner<S> {
             ),
         }
     }
+
+    /// Whether `to` is known to be down, asked afresh after every failed attempt.
+    fn peer_down(&self, to: &str) -> impl Fn() -> bool + use<S> {
+        let check = self.lock().peer_down.clone();
+        let to = to.to_owned();
+        move || check.as_ref().is_some_and(|down| down(&to))
+    }
 }
 
 /// Calls `call` up to `config.attempts` times, each bounded by `config.request_timeout`, backing
 /// off between calls that fail with a transport error (see [`is_unreachable`]: worth a retry,
-/// then a skip); returns the last error when every call failed.
-async fn with_retries<T, F, Fut>(config: &DriverConfig, mut call: F) -> Result<T, Status>
+/// then a skip); returns the last error when every call failed. A peer that `down` says is down
+/// after a failed call is not called again: its error is returned at once. (A peer is always
+/// called once: a stale "down" costs nothing when it answers.)
+async fn with_retries<T, F, Fut>(
+    config: &DriverConfig,
+    down: &impl Fn() -> bool,
+    mut call: F,
+) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
@@ -638,7 +676,7 @@ where
             });
         match answer {
             Ok(value) => return Ok(value),
-            Err(status) if is_unreachable(&status) && attempt < config.attempts => {
+            Err(status) if is_unreachable(&status) && attempt < config.attempts && !down() => {
                 tracing::debug!(attempt, code = ?status.code(), "retrying after a transport error");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.backoff_max);
@@ -759,7 +797,7 @@ mod tests {
     async fn unavailable_is_retried_with_growing_backoff_until_it_succeeds() {
         let calls = AtomicU32::new(0);
         let begun = tokio::time::Instant::now();
-        let result = with_retries(&config(), || {
+        let result = with_retries(&config(), &|| false, || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n < 3 {
@@ -784,6 +822,7 @@ mod tests {
                 request_timeout: Duration::from_secs(3),
                 ..config()
             },
+            &|| false,
             std::future::pending,
         )
         .await;
@@ -792,9 +831,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_peer_known_down_is_not_called_again() {
+        let calls = AtomicU32::new(0);
+        let down = || calls.load(Ordering::SeqCst) >= 2;
+        let begun = tokio::time::Instant::now();
+        let result: Result<(), Status> = with_retries(&config(), &down, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(Status::unavailable("no answer")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "no call once the peer is down"
+        );
+        assert_eq!(
+            begun.elapsed(),
+            Duration::from_millis(100),
+            "one backoff, not three"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retries_stop_after_the_last_attempt_and_skip_other_errors() {
         let calls = AtomicU32::new(0);
-        let result: Result<(), Status> = with_retries(&config(), || {
+        let result: Result<(), Status> = with_retries(&config(), &|| false, || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(Status::unavailable("down")) }
         })
@@ -802,7 +864,7 @@ mod tests {
         assert_eq!(result.unwrap_err().code(), Code::Unavailable);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         calls.store(0, Ordering::SeqCst);
-        let result: Result<(), Status> = with_retries(&config(), || {
+        let result: Result<(), Status> = with_retries(&config(), &|| false, || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(Status::invalid_argument("max_count is 9")) }
         })

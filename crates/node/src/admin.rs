@@ -206,11 +206,14 @@ impl AdminService for AdminApi {
                 shard: s.shard,
             })
             .collect();
+        let quarantined = blocking(node, |node| node.store.quarantined_count()).await?;
         Ok(Response::new(v1::StatusResponse {
             node: node.me().to_owned(),
             members,
             shards,
             repair_paused: node.is_paused(),
+            store_health: node.store_fault().unwrap_or_else(|| "ok".to_owned()),
+            quarantined,
             membership: lock(&node.membership).summary(),
         }))
     }

@@ -163,6 +163,13 @@ struct ServeArgs {
     /// `insecure`: allow plaintext on a non-loopback address.
     #[arg(long, env = "PROPD_INSECURE")]
     insecure: Option<bool>,
+    /// How fast the scrub rereads stored rows, bytes per second (0: off).
+    #[arg(long, env = "PROPD_REPAIR_SCRUB_BYTES_PER_SECOND")]
+    repair_scrub_bytes_per_second: Option<u64>,
+    /// Start with an empty store if the data file is damaged (it is kept as
+    /// `propd.redb.damaged`); without it such a node refuses to start.
+    #[arg(long, env = "PROPD_ALLOW_EMPTY_STORE", num_args = 0..=1, default_missing_value = "true")]
+    allow_empty_store: Option<bool>,
 }
 
 impl ServeArgs {
@@ -180,6 +187,7 @@ impl ServeArgs {
             write_acks: self.write_acks,
             max_property_bytes: self.max_property_bytes,
             max_clock_skew: self.max_clock_skew,
+            allow_empty_store: self.allow_empty_store,
             members: (!self.members.is_empty()).then_some(self.members),
             groups: (!self.groups.is_empty()).then_some(self.groups),
             repair: PartialRepair {
@@ -191,6 +199,7 @@ impl ServeArgs {
                 verify_interval: self.repair_verify_interval,
                 tombstone_grace: self.repair_tombstone_grace,
                 throttle_bytes_per_second: self.repair_throttle_bytes_per_second,
+                scrub_bytes_per_second: self.repair_scrub_bytes_per_second,
             },
             store: PartialStore {
                 group_commit: self.store_group_commit,
@@ -476,6 +485,7 @@ async fn channel(client: &Client) -> Result<Channel> {
     endpoint
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60 * 60))
+        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|error| anyhow!("cannot reach {server}: {}", source_chain(&error)))
@@ -854,7 +864,7 @@ fn result_output(
     for span in &result.trace {
         let report = span.report.clone().unwrap_or_default();
         if span.kind == v1::trace_span::Kind::Skip as i32 {
-            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error}));
+            skipped.push(json!({"from": span.from, "to": span.to, "error": span.error, "duration_ms": span.duration_ms}));
             lines.push(format!(
                 "  skip {} -> {}: {}",
                 span.from, span.to, span.error
@@ -1113,16 +1123,22 @@ async fn status(args: StatusArgs) -> Result<()> {
             })
         })
         .collect();
-    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "membership": status.membership});
-    let mut lines = vec![format!(
-        "node {} (background repair {})",
-        status.node,
-        if status.repair_paused {
-            "paused"
-        } else {
-            "running"
-        }
-    )];
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "store_health": status.store_health, "quarantined": status.quarantined, "membership": status.membership});
+    let mut lines = vec![
+        format!(
+            "node {} (background repair {})",
+            status.node,
+            if status.repair_paused {
+                "paused"
+            } else {
+                "running"
+            }
+        ),
+        format!(
+            "  store {}, {} quarantined rows",
+            status.store_health, status.quarantined
+        ),
+    ];
     if !status.membership.is_empty() {
         lines.push(format!("  {}", status.membership));
     }

@@ -22,6 +22,9 @@ use crate::tombstones::{
 
 /// How long one node-to-node call of a coordinated request may take.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one copy of a coordinated get may take to answer: a get returns with the copies
+/// that answered by then (a hung member costs this once; once its probe fails it is skipped).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// The query limit when the client gives none.
 pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
@@ -43,10 +46,17 @@ pub(crate) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(clip(format!("{field}: {message}")))
 }
 
-/// A store error as a status: bad input is `InvalidArgument`, the rest `Internal`.
+/// A store error as a status: bad input is `InvalidArgument`, a full disk `ResourceExhausted`,
+/// failing writes `Unavailable`, the rest `Internal`.
 pub(crate) fn store_status(error: StoreError) -> Status {
     match error.validation() {
         Some(_) => Status::invalid_argument(clip(error.to_string())),
+        None if matches!(error, StoreError::DiskFull { .. }) => {
+            Status::resource_exhausted(clip(error.to_string()))
+        }
+        None if matches!(error, StoreError::WritesFailing { .. }) => {
+            Status::unavailable(clip(error.to_string()))
+        }
         None => {
             tracing::error!(%error, "store failure");
             Status::internal(clip(format!("store: {error}")))
@@ -193,7 +203,7 @@ impl PropertyApi {
         }
         let required = self.required_acks(copies);
         if acknowledged < required {
-            return Err(Status::unavailable(format!(
+            return Err(self.shortfall(format!(
                 "only {acknowledged} of {copies} copies acknowledged {what}, {required} required; \
                  copies that missed it will be repaired"
             )));
@@ -210,7 +220,7 @@ impl PropertyApi {
         entity: &Entity,
     ) -> (Vec<(String, Option<Property>)>, Refusals) {
         let mut calls = tokio::task::JoinSet::new();
-        for target in self.node.node_ids(group, shard) {
+        for target in self.up_copies(self.node.node_ids(group, shard)) {
             let node = Arc::clone(&self.node);
             let entity = entity.clone();
             calls.spawn(async move {
@@ -246,7 +256,7 @@ impl PropertyApi {
             }
         }
         let mut calls = tokio::task::JoinSet::new();
-        for target in holders {
+        for target in self.up_copies(holders) {
             let node = Arc::clone(&self.node);
             let query = query.clone();
             calls.spawn(async move {
@@ -265,6 +275,26 @@ impl PropertyApi {
             }
         }
         (answers, refusals)
+    }
+
+    /// The copies worth asking in a read: hung members (their last probe or call timed out)
+    /// are skipped, so a stopped member does not hold every read for a timeout.
+    fn up_copies(&self, targets: Vec<String>) -> Vec<String> {
+        targets
+            .into_iter()
+            .filter(|target| !self.node.peers.is_hung(target))
+            .collect()
+    }
+
+    /// The status of a coordinated write that too few copies acknowledged: `ResourceExhausted`
+    /// when this node's own disk is full (the client must hear it), else `Unavailable`.
+    fn shortfall(&self, message: String) -> Status {
+        match self.node.store_fault() {
+            Some(fault) if self.node.store.writes_failing() => {
+                Status::resource_exhausted(format!("{message}; this node: {fault}"))
+            }
+            _ => Status::unavailable(message),
+        }
     }
 
     /// Rewrites the copies older than `newest` (or missing it) in the background.
@@ -351,6 +381,14 @@ async fn write_copy(
         }
         return result;
     }
+    if node.peers.is_hung(target) {
+        // Its last probe or call timed out: do not hold the write for a member that does not
+        // answer; the write-miss repair brings it the write when it answers again.
+        node.record_miss(target, group, shard);
+        return Err(Status::unavailable(format!(
+            "{target} does not answer (its last call timed out)"
+        )));
+    }
     let mut client = node
         .peers
         .property_client(target)
@@ -428,7 +466,7 @@ async fn read_copy(
         local: true,
         include_deleted: true,
     });
-    request.set_timeout(REPLICA_TIMEOUT);
+    request.set_timeout(READ_TIMEOUT);
     let answer = client.get(request).await;
     node.peers.saw_call(target, &answer);
     answer?

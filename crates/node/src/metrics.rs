@@ -149,6 +149,14 @@ pub(crate) struct Metrics {
     pub(crate) auth_refusals: AuthRefusals,
     /// TLS handshakes refused (no client certificate, unknown CA, expired, ...).
     pub(crate) tls_handshakes_refused: Counter,
+    /// Stored row bytes the scrub reread and checked.
+    pub(crate) scrub_bytes: Counter,
+    /// Scrub passes over every local shard finished.
+    pub(crate) scrub_passes: Counter,
+    /// Rows the store quarantined since start (the store counts; [`Metrics::set_store`] copies).
+    rows_quarantined: Counter,
+    /// 1 when the store serves, 0 when it is damaged or cannot write.
+    store_healthy: Gauge,
 }
 
 /// The label of an auth refusal: the gRPC code the caller got.
@@ -206,6 +214,10 @@ impl Metrics {
             last_repair_age: Family::default(),
             auth_refusals: AuthRefusals::default(),
             tls_handshakes_refused: Counter::default(),
+            scrub_bytes: Counter::default(),
+            scrub_passes: Counter::default(),
+            rows_quarantined: Counter::default(),
+            store_healthy: Gauge::default(),
         };
         metrics.register();
         metrics
@@ -354,6 +366,26 @@ impl Metrics {
             self.tls_handshakes_refused.clone(),
         );
         registry.register(
+            "propd_scrub_bytes",
+            "Stored row bytes the scrub reread and checked.",
+            self.scrub_bytes.clone(),
+        );
+        registry.register(
+            "propd_scrub_passes",
+            "Scrub passes over every local shard finished.",
+            self.scrub_passes.clone(),
+        );
+        registry.register(
+            "propd_store_rows_quarantined",
+            "Stored property rows that failed their check and were quarantined since start.",
+            self.rows_quarantined.clone(),
+        );
+        registry.register(
+            "propd_store_healthy",
+            "1 when the store serves; 0 when it is damaged or its writes fail (see /health).",
+            self.store_healthy.clone(),
+        );
+        registry.register(
             "propd_build",
             "The propd build this node runs.",
             Info::new(vec![
@@ -382,6 +414,13 @@ impl Metrics {
         self.last_repair_age
             .get_or_create(&labels)
             .set(age.unwrap_or(-1));
+    }
+
+    /// Copies the store's state: the rows it quarantined since start and whether it serves.
+    pub(crate) fn set_store(&self, quarantined: u64, healthy: bool) {
+        self.rows_quarantined
+            .inc_by(quarantined.saturating_sub(self.rows_quarantined.get()));
+        self.store_healthy.set(i64::from(healthy));
     }
 
     /// The OpenMetrics text exposition of every metric.
@@ -606,7 +645,7 @@ mod tests {
         metrics.auth_refusals.inc(tonic::Code::Unauthenticated);
         metrics.tls_handshakes_refused.inc();
         let names = exposed_names(&metrics);
-        assert_eq!(names.len(), 28, "{names:?}");
+        assert_eq!(names.len(), 32, "{names:?}");
         for name in &names {
             assert!(
                 docs.contains(&format!("| `{name}` |")),

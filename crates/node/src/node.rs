@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use propd_store::{GroupDef, RedbStore};
+use propd_store::{GroupDef, RedbStore, StoreHealth};
 
 use crate::config::Config;
 use crate::membership::MembershipView;
@@ -156,6 +156,23 @@ impl NodeState {
     /// Remembers that a write to (group, shard) missed `node`.
     pub(crate) fn record_miss(&self, node: &str, group: &str, shard: u32) {
         lock(&self.misses).record(node, group, shard);
+    }
+
+    /// Why the store cannot fully serve (`/health` and `status` show it), `None` when it can.
+    pub(crate) fn store_fault(&self) -> Option<String> {
+        match self.store.health() {
+            StoreHealth::Ok => None,
+            StoreHealth::DiskFull(detail) => Some(format!(
+                "disk full: writes to {} fail ({detail}); reads go on",
+                self.store.path().display()
+            )),
+            StoreHealth::WritesFailing(detail) => Some(format!(
+                "store writes fail: {} ({detail}); reads go on",
+                self.store.path().display()
+            )),
+            StoreHealth::Damaged(detail) => Some(format!("store damaged: {detail}")),
+            other => Some(format!("store unhealthy: {other:?}")),
+        }
     }
 
     /// Whether background repair is paused.

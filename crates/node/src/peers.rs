@@ -4,7 +4,7 @@
 //! saw. Health never changes placement (DESIGN §4): a down node stays in every node list, is
 //! skipped while down and repaired when it answers again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use crate::tls::{TlsError, TlsPaths, client_config};
 
 /// How long connecting to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a ping of a member believed down may take before it counts as still down.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The one channel to each member, shared by the property API, repair, the probes and the
 /// gossip driver, and the other members' health.
@@ -31,6 +33,9 @@ pub(crate) struct Peers {
     channels: MemberChannels,
     addresses: Mutex<HashMap<String, SocketAddr>>,
     up: Mutex<HashMap<String, bool>>,
+    /// Members whose last probe or call ran out of time: they accept connections but do not
+    /// answer (a stopped process), so calling them costs a whole timeout.
+    hung: Mutex<HashSet<String>>,
 }
 
 impl Peers {
@@ -51,6 +56,7 @@ impl Peers {
             channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
             addresses: Mutex::new(members.iter().map(|m| (m.id.clone(), m.addr)).collect()),
             up: Mutex::new(up),
+            hung: Mutex::default(),
         }
     }
 
@@ -136,8 +142,18 @@ impl Peers {
         id == self.me || lock(&self.up).get(id).copied().unwrap_or(false)
     }
 
+    /// Whether a member is believed hung: down, and its last probe or call timed out rather
+    /// than being refused. Requests skip a hung member instead of waiting for it; a member
+    /// that is merely down (refusing connections) fails fast and is still called.
+    pub(crate) fn is_hung(&self, id: &str) -> bool {
+        lock(&self.hung).contains(id)
+    }
+
     /// Records what a probe or call saw; returns true when the member just came back up.
     pub(crate) fn set_up(&self, id: &str, up: bool) -> bool {
+        if up {
+            lock(&self.hung).remove(id);
+        }
         let mut map = lock(&self.up);
         match map.get_mut(id) {
             Some(state) => {
@@ -150,17 +166,35 @@ impl Peers {
     }
 
     /// Records how a call to member `id` ended: an answer (even an error status) means it is
-    /// up; a status that says it could not be reached marks it down.
-    pub(crate) fn saw_call<T>(&self, id: &str, result: &Result<T, tonic::Status>) {
+    /// up; a status that says it could not be reached marks it down, and hung when the call ran
+    /// out of time. Returns true when the member just came back up.
+    pub(crate) fn saw_call<T>(&self, id: &str, result: &Result<T, tonic::Status>) -> bool {
         match result {
             Err(status) if is_unreachable(status) => {
-                self.set_up(id, false);
+                // tonic reports a call's own deadline as `Cancelled` ("Timeout expired").
+                if matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) {
+                    lock(&self.hung).insert(id.to_owned());
+                }
+                self.set_up(id, false)
             }
-            Err(_) => {}
-            Ok(_) => {
-                self.set_up(id, true);
-            }
+            Err(_) => false,
+            Ok(_) => self.set_up(id, true),
         }
+    }
+
+    /// Whether a member answers a ping within [`PING_TIMEOUT`]; records what it saw.
+    pub(crate) async fn answers(&self, id: &str) -> bool {
+        let Some(mut client) = self.admin_client(id) else {
+            return false;
+        };
+        let mut request = tonic::Request::new(propd_proto::v1::PingRequest {});
+        request.set_timeout(PING_TIMEOUT);
+        let answer = client.ping(request).await;
+        self.saw_call(id, &answer);
+        answer.is_ok()
     }
 
     /// The other members' ids.

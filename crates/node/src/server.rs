@@ -42,6 +42,12 @@ const TICK: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for in-flight requests and syncs.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one gossip hand-off or report call may take: it only asks the peer to admit a
+/// round, so a peer that takes longer is as good as down.
+const GOSSIP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set to `off` to accept connections without `TCP_NODELAY`, as propd did before: only for
+/// measuring what Nagle's algorithm costs (docs/benchmarks.md, "Coordinated get latency").
+const SERVER_NODELAY_VAR: &str = "PROPD_BENCH_SERVER_NODELAY";
 
 /// Runs a node until SIGINT or SIGTERM.
 pub(crate) async fn serve(config: Config) -> Result<()> {
@@ -130,6 +136,11 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 
 /// Opens the store, binds both ports and starts every server and task. They stop when
 /// `shutdown` turns true.
+/// Whether accepted sockets get TCP_NODELAY (on unless the bench variable says `off`).
+pub(crate) fn server_nodelay() -> bool {
+    std::env::var(SERVER_NODELAY_VAR).map_or(true, |value| value != "off")
+}
+
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
     // With etcd, members and groups come from there (the store opens with etcd's groups).
     let (config, from_etcd) = match config.etcd.clone() {
@@ -142,6 +153,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
+        start_empty_if_damaged: config.allow_empty_store,
         ..StoreConfig::new(&config.data_dir, config.groups.clone(), config.tree)
     };
     let store = tokio::task::spawn_blocking(move || RedbStore::open(store_config))
@@ -168,6 +180,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             sync_timeout: node.config.repair.sync_timeout,
             round_timeout: node.config.repair.round_timeout,
         },
+        request_timeout: GOSSIP_REQUEST_TIMEOUT,
         ..DriverConfig::default()
     };
     let gossip: Gossip = GossipDriver::new(
@@ -176,6 +189,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         RepairSync::new(Arc::clone(&node)),
         driver_config,
     );
+    let peers_of = Arc::clone(&node);
+    gossip.set_peer_down(Arc::new(move |peer| peers_of.peers.is_hung(peer)));
 
     if let Some(paths) = &node.config.tls {
         node.peers.use_tls(paths)?;
@@ -206,8 +221,11 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         node.metrics.auth_refusals.clone(),
     );
     // The auth layer is outermost: a refused call is not timed, so that callers without a
-    // certificate cannot grow the latency histogram's label set.
+    // certificate cannot grow the latency histogram's label set. Keepalive pings find a client
+    // that stopped answering.
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(propd_gossip::transport::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(propd_gossip::transport::KEEPALIVE_TIMEOUT))
         .layer(auth)
         .layer(node.metrics.rpc_layer())
         .add_service(
@@ -233,10 +251,16 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         BoxedServer<std::io::Error>,
     ) = match &node.config.tls {
         None => (
-            Box::pin(router.serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                not_serving_on_shutdown(serving, shutdown.clone()),
-            )),
+            Box::pin(
+                router.serve_with_incoming_shutdown(
+                    // Every accepted socket gets TCP_NODELAY: a small answer is sent at once rather
+                    // than held back by Nagle's algorithm until the peer's delayed ACK (about 40 ms
+                    // on Linux). The TLS acceptor sets it too.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(server_nodelay())),
+                    not_serving_on_shutdown(serving, shutdown.clone()),
+                ),
+            ),
             Box::pin(crate::http::serve(
                 http_listener,
                 view,
@@ -289,6 +313,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
         tokio::spawn(verify_and_purge(Arc::clone(&node))),
         tokio::spawn(reload_peer_tls(Arc::clone(&node))),
+        tokio::spawn(scrub(Arc::clone(&node))),
+        tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     if let Some((etcd, records, _)) = from_etcd {
         tasks.push(tokio::spawn(crate::membership::run(
@@ -359,6 +385,10 @@ impl HttpState for HttpView {
                 tracing::warn!(%status, "reading the shards' last repairs for /metrics failed")
             }
         }
+        self.node.metrics.set_store(
+            self.node.store.quarantined_since_open(),
+            self.node.store_fault().is_none(),
+        );
         self.node.metrics.encode()
     }
 
@@ -372,8 +402,13 @@ impl HttpState for HttpView {
     fn health(&self) -> Result<String, String> {
         // A node that lost etcd still serves (on the last membership it saw): healthy, and
         // the body says so.
-        let membership = lock(&self.node.membership).summary();
-        Ok(format!("node {}; {membership}", self.node.me()))
+        match self.node.store_fault() {
+            Some(reason) => Err(format!("node {}: {reason}", self.node.me())),
+            None => {
+                let membership = lock(&self.node.membership).summary();
+                Ok(format!("node {}; {membership}", self.node.me()))
+            }
+        }
     }
 }
 
@@ -526,8 +561,9 @@ async fn probe_members(node: Arc<NodeState>, gossip: Gossip) {
             };
             let mut request = tonic::Request::new(v1::PingRequest {});
             request.set_timeout(PROBE_TIMEOUT);
-            let up = client.ping(request).await.is_ok();
-            if node.peers.set_up(&peer, up) {
+            let answer = client.ping(request).await;
+            let up = answer.is_ok();
+            if node.peers.saw_call(&peer, &answer) {
                 tracing::info!(peer, "member answers again");
             }
             if !up || node.is_paused() || !node.config.repair.enabled {
@@ -632,5 +668,68 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
         }
         Ok(_) => {}
         Err(status) => tracing::error!(group, shard, %status, "tombstone purge failed"),
+    }
+}
+
+/// Scrubs every local shard in turn, again and again, at `repair.scrub_bytes_per_second`:
+/// every stored row is reread and checked against its digests, rotten rows are quarantined
+/// and the tree healed without them (the next repair brings their good copies back). Unlike
+/// verification, an unchanged shard is scrubbed too: bytes rot at rest.
+async fn scrub(node: Arc<NodeState>) {
+    let rate = node.config.repair.scrub_bytes_per_second;
+    if rate == 0 {
+        return;
+    }
+    loop {
+        let mut damaged = false;
+        for (group, shard) in node.local_shards() {
+            let started = Instant::now();
+            let key = group.clone();
+            let bytes = match blocking(&node, move |node| node.store.scrub(&key, shard)).await {
+                Ok(report) => {
+                    if report.quarantined > 0 || report.healed.is_some() {
+                        tracing::warn!(
+                            group,
+                            shard,
+                            quarantined = report.quarantined,
+                            healed_leaves = report.healed.unwrap_or(0),
+                            "scrub quarantined rotten rows or healed the tree"
+                        );
+                    }
+                    report.bytes
+                }
+                Err(status) => {
+                    damaged = true;
+                    tracing::error!(group, shard, %status, "scrub failed");
+                    0
+                }
+            };
+            node.metrics.scrub_bytes.inc_by(bytes);
+            // Pace by the bytes read: at most `rate` bytes per second on average.
+            let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep(budget.saturating_sub(started.elapsed())).await;
+        }
+        node.metrics.scrub_passes.inc();
+        if !damaged {
+            node.store.clear_damage();
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// While a write failed on an I/O error (a full disk), reopens the store and probes whether
+/// writes work again, every second: the node recovers by itself once space is freed.
+async fn recover_store(node: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if !node.store.writes_failing() {
+            continue;
+        }
+        match blocking(&node, |node| node.store.recover()).await {
+            Ok(true) => tracing::info!("the store takes writes again"),
+            Ok(false) => tracing::debug!("the disk is still full"),
+            Err(status) => tracing::warn!(%status, "recovering the store failed"),
+        }
     }
 }

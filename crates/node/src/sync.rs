@@ -75,6 +75,13 @@ impl SyncWork for RepairSync {
                 error: format!("{} is not a known member", request.peer),
             });
         };
+        if node.peers.is_hung(&request.peer) && !node.peers.answers(&request.peer).await {
+            // Its last probe timed out and it does not answer a ping now: skip it at once
+            // rather than wait out the sync timeout on a member that does not answer.
+            return Err(SyncFailure::Unreachable {
+                error: format!("{} is down (it does not answer a ping)", request.peer),
+            });
+        }
         self.pace_before().await;
         let config = self.transport_config(request.preview);
         let group = request.key.group.clone();

@@ -303,7 +303,7 @@ pub(crate) fn accept(
                     }
                 },
             };
-            let _ = tcp.set_nodelay(true);
+            let _ = tcp.set_nodelay(crate::server::server_nodelay());
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             let refused = Arc::clone(&refused);

@@ -1,6 +1,7 @@
 //! Byte encodings of the store's redb values (explicit little-endian; docs/formats.md).
 
 use propd_merkle::{Digest, Entity, InnerNode, Property, TagValue};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Why a stored value could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +120,64 @@ fn decode_tag_value(bytes: &[u8]) -> Result<TagValue, DecodeError> {
         ));
     }
     Ok(value)
+}
+
+/// The length of the check digest that starts every property row.
+pub(crate) const ROW_CHECK_LEN: usize = 8;
+
+/// The check digest of a property row: xxh3-64 of the canonical bytes, seeded with xxh3-64 of
+/// the row's key, so that a changed byte in the value or a row filed under another key fails it.
+/// A fast hash rather than the tree's leaf digest: it is recomputed on every read (see
+/// docs/benchmarks.md, "Integrity checks on reads").
+pub(crate) fn row_check(key: &str, canonical: &[u8]) -> u64 {
+    xxh3_64_with_seed(canonical, xxh3_64(key.as_bytes()))
+}
+
+/// Encodes a property row: the `u64` LE check digest of [`row_check`], then the canonical bytes.
+pub(crate) fn encode_row(key: &str, canonical: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ROW_CHECK_LEN + canonical.len());
+    out.extend_from_slice(&row_check(key, canonical).to_le_bytes());
+    out.extend_from_slice(canonical);
+    out
+}
+
+/// The canonical bytes of a stored property row, when its check digest matches its key and
+/// bytes; why not otherwise.
+pub(crate) fn open_row<'a>(key: &str, row: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let Some((check, canonical)) = row.split_first_chunk::<ROW_CHECK_LEN>() else {
+        return Err(DecodeError(format!(
+            "row of {} bytes is shorter than its {ROW_CHECK_LEN}-byte check digest",
+            row.len()
+        )));
+    };
+    let stored = u64::from_le_bytes(*check);
+    let computed = row_check(key, canonical);
+    if stored != computed {
+        return Err(DecodeError(format!(
+            "check digest mismatch: stored {stored:016x}, computed {computed:016x} over {} bytes",
+            canonical.len()
+        )));
+    }
+    Ok(canonical)
+}
+
+/// Encodes a quarantined row: `u16` LE length of the reason, the reason (UTF-8), then the row's
+/// bytes exactly as they were found.
+pub(crate) fn encode_quarantined(reason: &str, row: &[u8]) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(usize::from(u16::MAX))];
+    let mut out = Vec::with_capacity(2 + reason.len() + row.len());
+    out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    out.extend_from_slice(reason);
+    out.extend_from_slice(row);
+    out
+}
+
+/// Decodes a quarantined row written by [`encode_quarantined`]: the reason and the row's bytes.
+pub(crate) fn decode_quarantined(bytes: &[u8]) -> Result<(String, Vec<u8>), DecodeError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let len = u16::from_le_bytes(reader.array()?);
+    let reason = String::from_utf8_lossy(reader.take(usize::from(len))?).into_owned();
+    Ok((reason, bytes[reader.at..].to_vec()))
 }
 
 /// One entry of a shard's leaf log: a leaf change written with its property and applied to the
@@ -381,6 +440,22 @@ mod tests {
                 let _ = decode_property(&entity, &flipped);
             }
         }
+    }
+
+    #[test]
+    fn a_row_opens_only_with_its_own_key_and_bytes() {
+        let row = encode_row("g/n/i", b"canonical");
+        assert_eq!(open_row("g/n/i", &row), Ok(&b"canonical"[..]));
+        assert!(open_row("g/n/j", &row).is_err(), "filed under another key");
+        for at in 0..row.len() {
+            let mut flipped = row.clone();
+            flipped[at] ^= 0x10;
+            assert!(open_row("g/n/i", &flipped).is_err(), "byte {at} flipped");
+        }
+        assert!(open_row("g/n/i", &row[..7]).is_err());
+        assert!(open_row("g/n/i", &row[..row.len() - 1]).is_err());
+        let kept = encode_quarantined("why", &row);
+        assert_eq!(decode_quarantined(&kept), Ok(("why".to_owned(), row)));
     }
 
     #[test]

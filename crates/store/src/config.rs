@@ -132,6 +132,25 @@ pub struct StoreConfig {
     /// synced transaction; benchmarks compare the two. Ignored with
     /// [`WriteDurability::NotSynced`], where every write is its own unsynced transaction.
     pub group_commit: bool,
+    /// What to do when the database file exists but cannot be read as a store (empty,
+    /// truncated, refused by redb): `false` (the default) refuses to open, naming the file;
+    /// `true` renames it to `propd.redb.damaged` and starts with an empty store, which repair
+    /// then refills from the other copies.
+    pub start_empty_if_damaged: bool,
+    /// Whether reads check each property row against its check digest (default: yes).
+    pub read_check: ReadCheck,
+}
+
+/// Whether reads check property rows against their check digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadCheck {
+    /// Every row read for a client, a repair or a verification is checked; a row that fails is
+    /// quarantined and reads as absent (the only correct setting for a node).
+    #[default]
+    On,
+    /// Client reads (`get`, `query`, scans) skip the check. **For benchmarks only**: it
+    /// measures what the check costs.
+    OffForBenchmarksOnly,
 }
 
 /// The default [`StoreConfig::flush_threshold`].
@@ -150,6 +169,8 @@ impl StoreConfig {
             cache_bytes: None,
             flush_threshold: DEFAULT_FLUSH_THRESHOLD,
             group_commit: true,
+            start_empty_if_damaged: false,
+            read_check: ReadCheck::default(),
         }
     }
 

@@ -109,6 +109,18 @@ pub enum ConfigError {
         /// The configured shape.
         given: Shape,
     },
+    /// The database's property rows are in a format this build does not read.
+    #[error(
+        "the database holds property rows in format {}, but this build reads format {supported} \
+         (rows with a check digest); start the node with an empty store and let repair refill it",
+        stored.map_or_else(|| "1 (no check digest)".to_owned(), |f| f.to_string())
+    )]
+    RowFormat {
+        /// The recorded format (`None`: written before formats were recorded).
+        stored: Option<u32>,
+        /// The format this build reads.
+        supported: u32,
+    },
     /// An existing group's shard count changed, which would misplace every stored property.
     #[error(
         "group {group:?} has shard_num {stored} in the database, but the configuration gives {given}"
@@ -159,6 +171,47 @@ pub enum StoreError {
     /// A shard's tree could not be built from its property rows.
     #[error("tree rebuild: {0}")]
     Rebuild(#[source] BuildError),
+    /// The database file is damaged where a scan or lookup read it (redb found a bad page or
+    /// panicked on one); names the table and the key range. Other tables may still be readable.
+    #[error("damaged store {}: table {table}, {keys}: {detail}", path.display())]
+    Damaged {
+        /// The database file (set by the store; empty where the error is first made).
+        path: PathBuf,
+        /// The table being read.
+        table: String,
+        /// Where in it: `after key "..."`, or `from the first key`.
+        keys: String,
+        /// What redb reported.
+        detail: String,
+    },
+    /// The database file cannot be opened as a store: empty, truncated or unreadable. Nothing
+    /// was changed; the operator may start with an empty store instead (`allow_empty_store`),
+    /// which keeps the damaged file aside.
+    #[error("damaged database file {path}: {detail}")]
+    DamagedFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A write failed because the disk is full. Nothing of it was applied; reads go on, and the
+    /// store recovers by itself once space is freed ([`crate::RedbStore::recover`]).
+    #[error("disk full: writes to {path} fail ({detail}); free space on its disk")]
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+    /// A write failed on an I/O error other than a full disk; later writes fail fast until the
+    /// database is reopened ([`crate::RedbStore::recover`]).
+    #[error("writes to {path} fail on an I/O error: {detail}")]
+    WritesFailing {
+        /// The database file.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}: {detail}")]
     Corrupt {

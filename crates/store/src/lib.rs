@@ -38,20 +38,21 @@ mod validate;
 
 pub use config::{
     DATABASE_FILE, DEFAULT_FLUSH_THRESHOLD, DEFAULT_MAX_PROPERTY_BYTES, GroupDef, Groups,
-    StoreConfig, TreeUpkeep, WriteDurability,
+    ReadCheck, StoreConfig, TreeUpkeep, WriteDurability,
 };
 pub use error::{ConfigError, StoreError, ValidationError};
 #[cfg(feature = "test-support")]
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, Query, RedbStore, ShardScan, Snapshot,
-    TreeView, VerifyOutcome, purge_line, round_cutoff,
+    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, QuarantinedRow, Query, RedbStore,
+    ScrubReport, ShardScan, Snapshot, StoreHealth, TreeView, VerifyOutcome, purge_line,
+    round_cutoff,
 };
 
-/// Decodes one stored property row, its key and its value (the property's canonical bytes),
-/// with the checks the store applies when it reads a row; a failure is the store's
-/// [`StoreError::Corrupt`]. Exposed for the fuzz targets (`tests/fuzz`), behind `test-support`.
+/// Decodes one stored property row, its key and the property's canonical bytes (what follows
+/// the row's check digest, docs/formats.md), with the checks the store applies when it decodes
+/// a row; a failure is the store's [`StoreError::Corrupt`]. Exposed for the fuzz targets (`tests/fuzz`), behind `test-support`.
 #[cfg(feature = "test-support")]
 pub fn decode_property_row(key: &str, value: &[u8]) -> Result<propd_merkle::Property, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use propd_merkle::{Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, Tree};
 
-use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups};
+use crate::config::{DEFAULT_MAX_PROPERTY_BYTES, Groups, ReadCheck};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::{
     Decision, LeafKey, RepairOutcome, RepairStore, apply_in_entity_order, below_line,
@@ -97,6 +97,7 @@ impl ModelStore {
                 groups,
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
+                read_check: ReadCheck::On,
             },
             shards: Mutex::new(BTreeMap::new()),
         })

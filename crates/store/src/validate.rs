@@ -4,7 +4,8 @@ use std::num::NonZeroU32;
 
 use propd_merkle::{Digest, Entity, Property, Shape, shard_of};
 
-use crate::config::{GroupDef, Groups};
+use crate::codec::encode_row;
+use crate::config::{GroupDef, Groups, ReadCheck};
 use crate::error::{StoreError, ValidationError};
 
 /// What a store checks every request against.
@@ -13,6 +14,8 @@ pub(crate) struct Rules {
     pub(crate) groups: Groups,
     pub(crate) shape: Shape,
     pub(crate) max_property_bytes: usize,
+    /// Whether client reads check rows against their check digests.
+    pub(crate) read_check: ReadCheck,
 }
 
 /// A property that passed validation, with what the store derives from it.
@@ -21,7 +24,8 @@ pub(crate) struct Checked {
     pub(crate) entity: Entity,
     pub(crate) shard: u32,
     pub(crate) digest: Digest,
-    /// The canonical bytes: what the store keeps as the row's value.
+    /// What the store keeps as the row's value: the check digest, then the canonical bytes
+    /// (`codec::encode_row`).
     pub(crate) bytes: Vec<u8>,
     pub(crate) property: Property,
 }
@@ -128,8 +132,9 @@ impl Rules {
                 max: self.max_property_bytes,
             });
         }
-        let bytes = property.canonical_bytes();
-        let digest = self.shape.digest(&bytes);
+        let canonical = property.canonical_bytes();
+        let digest = self.shape.digest(&canonical);
+        let bytes = encode_row(entity.as_str(), &canonical);
         Ok(Checked {
             entity,
             shard: actual,

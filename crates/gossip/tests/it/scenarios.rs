@@ -642,3 +642,24 @@ fn an_origin_whose_hand_off_is_rejected_aborts_the_round() {
         Some("a rejected the hand-off: group must not be empty")
     );
 }
+
+/// Regression (issue "Faults a node meets"): the origin's skip of a node it could not hand the
+/// round to was traced with `duration_ms = 0`, however long the hand-off took to fail.
+#[test]
+fn the_origins_skip_span_carries_how_long_the_failed_hand_off_took() {
+    let mut router = Router::new(&["a", "b", "c"], Config::default());
+    router.down.insert("b".into());
+    router.set_delay(|e| {
+        if e.kind == Kind::HandOff && e.to == "b" {
+            Duration::from_secs(7)
+        } else {
+            Duration::ZERO
+        }
+    });
+    let id = router.start("c", &key(0), &["b", "a", "c"]).expect("valid");
+    router.run();
+    let result = router.result(&id);
+    let first = &result.trace[0];
+    assert_eq!((first.kind, first.to.as_str()), (SpanKind::Skip, "b"));
+    assert_eq!(first.duration, Duration::from_secs(7));
+}

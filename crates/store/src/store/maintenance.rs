@@ -93,6 +93,29 @@ pub enum VerifyOutcome {
     },
 }
 
+/// What [`RedbStore::scrub`] did to one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// The shard's revision when it was read.
+    pub revision: u64,
+    /// Leaves in the tree after the scrub.
+    pub leaves: u64,
+    /// Stored row bytes read and checked.
+    pub bytes: u64,
+    /// Rows that failed their check (quarantined).
+    pub quarantined: usize,
+    /// `Some(differing leaves)` when the live tree did not match the checked rows and was
+    /// healed.
+    pub healed: Option<usize>,
+}
+
+/// What verification or scrub found.
+struct Checked {
+    outcome: VerifyOutcome,
+    bytes: u64,
+    rotten: usize,
+}
+
 /// Entities whose leaves are missing, extra or different between two leaf lists in (bucket,
 /// entity) order. Compared leaf by leaf, not by descending the inner nodes: a corrupt tree's inner
 /// nodes may hide a difference below them.
@@ -136,18 +159,62 @@ impl RedbStore {
     /// properties; heals a mismatch by replacing the live tree with a rebuild (in one write
     /// transaction, so readers see the old or the new tree, never a mix). Skipped when the
     /// shard's revision has not changed since the last verification that passed or healed.
+    /// Rows that fail their check are left out of the rebuild and quarantined by the heal.
     pub fn verify(&self, group: &str, shard: u32) -> Result<VerifyOutcome, StoreError> {
+        let checked = self.guarded(|| self.check_tree(group, shard, false));
+        self.settle_rot();
+        Ok(checked?.outcome)
+    }
+
+    /// Scrubs the shard: recomputes every row's check digest and leaf digest from its stored
+    /// bytes and compares the result with the live tree, even when the shard did not change
+    /// since the last verification (stored bytes can rot at rest). Rotten rows are quarantined
+    /// and the tree healed without them, so the next repair brings their good copies back.
+    pub fn scrub(&self, group: &str, shard: u32) -> Result<ScrubReport, StoreError> {
+        let checked = self.guarded(|| self.check_tree(group, shard, true));
+        self.settle_rot();
+        let checked = checked?;
+        let (revision, leaves, healed) = match checked.outcome {
+            VerifyOutcome::Skipped { revision } => (revision, 0, None),
+            VerifyOutcome::Consistent {
+                revision,
+                leaf_count,
+            } => (revision, leaf_count, None),
+            VerifyOutcome::Healed {
+                revision,
+                differing_leaves,
+                rebuilt_root,
+                ..
+            } => (revision, rebuilt_root.leaf_count, Some(differing_leaves)),
+        };
+        Ok(ScrubReport {
+            revision,
+            leaves,
+            bytes: checked.bytes,
+            quarantined: checked.rotten,
+            healed,
+        })
+    }
+
+    /// Verification and scrub: rebuild from the rows (checked), compare with the live tree,
+    /// heal on a mismatch or when rows were rotten. `force` scrubs an unchanged shard too.
+    fn check_tree(&self, group: &str, shard: u32, force: bool) -> Result<Checked, StoreError> {
         let snapshot = self.fresh_snapshot(group, shard)?;
         let meta = read_meta_snapshot(&snapshot.txn, group, shard)?;
-        if meta.revision == meta.verified_revision {
-            return Ok(VerifyOutcome::Skipped {
-                revision: meta.revision,
+        if !force && meta.revision == meta.verified_revision {
+            return Ok(Checked {
+                outcome: VerifyOutcome::Skipped {
+                    revision: meta.revision,
+                },
+                bytes: 0,
+                rotten: 0,
             });
         }
-        let rebuilt = snapshot.rebuild_tree(group, shard)?;
+        let mut rotten = 0;
+        let (rebuilt, bytes) = snapshot.rebuild_checked(group, shard, &mut |_| rotten += 1)?;
         let live = snapshot.tree(group, shard)?;
         drop(snapshot);
-        if live == rebuilt {
+        if live == rebuilt && rotten == 0 {
             self.write(Durability::None, |txn| {
                 let mut table = txn.open_table(META)?;
                 let mut current = read_meta(&table, group, shard)?;
@@ -155,9 +222,13 @@ impl RedbStore {
                 table.insert((group, shard), current.encode().as_slice())?;
                 Ok(())
             })?;
-            return Ok(VerifyOutcome::Consistent {
-                revision: meta.revision,
-                leaf_count: rebuilt.leaf_count(),
+            return Ok(Checked {
+                outcome: VerifyOutcome::Consistent {
+                    revision: meta.revision,
+                    leaf_count: rebuilt.leaf_count(),
+                },
+                bytes,
+                rotten,
             });
         }
         let differing_leaves = differing_leaves(live.leaves(), rebuilt.leaves());
@@ -166,22 +237,30 @@ impl RedbStore {
             shard,
             revision = meta.revision,
             differing_leaves,
+            rotten_rows = rotten,
             live_root = %live.root().digest,
             rebuilt_root = %rebuilt.root().digest,
-            "live tree differs from a rebuild; healing"
+            "live tree differs from a rebuild from the checked rows; healing"
         );
-        self.write(self.data_durability(), |txn| {
+        // The heal builds again inside its write transaction, quarantining the rotten rows it
+        // meets there, so the tree it writes and the rows it keeps agree.
+        let rebuilt = self.write(self.data_durability(), |txn| {
             let mut writer = self.shard_writer(txn, group, shard)?;
-            writer.rebuild_tree()?;
+            let tree = writer.rebuild_tree()?;
             writer.meta.verified_revision = writer.meta.revision;
             writer.meta_changed = true;
-            writer.finish(txn)
+            writer.finish(txn)?;
+            Ok(tree)
         })?;
-        Ok(VerifyOutcome::Healed {
-            revision: meta.revision,
-            differing_leaves,
-            live_root: live.root(),
-            rebuilt_root: rebuilt.root(),
+        Ok(Checked {
+            outcome: VerifyOutcome::Healed {
+                revision: meta.revision,
+                differing_leaves,
+                live_root: live.root(),
+                rebuilt_root: rebuilt.root(),
+            },
+            bytes,
+            rotten,
         })
     }
 
@@ -288,6 +367,9 @@ impl RedbStore {
                 break;
             }
         }
+        // Rows the scans found rotten were skipped (never purged, never kept as tombstones):
+        // they go to the quarantine now.
+        self.settle_rot();
         if report.purged > 0 {
             tracing::info!(
                 group,

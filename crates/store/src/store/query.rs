@@ -5,7 +5,8 @@ use propd_merkle::{Entity, Property, TagValue};
 
 use crate::error::{StoreError, ValidationError};
 use crate::store::RedbStore;
-use crate::store::rows::{decode_row, open_read};
+use crate::store::quarantine::Rotten;
+use crate::store::rows::{damaged, decode_row, open_read};
 use crate::store::snapshot::Snapshot;
 use crate::tables::ShardTableNames;
 
@@ -87,16 +88,29 @@ impl Snapshot {
                     None => table.range::<&str>(..)?,
                 };
                 // Each shard yields entity order, so its first `limit` matches are enough.
+                // A row that fails its check is skipped (and quarantined after the query); a
+                // damaged page ends the query with an error naming the table and keys.
                 let mut taken = 0;
+                let mut last_key = String::new();
                 for row in rows {
-                    let (key, value) = row?;
+                    let (key, value) =
+                        row.map_err(|error| damaged(&names.props, &last_key, error))?;
+                    let (key, value) = (key.value(), value.value());
                     if prefix
                         .as_ref()
-                        .is_some_and(|prefix| !key.value().starts_with(prefix.as_str()))
+                        .is_some_and(|prefix| !key.starts_with(prefix.as_str()))
                     {
                         break;
                     }
-                    let property = decode_row(&names.props, key.value(), value.value())?;
+                    last_key.clear();
+                    last_key.push_str(key);
+                    let property = match decode_row(key, value, self.rules.read_check) {
+                        Ok(property) => property,
+                        Err(reason) => {
+                            self.rot.push(Rotten::new(&names, key, value, reason));
+                            continue;
+                        }
+                    };
                     if query.matches(&property) {
                         found.push(property);
                         taken += 1;
@@ -118,7 +132,11 @@ impl Snapshot {
 
 impl RedbStore {
     /// Properties of one group matching a query, in entity order, at most `query.limit`.
+    ///
+    /// Rows that fail their check are left out and quarantined.
     pub fn query(&self, query: &Query) -> Result<Vec<Property>, StoreError> {
-        self.snapshot()?.query(query)
+        let found = self.guarded(|| self.snapshot()?.query(query));
+        self.settle_rot();
+        found
     }
 }

@@ -3,6 +3,7 @@
 
 use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
 
+use crate::config::ReadCheck;
 use crate::error::{StoreError, tree_error};
 use crate::repair_view::{LeafKey, RepairOutcome, RepairStore, below_line};
 use crate::store::RedbStore;
@@ -56,8 +57,12 @@ impl RepairStore for RedbStore {
         limit: usize,
     ) -> Result<Vec<Leaf>, StoreError> {
         // Flushing first keeps the common case a plain range read of the leaf table.
-        self.fresh_snapshot(group, shard)?
-            .leaves_under(group, shard, node, after, limit)
+        let leaves = self.guarded(|| {
+            self.fresh_snapshot(group, shard)?
+                .leaves_under(group, shard, node, after, limit)
+        });
+        self.settle_rot();
+        leaves
     }
 
     fn get_many(
@@ -67,20 +72,25 @@ impl RepairStore for RedbStore {
         entities: &[Entity],
     ) -> Result<Vec<Option<Property>>, StoreError> {
         self.rules.check_members(entities, group, shard)?;
-        let snapshot = self.snapshot()?;
-        let names = ShardTableNames::new(group, shard);
-        let Some(table) = open_read(&snapshot.txn, names.props())? else {
-            return Ok(vec![None; entities.len()]);
-        };
-        // A tombstone below the purge line is never sent: it reads as absent.
-        let purged_below = read_meta_snapshot(&snapshot.txn, group, shard)?.purged_below;
-        entities
-            .iter()
-            .map(|entity| {
-                let row = read_row(&table, &names.props, entity)?;
-                Ok(row.filter(|property| !below_line(property, purged_below)))
-            })
-            .collect()
+        // Copies are checked whatever `read_check` says: a rotten copy is never sent.
+        let copies = self.guarded(|| {
+            let snapshot = self.snapshot()?;
+            let names = ShardTableNames::new(group, shard);
+            let Some(table) = open_read(&snapshot.txn, names.props())? else {
+                return Ok(vec![None; entities.len()]);
+            };
+            // A tombstone below the purge line is never sent: it reads as absent.
+            let purged_below = read_meta_snapshot(&snapshot.txn, group, shard)?.purged_below;
+            entities
+                .iter()
+                .map(|entity| {
+                    let row = snapshot.good(read_row(&table, &names, entity, ReadCheck::On)?);
+                    Ok(row.filter(|property| !below_line(property, purged_below)))
+                })
+                .collect()
+        });
+        self.settle_rot();
+        copies
     }
 
     fn repair_apply_batch(

@@ -7,10 +7,11 @@ use propd_merkle::{
 };
 use redb::ReadableTableMetadata;
 
-use crate::codec::decode_digest;
+use crate::codec::{decode_digest, open_row};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::repair_view::page_after;
 use crate::store::RedbStore;
+use crate::store::quarantine::Rotten;
 use crate::store::rows::{build_from_rows, open_read, read_log};
 use crate::store::snapshot::Snapshot;
 use crate::tables::ShardTableNames;
@@ -83,18 +84,80 @@ impl Snapshot {
         Ok(snapshot::encode(&self.tree(group, shard)?))
     }
 
-    /// A tree built from scratch from a scan of the shard's properties in this snapshot.
+    /// A tree built from scratch from a scan of the shard's properties in this snapshot. Rows
+    /// that fail their check are left out and reported to the store for quarantine.
     pub fn rebuild_tree(&self, group: &str, shard: u32) -> Result<Tree, StoreError> {
+        let (tree, _) = self.rebuild_checked(group, shard, &mut |rotten| self.rot.push(rotten))?;
+        Ok(tree)
+    }
+
+    /// A rebuild that hands rotten rows to `rotten`; returns the tree and the bytes read.
+    pub(super) fn rebuild_checked(
+        &self,
+        group: &str,
+        shard: u32,
+        rotten: &mut dyn FnMut(Rotten),
+    ) -> Result<(Tree, u64), StoreError> {
         self.rules.check_shard(group, shard)?;
         let names = ShardTableNames::new(group, shard);
         match open_read(&self.txn, names.props())? {
-            Some(table) => build_from_rows(self.rules.shape, &table, &names.props),
-            None => Tree::empty(self.rules.shape).map_err(|error| ConfigError::Shape(error).into()),
+            Some(table) => build_from_rows(self.rules.shape, &table, &names, rotten),
+            None => Ok((
+                Tree::empty(self.rules.shape).map_err(ConfigError::Shape)?,
+                0,
+            )),
         }
     }
 
-    /// Leaves under a node in `(bucket, entity)` order after `after`, at most `limit`.
+    /// Leaves under a node in `(bucket, entity)` order after `after`, at most `limit` (fewer
+    /// only at the end), each checked against its property row: a leaf whose row is absent or
+    /// fails its check is left out (a rotten row is reported to the store for quarantine), and
+    /// every leaf carries the digest of its row's stored bytes. So a repair never lists, and a
+    /// peer never keeps, a copy this node could not send.
     pub fn leaves_under(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+        after: Option<&LeafKey>,
+        limit: usize,
+    ) -> Result<Vec<Leaf>, StoreError> {
+        let names = ShardTableNames::new(group, shard);
+        let props = open_read(&self.txn, names.props())?;
+        let mut checked = Vec::new();
+        let mut cursor = after.cloned();
+        while checked.len() < limit {
+            let want = limit - checked.len();
+            let page = self.tree_leaves_under(group, shard, node, cursor.as_ref(), want)?;
+            let full = page.len() == want;
+            cursor = page.last().map(LeafKey::of);
+            let Some(props) = &props else {
+                break;
+            };
+            for mut leaf in page {
+                let key = leaf.entity.as_str();
+                let Some(row) = props.get(key)? else {
+                    continue;
+                };
+                match open_row(key, row.value()) {
+                    Ok(canonical) => {
+                        leaf.digest = self.rules.shape.digest(canonical);
+                        checked.push(leaf);
+                    }
+                    Err(error) => self
+                        .rot
+                        .push(Rotten::new(&names, key, row.value(), error.0)),
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(checked)
+    }
+
+    /// The tree's leaves under a node after `after`, at most `limit`, as the tree holds them.
+    fn tree_leaves_under(
         &self,
         group: &str,
         shard: u32,

@@ -13,17 +13,19 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::ops::Range;
+use std::sync::Arc;
 
 use propd_merkle::{Digest, Entity, LiveTree, Property, Shape, Tree};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::codec::{ShardMeta, encode_inner, encode_log};
-use crate::config::TreeUpkeep;
+use crate::config::{ReadCheck, TreeUpkeep};
 use crate::error::{ConfigError, StoreError, tree_error};
 use crate::group_commit::GroupId;
 use crate::repair_view::{Decision, RepairOutcome, decide_at_line, entity_order};
 use crate::store::RedbStore;
-use crate::store::rows::{build_from_rows, read_log, read_meta, read_row};
+use crate::store::quarantine::RotQueue;
+use crate::store::rows::{RowRead, build_from_rows, read_log, read_meta, read_row};
 use crate::tables::{META, ShardTableNames};
 use crate::tree_store::TxnTree;
 use crate::validate::{Checked, WriteKind};
@@ -80,6 +82,8 @@ pub(crate) type Written = Vec<ItemOutcome>;
 
 /// The tables of one (group, shard) opened in a write transaction, and its bookkeeping.
 pub(super) struct ShardWriter<'txn> {
+    pub(super) txn: &'txn WriteTransaction,
+    pub(super) rot: Arc<RotQueue>,
     pub(super) names: ShardTableNames,
     group: String,
     shard: u32,
@@ -101,10 +105,13 @@ impl<'txn> ShardWriter<'txn> {
         shard: u32,
         shape: Shape,
         upkeep: TreeUpkeep,
+        rot: Arc<RotQueue>,
     ) -> Result<Self, StoreError> {
         let names = ShardTableNames::new(group, shard);
         let meta = read_meta(&txn.open_table(META)?, group, shard)?;
         Ok(ShardWriter {
+            txn,
+            rot,
             props: txn.open_table(names.props())?,
             leaves: txn.open_table(names.leaves())?,
             nodes: txn.open_table(names.nodes())?,
@@ -130,11 +137,20 @@ impl<'txn> ShardWriter<'txn> {
         LiveTree::new(self.shape, storage).map_err(|error| ConfigError::Shape(error).into())
     }
 
-    pub(super) fn get(&self, entity: &Entity) -> Result<Option<Property>, StoreError> {
-        read_row(&self.props, &self.names.props, entity)
+    /// The stored copy of `entity`; a rotten copy is quarantined in this transaction and reads
+    /// as absent.
+    pub(super) fn get(&mut self, entity: &Entity) -> Result<Option<Property>, StoreError> {
+        match read_row(&self.props, &self.names, entity, ReadCheck::On)? {
+            RowRead::Absent => Ok(None),
+            RowRead::Good(property) => Ok(Some(property)),
+            RowRead::Rotten(rotten) => {
+                self.quarantine(&rotten)?;
+                Ok(None)
+            }
+        }
     }
 
-    fn bump(&mut self) {
+    pub(super) fn bump(&mut self) {
         self.meta.revision += 1;
         self.meta_changed = true;
     }
@@ -233,7 +249,15 @@ impl<'txn> ShardWriter<'txn> {
     /// Replaces the shard's tree (leaves, inner nodes, leaf log) by one built from its
     /// properties. Returns the rebuilt tree.
     pub(super) fn rebuild_tree(&mut self) -> Result<Tree, StoreError> {
-        let tree = build_from_rows(self.shape, &self.props, &self.names.props)?;
+        // The build leaves rotten rows out; they are quarantined before the tree is written, so
+        // the tree and the rows agree.
+        let mut rotten = Vec::new();
+        let (tree, _) = build_from_rows(self.shape, &self.props, &self.names, &mut |row| {
+            rotten.push(row)
+        })?;
+        for row in &rotten {
+            self.quarantine(row)?;
+        }
         self.leaves.retain(|_, _| false)?;
         self.nodes.retain(|_, _| false)?;
         self.log.retain(|_, _| false)?;
@@ -269,6 +293,7 @@ pub(super) struct ShardWriters<'txn> {
     txn: &'txn WriteTransaction,
     shape: Shape,
     upkeep: TreeUpkeep,
+    rot: Arc<RotQueue>,
     open: BTreeMap<(String, u32), ShardWriter<'txn>>,
 }
 
@@ -287,6 +312,7 @@ impl<'txn> ShardWriters<'txn> {
                 shard,
                 self.shape,
                 self.upkeep,
+                Arc::clone(&self.rot),
             )?),
         })
     }
@@ -329,7 +355,14 @@ impl RedbStore {
         group: &str,
         shard: u32,
     ) -> Result<ShardWriter<'txn>, StoreError> {
-        ShardWriter::open(txn, group, shard, self.rules.shape, self.upkeep)
+        ShardWriter::open(
+            txn,
+            group,
+            shard,
+            self.rules.shape,
+            self.upkeep,
+            Arc::clone(&self.rot),
+        )
     }
 
     /// Runs `f` on the writers of the shards it touches in one write transaction with the
@@ -343,6 +376,7 @@ impl RedbStore {
                 txn,
                 shape: self.rules.shape,
                 upkeep: self.upkeep,
+                rot: Arc::clone(&self.rot),
                 open: BTreeMap::new(),
             };
             let value = f(&mut writers)?;
@@ -495,7 +529,7 @@ mod tests {
     use crate::error::StoreError;
     use crate::repair_view::RepairOutcome;
     use crate::store::RedbStore;
-    use crate::tables::ShardTableNames;
+    use crate::tables::META;
     use crate::validate::WriteKind;
 
     fn synced_store(dir: &std::path::Path) -> RedbStore {
@@ -573,18 +607,31 @@ mod tests {
             .as_ref()
             .unwrap_or_else(|| panic!("group commit is on by default"))
             .observe();
-        // A stored row that cannot be decoded: a write of that entity fails when it reads it.
+        // A shard whose bookkeeping cannot be decoded: a write to it fails when it opens the
+        // shard. (A rotten property row would not do: it is quarantined and reads as absent.)
         let broken = entity("broken");
-        let shard = store
-            .rules
-            .shard_of(&broken)
+        let shard_of = |id: &str| {
+            store
+                .rules
+                .shard_of(&entity(id))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let broken_shard = shard_of("broken");
+        let txn = store
+            .database()
+            .and_then(|db| Ok(db.begin_write()?))
             .unwrap_or_else(|e| panic!("{e}"));
-        let txn = store.db.begin_write().unwrap_or_else(|e| panic!("{e}"));
-        txn.open_table(ShardTableNames::new("g", shard).props())
+        txn.open_table(META)
             .unwrap_or_else(|e| panic!("{e}"))
-            .insert(broken.as_str(), [0xff_u8].as_slice())
+            .insert(("g", broken_shard), [0xff_u8].as_slice())
             .unwrap_or_else(|e| panic!("{e}"));
         txn.commit().unwrap_or_else(|e| panic!("{e}"));
+        // Two writes to other shards.
+        let ok: Vec<String> = (0..)
+            .map(|k| format!("ok-{k}"))
+            .filter(|id| shard_of(id) != broken_shard)
+            .take(2)
+            .collect();
 
         let write = |id: &str| {
             let checked = store
@@ -593,13 +640,13 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             ShardWrite::one(checked)
         };
-        let results = store.commit_group(7, &[write("ok-1"), write("broken"), write("ok-2")]);
+        let results = store.commit_group(7, &[write(&ok[0]), write(broken.id()), write(&ok[1])]);
         assert!(
             matches!(results[1], Err(StoreError::Corrupt { .. })),
             "{:?}",
             results[1]
         );
-        for (index, id) in [(0, "ok-1"), (2, "ok-2")] {
+        for (index, id) in [(0, ok[0].as_str()), (2, ok[1].as_str())] {
             let done = results[index]
                 .as_ref()
                 .unwrap_or_else(|e| panic!("{id}: {e}"));

@@ -3,6 +3,8 @@
 mod concurrency;
 mod conformance;
 mod crash;
+mod disk_full;
+mod integrity;
 mod laws;
 mod model;
 mod snapshots;
