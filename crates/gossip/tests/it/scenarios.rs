@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use propd_gossip::{
     Admission, Command, Config, Context, ContextError, Engine, HandOffOutcome, MAX_NODES,
-    MessageId, Millis, Outcome, Placement, Propagation, SpanKind, SyncFailure,
+    MessageId, Millis, Outcome, Placement, Propagation, PropagationResult, SpanKind, StartRequest,
+    SyncFailure,
 };
 
 use crate::router::{Kind, Router, key, spans};
@@ -467,6 +468,47 @@ fn a_hand_off_started_further_ahead_than_the_skew_bound_is_refused() {
 }
 
 #[test]
+fn a_report_cannot_move_the_start_shard_or_node_list_the_origin_recorded() {
+    let mut origin = Engine::new("a".into(), Config::default());
+    let started_at = Millis(5_000);
+    let id = origin
+        .start(
+            started_at,
+            StartRequest {
+                key: key(0),
+                nodes: vec!["b".into(), "c".into()],
+                preview: false,
+            },
+        )
+        .unwrap();
+    while origin.poll_command().is_some() {}
+    let mut forged = context(&id.0, "a", Millis(9_000_000));
+    forged.context.message_id = id.clone();
+    forged.context.key = key(3);
+    forged.context.count = 1;
+    assert!(origin.handle_report(
+        Millis(6_000),
+        PropagationResult {
+            context: forged.context,
+            outcome: Outcome::Completed,
+            error: None,
+            trace: Vec::new(),
+            reported_by: "c".into(),
+        }
+    ));
+    let finished = std::iter::from_fn(|| origin.poll_command())
+        .find_map(|command| match command {
+            Command::Finished(result) => Some(result),
+            _ => None,
+        })
+        .expect("the round ends");
+    assert_eq!(finished.context.started_at, started_at);
+    assert_eq!(finished.context.key, key(0));
+    assert_eq!(finished.context.nodes, ["b", "c"]);
+    assert_eq!(finished.context.count, 1, "the count is the report's");
+}
+
+#[test]
 fn a_dropped_hand_off_skips_the_receiver() {
     let mut router = Router::new(&["a", "b", "c"], Config::default());
     router.set_versions(&[("a", 1), ("b", 2), ("c", 3)]);
@@ -569,7 +611,7 @@ fn a_hand_off_delivered_twice_runs_once() {
 }
 
 /// The result an engine reports next (to another origin or to itself), skipping other commands.
-fn next_result(engine: &mut Engine) -> propd_gossip::PropagationResult {
+fn next_result(engine: &mut Engine) -> PropagationResult {
     while let Some(command) = engine.poll_command() {
         match command {
             Command::Report { result, .. } | Command::Finished(result) => return result,
@@ -581,7 +623,7 @@ fn next_result(engine: &mut Engine) -> propd_gossip::PropagationResult {
 
 /// Engine `a` holds round `c-0-1` (nodes a, b, c; origin c), syncs with b, and hands the round
 /// to b; b answers `outcome`. Returns what a reports to c.
-fn mid_chain_hand_off(outcome: HandOffOutcome) -> propd_gossip::PropagationResult {
+fn mid_chain_hand_off(outcome: HandOffOutcome) -> PropagationResult {
     let mut engine = Engine::new("a".into(), Config::default());
     let id = MessageId("c-0-1".into());
     assert_eq!(
@@ -666,7 +708,7 @@ fn origin_outside_the_list() -> (Engine, MessageId) {
     let id = engine
         .start(
             Millis(0),
-            propd_gossip::StartRequest {
+            StartRequest {
                 key: key(0),
                 nodes: vec!["a".into(), "b".into()],
                 preview: false,
