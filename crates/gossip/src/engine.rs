@@ -935,13 +935,21 @@ impl Engine {
         }
     }
 
-    fn deliver(&mut self, result: PropagationResult) -> bool {
+    fn deliver(&mut self, mut result: PropagationResult) -> bool {
         let Some(round) = self.origin_rounds.remove(&result.context.message_id) else {
             tracing::debug!(
                 message_id = %result.context.message_id,
                 "ignoring a result for a round that is not pending here"
             );
             return false;
+        };
+        // What the origin set when it started the round comes from its own record, not from
+        // the report: a peer's report must not move the round's start (and with it the purge
+        // cutoff of a complete round), nor change its shard, node list or preview flag. Only
+        // the count is the reporter's.
+        result.context = Context {
+            count: result.context.count,
+            ..round.propagation.context.clone()
         };
         // Steps whose progress report was lost or is still on its way come out now.
         let missing = round_steps(&result.context, &result.trace, round.steps.len());

@@ -466,6 +466,56 @@ fn a_hand_off_started_further_ahead_than_the_skew_bound_is_refused() {
     );
 }
 
+/// The origin takes the round's start from its own record: a report (from any holder, forged
+/// or not) that carries a later start must not move the purge cutoff the origin derives from
+/// it, nor the shard, node list or preview flag of the round.
+#[test]
+fn a_report_cannot_move_the_start_shard_or_node_list_the_origin_recorded() {
+    let mut origin = Engine::new("a".into(), Config::default());
+    let started_at = Millis(5_000);
+    let id = origin
+        .start(
+            started_at,
+            propd_gossip::StartRequest {
+                key: key(0),
+                nodes: vec!["a".into(), "b".into(), "c".into()],
+                preview: false,
+            },
+        )
+        .expect("a valid round");
+    while origin.poll_command().is_some() {}
+    let mut forged = context(&id.0, "a", Millis(9_000_000)).context;
+    forged.message_id = id.clone();
+    forged.key = key(3);
+    forged.nodes = vec!["a".into(), "x".into()];
+    forged.preview = true;
+    forged.count = 1;
+    assert!(origin.handle_report(
+        Millis(6_000),
+        propd_gossip::PropagationResult {
+            context: forged,
+            outcome: Outcome::Completed,
+            error: None,
+            trace: Vec::new(),
+            reported_by: "c".into(),
+        }
+    ));
+    let finished = std::iter::from_fn(|| origin.poll_command())
+        .find_map(|command| match command {
+            Command::Finished(result) => Some(result),
+            _ => None,
+        })
+        .expect("the round ends");
+    assert_eq!(
+        finished.context.started_at, started_at,
+        "the start (cutoff)"
+    );
+    assert_eq!(finished.context.key, key(0));
+    assert_eq!(finished.context.nodes, ["a", "b", "c"]);
+    assert!(!finished.context.preview);
+    assert_eq!(finished.context.count, 1, "the count is the report's");
+}
+
 #[test]
 fn a_dropped_hand_off_skips_the_receiver() {
     let mut router = Router::new(&["a", "b", "c"], Config::default());
