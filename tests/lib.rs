@@ -642,24 +642,38 @@ pub fn https_get(
     certs: &Certs,
     client: &str,
 ) -> Option<(u16, String)> {
+    https_get_as(addr, path, certs, Some(client))
+}
+
+/// Like [`https_get`], presenting the client certificate `client` of `certs`, or none.
+pub fn https_get_as(
+    addr: SocketAddr,
+    path: &str,
+    certs: &Certs,
+    client: Option<&str>,
+) -> Option<(u16, String)> {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(certs.ca()).ok()? {
         roots.add(ca.ok()?).ok()?;
     }
-    let chain = CertificateDer::pem_file_iter(certs.cert(client))
-        .ok()?
-        .collect::<Result<Vec<_>, _>>()
-        .ok()?;
-    let key = PrivateKeyDer::from_pem_file(certs.key(client)).ok()?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .ok()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .ok()?;
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(client) => {
+            let chain = CertificateDer::pem_file_iter(certs.cert(client))
+                .ok()?
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_file(certs.key(client)).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
     let name = ServerName::IpAddress(addr.ip().into());
     let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;

@@ -123,13 +123,38 @@ impl CertIdentity {
     }
 }
 
-/// Decides one call: `Ok` or the status that refuses it, naming what is missing.
+/// What a request on the HTTP port needs; `None`: nothing, not even a certificate.
+///
+/// `/health` is open to any TLS client, with or without a certificate: HTTPS probes (a
+/// Kubernetes `httpGet` probe, most load balancers' health checks) cannot present a client
+/// certificate, and the answer says only whether the node serves (its id, or why its store
+/// cannot serve). The status page, `/status.json` and `/metrics` show the cluster's members,
+/// shards, rounds and traffic: they need `read`, like the gRPC status, or a member's
+/// certificate. Any other path needs `read` too, so that nothing new is open by accident.
+pub(crate) fn required_http(path: &str) -> Option<Permission> {
+    match path {
+        "/health" => None,
+        _ => Some(Permission::Read),
+    }
+}
+
+/// Decides one gRPC call: `Ok` or the status that refuses it, naming what is missing.
 pub(crate) fn decide(
     method: &str,
     members: &HashSet<String>,
     leaf: Option<&[u8]>,
 ) -> Result<(), tonic::Status> {
-    let needed = required(method);
+    decide_for(method, required(method), members, leaf)
+}
+
+/// Decides whether the certificate `leaf` (if any) may do `what`, which needs `needed`.
+pub(crate) fn decide_for(
+    what: &str,
+    needed: Permission,
+    members: &HashSet<String>,
+    leaf: Option<&[u8]>,
+) -> Result<(), tonic::Status> {
+    let method = what;
     let Some(leaf) = leaf else {
         return Err(tonic::Status::unauthenticated(format!(
             "{method} needs a client certificate (role `{}`); none was presented",

@@ -252,7 +252,12 @@ mod tests {
             key: dir.path().join("n1.key"),
             ca: dir.path().join("ca.pem"),
         };
-        crate::tls::server_config(&paths, crate::tls::ALPN_H2).unwrap();
+        crate::tls::server_config(
+            &paths,
+            crate::tls::ALPN_H2,
+            crate::tls::ClientCert::Required,
+        )
+        .unwrap();
         let ca_der = der("ca.pem");
         let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
         let bob_der = der("bob.pem");

@@ -20,6 +20,7 @@ mod coordinator;
 mod http;
 mod metrics;
 mod node;
+mod peer_copies;
 mod peers;
 mod placement;
 mod schedule;

@@ -28,7 +28,7 @@ use crate::admin::{AdminApi, start_round};
 use crate::auth::AuthLayer;
 use crate::config::{Config, LogFormat, shape_change};
 use crate::coordinator::{PropertyApi, blocking};
-use crate::http::HttpState;
+use crate::http::{HttpAuth, HttpState};
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::schedule::{CronWindow, designated_origin};
 use crate::services::Serving;
@@ -203,13 +203,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     let (reflection_v1, reflection_v1alpha) =
         crate::services::reflection().context("building the reflection service")?;
     let auth = AuthLayer::new(
-        node.config.tls.as_ref().map(|_| {
-            node.config
-                .members
-                .iter()
-                .map(|m| m.id.clone())
-                .collect::<HashSet<_>>()
-        }),
+        node.config.tls.as_ref().map(|_| member_ids(&node)),
         node.metrics.auth_refusals.clone(),
     );
     // The auth layer is outermost: a refused call is not timed, so that callers without a
@@ -270,8 +264,20 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
                     counter.inc();
                 })
             };
-            let grpc_tls = Arc::new(ServerTls::load(paths, tls::ALPN_H2)?);
-            let http_tls = Arc::new(ServerTls::load(paths, tls::ALPN_HTTP1)?);
+            let grpc_tls = Arc::new(ServerTls::load(
+                paths,
+                tls::ALPN_H2,
+                tls::ClientCert::Required,
+            )?);
+            let http_tls = Arc::new(ServerTls::load(
+                paths,
+                tls::ALPN_HTTP1,
+                tls::ClientCert::Optional,
+            )?);
+            let http_auth = Arc::new(HttpAuth {
+                members: member_ids(&node),
+                refusals: node.metrics.auth_refusals.clone(),
+            });
             let http_addr = http_listener.local_addr()?;
             let grpc_incoming = tls::accept(grpc_listener, grpc_tls, Arc::clone(&refused));
             let http_incoming = tls::accept(http_listener, http_tls, refused);
@@ -283,9 +289,10 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
                         not_serving_on_shutdown(serving, shutdown.clone()),
                     ),
                 ),
-                Box::pin(crate::http::serve(
+                Box::pin(crate::http::serve_tls(
                     TlsListener::new(http_incoming, http_addr),
                     view,
+                    http_auth,
                     signalled(shutdown.clone()),
                 )),
             )
@@ -313,6 +320,11 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(recover_store(Arc::clone(&node))),
     ];
     Ok(Running { servers, tasks })
+}
+
+/// The configured member ids: a certificate naming one is that member.
+fn member_ids(node: &NodeState) -> HashSet<String> {
+    node.config.members.iter().map(|m| m.id.clone()).collect()
 }
 
 /// The gossip admission's view of placement: a round handed to this node must name a known

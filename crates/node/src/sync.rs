@@ -16,10 +16,11 @@ use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1::repair_service_server::RepairServiceServer;
 use propd_repair::Disposition;
 use propd_repair::transport::{RepairServer, TransportConfig};
-use propd_store::RedbStore;
 use tokio::sync::Mutex;
+use tonic::Status;
 
 use crate::node::NodeState;
+use crate::peer_copies::PeerChecked;
 use crate::streams::{LimitedRepair, StreamLimits};
 
 /// This node's gossip driver.
@@ -89,9 +90,8 @@ impl SyncWork for RepairSync {
         let group = request.key.group.clone();
         let shard = request.key.shard;
         let started = Instant::now();
-        let result =
-            propd_repair::transport::sync(channel, node.store.as_ref(), &group, shard, &config)
-                .await;
+        let store = PeerChecked::new(Arc::clone(&node.store), node.config.max_clock_skew);
+        let result = propd_repair::transport::sync(channel, &store, &group, shard, &config).await;
         let metrics = &node.metrics;
         let labels = metrics.labels(&group, shard);
         metrics.syncs.inc(&labels);
@@ -168,10 +168,12 @@ fn trace_report(report: &propd_repair::SyncReport) -> SyncReport {
 /// The `RepairService` other nodes sync against.
 ///
 /// At most `repair.max_streams` streams are served at once, `repair.max_streams_per_peer` for
-/// one peer (see [`crate::streams`]).
+/// one peer (see [`crate::streams`]); a stream for a (group, shard) this node does not hold is
+/// refused at admission ([`admit_stream`]); copies received are checked like replica writes
+/// ([`PeerChecked`]).
 pub(crate) fn repair_service(
-    node: &NodeState,
-) -> RepairServiceServer<LimitedRepair<RepairServer<RedbStore>>> {
+    node: &Arc<NodeState>,
+) -> RepairServiceServer<LimitedRepair<RepairServer<PeerChecked>>> {
     let config = TransportConfig {
         timeout: node.config.repair.sync_timeout,
         ..TransportConfig::default()
@@ -180,12 +182,47 @@ pub(crate) fn repair_service(
         node.config.repair.max_streams,
         node.config.repair.max_streams_per_peer,
     );
-    RepairServiceServer::new(LimitedRepair::new(
-        RepairServer::new(Arc::clone(&node.store), config),
-        limits,
-    ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    let store = PeerChecked::new(Arc::clone(&node.store), node.config.max_clock_skew);
+    let admitting = Arc::clone(node);
+    let server = RepairServer::new(Arc::new(store), config).with_admission(Arc::new(
+        move |group: &str, shard: u32| admit_stream(&admitting, group, shard),
+    ));
+    RepairServiceServer::new(LimitedRepair::new(server, limits))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Admits a repair stream for (group, shard) only when this node holds a copy of it: a sync of
+/// a shard held elsewhere would store data where no read or repair looks. Unknown groups and
+/// out-of-range shards are refused too (`INVALID_ARGUMENT`); a shard held elsewhere with
+/// `FAILED_PRECONDITION`, as a replica write is.
+fn admit_stream(node: &NodeState, group: &str, shard: u32) -> Result<(), Status> {
+    let Some(def) = node.placement.group(group) else {
+        return Err(Status::invalid_argument(format!(
+            "repair stream refused: unknown group {group:?}"
+        )));
+    };
+    if shard >= def.shard_num {
+        return Err(Status::invalid_argument(format!(
+            "repair stream refused: group {group:?} shard {shard} is out of range (shard_num {})",
+            def.shard_num
+        )));
+    }
+    if node.placement.holds(node.me(), def, shard) {
+        return Ok(());
+    }
+    let status = Status::failed_precondition(format!(
+        "repair stream refused: {} holds no copy of group {group:?} shard {shard} (its copies are on {:?})",
+        node.me(),
+        node.node_ids(def, shard)
+    ));
+    tracing::warn!(
+        group,
+        shard,
+        message = status.message(),
+        "repair stream refused"
+    );
+    Err(status)
 }
 
 #[cfg(test)]
@@ -197,7 +234,7 @@ mod tests {
     use propd_merkle::Shape;
     use propd_proto::v1::RepairRequest;
     use propd_proto::v1::repair_service_server::RepairService;
-    use propd_store::{GroupDef, StoreConfig};
+    use propd_store::{GroupDef, RedbStore, StoreConfig};
     use tokio::net::{TcpListener, TcpSocket};
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status, Streaming};

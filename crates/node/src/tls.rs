@@ -1,8 +1,9 @@
 //! Mutual TLS on every listener and every dial (rustls, no OpenSSL).
 //!
-//! A node with `[tls]` serves its gRPC and HTTP ports only over TLS and only to a peer that
-//! shows a certificate from the cluster CA (`tls.ca`). What that certificate may do is decided
-//! per RPC by [`crate::auth`]. The files are re-read when they change (certificate rotation):
+//! A node with `[tls]` serves its gRPC and HTTP ports only over TLS. The gRPC port takes only a
+//! peer that shows a certificate from the cluster CA (`tls.ca`); the HTTP port also takes one
+//! that shows none (for `/health` probes) but refuses one from another CA or expired. What a
+//! certificate may do is decided per RPC or per path by [`crate::auth`]. The files are re-read when they change (certificate rotation):
 //! each new connection is accepted with the newest server configuration, and the channels to
 //! the other members are remade with the newest client identity.
 
@@ -129,8 +130,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A server configuration that requires a client certificate signed by the CA.
-pub(crate) fn server_config(paths: &TlsPaths, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
+/// Whether a listener's handshake requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientCert {
+    /// No handshake without a certificate signed by the CA (the gRPC port).
+    Required,
+    /// A client may come without a certificate; one it presents must still be signed by the
+    /// CA and valid (the HTTP port, where `/health` is open to probes and every other path
+    /// checks the certificate per request).
+    Optional,
+}
+
+/// A server configuration that verifies client certificates against the CA, requiring one or
+/// not as `client_cert` says.
+pub(crate) fn server_config(
+    paths: &TlsPaths,
+    alpn: &[u8],
+    client_cert: ClientCert,
+) -> Result<ServerConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in certificates(&paths.ca)? {
         roots.add(ca).map_err(|source| TlsError::Rustls {
@@ -139,12 +156,14 @@ pub(crate) fn server_config(paths: &TlsPaths, alpn: &[u8]) -> Result<ServerConfi
             source,
         })?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|error| TlsError::Verifier {
-            path: paths.ca.clone(),
-            message: error.to_string(),
-        })?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if client_cert == ClientCert::Optional {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier.build().map_err(|error| TlsError::Verifier {
+        path: paths.ca.clone(),
+        message: error.to_string(),
+    })?;
     let rustls_error = |source| TlsError::Rustls {
         cert: paths.cert.clone(),
         ca: paths.ca.clone(),
@@ -249,16 +268,22 @@ impl FileWatch {
 pub(crate) struct ServerTls {
     watch: FileWatch,
     alpn: &'static [u8],
+    client_cert: ClientCert,
     current: Mutex<Arc<ServerConfig>>,
 }
 
 impl ServerTls {
     /// Loads the files now; an error here stops the node from starting.
-    pub(crate) fn load(paths: &TlsPaths, alpn: &'static [u8]) -> Result<Self, TlsError> {
-        let config = server_config(paths, alpn)?;
+    pub(crate) fn load(
+        paths: &TlsPaths,
+        alpn: &'static [u8],
+        client_cert: ClientCert,
+    ) -> Result<Self, TlsError> {
+        let config = server_config(paths, alpn, client_cert)?;
         Ok(Self {
             watch: FileWatch::new(paths.clone()),
             alpn,
+            client_cert,
             current: Mutex::new(Arc::new(config)),
         })
     }
@@ -266,7 +291,7 @@ impl ServerTls {
     /// The configuration for the next connection.
     pub(crate) fn current(&self) -> Arc<ServerConfig> {
         if self.watch.changed() {
-            match server_config(self.watch.paths(), self.alpn) {
+            match server_config(self.watch.paths(), self.alpn, self.client_cert) {
                 Ok(config) => {
                     tracing::info!(cert = %self.watch.paths().cert.display(), "TLS certificate reloaded");
                     *lock(&self.current) = Arc::new(config);
@@ -375,7 +400,9 @@ mod tests {
             key: dir.path().join("missing.key"),
             ca: empty.clone(),
         };
-        let error = server_config(&paths, ALPN_H2).unwrap_err().to_string();
+        let error = server_config(&paths, ALPN_H2, ClientCert::Required)
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("empty.pem") && error.contains("no certificate"),
             "{error}"

@@ -179,18 +179,43 @@ fn from_status(status: Status) -> SyncError {
     }
 }
 
+/// Decides, from the (group, shard) a stream's opening `TreeRoot` names, whether the stream is
+/// served at all: `Err(status)` refuses the call with that status before the sync starts.
+pub type Admission = Arc<dyn Fn(&str, u32) -> Result<(), Status> + Send + Sync>;
+
 /// The `RepairService` implementation: answers each incoming stream with a [`Server`] state
 /// machine over the shared store.
-#[derive(Debug)]
 pub struct RepairServer<S> {
     store: Arc<S>,
     config: TransportConfig,
+    admission: Option<Admission>,
+}
+
+impl<S> std::fmt::Debug for RepairServer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepairServer")
+            .field("config", &self.config)
+            .field("admission", &self.admission.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: RepairStore + 'static> RepairServer<S> {
     /// A server over `store`.
     pub fn new(store: Arc<S>, config: TransportConfig) -> Self {
-        RepairServer { store, config }
+        RepairServer {
+            store,
+            config,
+            admission: None,
+        }
+    }
+
+    /// Reads each stream's opening message before answering and serves the stream only when
+    /// `admission` accepts the (group, shard) its `TreeRoot` names; otherwise the call fails
+    /// with the status `admission` gave, and nothing of the stream is read further.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The tonic service, with the message size limits set to [`MAX_MESSAGE_BYTES`].
@@ -213,7 +238,11 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
         &self,
         request: Request<Streaming<pb::RepairRequest>>,
     ) -> Result<Response<Self::RepairStream>, Status> {
-        let inbound = request.into_inner();
+        let mut inbound = request.into_inner();
+        let opening = match &self.admission {
+            Some(admission) => Some(admit(&mut inbound, admission, self.config.timeout).await?),
+            None => None,
+        };
         let machine = Server::new(self.config.sync.clone())
             .map_err(|err| Status::internal(err.to_string()))?;
         let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
@@ -222,7 +251,8 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
         let burst = self.config.buffer.max(1);
         tokio::spawn(async move {
             let result =
-                tokio::time::timeout(timeout, serve(machine, store, inbound, &tx, burst)).await;
+                tokio::time::timeout(timeout, serve(machine, store, opening, inbound, &tx, burst))
+                    .await;
             let status = match result {
                 Ok(Ok(report)) => {
                     tracing::debug!(
@@ -249,9 +279,39 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
     }
 }
 
+/// Reads the opening message of a stream (within `timeout`) and asks `admission` about the
+/// (group, shard) its `TreeRoot` names. Another opening is passed on: the state machine
+/// refuses it as a protocol violation.
+async fn admit(
+    inbound: &mut Streaming<pb::RepairRequest>,
+    admission: &Admission,
+    timeout: Duration,
+) -> Result<pb::RepairRequest, Status> {
+    let opening = match tokio::time::timeout(timeout, inbound.message()).await {
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Ok(None)) => {
+            return Err(Status::invalid_argument(
+                "the repair stream ended before its opening TreeRoot",
+            ));
+        }
+        Ok(Err(status)) => return Err(status),
+        Err(_) => {
+            return Err(Status::deadline_exceeded(format!(
+                "no opening TreeRoot within {} ms",
+                timeout.as_millis()
+            )));
+        }
+    };
+    if let Some(pb::repair_request::Msg::TreeRoot(root)) = &opening.msg {
+        admission(&root.group, root.shard)?;
+    }
+    Ok(opening)
+}
+
 async fn serve<S: RepairStore + 'static>(
     machine: Server,
     store: Arc<S>,
+    mut opening: Option<pb::RepairRequest>,
     mut inbound: Streaming<pb::RepairRequest>,
     tx: &mpsc::Sender<Result<pb::RepairResponse, Status>>,
     burst: usize,
@@ -286,10 +346,13 @@ async fn serve<S: RepairStore + 'static>(
         if machine.is_done() {
             return Ok(machine.report().clone());
         }
-        let msg = match inbound.message().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
-            Err(status) => return Err(from_status(status)),
+        let msg = match opening.take() {
+            Some(msg) => msg,
+            None => match inbound.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
+                Err(status) => return Err(from_status(status)),
+            },
         };
         let (back, handled) = blocking(machine, &store, move |machine, store| {
             machine.handle(store, msg)
