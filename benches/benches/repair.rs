@@ -297,6 +297,8 @@ fn bandwidth(n: u64) {
         "tree B / diff",
         "beyond ideal/diff"
     );
+    // For `cargo xtask bench-report`: one row per (shape, d).
+    let mut rows = Vec::new();
     for (label, shape) in [
         ("default", Shape::default()),
         ("reference", Shape::reference()),
@@ -321,6 +323,10 @@ fn bandwidth(n: u64) {
                 report.tree_bytes() as f64 / d as f64,
                 total.saturating_sub(ideal) as f64 / d as f64,
             );
+            rows.push(format!(
+                "{{\"shape\":\"{label}\",\"n\":{n},\"d\":{d},\"total\":{total},\"ideal\":{ideal},\"tree\":{}}}",
+                report.tree_bytes()
+            ));
         }
         println!("  ({label}: building the {n}-leaf tree took {built:.1?})");
     }
@@ -328,6 +334,7 @@ fn bandwidth(n: u64) {
     let base = BenchStore::build(Shape::default(), n.min(100_000));
     let (report, _) =
         sync_in_memory(&base.deep_clone(), &base, GROUP, 0, Config::default()).expect("sync");
+    propd_benches::results::record("repair_bandwidth", &format!("[{}]", rows.join(",")));
     println!(
         "in sync: {} bytes both ways, in_sync = {}",
         report.bytes_sent + report.bytes_received,
@@ -472,6 +479,14 @@ fn throughput(n: u64) {
     println!(
         "\nrepair throughput: {n} properties of ~2 KB into an empty redb store (median of 3)\n  local bulk load: {l:.2?}   sync over loopback tonic: {r:.2?}   ratio {:.2}x   goal: <= 2x and <= 5 s",
         r.as_secs_f64() / l.as_secs_f64()
+    );
+    propd_benches::results::record(
+        &format!("bootstrap_n{n}"),
+        &format!(
+            "{{\"n\":{n},\"local_bulk_load_s\":{},\"sync_s\":{}}}",
+            l.as_secs_f64(),
+            r.as_secs_f64()
+        ),
     );
 }
 
