@@ -1264,6 +1264,13 @@ mod tests {
         let stored = version("a", 5, 0);
         first.store.apply(stored.clone()).unwrap();
         second.store.apply(stored.clone()).unwrap();
+        // Two tombstones before it in entity order: a query of one visible property at a time
+        // takes three rounds of page calls (each copy pages one entity at a time).
+        for id in ["0", "1"] {
+            let tombstone = version(id, 4, 4);
+            first.store.repair_apply(tombstone.clone()).unwrap();
+            second.store.repair_apply(tombstone).unwrap();
+        }
         let api = PropertyApi::new(Arc::clone(&first));
 
         let got = api
@@ -1281,12 +1288,28 @@ mod tests {
         let found = api
             .query(Request::new(v1::QueryRequest {
                 group: "g".into(),
+                limit: 1,
                 ..v1::QueryRequest::default()
             }))
             .await
             .unwrap_or_else(|status| panic!("{status}"))
             .into_inner();
         assert_eq!(found.properties, vec![property_to_wire(&stored)]);
+        // The copies' pages ended at their limit on "a": they cannot tell it was their last.
+        let rest = api
+            .query(Request::new(v1::QueryRequest {
+                group: "g".into(),
+                limit: 1,
+                page_token: found.next_page_token,
+                ..v1::QueryRequest::default()
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(
+            (rest.properties, rest.next_page_token),
+            (Vec::new(), String::new())
+        );
         // n3 cannot have answered, and its calls have not timed out yet: a coordinator that
         // waited for them would have seen them fail and marked n3 hung.
         assert!(

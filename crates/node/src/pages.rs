@@ -6,7 +6,9 @@
 //! order. An entity is decided once every copy still answering has paged past it; a copy whose
 //! page is used up is asked for its next page only then. So the coordinator holds at most one
 //! page per copy and the answer, whatever the size of the group, and never rescans: each copy
-//! reads from where its last page ended.
+//! reads from where its last page ended. Each round of page calls answers by the read rule
+//! ([`ReadRule`]): once every shard has its read quorum of copies answered; a copy not waited
+//! for, or whose page failed, drops out of the merge.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -667,6 +669,55 @@ mod tests {
         assert_eq!(e, entity("b"));
         assert_eq!(answers, vec![("n2".into(), Some(version("b", 1)))]);
         assert_eq!(merge.step(all), Step::Done);
+    }
+
+    #[test]
+    fn a_round_of_page_calls_ends_at_each_shards_read_quorum() {
+        let names = |ids: &[&str]| ids.iter().map(|id| (*id).to_owned()).collect::<Vec<_>>();
+        // Shard 0 on n1, n2, n3 with a quorum of 2; shard 1 on n2, n3, n4 with a quorum of 2.
+        let rule = ReadRule {
+            shards: vec![
+                (names(&["n1", "n2", "n3"]), 2),
+                (names(&["n2", "n3", "n4"]), 2),
+            ],
+        };
+        let waiting = names(&["n1", "n2", "n3", "n4"]);
+        assert!(!rule.done(&[], &waiting));
+        assert!(
+            !rule.done(&names(&["n1", "n2"]), &names(&["n3", "n4"])),
+            "shard 1 has one answer"
+        );
+        assert!(rule.done(&names(&["n1", "n2", "n4"]), &names(&["n3"])));
+        assert!(
+            rule.done(&names(&["n2", "n3"]), &names(&["n1", "n4"])),
+            "a copy holding both shards counts for each"
+        );
+        // Below the quorum, a round waits until no copy of the shard is left to wait for.
+        assert!(!rule.done(&names(&["n1", "n4"]), &names(&["n2"])));
+        assert!(rule.done(&names(&["n1", "n4"]), &[]));
+        // A quorum of every copy (write_acks = 1) waits for all of them.
+        let every = ReadRule {
+            shards: vec![(names(&["n1", "n2", "n3"]), 3)],
+        };
+        assert!(!every.done(&names(&["n1", "n2"]), &names(&["n3"])));
+        assert!(every.done(&names(&["n1", "n2"]), &[]), "n3 failed or hung");
+        // A shard with no copy to ask has nothing to wait for.
+        let none = ReadRule {
+            shards: vec![(Vec::new(), 1)],
+        };
+        assert!(none.done(&[], &[]));
+    }
+
+    #[test]
+    fn copies_still_standing_leave_out_the_failed_and_the_fetched() {
+        let mut merge = PageMerge::new(vec![
+            ("n1".into(), page(&[("a", 1)], true)),
+            ("n2".into(), page(&[("a", 1)], true)),
+            ("n3".into(), page(&[("a", 1)], true)),
+        ]);
+        merge.fill(2, None);
+        assert_eq!(merge.standing(&[0]), vec!["n2".to_owned()]);
+        assert_eq!(merge.standing(&[]), vec!["n1".to_owned(), "n2".to_owned()]);
     }
 
     #[test]
