@@ -26,15 +26,15 @@ fn block_on<T>(future: impl Future<Output = T>) -> T {
 }
 
 /// Runs `call` with a client of node `i` (each call in a runtime of its own, with its own
-/// connection).
+/// connection; over mutual TLS in a TLS cluster).
 fn with_client<T, F: Future<Output = T>>(
     cluster: &Cluster,
     i: usize,
     call: impl FnOnce(PropertyServiceClient<tonic::transport::Channel>) -> F,
 ) -> T {
-    let url = format!("http://{}", cluster.nodes[i].listen);
+    let endpoint = cluster.endpoint(i);
     block_on(async move {
-        let client = PropertyServiceClient::connect(url).await.expect("connect");
+        let client = PropertyServiceClient::new(endpoint.connect().await.expect("connect"));
         call(client).await
     })
 }
