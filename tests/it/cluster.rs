@@ -951,7 +951,7 @@ fn every_command_prints_the_documented_json_fields() {
     const ROUND: &str = "error message_id ok skipped syncs syncs[].applied \
          syncs[].bytes_received syncs[].bytes_sent syncs[].compared syncs[].error \
          syncs[].failed syncs[].from syncs[].ok syncs[].peer_applied syncs[].peer_failed \
-         syncs[].received syncs[].sent syncs[].to";
+         syncs[].received syncs[].round_trips syncs[].sent syncs[].to";
     let repair = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
     assert_eq!(fields(&repair), ROUND);
     for field in [

@@ -832,10 +832,11 @@ fn result_output(
             "peer_failed": report.peer_failed,
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
+            "round_trips": report.round_trips,
             "error": span.error,
         }));
         lines.push(format!(
-            "  sync {} -> {} {}ms compared={} sent={} peer_applied={} received={} applied={} failed={} bytes={}/{}{}",
+            "  sync {} -> {} {}ms compared={} sent={} peer_applied={} received={} applied={} failed={} bytes={}/{} round_trips={}{}",
             span.from,
             span.to,
             span.duration_ms,
@@ -847,6 +848,7 @@ fn result_output(
             report.failed,
             report.bytes_sent,
             report.bytes_received,
+            report.round_trips,
             if span.error.is_empty() {
                 String::new()
             } else {
