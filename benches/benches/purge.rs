@@ -1,13 +1,14 @@
 //! Write latency while a node purges tombstones, against the same writes with no purge, in one
 //! run (docs/protocol.md, "The life of a delete"): a store holding `PROPD_BENCH_PURGE_N`
 //! tombstones (default 1 000 000) in the shard the writes go to; synced single writes (a
-//! client's acknowledged write) are timed alone, then while `purge_tombstones` removes every
-//! tombstone in chunks of `PURGE_CHUNK`, then alone again: the writes with no purge are taken half
+//! client's acknowledged write) are timed alone, then while `purge_tombstones_paced` removes every
+//! tombstone at the node's pace (`PURGE_PACE`, or `PROPD_BENCH_PURGE_PACE`), then alone again: the writes with no purge are taken half
 //! before and half after the purge, so that a machine whose load drifts during the run weighs on
 //! both sides. Goal: p99 during the purge within 2x of no purge.
 //!
 //! Criterion times the write with no purge; the bench prints p50 / p99 / max of both phases and
-//! the p99 ratio beside it.
+//! the p99 ratio beside it, and the purge's throughput: during the writes, and then alone (a
+//! tenth as many new tombstones, purged with no writes beside them).
 
 #![allow(
     missing_docs,
@@ -26,11 +27,15 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use propd_benches::properties::property;
 use propd_merkle::{Property, Shape};
-use propd_store::{GroupDef, Groups, PURGE_CHUNK, RedbStore, StoreConfig, WriteDurability};
+use propd_store::{
+    GroupDef, Groups, PURGE_PACE, PurgePace, RedbStore, StoreConfig, WriteDurability,
+};
 
 const GROUP: &str = "bench";
 /// Every tombstone's delete time is below this line.
 const LINE: i64 = 1_800_000_000_000_000_000;
+/// The line of the purge with no writes beside it: above every [`late_tombstone`].
+const LATE_LINE: i64 = 1_900_000_000_000_000_000;
 /// Timed writes with no purge, before the purge and again after it.
 const ALONE: usize = 500;
 
@@ -39,6 +44,32 @@ fn tombstones() -> u64 {
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(1_000_000)
+}
+
+/// The node's pace, or the one `PROPD_BENCH_PURGE_PACE` gives as `chunk,step,budget_us,yield`
+/// (`budget_us` 0: no budget; `yield` 0 or 1), to compare paces.
+fn pace() -> PurgePace {
+    let Ok(text) = std::env::var("PROPD_BENCH_PURGE_PACE") else {
+        return PURGE_PACE;
+    };
+    let fields: Vec<u64> = text
+        .split(',')
+        .map(|field| {
+            field
+                .trim()
+                .parse()
+                .expect("PROPD_BENCH_PURGE_PACE: numbers")
+        })
+        .collect();
+    let [chunk, step, budget_us, yield_to_writes] = fields[..] else {
+        panic!("PROPD_BENCH_PURGE_PACE: chunk,step,budget_us,yield");
+    };
+    PurgePace {
+        chunk: chunk as usize,
+        step: step as usize,
+        budget: (budget_us > 0).then(|| Duration::from_micros(budget_us)),
+        yield_to_writes: yield_to_writes != 0,
+    }
 }
 
 fn open(dir: &Path, durability: WriteDurability) -> RedbStore {
@@ -51,6 +82,15 @@ fn open(dir: &Path, durability: WriteDurability) -> RedbStore {
 fn tombstone(i: u64) -> Property {
     let mut property = property(i);
     property.tags.clear();
+    property.delete_time = property.mod_revision;
+    property
+}
+
+/// A tombstone deleted above [`LINE`] (once the first purge raised the line to it, a tombstone
+/// below it is no longer stored) and below [`LATE_LINE`].
+fn late_tombstone(i: u64) -> Property {
+    let mut property = tombstone(i);
+    property.mod_revision = LINE + i as i64;
     property.delete_time = property.mod_revision;
     property
 }
@@ -101,6 +141,8 @@ fn describe(label: &str, latencies: &mut [Duration]) -> Duration {
 
 fn bench_purge(c: &mut Criterion) {
     let n = tombstones();
+    let pace = pace();
+    println!("purge: pace {pace:?}");
     let dir = tempfile::tempdir().expect("tempdir");
     load(dir.path(), n);
     let store = Arc::new(open(dir.path(), WriteDurability::Immediate));
@@ -130,7 +172,7 @@ fn bench_purge(c: &mut Criterion) {
         std::thread::spawn(move || {
             let started = Instant::now();
             let report = store
-                .purge_tombstones(GROUP, 0, LINE, PURGE_CHUNK)
+                .purge_tombstones_paced(GROUP, 0, LINE, pace)
                 .expect("purge");
             done.store(true, Ordering::Release);
             (report, started.elapsed())
@@ -147,11 +189,36 @@ fn bench_purge(c: &mut Criterion) {
         write(&store, next)
     }));
     assert_eq!(report.purged, n, "every tombstone was purged");
+    // The purge's throughput with no writes beside it, over a tenth as many new tombstones.
+    let idle = (n / 10).max(1);
+    let first = next + 1;
+    next += idle;
+    let mut at = first;
+    while at <= next {
+        let end = (at + 20_000).min(next + 1);
+        store
+            .repair_apply_batch(GROUP, 0, (at..end).map(late_tombstone).collect())
+            .expect("valid batch");
+        at = end;
+    }
+    let started = Instant::now();
+    let alone_report = store
+        .purge_tombstones_paced(GROUP, 0, LATE_LINE, pace)
+        .expect("purge");
+    let alone_took = started.elapsed();
+    assert_eq!(alone_report.purged, idle, "every new tombstone was purged");
     println!(
-        "purge: {} tombstones in {} transactions, {:.1} s",
+        "purge: {} tombstones in {} transactions that removed some, {:.1} s, {:.0} tombstones/s",
         report.purged,
         report.chunks,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        report.purged as f64 / took.as_secs_f64()
+    );
+    println!(
+        "purge: with no writes: {} tombstones in {:.1} s, {:.0} tombstones/s",
+        alone_report.purged,
+        alone_took.as_secs_f64(),
+        alone_report.purged as f64 / alone_took.as_secs_f64()
     );
     let p99_alone = describe("no purge", &mut alone);
     let p99_during = describe("during the purge", &mut during);

@@ -16,8 +16,8 @@ use propd_proto::v1;
 use propd_proto::v1::admin_service_server::AdminServiceServer;
 use propd_proto::v1::property_service_server::PropertyServiceServer;
 use propd_store::{
-    ConfigError as StoreConfigError, PURGE_CHUNK, RedbStore, StoreConfig, StoreError,
-    VerifyOutcome, purge_line, round_cutoff,
+    ConfigError as StoreConfigError, PURGE_PACE, RedbStore, StoreConfig, StoreError, VerifyOutcome,
+    purge_line, round_cutoff,
 };
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
@@ -650,7 +650,7 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
         match purge_line(now_nanos(), grace, copies, state.cutoff) {
             Some(line) => node
                 .store
-                .purge_tombstones(&key, shard, line, PURGE_CHUNK)
+                .purge_tombstones_paced(&key, shard, line, PURGE_PACE)
                 .map(Some),
             None => Ok(None),
         }

@@ -262,6 +262,92 @@ mod tests {
         assert_eq!(field(notice("n1", now, 0)), "cutoff_ns");
     }
 
+    /// A round of three copies: two clean syncs, as the origin receives it.
+    fn clean_round() -> PropagationResult {
+        use propd_gossip::{Context, MessageId, Millis, ShardKey, SyncReport, TraceSpan};
+        let span = |from: &str, to: &str, count| TraceSpan {
+            kind: SpanKind::Sync,
+            from: from.into(),
+            to: to.into(),
+            start: Millis(1_000),
+            duration: Duration::from_millis(5),
+            report: Some(SyncReport {
+                applied: 1,
+                peer_applied: 1,
+                ..SyncReport::default()
+            }),
+            error: None,
+            count,
+        };
+        PropagationResult {
+            context: Context {
+                nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+                max_count: 3,
+                count: 3,
+                origin: "n1".into(),
+                message_id: MessageId("m".into()),
+                key: ShardKey {
+                    group: "g".into(),
+                    shard: 0,
+                },
+                started_at: Millis(1_000),
+                preview: false,
+            },
+            outcome: Outcome::Completed,
+            error: None,
+            trace: vec![
+                span("n1", "n2", 1),
+                span("n2", "n3", 2),
+                span("n3", "n1", 3),
+            ],
+            reported_by: "n1".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_completed_round_in_which_every_copy_applied_everything_completes_for_purging() {
+        assert!(complete_for_purging(&clean_round()));
+        let spoiled = |spoil: &dyn Fn(&mut PropagationResult)| {
+            let mut result = clean_round();
+            spoil(&mut result);
+            complete_for_purging(&result)
+        };
+        assert!(!spoiled(&|r| r.outcome = Outcome::NoPeers), "not completed");
+        assert!(!spoiled(&|r| r.outcome = Outcome::TimedOut), "timed out");
+        assert!(
+            !spoiled(&|r| r.context.preview = true),
+            "a preview applies nothing"
+        );
+        assert!(
+            !spoiled(&|r| r.trace[2].kind = SpanKind::Skip),
+            "a copy was skipped"
+        );
+        assert!(
+            !spoiled(&|r| r.trace[1].error = Some("reset".into())),
+            "a sync failed"
+        );
+        assert!(
+            !spoiled(&|r| r.trace[1].report = None),
+            "a sync without its report"
+        );
+        assert!(
+            !spoiled(&|r| {
+                if let Some(report) = &mut r.trace[1].report {
+                    report.failed = 1;
+                }
+            }),
+            "the holder failed to apply a copy"
+        );
+        assert!(
+            !spoiled(&|r| {
+                if let Some(report) = &mut r.trace[2].report {
+                    report.peer_failed = 1;
+                }
+            }),
+            "the peer failed to apply a copy"
+        );
+    }
+
     #[test]
     fn purging_is_blocked_while_no_round_reached_every_copy_within_the_grace() {
         let grace = Duration::from_secs(100);

@@ -45,9 +45,9 @@ pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, QuarantinedRow, Query, QueryPage,
-    RedbStore, ScrubReport, ShardScan, Snapshot, StoreHealth, TreeView, VerifyOutcome, purge_line,
-    round_cutoff,
+    DeleteOutcome, PURGE_CHUNK, PURGE_PACE, PurgePace, PurgeReport, PurgeState, QuarantinedRow,
+    Query, QueryPage, RedbStore, ScrubReport, ShardScan, Snapshot, StoreHealth, TreeView,
+    VerifyOutcome, purge_line, round_cutoff,
 };
 
 /// Decodes one stored property row, its key and the property's canonical bytes (what follows

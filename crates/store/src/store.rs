@@ -11,13 +11,15 @@
 //! - `snapshot`: what does a reader see (a consistent view, lookups and scans)?
 //! - `query`: which properties of a group match a query?
 //! - `trees`: what is a shard's tree, fresh, at a snapshot?
-//! - `maintenance`: how are trees flushed, verified and healed, and tombstones purged?
+//! - `maintenance`: how are trees flushed, verified and healed, and complete rounds recorded?
+//! - `purge`: how are tombstones purged while writes keep flowing?
 //! - `recorded`: which shape and groups was the database created with, and do they still match?
 //! - `repair`: how does the repair protocol see this store?
 //! - `rows`: how are stored rows and bookkeeping read back?
 //! - `quarantine`: where does a row that fails its check go?
 
 mod maintenance;
+mod purge;
 mod quarantine;
 mod query;
 mod recorded;
@@ -29,6 +31,7 @@ mod writer;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use propd_merkle::Shape;
@@ -43,6 +46,7 @@ use crate::validate::Rules;
 pub use maintenance::{
     PURGE_CHUNK, PurgeReport, PurgeState, ScrubReport, VerifyOutcome, purge_line, round_cutoff,
 };
+pub use purge::{PURGE_PACE, PurgePace};
 pub use quarantine::QuarantinedRow;
 use quarantine::RotQueue;
 pub use query::{Query, QueryPage};
@@ -75,6 +79,21 @@ pub struct RedbStore {
     rot: Arc<RotQueue>,
     /// The last damage a read met, until a scrub of the whole store passes.
     damage: Mutex<Option<String>>,
+    /// Write transactions other than a purge's waiting for redb's writer: a purge gives the
+    /// writer up to them (`purge`).
+    waiting_writes: AtomicUsize,
+    /// Synced commits since the store was opened: a purge syncs its own transactions only when
+    /// no other write did for a while.
+    durable_commits: AtomicU64,
+}
+
+/// Whose write transaction it is, for the count of writes waiting for the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// Any write but a purge's: counted while it waits for the writer.
+    Counted,
+    /// A purge's: never counted (a purge gives way to the others).
+    Purge,
 }
 
 /// A write that failed on an I/O error.
@@ -152,6 +171,8 @@ impl RedbStore {
                 .then(GroupCommit::default),
             rot: Arc::default(),
             damage: Mutex::new(None),
+            waiting_writes: AtomicUsize::new(0),
+            durable_commits: AtomicU64::new(0),
         };
         store.guarded(|| store.check_recorded_config(existed))?;
         store.guarded(|| store.check_shard_tables())?;
@@ -359,13 +380,32 @@ impl RedbStore {
         durability: Durability,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_as(Writer::Counted, durability, f)
+    }
+
+    /// [`RedbStore::write`] for a purge's transaction: not counted among the writes waiting for
+    /// the writer.
+    fn write_purge<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_as(Writer::Purge, durability, f)
+    }
+
+    fn write_as<T>(
+        &self,
+        writer: Writer,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         if let Some(fault) = self.io_fault()
             && fault.reopen
         {
             // redb refuses every write on this handle; fail fast until `recover` reopens it.
             return Err(self.io_error(&fault));
         }
-        let result = self.guarded(|| self.write_unguarded(durability, f));
+        let result = self.guarded(|| self.write_unguarded(writer, durability, f));
         match result {
             Err(StoreError::Database(redb::Error::Io(error))) => {
                 let fault = IoFault {
@@ -422,14 +462,25 @@ impl RedbStore {
 
     fn write_unguarded<T>(
         &self,
+        writer: Writer,
         durability: Durability,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.database()?.begin_write()?;
+        let db = self.database()?;
+        let mut txn = match writer {
+            Writer::Counted => {
+                let _waiting = Waiting::new(&self.waiting_writes);
+                db.begin_write()?
+            }
+            Writer::Purge => db.begin_write()?,
+        };
         txn.set_durability(durability)?;
         match f(&txn) {
             Ok(value) => {
                 txn.commit()?;
+                if matches!(durability, Durability::Immediate) {
+                    self.durable_commits.fetch_add(1, Ordering::Release);
+                }
                 Ok(value)
             }
             Err(error) => {
@@ -496,6 +547,22 @@ fn open_database(config: &StoreConfig, path: &Path) -> Result<(Database, bool), 
             "redb panicked opening it: {}",
             panic_message(panic.as_ref())
         ))),
+    }
+}
+
+/// One write counted among those waiting for the writer while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

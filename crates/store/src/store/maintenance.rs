@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use propd_merkle::{Entity, InnerNode, Leaf};
+use propd_merkle::{InnerNode, Leaf};
 use redb::Durability;
 
 use crate::error::StoreError;
-use crate::repair_view::below_line;
 use crate::store::RedbStore;
 use crate::store::rows::{read_meta, read_meta_snapshot};
 use crate::tables::META;
@@ -37,9 +36,8 @@ pub struct PurgeState {
     pub purged_below: i64,
 }
 
-/// Tombstones removed per write transaction of a purge unless the caller says otherwise, and the
-/// leaf-log changes flushed per transaction during a purge: other writes of the node wait for at
-/// most one such transaction (docs/benchmarks.md, "purge").
+/// Tombstones removed per write transaction by [`RedbStore::purge_tombstones`] when a caller
+/// has no reason to choose (tests); the node paces its purges with [`crate::PURGE_PACE`].
 pub const PURGE_CHUNK: usize = 64;
 
 /// The cutoff a round that completed for purging gives every copy of its shard: its start
@@ -153,17 +151,6 @@ impl RedbStore {
         self.write(Durability::None, |txn| {
             let mut writer = self.shard_writer(txn, group, shard)?;
             writer.flush_tree(usize::MAX)
-        })
-    }
-
-    /// Applies the oldest `max` changes of the shard's leaf log to its tree in one write
-    /// transaction, synced like a property write: a purge pays for its own writes to disk rather
-    /// than leaving them to the next write's sync. Returns the changes left in the log.
-    fn flush_oldest(&self, group: &str, shard: u32, max: usize) -> Result<u64, StoreError> {
-        self.write(self.data_durability(), |txn| {
-            let mut writer = self.shard_writer(txn, group, shard)?;
-            writer.flush_tree(max)?;
-            writer.pending()
         })
     }
 
@@ -307,110 +294,5 @@ impl RedbStore {
             cutoff: (meta.purge_cutoff > 0).then_some(meta.purge_cutoff),
             purged_below: meta.purged_below,
         })
-    }
-
-    /// Raises the shard's purge line to `line` (it never moves back) and removes every
-    /// tombstone whose delete time is below it; nothing else is ever removed. The caller
-    /// computes the line ([`purge_line`]).
-    ///
-    /// The line is raised first, in its own synced transaction: from then on such tombstones are
-    /// neither stored nor sent. The removal then runs in short write transactions, so that other
-    /// writes of the node wait for one of them at most: each removes at most `chunk` tombstones,
-    /// found by scanning a fresh snapshot from where the previous chunk ended, and is followed by
-    /// a flush of at most `chunk` of the oldest leaf-log changes (the log stays short, so no
-    /// write meets a full log and pays a whole flush). Each is synced like a property write, so
-    /// the purge pays for its own writes to disk, and each yields the writer to whatever waits.
-    pub fn purge_tombstones(
-        &self,
-        group: &str,
-        shard: u32,
-        line: i64,
-        chunk: usize,
-    ) -> Result<PurgeReport, StoreError> {
-        self.rules.check_shard(group, shard)?;
-        let chunk = chunk.max(1);
-        let purged_below = self.write(Durability::Immediate, |txn| {
-            let mut table = txn.open_table(META)?;
-            let mut meta = read_meta(&table, group, shard)?;
-            if line > meta.purged_below {
-                meta.purged_below = line;
-                table.insert((group, shard), meta.encode().as_slice())?;
-            }
-            Ok(meta.purged_below)
-        })?;
-        let mut report = PurgeReport {
-            purged_below,
-            ..PurgeReport::default()
-        };
-        let mut after: Option<Entity> = None;
-        loop {
-            let mut doomed = Vec::with_capacity(chunk);
-            let mut scan = self.snapshot()?.scan_after(group, shard, after.as_ref())?;
-            let mut exhausted = true;
-            for property in scan.by_ref() {
-                let property = property?;
-                let entity = property.entity().map_err(|error| StoreError::Corrupt {
-                    table: format!("{group}/{shard} properties"),
-                    detail: error.to_string(),
-                })?;
-                after = Some(entity.clone());
-                if below_line(&property, purged_below) {
-                    doomed.push(entity);
-                    if doomed.len() == chunk {
-                        exhausted = false;
-                        break;
-                    }
-                }
-            }
-            drop(scan);
-            if !doomed.is_empty() {
-                report.purged += self.write(self.data_durability(), |txn| {
-                    let mut writer = self.shard_writer(txn, group, shard)?;
-                    let mut removed = 0;
-                    for entity in &doomed {
-                        // Checked again in the transaction: a newer version may have come.
-                        let current = writer.get(entity)?;
-                        if current.is_some_and(|p| below_line(&p, writer.meta.purged_below)) {
-                            writer.remove(entity)?;
-                            removed += 1;
-                        }
-                    }
-                    writer.finish(txn)?;
-                    Ok(removed)
-                })?;
-                report.chunks += 1;
-                std::thread::yield_now();
-                self.flush_oldest(group, shard, chunk)?;
-                std::thread::yield_now();
-            }
-            if exhausted {
-                break;
-            }
-        }
-        if report.chunks > 0 {
-            // The rest of the log, in slices (as many as it has now: changes that writes add
-            // meanwhile wait for the next flush).
-            let mut left = self.flush_oldest(group, shard, chunk)?;
-            let mut slices = left.div_ceil(chunk as u64);
-            while left > 0 && slices > 0 {
-                std::thread::yield_now();
-                left = self.flush_oldest(group, shard, chunk)?;
-                slices -= 1;
-            }
-        }
-        // Rows the scans found rotten were skipped (never purged, never kept as tombstones):
-        // they go to the quarantine now.
-        self.settle_rot();
-        if report.purged > 0 {
-            tracing::info!(
-                group,
-                shard,
-                purged = report.purged,
-                chunks = report.chunks,
-                purged_below,
-                "tombstones purged"
-            );
-        }
-        Ok(report)
     }
 }

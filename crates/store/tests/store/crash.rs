@@ -73,6 +73,9 @@ fn crash_child_entry_point() {
         |var: &str| -> Option<u64> { std::env::var(var).ok().and_then(|text| text.parse().ok()) };
     let start = number(START_VAR).unwrap_or(0);
     let store = RedbStore::open(synced_config(Path::new(&dir))).unwrap_or_else(|e| panic!("{e}"));
+    if std::env::var_os(PURGE_VAR).is_some() {
+        purging_child(&store, start);
+    }
     if let Some(writers) = number(WRITERS_VAR) {
         concurrent_child(&store, start, writers);
     }
@@ -434,4 +437,233 @@ fn acknowledged_concurrent_writes_survive_sigkill() {
             RedbStore::open(synced_config(dir.path())).unwrap_or_else(|e| panic!("reopen: {e}"));
         check_concurrent_after_crash(&store, &all, &in_flight, round);
     }
+}
+
+/// Set: the child purges (`purging_child`) instead of the write workloads.
+const PURGE_VAR: &str = "PROPD_STORE_CRASH_PURGE";
+/// Tombstones the purging child stores per round, and the live properties beside them.
+const PURGE_ROUND: u64 = 600;
+
+/// The tombstone `k` of purge round `round`: deleted below that round's line.
+fn purge_tombstone(round: u64, k: u64) -> Property {
+    Property {
+        tags: BTreeMap::new(),
+        mod_revision: 5,
+        delete_time: purge_line_of(round) - 1 - k as i64,
+        ..live("h", "p", &format!("{round}-{k:04}"), 1, &[])
+    }
+}
+
+/// The live property `k` of purge round `round`, written by the writer thread beside the purge.
+fn purge_live(round: u64, k: u64) -> Property {
+    live(
+        "h",
+        "q",
+        &format!("{round}-{k}"),
+        1,
+        &[("k", TagValue::Int(k as i64))],
+    )
+}
+
+/// The purge line of round `round`: above the delete times of its tombstones and every earlier
+/// round's.
+fn purge_line_of(round: u64) -> i64 {
+    (round as i64 + 1) * 1_000_000
+}
+
+/// The purging child: round after round (from `start`), stores `PURGE_ROUND` tombstones and
+/// purges them at the node's pace while a second thread writes live properties, printing
+/// `ack start <r>` before a purge, `ack round <r>` when it returned and `ack live <r> <k>` after
+/// each write; forever, until killed.
+fn purging_child(store: &RedbStore, start: u64) {
+    let ack = |line: String| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    let round = std::sync::atomic::AtomicU64::new(start);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for k in 0.. {
+                let r = round.load(std::sync::atomic::Ordering::Acquire);
+                store
+                    .apply(purge_live(r, k))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                ack(format!("ack live {r} {k}"));
+            }
+        });
+        for r in start.. {
+            round.store(r, std::sync::atomic::Ordering::Release);
+            let tombstones = (0..PURGE_ROUND).map(|k| purge_tombstone(r, k)).collect();
+            store
+                .repair_apply_batch("h", 0, tombstones)
+                .unwrap_or_else(|e| panic!("{e}"));
+            ack(format!("ack start {r}"));
+            let report = store
+                .purge_tombstones_paced("h", 0, purge_line_of(r), propd_store::PURGE_PACE)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(report.purged, PURGE_ROUND);
+            ack(format!("ack round {r}"));
+        }
+    });
+}
+
+/// A purge commits unsynced transactions (made durable by the next synced commit); killed at
+/// any point, the store reopens with every acknowledged write, a tree equal to a rebuild, the
+/// purge line of every purge that started, no tombstone of a purge that returned, and no
+/// tombstone below the line that a copy would send or accept; a new purge removes the rest.
+#[test]
+fn a_purge_cut_short_by_sigkill_leaves_a_consistent_store_and_is_redone() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut lives = BTreeSet::new();
+    let mut rounds = BTreeSet::new();
+    // Runs: (first round, the purge start after which the child is killed, writes acknowledged
+    // after that start before the kill): the kill lands during that purge or just after it, or
+    // after `LIVE_CAP` writes whatever the purges did.
+    const LIVE_CAP: usize = 400;
+    for (run, (start, purge, writes)) in [(0u64, 1usize, 2usize), (100, 3, 0), (200, 2, 5)]
+        .into_iter()
+        .enumerate()
+    {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        let mut child = Command::new(exe)
+            .args([
+                "--exact",
+                "crash::crash_child_entry_point",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DIR_VAR, dir.path())
+            .env(START_VAR, start.to_string())
+            .env(PURGE_VAR, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn the child: {e}"));
+        let stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("child stdout"));
+        let (mut starts, mut after_start, mut written) = (0, 0, 0);
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap_or_else(|e| panic!("read child: {e}"));
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let number = |word: &str| -> u64 {
+                word.parse()
+                    .unwrap_or_else(|_| panic!("bad ack line {line:?}"))
+            };
+            match words[..] {
+                ["ack", "live", r, k] => {
+                    lives.insert((number(r), number(k)));
+                    after_start += usize::from(starts >= purge);
+                    written += 1;
+                }
+                ["ack", "round", r] => {
+                    rounds.insert(number(r));
+                }
+                ["ack", "start", _] => starts += 1,
+                _ => continue,
+            }
+            if (starts >= purge && after_start >= writes) || written >= LIVE_CAP {
+                child.kill().unwrap_or_else(|e| panic!("kill: {e}"));
+                break;
+            }
+        }
+        let status = child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+        assert!(
+            !status.success(),
+            "run {run}: the child was killed: {status:?}"
+        );
+
+        let store =
+            RedbStore::open(synced_config(dir.path())).unwrap_or_else(|e| panic!("reopen: {e}"));
+        for &(r, k) in &lives {
+            assert_eq!(
+                store
+                    .get(&entity(&purge_live(r, k)))
+                    .unwrap_or_else(|e| panic!("{e}")),
+                Some(purge_live(r, k)),
+                "run {run}: acknowledged write {r} {k}"
+            );
+        }
+        let snapshot = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+        check_trees(&store, &snapshot, run);
+        let line = store
+            .purge_state("h", 0)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .purged_below;
+        if let Some(&last) = rounds.iter().max() {
+            assert!(
+                line >= purge_line_of(last),
+                "run {run}: the line of purge {last}, which returned, is durable: {line}"
+            );
+        }
+        let stored: Vec<Property> = snapshot
+            .scan("h", 0)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|p| p.unwrap_or_else(|e| panic!("{e}")))
+            .filter(Property::is_tombstone)
+            .collect();
+        for tombstone in &stored {
+            let r = tombstone
+                .id
+                .split('-')
+                .next()
+                .and_then(|r| r.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("a tombstone id: {tombstone:?}"));
+            assert!(
+                !rounds.contains(&r),
+                "run {run}: purge {r} returned, so its tombstone is gone: {tombstone:?}"
+            );
+        }
+        drop(snapshot);
+        // Tombstones below the durable line that the crash brought back are neither sent nor
+        // accepted again.
+        let below: Vec<Entity> = stored
+            .iter()
+            .filter(|tombstone| tombstone.delete_time < line)
+            .map(entity)
+            .collect();
+        let sent = propd_store::RepairStore::get_many(&store, "h", 0, &below)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            sent.iter().all(Option::is_none),
+            "run {run}: no tombstone below the line is sent"
+        );
+        let listed = propd_store::RepairStore::properties_after(&store, "h", 0, None, usize::MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            listed
+                .iter()
+                .all(|p| !p.is_tombstone() || p.delete_time >= line),
+            "run {run}: no tombstone below the line is listed"
+        );
+        if let Some(first) = stored.first().filter(|t| t.delete_time < line) {
+            let mut again = first.clone();
+            again.mod_revision += 1;
+            store
+                .repair_apply(again.clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_ne!(
+                store.get(&entity(&again)).unwrap_or_else(|e| panic!("{e}")),
+                Some(again),
+                "run {run}: a tombstone below the line is not accepted"
+            );
+        }
+        // The next purge at the line removes what the crash brought back.
+        store
+            .purge_tombstones_paced("h", 0, line, propd_store::PURGE_PACE)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let snapshot = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+        let left = snapshot
+            .scan("h", 0)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|p| p.unwrap_or_else(|e| panic!("{e}")))
+            .filter(|p| p.is_tombstone() && p.delete_time < line)
+            .count();
+        assert_eq!(left, 0, "run {run}: the purge was redone");
+        check_trees(&store, &snapshot, run);
+    }
+    assert!(!rounds.is_empty(), "some purges returned before a kill");
 }
