@@ -209,6 +209,10 @@ mod tests {
         assert_eq!(refused.field, "delete_time");
         assert!(check_client_delete_time(now + 31 * S, now, skew).is_err());
         assert!(check_client_revision("mod_revision", 5, now, skew).is_ok());
+        assert!(check_client_revision("mod_revision", now + 30 * S, now, skew).is_ok());
+        assert!(check_client_revision("mod_revision", now + 30 * S + 1, now, skew).is_err());
+        assert!(check_client_delete_time(now - 30 * S - 1, now, skew).is_err());
+        assert!(check_client_delete_time(now + 30 * S + 1, now, skew).is_err());
         let refused = check_client_revision("mod_revision", i64::MAX, now, skew).unwrap_err();
         assert_eq!(refused.field, "mod_revision");
     }
@@ -260,6 +264,78 @@ mod tests {
         assert_eq!(field(notice("n1", 0, 0)), "started_at_ns");
         assert_eq!(field(notice("n1", now, now - 29 * S)), "cutoff_ns");
         assert_eq!(field(notice("n1", now, 0)), "cutoff_ns");
+    }
+
+    /// The purge rule's round: only a completed, applied (not previewed) round whose every
+    /// step is a sync that ran without an error and failed to apply nothing, on either side.
+    #[test]
+    fn only_a_completed_round_of_clean_syncs_that_applied_everything_counts_for_purging() {
+        use crate::status::tests::{finished_round, step};
+        use propd_gossip::{SyncReport, TraceSpan};
+
+        let clean = || {
+            vec![
+                step(SpanKind::Sync, "n1", "n2", 1_010, 40, None),
+                step(SpanKind::Sync, "n2", "n3", 1_050, 10, None),
+            ]
+        };
+        let complete = finished_round(Outcome::Completed, None, clean());
+        assert!(complete_for_purging(&complete));
+
+        for outcome in [
+            Outcome::NoPeers,
+            Outcome::Aborted,
+            Outcome::Refused,
+            Outcome::TimedOut,
+        ] {
+            let round = finished_round(outcome, Some("ended"), clean());
+            assert!(!complete_for_purging(&round), "{outcome:?}");
+        }
+
+        let mut preview = complete.clone();
+        preview.context.preview = true;
+        assert!(!complete_for_purging(&preview), "a preview applies nothing");
+
+        let with = |change: &dyn Fn(&mut TraceSpan)| {
+            let mut round = complete.clone();
+            change(&mut round.trace[1]);
+            complete_for_purging(&round)
+        };
+        assert!(
+            !with(&|span| *span = step(SpanKind::Skip, "n2", "n3", 1_050, 10, Some("down"))),
+            "a round that skipped a copy did not reach it"
+        );
+        assert!(
+            !with(&|span| span.kind = SpanKind::Skip),
+            "a skip span, even without an error, is no sync"
+        );
+        assert!(
+            !with(&|span| span.error = Some("reset".into())),
+            "a sync that failed"
+        );
+        assert!(!with(&|span| span.report = None), "a sync without a report");
+        assert!(
+            !with(&|span| span.report = Some(SyncReport {
+                failed: 1,
+                ..SyncReport::default()
+            })),
+            "the holder failed to apply a copy"
+        );
+        assert!(
+            !with(&|span| span.report = Some(SyncReport {
+                peer_failed: 1,
+                ..SyncReport::default()
+            })),
+            "the peer failed to apply a copy"
+        );
+        assert!(
+            with(&|span| span.report = Some(SyncReport {
+                applied: 4,
+                peer_applied: 2,
+                ..SyncReport::default()
+            })),
+            "applies that all succeeded count"
+        );
     }
 
     #[test]
