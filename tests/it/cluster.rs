@@ -533,7 +533,10 @@ fn a_purge_needs_a_complete_round_newer_than_the_tombstone() {
     assert_eq!(preview["ok"], true, "{preview}");
     cluster.kill(2);
     let skipping = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
-    assert_eq!(skipping["ok"], true, "a round with a skip completes: {skipping}");
+    assert_eq!(
+        skipping["ok"], true,
+        "a round with a skip completes: {skipping}"
+    );
     assert_eq!(
         skipping["skipped"].as_array().unwrap().len(),
         1,

@@ -365,7 +365,10 @@ fn a_stopped_peer_holds_no_coordinated_write_read_or_round() {
         "the round with a stopped peer took {:?}: {result}",
         guard.elapsed()
     );
-    assert_eq!(result["ok"], true, "a round with a skip completes: {result}");
+    assert_eq!(
+        result["ok"], true,
+        "a round with a skip completes: {result}"
+    );
     let skipped = result["skipped"].as_array().expect("skipped spans");
     assert!(
         skipped.iter().any(|span| span["to"] == "n3"),

@@ -278,7 +278,10 @@ mod tests {
                 level: 2,
                 index: bucket,
             };
-            assert!(!a.leaves_under(id).is_empty(), "bucket {bucket} holds leaves");
+            assert!(
+                !a.leaves_under(id).is_empty(),
+                "bucket {bucket} holds leaves"
+            );
         }
         let result = diff(&a, &b).expect("same shape");
         assert_eq!(result.differing.len(), 40);
