@@ -393,6 +393,26 @@ impl Cluster {
         );
     }
 
+    /// Waits (at most 30 s) until node `i` is ready (`None`) or has exited (its exit status), for
+    /// a start that may be refused: either way the outcome is seen, however slow the start.
+    pub fn wait_ready_or_exit(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(exit) = self.wait_exit(i, Duration::ZERO) {
+                return Some(exit);
+            }
+            if self.http(i, "/health").is_some_and(|(code, _)| code == 200) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "node {} neither became healthy nor exited; log:\n{}",
+            self.nodes[i].id,
+            self.log(i)
+        );
+    }
+
     /// Kills node `i` with SIGKILL and reaps it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.children[i].take() {

@@ -534,6 +534,10 @@ fn a_purge_needs_a_complete_round_newer_than_the_tombstone() {
     cluster.kill(2);
     let skipping = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
     assert_eq!(
+        skipping["ok"], true,
+        "a round with a skip completes: {skipping}"
+    );
+    assert_eq!(
         skipping["skipped"].as_array().unwrap().len(),
         1,
         "{skipping}"
@@ -953,6 +957,7 @@ fn every_command_prints_the_documented_json_fields() {
          syncs[].failed syncs[].from syncs[].ok syncs[].peer_applied syncs[].peer_failed \
          syncs[].received syncs[].round_trips syncs[].sent syncs[].to";
     let repair = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(repair["ok"], true, "{repair}");
     assert_eq!(fields(&repair), ROUND);
     for field in [
         "applied",
@@ -999,6 +1004,7 @@ fn every_command_prints_the_documented_json_fields() {
     // A skip, with the node it skipped.
     cluster.kill(1);
     let skipping = cluster.json(0, &["repair", "--group", "g", "--shard", "0", "--wait"]);
+    assert_eq!(skipping["ok"], true, "{skipping}");
     let mut skipped = Vec::new();
     shape(&skipping["skipped"], "skipped", &mut skipped);
     skipped.sort();

@@ -148,8 +148,23 @@ fn notice_to(
     })
 }
 
+/// Node `i`'s status of `g`'s shard.
 fn shard_status(cluster: &Cluster, i: usize) -> Value {
-    cluster.json(i, &["status"])["shards"][0].clone()
+    group_status(cluster, i, "g")
+}
+
+/// Node `i`'s status of shard 0 of `group`.
+fn group_status(cluster: &Cluster, i: usize, group: &str) -> Value {
+    let status = cluster.json(i, &["status"]);
+    status["shards"]
+        .as_array()
+        .and_then(|shards| {
+            shards
+                .iter()
+                .find(|s| s["group"] == group && s["shard"] == 0)
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("n{} holds shard 0 of {group}: {status}", i + 1))
 }
 
 fn expect_invalid(result: Result<(), tonic::Status>, field: &str) {
@@ -436,7 +451,13 @@ fn a_copy_down_longer_than_the_grace_rejoins_as_it_is_and_its_stale_versions_los
 
 #[test]
 fn a_round_with_failed_applies_does_not_enable_purging() {
-    let mut cluster = Cluster::start(3, &config(2));
+    // Group `x` (one shard on every node) gets a complete round after the failed one: the
+    // witness that the failed round's result was handled (see below).
+    let shared = format!(
+        "{}\n[[groups]]\nname = \"x\"\nshard_num = 1\nreplicas = 2\n",
+        config(2)
+    );
+    let mut cluster = Cluster::start(3, &shared);
     // n2 refuses properties over 300 bytes: its applies of a larger copy fail.
     let path = &cluster.nodes[1].config;
     let text = std::fs::read_to_string(path).expect("n2's config");
@@ -461,7 +482,25 @@ fn a_round_with_failed_applies_does_not_enable_purging() {
             sync["failed"].as_u64().unwrap_or(0) + sync["peer_failed"].as_u64().unwrap_or(0)
         })
         .sum();
+    assert_eq!(round["ok"], true, "the round itself completed: {round}");
     assert!(failed > 0, "n2 failed to apply the large copy: {round}");
+    // The origin handles the results of its rounds one after the other, in the order they
+    // finish, and sends a round's notices (awaiting each copy's answer) before it looks at the
+    // next result. So once every copy has recorded a later complete round of n1's, any notice
+    // of the failed round has arrived: the checks below cannot pass because a notice is late.
+    cluster.json(0, &["put", "x/n/small", "--tag", "v=1"]);
+    let control = cluster.json(0, &["repair", "--group", "x", "--shard", "0", "--wait"]);
+    assert_eq!(control["ok"], true, "the round of x completed: {control}");
+    for i in 0..3 {
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                !group_status(&cluster, i, "x")["last_repair_age_s"].is_null()
+            }),
+            "n{} recorded the complete round of x: {}",
+            i + 1,
+            group_status(&cluster, i, "x")
+        );
+    }
     // A purge pass past the grace on every node.
     let deleted = stored(&cluster, 0, "gone").map_or(0, |p| p.delete_time);
     witnesses.purged_after(&cluster, deleted);

@@ -259,6 +259,58 @@ mod tests {
         );
     }
 
+    /// The cost model, level by level, on a shape small enough to count by hand: 2 slots of 2
+    /// buckets, 8-byte digests, and 40 entities that differ in every bucket.
+    #[test]
+    fn every_level_costs_what_the_model_says() {
+        let shape = Shape {
+            slot_count: 2,
+            fanout: 2,
+            depth: 1,
+            digest_width: 8,
+            ..Shape::default()
+        };
+        let left: BTreeMap<u32, u8> = (0..40).map(|i| (i, 0)).collect();
+        let right: BTreeMap<u32, u8> = (0..40).map(|i| (i, 1)).collect();
+        let (a, b) = (tree(shape, &left), tree(shape, &right));
+        for bucket in 0..4 {
+            let id = NodeId {
+                level: 2,
+                index: bucket,
+            };
+            assert!(
+                !a.leaves_under(id).is_empty(),
+                "bucket {bucket} holds leaves"
+            );
+        }
+        let result = diff(&a, &b).expect("same shape");
+        assert_eq!(result.differing.len(), 40);
+        assert_eq!(result.len(), 40);
+        let leaf_bytes: u64 = (0..40)
+            .map(|i| 4 + entity(i).as_bytes().len() as u64 + 8)
+            .sum();
+        let level = |level, digests_sent, bytes_sent| LevelCost {
+            level,
+            digests_sent,
+            bytes_sent,
+        };
+        assert_eq!(
+            result.levels,
+            vec![
+                // The root.
+                level(0, 1, 8),
+                // Both slots, (index, digest) each; both differ, an index each back.
+                level(1, 2, 2 * (4 + 8) + 2 * 4),
+                // Two buckets under each slot, all four differ.
+                level(2, 4, 4 * (4 + 8) + 4 * 4),
+                // Every leaf of the right side, with its length and digest.
+                level(3, 40, leaf_bytes),
+            ]
+        );
+        assert_eq!(result.digests_sent(), 1 + 2 + 4 + 40);
+        assert_eq!(result.bytes_sent(), 8 + 32 + 64 + leaf_bytes);
+    }
+
     #[test]
     fn shapes_must_match() {
         let a = Tree::empty(Shape::default()).expect("valid");
@@ -289,11 +341,13 @@ mod tests {
             only_left.sort();
             only_right.sort();
             differing.sort();
+            let expected_len = only_left.len() + only_right.len() + differing.len();
             let sorted = |mut v: Vec<Entity>| { v.sort(); v };
             prop_assert_eq!(sorted(result.only_left.clone()), only_left);
             prop_assert_eq!(sorted(result.only_right.clone()), only_right);
             prop_assert_eq!(sorted(result.differing.clone()), differing);
             prop_assert_eq!(result.is_empty(), left == right);
+            prop_assert_eq!(result.len(), expected_len);
         }
     }
 }

@@ -335,6 +335,7 @@ mod tests {
     fn updates_mark_dirty_and_flush_recomputes_the_path_only() {
         let shape = Shape::default();
         let mut tree = LiveTree::new(shape, MemStorage::new()).expect("valid shape");
+        assert!(tree.is_flushed().expect("no storage error"));
         assert_eq!(
             tree.root().expect("empty tree is flushed"),
             InnerNode::empty(16)
@@ -343,8 +344,10 @@ mod tests {
             tree.upsert(&entity(i), shape.digest(&i.to_le_bytes()))
                 .expect("upsert");
         }
+        assert!(!tree.is_flushed().expect("no storage error"));
         assert!(matches!(tree.root(), Err(LiveError::NotFlushed)));
         tree.flush().expect("flush");
+        assert!(tree.is_flushed().expect("no storage error"));
         assert_eq!(tree.leaf_count().expect("flushed"), 100);
         let before = tree.root().expect("flushed");
         // One changed leaf recomputes exactly one node per level.
@@ -371,6 +374,8 @@ mod tests {
 
     #[test]
     fn reads_are_scoped_to_the_shape() {
+        let reference = LiveTree::new(Shape::reference(), MemStorage::new()).expect("valid");
+        assert_eq!(reference.shape(), &Shape::reference());
         let shape = Shape::default();
         let mut tree = LiveTree::new(shape, MemStorage::new()).expect("valid shape");
         let e = entity(1);

@@ -182,3 +182,80 @@ impl TreeStorage for MemStorage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How a repair store answers for a subtree: nothing when it is empty, the node otherwise.
+    #[test]
+    fn only_a_node_with_leaves_is_non_empty() {
+        let empty = InnerNode::empty(16);
+        assert!(empty.is_empty());
+        assert_eq!(empty.non_empty(), None);
+        let node = InnerNode {
+            digest: Digest::zero(16),
+            leaf_count: 1,
+        };
+        assert!(!node.is_empty());
+        assert_eq!(node.non_empty(), Some(node));
+    }
+
+    /// The storage contract on the in-memory storage: what each call returns, what it keeps,
+    /// and what the visits see, in order and within their range.
+    #[test]
+    fn mem_storage_keeps_replaces_removes_and_visits_in_order() {
+        let shape = crate::Shape::default();
+        let (one, two) = (shape.digest(b"1"), shape.digest(b"2"));
+        let entity = |id: &str| Entity::new("g", "n", id).expect("valid");
+        let mut storage = MemStorage::new();
+        assert_eq!(storage.get_leaf(3, &entity("a")), Ok(None));
+        assert_eq!(storage.put_leaf(3, &entity("a"), one), Ok(None));
+        assert_eq!(storage.put_leaf(3, &entity("a"), two), Ok(Some(one)));
+        assert_eq!(storage.get_leaf(3, &entity("a")), Ok(Some(two)));
+        assert_eq!(storage.get_leaf(4, &entity("a")), Ok(None));
+        assert_eq!(storage.put_leaf(3, &entity("b"), one), Ok(None));
+        assert_eq!(storage.put_leaf(7, &entity("c"), one), Ok(None));
+        assert_eq!(storage.put_leaf(1, &entity("d"), two), Ok(None));
+        assert_eq!(storage.leaf_count(), 4);
+
+        let mut seen = Vec::new();
+        storage
+            .visit_leaves(2..8, &mut |bucket, entity, digest| {
+                seen.push((bucket, entity.clone(), digest));
+            })
+            .expect("infallible");
+        assert_eq!(
+            seen,
+            vec![
+                (3, entity("a"), two),
+                (3, entity("b"), one),
+                (7, entity("c"), one)
+            ]
+        );
+
+        assert_eq!(storage.remove_leaf(3, &entity("a")), Ok(Some(two)));
+        assert_eq!(storage.remove_leaf(3, &entity("a")), Ok(None));
+        assert_eq!(storage.remove_leaf(9, &entity("a")), Ok(None));
+        assert_eq!(storage.leaf_count(), 3);
+
+        let node = |level, index| NodeId { level, index };
+        let inner = |leaf_count| InnerNode {
+            digest: one,
+            leaf_count,
+        };
+        assert_eq!(storage.get_inner(node(1, 2)), Ok(None));
+        storage.put_inner(node(1, 2), inner(2)).expect("infallible");
+        storage.put_inner(node(1, 5), inner(5)).expect("infallible");
+        storage.put_inner(node(2, 3), inner(3)).expect("infallible");
+        assert_eq!(storage.get_inner(node(1, 2)), Ok(Some(inner(2))));
+        let mut visited = Vec::new();
+        storage
+            .visit_inner(1, 0..5, &mut |id, node| visited.push((id, node.leaf_count)))
+            .expect("infallible");
+        assert_eq!(visited, vec![(node(1, 2), 2)], "level 1, indexes 0..5");
+        storage.remove_inner(node(1, 2)).expect("infallible");
+        assert_eq!(storage.get_inner(node(1, 2)), Ok(None));
+        assert_eq!(storage.get_inner(node(1, 5)), Ok(Some(inner(5))));
+    }
+}

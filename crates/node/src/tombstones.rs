@@ -209,6 +209,10 @@ mod tests {
         assert_eq!(refused.field, "delete_time");
         assert!(check_client_delete_time(now + 31 * S, now, skew).is_err());
         assert!(check_client_revision("mod_revision", 5, now, skew).is_ok());
+        assert!(check_client_revision("mod_revision", now + 30 * S, now, skew).is_ok());
+        assert!(check_client_revision("mod_revision", now + 30 * S + 1, now, skew).is_err());
+        assert!(check_client_delete_time(now - 30 * S - 1, now, skew).is_err());
+        assert!(check_client_delete_time(now + 30 * S + 1, now, skew).is_err());
         let refused = check_client_revision("mod_revision", i64::MAX, now, skew).unwrap_err();
         assert_eq!(refused.field, "mod_revision");
     }
@@ -262,89 +266,75 @@ mod tests {
         assert_eq!(field(notice("n1", now, 0)), "cutoff_ns");
     }
 
-    /// A round of three copies: two clean syncs, as the origin receives it.
-    fn clean_round() -> PropagationResult {
-        use propd_gossip::{Context, MessageId, Millis, ShardKey, SyncReport, TraceSpan};
-        let span = |from: &str, to: &str, count| TraceSpan {
-            kind: SpanKind::Sync,
-            from: from.into(),
-            to: to.into(),
-            start: Millis(1_000),
-            duration: Duration::from_millis(5),
-            report: Some(SyncReport {
-                applied: 1,
-                peer_applied: 1,
-                ..SyncReport::default()
-            }),
-            error: None,
-            count,
-        };
-        PropagationResult {
-            context: Context {
-                nodes: vec!["n1".into(), "n2".into(), "n3".into()],
-                max_count: 3,
-                count: 3,
-                origin: "n1".into(),
-                message_id: MessageId("m".into()),
-                key: ShardKey {
-                    group: "g".into(),
-                    shard: 0,
-                },
-                started_at: Millis(1_000),
-                preview: false,
-            },
-            outcome: Outcome::Completed,
-            error: None,
-            trace: vec![
-                span("n1", "n2", 1),
-                span("n2", "n3", 2),
-                span("n3", "n1", 3),
-            ],
-            reported_by: "n1".into(),
-        }
-    }
-
+    /// The purge rule's round: only a completed, applied (not previewed) round whose every
+    /// step is a sync that ran without an error and failed to apply nothing, on either side.
     #[test]
-    fn only_a_completed_round_in_which_every_copy_applied_everything_completes_for_purging() {
-        assert!(complete_for_purging(&clean_round()));
-        let spoiled = |spoil: &dyn Fn(&mut PropagationResult)| {
-            let mut result = clean_round();
-            spoil(&mut result);
-            complete_for_purging(&result)
+    fn only_a_completed_round_of_clean_syncs_that_applied_everything_counts_for_purging() {
+        use crate::status::tests::{finished_round, step};
+        use propd_gossip::{SyncReport, TraceSpan};
+
+        let clean = || {
+            vec![
+                step(SpanKind::Sync, "n1", "n2", 1_010, 40, None),
+                step(SpanKind::Sync, "n2", "n3", 1_050, 10, None),
+            ]
         };
-        assert!(!spoiled(&|r| r.outcome = Outcome::NoPeers), "not completed");
-        assert!(!spoiled(&|r| r.outcome = Outcome::TimedOut), "timed out");
+        let complete = finished_round(Outcome::Completed, None, clean());
+        assert!(complete_for_purging(&complete));
+
+        for outcome in [
+            Outcome::NoPeers,
+            Outcome::Aborted,
+            Outcome::Refused,
+            Outcome::TimedOut,
+        ] {
+            let round = finished_round(outcome, Some("ended"), clean());
+            assert!(!complete_for_purging(&round), "{outcome:?}");
+        }
+
+        let mut preview = complete.clone();
+        preview.context.preview = true;
+        assert!(!complete_for_purging(&preview), "a preview applies nothing");
+
+        let with = |change: &dyn Fn(&mut TraceSpan)| {
+            let mut round = complete.clone();
+            change(&mut round.trace[1]);
+            complete_for_purging(&round)
+        };
         assert!(
-            !spoiled(&|r| r.context.preview = true),
-            "a preview applies nothing"
+            !with(&|span| *span = step(SpanKind::Skip, "n2", "n3", 1_050, 10, Some("down"))),
+            "a round that skipped a copy did not reach it"
         );
         assert!(
-            !spoiled(&|r| r.trace[2].kind = SpanKind::Skip),
-            "a copy was skipped"
+            !with(&|span| span.kind = SpanKind::Skip),
+            "a skip span, even without an error, is no sync"
         );
         assert!(
-            !spoiled(&|r| r.trace[1].error = Some("reset".into())),
-            "a sync failed"
+            !with(&|span| span.error = Some("reset".into())),
+            "a sync that failed"
         );
+        assert!(!with(&|span| span.report = None), "a sync without a report");
         assert!(
-            !spoiled(&|r| r.trace[1].report = None),
-            "a sync without its report"
-        );
-        assert!(
-            !spoiled(&|r| {
-                if let Some(report) = &mut r.trace[1].report {
-                    report.failed = 1;
-                }
-            }),
+            !with(&|span| span.report = Some(SyncReport {
+                failed: 1,
+                ..SyncReport::default()
+            })),
             "the holder failed to apply a copy"
         );
         assert!(
-            !spoiled(&|r| {
-                if let Some(report) = &mut r.trace[2].report {
-                    report.peer_failed = 1;
-                }
-            }),
+            !with(&|span| span.report = Some(SyncReport {
+                peer_failed: 1,
+                ..SyncReport::default()
+            })),
             "the peer failed to apply a copy"
+        );
+        assert!(
+            with(&|span| span.report = Some(SyncReport {
+                applied: 4,
+                peer_applied: 2,
+                ..SyncReport::default()
+            })),
+            "applies that all succeeded count"
         );
     }
 

@@ -61,14 +61,15 @@ fn entity(property: &Property) -> Entity {
     crate::entity_of(property)
 }
 
-/// The child's side. It does nothing unless the parent test set `PROPD_STORE_CRASH_DIR`: then it
-/// writes forever (until killed), printing `ack <kind> <i>` after each write returns (`ack <kind>
-/// <thread> <i>` with several writer threads).
+/// The child's side, run only by the crash tests below (as an ignored test, so that it is not
+/// counted as a passing test of its own): in the directory the parent names in
+/// `PROPD_STORE_CRASH_DIR` it writes forever (until killed), printing `ack <kind> <i>` after each
+/// write returns (`ack <kind> <thread> <i>` with several writer threads).
 #[test]
+#[ignore = "the child process of the crash tests, which run it"]
 fn crash_child_entry_point() {
-    let Ok(dir) = std::env::var(DIR_VAR) else {
-        return;
-    };
+    let dir = std::env::var(DIR_VAR)
+        .unwrap_or_else(|_| panic!("run by the crash tests only, which set {DIR_VAR}"));
     let number =
         |var: &str| -> Option<u64> { std::env::var(var).ok().and_then(|text| text.parse().ok()) };
     let start = number(START_VAR).unwrap_or(0);
@@ -135,6 +136,7 @@ fn run_child(
         .args([
             "--exact",
             "crash::crash_child_entry_point",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
