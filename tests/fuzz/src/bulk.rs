@@ -106,9 +106,12 @@ impl Receiver<'_> {
         if self.failed {
             return;
         }
+        // A page over the limit must be rejected whole: none of it can end in the store (and
+        // recording its 65 537 copies would cost more than the rest of the run).
         if let Some(
             pb::repair_response::Msg::BulkSync(page) | pb::repair_response::Msg::PropertySync(page),
         ) = &msg.msg
+            && page.properties.len() <= MAX_PAGE_ITEMS
         {
             for property in &page.properties {
                 if let Ok((entity, property)) = property_from_proto(property.clone()) {
