@@ -1,8 +1,10 @@
 //! Benches of `propd-repair`, each printing its comparison from the same run (DESIGN §10):
 //!
-//! - bytes on the wire to repair d in {1, 10, 1000, 10000} differences among n properties
-//!   (`PROPD_BENCH_REPAIR_N`, default 1 000 000) with the default shape and the reference's
-//!   shape (no bucket levels), against the ideal (the differing records alone). The protocol
+//! - bytes on the wire and round trips to repair d in {1, 10, 1000, 10000} differences among n
+//!   properties (`PROPD_BENCH_REPAIR_N`, default 1 000 000) with the default shape at protocol
+//!   versions 3 and 2 and the reference's shape (no bucket levels), against the ideal (the
+//!   differing records alone) and against the `negentropy` 0.5.3 crate on the same data
+//!   (`PROPD_BENCH_NEGENTROPY=0` skips it). The protocol
 //!   runs in memory through `propd_repair::pair`, over a bench store whose tree is a merkle
 //!   `LiveTree` and whose properties are generated on demand; the byte counts are the encoded
 //!   protobuf sizes of every message, exactly what the tonic driver sends (without the 5-byte
@@ -282,14 +284,67 @@ fn diverge(a: &BenchStore, b: &BenchStore, n: u64, d: u64) -> u64 {
     ideal
 }
 
+/// The versions of one side as negentropy items: each (entity, version) is one 32-byte id, the
+/// SHA-256 of its leaf digest (a different version is a different id, as in our leaf lists).
+fn negentropy_ids(store: &BenchStore, n: u64) -> negentropy::NegentropyStorageVector {
+    use sha2::Digest as _;
+    let shape = store.shape;
+    let mut storage = negentropy::NegentropyStorageVector::with_capacity(n as usize + 16);
+    let mut add = |p: &Property| {
+        let digest = p.leaf_digest(&shape);
+        let id: [u8; 32] = sha2::Sha256::digest(digest.as_bytes()).into();
+        storage.insert(0, negentropy::Id::from_byte_array(id)).expect("insert");
+    };
+    let overrides = store.overrides.lock().expect("lock").clone();
+    for i in 0..n {
+        let entity = property(i).entity().expect("entity");
+        if !overrides.contains_key(&entity) {
+            add(&property(i));
+        }
+    }
+    for p in overrides.values().flatten() {
+        add(p);
+    }
+    storage.seal().expect("seal");
+    storage
+}
+
+/// One negentropy reconciliation between the two sides (the client initiates; no frame
+/// limit): round trips, bytes both ways, and the ids found on one side only.
+fn negentropy_sync(a: &BenchStore, b: &BenchStore, n: u64) -> (u32, u64, usize) {
+    let mut client =
+        negentropy::Negentropy::owned(negentropy_ids(a, n), 0).expect("negentropy client");
+    let mut server =
+        negentropy::Negentropy::owned(negentropy_ids(b, n), 0).expect("negentropy server");
+    let mut query = client.initiate().expect("initiate");
+    let (mut have, mut need) = (Vec::new(), Vec::new());
+    let mut round_trips = 0;
+    let mut bytes = 0u64;
+    loop {
+        let answer = server.reconcile(&query).expect("server reconcile");
+        round_trips += 1;
+        bytes += (query.len() + answer.len()) as u64;
+        match client
+            .reconcile_with_ids(&answer, &mut have, &mut need)
+            .expect("client reconcile")
+        {
+            Some(next) => query = next,
+            None => break,
+        }
+    }
+    (round_trips, bytes, have.len() + need.len())
+}
+
 fn bandwidth(n: u64) {
     println!(
         "\nrepair bandwidth: n = {n} properties (~200 B each), bytes = encoded protobuf sizes, both ways"
     );
     println!(
-        "{:<10} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14} {:>16}",
+        "{:<10} {:>6} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>16}",
         "shape",
         "d",
+        "v",
+        "RT",
         "total B",
         "ideal B",
         "records B",
@@ -297,6 +352,10 @@ fn bandwidth(n: u64) {
         "tree B / diff",
         "beyond ideal/diff"
     );
+    // For `cargo xtask bench-report`: one row per (shape, d), at the current protocol.
+    let mut rows = Vec::new();
+    let negentropy_wanted = std::env::var("PROPD_BENCH_NEGENTROPY").map_or(true, |v| v != "0");
+    let mut negentropy_rows = Vec::new();
     for (label, shape) in [
         ("default", Shape::default()),
         ("reference", Shape::reference()),
@@ -305,34 +364,83 @@ fn bandwidth(n: u64) {
         let base = BenchStore::build(shape, n);
         let built = started.elapsed();
         for d in [1u64, 10, 1000, 10_000] {
-            let (a, b) = (base.deep_clone(), base.deep_clone());
-            let ideal = diverge(&a, &b, n, d);
-            let (report, _) = sync_in_memory(&a, &b, GROUP, 0, Config::default()).expect("sync");
-            assert_eq!(a.root(), b.root(), "the sync must converge");
-            let total = report.bytes_sent + report.bytes_received;
-            println!(
-                "{:<10} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14.1} {:>16.1}",
-                label,
-                d,
-                total,
-                ideal,
-                report.record_bytes,
-                report.tree_bytes(),
-                report.tree_bytes() as f64 / d as f64,
-                total.saturating_sub(ideal) as f64 / d as f64,
-            );
+            // The current protocol (3) and the one before it (2), on the same data.
+            for version in [3, 2] {
+                if label == "reference" && version == 2 {
+                    continue;
+                }
+                let (a, b) = (base.deep_clone(), base.deep_clone());
+                let ideal = diverge(&a, &b, n, d);
+                if label == "default" && version == 3 && negentropy_wanted {
+                    let (rt, bytes, ids) = negentropy_sync(&a, &b, n);
+                    negentropy_rows.push((d, rt, bytes, ids));
+                }
+                let config = Config {
+                    protocol_version: version,
+                    ..Config::default()
+                };
+                let (report, _) = sync_in_memory(&a, &b, GROUP, 0, config).expect("sync");
+                assert_eq!(a.root(), b.root(), "the sync must converge");
+                assert_eq!(report.protocol_version, version);
+                let total = report.bytes_sent + report.bytes_received;
+                println!(
+                    "{:<10} {:>6} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14.1} {:>16.1}",
+                    label,
+                    d,
+                    version,
+                    report.round_trips,
+                    total,
+                    ideal,
+                    report.record_bytes,
+                    report.tree_bytes(),
+                    report.tree_bytes() as f64 / d as f64,
+                    total.saturating_sub(ideal) as f64 / d as f64,
+                );
+                if version == 3 {
+                    rows.push(format!(
+                        "{{\"shape\":\"{label}\",\"n\":{n},\"d\":{d},\"total\":{total},\"ideal\":{ideal},\"tree\":{},\"round_trips\":{}}}",
+                        report.tree_bytes(),
+                        report.round_trips
+                    ));
+                }
+            }
         }
         println!("  ({label}: building the {n}-leaf tree took {built:.1?})");
     }
-    // The in-sync check: one round trip.
-    let base = BenchStore::build(Shape::default(), n.min(100_000));
-    let (report, _) =
-        sync_in_memory(&base.deep_clone(), &base, GROUP, 0, Config::default()).expect("sync");
+    propd_benches::results::record("repair_bandwidth", &format!("[{}]", rows.join(",")));
+    // negentropy 0.5.3 on the same data (the default rows' divergence): 32-byte ids, no frame
+    // limit. Its round trips find the ids; moving the records would take one more.
+    println!("negentropy 0.5.3, same data:");
     println!(
-        "in sync: {} bytes both ways, in_sync = {}",
-        report.bytes_sent + report.bytes_received,
-        report.in_sync
+        "{:>6} {:>4} {:>12} {:>14} {:>10}",
+        "d", "RT", "bytes", "bytes / diff", "ids found"
     );
+    for (d, rt, bytes, ids) in negentropy_rows {
+        println!(
+            "{:>6} {:>4} {:>12} {:>14.1} {:>10}",
+            d,
+            rt,
+            bytes,
+            bytes as f64 / d as f64,
+            ids
+        );
+    }
+    // The in-sync check: one round trip, at each version.
+    let base = BenchStore::build(Shape::default(), n);
+    for version in [3, 2] {
+        let config = Config {
+            protocol_version: version,
+            ..Config::default()
+        };
+        let (report, _) =
+            sync_in_memory(&base.deep_clone(), &base, GROUP, 0, config).expect("sync");
+        println!(
+            "in sync (v{version}): {} bytes both ways, {} round trip(s), in_sync = {}",
+            report.bytes_sent + report.bytes_received,
+            report.round_trips,
+            report.in_sync
+        );
+    }
 }
 
 fn big_property(i: u64) -> Property {
@@ -472,6 +580,14 @@ fn throughput(n: u64) {
     println!(
         "\nrepair throughput: {n} properties of ~2 KB into an empty redb store (median of 3)\n  local bulk load: {l:.2?}   sync over loopback tonic: {r:.2?}   ratio {:.2}x   goal: <= 2x and <= 5 s",
         r.as_secs_f64() / l.as_secs_f64()
+    );
+    propd_benches::results::record(
+        &format!("bootstrap_n{n}"),
+        &format!(
+            "{{\"n\":{n},\"local_bulk_load_s\":{},\"sync_s\":{}}}",
+            l.as_secs_f64(),
+            r.as_secs_f64()
+        ),
     );
 }
 

@@ -45,6 +45,7 @@ impl From<SyncReport> for pb::SyncReport {
             peer_failed: r.peer_failed,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
+            round_trips: r.round_trips,
             ..Default::default()
         }
     }
@@ -62,6 +63,7 @@ impl From<&pb::SyncReport> for SyncReport {
             peer_failed: r.peer_failed,
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
+            round_trips: r.round_trips,
         }
     }
 }
@@ -311,6 +313,7 @@ mod tests {
                         peer_failed: 9,
                         bytes_sent: 6,
                         bytes_received: 7,
+                        round_trips: 10,
                     }),
                     error: None,
                     count: 1,

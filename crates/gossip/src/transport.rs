@@ -542,6 +542,7 @@ impl<S: SyncWork> Inner<S> {
                         peer_applied = span.report.map_or(0, |r| r.peer_applied),
                         bytes_sent = span.report.map_or(0, |r| r.bytes_sent),
                         bytes_received = span.report.map_or(0, |r| r.bytes_received),
+                        round_trips = span.report.map_or(0, |r| r.round_trips),
                         error = span.error.as_deref().unwrap_or(""),
                         "propagation step"
                     );

@@ -132,6 +132,9 @@ pub struct SyncReport {
     pub bytes_sent: u64,
     /// Bytes received from the peer.
     pub bytes_received: u64,
+    /// Round trips the sync took (`propd_repair::SyncReport::round_trips`; 0 from a node that
+    /// predates the count).
+    pub round_trips: u32,
 }
 
 /// Whether a trace span is a sync or a skip.

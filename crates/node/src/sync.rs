@@ -125,6 +125,8 @@ impl SyncWork for RepairSync {
                     received = report.received,
                     applied = report.applied,
                     peer_applied = report.peer_applied,
+                    round_trips = report.round_trips,
+                    protocol_version = report.protocol_version,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "sync finished"
                 );
@@ -162,6 +164,7 @@ fn trace_report(report: &propd_repair::SyncReport) -> SyncReport {
         peer_failed: report.peer_failed,
         bytes_sent: report.bytes_sent,
         bytes_received: report.bytes_received,
+        round_trips: report.round_trips,
     }
 }
 

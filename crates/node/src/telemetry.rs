@@ -173,6 +173,7 @@ fn step_attributes(step: &TraceSpan) -> Vec<KeyValue> {
             KeyValue::new("propd.failed", count(report.failed)),
             KeyValue::new("propd.bytes_sent", count(report.bytes_sent)),
             KeyValue::new("propd.bytes_received", count(report.bytes_received)),
+            KeyValue::new("propd.round_trips", i64::from(report.round_trips)),
         ]);
     }
     attributes

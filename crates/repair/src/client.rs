@@ -1,6 +1,6 @@
 //! The client state machine: it holds the propagation, sends its tree level by level and its copies.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use pb::repair_request::Msg as Out;
 use pb::repair_response::Msg as In;
@@ -10,6 +10,7 @@ use prost::Message;
 
 use crate::common::{Applier, CopyQueue, Listed};
 use crate::config::Config;
+use crate::descent::{self, Expanded, Side, StepRules, ToCompare};
 use crate::error::{ProtocolError, SyncError, malformed};
 use crate::report::SyncReport;
 use crate::store_api::{LeafKey, RepairStore, leaf_key};
@@ -50,6 +51,8 @@ struct Merge {
     /// Fingerprints the server listed in the chunk: what resolving a request for it costs the
     /// server at most, charged against a request page.
     listed: usize,
+    /// The half-trip depth of the list (for the round-trip count).
+    depth: u32,
 }
 
 /// Server versions to ask for under one listed chunk.
@@ -65,6 +68,10 @@ struct Missing {
 /// A frontier parent of a sent `LevelDigests` page and the presence bitmap of its children we
 /// sent (a clear bit is a child we lack).
 type SentParent = (NodeId, Vec<u8>);
+
+/// A sent `LevelDigests` page awaiting its `LevelDiff`: its parents, whether it was the last
+/// page of its level, and its half-trip depth.
+type SentPage = (Vec<SentParent>, bool, u32);
 
 /// Whether `leaf` lies beyond the inclusive end `until` of a chunk.
 fn beyond(leaf: &propd_merkle::Leaf, until: Option<&LeafKey>) -> bool {
@@ -97,11 +104,20 @@ pub struct Client {
     /// Whether the last page of `level` has been sent.
     level_sent: bool,
     /// Parents of each sent page awaiting its LevelDiff (each with the presence bitmap of its
-    /// children we sent), and whether it was the last page.
-    awaiting_diff: VecDeque<(Vec<SentParent>, bool)>,
+    /// children we sent), whether it was the last page, and its depth.
+    awaiting_diff: VecDeque<SentPage>,
     next_frontier: Vec<NodeId>,
-    /// Nodes whose leaf lists the server announced and has not finished.
-    expected_leaves: VecDeque<NodeId>,
+    /// Depth of the next `LevelDigests` page (version 1 and 2).
+    frontier_depth: u32,
+    /// Version 3: nodes we expanded, awaiting the server's verdict, in the order sent.
+    awaiting: VecDeque<Expanded>,
+    /// Version 3: nodes the server expanded, for us to compare and answer.
+    to_compare: VecDeque<ToCompare>,
+    /// Nodes whose leaf lists the server announced or will send and has not begun, with the
+    /// depth at which each list arrives.
+    expected: HashMap<NodeId, u32>,
+    /// The node whose list is in progress (more chunks follow), and the list's depth.
+    listing: Option<(NodeId, u32)>,
     partial: HashSet<u64>,
     /// Version 2: where the next chunk of the front expected node's list starts.
     chunk_start: Option<LeafKey>,
@@ -112,6 +128,12 @@ pub struct Client {
     missing_count: usize,
     applier: Applier,
     report: SyncReport,
+    /// Half-trip depths (docs/protocol.md, "Round trips"): TreeRoot is 0, its answer 1. The
+    /// deepest server message that decided what we send, the deepest message we sent, and the
+    /// depth of the copies and requests due (one more than the deepest list merged).
+    recv_depth: u32,
+    sent_depth: u32,
+    reply_depth: u32,
 }
 
 impl Client {
@@ -146,6 +168,25 @@ impl Client {
         };
         let mut report = SyncReport::with_levels(shape.bucket_level() + 2);
         report.preview = config.preview;
+        // Version 3: the slots travel with the root, so the server's first answer already
+        // descends (a version-2 server ignores them).
+        let mut awaiting = VecDeque::new();
+        let mut slots = Vec::new();
+        if config.protocol_version >= wire::STEP_VERSION && leaf_count > 0 {
+            let width = config.wire_digest_width as usize;
+            let (present, digests, count) =
+                descent::expand(store, &shape, group, shard, NodeId::ROOT, width)?;
+            slots.extend_from_slice(&present);
+            slots.extend_from_slice(&digests);
+            if let Some(level) = report.level_mut(1) {
+                level.digests += count;
+            }
+            awaiting.push_back(Expanded {
+                node: NodeId::ROOT,
+                present,
+                depth: 0,
+            });
+        }
         let mut client = Client {
             wire_width: config.wire_digest_width as usize,
             group: group.to_owned(),
@@ -160,7 +201,11 @@ impl Client {
             level_sent: true,
             awaiting_diff: VecDeque::new(),
             next_frontier: Vec::new(),
-            expected_leaves: VecDeque::new(),
+            frontier_depth: 0,
+            awaiting,
+            to_compare: VecDeque::new(),
+            expected: HashMap::new(),
+            listing: None,
             partial: HashSet::new(),
             chunk_start: None,
             listed: Listed::default(),
@@ -171,6 +216,9 @@ impl Client {
             applier: Applier::default(),
             report,
             config,
+            recv_depth: 0,
+            sent_depth: 0,
+            reply_depth: 0,
         };
         client.out.push_back(pb::RepairRequest {
             msg: Some(Out::TreeRoot(pb::TreeRoot {
@@ -182,6 +230,7 @@ impl Client {
                 preview: client.config.preview,
                 wire_digest_width: client.wire_width as u32,
                 protocol_version: client.config.protocol_version,
+                slots,
             })),
         });
         Ok(client)
@@ -279,6 +328,9 @@ impl Client {
             (Phase::Descent, In::DifferTreeSummary(summary)) => {
                 self.on_summary(summary, len).map_err(Into::into)
             }
+            (Phase::Descent, In::TreeStep(page)) if self.version >= wire::STEP_VERSION => {
+                self.on_step(page, len).map_err(Into::into)
+            }
             (Phase::Descent | Phase::AwaitSyncEnd, In::PropertySync(page))
                 if !self.config.preview =>
             {
@@ -294,11 +346,19 @@ impl Client {
                 self.apply_pending(store);
                 self.report.peer_applied = end.applied;
                 self.report.peer_failed = end.failed;
+                // SyncEnd answers our last message.
+                self.saw(self.sent_depth + 1);
                 self.phase = Phase::Done;
                 Ok(())
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    /// Records a server message of half-trip `depth` that decides what we send next.
+    fn saw(&mut self, depth: u32) {
+        self.recv_depth = self.recv_depth.max(depth);
+        self.report.round_trips = self.report.round_trips.max(depth.div_ceil(2));
     }
 
     /// Whether listed nodes we lack come by the bulk path (the server decides the same way).
@@ -360,8 +420,21 @@ impl Client {
                 reason: answer.error,
             });
         }
-        self.version = wire::version_of(answer.protocol_version).min(self.config.protocol_version);
+        let theirs = wire::version_of(answer.protocol_version);
+        self.version = theirs.min(self.config.protocol_version);
+        if self.version < self.config.min_protocol_version {
+            return Err(SyncError::UnsupportedVersion {
+                peer: theirs,
+                min: self.config.min_protocol_version,
+                max: self.config.protocol_version,
+            });
+        }
         self.report.protocol_version = self.version;
+        self.saw(1);
+        if self.version < wire::STEP_VERSION {
+            // The server ignored the slots: the descent goes level by level.
+            self.awaiting.clear();
+        }
         if answer.root_match {
             self.report.in_sync = true;
             self.phase = Phase::Done;
@@ -377,12 +450,106 @@ impl Client {
                 .into());
             }
             // No descent: the whole shard comes as BulkSync pages.
+            self.awaiting.clear();
             self.listed.insert(NodeId::ROOT);
             self.start_level(1, Vec::new());
             return Ok(());
         }
+        if self.version >= wire::STEP_VERSION {
+            if self.awaiting.is_empty() {
+                return Err(ProtocolError::Unexpected {
+                    phase: "a version-3 sync whose client sent no slots",
+                    message: "RootCompare without root_match or whole_shard",
+                }
+                .into());
+            }
+            // The server's TreeStep answering the slots follows.
+            self.start_level(1, Vec::new());
+            return Ok(());
+        }
+        self.frontier_depth = 2;
         self.start_level(1, vec![NodeId::ROOT]);
         Ok(())
+    }
+
+    /// Version 3: a server step, checked as a whole, then taken in: its verdicts settle or
+    /// descend our expanded nodes, and its expansions queue for our answer.
+    fn on_step(&mut self, page: pb::TreeStep, len: u64) -> Result<(), ProtocolError> {
+        let read = descent::read_step(
+            &page,
+            &self.awaiting,
+            &self.shape,
+            self.wire_width,
+            Side::Client,
+        )?;
+        let level = self.awaiting.front().map_or(1, |e| e.node.level + 1);
+        if let Some(level) = self.report.level_mut(level) {
+            level.bytes_received += len;
+        }
+        self.awaiting.drain(..read.answered);
+        let bulk = self.bulk();
+        for settled in read.settled {
+            self.listed.insert(settled.node);
+            // A node we lack comes as a stream of properties, any other as a list.
+            if !bulk || settled.client_has {
+                self.expected.insert(settled.node, read.depth);
+            }
+        }
+        for item in &read.to_compare {
+            let count = item
+                .present
+                .iter()
+                .map(|b| b.count_ones() as u64)
+                .sum::<u64>();
+            if let Some(level) = self.report.level_mut(item.node.level + 1) {
+                level.digests += count;
+            }
+        }
+        self.to_compare.extend(read.to_compare);
+        self.saw(read.depth);
+        Ok(())
+    }
+
+    /// Version 3: our next step page, answering the server's expansions at the front.
+    fn step_page<S: RepairStore>(&mut self, store: &S) -> Result<pb::RepairRequest, SyncError> {
+        let rules = StepRules {
+            side: Side::Client,
+            width: self.wire_width,
+            page_items: self.config.page_items,
+            leaf_list_max: self.config.leaf_list_max,
+        };
+        let built = descent::build_step(
+            store,
+            &self.shape,
+            &self.group,
+            self.shard,
+            &mut self.to_compare,
+            &rules,
+        )?
+        .ok_or(SyncError::Protocol(ProtocolError::Unexpected {
+            phase: "nothing to compare",
+            message: "TreeStep",
+        }))?;
+        let bulk = self.bulk();
+        for settled in &built.settled {
+            self.listed.insert(settled.node);
+            // The server lists it in its answer, or streams it when we lack it.
+            if !bulk || settled.client_has {
+                self.expected.insert(settled.node, built.depth + 1);
+            }
+        }
+        self.awaiting.extend(built.expanded);
+        self.sent_depth = self.sent_depth.max(built.depth);
+        let msg = pb::RepairRequest {
+            msg: Some(Out::TreeStep(built.page)),
+        };
+        if let Some(level) = self.report.level_mut(built.level + 1) {
+            level.digests += built.digests;
+        }
+        if let Some(level) = self.report.level_mut(built.level) {
+            level.bytes_sent += msg.encoded_len() as u64;
+        }
+        Ok(msg)
     }
 
     fn start_level(&mut self, level: u32, parents: Vec<NodeId>) {
@@ -399,7 +566,7 @@ impl Client {
                 found: diff.level,
             });
         }
-        let Some((parents, last)) = self.awaiting_diff.pop_front() else {
+        let Some((parents, last, depth)) = self.awaiting_diff.pop_front() else {
             return Err(ProtocolError::Unexpected {
                 phase: "no LevelDigests page awaits an answer",
                 message: "LevelDiff",
@@ -413,6 +580,7 @@ impl Client {
         }
         let bucket_level = self.shape.bucket_level();
         let bulk = self.bulk();
+        let depth = depth + 1;
         let mut reader = wire::Reader::new("LevelDiff.packed", &diff.packed);
         for (parent, present) in parents {
             let range = self.shape.child_range(parent);
@@ -436,7 +604,7 @@ impl Client {
                 if wire::bit(leaves, i) {
                     // A node we lack comes as a stream of properties, any other as a list.
                     if !bulk || wire::bit(&present, i) {
-                        self.expected_leaves.push_back(child);
+                        self.expected.insert(child, depth);
                     }
                     self.listed.insert(child);
                 } else if self.level == bucket_level {
@@ -450,7 +618,9 @@ impl Client {
             }
         }
         reader.finish()?;
+        self.saw(depth);
         if last {
+            self.frontier_depth = depth + 1;
             let next = std::mem::take(&mut self.next_frontier);
             if next.is_empty() {
                 self.level_sent = true;
@@ -469,11 +639,12 @@ impl Client {
     ) -> Result<(), ProtocolError> {
         let mut attributed = false;
         for node in summary.nodes {
-            // Each node must be the next one the client listed for its leaves.
-            let expected = match self.expected_leaves.front() {
-                Some(&expected) if (node.level, node.index) == (expected.level, expected.index) => {
-                    expected
-                }
+            let id = NodeId::new(node.level, node.index);
+            // Each node must be the one whose list is in progress, or, when none is, one the
+            // descent settled and whose list has not begun.
+            let depth = match self.listing {
+                Some((listing, depth)) if listing == id => depth,
+                None if self.expected.contains_key(&id) => self.expected[&id],
                 _ => {
                     return Err(ProtocolError::UnlistedNode {
                         message: "NodeLeaves",
@@ -489,50 +660,53 @@ impl Client {
                     "false, yet fingerprints follow",
                 ));
             }
-            if let Some(level) = self.report.level_mut(expected.level) {
+            let until = wire::leaf_key_from_bytes("NodeLeaves.until", &node.until)?;
+            if self.version >= wire::BULK_VERSION && node.more != until.is_some() {
+                return Err(malformed(
+                    "NodeLeaves.until",
+                    "must be set exactly when more chunks follow",
+                ));
+            }
+            self.expected.remove(&id);
+            self.listing = node.more.then_some((id, depth));
+            self.saw(depth);
+            if let Some(level) = self.report.level_mut(id.level) {
                 level.fingerprints += fps.len() as u64;
                 if !attributed {
                     level.bytes_received += len;
                     attributed = true;
                 }
             }
-            let until = wire::leaf_key_from_bytes("NodeLeaves.until", &node.until)?;
             if self.version >= wire::BULK_VERSION {
                 // Each chunk is merged and requested on its own, over its key range.
-                if node.more != until.is_some() {
-                    return Err(malformed(
-                        "NodeLeaves.until",
-                        "must be set exactly when more chunks follow",
-                    ));
-                }
                 let listed = fps.len();
                 let start = if node.more {
                     std::mem::replace(&mut self.chunk_start, until.clone())
                 } else {
-                    self.expected_leaves.pop_front();
                     self.chunk_start.take()
                 };
                 self.merges.push_back(Merge {
-                    node: expected,
+                    node: id,
                     theirs: fps.into_iter().collect(),
                     after: start.clone(),
                     start,
                     until,
                     listed,
+                    depth,
                 });
                 continue;
             }
             self.partial.extend(fps);
             if !node.more {
-                self.expected_leaves.pop_front();
                 let theirs = std::mem::take(&mut self.partial);
                 self.merges.push_back(Merge {
-                    node: expected,
+                    node: id,
                     listed: theirs.len(),
                     theirs,
                     after: None,
                     start: None,
                     until: None,
+                    depth,
                 });
             }
         }
@@ -543,7 +717,10 @@ impl Client {
         self.level_sent
             && self.frontier.is_empty()
             && self.awaiting_diff.is_empty()
-            && self.expected_leaves.is_empty()
+            && self.awaiting.is_empty()
+            && self.to_compare.is_empty()
+            && self.expected.is_empty()
+            && self.listing.is_none()
     }
 
     fn backlog(&self) -> usize {
@@ -592,19 +769,26 @@ impl Client {
             if let Some((page, record_bytes)) = page {
                 self.report.sent += page.properties.len() as u64;
                 self.report.record_bytes += record_bytes;
+                self.sent_depth = self.sent_depth.max(self.reply_depth);
                 return Ok(Some(pb::RepairRequest {
                     msg: Some(Out::PropertySync(page)),
                 }));
             }
         }
         if missing_due {
+            self.sent_depth = self.sent_depth.max(self.reply_depth);
             return Ok(Some(self.missing_page()));
         }
         if !self.level_sent && !pressure {
             return self.digest_page(store).map(Some);
         }
+        if !self.to_compare.is_empty() && !pressure {
+            return self.step_page(store).map(Some);
+        }
         if quiet && self.copies.is_empty() && self.missing_count == 0 {
             self.phase = Phase::AwaitSyncEnd;
+            // Sent once everything the server announced has come in.
+            self.sent_depth = self.sent_depth.max(self.recv_depth + 1);
             return Ok(Some(pb::RepairRequest {
                 msg: Some(Out::NoMorePropertySync(pb::NoMorePropertySync {})),
             }));
@@ -618,6 +802,7 @@ impl Client {
         let Some(merge) = self.merges.front_mut() else {
             return Ok(());
         };
+        self.reply_depth = self.reply_depth.max(merge.depth + 1);
         let leaves = store
             .leaves_under(
                 &self.group,
@@ -772,7 +957,9 @@ impl Client {
         if let Some(level) = self.report.level_mut(self.level) {
             level.digests += digests;
         }
-        self.awaiting_diff.push_back((parents, last));
+        self.sent_depth = self.sent_depth.max(self.frontier_depth);
+        self.awaiting_diff
+            .push_back((parents, last, self.frontier_depth));
         Ok(msg)
     }
 

@@ -31,8 +31,14 @@ pub struct Config {
     pub max_backlog: usize,
     /// The highest protocol version this side speaks (default
     /// [`crate::PROTOCOL_VERSION`]); a sync runs at the lower of the two sides'. 1 turns off
-    /// the bulk path and the range cursors (for mixed-version clusters and their tests).
+    /// the bulk path and the range cursors, 2 the alternating descent (for mixed-version
+    /// clusters and their tests).
     pub protocol_version: u32,
+    /// The lowest protocol version this side accepts (default 1: every older peer syncs at its
+    /// own version). A peer whose highest version is below it is refused with
+    /// [`SyncError::UnsupportedVersion`] (client) or a `RootCompare` error naming both versions
+    /// (server).
+    pub min_protocol_version: u32,
 }
 
 impl Default for Config {
@@ -46,6 +52,7 @@ impl Default for Config {
             preview: false,
             max_backlog: 8 * 1024,
             protocol_version: crate::wire::PROTOCOL_VERSION,
+            min_protocol_version: 1,
         }
     }
 }
@@ -93,6 +100,13 @@ impl Config {
                 "protocol_version",
                 self.protocol_version as u64,
                 "must lie in 1..=PROTOCOL_VERSION",
+            );
+        }
+        if !(1..=self.protocol_version).contains(&self.min_protocol_version) {
+            return bad(
+                "min_protocol_version",
+                self.min_protocol_version as u64,
+                "must lie in 1..=protocol_version",
             );
         }
         if self.max_backlog < self.page_items {

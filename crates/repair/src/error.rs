@@ -40,6 +40,18 @@ pub enum SyncError {
         /// The peer's explanation.
         reason: String,
     },
+    /// The peer speaks no protocol version this node accepts.
+    #[error(
+        "the peer speaks protocol version {peer} at most, this node speaks versions {min}..={max}"
+    )]
+    UnsupportedVersion {
+        /// The highest version the peer speaks (its `RootCompare.protocol_version`).
+        peer: u32,
+        /// The lowest version this node accepts.
+        min: u32,
+        /// The highest version this node speaks.
+        max: u32,
+    },
     /// The peer was reached and ended the call with an error status (transport driver only):
     /// `INVALID_ARGUMENT` when it judged a message of ours malformed or out of protocol order,
     /// `INTERNAL` when its store failed, and so on. A status that means the peer could not be
@@ -122,6 +134,7 @@ impl SyncError {
             SyncError::NoLocalTree { .. }
             | SyncError::ShapeMismatch { .. }
             | SyncError::Refused { .. }
+            | SyncError::UnsupportedVersion { .. }
             | SyncError::Protocol(_)
             | SyncError::Store { .. }
             | SyncError::Config { .. } => Disposition::Abort,
@@ -284,6 +297,11 @@ mod tests {
             },
             SyncError::Refused {
                 reason: "wire_digest_width 4 is outside 8..=32".into(),
+            },
+            SyncError::UnsupportedVersion {
+                peer: 2,
+                min: 3,
+                max: 3,
             },
             SyncError::Protocol(ProtocolError::Empty),
             SyncError::Store {

@@ -19,6 +19,7 @@
 
 mod common;
 mod config;
+mod descent;
 mod error;
 mod store_api;
 mod wire;

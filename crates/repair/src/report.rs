@@ -9,7 +9,8 @@ use propd_proto::v1 as pb;
 pub struct LevelTraffic {
     /// The level.
     pub level: u32,
-    /// Node digests the client sent.
+    /// Node digests the client sent (version 3: node digests exchanged either way, since the
+    /// two sides take turns).
     pub digests: u64,
     /// Leaf fingerprints the client received (at `depth + 2`: requested).
     pub fingerprints: u64,
@@ -59,6 +60,11 @@ pub struct SyncReport {
     pub streamed: u64,
     /// The protocol version the sync ran at (0 until the server answered).
     pub protocol_version: u32,
+    /// Round trips the sync took: half the one-way trips, rounded up, on its longest chain of
+    /// messages each sent in answer to the one before, from `TreeRoot` to the client's last
+    /// received message (1 for an in-sync check). A count of the protocol's structure, the same
+    /// whatever the network's timing.
+    pub round_trips: u32,
 }
 
 impl SyncReport {
@@ -113,6 +119,7 @@ impl From<&SyncReport> for pb::SyncReport {
             in_sync: report.in_sync,
             streamed: report.streamed,
             protocol_version: report.protocol_version,
+            round_trips: report.round_trips,
         }
     }
 }

@@ -10,6 +10,7 @@ use prost::Message;
 
 use crate::common::{Applier, CopyQueue, Listed};
 use crate::config::Config;
+use crate::descent::{self, Expanded, Side, StepRules, ToCompare};
 use crate::error::{ProtocolError, SyncError, malformed};
 use crate::report::ServerReport;
 use crate::store_api::{LeafKey, RepairStore, leaf_key};
@@ -104,6 +105,10 @@ pub struct Server {
     /// Parents at `level - 1` the client must send the children of, in order.
     frontier: VecDeque<NodeId>,
     next_frontier: Vec<NodeId>,
+    /// Version 3: nodes we expanded, awaiting the client's verdict, in the order sent.
+    awaiting: VecDeque<Expanded>,
+    /// Version 3: nodes the client expanded, for us to compare and answer.
+    to_compare: VecDeque<ToCompare>,
     listed: Listed,
     /// Entities we sent back as newer: not to be sent again when the client asks for them.
     returned: HashSet<Entity>,
@@ -128,6 +133,8 @@ impl Server {
             level: 0,
             frontier: VecDeque::new(),
             next_frontier: Vec::new(),
+            awaiting: VecDeque::new(),
+            to_compare: VecDeque::new(),
             listed: Listed::default(),
             returned: HashSet::new(),
             out: VecDeque::new(),
@@ -211,8 +218,13 @@ impl Server {
         };
         match (self.phase, body) {
             (Phase::AwaitTreeRoot, In::TreeRoot(root)) => self.on_tree_root(store, root),
-            (Phase::Descent, In::LevelDigests(page)) if self.level_open() => {
+            (Phase::Descent, In::LevelDigests(page))
+                if self.version < wire::STEP_VERSION && self.level_open() =>
+            {
                 self.on_level_digests(store, page)
+            }
+            (Phase::Descent, In::TreeStep(page)) if self.version >= wire::STEP_VERSION => {
+                self.on_step(page).map_err(Into::into)
             }
             (Phase::Descent, In::PropertySync(page)) if !self.preview => {
                 self.report.received += page.properties.len() as u64;
@@ -236,7 +248,9 @@ impl Server {
                 Ok(())
             }
             (Phase::Descent, In::NoMorePropertySync(_))
-                if self.frontier.is_empty() && !self.level_open() =>
+                if self.frontier.is_empty()
+                    && self.awaiting.is_empty()
+                    && self.to_compare.is_empty() =>
             {
                 self.apply_pending(store);
                 self.phase = Phase::Draining;
@@ -276,7 +290,8 @@ impl Server {
         self.shard = root.shard;
         self.preview = root.preview;
         self.report.preview = root.preview;
-        self.version = wire::version_of(root.protocol_version).min(self.config.protocol_version);
+        let theirs = wire::version_of(root.protocol_version);
+        self.version = theirs.min(self.config.protocol_version);
         self.report.protocol_version = self.version;
         let ours = store.shape();
         let mut answer = pb::RootCompare {
@@ -290,6 +305,18 @@ impl Server {
             }));
             this.phase = Phase::Draining;
         };
+        if self.version < self.config.min_protocol_version {
+            // Refused before anything is read. The tree and shape flags are set so that a
+            // client of any version reports a refusal (not a missing tree, which it would skip).
+            answer.tree_found = true;
+            answer.shape_ok = true;
+            answer.error = format!(
+                "the client speaks protocol version {theirs} at most, this node speaks versions {}..={}",
+                self.config.min_protocol_version, self.config.protocol_version
+            );
+            done(self, answer);
+            return Ok(());
+        }
         if root.group.is_empty()
             || root.group.contains('/')
             || !store.has_shard(&root.group, root.shard)
@@ -349,12 +376,114 @@ impl Server {
             self.level = 1;
             return Ok(());
         }
+        if self.version >= wire::STEP_VERSION {
+            // The slots came with the root: our first TreeStep answers them.
+            let mut reader = wire::Reader::new("TreeRoot.slots", &root.slots);
+            let (present, digests) = descent::read_expansion(
+                &mut reader,
+                &self.shape,
+                NodeId::ROOT,
+                self.wire_width,
+                "TreeRoot.slots",
+            )?;
+            reader.finish()?;
+            self.to_compare.push_back(ToCompare {
+                node: NodeId::ROOT,
+                present,
+                digests,
+                depth: 0,
+            });
+            self.out.push_back(Job::Message(pb::RepairResponse {
+                msg: Some(Out::RootCompare(answer)),
+            }));
+            self.phase = Phase::Descent;
+            self.level = 1;
+            return Ok(());
+        }
         self.out.push_back(Job::Message(pb::RepairResponse {
             msg: Some(Out::RootCompare(answer)),
         }));
         self.phase = Phase::Descent;
         self.level = 1;
         self.frontier = VecDeque::from([NodeId::ROOT]);
+        Ok(())
+    }
+
+    /// Version 3: a client step, checked as a whole, then taken in: the nodes it settles are
+    /// listed or streamed now, its expansions queue for our answer.
+    fn on_step(&mut self, page: pb::TreeStep) -> Result<(), ProtocolError> {
+        let read = descent::read_step(
+            &page,
+            &self.awaiting,
+            &self.shape,
+            self.wire_width,
+            Side::Server,
+        )?;
+        self.awaiting.drain(..read.answered);
+        let (to_list, to_stream) = self.settle(&read.settled);
+        self.queue_leaves(to_list, to_stream);
+        self.to_compare.extend(read.to_compare);
+        Ok(())
+    }
+
+    /// Splits settled nodes into those whose leaves we list and those we stream (the client
+    /// lacks them), and remembers them as listed.
+    fn settle(&mut self, settled: &[descent::Settled]) -> (VecDeque<NodeId>, VecDeque<NodeId>) {
+        let mut to_list = VecDeque::new();
+        let mut to_stream = VecDeque::new();
+        for node in settled {
+            self.listed.insert(node.node);
+            if self.streams(node.client_has) {
+                to_stream.push_back(node.node);
+            } else {
+                to_list.push_back(node.node);
+            }
+        }
+        (to_list, to_stream)
+    }
+
+    fn queue_leaves(&mut self, to_list: VecDeque<NodeId>, to_stream: VecDeque<NodeId>) {
+        if !to_list.is_empty() {
+            self.out.push_back(Job::Leaves {
+                nodes: to_list,
+                after: None,
+            });
+        }
+        // After the lists, so that the client merges them while the stream flows.
+        if !to_stream.is_empty() {
+            self.out.push_back(Job::Bulk {
+                nodes: to_stream,
+                after: None,
+            });
+        }
+    }
+
+    /// Version 3: our next step page, answering the client's expansions at the front, queued
+    /// with the lists and streams of the nodes it settles.
+    fn step_page<S: RepairStore>(&mut self, store: &S) -> Result<(), SyncError> {
+        let rules = StepRules {
+            side: Side::Server,
+            width: self.wire_width,
+            page_items: self.config.page_items,
+            leaf_list_max: self.config.leaf_list_max,
+        };
+        let Some(built) = descent::build_step(
+            store,
+            &self.shape,
+            &self.group,
+            self.shard,
+            &mut self.to_compare,
+            &rules,
+        )?
+        else {
+            return Ok(());
+        };
+        let (to_list, to_stream) = self.settle(&built.settled);
+        self.awaiting.extend(built.expanded);
+        self.out.push_back(Job::Message(pb::RepairResponse {
+            msg: Some(Out::TreeStep(built.page)),
+        }));
+        self.queue_leaves(to_list, to_stream);
         Ok(())
     }
 
@@ -579,7 +708,13 @@ impl Server {
         &mut self,
         store: &S,
     ) -> Result<Option<pb::RepairResponse>, SyncError> {
-        while let Some(job) = self.out.pop_front() {
+        loop {
+            if self.out.is_empty() && !self.to_compare.is_empty() {
+                self.step_page(store)?;
+            }
+            let Some(job) = self.out.pop_front() else {
+                break;
+            };
             let msg = match job {
                 Job::Message(msg) => Some(msg),
                 Job::Leaves { nodes, after } => Some(self.list_leaves(store, nodes, after)?),

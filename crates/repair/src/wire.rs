@@ -24,10 +24,13 @@ pub(crate) fn fingerprint(digest: &Digest) -> u64 {
 }
 
 /// The highest protocol version this crate speaks (docs/protocol.md, "Versions").
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first version with the bulk path and range cursors on leaf lists.
 pub(crate) const BULK_VERSION: u32 = 2;
+
+/// The first version with the alternating descent (`TreeStep`, slots in `TreeRoot`).
+pub(crate) const STEP_VERSION: u32 = 3;
 
 /// A version number as sent: 0 (a peer that predates the field) means 1.
 pub(crate) fn version_of(sent: u32) -> u32 {
@@ -276,6 +279,7 @@ pub(crate) fn request_kind(msg: &pb::RepairRequest) -> &'static str {
         Some(Msg::PropertyMissing(_)) => "PropertyMissing",
         Some(Msg::PropertySync(_)) => "PropertySync",
         Some(Msg::NoMorePropertySync(_)) => "NoMorePropertySync",
+        Some(Msg::TreeStep(_)) => "TreeStep",
         None => "empty RepairRequest",
     }
 }
@@ -290,6 +294,7 @@ pub(crate) fn response_kind(msg: &pb::RepairResponse) -> &'static str {
         Some(Msg::PropertySync(_)) => "PropertySync",
         Some(Msg::BulkSync(_)) => "BulkSync",
         Some(Msg::SyncEnd(_)) => "SyncEnd",
+        Some(Msg::TreeStep(_)) => "TreeStep",
         None => "empty RepairResponse",
     }
 }

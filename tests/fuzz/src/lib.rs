@@ -98,6 +98,7 @@ impl Setup {
             // Both wire versions: version 1 descends and lists, version 2 streams one-sided
             // subtrees.
             protocol_version: if self.preview { 1 } else { 2 },
+            min_protocol_version: 1,
         }
     }
 
@@ -292,6 +293,7 @@ impl Request {
                 preview,
                 wire_digest_width,
                 protocol_version: 2,
+                slots: Vec::new(),
             })),
             Request::LevelDigests {
                 level,

@@ -391,6 +391,7 @@ impl Router {
             peer_failed: 0,
             bytes_sent: 8,
             bytes_received: 8,
+            round_trips: 1,
         }
     }
 

@@ -131,7 +131,7 @@ fn an_empty_replica_is_filled_by_the_bulk_path_without_fingerprints() {
             sync_in_memory(&empty, &full, GROUP, 0, small_pages()).expect("sync");
         assert_eq!(contents(&empty, 0), contents(&full, 0));
         assert_eq!(root(&empty, 0), root(&full, 0));
-        assert_eq!(report.protocol_version, 2);
+        assert_eq!(report.protocol_version, propd_repair::PROTOCOL_VERSION);
         assert_eq!(
             (report.streamed, report.received, report.applied),
             (3000, 3000, 3000)
@@ -198,7 +198,7 @@ fn a_subtree_only_the_server_holds_is_streamed_and_the_rest_merged() {
     let (report, _) = sync_in_memory(&a, &b, GROUP, 0, small_pages()).expect("sync");
     assert_eq!(contents(&a, 0), expected);
     assert_eq!(contents(&b, 0), expected);
-    assert_eq!(report.protocol_version, 2);
+    assert_eq!(report.protocol_version, propd_repair::PROTOCOL_VERSION);
     // The client holds 220 entities among the default shape's 512 level-2 nodes: many of the
     // server's 500 lie under nodes the client lacks and come by the bulk path, the rest by the
     // leaf merge.

@@ -57,7 +57,7 @@ fn configs() -> impl Strategy<Value = (Shape, (Config, Config))> {
             ..Config::default()
         })
     ];
-    (shape, config, 1u32..=2, 1u32..=2).prop_map(|(shape, config, client, server)| {
+    (shape, config, 1u32..=3, 1u32..=3).prop_map(|(shape, config, client, server)| {
         let side = |protocol_version| Config {
             protocol_version,
             ..config.clone()

@@ -9,3 +9,4 @@ mod scenarios;
 mod support;
 #[cfg(feature = "transport")]
 mod transport;
+mod versions;

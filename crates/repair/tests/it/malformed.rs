@@ -69,17 +69,42 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
                 }],
             })),
         },
+        pb::RepairRequest {
+            msg: Some(Msg::TreeStep(pb::TreeStep {
+                parents: 99,
+                packed: vec![0; 6],
+            })),
+        },
     ];
-    if let Some(pb::RepairRequest {
-        msg: Some(Msg::LevelDigests(page)),
-    }) = next
-        && !page.packed.is_empty()
-    {
-        let mut cut = page.clone();
-        cut.packed.pop();
-        bad.push(pb::RepairRequest {
-            msg: Some(Msg::LevelDigests(cut)),
-        });
+    match next {
+        Some(pb::RepairRequest {
+            msg: Some(Msg::LevelDigests(page)),
+        }) if !page.packed.is_empty() => {
+            let mut cut = page.clone();
+            cut.packed.pop();
+            bad.push(pb::RepairRequest {
+                msg: Some(Msg::LevelDigests(cut)),
+            });
+        }
+        Some(pb::RepairRequest {
+            msg: Some(Msg::TreeStep(page)),
+        }) => {
+            let mut cut = page.clone();
+            cut.packed.pop();
+            bad.push(pb::RepairRequest {
+                msg: Some(Msg::TreeStep(cut)),
+            });
+            // A child marked differing that neither side holds, or a stray bit past the
+            // children: the first parent's `differ` bitmap with every bit set.
+            let mut stray = page.clone();
+            if let Some(first) = stray.packed.first_mut() {
+                *first = 0xff;
+                bad.push(pb::RepairRequest {
+                    msg: Some(Msg::TreeStep(stray)),
+                });
+            }
+        }
+        _ => {}
     }
     bad
 }
@@ -117,6 +142,12 @@ fn bad_responses() -> Vec<pb::RepairResponse> {
                 properties: vec![foreign_copy()],
             })),
         },
+        pb::RepairResponse {
+            msg: Some(Msg::TreeStep(pb::TreeStep {
+                parents: 99,
+                packed: vec![0; 6],
+            })),
+        },
     ]
 }
 
@@ -140,7 +171,7 @@ fn the_server_rejects_bad_messages_at_every_step_and_changes_nothing() {
         "the clean run should have several phases, took {steps} steps"
     );
     for at in 0..steps {
-        for index in 0..5 {
+        for index in 0..7 {
             let (a, b) = stores();
             let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
             for _ in 0..at {

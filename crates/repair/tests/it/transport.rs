@@ -139,6 +139,7 @@ async fn the_real_servers_refusal_crosses_the_wire_and_changes_nothing() {
             preview: false,
             wire_digest_width: shape.digest_width + 1,
             protocol_version: propd_repair::PROTOCOL_VERSION,
+            slots: Vec::new(),
         })),
     };
     let mut answers = pb::repair_service_client::RepairServiceClient::new(channel)

@@ -1,0 +1,195 @@
+//! Protocol version 3 (the alternating descent): its round trips, counted by the client and
+//! checked against a lockstep run that delivers each side's messages one flight at a time; its
+//! interplay with version-2 peers; and the refusal of a peer below a node's minimum version.
+
+use propd_merkle::{Property, Shape};
+use propd_repair::pair::{Pair, PairError, sync_in_memory};
+use propd_repair::{Config, SyncError, SyncReport};
+use propd_store::ModelStore;
+
+use crate::support::*;
+
+/// Two stores of `n` equal properties, then `d` differences spread over the keys in four kinds
+/// by turn: the client's copy newer, the server's newer, only on the client, only on the server.
+fn diverged(shape: Shape, n: usize, d: usize) -> (ModelStore, ModelStore) {
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    let base: Vec<Property> = (0..n)
+        .map(|i| prop(&format!("e{i:06}"), 1, "x", 0))
+        .collect();
+    put(&a, 0, base.clone());
+    put(&b, 0, base);
+    for k in 0..d {
+        let id = format!("e{:06}", k * (n / d.max(1)));
+        match k % 4 {
+            0 => put(&a, 0, vec![prop(&id, 2, "client", 0)]),
+            1 => put(&b, 0, vec![prop(&id, 2, "server", 0)]),
+            2 => put(&a, 0, vec![prop(&format!("{id}-c"), 1, "only", 0)]),
+            _ => put(&b, 0, vec![prop(&format!("{id}-s"), 1, "only", 0)]),
+        }
+    }
+    (a, b)
+}
+
+type MakeConfig = fn(u32) -> Config;
+
+fn version(protocol_version: u32) -> Config {
+    Config {
+        protocol_version,
+        ..Config::default()
+    }
+}
+
+/// Descends to the buckets wherever digests differ, as in a shard of millions (where every
+/// node above a bucket holds more than `leaf_list_max` leaves).
+fn deep(protocol_version: u32) -> Config {
+    Config {
+        leaf_list_max: 0,
+        ..version(protocol_version)
+    }
+}
+
+/// Runs a sync in lockstep flights, as over a link whose latency dwarfs everything else: each
+/// side sends everything it can, then the peer takes the whole flight in (the server answers
+/// each message fully before reading the next, as its driver does). Returns the client's report
+/// and the number of one-way flights until the client is done.
+fn lockstep(a: &ModelStore, b: &ModelStore, client: Config, server: Config) -> (SyncReport, u32) {
+    let mut pair = Pair::with_configs(a, b, GROUP, 0, client, server).expect("pair");
+    let mut flights = 0u32;
+    let mut to_server = Vec::new();
+    while let Some(msg) = pair.client.poll_transmit(a).expect("client") {
+        to_server.push(msg);
+    }
+    while !pair.client.is_done() {
+        assert!(flights < 1000, "no end after {flights} flights");
+        flights += 1;
+        let mut to_client = Vec::new();
+        for msg in to_server.drain(..) {
+            pair.server.handle(b, msg).expect("server");
+            while let Some(out) = pair.server.poll_transmit(b).expect("server") {
+                to_client.push(out);
+            }
+        }
+        flights += 1;
+        for msg in to_client {
+            pair.client.handle(a, msg).expect("client");
+        }
+        while let Some(msg) = pair.client.poll_transmit(a).expect("client") {
+            to_server.push(msg);
+        }
+    }
+    (pair.client.report().clone(), flights)
+}
+
+#[test]
+fn the_in_sync_check_is_one_round_trip_under_512_bytes() {
+    let (a, b) = diverged(Shape::default(), 5000, 0);
+    let (report, flights) = lockstep(&a, &b, Config::default(), Config::default());
+    assert!(report.in_sync);
+    assert_eq!((report.round_trips, flights), (1, 2));
+    let bytes = report.bytes_sent + report.bytes_received;
+    assert!(bytes < 512, "{bytes} bytes");
+}
+
+#[test]
+fn one_difference_takes_four_round_trips_at_version_3_and_six_at_version_2() {
+    // The default shape: root, 32 slots, three bucket levels, leaves. Version 3 descends one
+    // level per half round trip from the slots sent with the root: the server compares the
+    // slots, the client level 2, the server level 3, the client the buckets; the server lists
+    // the bucket, the client sends its copy and requests, the server answers and ends.
+    for (protocol_version, round_trips) in [(3, 4), (2, 6)] {
+        let (a, b) = diverged(Shape::default(), 2000, 1);
+        let (report, flights) = lockstep(&a, &b, deep(protocol_version), deep(protocol_version));
+        assert_eq!(contents(&a, 0), contents(&b, 0));
+        assert_eq!(report.protocol_version, protocol_version);
+        assert_eq!(
+            (report.round_trips, flights.div_ceil(2)),
+            (round_trips, round_trips),
+            "version {protocol_version}: {report:?}"
+        );
+    }
+}
+
+#[test]
+fn the_counted_round_trips_match_a_lockstep_run() {
+    for shape in [Shape::default(), small_shape()] {
+        let sides: [(usize, MakeConfig); 4] =
+            [(1, deep), (10, version), (100, deep), (300, version)];
+        for (d, config) in sides {
+            for protocol_version in [1, 2, 3] {
+                let (a, b) = diverged(shape, 1500, d);
+                let expected = merged(&contents(&a, 0), &contents(&b, 0), &shape);
+                let config = config(protocol_version);
+                let (report, flights) = lockstep(&a, &b, config.clone(), config);
+                assert_eq!(contents(&a, 0), expected);
+                assert_eq!(contents(&b, 0), expected);
+                assert_eq!(
+                    report.round_trips,
+                    flights.div_ceil(2),
+                    "{shape:?} d = {d} version {protocol_version}: {report:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn version_3_and_version_2_peers_sync_at_version_2_in_either_role() {
+    for (client, server) in [(3, 2), (2, 3)] {
+        let (a, b) = diverged(Shape::default(), 3000, 40);
+        let expected = merged(&contents(&a, 0), &contents(&b, 0), &Shape::default());
+        let (report, served) =
+            Pair::with_configs(&a, &b, GROUP, 0, version(client), version(server))
+                .expect("pair")
+                .drive_bounded(1_000_000)
+                .expect("sync");
+        assert_eq!((report.protocol_version, served.protocol_version), (2, 2));
+        assert_eq!(contents(&a, 0), expected);
+        assert_eq!(contents(&b, 0), expected);
+    }
+}
+
+#[test]
+fn a_peer_below_the_minimum_version_is_refused_naming_both_versions() {
+    let strict = Config {
+        min_protocol_version: 3,
+        ..Config::default()
+    };
+    // This node as the client: the server answers at version 2.
+    let (a, b) = diverged(Shape::default(), 500, 3);
+    let (before_a, before_b) = (contents(&a, 0), contents(&b, 0));
+    let err = Pair::with_configs(&a, &b, GROUP, 0, strict.clone(), version(2))
+        .expect("pair")
+        .drive_bounded(1000)
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            PairError::Client(SyncError::UnsupportedVersion {
+                peer: 2,
+                min: 3,
+                max: 3
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "client: the peer speaks protocol version 2 at most, this node speaks versions 3..=3"
+    );
+    // This node as the server: a version-2 client is refused at the root compare.
+    let err = Pair::with_configs(&a, &b, GROUP, 0, version(2), strict)
+        .expect("pair")
+        .drive_bounded(1000)
+        .expect_err("refused");
+    match &err {
+        PairError::Client(SyncError::Refused { reason }) => assert_eq!(
+            reason,
+            "the client speaks protocol version 2 at most, this node speaks versions 3..=3"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!((contents(&a, 0), contents(&b, 0)), (before_a, before_b));
+    // The same nodes with the default minimum sync.
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, version(2)).expect("sync");
+    assert_eq!(report.protocol_version, 2);
+}
