@@ -1,7 +1,8 @@
-//! The receiver of a protocol-v2 `BulkSync` stream fed a hostile one (`propd_fuzz::bulk`):
-//! pages and properties out of key order, keys outside the listed nodes, oversize pages,
-//! forged, damaged and arbitrary messages. No panic, every bad page a typed error that changes
-//! nothing, no copy going back or invented, and a merely reordered stream still converging.
+//! The receiver of a `BulkSync` stream (protocol versions 2 and 3) fed a hostile one
+//! (`propd_fuzz::bulk`): pages and properties out of key order, keys outside the listed nodes,
+//! oversize pages, forged, damaged and arbitrary messages. No panic, every bad page a typed
+//! error that changes nothing, no copy going back or invented, and a merely reordered stream
+//! still converging.
 
 #![no_main]
 

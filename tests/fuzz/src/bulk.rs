@@ -1,9 +1,9 @@
-//! The receiving side of the protocol-v2 bulk path fed a hostile `BulkSync` stream: a real
-//! server streams a shard (or the subtrees the client lacks) to a real client, and the input
-//! rewrites every `BulkSync` page on its way — properties out of key order, pages swapped,
-//! joined or split, repeated and stale copies, a key under a node the client never listed, a
-//! page over `MAX_PAGE_ITEMS`, forged properties of any fields, flipped or cut encodings and
-//! arbitrary bytes decoded as a server message.
+//! The receiving side of the bulk path (protocol versions 2 and 3) fed a hostile `BulkSync`
+//! stream: a real server streams a shard (or the subtrees the client lacks) to a real client,
+//! and the input rewrites every `BulkSync` page on its way — properties out of key order, pages
+//! swapped, joined or split, repeated and stale copies, a key under a node the client never
+//! listed, a page over `MAX_PAGE_ITEMS`, forged properties of any fields, flipped or cut
+//! encodings and arbitrary bytes decoded as a server message.
 //!
 //! What must hold:
 //! - no panic; a message the client rejects is a typed `SyncError` after which the client is
@@ -73,6 +73,8 @@ pub struct BulkInput {
     /// Start the client empty (the server then streams the whole shard, `whole_shard`);
     /// otherwise only the subtrees the client lacks come by `BulkSync`.
     pub empty_client: bool,
+    /// Protocol version 3 (the alternating descent) instead of 2; both stream by `BulkSync`.
+    pub version3: bool,
     pub steps: Vec<BulkStep>,
 }
 
@@ -239,7 +241,7 @@ pub fn run_bulk(input: BulkInput) {
     let setup = input.setup;
     let mut config = setup.config();
     config.preview = false;
-    config.protocol_version = 2;
+    config.protocol_version = if input.version3 { 3 } else { 2 };
     let shape = setup.shape();
     let client_store = setup.store(if input.empty_client {
         &[]
