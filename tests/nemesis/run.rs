@@ -416,10 +416,7 @@ impl Nemesis<'_> {
     async fn replace_damaged(&mut self) -> usize {
         let mut replaced = 0;
         for i in 0..self.corrupted.len() {
-            if !self.corrupted[i]
-                || self.state[i] != NodeState::Up
-                || !self.cluster.is_running(i)
-            {
+            if !self.corrupted[i] || self.state[i] != NodeState::Up || !self.cluster.is_running(i) {
                 continue;
             }
             let http = self.cluster.nodes[i].http;
