@@ -195,7 +195,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
     nemesis.note("healed; repairing every shard".to_owned());
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let holders = holders(&cluster, &mut summary).await;
+    let holders = holders(nemesis.cluster, nemesis.summary).await;
     // One complete round per shard, then read. Copies may still differ by tombstones that one
     // copy has purged and another not yet (each purges on its own verification tick); such a
     // difference must vanish as the purges complete, so rounds and reads are repeated until
@@ -204,9 +204,12 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
     let mut pass = 0;
     let state = loop {
         pass += 1;
+        // A node restarted on a damaged file may meet the damage only now (a read, the scrub).
+        nemesis.replace_damaged().await;
         let mut found = Summary::default();
-        repair_all(&cluster, &holders, &mut found).await;
-        let (state, moved) = final_state(&cluster, &workload, &layout, &holders, &mut found).await;
+        repair_all(nemesis.cluster, &holders, &mut found).await;
+        let (state, moved) =
+            final_state(nemesis.cluster, &workload, &layout, &holders, &mut found).await;
         let differing = state
             .roots
             .values()
@@ -219,9 +222,9 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
              {moved} roots changed while the copies were read)",
             started.elapsed().as_secs_f64()
         );
-        summary.timeline.push(line);
+        nemesis.summary.timeline.push(line);
         if differing == 0 || Instant::now() > settle {
-            summary.problems.extend(found.problems);
+            nemesis.summary.problems.extend(found.problems);
             break state;
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -337,6 +340,7 @@ impl Nemesis<'_> {
         for (at, begin, i) in events {
             tokio::time::sleep_until((self.started + at).into()).await;
             self.watch_processes();
+            self.replace_damaged().await;
             let step = &steps[i];
             if begin {
                 *self
@@ -403,6 +407,49 @@ impl Nemesis<'_> {
                 self.note(format!("{id} is at {} MiB resident", peak / 1024));
             }
         }
+    }
+
+    /// Replaces every node whose data file the nemesis damaged and that now reports the damage
+    /// on `/health` (503, `store damaged`: a read met a damaged page after the file opened
+    /// cleanly), as docs/operations.md tells an operator to: stop it, remove its data, start it
+    /// empty and let repair refill it. Returns how many it replaced.
+    async fn replace_damaged(&mut self) -> usize {
+        let mut replaced = 0;
+        for i in 0..self.corrupted.len() {
+            if !self.corrupted[i] || self.state[i] != NodeState::Up || !self.cluster.is_running(i) {
+                continue;
+            }
+            let http = self.cluster.nodes[i].http;
+            let health = tokio::task::spawn_blocking(move || crate::http_get(http, "/health"))
+                .await
+                .ok()
+                .flatten();
+            let Some((503, body)) = health else { continue };
+            if !body.contains("store damaged") {
+                continue;
+            }
+            let id = self.cluster.nodes[i].id.clone();
+            self.note(format!(
+                "{id} reports its damaged data file: {}",
+                body.trim()
+            ));
+            self.note(format!("  replacing {id} by an empty node"));
+            self.corrupted[i] = false;
+            *self.summary.faults.entry("replace").or_default() += 1;
+            self.cluster.kill(i);
+            self.state[i] = NodeState::Down;
+            let mut restarted = self.cluster.wipe_data(i).and_then(|()| self.revive(i));
+            if restarted.is_ok() {
+                restarted = self.cluster.wait_ready(i, Duration::from_secs(60)).await;
+            }
+            if let Err(error) = restarted {
+                let problem = format!("replacing {id}: {error:#}");
+                self.note(problem.clone());
+                self.summary.problems.push(problem);
+            }
+            replaced += 1;
+        }
+        replaced
     }
 
     async fn inject(&mut self, step: usize, fault: &Fault) -> Result<()> {
@@ -577,8 +624,10 @@ impl Nemesis<'_> {
                 .await
                 .is_err()
             {
-                // Perhaps it refused a damaged file and is replaced now; else a problem.
+                // Perhaps it refused a damaged file, or reports one, and is replaced now; else
+                // a problem.
                 self.watch_processes();
+                self.replace_damaged().await;
                 if let Err(error) = self.cluster.wait_ready(node, Duration::from_secs(60)).await {
                     self.summary
                         .problems

@@ -14,6 +14,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "property_decode",
     "repair_server",
     "repair_client",
+    "bulk_sync",
     "gossip_admission",
 ];
 
@@ -26,7 +27,7 @@ cargo xtask fuzz [--seconds S] [TARGET...]
   Needs the nightly toolchain (skipped with a message without it); installs cargo-fuzz when
   it is missing (skipped with a message if that fails or takes too long).
 
-targets: snapshot_decode property_decode repair_server repair_client gossip_admission
+targets: snapshot_decode property_decode repair_server repair_client bulk_sync gossip_admission
 ";
 
 /// How long installing cargo-fuzz may take before the run is skipped.

@@ -16,6 +16,8 @@ use propd_repair::{Client, Config, Server, SyncError};
 use propd_store::{GroupDef, Groups, ModelStore, RepairStore};
 use prost::Message;
 
+pub mod bulk;
+
 /// The group every seeded property belongs to; it has one shard, 0.
 pub const GROUP: &str = "g";
 
