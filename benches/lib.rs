@@ -150,3 +150,32 @@ pub mod acks {
         Duration::from_secs_f64(seconds)
     }
 }
+
+/// Figures a bench measures outside criterion (bytes on the wire, one-off timings), kept beside
+/// criterion's results so that `cargo xtask bench-report` can chart them.
+pub mod results {
+    use std::path::PathBuf;
+
+    /// `<target>/criterion/propd`, found from the bench executable (`<target>/<profile>/deps/`).
+    pub fn dir() -> Option<PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        let target = exe.parent()?.parent()?.parent()?;
+        Some(target.join("criterion").join("propd"))
+    }
+
+    /// Writes `json` as `<dir>/<name>.json`; a failure is printed, never fatal (the figures are
+    /// printed anyway).
+    pub fn record(name: &str, json: &str) {
+        let Some(dir) = dir() else {
+            return;
+        };
+        let path = dir.join(format!("{name}.json"));
+        let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, json));
+        if let Err(error) = written {
+            #[allow(clippy::print_stderr, reason = "a bench's note on its own output")]
+            {
+                eprintln!("could not record {}: {error}", path.display());
+            }
+        }
+    }
+}

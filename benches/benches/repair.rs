@@ -352,6 +352,8 @@ fn bandwidth(n: u64) {
         "tree B / diff",
         "beyond ideal/diff"
     );
+    // For `cargo xtask bench-report`: one row per (shape, d), at the current protocol.
+    let mut rows = Vec::new();
     let negentropy_wanted = std::env::var("PROPD_BENCH_NEGENTROPY").map_or(true, |v| v != "0");
     let mut negentropy_rows = Vec::new();
     for (label, shape) in [
@@ -394,10 +396,18 @@ fn bandwidth(n: u64) {
                     report.tree_bytes() as f64 / d as f64,
                     total.saturating_sub(ideal) as f64 / d as f64,
                 );
+                if version == 3 {
+                    rows.push(format!(
+                        "{{\"shape\":\"{label}\",\"n\":{n},\"d\":{d},\"total\":{total},\"ideal\":{ideal},\"tree\":{},\"round_trips\":{}}}",
+                        report.tree_bytes(),
+                        report.round_trips
+                    ));
+                }
             }
         }
         println!("  ({label}: building the {n}-leaf tree took {built:.1?})");
     }
+    propd_benches::results::record("repair_bandwidth", &format!("[{}]", rows.join(",")));
     // negentropy 0.5.3 on the same data (the default rows' divergence): 32-byte ids, no frame
     // limit. Its round trips find the ids; moving the records would take one more.
     println!("negentropy 0.5.3, same data:");
@@ -570,6 +580,14 @@ fn throughput(n: u64) {
     println!(
         "\nrepair throughput: {n} properties of ~2 KB into an empty redb store (median of 3)\n  local bulk load: {l:.2?}   sync over loopback tonic: {r:.2?}   ratio {:.2}x   goal: <= 2x and <= 5 s",
         r.as_secs_f64() / l.as_secs_f64()
+    );
+    propd_benches::results::record(
+        &format!("bootstrap_n{n}"),
+        &format!(
+            "{{\"n\":{n},\"local_bulk_load_s\":{},\"sync_s\":{}}}",
+            l.as_secs_f64(),
+            r.as_secs_f64()
+        ),
     );
 }
 

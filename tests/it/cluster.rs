@@ -594,8 +594,12 @@ fn a_coordinated_get_returns_the_newest_copy_and_repairs_the_stale_ones() {
     });
     assert!(repaired, "read repair rewrote the stale copies");
     let listed = cluster.json(0, &["query", "--group", "g"]);
-    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
-    assert_eq!(listed[0]["tags"]["v"], "new");
+    assert_eq!(
+        listed["properties"].as_array().unwrap().len(),
+        1,
+        "{listed}"
+    );
+    assert_eq!(listed["properties"][0]["tags"]["v"], "new");
 }
 
 #[test]
@@ -702,7 +706,7 @@ fn a_query_merges_copies_that_differ_and_repairs_them() {
     cluster.json(1, &["delete", "g/q/c", "--local", "--revision", "3"]);
 
     let listed = cluster.json(0, &["query", "--group", "g"]);
-    let listed = listed.as_array().unwrap();
+    let listed = listed["properties"].as_array().unwrap();
     let ids: Vec<&str> = listed.iter().map(|p| p["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["a", "b"], "{listed:?}");
     assert_eq!(listed[0]["tags"]["v"], "new");
@@ -893,12 +897,31 @@ fn every_command_prints_the_documented_json_fields() {
     let query = cluster.json(0, &["query", "--group", "g"]);
     assert_eq!(
         fields(&query),
-        PROPERTY
-            .split(' ')
-            .map(|f| format!("[].{f}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        format!(
+            "next_page_token properties {}",
+            PROPERTY
+                .split(' ')
+                .map(|f| format!("properties[].{f}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
     );
+    assert_eq!(kind(&query, "next_page_token"), "null", "the last page");
+    // `query --all` and `export` print one JSON object per line, a property's fields each.
+    for args in [
+        &["query", "--group", "g", "--all", "--output", "json"][..],
+        &["export", "--group", "g"][..],
+    ] {
+        let output = cluster.cli(0, args);
+        assert!(output.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stdout}");
+        assert_eq!(fields(&lines[0]), PROPERTY, "{args:?}");
+    }
     let tree = cluster.json(0, &["tree", "--group", "g", "--shard", "0"]);
     assert_eq!(
         fields(&tree),

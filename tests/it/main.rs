@@ -5,4 +5,5 @@ mod deletes;
 mod faults;
 mod operator;
 mod operator_cli;
+mod pages;
 mod tls;

@@ -728,29 +728,40 @@ async fn final_state(
         let mut api = PropertyServiceClient::new(channel)
             .max_decoding_message_size(propd_proto::MAX_MESSAGE_BYTES);
         for group in &layout.groups {
-            let answer = api
-                .query(v1::QueryRequest {
-                    group: group.clone(),
-                    limit: 1_000_000,
-                    local: true,
-                    include_deleted: true,
-                    ..Default::default()
-                })
-                .await;
-            match answer {
-                Ok(answer) => {
-                    for property in answer.into_inner().properties {
-                        let entity =
-                            format!("{}/{}/{}", property.group, property.name, property.id);
-                        found.insert(entity, workload::version_of(&property));
+            // Every page of the copy (a page ends at its limit or about 4 MiB).
+            let mut page_token = String::new();
+            loop {
+                let answer = api
+                    .query(v1::QueryRequest {
+                        group: group.clone(),
+                        limit: 1_000_000,
+                        local: true,
+                        include_deleted: true,
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                match answer {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        for property in answer.properties {
+                            let entity =
+                                format!("{}/{}/{}", property.group, property.name, property.id);
+                            found.insert(entity, workload::version_of(&property));
+                        }
+                        if answer.next_page_token.is_empty() {
+                            break;
+                        }
+                        page_token = answer.next_page_token;
                     }
-                }
-                Err(error) => {
-                    unreadable.insert((i, group.clone()));
-                    summary.problems.push(format!(
-                        "{}: reading group {group} failed: {error}",
-                        cluster.nodes[i].id
-                    ));
+                    Err(error) => {
+                        unreadable.insert((i, group.clone()));
+                        summary.problems.push(format!(
+                            "{}: reading group {group} failed: {error}",
+                            cluster.nodes[i].id
+                        ));
+                        break;
+                    }
                 }
             }
         }

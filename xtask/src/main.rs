@@ -13,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod bench_report;
 mod boundaries;
 mod demo;
 mod fuzz;
@@ -26,6 +27,7 @@ commands:
            nemesis schedules, 30 s of each fuzz target (where the nightly toolchain is)
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
   bench    run the criterion benches (release build); extra args go to `cargo bench`
+  bench-report  SVG charts from the bench results under target/criterion into docs/benchmarks/
   nemesis  real nodes under injected faults, then check nothing acknowledged was lost
            ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
   fuzz     run each cargo-fuzz target for a while (nightly toolchain; skipped without it)
@@ -50,6 +52,7 @@ fn main() -> Result<()> {
     match command.as_str() {
         "ci" => ci(),
         "bench" => bench(&rest),
+        "bench-report" => bench_report::run(&root),
         "demo" => demo::run(),
         "nemesis" => nemesis::run(&root, &rest),
         "fuzz" => fuzz::run(&root, &rest),

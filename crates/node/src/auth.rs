@@ -34,7 +34,7 @@ pub(crate) enum Permission {
     Read,
     /// Put and delete.
     Write,
-    /// Starting rounds, pause/resume, throttle.
+    /// Starting rounds, pause/resume, throttle, import.
     Admin,
     /// Only another member.
     Peer,
@@ -85,7 +85,9 @@ pub(crate) fn required(path: &str) -> Permission {
         "propd.v1.AdminService/PropagateNow"
         | "propd.v1.AdminService/PauseRepair"
         | "propd.v1.AdminService/ResumeRepair"
-        | "propd.v1.AdminService/SetThrottle" => Permission::Admin,
+        | "propd.v1.AdminService/SetThrottle"
+        // An import keeps the revisions and delete times it is given (a restore): an operator's.
+        | "propd.v1.PropertyService/Import" => Permission::Admin,
         _ => Permission::Peer,
     }
 }
@@ -265,6 +267,10 @@ mod tests {
         );
         assert_eq!(
             required("/propd.v1.AdminService/SetThrottle"),
+            Permission::Admin
+        );
+        assert_eq!(
+            required("/propd.v1.PropertyService/Import"),
             Permission::Admin
         );
         assert_eq!(

@@ -18,6 +18,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
+mod transfer;
+
 use crate::certs::{Subject, issue};
 use crate::config::{
     DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
@@ -43,8 +45,12 @@ enum Command {
     Get(GetArgs),
     /// Delete a property (every copy stores the same tombstone).
     Delete(DeleteArgs),
-    /// Query the properties of a group.
-    Query(QueryArgs),
+    /// Query the properties of a group: one page, or every page with --all.
+    Query(transfer::QueryArgs),
+    /// Write a group (or one shard) as JSON lines, tombstones included (a backup).
+    Export(transfer::ExportArgs),
+    /// Write the properties of an export, keeping their versions: newer versions win.
+    Import(transfer::ImportArgs),
     /// Start a repair round for a shard with this node as origin, or pause/resume background repair.
     Repair(RepairArgs),
     /// Show a shard's Merkle tree: shape, root, revision, per-slot digests and counts.
@@ -343,27 +349,6 @@ struct DeleteArgs {
     local: bool,
 }
 
-#[derive(Debug, Args)]
-struct QueryArgs {
-    #[command(flatten)]
-    client: Client,
-    #[arg(long)]
-    group: String,
-    #[arg(long)]
-    name: Option<String>,
-    /// Match these ids (repeat).
-    #[arg(long = "id")]
-    ids: Vec<String>,
-    /// Tag equality filter KEY=VALUE (repeat; all must match).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// At most this many properties.
-    #[arg(long, default_value_t = 0)]
-    limit: u32,
-    #[arg(long)]
-    local: bool,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum RepairAction {
     /// Pause background repair rounds on this node.
@@ -416,7 +401,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Put(args) => put(args).await,
         Command::Get(args) => get(args).await,
         Command::Delete(args) => delete(args).await,
-        Command::Query(args) => query(args).await,
+        Command::Query(args) => transfer::query(args).await,
+        Command::Export(args) => transfer::export(args).await,
+        Command::Import(args) => transfer::import(args).await,
         Command::Repair(args) => repair(args).await,
         Command::Tree(args) => tree(args).await,
         Command::Status(args) => status(args).await,
@@ -737,35 +724,6 @@ async fn delete(args: DeleteArgs) -> Result<()> {
         ),
     )?;
     superseded_exit(response.superseded)
-}
-
-async fn query(args: QueryArgs) -> Result<()> {
-    let filters = parse_tags(&args.tags)?
-        .into_iter()
-        .map(|tag| v1::TagFilter {
-            key: tag.key,
-            value: tag.value,
-        })
-        .collect();
-    let mut client = PropertyServiceClient::new(channel(&args.client).await?);
-    let request = v1::QueryRequest {
-        group: args.group,
-        name: args.name.unwrap_or_default(),
-        ids: args.ids,
-        tags: filters,
-        limit: args.limit,
-        local: args.local,
-        include_deleted: false,
-    };
-    let response = client
-        .query(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let json = Value::Array(response.properties.iter().map(property_json).collect());
-    let text: Vec<String> = response.properties.iter().map(property_text).collect();
-    print(args.client.output, &json, &text.join("\n"))?;
-    Ok(())
 }
 
 async fn repair(args: RepairArgs) -> Result<()> {
@@ -1186,6 +1144,9 @@ mod tests {
             "propd delete g/n/i --revision 9",
             "propd repair resume",
             "propd status --output json",
+            "propd query --group g --limit 5 --page-token 1.67 --all --output json",
+            "propd export --group g --shard 1 --file g.jsonl --page-size 500",
+            "propd import - --batch 500 --dry-run --server 127.0.0.1:7002",
         ] {
             parse(line);
         }

@@ -11,14 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use propd_merkle::{Entity, Property, Shape, TagValue, shard_of, version_order};
+use propd_merkle::{Entity, Property, Shape, shard_of, version_order};
 use propd_proto::v1;
 use propd_proto::v1::property_service_server::PropertyService;
 use propd_store::{GroupDef, Query, RepairOutcome, StoreError};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{property_from_wire, property_to_wire, tag_value_from_wire};
+use crate::convert::{property_from_wire, property_to_wire};
 use crate::node::{NodeState, now_nanos};
+use crate::pages;
 use crate::tombstones::{
     Refused, check_client_delete_time, check_client_revision, check_peer_copy,
 };
@@ -26,12 +27,10 @@ use crate::tombstones::{
 /// How long one node-to-node call of a coordinated request may take. The client's answer never
 /// waits for it: writes answer at `write_acks`, reads by the read rule ([`read_done`]); the
 /// calls still running then finish in the background.
-const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Set to `on` to make coordinated gets wait for every copy, as propd did before the read rule:
 /// only for measuring what the rule saves (docs/benchmarks.md, "latency").
 const READ_EVERY_COPY_VAR: &str = "PROPD_BENCH_READ_EVERY_COPY";
-/// The query limit when the client gives none.
-pub(crate) const DEFAULT_QUERY_LIMIT: usize = 1000;
 
 /// The `PropertyService` of one node.
 #[derive(Debug, Clone)]
@@ -83,10 +82,10 @@ fn clip(message: String) -> String {
 
 /// What the copies of a coordinated request that did not answer it said.
 #[derive(Debug, Default)]
-struct Refusals(Vec<Status>);
+pub(crate) struct Refusals(Vec<Status>);
 
 impl Refusals {
-    fn add(&mut self, status: Status) {
+    pub(crate) fn add(&mut self, status: Status) {
         self.0.push(status);
     }
 
@@ -104,7 +103,7 @@ impl Refusals {
 
     /// The refusal every copy gave, when each was reached and refused for the same reason: the
     /// request itself is at fault, and the client gets that reason rather than "unreachable".
-    fn common(&self) -> Option<Status> {
+    pub(crate) fn common(&self) -> Option<Status> {
         let (first, rest) = self.0.split_first()?;
         let same =
             |status: &Status| status.code() == first.code() && status.message() == first.message();
@@ -330,63 +329,114 @@ impl PropertyApi {
         (found, refusals)
     }
 
-    /// Runs `query` on every member holding a shard of `group` and returns as soon as every
-    /// shard has answers from its read quorum ([`read_done`], with
-    /// each answer counted as holding: a holder's answer covers every shard it holds), or once
-    /// every holder answered: what each holder that answered by then holds, and what the others
-    /// said. The calls still running go on in the background (their answers are not used: the
-    /// next read or the background repair covers the copies they would show stale).
-    async fn query_holders(
+    /// One page of a coordinated query: the copies' pages merged in entity order, the newest
+    /// version of each entity, stale copies rewritten (read repair). Each round of page calls
+    /// answers by the read rule ([`read_done`] per shard of the query, each answer counted as
+    /// holding): once every shard has its read quorum of copies answered, or none is left to
+    /// wait for; a copy not waited for (slow past the quorum, or found hung) drops out of the
+    /// merge and its call ends in the background, unused.
+    async fn coordinated_query(
         &self,
         group: &GroupDef,
         query: Query,
-    ) -> (Vec<(String, Vec<Property>)>, Refusals) {
-        let shards: Vec<Vec<String>> = (0..group.shard_num)
-            .map(|shard| self.node.node_ids(group, shard))
-            .collect();
+        limit: usize,
+        include_deleted: bool,
+    ) -> Result<v1::QueryResponse, Status> {
+        let shards = match query.shard {
+            Some(shard) => shard..shard + 1,
+            None => 0..group.shard_num,
+        };
         let mut holders: Vec<String> = Vec::new();
-        for id in shards.iter().flatten() {
-            if !holders.contains(id) {
-                holders.push(id.clone());
+        let mut rule = pages::ReadRule { shards: Vec::new() };
+        for shard in shards {
+            let copies = self.up_copies(self.node.node_ids(group, shard));
+            for id in &copies {
+                if !holders.contains(id) {
+                    holders.push(id.clone());
+                }
             }
-        }
-        let holders = self.up_copies(holders);
-        let (answer, mut answers) = tokio::sync::mpsc::channel(holders.len().max(1));
-        for target in holders.iter().cloned() {
-            let node = Arc::clone(&self.node);
-            let query = query.clone();
-            let answer = answer.clone();
-            tokio::spawn(async move {
-                let found = query_copy(&node, &target, query).await;
-                let _ = answer.send((target, found)).await;
-            });
-        }
-        drop(answer);
-        let (mut finished, mut found, mut refusals) = (Vec::new(), Vec::new(), Refusals::default());
-        while let Some((target, answer)) = answers.recv().await {
-            finished.push(target.clone());
-            match answer {
-                Ok(properties) => found.push((target, properties)),
-                Err(status) => refusals.add(status),
-            }
-            let count = |copies: &[String], among: &dyn Fn(&String) -> bool| {
-                copies.iter().filter(|id| among(id)).count()
+            let required = if read_every_copy() {
+                copies.len()
+            } else {
+                self.read_quorum(copies.len())
             };
-            let every_shard = shards.iter().all(|copies| {
-                let answered = count(copies, &|id| found.iter().any(|(node, _)| node == id));
-                read_done(
-                    answered,
-                    answered,
-                    count(copies, &|id| finished.contains(id)),
-                    count(copies, &|id| holders.contains(id)),
-                    self.read_quorum(copies.len()),
-                )
-            });
-            if every_shard || finished.len() == holders.len() {
-                break;
+            rule.shards.push((copies, required));
+        }
+        let (first, refusals) = pages::first_pages(&self.node, &rule, holders, &query).await;
+        if let Some(status) = refusals.common().filter(|_| first.is_empty()) {
+            return Err(status);
+        }
+        if first.is_empty() {
+            return Err(Status::unavailable(format!(
+                "no copy of group {:?} could be reached",
+                group.name
+            )));
+        }
+        let shape = self.node.store.shape();
+        // Without tag filters, a copy that paged past an entity without it lacks it; with them,
+        // it may hold a version the filter does not match.
+        let tags_filter = !query.tags.is_empty();
+        let copies_of = |entity: &Entity| {
+            if tags_filter {
+                Vec::new()
+            } else {
+                self.node.node_ids(group, shard_for(entity, group))
+            }
+        };
+        let mut merge = pages::PageMerge::new(first);
+        let mut answer = pages::Answer::default();
+        // The last entity decided: where the next page starts when this one ends before an entity.
+        let mut decided: Option<Entity> = None;
+        loop {
+            match merge.step(copies_of) {
+                pages::Step::Entity(entity, answers) => {
+                    let Some(read) = reconcile(answers, &shape) else {
+                        continue;
+                    };
+                    let visible = include_deleted || !read.newest.is_tombstone();
+                    if visible
+                        && !answer.fits(&read.newest)?
+                        && let Some(last) = &decided
+                    {
+                        // Over the answer's byte bound: the next page starts with this entity.
+                        return Ok(v1::QueryResponse {
+                            properties: answer.properties,
+                            next_page_token: pages::page_token(last),
+                            page_version: pages::PAGE_VERSION,
+                        });
+                    }
+                    self.read_repair(
+                        &group.name,
+                        shard_for(&entity, group),
+                        &read.newest,
+                        read.stale,
+                    );
+                    if visible && answer.push(&read.newest, limit)? {
+                        let next_page_token = if merge.exhausted() {
+                            String::new()
+                        } else {
+                            pages::page_token(&entity)
+                        };
+                        return Ok(v1::QueryResponse {
+                            properties: answer.properties,
+                            next_page_token,
+                            page_version: pages::PAGE_VERSION,
+                        });
+                    }
+                    decided = Some(entity);
+                }
+                pages::Step::Fetch(fetch) if !fetch.is_empty() => {
+                    pages::fetch_pages(&self.node, &rule, &mut merge, fetch, &query).await;
+                }
+                pages::Step::Fetch(_) | pages::Step::Done => {
+                    return Ok(v1::QueryResponse {
+                        properties: answer.properties,
+                        next_page_token: String::new(),
+                        page_version: pages::PAGE_VERSION,
+                    });
+                }
             }
         }
-        (found, refusals)
     }
 
     /// The copies worth asking in a read: hung members (their last probe or call timed out)
@@ -538,7 +588,7 @@ async fn write_copy(
     }
 }
 
-fn not_a_member(target: &str) -> Status {
+pub(crate) fn not_a_member(target: &str) -> Status {
     Status::unavailable(format!("{target} is not a known member"))
 }
 
@@ -598,49 +648,22 @@ async fn read_copy(
         })
 }
 
-/// A query request checked and turned into the store's query (group-wide requests ask every
-/// holder for all it has, tombstones included), with the client's limit.
-fn store_query(request: &v1::QueryRequest, group: &GroupDef) -> Result<(Query, usize), Status> {
-    if request.name.contains('/') {
-        return Err(invalid(
-            "name",
-            format!("{:?} must not contain '/'", request.name),
-        ));
-    }
-    let mut tags = Vec::new();
-    for filter in &request.tags {
-        let value = tag_value_from_wire(filter.value.clone())
-            .ok_or_else(|| invalid(&format!("tags.{}", filter.key), "the filter has no value"))?;
-        tags.push((filter.key.clone(), value));
-    }
-    let limit = match request.limit {
-        0 => DEFAULT_QUERY_LIMIT,
-        n => n as usize,
-    };
-    let query = Query {
-        group: group.name.clone(),
-        name: (!request.name.is_empty()).then(|| request.name.clone()),
-        ids: request.ids.clone(),
-        tags,
-        limit: if request.local { limit } else { usize::MAX },
-        include_deleted: request.include_deleted || !request.local,
-    };
-    Ok((query, limit))
-}
-
 /// What the copies that answered a read say of one entity: its newest version and the copies to
 /// rewrite with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct EntityRead {
+pub(crate) struct EntityRead {
     /// The newest version by the version order (it may be a tombstone).
-    newest: Property,
+    pub(crate) newest: Property,
     /// The nodes that answered with an older version or without the entity.
-    stale: Vec<String>,
+    pub(crate) stale: Vec<String>,
 }
 
 /// The read-repair decision over one entity's answers, `(node, copy)` with `None` for a node
 /// that answered without it; `None` when no node holds it.
-fn reconcile(answers: Vec<(String, Option<Property>)>, shape: &Shape) -> Option<EntityRead> {
+pub(crate) fn reconcile(
+    answers: Vec<(String, Option<Property>)>,
+    shape: &Shape,
+) -> Option<EntityRead> {
     let newest = answers
         .iter()
         .filter_map(|(_, copy)| copy.as_ref())
@@ -672,7 +695,7 @@ fn read_every_copy() -> bool {
 /// asked has finished (answered, failed, or been found hung). An answer without the entity does not end a read while other copies
 /// may still answer: a copy that lost its row (quarantined, or a store started empty) must not
 /// make a get say "not found".
-fn read_done(
+pub(crate) fn read_done(
     answered: usize,
     holding: usize,
     finished: usize,
@@ -696,40 +719,6 @@ fn late_repair(
         after.stale.retain(|node| !before.stale.contains(node));
     }
     (!after.stale.is_empty()).then_some(after)
-}
-
-/// Merges the answers of a group-wide query, `(node, properties it holds)`, into one read per
-/// entity in entity order. `holders` names the nodes whose answer must include a property's
-/// entity (its copies); those that answered without it are stale too.
-fn merge_answers(
-    answers: Vec<(String, Vec<Property>)>,
-    holders: impl Fn(&Property) -> Vec<String>,
-    shape: &Shape,
-) -> Vec<EntityRead> {
-    let responders: Vec<String> = answers.iter().map(|(node, _)| node.clone()).collect();
-    // By `group/name/id`, the order queries answer in.
-    let mut by_entity: BTreeMap<String, Vec<(String, Option<Property>)>> = BTreeMap::new();
-    for (node, found) in answers {
-        for property in found {
-            let key = format!("{}/{}/{}", property.group, property.name, property.id);
-            by_entity
-                .entry(key)
-                .or_default()
-                .push((node.clone(), Some(property)));
-        }
-    }
-    by_entity
-        .into_values()
-        .filter_map(|mut copies| {
-            let first = copies.iter().find_map(|(_, copy)| copy.clone())?;
-            for holder in holders(&first) {
-                if responders.contains(&holder) && !copies.iter().any(|(node, _)| *node == holder) {
-                    copies.push((holder, None));
-                }
-            }
-            reconcile(copies, shape)
-        })
-        .collect()
 }
 
 #[tonic::async_trait]
@@ -920,50 +909,23 @@ impl PropertyService for PropertyApi {
     ) -> Result<Response<v1::QueryResponse>, Status> {
         let request = request.into_inner();
         let group = self.group(&request.group)?;
-        let (query, limit) = store_query(&request, &group)?;
+        let (query, limit) = pages::store_query(&request, &group)?;
         if request.local {
-            let found = blocking(&self.node, move |node| node.store.query(&query)).await?;
-            return Ok(Response::new(v1::QueryResponse {
-                properties: found.iter().map(property_to_wire).collect(),
-            }));
+            let page = blocking(&self.node, move |node| node.store.query_page(&query)).await?;
+            return Ok(Response::new(pages::answer(page)?));
         }
-        let tags_filter = !query.tags.is_empty();
-        let (answers, refusals) = self.query_holders(&group, query).await;
-        if let Some(status) = refusals.common().filter(|_| answers.is_empty()) {
-            return Err(status);
-        }
-        if answers.is_empty() {
-            return Err(Status::unavailable(format!(
-                "no copy of group {:?} could be reached",
-                group.name
-            )));
-        }
-        let shape = self.node.store.shape();
-        // Without tag filters, a holder that answered without an entity lacks it; with them, it
-        // may hold a version the filter does not match.
-        let holders = |property: &Property| match entity_of(property) {
-            Ok(entity) if !tags_filter => self.node.node_ids(&group, shard_for(&entity, &group)),
-            _ => Vec::new(),
-        };
-        let mut out = Vec::new();
-        for read in merge_answers(answers, holders, &shape) {
-            let Ok(entity) = entity_of(&read.newest) else {
-                continue;
-            };
-            self.read_repair(
-                &group.name,
-                shard_for(&entity, &group),
-                &read.newest,
-                read.stale,
-            );
-            if request.include_deleted || !read.newest.is_tombstone() {
-                out.push(property_to_wire(&read.newest));
-            }
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(Response::new(v1::QueryResponse { properties: out }))
+        self.coordinated_query(&group, query, limit, request.include_deleted)
+            .await
+            .map(Response::new)
+    }
+
+    async fn import(
+        &self,
+        request: Request<v1::ImportRequest>,
+    ) -> Result<Response<v1::ImportResponse>, Status> {
+        crate::import::import(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn replica_write(
@@ -1009,53 +971,6 @@ impl PropertyService for PropertyApi {
             had_live,
         }))
     }
-}
-
-/// Runs `query` on one holder: `Ok(found)` when it answered.
-async fn query_copy(
-    node: &Arc<NodeState>,
-    target: &str,
-    query: Query,
-) -> Result<Vec<Property>, Status> {
-    if target == node.me() {
-        return blocking(node, move |node| node.store.query(&query)).await;
-    }
-    let mut client = node
-        .peers
-        .property_client(target)
-        .ok_or_else(|| not_a_member(target))?;
-    let mut request = Request::new(v1::QueryRequest {
-        group: query.group,
-        name: query.name.unwrap_or_default(),
-        ids: query.ids,
-        tags: query
-            .tags
-            .iter()
-            .map(|(key, value)| v1::TagFilter {
-                key: key.clone(),
-                value: Some(tag_wire(value)),
-            })
-            .collect(),
-        limit: u32::MAX,
-        local: true,
-        include_deleted: true,
-    });
-    request.set_timeout(REPLICA_TIMEOUT);
-    let answer = client.query(request).await;
-    node.peers.saw_call(target, &answer);
-    answer?
-        .into_inner()
-        .properties
-        .into_iter()
-        .map(property_from_wire)
-        .collect::<Result<_, _>>()
-        .map_err(|error| {
-            Status::internal(format!("{target} answered a malformed property: {error}"))
-        })
-}
-
-fn tag_wire(value: &TagValue) -> v1::TagValue {
-    crate::convert::tag_value_to_wire(value)
 }
 
 #[cfg(test)]
@@ -1276,40 +1191,6 @@ mod tests {
     }
 
     #[test]
-    fn a_query_merges_per_entity_and_holders_that_lack_it_are_stale() {
-        let answers = vec![
-            (
-                "n1".to_owned(),
-                vec![version("a", 2, 0), version("b", 1, 0)],
-            ),
-            ("n2".to_owned(), vec![version("a", 1, 0)]),
-        ];
-        // n3 holds every entity but did not answer: it is not judged.
-        let reads = merge_answers(
-            answers.clone(),
-            |_| nodes(&["n1", "n2", "n3"]),
-            &Shape::default(),
-        );
-        assert_eq!(
-            reads,
-            vec![
-                EntityRead {
-                    newest: version("a", 2, 0),
-                    stale: nodes(&["n2"]),
-                },
-                EntityRead {
-                    newest: version("b", 1, 0),
-                    stale: nodes(&["n2"]),
-                },
-            ]
-        );
-        // With tag filters no holder is named: an answer without the entity says nothing.
-        let reads = merge_answers(answers, |_| Vec::new(), &Shape::default());
-        assert_eq!(reads[1].stale, Vec::<String>::new());
-        assert_eq!(reads[0].stale, nodes(&["n2"]));
-    }
-
-    #[test]
     fn a_read_hears_from_enough_copies_to_meet_every_acknowledged_write() {
         assert_eq!(read_quorum(3, 1), 3);
         assert_eq!(read_quorum(3, 2), 2);
@@ -1383,6 +1264,13 @@ mod tests {
         let stored = version("a", 5, 0);
         first.store.apply(stored.clone()).unwrap();
         second.store.apply(stored.clone()).unwrap();
+        // Two tombstones before it in entity order: a query of one visible property at a time
+        // takes three rounds of page calls (each copy pages one entity at a time).
+        for id in ["0", "1"] {
+            let tombstone = version(id, 4, 4);
+            first.store.repair_apply(tombstone.clone()).unwrap();
+            second.store.repair_apply(tombstone).unwrap();
+        }
         let api = PropertyApi::new(Arc::clone(&first));
 
         let got = api
@@ -1400,12 +1288,28 @@ mod tests {
         let found = api
             .query(Request::new(v1::QueryRequest {
                 group: "g".into(),
+                limit: 1,
                 ..v1::QueryRequest::default()
             }))
             .await
             .unwrap_or_else(|status| panic!("{status}"))
             .into_inner();
         assert_eq!(found.properties, vec![property_to_wire(&stored)]);
+        // The copies' pages ended at their limit on "a": they cannot tell it was their last.
+        let rest = api
+            .query(Request::new(v1::QueryRequest {
+                group: "g".into(),
+                limit: 1,
+                page_token: found.next_page_token,
+                ..v1::QueryRequest::default()
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(
+            (rest.properties, rest.next_page_token),
+            (Vec::new(), String::new())
+        );
         // n3 cannot have answered, and its calls have not timed out yet: a coordinator that
         // waited for them would have seen them fail and marked n3 hung.
         assert!(

@@ -45,8 +45,8 @@ pub use error::{ConfigError, StoreError, ValidationError};
 pub use model::ModelStore;
 pub use repair_view::{LeafKey, RepairOutcome, RepairStore};
 pub use store::{
-    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, QuarantinedRow, Query, RedbStore,
-    ScrubReport, ShardScan, Snapshot, StoreHealth, TreeView, VerifyOutcome, purge_line,
+    DeleteOutcome, PURGE_CHUNK, PurgeReport, PurgeState, QuarantinedRow, Query, QueryPage,
+    RedbStore, ScrubReport, ShardScan, Snapshot, StoreHealth, TreeView, VerifyOutcome, purge_line,
     round_cutoff,
 };
 

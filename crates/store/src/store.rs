@@ -45,7 +45,7 @@ pub use maintenance::{
 };
 pub use quarantine::QuarantinedRow;
 use quarantine::RotQueue;
-pub use query::Query;
+pub use query::{Query, QueryPage};
 pub use snapshot::{ShardScan, Snapshot};
 pub use trees::TreeView;
 pub use writer::DeleteOutcome;
