@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 mod boundaries;
 mod demo;
+mod demo_join;
 mod fuzz;
 mod nemesis;
 
@@ -25,6 +26,7 @@ commands:
   ci       format check, clippy (warnings denied), crate boundaries, every test, two 60 s
            nemesis schedules, 30 s of each fuzz target (where the nightly toolchain is)
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
+           (--join: membership in etcd; a fourth node joins and its shards move to it)
   bench    run the criterion benches (release build); extra args go to `cargo bench`
   nemesis  real nodes under injected faults, then check nothing acknowledged was lost
            ([--nodes N] [--seconds S] [--seed X] [--faults LIST] [--debug]; see --help)
@@ -50,6 +52,7 @@ fn main() -> Result<()> {
     match command.as_str() {
         "ci" => ci(),
         "bench" => bench(&rest),
+        "demo" if rest.iter().any(|a| a == "--join") => demo_join::run(),
         "demo" => demo::run(),
         "nemesis" => nemesis::run(&root, &rest),
         "fuzz" => fuzz::run(&root, &rest),

@@ -128,7 +128,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl PropertyApi {
     fn group(&self, name: &str) -> Result<GroupDef, Status> {
         self.node
-            .placement
+            .placement()
             .group(name)
             .cloned()
             .ok_or_else(|| invalid("group", format!("unknown group {name:?}")))

@@ -1,14 +1,17 @@
 //! The shared state of one running node: configuration, placement, store, peers, metrics and
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use propd_store::{GroupDef, RedbStore, StoreHealth};
 
 use crate::config::Config;
+use crate::membership::MembershipView;
 use crate::metrics::Metrics;
+use crate::moves::Moves;
 use crate::peers::Peers;
 use crate::placement::Placement;
 use crate::schedule::{MissedWrites, RoundClock};
@@ -18,8 +21,12 @@ use crate::schedule::{MissedWrites, RoundClock};
 pub(crate) struct NodeState {
     /// The resolved configuration.
     pub(crate) config: Config,
-    /// Shard placement.
-    pub(crate) placement: Placement,
+    /// Shard placement: fixed with a static membership, replaced on each change seen in etcd.
+    placement: RwLock<Arc<Placement>>,
+    /// Where the membership comes from and whether that source answers.
+    pub(crate) membership: Mutex<MembershipView>,
+    /// Old copies kept in the node lists of shards on the move.
+    pub(crate) moves: Mutex<Moves>,
     /// This node's store.
     pub(crate) store: Arc<RedbStore>,
     /// Channels to the other members and their health.
@@ -46,7 +53,9 @@ impl NodeState {
         let metrics = Metrics::new(config.metrics.shard_labels);
         Self {
             config,
-            placement,
+            placement: RwLock::new(Arc::new(placement)),
+            membership: Mutex::new(MembershipView::fixed()),
+            moves: Mutex::new(Moves::default()),
             store: Arc::new(store),
             peers,
             metrics,
@@ -63,26 +72,80 @@ impl NodeState {
         &self.config.node_id
     }
 
+    /// The placement in force (a change in etcd replaces it; a caller keeps the one it got).
+    pub(crate) fn placement(&self) -> Arc<Placement> {
+        Arc::clone(
+            &self
+                .placement
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the placement; the copies that move keep their old holders in the node lists
+    /// until a round covers old and new (`moves`). `members`: every member id, draining too.
+    pub(crate) fn set_placement(&self, placement: Placement, members: &BTreeSet<String>) {
+        let mut moves = lock(&self.moves);
+        moves.placement_changed(&self.placement(), &placement, members);
+        *self
+            .placement
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+    }
+
+    /// Sets the placement a node starts with (from etcd: slots and draining members, which the
+    /// configuration cannot say); nothing moves.
+    pub(crate) fn start_placement(&self, placement: Placement) {
+        *self
+            .placement
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+    }
+
+    /// A round over `covered` completed for (group, shard): a move it finishes ends.
+    pub(crate) fn round_completed(&self, group: &str, shard: u32, covered: &[String]) {
+        let Some(def) = self.placement().group(group).cloned() else {
+            return;
+        };
+        let list = self.node_ids(&def, shard);
+        if lock(&self.moves).round_completed(group, shard, covered, &list) {
+            tracing::info!(
+                group,
+                shard,
+                "move finished: the new copies completed a round; the old ones leave the node list"
+            );
+        }
+    }
+
     /// A new revision for a coordinated write: unix nanoseconds, strictly increasing.
     pub(crate) fn next_revision(&self) -> i64 {
         self.revisions.next(now_nanos())
     }
 
-    /// The node ids of (group, shard)'s copies, in placement order.
+    /// The node ids of (group, shard)'s copies, in placement order, then the old copies of a
+    /// shard on the move (they keep getting writes and rounds until the move ends).
     pub(crate) fn node_ids(&self, group: &GroupDef, shard: u32) -> Vec<String> {
-        self.placement
+        let mut ids: Vec<String> = self
+            .placement()
             .node_list(group, shard)
             .iter()
             .map(|m| m.id.clone())
-            .collect()
+            .collect();
+        for id in lock(&self.moves).leaving(&group.name, shard) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
     }
 
     /// Every (group, shard) this node holds a copy of.
     pub(crate) fn local_shards(&self) -> Vec<(String, u32)> {
         let mut shards = Vec::new();
-        for group in self.placement.groups() {
+        let placement = self.placement();
+        for group in placement.groups() {
             for shard in 0..group.shard_num {
-                if self.placement.holds(self.me(), group, shard) {
+                if self.node_ids(group, shard).iter().any(|id| id == self.me()) {
                     shards.push((group.name.clone(), shard));
                 }
             }
