@@ -143,20 +143,7 @@ pub(crate) fn run() -> Result<()> {
 }
 
 fn start_etcd(dir: &Path, port: u16) -> Result<Process> {
-    if Command::new("which")
-        .arg("etcd")
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        say("etcd is missing: running .ci/install-etcd");
-        let status = Command::new("bash")
-            .arg(".ci/install-etcd")
-            .status()
-            .context("running .ci/install-etcd")?;
-        if !status.success() {
-            bail!(".ci/install-etcd failed: install etcd by hand");
-        }
-    }
+    crate::tools::ensure_etcd(true)?;
     let peer = free_port()?;
     let log = std::fs::File::create(dir.join("etcd.log"))?;
     let client = format!("http://127.0.0.1:{port}");

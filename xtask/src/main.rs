@@ -18,6 +18,7 @@ mod demo;
 mod demo_join;
 mod fuzz;
 mod nemesis;
+mod tools;
 
 const HELP: &str = "\
 cargo xtask <command>
@@ -49,6 +50,10 @@ fn main() -> Result<()> {
     let rest: Vec<String> = args.collect();
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    // Every command but `help` builds the node, which needs protoc (installed when missing).
+    if !matches!(command.as_str(), "help" | "--help" | "-h") {
+        tools::ensure_protoc()?;
+    }
     match command.as_str() {
         "ci" => ci(),
         "bench" => bench(&rest),
@@ -73,6 +78,8 @@ fn workspace_root() -> PathBuf {
 }
 
 fn ci() -> Result<()> {
+    // The membership tests start a real etcd; without one they say SKIPPED.
+    tools::ensure_etcd(false)?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run(
         "cargo",

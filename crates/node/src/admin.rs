@@ -289,7 +289,13 @@ impl AdminService for AdminApi {
             );
         })?;
         let group = notice.group.clone();
-        node.round_completed(&notice.group, notice.shard, &notice.copies);
+        crate::membership::round_completed(
+            node,
+            &notice.group,
+            notice.shard,
+            &notice.copies,
+            false,
+        );
         blocking(node, move |node| {
             node.store.record_complete_round(
                 &notice.group,

@@ -10,6 +10,11 @@
 //!   `member list` tells who runs. A lease that lapses changes nothing else: health never
 //!   changes placement.
 //! - `P/groups/<name>`: a group (JSON `{"shard_num", "replicas"}`).
+//! - `P/moves/<group>/<shard>`: a shard on the move (JSON `{"group", "shard", "leaving"}`): its
+//!   old holders, kept in its node list until its new copies complete a round (`moves`). Every
+//!   change of members or groups is one transaction that also writes the moves it causes, on
+//!   condition that nothing under `members/`, `groups/` or `moves/` changed since it was read;
+//!   the origin of the round that ends a move deletes its key, on the same condition.
 //!
 //! A node registers itself, reads everything, watches the prefix and applies each change to its
 //! placement and peers. When etcd cannot be reached it keeps serving on the last membership it
@@ -30,7 +35,9 @@ use propd_store::{GroupDef, Groups};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::auth::AuthLayer;
 use crate::config::{Config, Member};
+use crate::moves::{MoveRecord, Moves};
 use crate::node::{NodeState, lock, now_millis};
 use crate::placement::Placement;
 
@@ -130,6 +137,9 @@ pub(crate) struct ClusterRecords {
     pub(crate) alive: Vec<String>,
     /// Groups by name.
     pub(crate) groups: BTreeMap<String, GroupRecord>,
+    /// Shards on the move.
+    #[serde(default)]
+    pub(crate) moves: Vec<MoveRecord>,
 }
 
 impl ClusterRecords {
@@ -148,6 +158,50 @@ impl ClusterRecords {
                 )
             })
             .collect()
+    }
+
+    /// The placement of these records over every group in them; `None` when the groups are
+    /// not valid.
+    pub(crate) fn placement(&self) -> Option<Placement> {
+        let groups = Groups::new(
+            self.groups
+                .iter()
+                .map(|(name, g)| GroupDef::new(name, g.shard_num, g.replicas)),
+        )
+        .ok()?;
+        Some(Placement::with_slots(self.placement_members(), groups))
+    }
+
+    /// The moves that a change from `self` to `after` leaves pending: those pending before,
+    /// plus every copy that leaves a shard's node list, less the members that left the
+    /// membership (`moves::Moves::placement_changed`).
+    pub(crate) fn moves_after(&self, after: &ClusterRecords) -> Vec<MoveRecord> {
+        let (Some(old), Some(new)) = (self.placement(), after.placement()) else {
+            return self.moves.clone();
+        };
+        let mut moves = Moves::from_records(&self.moves);
+        let members = after.members.keys().cloned().collect();
+        moves.placement_changed(&old, &new, &members);
+        moves.records()
+    }
+
+    /// The node list of (group, shard) in these records: its copies, then its old holders.
+    fn node_list(&self, group: &str, shard: u32) -> Option<Vec<String>> {
+        let placement = self.placement()?;
+        let def = placement.group(group)?;
+        let mut ids: Vec<String> = placement
+            .node_list(def, shard)
+            .iter()
+            .map(|m| m.id.clone())
+            .collect();
+        for record in self
+            .moves
+            .iter()
+            .filter(|m| m.group == group && m.shard == shard)
+        {
+            ids.extend(record.leaving.iter().cloned());
+        }
+        Some(ids)
     }
 
     /// Every member, active or draining (all are reached).
@@ -247,6 +301,13 @@ fn group_key(prefix: &str, name: &str) -> String {
     format!("{prefix}/groups/{name}")
 }
 
+fn move_key(prefix: &str, group: &str, shard: u32) -> String {
+    format!("{prefix}/moves/{group}/{shard}")
+}
+
+/// How often a membership change is tried again when another change came in between.
+const CHANGE_ATTEMPTS: usize = 20;
+
 /// A connection to the etcd of one cluster.
 #[derive(Clone)]
 pub(crate) struct Registry {
@@ -323,6 +384,10 @@ impl Registry {
                 let group: GroupRecord =
                     serde_json::from_slice(kv.value()).map_err(|e| record(e.to_string()))?;
                 records.groups.insert(name.to_owned(), group);
+            } else if rest.starts_with("moves/") {
+                let moving: MoveRecord =
+                    serde_json::from_slice(kv.value()).map_err(|e| record(e.to_string()))?;
+                records.moves.push(moving);
             }
         }
         Ok(records)
@@ -335,28 +400,146 @@ impl Registry {
         id: &str,
         addr: SocketAddr,
     ) -> Result<MemberRecord, MembershipError> {
-        let key = member_key(self.prefix(), id);
-        let response = bounded(self.client.get(key.clone(), None))
+        self.change(|records| {
+            let mut after = records.clone();
+            let record = match records.members.get(id) {
+                Some(known) => MemberRecord {
+                    addr,
+                    ..known.clone()
+                },
+                None => MemberRecord {
+                    addr,
+                    state: MemberState::Active,
+                    slot: None,
+                },
+            };
+            after.members.insert(id.to_owned(), record.clone());
+            Ok((after, record))
+        })
+        .await
+    }
+
+    /// Applies one change of members or groups: reads everything, lets `change` make the
+    /// records after it (or refuse), and writes the difference together with the moves it
+    /// causes in one transaction, on condition that no member, group or move changed since the
+    /// read; tried again when one did.
+    async fn change<T>(
+        &mut self,
+        change: impl Fn(&ClusterRecords) -> Result<(ClusterRecords, T), MembershipError>,
+    ) -> Result<T, MembershipError> {
+        for _ in 0..CHANGE_ATTEMPTS {
+            let before = self.read().await?;
+            let (mut after, answer) = change(&before)?;
+            after.moves = before.moves_after(&after);
+            let mut ops = Vec::new();
+            for (id, record) in &after.members {
+                if before.members.get(id) != Some(record) {
+                    ops.push(TxnOp::put(
+                        member_key(self.prefix(), id),
+                        to_json(&member_key(self.prefix(), id), record)?,
+                        None,
+                    ));
+                }
+            }
+            for id in before.members.keys() {
+                if !after.members.contains_key(id) {
+                    ops.push(TxnOp::delete(member_key(self.prefix(), id), None));
+                }
+            }
+            for (name, record) in &after.groups {
+                if before.groups.get(name) != Some(record) {
+                    ops.push(TxnOp::put(
+                        group_key(self.prefix(), name),
+                        to_json(&group_key(self.prefix(), name), record)?,
+                        None,
+                    ));
+                }
+            }
+            for moving in &after.moves {
+                if !before.moves.contains(moving) {
+                    let key = move_key(self.prefix(), &moving.group, moving.shard);
+                    ops.push(TxnOp::put(key.as_str(), to_json(&key, moving)?, None));
+                }
+            }
+            for moving in &before.moves {
+                if !after
+                    .moves
+                    .iter()
+                    .any(|m| m.group == moving.group && m.shard == moving.shard)
+                {
+                    ops.push(TxnOp::delete(
+                        move_key(self.prefix(), &moving.group, moving.shard),
+                        None,
+                    ));
+                }
+            }
+            if ops.is_empty() {
+                return Ok(answer);
+            }
+            let txn = Txn::new()
+                .when(self.unchanged_since(before.revision))
+                .and_then(ops);
+            let response = bounded(self.client.txn(txn))
+                .await
+                .map_err(|source| self.error(source))?;
+            if response.succeeded() {
+                return Ok(answer);
+            }
+            tracing::debug!(
+                revision = before.revision,
+                "etcd: the membership changed meanwhile; reading it again"
+            );
+        }
+        Err(MembershipError::Refused(format!(
+            "the membership kept changing; gave up after {CHANGE_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// The condition that no member, group or move changed after `revision`.
+    fn unchanged_since(&self, revision: i64) -> Vec<Compare> {
+        ["members/", "groups/", "moves/"]
+            .iter()
+            .map(|kind| {
+                Compare::mod_revision(
+                    format!("{}/{kind}", self.prefix()),
+                    CompareOp::Less,
+                    revision + 1,
+                )
+                .with_prefix()
+            })
+            .collect()
+    }
+
+    /// Ends the move of (group, shard) after a round over `covered` completed: deletes its
+    /// record when the round covered the shard's whole node list as etcd has it now, on
+    /// condition that nothing changed since that read. Returns whether it ended it.
+    pub(crate) async fn end_move(
+        &mut self,
+        group: &str,
+        shard: u32,
+        covered: &[String],
+    ) -> Result<bool, MembershipError> {
+        let records = self.read().await?;
+        if !records
+            .moves
+            .iter()
+            .any(|m| m.group == group && m.shard == shard)
+        {
+            return Ok(false);
+        }
+        let Some(list) = records.node_list(group, shard) else {
+            return Ok(false);
+        };
+        if !list.iter().all(|id| covered.contains(id)) {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when(self.unchanged_since(records.revision))
+            .and_then([TxnOp::delete(move_key(self.prefix(), group, shard), None)]);
+        let response = bounded(self.client.txn(txn))
             .await
             .map_err(|source| self.error(source))?;
-        let record = match response.kvs().first() {
-            Some(kv) => {
-                let mut known: MemberRecord =
-                    serde_json::from_slice(kv.value()).map_err(|e| MembershipError::Record {
-                        key: key.clone(),
-                        message: e.to_string(),
-                    })?;
-                known.addr = addr;
-                known
-            }
-            None => MemberRecord {
-                addr,
-                state: MemberState::Active,
-                slot: None,
-            },
-        };
-        self.put_json(&key, &record).await?;
-        Ok(record)
+        Ok(response.succeeded())
     }
 
     /// Creates each group that etcd does not have yet (the file's groups seed a new cluster).
@@ -391,21 +574,6 @@ impl Registry {
         Ok(response.succeeded())
     }
 
-    async fn put_json<T: Serialize>(
-        &mut self,
-        key: &str,
-        value: &T,
-    ) -> Result<(), MembershipError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| MembershipError::Record {
-            key: key.to_owned(),
-            message: e.to_string(),
-        })?;
-        bounded(self.client.put(key, bytes, None))
-            .await
-            .map_err(|source| self.error(source))?;
-        Ok(())
-    }
-
     /// Creates group `name`; refused when it exists.
     pub(crate) async fn create_group(
         &mut self,
@@ -434,54 +602,58 @@ impl Registry {
         replicas: u32,
         shard_num: Option<u32>,
     ) -> Result<GroupRecord, MembershipError> {
-        let records = self.read().await?;
-        let Some(current) = records.groups.get(name).copied() else {
-            return Err(MembershipError::Refused(format!(
-                "group `{name}` does not exist (`group create` makes it)"
-            )));
-        };
-        if let Some(asked) = shard_num.filter(|asked| *asked != current.shard_num) {
-            return Err(MembershipError::Refused(format!(
-                "group `{name}` has {} shards and keeps them: an entity's shard is its hash modulo the shard count, so changing the count ({asked} asked) would move every entity; create a new group instead",
-                current.shard_num
-            )));
-        }
-        let altered = GroupRecord {
-            replicas,
-            ..current
-        };
-        check_group_bounds(name, altered)?;
-        self.put_json(&group_key(self.prefix(), name), &altered)
-            .await?;
-        Ok(altered)
+        self.change(|records| {
+            let Some(current) = records.groups.get(name).copied() else {
+                return Err(MembershipError::Refused(format!(
+                    "group `{name}` does not exist (`group create` makes it)"
+                )));
+            };
+            if let Some(asked) = shard_num.filter(|asked| *asked != current.shard_num) {
+                return Err(MembershipError::Refused(format!(
+                    "group `{name}` has {} shards and keeps them: an entity's shard is its hash modulo the shard count, so changing the count ({asked} asked) would move every entity; create a new group instead",
+                    current.shard_num
+                )));
+            }
+            let altered = GroupRecord {
+                replicas,
+                ..current
+            };
+            check_group_bounds(name, altered)?;
+            let mut after = records.clone();
+            after.groups.insert(name.to_owned(), altered);
+            Ok((after, altered))
+        })
+        .await
     }
 
     /// Marks member `id` as draining: it keeps serving, and its copies move to the others.
     pub(crate) async fn drain(&mut self, id: &str) -> Result<MemberRecord, MembershipError> {
-        let records = self.read().await?;
-        let Some(mut record) = records.members.get(id).cloned() else {
-            return Err(MembershipError::Refused(format!("`{id}` is not a member")));
-        };
-        let active = records
-            .members
-            .values()
-            .filter(|m| m.state == MemberState::Active)
-            .count();
-        if record.state == MemberState::Active && active <= 1 {
-            return Err(MembershipError::Refused(format!(
-                "`{id}` is the last active member: its copies would have nowhere to go"
-            )));
-        }
-        record.state = MemberState::Draining;
-        self.put_json(&member_key(self.prefix(), id), &record)
-            .await?;
-        Ok(record)
+        self.change(|records| {
+            let Some(mut record) = records.members.get(id).cloned() else {
+                return Err(MembershipError::Refused(format!("`{id}` is not a member")));
+            };
+            let active = records
+                .members
+                .values()
+                .filter(|m| m.state == MemberState::Active)
+                .count();
+            if record.state == MemberState::Active && active <= 1 {
+                return Err(MembershipError::Refused(format!(
+                    "`{id}` is the last active member: its copies would have nowhere to go"
+                )));
+            }
+            record.state = MemberState::Draining;
+            let mut after = records.clone();
+            after.members.insert(id.to_owned(), record.clone());
+            Ok((after, record))
+        })
+        .await
     }
 
-    /// Removes member `id`; only a draining member may go (drain hands its copies over first).
+    /// Removes member `id`; only a draining member whose shards all moved may go (drain hands
+    /// its copies over first).
     pub(crate) async fn remove(&mut self, id: &str) -> Result<(), MembershipError> {
-        let records = self.read().await?;
-        match records.members.get(id) {
+        self.change(|records| match records.members.get(id) {
             None => Err(MembershipError::Refused(format!("`{id}` is not a member"))),
             Some(record) if record.state == MemberState::Active => {
                 Err(MembershipError::Refused(format!(
@@ -489,13 +661,23 @@ impl Registry {
                 )))
             }
             Some(_) => {
-                let key = member_key(self.prefix(), id);
-                bounded(self.client.delete(key, None))
-                    .await
-                    .map_err(|source| self.error(source))?;
-                Ok(())
+                let handing: Vec<String> = records
+                    .moves
+                    .iter()
+                    .filter(|m| m.leaving.iter().any(|l| l == id))
+                    .map(|m| format!("{}/{}", m.group, m.shard))
+                    .collect();
+                if !handing.is_empty() {
+                    return Err(MembershipError::Refused(format!(
+                        "`{id}` still hands over shards {handing:?}: a draining member is removed once their new copies completed a round (`status` lists the moves)"
+                    )));
+                }
+                let mut after = records.clone();
+                after.members.remove(id);
+                Ok((after, ()))
             }
-        }
+        })
+        .await
     }
 
     /// Gives member `old`'s place to `new`: `new` holds exactly the copies `old` held (it
@@ -506,41 +688,33 @@ impl Registry {
         old: &str,
         new: &str,
     ) -> Result<MemberRecord, MembershipError> {
-        let records = self.read().await?;
-        let Some(record) = records.members.get(old).cloned() else {
-            return Err(MembershipError::Refused(format!("`{old}` is not a member")));
-        };
-        if records.members.contains_key(new) {
-            return Err(MembershipError::Refused(format!(
-                "`{new}` is already a member: a replacement is a new id (or restart `{old}` itself with an empty disk)"
-            )));
-        }
-        let replacement = MemberRecord {
-            slot: Some(record.slot.clone().unwrap_or_else(|| old.to_owned())),
-            ..record
-        };
-        let old_key = member_key(self.prefix(), old);
-        let new_key = member_key(self.prefix(), new);
-        let bytes = serde_json::to_vec(&replacement).map_err(|e| MembershipError::Record {
-            key: new_key.clone(),
-            message: e.to_string(),
-        })?;
-        let txn = Txn::new()
-            .when([Compare::version(new_key.as_str(), CompareOp::Equal, 0)])
-            .and_then([
-                TxnOp::delete(old_key, None),
-                TxnOp::put(new_key.as_str(), bytes, None),
-            ]);
-        let response = bounded(self.client.txn(txn))
-            .await
-            .map_err(|source| self.error(source))?;
-        if !response.succeeded() {
-            return Err(MembershipError::Refused(format!(
-                "`{new}` became a member meanwhile"
-            )));
-        }
-        Ok(replacement)
+        self.change(|records| {
+            let Some(record) = records.members.get(old).cloned() else {
+                return Err(MembershipError::Refused(format!("`{old}` is not a member")));
+            };
+            if records.members.contains_key(new) {
+                return Err(MembershipError::Refused(format!(
+                    "`{new}` is already a member: a replacement is a new id (or restart `{old}` itself with an empty disk)"
+                )));
+            }
+            let replacement = MemberRecord {
+                slot: Some(record.slot.clone().unwrap_or_else(|| old.to_owned())),
+                ..record
+            };
+            let mut after = records.clone();
+            after.members.remove(old);
+            after.members.insert(new.to_owned(), replacement.clone());
+            Ok((after, replacement))
+        })
+        .await
     }
+}
+
+fn to_json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, MembershipError> {
+    serde_json::to_vec(value).map_err(|e| MembershipError::Record {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 fn check_group_bounds(name: &str, record: GroupRecord) -> Result<(), MembershipError> {
@@ -664,10 +838,10 @@ fn apply_to_config(config: &mut Config, records: &ClusterRecords) -> anyhow::Res
     Ok(())
 }
 
-/// The placement and peers of `node` from the records. `first`: the records the node started
-/// with (its store holds what it held before; nothing moves).
-fn apply(node: &NodeState, records: &ClusterRecords, first: bool) {
-    let (groups, waiting) = records.groups_for(node.store.groups());
+/// The placement, moves, peers and the members allowed in (with TLS) of `node` from the
+/// records.
+fn apply(node: &NodeState, records: &ClusterRecords, auth: &AuthLayer) {
+    let (groups, waiting) = records.groups_for(&node.store.groups());
     let groups = match Groups::new(groups) {
         Ok(groups) => groups,
         Err(error) => {
@@ -676,21 +850,123 @@ fn apply(node: &NodeState, records: &ClusterRecords, first: bool) {
         }
     };
     let placement = Placement::with_slots(records.placement_members(), groups);
-    if first {
-        node.start_placement(placement);
-    } else {
-        let members = records.members.keys().cloned().collect();
-        node.set_placement(placement, &members);
-    }
-    if let Err(error) = node
-        .peers
-        .set_members(&records.all_members(), node.config.tls.as_ref())
-    {
+    node.set_membership(placement, Moves::from_records(&records.moves));
+    let members = records.all_members();
+    if let Err(error) = node.peers.set_members(&members, node.config.tls.as_ref()) {
         tracing::warn!(%error, "etcd: the channels to the members could not be remade");
     }
+    // With TLS, a member's certificate may call everything: the set follows the membership, so
+    // that a member that joined is let in and one removed is not.
+    auth.set_members(members.into_iter().map(|m| m.id).collect());
     let mut view = lock(&node.membership);
     view.revision = records.revision;
     view.groups_waiting_for_restart = waiting;
+}
+
+/// Adds to the store every group that etcd has and the store does not (created while the node
+/// runs), so that the node serves it at once.
+async fn serve_new_groups(node: &Arc<NodeState>, records: &ClusterRecords) {
+    let known = node.store.groups();
+    let new: Vec<GroupDef> = records
+        .groups
+        .iter()
+        .filter(|(name, _)| known.get(name).is_none())
+        .map(|(name, g)| GroupDef::new(name, g.shard_num, g.replicas))
+        .collect();
+    if new.is_empty() {
+        return;
+    }
+    let store = Arc::clone(&node.store);
+    match tokio::task::spawn_blocking(move || store.add_groups(&new)).await {
+        Ok(Ok(added)) => tracing::info!(?added, "etcd: serving the groups created meanwhile"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "etcd: a new group could not be added to the store")
+        }
+        Err(error) => tracing::warn!(%error, "etcd: adding new groups stopped"),
+    }
+}
+
+/// A round over `covered` completed for (group, shard) (`origin`: this node started it): a
+/// move it finishes ends here; the origin ends it in etcd too, and a node that no longer holds
+/// the shard drops its rows.
+pub(crate) fn round_completed(
+    node: &Arc<NodeState>,
+    group: &str,
+    shard: u32,
+    covered: &[String],
+    origin: bool,
+) {
+    if !node.round_completed(group, shard, covered) {
+        return;
+    }
+    let Some(etcd) = node.config.etcd.clone() else {
+        return;
+    };
+    let node = Arc::clone(node);
+    let (group, covered) = (group.to_owned(), covered.to_vec());
+    tokio::spawn(async move {
+        if origin {
+            let ended = match Registry::connect(&etcd).await {
+                Ok(mut registry) => registry.end_move(&group, shard, &covered).await,
+                Err(error) => Err(error),
+            };
+            match ended {
+                Ok(true) => tracing::info!(group, shard, "etcd: move ended"),
+                Ok(false) => tracing::info!(
+                    group,
+                    shard,
+                    "etcd: the move is not over there (the membership changed meanwhile); a later round ends it"
+                ),
+                Err(error) => {
+                    tracing::warn!(group, shard, %error, "etcd: the move could not be ended; a later round ends it");
+                }
+            }
+        }
+        drop_handed_over(node).await;
+    });
+}
+
+/// Drops the rows of every shard whose copy this node kept and no longer holds (its move
+/// ended: the new copies completed a round). Only with membership from etcd, and only while
+/// etcd answers, so that a node serving on an old membership drops nothing.
+pub(crate) async fn drop_handed_over(node: Arc<NodeState>) {
+    if node.config.etcd.is_none() || !lock(&node.membership).connected {
+        return;
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let placement = node.placement();
+        for known in node.store.groups().iter() {
+            let Some(def) = placement.group(&known.name) else {
+                continue;
+            };
+            for shard in 0..def.shard_num {
+                if node.holds(def, shard) {
+                    continue;
+                }
+                match node.store.holds_rows(&def.name, shard) {
+                    Ok(false) => {}
+                    Ok(true) => match node.store.drop_shard(&def.name, shard) {
+                        Ok(rows) => tracing::info!(
+                            group = def.name,
+                            shard,
+                            rows,
+                            "handed over: dropped this node's old copy (the new copies completed a round)"
+                        ),
+                        Err(error) => {
+                            tracing::warn!(group = def.name, shard, %error, "dropping a handed-over copy failed");
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(group = def.name, shard, %error, "reading a handed-over copy failed");
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if let Err(error) = done {
+        tracing::warn!(%error, "dropping handed-over copies stopped");
+    }
 }
 
 /// The view of a node whose membership comes from etcd, before the first change.
@@ -712,12 +988,13 @@ pub(crate) async fn run(
     node: Arc<NodeState>,
     etcd: EtcdConfig,
     records: ClusterRecords,
+    auth: AuthLayer,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    apply(&node, &records, true);
+    apply(&node, &records, &auth);
     loop {
         let result = tokio::select! {
-            result = session(&node, &etcd) => result,
+            result = session(&node, &etcd, &auth) => result,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         if let Err(error) = result {
@@ -736,7 +1013,11 @@ pub(crate) async fn run(
     }
 }
 
-async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), MembershipError> {
+async fn session(
+    node: &Arc<NodeState>,
+    etcd: &EtcdConfig,
+    auth: &AuthLayer,
+) -> Result<(), MembershipError> {
     // The member record was written when the node started (`prepare`); a session does not
     // write it again, so a member removed while its node runs stays removed.
     let mut registry = Registry::connect(etcd).await?;
@@ -759,7 +1040,8 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
     .map_err(|source| registry.error(source))?;
     let records = registry.read().await?;
     let revision = records.revision;
-    apply(node, &records, false);
+    serve_new_groups(node, &records).await;
+    apply(node, &records, auth);
     let _ = save_last_seen(&node.config.data_dir, &records);
     {
         let mut view = lock(&node.membership);
@@ -770,6 +1052,7 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
         view.unreachable_since_ms = None;
         view.last_error = None;
     }
+    tokio::spawn(drop_handed_over(Arc::clone(node)));
     let (mut keeper, mut keep_alive) = bounded(registry.client.lease_keep_alive(lease.id()))
         .await
         .map_err(|source| registry.error(source))?;
@@ -810,8 +1093,10 @@ async fn session(node: &Arc<NodeState>, etcd: &EtcdConfig) -> Result<(), Members
                 if changed {
                     let records = registry.read().await?;
                     tracing::info!(revision = records.revision, members = records.members.len(), groups = records.groups.len(), "etcd: membership changed");
-                    apply(node, &records, false);
+                    serve_new_groups(node, &records).await;
+                    apply(node, &records, auth);
                     let _ = save_last_seen(&node.config.data_dir, &records);
+                    tokio::spawn(drop_handed_over(Arc::clone(node)));
                 }
             }
         }

@@ -3,6 +3,11 @@
 //! rounds reach the old and the new copy sets together — until a round that covered both sets
 //! completes (every sync succeeded and applied everything). Then the new copies hold everything
 //! the old ones did, and the old ones leave the node list: a move never loses a copy.
+//!
+//! With membership in etcd the moves are kept there (`P/moves/<group>/<shard>`), written in the
+//! same transaction as the membership change that causes them and deleted by the origin of the
+//! round that ends them, so that every node — one restarted mid-move, one that just joined —
+//! sees the same node lists. Each node holds the copy it last read here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,7 +30,39 @@ pub(crate) struct MoveView {
     pub(crate) leaving: Vec<String>,
 }
 
+/// One shard on the move as etcd keeps it (`P/moves/<group>/<shard>`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub(crate) struct MoveRecord {
+    pub(crate) group: String,
+    pub(crate) shard: u32,
+    /// The old holders kept until the new copies complete a round.
+    pub(crate) leaving: Vec<String>,
+}
+
 impl Moves {
+    /// The moves of these records.
+    pub(crate) fn from_records(records: &[MoveRecord]) -> Self {
+        Self {
+            leaving: records
+                .iter()
+                .filter(|r| !r.leaving.is_empty())
+                .map(|r| ((r.group.clone(), r.shard), r.leaving.clone()))
+                .collect(),
+        }
+    }
+
+    /// Every shard on the move, as records.
+    pub(crate) fn records(&self) -> Vec<MoveRecord> {
+        self.leaving
+            .iter()
+            .map(|((group, shard), leaving)| MoveRecord {
+                group: group.clone(),
+                shard: *shard,
+                leaving: leaving.clone(),
+            })
+            .collect()
+    }
+
     /// Records the moves from `old` to `new`: every member of a shard's old node list (and of
     /// a move still pending) that is not in its new list and is still a member (`members`)
     /// keeps its copy for now.

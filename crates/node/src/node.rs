@@ -1,7 +1,6 @@
 //! The shared state of one running node: configuration, placement, store, peers, metrics and
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -82,39 +81,38 @@ impl NodeState {
         )
     }
 
-    /// Replaces the placement; the copies that move keep their old holders in the node lists
-    /// until a round covers old and new (`moves`). `members`: every member id, draining too.
-    pub(crate) fn set_placement(&self, placement: Placement, members: &BTreeSet<String>) {
-        let mut moves = lock(&self.moves);
-        moves.placement_changed(&self.placement(), &placement, members);
+    /// Replaces the placement and the shards on the move (both as etcd has them: the old
+    /// holders of a moving shard stay in its node list until a round covers old and new).
+    pub(crate) fn set_membership(&self, placement: Placement, moves: Moves) {
+        let mut current = lock(&self.moves);
         *self
             .placement
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+        *current = moves;
     }
 
-    /// Sets the placement a node starts with (from etcd: slots and draining members, which the
-    /// configuration cannot say); nothing moves.
-    pub(crate) fn start_placement(&self, placement: Placement) {
-        *self
-            .placement
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
-    }
-
-    /// A round over `covered` completed for (group, shard): a move it finishes ends.
-    pub(crate) fn round_completed(&self, group: &str, shard: u32, covered: &[String]) {
+    /// A round over `covered` completed for (group, shard): a move it finishes ends here.
+    /// Returns whether one did.
+    pub(crate) fn round_completed(&self, group: &str, shard: u32, covered: &[String]) -> bool {
         let Some(def) = self.placement().group(group).cloned() else {
-            return;
+            return false;
         };
         let list = self.node_ids(&def, shard);
-        if lock(&self.moves).round_completed(group, shard, covered, &list) {
+        let ended = lock(&self.moves).round_completed(group, shard, covered, &list);
+        if ended {
             tracing::info!(
                 group,
                 shard,
                 "move finished: the new copies completed a round; the old ones leave the node list"
             );
         }
+        ended
+    }
+
+    /// Whether this node holds a copy of (group, shard), an old one on the move included.
+    pub(crate) fn holds(&self, group: &GroupDef, shard: u32) -> bool {
+        self.node_ids(group, shard).iter().any(|id| id == self.me())
     }
 
     /// A new revision for a coordinated write: unix nanoseconds, strictly increasing.

@@ -227,6 +227,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     // certificate cannot grow the latency histogram's label set. The server pings its clients
     // (HTTP/2 keepalive) and keeps a connection whose resets it reads after a pause
     // (`services::grpc_server`).
+    let membership_auth = auth.clone();
     let router = crate::services::grpc_server()
         .layer(auth)
         .layer(node.metrics.rpc_layer())
@@ -328,6 +329,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             Arc::clone(&node),
             etcd,
             records,
+            membership_auth,
             shutdown.clone(),
         )));
     }
@@ -338,8 +340,8 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
 /// group and an in-range shard, and carry that shard's node list as this node computes it.
 fn shard_placement(node: Arc<NodeState>) -> Placement {
     Placement::new(move |key| {
-        let group = node
-            .placement
+        let placement = node.placement();
+        let group = placement
             .group(&key.group)
             .ok_or_else(|| format!("unknown group {:?}", key.group))?;
         if key.shard >= group.shard_num {
@@ -495,8 +497,14 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
     let started_at_ns = context.started_at.0.saturating_mul(1_000_000);
     let cutoff_ns = round_cutoff(started_at_ns, node.config.max_clock_skew);
     // The origin may hold no copy (it originates a shard it sees on the move): the move it
-    // tracks ends here, whether or not a notice reaches it.
-    node.round_completed(&context.key.group, context.key.shard, &context.nodes);
+    // tracks ends here, whether or not a notice reaches it, and in etcd.
+    crate::membership::round_completed(
+        node,
+        &context.key.group,
+        context.key.shard,
+        &context.nodes,
+        true,
+    );
     for target in &context.nodes {
         let notice = v1::CompleteRepairNotice {
             group: context.key.group.clone(),

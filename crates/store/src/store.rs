@@ -11,12 +11,14 @@
 //! - `snapshot`: what does a reader see (a consistent view, lookups and scans)?
 //! - `query`: which properties of a group match a query?
 //! - `trees`: what is a shard's tree, fresh, at a snapshot?
+//! - `handover`: how does a node drop a shard whose copies moved to other nodes?
 //! - `maintenance`: how are trees flushed, verified and healed, and tombstones purged?
 //! - `recorded`: which shape and groups was the database created with, and do they still match?
 //! - `repair`: how does the repair protocol see this store?
 //! - `rows`: how are stored rows and bookkeeping read back?
 //! - `quarantine`: where does a row that fails its check go?
 
+mod handover;
 mod maintenance;
 mod quarantine;
 mod query;
@@ -38,7 +40,7 @@ use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError};
 use crate::group_commit::GroupCommit;
 use crate::tables::{CONFIG, CONFIG_PROBE};
-use crate::validate::Rules;
+use crate::validate::{GroupTable, Rules};
 
 pub use maintenance::{
     PURGE_CHUNK, PurgeReport, PurgeState, ScrubReport, VerifyOutcome, purge_line, round_cutoff,
@@ -139,7 +141,7 @@ impl RedbStore {
             cache_bytes: config.cache_bytes,
             io_fault: Mutex::new(None),
             rules: Arc::new(Rules {
-                groups: config.groups.clone(),
+                groups: GroupTable::new(config.groups.clone()),
                 shape: config.shape,
                 max_property_bytes: config.max_property_bytes,
                 read_check: config.read_check,
@@ -347,9 +349,9 @@ impl RedbStore {
         self.rules.shape
     }
 
-    /// The group definitions.
-    pub fn groups(&self) -> &Groups {
-        &self.rules.groups
+    /// The group definitions (a running store may gain groups: [`RedbStore::add_groups`]).
+    pub fn groups(&self) -> Arc<Groups> {
+        self.rules.groups.current()
     }
 
     /// Runs `f` in a write transaction and commits it with the configured durability; on an

@@ -54,7 +54,7 @@ impl Query {
 impl Snapshot {
     /// Properties of one group matching a query, in entity order, at most `query.limit`.
     pub fn query(&self, query: &Query) -> Result<Vec<Property>, StoreError> {
-        let def = self.rules.group(&query.group)?.clone();
+        let def = self.rules.group(&query.group)?;
         if let Some(name) = &query.name {
             // Checks the name the way an entity would (non-empty, no `/`).
             Entity::new(&query.group, name, "id").map_err(ValidationError::from)?;
