@@ -771,4 +771,5 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
+pub mod etcd;
 pub mod nemesis;

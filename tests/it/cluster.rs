@@ -933,10 +933,10 @@ fn every_command_prints_the_documented_json_fields() {
          shape.fanout shape.format_version shape.slot_count shard slots slots[].digest \
          slots[].leaves slots[].slot"
     );
-    const STATUS: &str = "members members[].addr members[].id members[].up node quarantined \
-         repair_paused shards shards[].group shards[].last_repair_age_s shards[].pending \
-         shards[].purge_blocked shards[].purge_cutoff_ns shards[].purged_below_ns shards[].shard \
-         store_health";
+    const STATUS: &str = "members members[].addr members[].id members[].up membership node \
+         quarantined repair_paused shards shards[].group shards[].last_repair_age_s \
+         shards[].pending shards[].purge_blocked shards[].purge_cutoff_ns shards[].purged_below_ns \
+         shards[].shard store_health";
     let status = cluster.json(0, &["status"]);
     assert_eq!(fields(&status), STATUS);
     // No complete round yet: purging is blocked, with the reason.

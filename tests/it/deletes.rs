@@ -21,7 +21,7 @@ const SECOND: i64 = 1_000_000_000;
 fn config(replicas: u32) -> String {
     format!(
         "max_clock_skew = \"1s\"\nwrite_acks = 2\n\n[[groups]]\nname = \"g\"\nshard_num = 1\nreplicas = {replicas}\n\n\
-         [[groups]]\nname = \"w\"\nshard_num = 3\nreplicas = 0\n\n\
+         [[groups]]\nname = \"w\"\nshard_num = 12\nreplicas = 0\n\n\
          [repair]\nenabled = false\nperiod = \"1s\"\ntombstone_grace = \"2s\"\nverify_interval = \"1s\"\n"
     )
 }
@@ -242,6 +242,7 @@ fn a_forged_notice_is_refused_and_deletes_hold_when_the_missing_copy_returns() {
         message_id: "forged".into(),
         from: from.into(),
         cutoff_ns,
+        copies: Vec::new(),
     };
     let tomorrow = now_nanos() + 24 * 3600 * SECOND;
     for i in 0..2 {

@@ -3,6 +3,7 @@ mod canonical;
 mod cluster;
 mod deletes;
 mod faults;
+mod membership;
 mod operator;
 mod operator_cli;
 mod pages;

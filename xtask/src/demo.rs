@@ -50,8 +50,8 @@ fn stop(node: &mut Node) {
     }
 }
 
-/// Runs the demo from the workspace root.
-pub(crate) fn run() -> Result<()> {
+/// Builds `propd` (debug); returns the binary and the target directory.
+pub(crate) fn build_propd() -> Result<(PathBuf, PathBuf)> {
     say("building propd");
     let status = Command::new("cargo")
         .args([
@@ -69,7 +69,12 @@ pub(crate) fn run() -> Result<()> {
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let binary = target.join("debug").join("propd");
+    Ok((target.join("debug").join("propd"), target))
+}
+
+/// Runs the demo from the workspace root.
+pub(crate) fn run() -> Result<()> {
+    let (binary, target) = build_propd()?;
     let dir = target.join("demo");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -236,11 +241,11 @@ fn issue_certs(binary: &Path, nodes: &[Node], certs: &Path) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     println!("demo: {text}");
 }
 

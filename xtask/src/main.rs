@@ -16,8 +16,10 @@ use anyhow::{Context, Result, bail};
 mod bench_report;
 mod boundaries;
 mod demo;
+mod demo_join;
 mod fuzz;
 mod nemesis;
+mod tools;
 
 const HELP: &str = "\
 cargo xtask <command>
@@ -26,6 +28,7 @@ commands:
   ci       format check, clippy (warnings denied), crate boundaries, every test, two 60 s
            nemesis schedules, 30 s of each fuzz target (where the nightly toolchain is)
   demo     start a local three-node cluster, make it diverge, repair it, show convergence
+           (--join: membership in etcd; a fourth node joins and its shards move to it)
   bench    run the criterion benches (release build); extra args go to `cargo bench`
   bench-report  SVG charts from the bench results under target/criterion into docs/benchmarks/
   nemesis  real nodes under injected faults, then check nothing acknowledged was lost
@@ -49,10 +52,15 @@ fn main() -> Result<()> {
     let rest: Vec<String> = args.collect();
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    // Every command but `help` builds the node, which needs protoc (installed when missing).
+    if !matches!(command.as_str(), "help" | "--help" | "-h") {
+        tools::ensure_protoc()?;
+    }
     match command.as_str() {
         "ci" => ci(),
         "bench" => bench(&rest),
         "bench-report" => bench_report::run(&root),
+        "demo" if rest.iter().any(|a| a == "--join") => demo_join::run(),
         "demo" => demo::run(),
         "nemesis" => nemesis::run(&root, &rest),
         "fuzz" => fuzz::run(&root, &rest),
@@ -73,6 +81,8 @@ fn workspace_root() -> PathBuf {
 }
 
 fn ci() -> Result<()> {
+    // The membership tests start a real etcd; without one they say SKIPPED.
+    tools::ensure_etcd(false)?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run(
         "cargo",

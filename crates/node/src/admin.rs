@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{blocking, check_time, invalid};
-use crate::node::{NodeState, now_nanos};
+use crate::node::{NodeState, lock, now_nanos};
 use crate::sync::Gossip;
 use crate::tombstones::{NoticeCheck, check_notice};
 
@@ -50,7 +50,7 @@ pub(crate) fn start_round(
     preview: bool,
 ) -> Result<MessageId, Status> {
     let config = node
-        .placement
+        .placement()
         .group(group)
         .cloned()
         .ok_or_else(|| invalid("group", format!("unknown group {group:?}")))?;
@@ -214,6 +214,7 @@ impl AdminService for AdminApi {
             repair_paused: node.is_paused(),
             store_health,
             quarantined,
+            membership: lock(&node.membership).summary(),
         }))
     }
 
@@ -263,10 +264,11 @@ impl AdminService for AdminApi {
         let notice = request.into_inner();
         let node = &self.node;
         let def = node
-            .placement
+            .placement()
             .group(&notice.group)
+            .cloned()
             .ok_or_else(|| invalid("group", format!("unknown group {:?}", notice.group)))?;
-        let copies = node.node_ids(def, notice.shard);
+        let copies = node.node_ids(&def, notice.shard);
         check_time(check_notice(
             NoticeCheck {
                 copies: &copies,
@@ -287,6 +289,13 @@ impl AdminService for AdminApi {
             );
         })?;
         let group = notice.group.clone();
+        crate::membership::round_completed(
+            node,
+            &notice.group,
+            notice.shard,
+            &notice.copies,
+            false,
+        );
         blocking(node, move |node| {
             node.store.record_complete_round(
                 &notice.group,

@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
@@ -195,8 +195,9 @@ pub(crate) fn decide_for(
 /// The tower layer that checks every gRPC call (see [`decide`]); refusals bump `refusals`.
 #[derive(Debug, Clone)]
 pub(crate) struct AuthLayer {
-    /// `None`: TLS is off, everything passes.
-    members: Option<Arc<HashSet<String>>>,
+    /// `None`: TLS is off, everything passes. Shared by every clone, so that
+    /// [`AuthLayer::set_members`] reaches the running servers.
+    members: Option<Arc<RwLock<Arc<HashSet<String>>>>>,
     refusals: AuthRefusals,
 }
 
@@ -204,9 +205,24 @@ impl AuthLayer {
     /// Checks calls against `members` when TLS is on (`Some`), passes all when off.
     pub(crate) fn new(members: Option<HashSet<String>>, refusals: AuthRefusals) -> Self {
         Self {
-            members: members.map(Arc::new),
+            members: members.map(|m| Arc::new(RwLock::new(Arc::new(m)))),
             refusals,
         }
+    }
+
+    /// Replaces the members whose certificates may call everything (a membership change seen
+    /// in etcd); nothing changes when TLS is off. Calls already admitted finish.
+    pub(crate) fn set_members(&self, members: HashSet<String>) {
+        if let Some(current) = &self.members {
+            *current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(members);
+        }
+    }
+
+    /// The members whose certificates may call everything; `None` when TLS is off.
+    fn members(&self) -> Option<Arc<HashSet<String>>> {
+        self.members
+            .as_ref()
+            .map(|m| Arc::clone(&m.read().unwrap_or_else(PoisonError::into_inner)))
     }
 }
 
@@ -245,13 +261,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if let Some(members) = &self.layer.members {
+        if let Some(members) = self.layer.members() {
             let certs = request
                 .extensions()
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(TlsConnectInfo::peer_certs);
             let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
-            if let Err(status) = decide(request.uri().path(), members, leaf) {
+            if let Err(status) = decide(request.uri().path(), &members, leaf) {
                 self.layer.refusals.inc(status.code());
                 tracing::info!(method = request.uri().path(), code = ?status.code(), message = status.message(), "call refused");
                 return Box::pin(std::future::ready(Ok(status.into_http())));

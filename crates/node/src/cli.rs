@@ -18,12 +18,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use propd_store::GroupDef;
 
+mod members;
 mod transfer;
 
 use crate::certs::{Subject, issue};
 use crate::config::{
-    DEFAULT_LISTEN, Member, Partial, PartialMetrics, PartialRepair, PartialStore, PartialTelemetry,
-    PartialTls, PartialTree,
+    DEFAULT_LISTEN, Member, Partial, PartialEtcd, PartialMetrics, PartialRepair, PartialStore,
+    PartialTelemetry, PartialTls, PartialTree,
 };
 use crate::tls::cli_client_config;
 
@@ -57,6 +58,10 @@ enum Command {
     Tree(TreeArgs),
     /// Show the cluster as this node sees it and the repair status of its shards.
     Status(StatusArgs),
+    /// Members in etcd: list, drain, remove, replace.
+    Member(members::MemberArgs),
+    /// Groups in etcd: create, alter, list.
+    Group(members::GroupArgs),
     /// Make a development CA (once per directory) and member and client certificates (PEM).
     Cert(CertArgs),
 }
@@ -151,6 +156,12 @@ struct ServeArgs {
     /// `log_format`: `text` (default) or `json`, one object per line.
     #[arg(long, env = "PROPD_LOG_FORMAT")]
     log_format: Option<String>,
+    /// `etcd.endpoints`: take members and groups from this etcd (repeat, or comma-separate).
+    #[arg(long = "etcd", env = "PROPD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// `etcd.prefix`: this cluster's key prefix in etcd (default `/propd`).
+    #[arg(long, env = "PROPD_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
     /// `tls.cert`: this node's certificate chain (PEM); with key and ca, turns on mutual TLS.
     #[arg(long, env = "PROPD_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -220,6 +231,10 @@ impl ServeArgs {
                 digest_width: self.tree_digest_width,
             },
             log_format: self.log_format,
+            etcd: PartialEtcd {
+                endpoints: (!self.etcd_endpoints.is_empty()).then_some(self.etcd_endpoints),
+                prefix: self.etcd_prefix,
+            },
             insecure: self.insecure,
             tls: PartialTls {
                 cert: self.tls_cert,
@@ -407,6 +422,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Repair(args) => repair(args).await,
         Command::Tree(args) => tree(args).await,
         Command::Status(args) => status(args).await,
+        Command::Member(args) => members::member(args).await,
+        Command::Group(args) => members::group(args).await,
         Command::Cert(args) => cert(args),
     }
 }
@@ -1073,7 +1090,7 @@ async fn status(args: StatusArgs) -> Result<()> {
             })
         })
         .collect();
-    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "store_health": status.store_health, "quarantined": status.quarantined});
+    let json = json!({"node": status.node, "members": members, "shards": shards, "repair_paused": status.repair_paused, "store_health": status.store_health, "quarantined": status.quarantined, "membership": status.membership});
     let mut lines = vec![
         format!(
             "node {} (background repair {})",
@@ -1089,6 +1106,9 @@ async fn status(args: StatusArgs) -> Result<()> {
             status.store_health, status.quarantined
         ),
     ];
+    if !status.membership.is_empty() {
+        lines.push(format!("  {}", status.membership));
+    }
     for m in &status.members {
         lines.push(format!(
             "  member {} {} {}",

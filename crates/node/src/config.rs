@@ -9,6 +9,7 @@ use propd_merkle::{Algorithm, Shape, ShapeError};
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
+use crate::membership::{DEFAULT_PREFIX, EtcdConfig};
 use crate::tls::TlsPaths;
 
 /// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
@@ -197,6 +198,8 @@ pub(crate) struct Config {
     pub(crate) tree: Shape,
     /// How log lines are written.
     pub(crate) log_format: LogFormat,
+    /// `[etcd]`: membership and groups from etcd; `None`: the members and groups above.
+    pub(crate) etcd: Option<EtcdConfig>,
     /// `[tls]`: mutual TLS on every port and every dial; `None` serves plaintext.
     pub(crate) tls: Option<TlsPaths>,
     /// `insecure`: plaintext on a non-loopback address was asked for explicitly.
@@ -283,11 +286,54 @@ pub(crate) struct Partial {
     /// `[tree]`
     #[serde(default)]
     pub(crate) tree: PartialTree,
+    /// `[etcd]`
+    #[serde(default)]
+    pub(crate) etcd: PartialEtcd,
     /// `insecure`
     pub(crate) insecure: Option<bool>,
     /// `[tls]`
     #[serde(default)]
     pub(crate) tls: PartialTls,
+}
+
+/// The `[etcd]` table from one source.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PartialEtcd {
+    /// `etcd.endpoints`
+    pub(crate) endpoints: Option<Vec<String>>,
+    /// `etcd.prefix`
+    pub(crate) prefix: Option<String>,
+}
+
+impl PartialEtcd {
+    pub(crate) fn resolve(self) -> Result<Option<EtcdConfig>, ConfigError> {
+        let Some(endpoints) = self.endpoints.filter(|e| !e.is_empty()) else {
+            if self.prefix.is_some() {
+                return Err(invalid("etcd.prefix", "is given without `etcd.endpoints`"));
+            }
+            return Ok(None);
+        };
+        for endpoint in &endpoints {
+            let rest = endpoint
+                .strip_prefix("http://")
+                .or_else(|| endpoint.strip_prefix("https://"));
+            if rest.is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("`{endpoint}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.len() < 2 {
+            return Err(invalid(
+                "etcd.prefix",
+                format!("`{prefix}` must start with `/`, not end with `/`, and name something"),
+            ));
+        }
+        Ok(Some(EtcdConfig { endpoints, prefix }))
+    }
 }
 
 /// The `[store]` table from one source.
@@ -436,6 +482,10 @@ impl Partial {
                     .otlp_endpoint
                     .or(lower.telemetry.otlp_endpoint),
             },
+            etcd: PartialEtcd {
+                endpoints: self.etcd.endpoints.or(lower.etcd.endpoints),
+                prefix: self.etcd.prefix.or(lower.etcd.prefix),
+            },
             insecure: self.insecure.or(lower.insecure),
             tls: PartialTls {
                 cert: self.tls.cert.or(lower.tls.cert),
@@ -511,6 +561,7 @@ impl Partial {
             },
             tree: self.tree.resolve()?,
             log_format,
+            etcd: self.etcd.resolve()?,
             tls: resolve_tls(self.tls, self.insecure.unwrap_or(false), &[listen, http])?,
             insecure: self.insecure.unwrap_or(false),
             allow_empty_store: self.allow_empty_store.unwrap_or(false),
@@ -916,6 +967,12 @@ impl Config {
                 .as_deref()
                 .map_or_else(|| "none".to_owned(), |e| format!("{e:?}")),
         ));
+        if let Some(etcd) = &self.etcd {
+            line(format!(
+                "[etcd] endpoints = {:?}, prefix = {:?} (members and groups come from etcd)",
+                etcd.endpoints, etcd.prefix
+            ));
+        }
         let t = &self.tree;
         line(format!(
             "[tree] algorithm = \"{}\", slot_count = {}, fanout = {}, depth = {}, digest_width = {}",

@@ -127,7 +127,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl PropertyApi {
     fn group(&self, name: &str) -> Result<GroupDef, Status> {
         self.node
-            .placement
+            .placement()
             .group(name)
             .cloned()
             .ok_or_else(|| invalid("group", format!("unknown group {name:?}")))
@@ -141,9 +141,15 @@ impl PropertyApi {
     }
 
     /// Refuses a write to this node's own copy (a replica write, a `--local` write) of a shard
-    /// it does not hold: that data would live where no read or repair looks.
+    /// it does not hold: that data would live where no read or repair looks. An old holder of a
+    /// shard on the move still holds it (it is in the node list until the move ends).
     fn check_held(&self, group: &GroupDef, shard: u32) -> Result<(), Status> {
-        if self.node.placement.holds(self.node.me(), group, shard) {
+        if self
+            .node
+            .node_ids(group, shard)
+            .iter()
+            .any(|id| id == self.node.me())
+        {
             return Ok(());
         }
         Err(Status::failed_precondition(format!(

@@ -2,13 +2,15 @@
 //! the repair controls. Services and background tasks hold it behind an `Arc`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use propd_store::{GroupDef, RedbStore, StoreHealth};
 
 use crate::config::Config;
+use crate::membership::MembershipView;
 use crate::metrics::Metrics;
+use crate::moves::Moves;
 use crate::peers::Peers;
 use crate::placement::Placement;
 use crate::schedule::{MissedWrites, RoundClock};
@@ -18,8 +20,12 @@ use crate::schedule::{MissedWrites, RoundClock};
 pub(crate) struct NodeState {
     /// The resolved configuration.
     pub(crate) config: Config,
-    /// Shard placement.
-    pub(crate) placement: Placement,
+    /// Shard placement: fixed with a static membership, replaced on each change seen in etcd.
+    placement: RwLock<Arc<Placement>>,
+    /// Where the membership comes from and whether that source answers.
+    pub(crate) membership: Mutex<MembershipView>,
+    /// Old copies kept in the node lists of shards on the move.
+    pub(crate) moves: Mutex<Moves>,
     /// This node's store.
     pub(crate) store: Arc<RedbStore>,
     /// Channels to the other members and their health.
@@ -46,7 +52,9 @@ impl NodeState {
         let metrics = Metrics::new(config.metrics.shard_labels);
         Self {
             config,
-            placement,
+            placement: RwLock::new(Arc::new(placement)),
+            membership: Mutex::new(MembershipView::fixed()),
+            moves: Mutex::new(Moves::default()),
             store: Arc::new(store),
             peers,
             metrics,
@@ -63,26 +71,79 @@ impl NodeState {
         &self.config.node_id
     }
 
+    /// The placement in force (a change in etcd replaces it; a caller keeps the one it got).
+    pub(crate) fn placement(&self) -> Arc<Placement> {
+        Arc::clone(
+            &self
+                .placement
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the placement and the shards on the move (both as etcd has them: the old
+    /// holders of a moving shard stay in its node list until a round covers old and new).
+    pub(crate) fn set_membership(&self, placement: Placement, moves: Moves) {
+        let mut current = lock(&self.moves);
+        *self
+            .placement
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(placement);
+        *current = moves;
+    }
+
+    /// A round over `covered` completed for (group, shard): a move it finishes ends here.
+    /// Returns whether one did.
+    pub(crate) fn round_completed(&self, group: &str, shard: u32, covered: &[String]) -> bool {
+        let Some(def) = self.placement().group(group).cloned() else {
+            return false;
+        };
+        let list = self.node_ids(&def, shard);
+        let ended = lock(&self.moves).round_completed(group, shard, covered, &list);
+        if ended {
+            tracing::info!(
+                group,
+                shard,
+                "move finished: the new copies completed a round; the old ones leave the node list"
+            );
+        }
+        ended
+    }
+
+    /// Whether this node holds a copy of (group, shard), an old one on the move included.
+    pub(crate) fn holds(&self, group: &GroupDef, shard: u32) -> bool {
+        self.node_ids(group, shard).iter().any(|id| id == self.me())
+    }
+
     /// A new revision for a coordinated write: unix nanoseconds, strictly increasing.
     pub(crate) fn next_revision(&self) -> i64 {
         self.revisions.next(now_nanos())
     }
 
-    /// The node ids of (group, shard)'s copies, in placement order.
+    /// The node ids of (group, shard)'s copies, in placement order, then the old copies of a
+    /// shard on the move (they keep getting writes and rounds until the move ends).
     pub(crate) fn node_ids(&self, group: &GroupDef, shard: u32) -> Vec<String> {
-        self.placement
+        let mut ids: Vec<String> = self
+            .placement()
             .node_list(group, shard)
             .iter()
             .map(|m| m.id.clone())
-            .collect()
+            .collect();
+        for id in lock(&self.moves).leaving(&group.name, shard) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        ids
     }
 
     /// Every (group, shard) this node holds a copy of.
     pub(crate) fn local_shards(&self) -> Vec<(String, u32)> {
         let mut shards = Vec::new();
-        for group in self.placement.groups() {
+        let placement = self.placement();
+        for group in placement.groups() {
             for shard in 0..group.shard_num {
-                if self.placement.holds(self.me(), group, shard) {
+                if self.node_ids(group, shard).iter().any(|id| id == self.me()) {
                     shards.push((group.name.clone(), shard));
                 }
             }

@@ -31,7 +31,7 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) struct Peers {
     me: String,
     channels: MemberChannels,
-    addresses: HashMap<String, SocketAddr>,
+    addresses: Mutex<HashMap<String, SocketAddr>>,
     up: Mutex<HashMap<String, bool>>,
     /// Members whose last probe or call ran out of time: they accept connections but do not
     /// answer (a stopped process), so calling them costs a whole timeout.
@@ -56,11 +56,37 @@ impl Peers {
         Self {
             me: me.to_owned(),
             channels: MemberChannels::new(addresses, CONNECT_TIMEOUT),
-            addresses: members.iter().map(|m| (m.id.clone(), m.addr)).collect(),
+            addresses: Mutex::new(members.iter().map(|m| (m.id.clone(), m.addr)).collect()),
             up: Mutex::new(up),
             hung: Mutex::default(),
             hung_found: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Replaces the members (a membership change seen in etcd): channels to unchanged members
+    /// are kept, a new member starts as up, a member that left is forgotten. With `tls`, every
+    /// channel is remade over TLS.
+    pub(crate) fn set_members(
+        &self,
+        members: &[Member],
+        tls: Option<&TlsPaths>,
+    ) -> Result<(), TlsError> {
+        *lock(&self.addresses) = members.iter().map(|m| (m.id.clone(), m.addr)).collect();
+        match tls {
+            Some(paths) => self.use_tls(paths)?,
+            None => self.channels.set_members(
+                members
+                    .iter()
+                    .map(|m| (m.id.clone(), format!("http://{}", m.addr)))
+                    .collect(),
+            ),
+        }
+        let mut up = lock(&self.up);
+        up.retain(|id, _| members.iter().any(|m| &m.id == id));
+        for member in members.iter().filter(|m| m.id != self.me) {
+            up.entry(member.id.clone()).or_insert(true);
+        }
+        Ok(())
     }
 
     /// Remakes every channel over mutual TLS with the identity in `paths`; each checks that
@@ -68,7 +94,8 @@ impl Peers {
     /// at start and again whenever the files change (calls in flight finish on the old ones).
     pub(crate) fn use_tls(&self, paths: &TlsPaths) -> Result<(), TlsError> {
         let mut channels = HashMap::new();
-        for (id, addr) in &self.addresses {
+        let addresses = lock(&self.addresses).clone();
+        for (id, addr) in &addresses {
             let address = format!("https://{addr}");
             let refused = |error: tonic::transport::Error| TlsError::Client {
                 member: id.clone(),

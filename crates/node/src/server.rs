@@ -143,6 +143,14 @@ pub(crate) fn server_nodelay() -> bool {
 }
 
 pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Running> {
+    // With etcd, members and groups come from there (the store opens with etcd's groups).
+    let (config, from_etcd) = match config.etcd.clone() {
+        Some(etcd) => {
+            let (config, records, connected) = crate::membership::prepare(config).await?;
+            (config, Some((etcd, records, connected)))
+        }
+        None => (config, None),
+    };
     let store_config = StoreConfig {
         max_property_bytes: config.max_property_bytes,
         group_commit: config.group_commit,
@@ -160,6 +168,9 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         })
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let node = Arc::new(NodeState::new(config, store));
+    if let Some((_, records, connected)) = &from_etcd {
+        *lock(&node.membership) = crate::membership::initial_view(records, *connected);
+    }
     let traces = match &node.config.telemetry.otlp_endpoint {
         Some(endpoint) => Some(TraceExport::start(endpoint, node.me())?),
         None => None,
@@ -210,6 +221,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
     // certificate cannot grow the latency histogram's label set. The server pings its clients
     // (HTTP/2 keepalive) and keeps a connection whose resets it reads after a pause
     // (`services::grpc_server`).
+    let membership_auth = auth.clone();
     let router = crate::services::grpc_server()
         .layer(auth)
         .layer(node.metrics.rpc_layer())
@@ -310,7 +322,7 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
             }
         }),
     ];
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(watch_results(Arc::clone(&node), gossip.clone(), traces)),
         tokio::spawn(schedule_rounds(Arc::clone(&node), gossip.clone())),
         tokio::spawn(probe_members(Arc::clone(&node), gossip.clone())),
@@ -319,6 +331,15 @@ pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Re
         tokio::spawn(scrub(Arc::clone(&node))),
         tokio::spawn(recover_store(Arc::clone(&node))),
     ];
+    if let Some((etcd, records, _)) = from_etcd {
+        tasks.push(tokio::spawn(crate::membership::run(
+            Arc::clone(&node),
+            etcd,
+            records,
+            membership_auth,
+            shutdown.clone(),
+        )));
+    }
     Ok(Running { servers, tasks })
 }
 
@@ -331,8 +352,8 @@ fn member_ids(node: &NodeState) -> HashSet<String> {
 /// group and an in-range shard, and carry that shard's node list as this node computes it.
 fn shard_placement(node: Arc<NodeState>) -> Placement {
     Placement::new(move |key| {
-        let group = node
-            .placement
+        let placement = node.placement();
+        let group = placement
             .group(&key.group)
             .ok_or_else(|| format!("unknown group {:?}", key.group))?;
         if key.shard >= group.shard_num {
@@ -418,9 +439,14 @@ impl HttpState for HttpView {
     }
 
     fn health(&self) -> Result<String, String> {
+        // A node that lost etcd still serves (on the last membership it saw): healthy, and
+        // the body says so.
         match self.node.store_fault() {
             Some(reason) => Err(format!("node {}: {reason}", self.node.me())),
-            None => Ok(format!("node {}", self.node.me())),
+            None => {
+                let membership = lock(&self.node.membership).summary();
+                Ok(format!("node {}; {membership}", self.node.me()))
+            }
         }
     }
 }
@@ -482,6 +508,15 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
     }
     let started_at_ns = context.started_at.0.saturating_mul(1_000_000);
     let cutoff_ns = round_cutoff(started_at_ns, node.config.max_clock_skew);
+    // The origin may hold no copy (it originates a shard it sees on the move): the move it
+    // tracks ends here, whether or not a notice reaches it, and in etcd.
+    crate::membership::round_completed(
+        node,
+        &context.key.group,
+        context.key.shard,
+        &context.nodes,
+        true,
+    );
     for target in &context.nodes {
         let notice = v1::CompleteRepairNotice {
             group: context.key.group.clone(),
@@ -490,6 +525,7 @@ async fn record_result(node: &Arc<NodeState>, result: &PropagationResult) {
             message_id: context.message_id.to_string(),
             from: node.me().to_owned(),
             cutoff_ns,
+            copies: context.nodes.clone(),
         };
         if target == node.me() {
             let group = notice.group.clone();
@@ -535,11 +571,17 @@ async fn schedule_rounds(node: Arc<NodeState>, gossip: Gossip) {
             continue;
         }
         let mut mine = Vec::new();
-        for group in node.placement.groups() {
+        let placement = node.placement();
+        for group in placement.groups() {
             for shard in 0..group.shard_num {
                 let ids = node.node_ids(group, shard);
                 let list: Vec<&str> = ids.iter().map(String::as_str).collect();
-                if designated_origin(&list, shard, |id| node.peers.is_up(id)) == Some(node.me()) {
+                // A node that sees the shard on the move originates its rounds too: the round
+                // covers the old holders this node lists, so its move can end.
+                let moving = !lock(&node.moves).leaving(&group.name, shard).is_empty();
+                if moving
+                    || designated_origin(&list, shard, |id| node.peers.is_up(id)) == Some(node.me())
+                {
                     mine.push((group.name.clone(), shard));
                 }
             }
@@ -642,7 +684,7 @@ async fn purge_one(node: &Arc<NodeState>, group: &str, shard: u32) {
     let key = group.to_owned();
     let grace = node.config.repair.tombstone_grace;
     let copies = node
-        .placement
+        .placement()
         .group(group)
         .map_or(0, |def| node.node_ids(def, shard).len());
     match blocking(node, move |node| {

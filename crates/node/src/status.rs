@@ -9,6 +9,8 @@ use serde::Serialize;
 use tonic::Status;
 
 use crate::coordinator::blocking;
+use crate::membership::MembershipView;
+use crate::moves::MoveView;
 use crate::node::{NodeState, lock, now_millis, now_nanos};
 use crate::sync::Gossip;
 use crate::tombstones::purge_blocked;
@@ -39,6 +41,10 @@ pub(crate) struct ClusterView {
     pub(crate) store_health: String,
     /// Rows the store's quarantine table holds (they failed their check).
     pub(crate) quarantined: u64,
+    /// Where the membership comes from and whether that source answers.
+    pub(crate) membership: MembershipView,
+    /// Shards on the move: old copies kept until the new copy set completes a round.
+    pub(crate) moves: Vec<MoveView>,
 }
 
 /// The store's health (`ok` or why it cannot fully serve) and the rows it keeps quarantined.
@@ -143,7 +149,7 @@ fn age_seconds(now_ns: i64, at_ns: i64) -> i64 {
 
 /// The members as this node sees them.
 pub(crate) fn members(node: &NodeState) -> Vec<MemberView> {
-    node.placement
+    node.placement()
         .members()
         .iter()
         .map(|member| MemberView {
@@ -174,7 +180,7 @@ pub(crate) async fn shards(
     let mut shards = Vec::with_capacity(keys.len());
     for ((group, shard), state) in keys.into_iter().zip(states) {
         let copies = node
-            .placement
+            .placement()
             .group(&group)
             .map(|def| node.node_ids(def, shard))
             .unwrap_or_default();
@@ -273,6 +279,8 @@ pub(crate) async fn cluster_view(
         rounds,
         store_health,
         quarantined,
+        membership: lock(&node.membership).clone(),
+        moves: lock(&node.moves).views(),
     })
 }
 

@@ -14,7 +14,7 @@ use crate::repair_view::{
     decide_at_line, page_after,
 };
 use crate::store::{DeleteOutcome, PurgeReport, PurgeState};
-use crate::validate::{Checked, Rules, WriteKind};
+use crate::validate::{Checked, GroupTable, Rules, WriteKind};
 
 /// An in-memory store with the redb store's semantics (version order, validation, tombstone
 /// purge rules, live tree), for tests of the repair protocol. Nothing is persisted.
@@ -94,7 +94,7 @@ impl ModelStore {
         shape.validate().map_err(ConfigError::Shape)?;
         Ok(ModelStore {
             rules: Rules {
-                groups,
+                groups: GroupTable::new(groups),
                 shape,
                 max_property_bytes: DEFAULT_MAX_PROPERTY_BYTES,
                 read_check: ReadCheck::On,

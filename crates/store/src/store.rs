@@ -11,6 +11,7 @@
 //! - `snapshot`: what does a reader see (a consistent view, lookups and scans)?
 //! - `query`: which properties of a group match a query?
 //! - `trees`: what is a shard's tree, fresh, at a snapshot?
+//! - `handover`: how does a node drop a shard whose copies moved to other nodes?
 //! - `maintenance`: how are trees flushed, verified and healed, and complete rounds recorded?
 //! - `purge`: how are tombstones purged while writes keep flowing?
 //! - `recorded`: which shape and groups was the database created with, and do they still match?
@@ -18,6 +19,7 @@
 //! - `rows`: how are stored rows and bookkeeping read back?
 //! - `quarantine`: where does a row that fails its check go?
 
+mod handover;
 mod maintenance;
 mod purge;
 mod quarantine;
@@ -41,7 +43,7 @@ use crate::config::{Groups, StoreConfig, TreeUpkeep, WriteDurability};
 use crate::error::{ConfigError, StoreError};
 use crate::group_commit::GroupCommit;
 use crate::tables::{CONFIG, CONFIG_PROBE};
-use crate::validate::Rules;
+use crate::validate::{GroupTable, Rules};
 
 pub use maintenance::{
     PURGE_CHUNK, PurgeReport, PurgeState, ScrubReport, VerifyOutcome, purge_line, round_cutoff,
@@ -158,7 +160,7 @@ impl RedbStore {
             cache_bytes: config.cache_bytes,
             io_fault: Mutex::new(None),
             rules: Arc::new(Rules {
-                groups: config.groups.clone(),
+                groups: GroupTable::new(config.groups.clone()),
                 shape: config.shape,
                 max_property_bytes: config.max_property_bytes,
                 read_check: config.read_check,
@@ -368,9 +370,9 @@ impl RedbStore {
         self.rules.shape
     }
 
-    /// The group definitions.
-    pub fn groups(&self) -> &Groups {
-        &self.rules.groups
+    /// The group definitions (a running store may gain groups: [`RedbStore::add_groups`]).
+    pub fn groups(&self) -> Arc<Groups> {
+        self.rules.groups.current()
     }
 
     /// Runs `f` in a write transaction and commits it with the configured durability; on an

@@ -1,17 +1,19 @@
 //! Validation of incoming properties and shard addresses (DESIGN §9), shared by both stores.
 
 use std::num::NonZeroU32;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use propd_merkle::{Digest, Entity, Property, Shape, shard_of};
 
 use crate::codec::encode_row;
 use crate::config::{GroupDef, Groups, ReadCheck};
-use crate::error::{StoreError, ValidationError};
+use crate::error::{ConfigError, StoreError, ValidationError};
 
 /// What a store checks every request against.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Rules {
-    pub(crate) groups: Groups,
+    /// The groups: a running node may add one (a group created in etcd while it runs).
+    pub(crate) groups: GroupTable,
     pub(crate) shape: Shape,
     pub(crate) max_property_bytes: usize,
     /// Whether client reads check rows against their check digests.
@@ -41,22 +43,55 @@ pub(crate) enum WriteKind {
     Copy,
 }
 
+/// The groups a store serves, replaced whole when one is added (readers keep the set they
+/// took).
+#[derive(Debug)]
+pub(crate) struct GroupTable(RwLock<Arc<Groups>>);
+
+impl GroupTable {
+    pub(crate) fn new(groups: Groups) -> Self {
+        Self(RwLock::new(Arc::new(groups)))
+    }
+
+    /// The groups now.
+    pub(crate) fn current(&self) -> Arc<Groups> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Adds the groups of `defs` not known yet (by name).
+    pub(crate) fn extend(&self, defs: &[GroupDef]) -> Result<(), ConfigError> {
+        let mut current = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let added: Vec<GroupDef> = defs
+            .iter()
+            .filter(|d| current.get(&d.name).is_none())
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            *current = Arc::new(Groups::new(current.iter().cloned().chain(added))?);
+        }
+        Ok(())
+    }
+
+    /// Whether (group, shard) exists.
+    pub(crate) fn has_shard(&self, group: &str, shard: u32) -> bool {
+        self.current().has_shard(group, shard)
+    }
+}
+
 impl Rules {
     /// The definition of a known group.
-    pub(crate) fn group(&self, group: &str) -> Result<&GroupDef, ValidationError> {
+    pub(crate) fn group(&self, group: &str) -> Result<GroupDef, ValidationError> {
         self.groups
+            .current()
             .get(group)
+            .cloned()
             .ok_or_else(|| ValidationError::UnknownGroup {
                 group: group.to_owned(),
             })
     }
 
     /// Checks that `shard` exists in `group`.
-    pub(crate) fn check_shard(
-        &self,
-        group: &str,
-        shard: u32,
-    ) -> Result<&GroupDef, ValidationError> {
+    pub(crate) fn check_shard(&self, group: &str, shard: u32) -> Result<GroupDef, ValidationError> {
         let def = self.group(group)?;
         if shard >= def.shard_num {
             return Err(ValidationError::ShardOutOfRange {
@@ -71,7 +106,7 @@ impl Rules {
     /// The shard an entity of a known group lives in.
     pub(crate) fn shard_of(&self, entity: &Entity) -> Result<u32, ValidationError> {
         let def = self.group(entity.group())?;
-        Ok(shard_of_def(def, entity))
+        Ok(shard_of_def(&def, entity))
     }
 
     /// Validates a property for a write of `kind`, optionally addressed to `shard`.
@@ -83,7 +118,7 @@ impl Rules {
     ) -> Result<Checked, ValidationError> {
         let entity = Entity::new(&property.group, &property.name, &property.id)?;
         let def = self.group(entity.group())?;
-        let actual = shard_of_def(def, &entity);
+        let actual = shard_of_def(&def, &entity);
         if let Some(expected) = shard {
             self.check_shard(entity.group(), expected)?;
             if expected != actual {

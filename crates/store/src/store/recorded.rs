@@ -3,7 +3,9 @@
 //! the `config` table).
 
 use propd_merkle::{Shape, ShapeLayout};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableDatabase, ReadableTable};
+
+use crate::config::{GroupDef, Groups};
 
 use crate::error::{ConfigError, StoreError};
 use crate::store::RedbStore;
@@ -19,7 +21,7 @@ impl RedbStore {
     /// shard's every read for as long as the node runs while its other shards serve.
     pub(super) fn check_shard_tables(&self) -> Result<(), StoreError> {
         let txn = self.database()?.begin_read()?;
-        for group in self.rules.groups.iter() {
+        for group in self.rules.groups.current().iter() {
             for shard in 0..group.shard_num {
                 let names = ShardTableNames::new(&group.name, shard);
                 let opened = [
@@ -103,34 +105,66 @@ impl RedbStore {
                     )?;
                 }
             }
-            for def in self.rules.groups.iter() {
-                let key = config_group_key(&def.name);
-                let stored = table.get(key.as_str())?.map(|guard| guard.value().to_vec());
-                match stored {
-                    Some(bytes) => {
-                        let stored = <[u8; 4]>::try_from(bytes.as_slice())
-                            .map(u32::from_le_bytes)
-                            .map_err(|_| StoreError::Corrupt {
-                                table: "config".to_owned(),
-                                detail: format!("shard_num of group {:?}", def.name),
-                            })?;
-                        if stored != def.shard_num {
-                            return Err(ConfigError::ShardNumChanged {
-                                group: def.name.clone(),
-                                stored,
-                                given: def.shard_num,
-                            }
-                            .into());
-                        }
-                    }
-                    None => {
-                        table.insert(key.as_str(), def.shard_num.to_le_bytes().as_slice())?;
-                    }
-                }
-            }
+            record_groups(&mut table, self.rules.groups.current().iter())?;
             txn.open_table(META)?;
         }
         txn.commit()?;
         Ok(())
     }
+
+    /// Adds groups to the running store (a group created in etcd while the node runs): records
+    /// each new group's `shard_num`, refusing one this file recorded with another count
+    /// ([`ConfigError::ShardNumChanged`]), and serves it from then on. Groups the store knows
+    /// are left as they are. Returns the names of the groups added.
+    pub fn add_groups(&self, defs: &[GroupDef]) -> Result<Vec<String>, StoreError> {
+        let known = self.rules.groups.current();
+        let added: Vec<GroupDef> = defs
+            .iter()
+            .filter(|d| known.get(&d.name).is_none())
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return Ok(Vec::new());
+        }
+        Groups::new(known.iter().cloned().chain(added.iter().cloned()))?;
+        self.write(Durability::Immediate, |txn| {
+            record_groups(&mut txn.open_table(CONFIG)?, added.iter())
+        })?;
+        self.rules.groups.extend(&added)?;
+        Ok(added.into_iter().map(|d| d.name).collect())
+    }
+}
+
+/// Records each group's `shard_num` in the `config` table, or refuses a group recorded with
+/// another count ([`ConfigError::ShardNumChanged`]).
+fn record_groups<'a>(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    defs: impl IntoIterator<Item = &'a GroupDef>,
+) -> Result<(), StoreError> {
+    for def in defs {
+        let key = config_group_key(&def.name);
+        let stored = table.get(key.as_str())?.map(|guard| guard.value().to_vec());
+        match stored {
+            Some(bytes) => {
+                let stored = <[u8; 4]>::try_from(bytes.as_slice())
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        table: "config".to_owned(),
+                        detail: format!("shard_num of group {:?}", def.name),
+                    })?;
+                if stored != def.shard_num {
+                    return Err(ConfigError::ShardNumChanged {
+                        group: def.name.clone(),
+                        stored,
+                        given: def.shard_num,
+                    }
+                    .into());
+                }
+            }
+            None => {
+                table.insert(key.as_str(), def.shard_num.to_le_bytes().as_slice())?;
+            }
+        }
+    }
+    Ok(())
 }
