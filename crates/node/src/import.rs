@@ -56,7 +56,8 @@ fn check(
     }
     let entity = Entity::new(&property.group, &property.name, &property.id)
         .map_err(|error| invalid(&item(index, "entity"), error))?;
-    let group = node.placement.group(&property.group).ok_or_else(|| {
+    let placement = node.placement();
+    let group = placement.group(&property.group).ok_or_else(|| {
         invalid(
             &item(index, "group"),
             format!("unknown group {:?}", property.group),
@@ -146,7 +147,7 @@ pub(crate) async fn import(
     let (mut fewest, mut copies_of_fewest) = (u32::MAX, 0);
     for ((group_name, shard), part) in parts {
         let group = node
-            .placement
+            .placement()
             .group(&group_name)
             .cloned()
             .ok_or_else(|| invalid("group", format!("unknown group {group_name:?}")))?;

@@ -200,7 +200,8 @@ pub(crate) fn repair_service(
 /// out-of-range shards are refused too (`INVALID_ARGUMENT`); a shard held elsewhere with
 /// `FAILED_PRECONDITION`, as a replica write is.
 fn admit_stream(node: &NodeState, group: &str, shard: u32) -> Result<(), Status> {
-    let Some(def) = node.placement.group(group) else {
+    let placement = node.placement();
+    let Some(def) = placement.group(group) else {
         return Err(Status::invalid_argument(format!(
             "repair stream refused: unknown group {group:?}"
         )));
@@ -211,7 +212,7 @@ fn admit_stream(node: &NodeState, group: &str, shard: u32) -> Result<(), Status>
             def.shard_num
         )));
     }
-    if node.placement.holds(node.me(), def, shard) {
+    if node.holds(def, shard) {
         return Ok(());
     }
     let status = Status::failed_precondition(format!(
