@@ -293,7 +293,9 @@ fn negentropy_ids(store: &BenchStore, n: u64) -> negentropy::NegentropyStorageVe
     let mut add = |p: &Property| {
         let digest = p.leaf_digest(&shape);
         let id: [u8; 32] = sha2::Sha256::digest(digest.as_bytes()).into();
-        storage.insert(0, negentropy::Id::from_byte_array(id)).expect("insert");
+        storage
+            .insert(0, negentropy::Id::from_byte_array(id))
+            .expect("insert");
     };
     let overrides = store.overrides.lock().expect("lock").clone();
     for i in 0..n {
