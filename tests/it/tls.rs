@@ -522,9 +522,10 @@ fn copies_from_beyond_the_clock_skew_bound_are_neither_stored_nor_spread() {
         let output = cluster.cli(0, &args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    // From n1, n2 serves the sync and applies what n1 sends (its refusals come back as
-    // `peer_failed`); from n2, n2 runs the sync and applies what n1 answers (`failed`).
-    for (origin, field) in [(0, "peer_failed"), (1, "failed")] {
+    // A round from each node. Which node runs the sync follows the shard's node list: where n1
+    // runs it, n2 serves and applies what n1 sends (its refusals come back as `peer_failed`);
+    // where n2 runs it, n2 applies what n1 answers (`failed`).
+    for origin in [0, 1] {
         let round = cluster.cli(
             origin,
             &[
@@ -534,6 +535,11 @@ fn copies_from_beyond_the_clock_skew_bound_are_neither_stored_nor_spread() {
         let result: Value = serde_json::from_slice(&round.stdout)
             .unwrap_or_else(|error| panic!("{error}: {}", stderr(&round)));
         let sync = &result["syncs"][0];
+        let field = if sync["from"] == "n2" {
+            "failed"
+        } else {
+            "peer_failed"
+        };
         assert_eq!(sync[field], 3, "the three copies are refused: {result}");
         assert_eq!(sync["applied"], 0, "{result}");
         assert_eq!(sync["peer_applied"], 0, "{result}");
@@ -562,7 +568,8 @@ fn the_http_port_answers_health_to_anyone_and_the_rest_to_readers_and_members() 
     // `/health`: any TLS client, with or without a certificate (probes cannot present one).
     for client in [None, Some("n9"), Some("reader")] {
         let (code, body) = https_get_as(http, "/health", &certs, client).expect("an answer");
-        assert_eq!((code, body.trim()), (200, "ok node n1"), "as {client:?}");
+        assert_eq!(code, 200, "as {client:?}: {body}");
+        assert!(body.starts_with("ok node n1"), "as {client:?}: {body}");
     }
     // Everything else: a `read` role or more, or a member.
     for path in ["/", "/status.json", "/metrics"] {
@@ -630,8 +637,15 @@ fn a_node_dials_only_the_member_it_meant_to_reach() {
         !put.status.success(),
         "a copy at the wrong member acknowledged"
     );
+    // n1's own copy may or may not have answered when n2's refusal ends the wait (a write that
+    // can no longer reach `write_acks` gives up at once).
     assert!(
-        stderr(&put).contains("only 1 of 2 copies acknowledged"),
+        [
+            "only 0 of 2 copies acknowledged",
+            "only 1 of 2 copies acknowledged"
+        ]
+        .iter()
+        .any(|said| stderr(&put).contains(said)),
         "{}",
         stderr(&put)
     );

@@ -533,6 +533,7 @@ fn a_purge_cut_short_by_sigkill_leaves_a_consistent_store_and_is_redone() {
             .args([
                 "--exact",
                 "crash::crash_child_entry_point",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
