@@ -374,11 +374,12 @@ impl Nemesis<'_> {
                 self.state[i] = NodeState::Down;
                 if self.corrupted[i] {
                     let tail = log_tail(&self.cluster.nodes[i].log);
-                    if let Some(line) = tail
-                        .lines()
-                        .rev()
-                        .find(|l| l.to_lowercase().contains("corrupt"))
-                    {
+                    if let Some(line) = tail.lines().rev().find(|l| {
+                        // The store names the damage: "corrupt" from redb's own checks,
+                        // "damaged database file" where redb panicked opening it.
+                        let l = l.to_lowercase();
+                        l.contains("corrupt") || l.contains("damaged database file")
+                    }) {
                         self.note(format!(
                             "{id} refused its damaged data file ({status}): {line}"
                         ));
