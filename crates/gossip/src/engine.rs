@@ -1,7 +1,8 @@
 //! The propagation state machine: inputs in, [`Command`]s out, time as a parameter.
 //!
 //! One [`Engine`] per node. The caller feeds it what happened (`start`, `handle_propagate`,
-//! `handle_sync_done`, `handle_hand_off`, `handle_progress`, `handle_report`, `handle_tick`) and
+//! `handle_sync_done`, `handle_sync_progress`, `handle_hand_off`, `handle_progress`,
+//! `handle_report`, `handle_tick`) and
 //! then drains the commands it emitted with [`Engine::poll_command`]. The engine owns no
 //! socket, spawns no task and reads no clock, so the same code runs under the tonic driver and
 //! under the in-memory router of the tests.
@@ -19,8 +20,10 @@ use crate::types::{
 /// Timeouts of the state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// A sync that has not finished this long after it started fails the round as timed out.
-    /// A round that has made no progress for this long can be taken over by a new one.
+    /// A sync that has made no progress for this long (no message either way, as its driver
+    /// reports through [`Engine::handle_sync_progress`]) fails the round as timed out; one that
+    /// keeps moving runs however long it takes. A round that has made no progress for this
+    /// long can be taken over by a new one.
     pub sync_timeout: Duration,
     /// A round older than this (measured from its start at the origin) ends as timed out; the
     /// origin gives up waiting for its result after this long.
@@ -631,6 +634,21 @@ impl Engine {
             .map(|(k, _)| k.clone())
     }
 
+    /// The sync this engine asked for with [`Command::Sync`] is still moving (it sent or
+    /// received a message): its sync timeout starts again from `now`. Ignored for a sync that
+    /// is no longer current.
+    pub fn handle_sync_progress(&mut self, now: Millis, message_id: &MessageId, peer: &str) {
+        let Some(key) = self.find_held(message_id) else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        if matches!(&held.state, HeldState::Syncing { peer: syncing, .. } if syncing == peer) {
+            held.last_progress = held.last_progress.max(now);
+        }
+    }
+
     /// The outcome of a sync this engine asked for with [`Command::Sync`].
     ///
     /// An outcome for a sync that is no longer current (it timed out, or its round was taken
@@ -967,7 +985,7 @@ impl Engine {
         self.deliver(result)
     }
 
-    /// Lets time pass: ends syncs past the sync timeout and held rounds past the round
+    /// Lets time pass: ends syncs without progress for the sync timeout and held rounds past the round
     /// timeout (reporting them as [`Outcome::TimedOut`]), and gives up on rounds this node
     /// started that have had no result within the round timeout.
     pub fn handle_tick(&mut self, now: Millis) {
@@ -978,10 +996,12 @@ impl Engine {
             };
             if let HeldState::Syncing { peer, since } = &held.state {
                 let elapsed = now.since(*since);
-                if elapsed >= self.config.sync_timeout {
+                let idle = now.since(held.last_progress);
+                if idle >= self.config.sync_timeout {
                     let error = format!(
-                        "sync {} -> {peer} timed out after {} s",
+                        "sync {} -> {peer} timed out after {} s without progress (running {} s)",
                         self.me,
+                        idle.as_secs(),
                         elapsed.as_secs()
                     );
                     let span = TraceSpan {

@@ -54,7 +54,7 @@ pub use engine::{
     StartRequest,
 };
 pub use results::RecentResults;
-pub use sync::{SyncFailure, SyncOutcome, SyncRequest, SyncWork};
+pub use sync::{SyncFailure, SyncOutcome, SyncProgress, SyncRequest, SyncWork};
 pub use types::{
     Context, MemberId, MessageId, Millis, Outcome, Progress, Propagation, PropagationResult,
     RoundStep, ShardKey, SpanKind, SyncReport, TraceSpan, max_count, round_steps,

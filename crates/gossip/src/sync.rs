@@ -4,7 +4,9 @@
 //! inside a sync. The pure [`crate::Engine`] only emits [`SyncRequest`]s and takes their
 //! outcomes back as inputs; the `transport` driver runs them through [`SyncWork`].
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::types::{MemberId, MessageId, ShardKey, SyncReport};
 
@@ -46,10 +48,41 @@ pub enum SyncFailure {
 /// The outcome of one sync.
 pub type SyncOutcome = Result<SyncReport, SyncFailure>;
 
+/// How a running sync tells the gossip that it is still moving: call [`SyncProgress::moved`]
+/// whenever a message goes either way. The engine ends a sync as timed out only after the sync
+/// timeout passes without a call (so a long restore that keeps moving is never cut), and the
+/// driver passes the calls on at most about once a second.
+#[derive(Clone)]
+pub struct SyncProgress(Arc<dyn Fn() + Send + Sync>);
+
+impl SyncProgress {
+    /// A handle that calls `tell` on each [`SyncProgress::moved`].
+    pub fn new(tell: impl Fn() + Send + Sync + 'static) -> Self {
+        SyncProgress(Arc::new(tell))
+    }
+
+    /// A handle that tells no one (for a sync run outside a driver).
+    pub fn none() -> Self {
+        SyncProgress::new(|| {})
+    }
+
+    /// The sync moved a message.
+    pub fn moved(&self) {
+        (self.0)();
+    }
+}
+
+impl fmt::Debug for SyncProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SyncProgress")
+    }
+}
+
 /// The work of one sync, implemented by the node crate with the repair client.
 ///
 /// The `transport` driver calls it from a spawned task and feeds the outcome back to the
-/// engine; a sync that outlives the sync timeout is dropped (its future is aborted).
+/// engine; a sync that goes the sync timeout without telling `progress` it moved is dropped
+/// (its future is aborted).
 ///
 /// The implementation decides what "unreachable" means: it should return
 /// [`SyncFailure::Unreachable`] for a peer it does not know, cannot connect to in time, or whose
@@ -57,5 +90,9 @@ pub type SyncOutcome = Result<SyncReport, SyncFailure>;
 /// to apply one property is not a failure of the sync: count it in [`SyncReport::failed`].
 pub trait SyncWork: Send + Sync + 'static {
     /// Runs the sync of `request.key` between this node and `request.peer`.
-    fn sync(&self, request: SyncRequest) -> impl Future<Output = SyncOutcome> + Send;
+    fn sync(
+        &self,
+        request: SyncRequest,
+        progress: SyncProgress,
+    ) -> impl Future<Output = SyncOutcome> + Send;
 }

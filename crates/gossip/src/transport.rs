@@ -25,7 +25,7 @@ use crate::engine::{
     Admission, Command, Config, ContextError, Engine, HandOffOutcome, Placement, StartRequest,
 };
 use crate::results::RecentResults;
-use crate::sync::SyncWork;
+use crate::sync::{SyncProgress, SyncWork};
 use crate::types::{
     MemberId, MessageId, Millis, Progress, Propagation, PropagationResult, RoundStep, ShardKey,
     round_steps,
@@ -441,6 +441,32 @@ impl<S: SyncWork> RoundWatch<S> {
     }
 }
 
+/// The progress handle of one sync: passes its calls on to the engine's
+/// [`Engine::handle_sync_progress`], at most once per [`PROGRESS_EVERY`].
+fn sync_progress<S: SyncWork>(
+    inner: Weak<Inner<S>>,
+    message_id: MessageId,
+    peer: MemberId,
+) -> SyncProgress {
+    let told: Mutex<Option<tokio::time::Instant>> = Mutex::new(None);
+    SyncProgress::new(move || {
+        let now = tokio::time::Instant::now();
+        {
+            let mut told = told.lock().unwrap_or_else(PoisonError::into_inner);
+            if told.is_some_and(|last| now.duration_since(last) < PROGRESS_EVERY) {
+                return;
+            }
+            *told = Some(now);
+        }
+        if let Some(inner) = inner.upgrade() {
+            inner.input(|engine, now| engine.handle_sync_progress(now, &message_id, &peer));
+        }
+    })
+}
+
+/// How often a sync's progress reaches the engine at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 fn spawn_ticker<S: SyncWork>(inner: Weak<Inner<S>>, every: Duration) {
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(every);
@@ -480,9 +506,14 @@ impl<S: SyncWork> Inner<S> {
             Command::Sync(request) => {
                 let inner = Arc::clone(self);
                 let key = (request.message_id.clone(), request.peer.clone());
+                let progress = sync_progress(
+                    Arc::downgrade(self),
+                    request.message_id.clone(),
+                    request.peer.clone(),
+                );
                 let task = tokio::spawn(async move {
                     let (message_id, peer) = (request.message_id.clone(), request.peer.clone());
-                    let outcome = inner.sync.sync(request).await;
+                    let outcome = inner.sync.sync(request, progress).await;
                     inner
                         .lock()
                         .syncs

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use propd_gossip::transport::GossipDriver;
-use propd_gossip::{SyncFailure, SyncOutcome, SyncReport, SyncRequest, SyncWork};
+use propd_gossip::{SyncFailure, SyncOutcome, SyncProgress, SyncReport, SyncRequest, SyncWork};
 use propd_proto::MAX_MESSAGE_BYTES;
 use propd_proto::v1::repair_service_server::RepairServiceServer;
 use propd_repair::Disposition;
@@ -45,7 +45,7 @@ impl RepairSync {
 
     fn transport_config(&self, preview: bool) -> TransportConfig {
         let mut config = TransportConfig {
-            timeout: self.node.config.repair.sync_timeout,
+            idle_timeout: self.node.config.repair.sync_timeout,
             ..TransportConfig::default()
         };
         config.sync.preview = preview;
@@ -71,7 +71,7 @@ impl RepairSync {
 }
 
 impl SyncWork for RepairSync {
-    async fn sync(&self, request: SyncRequest) -> SyncOutcome {
+    async fn sync(&self, request: SyncRequest, progress: SyncProgress) -> SyncOutcome {
         let node = &self.node;
         let Some(channel) = node.peers.channel(&request.peer) else {
             return Err(SyncFailure::Unreachable {
@@ -91,7 +91,17 @@ impl SyncWork for RepairSync {
         let shard = request.key.shard;
         let started = Instant::now();
         let store = PeerChecked::new(Arc::clone(&node.store), node.config.max_clock_skew);
-        let result = propd_repair::transport::sync(channel, &store, &group, shard, &config).await;
+        // Each message of the sync holds off the gossip's sync timeout, as it holds off the
+        // transport's idle timeout: a restore that keeps moving is not cut.
+        let result = propd_repair::transport::sync_with_progress(
+            channel,
+            &store,
+            &group,
+            shard,
+            &config,
+            &|| progress.moved(),
+        )
+        .await;
         let metrics = &node.metrics;
         let labels = metrics.labels(&group, shard);
         metrics.syncs.inc(&labels);
@@ -178,7 +188,7 @@ pub(crate) fn repair_service(
     node: &Arc<NodeState>,
 ) -> RepairServiceServer<LimitedRepair<RepairServer<PeerChecked>>> {
     let config = TransportConfig {
-        timeout: node.config.repair.sync_timeout,
+        idle_timeout: node.config.repair.sync_timeout,
         ..TransportConfig::default()
     };
     let limits = StreamLimits::new(

@@ -91,10 +91,10 @@ pub enum SyncError {
         /// The gRPC status or IO error, as text.
         message: String,
     },
-    /// The sync did not finish within its timeout (transport driver only).
-    #[error("sync did not finish within {millis} ms")]
+    /// No message went either way for the idle timeout (transport driver only).
+    #[error("sync made no progress for {millis} ms")]
     Timeout {
-        /// The timeout in milliseconds.
+        /// The idle timeout in milliseconds.
         millis: u64,
     },
     /// The peer closed the stream before the sync ended.

@@ -4,7 +4,10 @@
 //! the server's messages at all times (so the server can always send) and sends whenever its
 //! state machine has a message; the server reads the next client message only after sending
 //! everything the previous one produced, so a fast client is slowed by HTTP/2 flow control
-//! instead of filling the server's memory. Every sync is bounded by a timeout on both sides.
+//! instead of filling the server's memory. Every sync is bounded on both sides by an idle
+//! timeout: it fails when no message has gone either way for that long, however long it has
+//! run while messages kept moving (a wiped replica restored from a 10 M-property shard takes as
+//! long as it takes, a stalled peer is given up after the timeout).
 //!
 //! Cancelling a sync (timeout, dropped future, broken stream, protocol error) leaves both stores
 //! consistent: each received page is applied in one store write transaction, so a store holds
@@ -32,8 +35,10 @@
 //! The server calls its store on tokio's blocking pool; the client calls it in place, inside
 //! `block_in_place` on a multi-threaded runtime (one page per call).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pb::repair_service_client::RepairServiceClient;
@@ -58,8 +63,10 @@ use crate::store_api::RepairStore;
 pub struct TransportConfig {
     /// The protocol settings (pages, wire digest width, preview on the client).
     pub sync: Config,
-    /// The longest one sync may take, end to end (default 10 minutes, DESIGN §6).
-    pub timeout: Duration,
+    /// The longest a sync may go without a message either way before it fails as timed out
+    /// (default 10 minutes, DESIGN §6). It is not a bound on the whole sync: one that keeps
+    /// moving messages runs to its end.
+    pub idle_timeout: Duration,
     /// Messages buffered in each direction inside the driver (default 8).
     pub buffer: usize,
 }
@@ -68,7 +75,7 @@ impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
             sync: Config::default(),
-            timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(600),
             buffer: 8,
         }
     }
@@ -83,7 +90,7 @@ pub fn repair_client(channel: Channel) -> RepairServiceClient<Channel> {
 
 /// Syncs (group, shard) of `store` with the peer behind `channel`, as the client, and returns
 /// the client's report. Fails on a refusal, a shape mismatch, a protocol violation, a broken
-/// stream or the timeout; whatever was applied before stays applied (see the module docs).
+/// stream or the idle timeout; whatever was applied before stays applied (see the module docs).
 /// [`SyncError::disposition`] says whether a failure skips the peer or aborts the round.
 pub async fn sync<S: RepairStore>(
     channel: Channel,
@@ -92,11 +99,80 @@ pub async fn sync<S: RepairStore>(
     shard: u32,
     config: &TransportConfig,
 ) -> Result<SyncReport, SyncError> {
-    let millis = config.timeout.as_millis() as u64;
-    let run = run_client(repair_client(channel), store, group, shard, config);
-    match tokio::time::timeout(config.timeout, run).await {
-        Ok(result) => result,
-        Err(_) => Err(SyncError::Timeout { millis }),
+    sync_with_progress(channel, store, group, shard, config, &|| {}).await
+}
+
+/// [`sync`], calling `progress` each time a message goes either way (what also holds off the
+/// idle timeout), so that a caller can tell a long sync that moves from one that is stuck.
+pub async fn sync_with_progress<S: RepairStore>(
+    channel: Channel,
+    store: &S,
+    group: &str,
+    shard: u32,
+    config: &TransportConfig,
+    progress: &(dyn Fn() + Sync),
+) -> Result<SyncReport, SyncError> {
+    let activity = Activity::new(config.idle_timeout);
+    let touch = || {
+        activity.touch();
+        progress();
+    };
+    let run = run_client(repair_client(channel), store, group, shard, config, &touch);
+    match activity.bound(run).await {
+        Some(result) => result,
+        None => Err(SyncError::Timeout {
+            millis: config.idle_timeout.as_millis() as u64,
+        }),
+    }
+}
+
+/// When a sync last moved a message, for its idle timeout.
+#[derive(Debug)]
+struct Activity {
+    start: tokio::time::Instant,
+    /// Nanoseconds from `start` to the last message.
+    last: AtomicU64,
+    idle_timeout: Duration,
+}
+
+impl Activity {
+    fn new(idle_timeout: Duration) -> Self {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            idle_timeout,
+        }
+    }
+
+    /// A message went one way or the other.
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// The moment the sync times out unless a message moves first.
+    fn deadline(&self) -> tokio::time::Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + self.idle_timeout
+    }
+
+    /// Resolves once no message has moved for the idle timeout.
+    async fn idle(&self) {
+        loop {
+            let deadline = self.deadline();
+            tokio::time::sleep_until(deadline).await;
+            if self.deadline() <= tokio::time::Instant::now() {
+                return;
+            }
+        }
+    }
+
+    /// `run`'s output, or `None` when it went idle for the timeout first.
+    async fn bound<T>(&self, run: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            out = run => Some(out),
+            () = self.idle() => None,
+        }
     }
 }
 
@@ -106,6 +182,7 @@ async fn run_client<S: RepairStore>(
     group: &str,
     shard: u32,
     config: &TransportConfig,
+    touch: &(dyn Fn() + Sync),
 ) -> Result<SyncReport, SyncError> {
     let mut machine = Client::new(store, group, shard, config.sync.clone())?;
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
@@ -114,6 +191,7 @@ async fn run_client<S: RepairStore>(
         tx.send(first).await.map_err(|_| SyncError::PeerClosed {
             phase: "opening the stream",
         })?;
+        touch();
     }
     let mut inbound = rpc
         .repair(ReceiverStream::new(rx))
@@ -130,6 +208,7 @@ async fn run_client<S: RepairStore>(
                 tokio::select! {
                     permit = tx.reserve() => {
                         permit.map_err(|_| SyncError::PeerClosed { phase: "sending" })?.send(msg);
+                        touch();
                         continue;
                     }
                     incoming = inbound.message() => {
@@ -141,7 +220,10 @@ async fn run_client<S: RepairStore>(
             None => inbound.message().await,
         };
         match incoming {
-            Ok(Some(msg)) => store_work(|| machine.handle(store, msg))?,
+            Ok(Some(msg)) => {
+                touch();
+                store_work(|| machine.handle(store, msg))?;
+            }
             Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
             Err(status) => return Err(from_status(status)),
         }
@@ -240,21 +322,26 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
     ) -> Result<Response<Self::RepairStream>, Status> {
         let mut inbound = request.into_inner();
         let opening = match &self.admission {
-            Some(admission) => Some(admit(&mut inbound, admission, self.config.timeout).await?),
+            Some(admission) => {
+                Some(admit(&mut inbound, admission, self.config.idle_timeout).await?)
+            }
             None => None,
         };
         let machine = Server::new(self.config.sync.clone())
             .map_err(|err| Status::internal(err.to_string()))?;
         let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
         let store = Arc::clone(&self.store);
-        let timeout = self.config.timeout;
+        let idle_timeout = self.config.idle_timeout;
         let burst = self.config.buffer.max(1);
         tokio::spawn(async move {
-            let result =
-                tokio::time::timeout(timeout, serve(machine, store, opening, inbound, &tx, burst))
-                    .await;
+            let activity = Activity::new(idle_timeout);
+            let result = activity
+                .bound(serve(
+                    machine, store, opening, inbound, &tx, burst, &activity,
+                ))
+                .await;
             let status = match result {
-                Ok(Ok(report)) => {
+                Some(Ok(report)) => {
                     tracing::debug!(
                         received = report.received,
                         applied = report.applied,
@@ -263,13 +350,13 @@ impl<S: RepairStore + 'static> RepairService for RepairServer<S> {
                     );
                     return;
                 }
-                Ok(Err(err)) => {
+                Some(Err(err)) => {
                     tracing::warn!(error = %err, "repair sync failed");
                     status_of(&err)
                 }
-                Err(_) => Status::deadline_exceeded(format!(
-                    "sync did not finish within {} ms",
-                    timeout.as_millis()
+                None => Status::deadline_exceeded(format!(
+                    "sync made no progress for {} ms",
+                    idle_timeout.as_millis()
                 )),
             };
             // The client may be gone already; then there is no one to tell.
@@ -315,6 +402,7 @@ async fn serve<S: RepairStore + 'static>(
     mut inbound: Streaming<pb::RepairRequest>,
     tx: &mpsc::Sender<Result<pb::RepairResponse, Status>>,
     burst: usize,
+    activity: &Activity,
 ) -> Result<ServerReport, SyncError> {
     let mut machine = machine;
     loop {
@@ -338,6 +426,7 @@ async fn serve<S: RepairStore + 'static>(
                 tx.send(Ok(msg))
                     .await
                     .map_err(|_| SyncError::PeerClosed { phase: "sending" })?;
+                activity.touch();
             }
             if !more {
                 break;
@@ -349,7 +438,10 @@ async fn serve<S: RepairStore + 'static>(
         let msg = match opening.take() {
             Some(msg) => msg,
             None => match inbound.message().await {
-                Ok(Some(msg)) => msg,
+                Ok(Some(msg)) => {
+                    activity.touch();
+                    msg
+                }
                 Ok(None) => return Err(SyncError::PeerClosed { phase: "receiving" }),
                 Err(status) => return Err(from_status(status)),
             },

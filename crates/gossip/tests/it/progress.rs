@@ -217,3 +217,44 @@ fn the_origin_passes_each_step_on_once_even_when_reports_repeat_or_overtake() {
     assert!(origin.steps(&id).is_none());
     assert!(!origin.handle_progress(Millis(5), progress(Vec::new())));
 }
+
+/// Whether `engine` emitted the report of a timed-out round (draining its commands).
+fn timed_out(engine: &mut Engine) -> bool {
+    std::iter::from_fn(|| engine.poll_command()).any(|command| {
+        matches!(command, Command::Report { result, .. } if result.outcome == Outcome::TimedOut)
+    })
+}
+
+#[test]
+fn a_sync_that_reports_progress_is_not_timed_out_and_a_silent_one_is() {
+    let minutes = |m: i64| Millis(m * 60_000);
+    let id = MessageId("c-1-1".into());
+    // The default sync timeout is 10 minutes.
+    let mut moving = Engine::new("a".into(), Config::default());
+    moving
+        .handle_propagate(minutes(0), held_round())
+        .expect("accepted");
+    assert!(matches!(moving.poll_command(), Some(Command::Sync(_))));
+    for m in 1..=25 {
+        moving.handle_sync_progress(minutes(m), &id, "b");
+        // Progress for another peer or round is not this sync's.
+        moving.handle_sync_progress(minutes(m), &MessageId("other".into()), "b");
+        moving.handle_tick(minutes(m));
+        assert!(!timed_out(&mut moving), "cut at minute {m} while moving");
+    }
+    assert!(moving.running(&key(0)).is_some(), "25 minutes and running");
+    // Then it stops moving: ten minutes after its last progress, it is cut.
+    moving.handle_sync_progress(minutes(26), &id, "c");
+    moving.handle_tick(Millis(minutes(35).0 - 1));
+    assert!(!timed_out(&mut moving));
+    moving.handle_tick(minutes(35));
+    assert!(timed_out(&mut moving), "stalled for the sync timeout");
+
+    let mut silent = Engine::new("a".into(), Config::default());
+    silent
+        .handle_propagate(minutes(0), held_round())
+        .expect("accepted");
+    let _sync = silent.poll_command();
+    silent.handle_tick(minutes(10));
+    assert!(timed_out(&mut silent), "no progress for the sync timeout");
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use propd_gossip::transport::{DriverConfig, GossipDriver, MemberChannels, RoundEvent, WaitError};
 use propd_gossip::{
     MessageId, Outcome, PropagationResult, ShardKey, SpanKind, StartRequest, SyncFailure,
-    SyncOutcome, SyncReport, SyncRequest, SyncWork,
+    SyncOutcome, SyncProgress, SyncReport, SyncRequest, SyncWork,
 };
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -33,7 +33,7 @@ struct ToySync {
 }
 
 impl SyncWork for ToySync {
-    async fn sync(&self, request: SyncRequest) -> SyncOutcome {
+    async fn sync(&self, request: SyncRequest, _progress: SyncProgress) -> SyncOutcome {
         if let Some(gate) = &self.gate {
             gate.notified().await;
         }
@@ -333,23 +333,13 @@ async fn waiting_for_an_unknown_round_is_an_error() {
     );
 }
 
-/// A sync that never ends.
-struct Stuck;
-
-impl SyncWork for Stuck {
-    async fn sync(&self, _request: SyncRequest) -> SyncOutcome {
-        std::future::pending().await
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
-    // The origin is nodes[0], so no socket is needed: the sync hangs, tokio's paused clock
-    // runs the ticker forward, and the sync timeout (10 min) ends the round.
+/// A driver for node `a` alone (no sockets) that has started a round of shard g/0 over
+/// `[a, b]`: its one sync, a -> b, runs through `sync`.
+fn lone_round<S: SyncWork>(sync: S) -> (GossipDriver<S>, MessageId) {
     let driver = GossipDriver::new(
         "a".into(),
         MemberChannels::new(HashMap::new(), Duration::from_secs(2)),
-        Stuck,
+        sync,
         DriverConfig::default(),
     );
     let request = StartRequest {
@@ -361,6 +351,23 @@ async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
         preview: false,
     };
     let id = driver.start(request).expect("valid");
+    (driver, id)
+}
+
+/// A sync that never ends.
+struct Stuck;
+
+impl SyncWork for Stuck {
+    async fn sync(&self, _request: SyncRequest, _progress: SyncProgress) -> SyncOutcome {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
+    // The origin is nodes[0], so no socket is needed: the sync hangs, tokio's paused clock
+    // runs the ticker forward, and the sync timeout (10 min) ends the round.
+    let (driver, id) = lone_round(Stuck);
     let early = driver.wait(&id, Duration::from_secs(9 * 60)).await;
     assert!(matches!(early, Err(WaitError::TimedOut { .. })));
     let result = driver
@@ -382,6 +389,42 @@ async fn a_stuck_sync_times_out_in_the_driver_on_paused_time() {
                 shard: 0
             })
             .is_none()
+    );
+}
+
+/// A sync that moves a message every minute for a quarter of an hour, then ends.
+struct LongRestore;
+
+impl SyncWork for LongRestore {
+    async fn sync(&self, _request: SyncRequest, progress: SyncProgress) -> SyncOutcome {
+        for _ in 0..15 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            progress.moved();
+        }
+        Ok(SyncReport {
+            received: 1,
+            applied: 1,
+            ..SyncReport::default()
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_that_keeps_moving_outlasts_the_sync_timeout_in_the_driver() {
+    // 15 minutes against the 10-minute sync timeout: the progress it tells keeps it running,
+    // and the round completes.
+    let (driver, id) = lone_round(LongRestore);
+    let result = driver
+        .wait(&id, Duration::from_secs(20 * 60))
+        .await
+        .expect("a result");
+    assert_eq!(result.outcome, Outcome::Completed, "{result:?}");
+    let [span] = result.trace.as_slice() else {
+        panic!("one sync: {result:?}");
+    };
+    assert!(
+        span.duration >= Duration::from_secs(15 * 60),
+        "the sync ran past the timeout: {span:?}"
     );
 }
 

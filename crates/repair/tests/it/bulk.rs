@@ -3,106 +3,17 @@
 //! whatever the node's size.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use propd_merkle::{Entity, InnerNode, Leaf, NodeId, Property, Shape};
+use propd_merkle::{Property, Shape};
 use propd_proto::v1 as pb;
 use propd_repair::pair::sync_in_memory;
 use propd_repair::{Client, Config, Server};
-use propd_store::{LeafKey, ModelStore, RepairOutcome, RepairStore};
+use propd_store::{ModelStore, RepairStore};
 
 use crate::support::*;
 
 /// A store that counts the leaves `leaves_under` returns (every leaf the protocol reads).
-struct Counting {
-    inner: ModelStore,
-    leaves_read: AtomicU64,
-}
-
-impl Counting {
-    fn new(inner: ModelStore) -> Self {
-        Counting {
-            inner,
-            leaves_read: AtomicU64::new(0),
-        }
-    }
-
-    fn reads(&self) -> u64 {
-        self.leaves_read.load(Ordering::Relaxed)
-    }
-}
-
-impl RepairStore for Counting {
-    type Error = <ModelStore as RepairStore>::Error;
-
-    fn shape(&self) -> Shape {
-        self.inner.shape()
-    }
-
-    fn has_shard(&self, group: &str, shard: u32) -> bool {
-        self.inner.has_shard(group, shard)
-    }
-
-    fn tree_node(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-    ) -> Result<Option<InnerNode>, Self::Error> {
-        self.inner.tree_node(group, shard, node)
-    }
-
-    fn tree_children(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-    ) -> Result<Vec<(NodeId, InnerNode)>, Self::Error> {
-        self.inner.tree_children(group, shard, node)
-    }
-
-    fn leaves_under(
-        &self,
-        group: &str,
-        shard: u32,
-        node: NodeId,
-        after: Option<&LeafKey>,
-        limit: usize,
-    ) -> Result<Vec<Leaf>, Self::Error> {
-        let leaves = self.inner.leaves_under(group, shard, node, after, limit)?;
-        self.leaves_read
-            .fetch_add(leaves.len() as u64, Ordering::Relaxed);
-        Ok(leaves)
-    }
-
-    fn properties_after(
-        &self,
-        group: &str,
-        shard: u32,
-        after: Option<&Entity>,
-        limit: usize,
-    ) -> Result<Vec<Property>, Self::Error> {
-        self.inner.properties_after(group, shard, after, limit)
-    }
-
-    fn get_many(
-        &self,
-        group: &str,
-        shard: u32,
-        entities: &[Entity],
-    ) -> Result<Vec<Option<Property>>, Self::Error> {
-        self.inner.get_many(group, shard, entities)
-    }
-
-    fn repair_apply_batch(
-        &self,
-        group: &str,
-        shard: u32,
-        batch: Vec<Property>,
-    ) -> Result<Vec<RepairOutcome>, Self::Error> {
-        self.inner.repair_apply_batch(group, shard, batch)
-    }
-}
+type Counting = Watched<ModelStore>;
 
 fn props(prefix: &str, n: usize) -> Vec<Property> {
     (0..n)
@@ -287,7 +198,7 @@ fn leaf_reads_per_missing_page(
         server_config,
         |_| {},
         |answered| {
-            let now = server_store.reads();
+            let now = server_store.leaves_read();
             if let Some(pb::RepairRequest {
                 msg: Some(pb::repair_request::Msg::PropertyMissing(_)),
             }) = answered
@@ -315,7 +226,7 @@ fn the_server_reads_a_bounded_number_of_leaves_per_missing_page() {
     let data = props("e", 3000);
     put(&a, 0, data[..1].to_vec());
     put(&b, 0, data.clone());
-    let b = Counting::new(b);
+    let b = Watched::new(b);
     let per_page = leaf_reads_per_missing_page(&a, &b, config.clone(), config.clone());
     assert_eq!(contents(&a, 0), contents(&b.inner, 0));
     assert!(per_page.len() >= 40, "{} missing pages", per_page.len());
@@ -335,7 +246,7 @@ fn the_server_reads_a_bounded_number_of_leaves_per_missing_page() {
     let (a, b) = (model(shape, 1), model(shape, 1));
     put(&a, 0, data[..1].to_vec());
     put(&b, 0, data);
-    let b = Counting::new(b);
+    let b = Watched::new(b);
     let v1 = Config {
         protocol_version: 1,
         ..config

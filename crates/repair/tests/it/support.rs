@@ -1,11 +1,15 @@
 //! Store builders and helpers shared by the suites.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use propd_merkle::{Entity, NodeId, Property, Shape, TagValue, shard_of, version_order};
+use propd_merkle::{
+    Entity, InnerNode, Leaf, NodeId, Property, Shape, TagValue, shard_of, version_order,
+};
 use propd_repair::Config;
 use propd_store::{
-    GroupDef, Groups, ModelStore, RedbStore, RepairStore, StoreConfig, WriteDurability,
+    GroupDef, Groups, LeafKey, ModelStore, RedbStore, RepairOutcome, RepairStore, StoreConfig,
+    WriteDurability,
 };
 
 pub(crate) const GROUP: &str = "g";
@@ -111,5 +115,116 @@ pub(crate) fn tiny_pages() -> Config {
         max_backlog: 4,
         apply_batch: 3,
         ..Config::default()
+    }
+}
+
+/// A store that passes every call on to `inner` and watches the reads the protocol makes: it
+/// counts the leaves `leaves_under` returns, and calls `before_page` with the page's number
+/// before each page `properties_after` reads (the bulk path), where a test can slow it down.
+pub(crate) struct Watched<S> {
+    pub(crate) inner: S,
+    leaves_read: AtomicU64,
+    pages_read: AtomicU64,
+    before_page: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl<S> Watched<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self::with_page_hook(inner, |_| {})
+    }
+
+    pub(crate) fn with_page_hook(
+        inner: S,
+        before_page: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Self {
+        Watched {
+            inner,
+            leaves_read: AtomicU64::new(0),
+            pages_read: AtomicU64::new(0),
+            before_page: Box::new(before_page),
+        }
+    }
+
+    /// The leaves `leaves_under` has returned so far.
+    pub(crate) fn leaves_read(&self) -> u64 {
+        self.leaves_read.load(Ordering::Relaxed)
+    }
+
+    /// The pages `properties_after` has been asked for so far.
+    pub(crate) fn pages_read(&self) -> u64 {
+        self.pages_read.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: RepairStore> RepairStore for Watched<S> {
+    type Error = S::Error;
+
+    fn shape(&self) -> Shape {
+        self.inner.shape()
+    }
+
+    fn has_shard(&self, group: &str, shard: u32) -> bool {
+        self.inner.has_shard(group, shard)
+    }
+
+    fn tree_node(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Option<InnerNode>, Self::Error> {
+        self.inner.tree_node(group, shard, node)
+    }
+
+    fn tree_children(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+    ) -> Result<Vec<(NodeId, InnerNode)>, Self::Error> {
+        self.inner.tree_children(group, shard, node)
+    }
+
+    fn leaves_under(
+        &self,
+        group: &str,
+        shard: u32,
+        node: NodeId,
+        after: Option<&LeafKey>,
+        limit: usize,
+    ) -> Result<Vec<Leaf>, Self::Error> {
+        let leaves = self.inner.leaves_under(group, shard, node, after, limit)?;
+        self.leaves_read
+            .fetch_add(leaves.len() as u64, Ordering::Relaxed);
+        Ok(leaves)
+    }
+
+    fn properties_after(
+        &self,
+        group: &str,
+        shard: u32,
+        after: Option<&Entity>,
+        limit: usize,
+    ) -> Result<Vec<Property>, Self::Error> {
+        (self.before_page)(self.pages_read.fetch_add(1, Ordering::Relaxed));
+        self.inner.properties_after(group, shard, after, limit)
+    }
+
+    fn get_many(
+        &self,
+        group: &str,
+        shard: u32,
+        entities: &[Entity],
+    ) -> Result<Vec<Option<Property>>, Self::Error> {
+        self.inner.get_many(group, shard, entities)
+    }
+
+    fn repair_apply_batch(
+        &self,
+        group: &str,
+        shard: u32,
+        batch: Vec<Property>,
+    ) -> Result<Vec<RepairOutcome>, Self::Error> {
+        self.inner.repair_apply_batch(group, shard, batch)
     }
 }

@@ -8,6 +8,7 @@ use propd_proto::v1 as pb;
 use propd_proto::v1::repair_service_server::{RepairService, RepairServiceServer};
 use propd_repair::transport::{RepairServer, ResponseStream, TransportConfig, sync};
 use propd_repair::{Disposition, SyncError};
+use propd_store::RepairStore;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
@@ -29,7 +30,7 @@ async fn spawn_server<T: RepairService>(service: RepairServiceServer<T>) -> Stri
 }
 
 /// A channel to the real repair server over `store`, connected.
-async fn serve(store: Arc<propd_store::RedbStore>, config: TransportConfig) -> Channel {
+async fn serve<S: RepairStore + 'static>(store: Arc<S>, config: TransportConfig) -> Channel {
     let uri = spawn_server(RepairServer::new(store, config).into_service()).await;
     Channel::from_shared(uri)
         .expect("uri")
@@ -42,6 +43,25 @@ async fn serve(store: Arc<propd_store::RedbStore>, config: TransportConfig) -> C
 async fn serve_stub<T: RepairService>(service: T) -> Channel {
     let uri = spawn_server(RepairServiceServer::new(service)).await;
     Channel::from_shared(uri).expect("uri").connect_lazy()
+}
+
+/// A raw opening `TreeRoot` for shard 0 of a one-leaf tree of the default shape (its root all
+/// zeros), as a client would send it but for the fields given.
+fn opening(wire_digest_width: u32, protocol_version: u32) -> pb::RepairRequest {
+    let shape = Shape::default();
+    pb::RepairRequest {
+        msg: Some(pb::repair_request::Msg::TreeRoot(pb::TreeRoot {
+            group: GROUP.to_owned(),
+            shard: 0,
+            shape: Some(propd_repair::shape_to_proto(&shape)),
+            root: vec![0; shape.digest_width as usize],
+            leaf_count: 1,
+            preview: false,
+            wire_digest_width,
+            protocol_version,
+            slots: Vec::new(),
+        })),
+    }
 }
 
 /// A client store holding one property in shard 0, so that its sync has something to send.
@@ -62,9 +82,9 @@ fn assert_refused(err: &SyncError, code: tonic::Code, needle: &str) {
     assert_eq!(err.disposition(), Disposition::Abort);
 }
 
-fn with_timeout(timeout: Duration) -> TransportConfig {
+fn with_timeout(idle_timeout: Duration) -> TransportConfig {
     TransportConfig {
-        timeout,
+        idle_timeout,
         ..TransportConfig::default()
     }
 }
@@ -129,19 +149,7 @@ async fn the_real_servers_refusal_crosses_the_wire_and_changes_nothing() {
     let before = contents(&*b, 0);
     let channel = serve(Arc::clone(&b), TransportConfig::default()).await;
     let shape = Shape::default();
-    let opening = pb::RepairRequest {
-        msg: Some(pb::repair_request::Msg::TreeRoot(pb::TreeRoot {
-            group: GROUP.to_owned(),
-            shard: 0,
-            shape: Some(propd_repair::shape_to_proto(&shape)),
-            root: vec![0; shape.digest_width as usize],
-            leaf_count: 1,
-            preview: false,
-            wire_digest_width: shape.digest_width + 1,
-            protocol_version: propd_repair::PROTOCOL_VERSION,
-            slots: Vec::new(),
-        })),
-    };
+    let opening = opening(shape.digest_width + 1, propd_repair::PROTOCOL_VERSION);
     let mut answers = pb::repair_service_client::RepairServiceClient::new(channel)
         .repair(tokio_stream::iter(vec![opening]))
         .await
@@ -284,4 +292,161 @@ async fn a_peer_that_is_down_is_skipped() {
     assert!(matches!(err, SyncError::Transport { .. }), "{err:?}");
     assert_eq!(err.disposition(), Disposition::Skip);
     drop(socket);
+}
+
+/// A gate a stalled store read waits at until the test opens it.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().expect("lock");
+        while !*open {
+            open = self.opened.wait(open).expect("lock");
+        }
+    }
+
+    /// Lets a stalled read go on (so that the blocking pool's thread ends with the test).
+    fn open(&self) {
+        *self.open.lock().expect("lock") = true;
+        self.opened.notify_all();
+    }
+}
+
+/// A full server store of `n` properties whose bulk stream reads each page in 50 ms, and from
+/// page `stall_after` on waits at `gate` first.
+fn slow_source(
+    dir: &tempfile::TempDir,
+    n: usize,
+    stall_after: Option<u64>,
+    gate: Arc<Gate>,
+) -> Arc<Watched<propd_store::RedbStore>> {
+    let store = redb(dir, Shape::default(), 1);
+    put(
+        &store,
+        0,
+        (0..n)
+            .map(|i| prop(&format!("k{i:04}"), 1, "v", 0))
+            .collect(),
+    );
+    Arc::new(Watched::with_page_hook(store, move |page| {
+        if stall_after.is_some_and(|stall| page >= stall) {
+            gate.wait();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }))
+}
+
+/// Pages of two properties, sent one message at a time and applied as they come, so that every
+/// page moves a message and lands in the store.
+fn small_steps(idle_timeout: Duration) -> TransportConfig {
+    TransportConfig {
+        sync: propd_repair::Config {
+            page_items: 2,
+            apply_batch: 2,
+            ..Default::default()
+        },
+        idle_timeout,
+        buffer: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_keeps_moving_runs_past_its_idle_timeout() {
+    // 40 pages of the bulk stream, each read in 50 ms: the sync takes at least 2 s, twice its
+    // idle timeout, while no gap between two messages comes near the timeout.
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let source = slow_source(&dir_b, 80, None, Arc::default());
+    let config = small_steps(Duration::from_secs(1));
+    let channel = serve(Arc::clone(&source), config.clone()).await;
+    let empty = redb(&dir_a, Shape::default(), 1);
+    let started = std::time::Instant::now();
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    let report =
+        propd_repair::transport::sync_with_progress(channel, &empty, GROUP, 0, &config, &|| {
+            moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+        .expect("a sync that keeps moving is not cut");
+    let elapsed = started.elapsed();
+    assert!(
+        source.pages_read() >= 40,
+        "{} pages read",
+        source.pages_read()
+    );
+    assert!(
+        elapsed > config.idle_timeout,
+        "the sync ran {elapsed:?}, so the test shows nothing about a {:?} timeout",
+        config.idle_timeout
+    );
+    assert_eq!(report.applied, 80, "{report:?}");
+    assert_eq!(root(&empty, 0), root(&source.inner, 0));
+    assert!(
+        moved.load(std::sync::atomic::Ordering::Relaxed) >= 40,
+        "progress is told for every message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_stalls_after_moving_hits_its_idle_timeout() {
+    // The server streams five pages, then its store stops answering.
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let gate = Arc::new(Gate::default());
+    let source = slow_source(&dir_b, 80, Some(5), Arc::clone(&gate));
+    // The server waits longer than the client, so that the client's own timeout is what ends
+    // the sync (the server's is the next test's).
+    let channel = serve(Arc::clone(&source), small_steps(Duration::from_secs(30))).await;
+    let config = small_steps(Duration::from_millis(500));
+    let empty = redb(&dir_a, Shape::default(), 1);
+    let err = sync(channel, &empty, GROUP, 0, &config)
+        .await
+        .expect_err("a stalled sync times out");
+    gate.open();
+    assert!(matches!(err, SyncError::Timeout { millis: 500 }), "{err:?}");
+    assert_eq!(err.disposition(), Disposition::Skip);
+    let kept = contents(&empty, 0).len();
+    assert!(
+        (1..80).contains(&kept),
+        "the pages applied before the stall stay applied: {kept}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_ends_a_stream_whose_client_goes_silent() {
+    // A client that opens the stream as an empty replica, reads the answer and then neither
+    // sends nor closes: the server gives up after its idle timeout and says so.
+    let dir = tempfile::tempdir().expect("dir");
+    let b = Arc::new(one_property_store(&dir));
+    let config = with_timeout(Duration::from_millis(500));
+    let channel = serve(Arc::clone(&b), config).await;
+    let opening = opening(8, 2);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(opening).await.expect("queued");
+    let mut answers = pb::repair_service_client::RepairServiceClient::new(channel)
+        .repair(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the server takes the stream")
+        .into_inner();
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    drop(tx);
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("no progress for 500 ms"),
+        "{status:?}"
+    );
 }
