@@ -1,4 +1,4 @@
-//! Shared data generators for the criterion benches in `benches/`.
+//! Shared data generators and set-ups for the criterion benches in `benches/`.
 
 /// Deterministic properties of about 200 canonical bytes (the size DESIGN §10 measures with).
 pub mod properties {
@@ -37,6 +37,113 @@ pub mod properties {
         }
         property.mod_revision = 1_700_000_000_000_000_000 + i as i64;
         property.delete_time = 0;
+    }
+
+    /// Property number `i` with its blob tag grown to 2000 bytes (about 2 KB canonical): the
+    /// large properties of the repair throughput and fill benches.
+    pub fn big_property(i: u64) -> Property {
+        let mut p = property(i);
+        p.tags.insert(
+            "blob".into(),
+            TagValue::Binary((0..2000u32).map(|b| (u64::from(b) ^ i) as u8).collect()),
+        );
+        p
+    }
+}
+
+/// Redb stores of one group (`bench`, one shard) and a repair server over one on loopback:
+/// the set-up of the benches that sync over tonic.
+pub mod loopback {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use propd_merkle::{Property, Shape};
+    use propd_repair::transport::{RepairServer, TransportConfig};
+    use propd_store::{GroupDef, Groups, RedbStore, RepairStore, StoreConfig, WriteDurability};
+    use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
+
+    /// The group every bench store holds.
+    pub const GROUP: &str = "bench";
+
+    /// An empty store in `dir` holding [`GROUP`] with one shard, default shape.
+    pub fn open(dir: &Path, durability: WriteDurability) -> RedbStore {
+        let mut config = StoreConfig::new(
+            dir,
+            Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
+            Shape::default(),
+        );
+        config.durability = durability;
+        RedbStore::open(config).expect("open")
+    }
+
+    /// Loads properties `make(0..n)` in key order, `batch` per transaction, then flushes the
+    /// tree.
+    pub fn bulk_load(store: &RedbStore, n: u64, batch: usize, make: fn(u64) -> Property) {
+        let mut pending = Vec::with_capacity(batch);
+        for i in 0..n {
+            pending.push(make(i));
+            if pending.len() == batch || i + 1 == n {
+                store
+                    .repair_apply_batch(GROUP, 0, std::mem::take(&mut pending))
+                    .expect("load");
+            }
+        }
+        store.flush(GROUP, 0).expect("flush");
+    }
+
+    /// The TLS settings of both ends (the server's name is `localhost`).
+    #[derive(Clone, Debug)]
+    pub struct Tls {
+        /// The server's identity and the CA it checks clients against.
+        pub server: ServerTlsConfig,
+        /// The client's identity and the CA it checks the server against.
+        pub client: ClientTlsConfig,
+    }
+
+    /// A repair server on a free loopback port and a channel to it; dropping it stops the
+    /// server.
+    #[derive(Debug)]
+    pub struct Served {
+        /// The connected channel.
+        pub channel: Channel,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    /// Serves a [`RepairServer`] over `store` (default transport config) on a free port of
+    /// 127.0.0.1, with TLS when `tls` is given, and connects a channel to it.
+    pub async fn serve_repair<S: RepairStore + 'static>(
+        store: Arc<S>,
+        tls: Option<&Tls>,
+    ) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service = RepairServer::new(store, TransportConfig::default()).into_service();
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.server.clone()).expect("server TLS");
+        }
+        let server = tokio::spawn(
+            builder
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let endpoint = match tls {
+            None => Endpoint::from_shared(format!("http://{addr}")).expect("uri"),
+            Some(tls) => Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+                .expect("uri")
+                .tls_config(tls.client.clone())
+                .expect("client TLS"),
+        };
+        let channel = endpoint.connect().await.expect("connect");
+        Served { channel, server }
     }
 }
 

@@ -12,14 +12,16 @@
 //! - repair throughput: 100 000 properties of 2 KB (`PROPD_BENCH_REPAIR_THROUGHPUT_N`) synced
 //!   over loopback tonic into an empty redb store, against a local bulk load of the same data
 //!   into an empty redb store (both with synced commits, the node's default);
-//! - fill (`fill`): an empty replica filled by one sync over loopback tonic from a full one, the
-//!   empty side as the client (the bulk path of protocol version 2: the server streams every
-//!   property, no fingerprint list), against a local key-order bulk load of the same data into an
-//!   empty store, with the process's peak RSS above its RSS before the sync (both nodes live in
-//!   this process). `PROPD_BENCH_FILL_N` small properties (default 1 000 000, ~200 B) and
-//!   `PROPD_BENCH_FILL_BIG_N` properties of ~2 KB (default 100 000); `PROPD_BENCH_FILL_RUNS`
-//!   runs each (default 3, median reported; 0 skips a size); `PROPD_BENCH_FILL_COMPARE=0` skips
-//!   the local load (for the 10 M-property restore, which is timed alone).
+//! - fill (`fill`, criterion groups `fill_2kb` and `fill_small`): an empty replica filled by one
+//!   sync over loopback tonic from a full one, the empty side as the client (the bulk path: the
+//!   server streams every property, no fingerprint list), against a local key-order bulk load of
+//!   the same data into an empty store in the same criterion run, with the process's peak RSS
+//!   above its RSS before the sync (both nodes live in this process). `PROPD_BENCH_FILL_N` small
+//!   properties (default 1 000 000, ~200 B) and `PROPD_BENCH_FILL_BIG_N` properties of ~2 KB
+//!   (default 100 000); 0 skips a size;
+//! - restore (`restore`): one replica of a `PROPD_BENCH_RESTORE_N`-property shard (default
+//!   10 000 000, ~200 B) wiped and restored by one sync with the node's default timeouts, timed
+//!   once with its peak RSS (no comparison: a local load of that size would double the run).
 
 #![allow(
     missing_docs,
@@ -30,21 +32,24 @@
     reason = "a bench prints the figures it measured"
 )]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use propd_benches::properties::property;
+use criterion::{Criterion, SamplingMode, Throughput};
+use propd_benches::loopback::{self, serve_repair};
+use propd_benches::properties::{big_property, property};
 use propd_merkle::{
     Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, TagValue, TreeStorage,
     version_order,
 };
 use propd_repair::Config;
 use propd_repair::pair::sync_in_memory;
-use propd_store::{GroupDef, Groups, LeafKey, RedbStore, RepairOutcome, RepairStore, StoreConfig};
+use propd_store::{LeafKey, RedbStore, RepairOutcome, RepairStore, WriteDurability};
 
-const GROUP: &str = "bench";
+const GROUP: &str = loopback::GROUP;
 
 /// A store of `n` generated properties (`property(i)`), with per-entity overrides; its tree is
 /// a `LiveTree` over `MemStorage`, cheap to clone.
@@ -445,40 +450,13 @@ fn bandwidth(n: u64) {
     }
 }
 
-fn big_property(i: u64) -> Property {
-    let mut p = property(i);
-    p.tags.insert(
-        "blob".into(),
-        TagValue::Binary((0..2000u32).map(|b| (b as u64 ^ i) as u8).collect()),
-    );
-    p
-}
-
 fn open(dir: &tempfile::TempDir) -> RedbStore {
-    let config = StoreConfig::new(
-        dir.path(),
-        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
-        Shape::default(),
-    );
-    RedbStore::open(config).expect("open")
+    loopback::open(dir.path(), WriteDurability::Immediate)
 }
 
+/// Loads `n` large properties in key order, 1024 per synced transaction, then flushes.
 fn bulk_load(store: &RedbStore, n: u64) {
-    bulk_load_with(store, n, big_property);
-}
-
-/// Loads properties `make(0..n)` in key order, 1024 per synced transaction, then flushes.
-fn bulk_load_with(store: &RedbStore, n: u64, make: fn(u64) -> Property) {
-    let mut batch = Vec::with_capacity(1024);
-    for i in 0..n {
-        batch.push(make(i));
-        if batch.len() == 1024 || i + 1 == n {
-            store
-                .repair_apply_batch(GROUP, 0, std::mem::take(&mut batch))
-                .expect("load");
-        }
-    }
-    store.flush(GROUP, 0).expect("flush");
+    loopback::bulk_load(store, n, 1024, big_property);
 }
 
 /// The same load as [`bulk_load`], in the order a sync delivers it: by tree position.
@@ -502,13 +480,17 @@ fn bulk_load_tree_order(store: &RedbStore, n: u64, batch: usize) {
     store.flush(GROUP, 0).expect("flush");
 }
 
-fn throughput(n: u64) {
-    use propd_repair::transport::{RepairServer, TransportConfig, sync};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn throughput(n: u64) {
+    use propd_repair::transport::{TransportConfig, sync};
+    let runtime = runtime();
     let source_dir = tempfile::tempdir().expect("dir");
     let source = open(&source_dir);
     bulk_load(&source, n);
@@ -540,29 +522,19 @@ fn throughput(n: u64) {
         let dir = tempfile::tempdir().expect("dir");
         let target = Arc::new(open(&dir));
         let elapsed = runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let service =
-                RepairServer::new(Arc::clone(&target), TransportConfig::default()).into_service();
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .expect("uri")
-                .connect()
-                .await
-                .expect("connect");
+            let served = serve_repair(Arc::clone(&target), None).await;
             let started = Instant::now();
-            let report = sync(channel, &source, GROUP, 0, &TransportConfig::default())
-                .await
-                .expect("sync");
+            let report = sync(
+                served.channel.clone(),
+                &source,
+                GROUP,
+                0,
+                &TransportConfig::default(),
+            )
+            .await
+            .expect("sync");
             let elapsed = started.elapsed();
             assert_eq!(report.peer_applied, n);
-            server.abort();
             elapsed
         });
         remote.push(elapsed);
@@ -612,110 +584,144 @@ fn reset_peak_rss() {
 }
 
 /// One fill: an empty store, as the client, synced over loopback from `source` served by a
-/// `RepairServer`. Returns the time, the peak RSS above the RSS before (kB) and the report.
+/// `RepairServer` (default transport config: the node's 10-minute idle timeout). Returns the
+/// time, the peak RSS above the RSS before (kB) and the report.
 fn fill_once(
     runtime: &tokio::runtime::Runtime,
     source: &Arc<RedbStore>,
-) -> (std::time::Duration, u64, propd_repair::SyncReport) {
-    use propd_repair::transport::{RepairServer, TransportConfig, sync};
+) -> (Duration, u64, propd_repair::SyncReport) {
+    use propd_repair::transport::{TransportConfig, sync};
     let dir = tempfile::tempdir().expect("dir");
     let empty = open(&dir);
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let service =
-            RepairServer::new(Arc::clone(source), TransportConfig::default()).into_service();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let served = serve_repair(Arc::clone(source), None).await;
         let idle = status_kb("VmRSS");
         reset_peak_rss();
         let started = Instant::now();
-        let report = sync(channel, &empty, GROUP, 0, &TransportConfig::default())
-            .await
-            .expect("sync");
+        let report = sync(
+            served.channel.clone(),
+            &empty,
+            GROUP,
+            0,
+            &TransportConfig::default(),
+        )
+        .await
+        .expect("sync");
         let elapsed = started.elapsed();
         let peak = status_kb("VmHWM").saturating_sub(idle);
-        server.abort();
         let root = |s: &RedbStore| s.tree_node(GROUP, 0, NodeId::ROOT).expect("root");
         assert_eq!(root(source), root(&empty), "the copy must be complete");
         (elapsed, peak, report)
     })
 }
 
-/// Fills `runs` empty replicas from one source of `n` properties `make(i)`; with `compare`, each
-/// run first times a local key-order bulk load of the same data.
-fn fill(label: &str, n: u64, make: fn(u64) -> Property, runs: usize, compare: bool) {
-    if runs == 0 || n == 0 {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let source_dir = tempfile::tempdir().expect("dir");
-    // The source is not timed: loaded without syncs.
-    let mut config = StoreConfig::new(
-        source_dir.path(),
-        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
-        Shape::default(),
-    );
-    config.durability = propd_store::WriteDurability::NotSynced;
-    let source = Arc::new(RedbStore::open(config).expect("open"));
+/// The untimed source of a fill: `n` properties `make(i)` loaded without syncs.
+fn fill_source(
+    label: &str,
+    n: u64,
+    make: fn(u64) -> Property,
+) -> (tempfile::TempDir, Arc<RedbStore>) {
+    let dir = tempfile::tempdir().expect("dir");
+    let source = Arc::new(loopback::open(dir.path(), WriteDurability::NotSynced));
     let started = Instant::now();
-    bulk_load_with(&source, n, make);
+    loopback::bulk_load(&source, n, 16_384, make);
     println!(
-        "
-fill {label}: loading the {n}-property source took {:.2?}",
+        "\nfill {label}: loading the {n}-property source (unsynced, untimed) took {:.2?}",
         started.elapsed()
     );
-    let mut local = Vec::new();
-    let mut synced = Vec::new();
-    let mut peaks = Vec::new();
-    for run in 0..runs {
-        if compare {
-            let dir = tempfile::tempdir().expect("dir");
-            let empty = open(&dir);
-            let started = Instant::now();
-            bulk_load_with(&empty, n, make);
-            local.push(started.elapsed());
-        } else {
-            local.push(std::time::Duration::ZERO);
-        }
+    (dir, source)
+}
 
-        let (elapsed, peak, report) = fill_once(&runtime, &source);
-        assert_eq!(report.applied, n);
-        println!(
-            "  run {run}: local key-order load {:.2?}, sync {elapsed:.2?} (streamed {}, \
-             fingerprints {}, v{}), peak RSS +{} MB",
-            local[run],
-            report.streamed,
-            report.levels.iter().map(|l| l.fingerprints).sum::<u64>(),
-            report.protocol_version,
-            peak / 1024,
-        );
-        synced.push(elapsed);
-        peaks.push(peak);
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+/// Criterion group `fill_{label}`: an empty replica filled over loopback from a source of `n`
+/// properties `make(i)` (`sync_into_empty_client`) against a local key-order bulk load of the
+/// same data into an empty store (`local_key_order_load`), ten samples of one run each (each
+/// run into a fresh store, only the load or the sync timed). Prints the medians of the same
+/// runs, their ratio and the sync's peak RSS above its start.
+fn fill(c: &mut Criterion, label: &str, n: u64, make: fn(u64) -> Property) {
+    if n == 0 {
+        return;
     }
-    local.sort();
-    synced.sort();
-    let (l, r) = (local[runs / 2], synced[runs / 2]);
+    let runtime = runtime();
+    let (_source_dir, source) = fill_source(label, n, make);
+    let local = RefCell::new(Vec::new());
+    let synced = RefCell::new(Vec::new());
+    let peaks = RefCell::new(Vec::new());
+    let mut group = c.benchmark_group(format!("fill_{label}"));
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(n));
+    group.bench_function("local_key_order_load", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let dir = tempfile::tempdir().expect("dir");
+                let empty = open(&dir);
+                let started = Instant::now();
+                loopback::bulk_load(&empty, n, 1024, make);
+                let elapsed = started.elapsed();
+                local.borrow_mut().push(elapsed);
+                total += elapsed;
+            }
+            total
+        });
+    });
+    group.bench_function("sync_into_empty_client", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let (elapsed, peak, report) = fill_once(&runtime, &source);
+                assert_eq!(report.applied, n);
+                assert_eq!(report.streamed, n, "every property on the bulk path");
+                synced.borrow_mut().push(elapsed);
+                peaks.borrow_mut().push(peak);
+                total += elapsed;
+            }
+            total
+        });
+    });
+    group.finish();
+    let (l, r) = (median(local.take()), median(synced.take()));
+    let runs = peaks.borrow().len();
     println!(
-        "fill {label}: {n} properties into an empty replica (median of {runs})\n  local key-order \
-         bulk load: {l:.2?}   sync over loopback (bulk path): {r:.2?}   ratio {:.2}x   \
-         peak RSS above idle, both nodes: at most {} MB",
+        "fill {label}: {n} properties into an empty replica (median of the {runs} runs criterion \
+         made of each side, warm-up included)\n  local key-order bulk load: {l:.2?}   sync over \
+         loopback (bulk path): {r:.2?}   ratio {:.2}x   peak RSS above the start of a sync, \
+         both nodes: at most {} MB",
         r.as_secs_f64() / l.as_secs_f64(),
-        peaks.iter().max().copied().unwrap_or(0) / 1024,
+        peaks.borrow().iter().max().copied().unwrap_or(0) / 1024,
+    );
+}
+
+/// One replica of a `n`-property shard wiped and restored by one sync (the one hop of a round
+/// that fills it), with the node's default transport config (10-minute idle timeout): timed
+/// once, alone (a local load of this size to compare with would double a long run).
+fn restore(n: u64) {
+    if n == 0 {
+        return;
+    }
+    let runtime = runtime();
+    let (_source_dir, source) = fill_source("restore", n, property);
+    let (elapsed, peak, report) = fill_once(&runtime, &source);
+    assert_eq!(report.applied, n);
+    println!(
+        "restore: {n} properties (~200 B) into a wiped replica in one sync: {elapsed:.2?} \
+         ({:.0} properties/s), streamed {}, fingerprints {}, round trips {}, protocol v{}, \
+         {} bytes received; peak RSS above the start of the sync, both nodes: {} MB",
+        n as f64 / elapsed.as_secs_f64(),
+        report.streamed,
+        report.levels.iter().map(|l| l.fingerprints).sum::<u64>(),
+        report.round_trips,
+        report.protocol_version,
+        report.bytes_received,
+        peak / 1024,
     );
 }
 
@@ -750,23 +756,24 @@ fn main() {
         }
     }
     if wants("fill") {
-        let runs = env("PROPD_BENCH_FILL_RUNS", 3) as usize;
-        // PROPD_BENCH_FILL_COMPARE=0 skips the local load (the 10 M restore, timed alone).
-        let compare = env("PROPD_BENCH_FILL_COMPARE", 1) != 0;
+        // Criterion reads the same arguments (its filter selects within `fill_*`).
+        let mut c = Criterion::default().configure_from_args();
         fill(
+            &mut c,
+            "2kb",
+            env("PROPD_BENCH_FILL_BIG_N", 100_000),
+            big_property,
+        );
+        fill(
+            &mut c,
             "small",
             env("PROPD_BENCH_FILL_N", 1_000_000),
             property,
-            runs,
-            compare,
         );
-        fill(
-            "2 KB",
-            env("PROPD_BENCH_FILL_BIG_N", 100_000),
-            big_property,
-            runs,
-            compare,
-        );
+        c.final_summary();
+    }
+    if wants("restore") {
+        restore(env("PROPD_BENCH_RESTORE_N", 10_000_000));
     }
     if wants("throughput") {
         throughput(env("PROPD_BENCH_REPAIR_THROUGHPUT_N", 100_000));

@@ -24,18 +24,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use propd_benches::properties::property;
-use propd_merkle::{Property, Shape, TagValue};
+use propd_benches::loopback::{GROUP, Tls, bulk_load, open, serve_repair};
+use propd_benches::properties::{big_property, property};
 use propd_proto::v1;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use propd_repair::transport::{RepairServer, TransportConfig, sync};
-use propd_store::{GroupDef, Groups, RedbStore, StoreConfig};
+use propd_repair::transport::{TransportConfig, sync};
+use propd_store::{RedbStore, WriteDurability};
 use propd_tests::Cluster;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
-};
-
-const GROUP: &str = "bench";
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// A CA and, signed by it, a server certificate for `localhost` and a client certificate.
 struct Pki {
@@ -65,88 +61,32 @@ impl Pki {
     }
 }
 
-fn big_property(i: u64) -> Property {
-    let mut p = property(i);
-    p.tags.insert(
-        "blob".into(),
-        TagValue::Binary((0..2000u32).map(|b| (u64::from(b) ^ i) as u8).collect()),
-    );
-    p
-}
-
-fn open(dir: &tempfile::TempDir) -> RedbStore {
-    let config = StoreConfig::new(
-        dir.path(),
-        Groups::new([GroupDef::new(GROUP, 1, 1)]).expect("valid groups"),
-        Shape::default(),
-    );
-    RedbStore::open(config).expect("open")
-}
-
 /// The source store of the throughput bench: `n` properties of about 2 KB.
 fn loaded(n: u64) -> (tempfile::TempDir, Arc<RedbStore>) {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open(&dir);
-    let mut batch = Vec::with_capacity(1024);
-    for i in 0..n {
-        batch.push(big_property(i));
-        if batch.len() == 1024 || i + 1 == n {
-            store
-                .repair_apply_batch(GROUP, 0, std::mem::take(&mut batch))
-                .expect("load");
-        }
-    }
-    store.flush(GROUP, 0).expect("flush");
+    let store = open(dir.path(), WriteDurability::Immediate);
+    bulk_load(&store, n, 1024, big_property);
     (dir, Arc::new(store))
 }
 
-/// Syncs `source` into a fresh empty store served on loopback, with TLS when `pki` is given;
+/// Syncs `source` into a fresh empty store served on loopback, with TLS when `tls` is given;
 /// returns the time of the sync alone.
-async fn one_sync(source: &RedbStore, n: u64, pki: Option<&Pki>) -> Duration {
+async fn one_sync(source: &RedbStore, n: u64, tls: Option<&Tls>) -> Duration {
     let dir = tempfile::tempdir().expect("dir");
-    let target = Arc::new(open(&dir));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = RepairServer::new(Arc::clone(&target), TransportConfig::default()).into_service();
-    let mut builder = Server::builder();
-    if let Some(pki) = pki {
-        builder = builder
-            .tls_config(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
-                    .client_ca_root(Certificate::from_pem(&pki.ca)),
-            )
-            .expect("server TLS");
-    }
-    let server = tokio::spawn(
-        builder
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = match pki {
-        None => Endpoint::from_shared(format!("http://{addr}")).expect("uri"),
-        Some(pki) => Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-            .expect("uri")
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&pki.ca))
-                    .identity(Identity::from_pem(&pki.client.0, &pki.client.1))
-                    .domain_name("localhost"),
-            )
-            .expect("client TLS"),
-    }
-    .connect()
-    .await
-    .expect("connect");
+    let target = Arc::new(open(dir.path(), WriteDurability::Immediate));
+    let served = serve_repair(target, tls).await;
     let started = Instant::now();
-    let report = sync(channel, source, GROUP, 0, &TransportConfig::default())
-        .await
-        .expect("sync");
+    let report = sync(
+        served.channel.clone(),
+        source,
+        GROUP,
+        0,
+        &TransportConfig::default(),
+    )
+    .await
+    .expect("sync");
     let elapsed = started.elapsed();
     assert_eq!(report.peer_applied, n, "the copy must be complete");
-    server.abort();
     elapsed
 }
 
@@ -161,15 +101,24 @@ fn repair_throughput(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let pki = Pki::new();
+    let tls = Tls {
+        server: ServerTlsConfig::new()
+            .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
+            .client_ca_root(Certificate::from_pem(&pki.ca)),
+        client: ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.client.0, &pki.client.1))
+            .domain_name("localhost"),
+    };
     let (_dir, source) = loaded(n);
     let mut group = c.benchmark_group("tls_repair_throughput");
     group.sample_size(10);
     group.throughput(criterion::Throughput::Elements(n));
-    for (name, pki) in [("plaintext", None), ("mutual_tls", Some(&pki))] {
+    for (name, tls) in [("plaintext", None), ("mutual_tls", Some(&tls))] {
         group.bench_function(name, |b| {
             b.iter_custom(|iterations| {
                 (0..iterations)
-                    .map(|_| runtime.block_on(one_sync(&source, n, pki)))
+                    .map(|_| runtime.block_on(one_sync(&source, n, tls)))
                     .sum()
             });
         });
