@@ -56,9 +56,11 @@ pub mod properties {
 pub mod loopback {
     use std::path::Path;
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use propd_merkle::{Property, Shape};
-    use propd_repair::transport::{RepairServer, TransportConfig};
+    use propd_repair::SyncReport;
+    use propd_repair::transport::{RepairServer, TransportConfig, sync};
     use propd_store::{GroupDef, Groups, RedbStore, RepairStore, StoreConfig, WriteDurability};
     use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
 
@@ -144,6 +146,22 @@ pub mod loopback {
         };
         let channel = endpoint.connect().await.expect("connect");
         Served { channel, server }
+    }
+
+    /// One sync of `client` as the client (default transport config) against the server of
+    /// `served`: its time and the client's report.
+    pub async fn timed_sync<S: RepairStore>(served: &Served, client: &S) -> (Duration, SyncReport) {
+        let started = Instant::now();
+        let report = sync(
+            served.channel.clone(),
+            client,
+            GROUP,
+            0,
+            &TransportConfig::default(),
+        )
+        .await
+        .expect("sync");
+        (started.elapsed(), report)
     }
 }
 

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
-use propd_benches::loopback::{self, serve_repair};
+use propd_benches::loopback::{self, serve_repair, timed_sync};
 use propd_benches::properties::{big_property, property};
 use propd_merkle::{
     Entity, InnerNode, Leaf, LiveTree, MemStorage, NodeId, Property, Shape, TagValue, TreeStorage,
@@ -489,7 +489,6 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn throughput(n: u64) {
-    use propd_repair::transport::{TransportConfig, sync};
     let runtime = runtime();
     let source_dir = tempfile::tempdir().expect("dir");
     let source = open(&source_dir);
@@ -523,17 +522,7 @@ fn throughput(n: u64) {
         let target = Arc::new(open(&dir));
         let elapsed = runtime.block_on(async {
             let served = serve_repair(Arc::clone(&target), None).await;
-            let started = Instant::now();
-            let report = sync(
-                served.channel.clone(),
-                &source,
-                GROUP,
-                0,
-                &TransportConfig::default(),
-            )
-            .await
-            .expect("sync");
-            let elapsed = started.elapsed();
+            let (elapsed, report) = timed_sync(&served, &source).await;
             assert_eq!(report.peer_applied, n);
             elapsed
         });
@@ -590,24 +579,13 @@ fn fill_once(
     runtime: &tokio::runtime::Runtime,
     source: &Arc<RedbStore>,
 ) -> (Duration, u64, propd_repair::SyncReport) {
-    use propd_repair::transport::{TransportConfig, sync};
     let dir = tempfile::tempdir().expect("dir");
     let empty = open(&dir);
     runtime.block_on(async {
         let served = serve_repair(Arc::clone(source), None).await;
         let idle = status_kb("VmRSS");
         reset_peak_rss();
-        let started = Instant::now();
-        let report = sync(
-            served.channel.clone(),
-            &empty,
-            GROUP,
-            0,
-            &TransportConfig::default(),
-        )
-        .await
-        .expect("sync");
-        let elapsed = started.elapsed();
+        let (elapsed, report) = timed_sync(&served, &empty).await;
         let peak = status_kb("VmHWM").saturating_sub(idle);
         let root = |s: &RedbStore| s.tree_node(GROUP, 0, NodeId::ROOT).expect("root");
         assert_eq!(root(source), root(&empty), "the copy must be complete");

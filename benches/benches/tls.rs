@@ -21,14 +21,13 @@
 use std::cell::OnceCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use propd_benches::loopback::{GROUP, Tls, bulk_load, open, serve_repair};
+use propd_benches::loopback::{GROUP, Tls, bulk_load, open, serve_repair, timed_sync};
 use propd_benches::properties::{big_property, property};
 use propd_proto::v1;
 use propd_proto::v1::property_service_client::PropertyServiceClient;
-use propd_repair::transport::{TransportConfig, sync};
 use propd_store::{RedbStore, WriteDurability};
 use propd_tests::Cluster;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -75,17 +74,7 @@ async fn one_sync(source: &RedbStore, n: u64, tls: Option<&Tls>) -> Duration {
     let dir = tempfile::tempdir().expect("dir");
     let target = Arc::new(open(dir.path(), WriteDurability::Immediate));
     let served = serve_repair(target, tls).await;
-    let started = Instant::now();
-    let report = sync(
-        served.channel.clone(),
-        source,
-        GROUP,
-        0,
-        &TransportConfig::default(),
-    )
-    .await
-    .expect("sync");
-    let elapsed = started.elapsed();
+    let (elapsed, report) = timed_sync(&served, source).await;
     assert_eq!(report.peer_applied, n, "the copy must be complete");
     elapsed
 }
