@@ -109,6 +109,14 @@ pub struct Server {
     awaiting: VecDeque<Expanded>,
     /// Version 3: nodes the client expanded, for us to compare and answer.
     to_compare: VecDeque<ToCompare>,
+    /// Version 3: nodes we expanded so far (leaf hints go only with the first few).
+    expanded: usize,
+    /// Version 3: buckets the client settled by our leaf hints, our leaves to send under those
+    /// whose check held (sent once the client's copies are applied), and whether a check failed
+    /// (then every hinted bucket is listed in full instead).
+    hinted: Vec<NodeId>,
+    hinted_wanted: Vec<Wanted>,
+    recheck: bool,
     listed: Listed,
     /// Entities we sent back as newer: not to be sent again when the client asks for them.
     returned: HashSet<Entity>,
@@ -135,6 +143,10 @@ impl Server {
             next_frontier: Vec::new(),
             awaiting: VecDeque::new(),
             to_compare: VecDeque::new(),
+            expanded: 0,
+            hinted: Vec::new(),
+            hinted_wanted: Vec::new(),
+            recheck: false,
             listed: Listed::default(),
             returned: HashSet::new(),
             out: VecDeque::new(),
@@ -253,11 +265,32 @@ impl Server {
                     && self.to_compare.is_empty() =>
             {
                 self.apply_pending(store);
-                self.phase = Phase::Draining;
+                self.end_hinted();
                 Ok(())
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    /// At the client's `NoMorePropertySync`, with its copies applied: when every check of a
+    /// hinted bucket held, our leaves under them that the client matched none of are sent and
+    /// the sync drains; when one failed, every hinted bucket is listed in full and the sync goes
+    /// on until the client's next `NoMorePropertySync`.
+    fn end_hinted(&mut self) {
+        if self.recheck {
+            self.recheck = false;
+            self.hinted_wanted.clear();
+            let nodes: VecDeque<NodeId> = std::mem::take(&mut self.hinted).into();
+            self.report.rechecked += nodes.len() as u64;
+            self.out.push_back(Job::Leaves { nodes, after: None });
+            return;
+        }
+        self.hinted.clear();
+        let wanted = std::mem::take(&mut self.hinted_wanted);
+        if !wanted.is_empty() {
+            self.out.push_back(Job::Resolve(wanted));
+        }
+        self.phase = Phase::Draining;
     }
 
     fn apply_pending<S: RepairStore>(&mut self, store: &S) {
@@ -290,8 +323,11 @@ impl Server {
         self.shard = root.shard;
         self.preview = root.preview;
         self.report.preview = root.preview;
-        let theirs = wire::version_of(root.protocol_version);
-        self.version = theirs.min(self.config.protocol_version);
+        let negotiated = wire::negotiate(root.protocol_version, &self.config);
+        self.version = match negotiated {
+            Ok(version) => version,
+            Err(refused) => refused.peer.min(refused.max),
+        };
         self.report.protocol_version = self.version;
         let ours = store.shape();
         let mut answer = pb::RootCompare {
@@ -305,14 +341,14 @@ impl Server {
             }));
             this.phase = Phase::Draining;
         };
-        if self.version < self.config.min_protocol_version {
+        if let Err(refused) = negotiated {
             // Refused before anything is read. The tree and shape flags are set so that a
             // client of any version reports a refusal (not a missing tree, which it would skip).
             answer.tree_found = true;
             answer.shape_ok = true;
             answer.error = format!(
-                "the client speaks protocol version {theirs} at most, this node speaks versions {}..={}",
-                self.config.min_protocol_version, self.config.protocol_version
+                "the client speaks protocol version {} at most, this node speaks versions {}..={}",
+                refused.peer, refused.min, refused.max
             );
             done(self, answer);
             return Ok(());
@@ -392,6 +428,7 @@ impl Server {
                 present,
                 digests,
                 depth: 0,
+                hints: None,
             });
             self.out.push_back(Job::Message(pb::RepairResponse {
                 msg: Some(Out::RootCompare(answer)),
@@ -422,6 +459,20 @@ impl Server {
         self.awaiting.drain(..read.answered);
         let (to_list, to_stream) = self.settle(&read.settled);
         self.queue_leaves(to_list, to_stream);
+        for check in read.hinted {
+            // The client's copies under it follow this step.
+            self.listed.insert(check.node);
+            self.hinted.push(check.node);
+            self.recheck |= !check.holds;
+            if !check.unmatched.is_empty() {
+                self.hinted_wanted.push(Wanted {
+                    node: check.node,
+                    fingerprints: check.unmatched.into_iter().collect(),
+                    after: None,
+                    until: None,
+                });
+            }
+        }
         self.to_compare.extend(read.to_compare);
         Ok(())
     }
@@ -466,6 +517,7 @@ impl Server {
             width: self.wire_width,
             page_items: self.config.page_items,
             leaf_list_max: self.config.leaf_list_max,
+            hint_after: (!self.preview).then_some(self.expanded),
         };
         let Some(built) = descent::build_step(
             store,
@@ -479,6 +531,7 @@ impl Server {
             return Ok(());
         };
         let (to_list, to_stream) = self.settle(&built.settled);
+        self.expanded += built.expanded.len();
         self.awaiting.extend(built.expanded);
         self.out.push_back(Job::Message(pb::RepairResponse {
             msg: Some(Out::TreeStep(built.page)),

@@ -73,6 +73,7 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
             msg: Some(Msg::TreeStep(pb::TreeStep {
                 parents: 99,
                 packed: vec![0; 6],
+                ..Default::default()
             })),
         },
     ];
@@ -146,6 +147,7 @@ fn bad_responses() -> Vec<pb::RepairResponse> {
             msg: Some(Msg::TreeStep(pb::TreeStep {
                 parents: 99,
                 packed: vec![0; 6],
+                ..Default::default()
             })),
         },
     ]
