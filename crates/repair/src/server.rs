@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use pb::repair_request::Msg as In;
 use pb::repair_response::Msg as Out;
-use propd_merkle::{Entity, InnerNode, NodeId, Shape};
+use propd_merkle::{Entity, InnerNode, NodeId, Property, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
@@ -49,17 +49,98 @@ enum Job {
     /// Find the versions the client asked for, then send them.
     Resolve(Vec<Wanted>),
     Copies(CopyQueue),
-    /// Stream the whole shard in entity order (the client's tree is empty), resuming after the
-    /// entity: the bulk path of version 2 for a wiped replica.
-    Shard {
-        after: Option<Entity>,
-    },
-    /// Stream every property under these nodes (the client lacks them), resuming after the
-    /// cursor in the front one: the bulk path of version 2.
-    Bulk {
+    /// Stream properties the client lacks as `BulkSync` pages: the bulk path of version 2.
+    Stream(Stream),
+}
+
+/// What a bulk stream sends, and where it resumes.
+#[derive(Debug)]
+enum Stream {
+    /// The whole shard in entity order (the client's tree is empty), after the entity.
+    Shard { after: Option<Entity> },
+    /// Every property under these nodes (the client lacks them), after the cursor in the front
+    /// one, in `(bucket, entity)` order.
+    Nodes {
         nodes: VecDeque<NodeId>,
         after: Option<LeafKey>,
     },
+}
+
+/// A stream's cursor after one property.
+enum Cursor {
+    Entity(Entity),
+    Leaf(LeafKey),
+}
+
+/// A batch read from a stream: each property (`None`: deleted since its leaf was read) with its
+/// cursor, and whether the batch ends the current part (the shard, or the front node).
+type StreamBatch = (Vec<(Cursor, Option<Property>)>, bool);
+
+impl Stream {
+    /// The next at most `want` properties of the current part; `None` when nothing is left.
+    fn read<S: RepairStore>(
+        &self,
+        store: &S,
+        group: &str,
+        shard: u32,
+        want: usize,
+    ) -> Result<Option<StreamBatch>, SyncError> {
+        match self {
+            Stream::Shard { after } => {
+                let found = store
+                    .properties_after(group, shard, after.as_ref(), want)
+                    .map_err(SyncError::store("reading the shard to stream"))?;
+                let ends = found.len() < want;
+                let mut batch = Vec::with_capacity(found.len());
+                for property in found {
+                    let entity = property
+                        .entity()
+                        .map_err(SyncError::store("reading the shard to stream"))?;
+                    batch.push((Cursor::Entity(entity), Some(property)));
+                }
+                Ok(Some((batch, ends)))
+            }
+            Stream::Nodes { nodes, after } => {
+                let Some(&node) = nodes.front() else {
+                    return Ok(None);
+                };
+                let leaves = store
+                    .leaves_under(group, shard, node, after.as_ref(), want)
+                    .map_err(SyncError::store("listing leaves to stream"))?;
+                let entities: Vec<Entity> = leaves.iter().map(|leaf| leaf.entity.clone()).collect();
+                let found = store
+                    .get_many(group, shard, &entities)
+                    .map_err(SyncError::store("reading properties to stream"))?;
+                let ends = leaves.len() < want;
+                let batch = leaves
+                    .iter()
+                    .map(|leaf| Cursor::Leaf(leaf_key(leaf)))
+                    .zip(found)
+                    .collect();
+                Ok(Some((batch, ends)))
+            }
+        }
+    }
+
+    fn advance(&mut self, cursor: Cursor) {
+        match (self, cursor) {
+            (Stream::Shard { after }, Cursor::Entity(entity)) => *after = Some(entity),
+            (Stream::Nodes { after, .. }, Cursor::Leaf(key)) => *after = Some(key),
+            _ => {}
+        }
+    }
+
+    /// Moves past the finished part; false when the stream is spent.
+    fn next_part(&mut self) -> bool {
+        match self {
+            Stream::Shard { .. } => false,
+            Stream::Nodes { nodes, after } => {
+                nodes.pop_front();
+                *after = None;
+                !nodes.is_empty()
+            }
+        }
+    }
 }
 
 /// Versions the client asked for under one listed node, and where to look for them: the
@@ -405,7 +486,8 @@ impl Server {
                 msg: Some(Out::RootCompare(answer)),
             }));
             self.listed.insert(NodeId::ROOT);
-            self.out.push_back(Job::Shard { after: None });
+            self.out
+                .push_back(Job::Stream(Stream::Shard { after: None }));
             self.phase = Phase::Descent;
             // Level 1 with an empty frontier: no LevelDigests is accepted, and the sync ends
             // with SyncEnd after the client's NoMorePropertySync.
@@ -502,10 +584,10 @@ impl Server {
         }
         // After the lists, so that the client merges them while the stream flows.
         if !to_stream.is_empty() {
-            self.out.push_back(Job::Bulk {
+            self.out.push_back(Job::Stream(Stream::Nodes {
                 nodes: to_stream,
                 after: None,
-            });
+            }));
         }
     }
 
@@ -711,10 +793,10 @@ impl Server {
         }
         // After the lists, so that the client merges them while the stream flows.
         if !to_stream.is_empty() {
-            self.out.push_back(Job::Bulk {
+            self.out.push_back(Job::Stream(Stream::Nodes {
                 nodes: to_stream,
                 after: None,
-            });
+            }));
         }
         if page.last_page {
             self.frontier = std::mem::take(&mut self.next_frontier).into();
@@ -776,8 +858,7 @@ impl Server {
                     None
                 }
                 Job::Copies(queue) => self.send_copies(store, queue)?,
-                Job::Bulk { nodes, after } => self.bulk_page(store, nodes, after)?,
-                Job::Shard { after } => self.shard_page(store, after)?,
+                Job::Stream(stream) => self.stream_page(store, stream)?,
             };
             if msg.is_some() {
                 return Ok(msg);
@@ -911,13 +992,13 @@ impl Server {
         Ok(())
     }
 
-    /// One `BulkSync` page of the whole shard in entity order, resuming after `after`: at most
-    /// `page_items` properties and about `page_bytes` bytes, read one store range at a time;
-    /// `None` once the shard is spent.
-    fn shard_page<S: RepairStore>(
+    /// One `BulkSync` page of `stream`: at most `page_items` properties and about `page_bytes`
+    /// bytes, read one store batch at a time (a larger single property travels alone). The
+    /// stream goes back to the front of the queue unless it is spent; `None` once it is.
+    fn stream_page<S: RepairStore>(
         &mut self,
         store: &S,
-        mut after: Option<Entity>,
+        mut stream: Stream,
     ) -> Result<Option<pb::RepairResponse>, SyncError> {
         const READ_BATCH: usize = 64;
         let limit = self.config.page_items;
@@ -926,84 +1007,30 @@ impl Server {
         let mut spent = false;
         'fill: while page.len() < limit && bytes < self.config.page_bytes {
             let want = (limit - page.len()).min(READ_BATCH);
-            let found = store
-                .properties_after(&self.group, self.shard, after.as_ref(), want)
-                .map_err(SyncError::store("reading the shard to stream"))?;
-            spent = found.len() < want;
-            for property in &found {
-                after = Some(
-                    property
-                        .entity()
-                        .map_err(SyncError::store("reading the shard to stream"))?,
-                );
-                let property = wire::property_to_proto(property);
-                bytes += property.encoded_len();
-                page.push(property);
-                if bytes >= self.config.page_bytes {
-                    spent = false;
-                    break 'fill;
-                }
-            }
-            if spent {
+            let Some((batch, ends_part)) = stream.read(store, &self.group, self.shard, want)?
+            else {
+                spent = true;
                 break;
-            }
-        }
-        if !spent {
-            self.out.push_front(Job::Shard { after });
-        }
-        if page.is_empty() {
-            return Ok(None);
-        }
-        self.report.sent += page.len() as u64;
-        self.report.streamed += page.len() as u64;
-        Ok(Some(pb::RepairResponse {
-            msg: Some(Out::BulkSync(pb::PropertySync { properties: page })),
-        }))
-    }
-
-    /// One `BulkSync` page of the properties under `nodes`, in `(bucket, entity)` order,
-    /// resuming after `after` in the front node: at most `page_items` properties and about
-    /// `page_bytes` bytes, read one store page at a time. The nodes not finished go back to
-    /// the front of the queue; `None` once they are spent.
-    fn bulk_page<S: RepairStore>(
-        &mut self,
-        store: &S,
-        mut nodes: VecDeque<NodeId>,
-        mut after: Option<LeafKey>,
-    ) -> Result<Option<pb::RepairResponse>, SyncError> {
-        const READ_BATCH: usize = 64;
-        let limit = self.config.page_items;
-        let mut page: Vec<pb::Property> = Vec::new();
-        let mut bytes = 0usize;
-        'fill: while page.len() < limit && bytes < self.config.page_bytes {
-            let Some(&node) = nodes.front() else { break };
-            let want = (limit - page.len()).min(READ_BATCH);
-            let leaves = store
-                .leaves_under(&self.group, self.shard, node, after.as_ref(), want)
-                .map_err(SyncError::store("listing leaves to stream"))?;
-            let entities: Vec<Entity> = leaves.iter().map(|leaf| leaf.entity.clone()).collect();
-            let found = store
-                .get_many(&self.group, self.shard, &entities)
-                .map_err(SyncError::store("reading properties to stream"))?;
-            for (leaf, property) in leaves.iter().zip(found) {
-                after = Some(leaf_key(leaf));
+            };
+            for (cursor, property) in batch {
+                stream.advance(cursor);
                 // Deleted or purged since the leaf was read: nothing to send.
                 let Some(property) = property else { continue };
                 let property = wire::property_to_proto(&property);
                 bytes += property.encoded_len();
                 page.push(property);
                 if bytes >= self.config.page_bytes {
-                    // The node stays at the front, resuming after this leaf.
+                    // The stream resumes after this property.
                     break 'fill;
                 }
             }
-            if leaves.len() < want {
-                nodes.pop_front();
-                after = None;
+            if ends_part && !stream.next_part() {
+                spent = true;
+                break;
             }
         }
-        if !nodes.is_empty() {
-            self.out.push_front(Job::Bulk { nodes, after });
+        if !spent {
+            self.out.push_front(Job::Stream(stream));
         }
         if page.is_empty() {
             return Ok(None);
