@@ -785,19 +785,7 @@ impl Server {
                 packed,
             })),
         }));
-        if !to_list.is_empty() {
-            self.out.push_back(Job::Leaves {
-                nodes: to_list,
-                after: None,
-            });
-        }
-        // After the lists, so that the client merges them while the stream flows.
-        if !to_stream.is_empty() {
-            self.out.push_back(Job::Stream(Stream::Nodes {
-                nodes: to_stream,
-                after: None,
-            }));
-        }
+        self.queue_leaves(to_list, to_stream);
         if page.last_page {
             self.frontier = std::mem::take(&mut self.next_frontier).into();
             self.level += 1;
