@@ -706,3 +706,57 @@ impl<'a> BitReader<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_fields_round_trip_and_reject_padding_and_short_input() {
+        let mut writer = BitWriter::default();
+        writer.push(3, 2);
+        writer.push(0xabc, SHORT_BITS);
+        writer.push(200, 8);
+        let bytes = writer.finish();
+        assert_eq!(bytes.len(), 3, "22 bits take 3 bytes");
+        let mut reader = BitReader::new("f", &bytes);
+        assert_eq!(reader.take(2).expect("verdict"), 3);
+        assert_eq!(reader.take(SHORT_BITS).expect("short"), 0xabc);
+        assert_eq!(reader.take(8).expect("count"), 200);
+        reader.finish().expect("all read");
+        // A set padding bit, a missing field and a trailing byte are each rejected.
+        let mut padded = bytes.clone();
+        if let Some(last) = padded.last_mut() {
+            *last |= 0x80;
+        }
+        let mut reader = BitReader::new("f", &padded);
+        reader.take(22).expect("fields");
+        assert!(reader.finish().is_err());
+        let mut reader = BitReader::new("f", &bytes[..2]);
+        assert!(reader.take(22).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut reader = BitReader::new("f", &longer);
+        reader.take(22).expect("fields");
+        assert!(reader.finish().is_err());
+    }
+
+    #[test]
+    fn a_short_fingerprint_is_the_low_bits_of_the_fingerprint() {
+        assert_eq!(short(0x1234_5678_9abc_def0), 0xef0);
+        assert_eq!(short(0xfff), 0xfff);
+        assert_eq!(short(0x1000), 0);
+    }
+
+    #[test]
+    fn verdicts_decode_from_their_two_bits() {
+        for verdict in [
+            Verdict::Descend,
+            Verdict::Settled,
+            Verdict::SenderLacks,
+            Verdict::Hinted,
+        ] {
+            assert_eq!(Verdict::from_bits(verdict as u8), verdict);
+        }
+    }
+}
