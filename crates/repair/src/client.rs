@@ -175,7 +175,9 @@ impl Client {
         // descends (a version-2 server ignores them).
         let mut awaiting = VecDeque::new();
         let mut slots = Vec::new();
-        if config.protocol_version >= wire::STEP_VERSION && leaf_count > 0 {
+        // An empty tree sends its empty expansion too (a bitmap of no slots): a preview of a
+        // wiped replica descends from the server's slots like any other sync.
+        if config.protocol_version >= wire::STEP_VERSION {
             let width = config.wire_digest_width as usize;
             let (present, digests, count) =
                 descent::expand(store, &shape, group, shard, NodeId::ROOT, width)?;

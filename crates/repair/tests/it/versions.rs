@@ -303,3 +303,22 @@ fn a_peer_below_the_minimum_version_is_refused_naming_both_versions() {
     let (report, _) = sync_in_memory(&a, &b, GROUP, 0, version(2)).expect("sync");
     assert_eq!(report.protocol_version, 2);
 }
+
+#[test]
+fn an_empty_client_previews_and_syncs_at_version_3() {
+    // An empty client sends an empty expansion of the root; in preview the server descends from
+    // its slots and lists them (found by the repair_client fuzz target: the server failed on
+    // missing slots).
+    let (_, b) = diverged(Shape::default(), 300, 0);
+    let a = model(Shape::default(), 1);
+    let preview = Config {
+        preview: true,
+        ..version(3)
+    };
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, preview).expect("preview");
+    assert_eq!((report.protocol_version, report.requested), (3, 300));
+    assert!(contents(&a, 0).is_empty());
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, version(3)).expect("sync");
+    assert_eq!(report.streamed, 300);
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+}
