@@ -14,10 +14,13 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use propd_tests::etcd::Etcd;
+use propd_tests::nemesis::checker::{self, Tolerance};
+use propd_tests::nemesis::copies::{self, Copyholder, Holders};
+use propd_tests::nemesis::history::{History, Nanos, Outcome, Request, now_nanos};
+use propd_tests::nemesis::workload::{self, Workload};
 use propd_tests::{
     Certs, Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
 };
@@ -264,6 +267,212 @@ fn write_all(server: SocketAddr, prefix: &str, n: usize) -> BTreeMap<String, i64
         .collect()
 }
 
+/// Entities of `g` the load works on.
+const ENTITIES: usize = 60;
+/// Concurrent clients of one load.
+const CLIENTS: usize = 3;
+
+/// The nemesis workload on `g`, its clients numbered from `first_client`.
+fn workload(first_client: usize) -> Workload {
+    Workload {
+        clients: CLIENTS,
+        first_client,
+        entities: ENTITIES,
+        groups: vec!["g".to_owned()],
+        timeout: Duration::from_secs(5),
+        seed: 15 + first_client as u64,
+    }
+}
+
+/// The nemesis workload (puts, deletes and gets of the `ENTITIES` entities of `g` through
+/// `coordinators`), run on a thread of its own while the membership changes. Every operation
+/// goes into a history that [`check_history`] judges with the nemesis checker at the end.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `CLIENTS` clients numbered from `first_client` (loads sharing a history number
+    /// their clients apart, so that every value written is unique).
+    fn start(history: &Arc<History>, coordinators: Vec<SocketAddr>, first_client: usize) -> Load {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let history = Arc::clone(history);
+        let thread = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(workload::run(
+                    &workload(first_client),
+                    &coordinators,
+                    history,
+                    stopped,
+                ));
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the clients and waits for their last operations to be recorded.
+    fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the load's thread");
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Operations of `history` sent at or after `since` that ended as `outcome` says.
+fn count_since(history: &History, since: Nanos, outcome: fn(&Outcome) -> bool) -> usize {
+    history
+        .ops()
+        .iter()
+        .filter(|op| op.start >= since && outcome(&op.outcome))
+        .count()
+}
+
+fn acknowledged(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Written { .. })
+}
+
+/// Waits until the load got `n` writes acknowledged that it sent at or after `since`.
+fn wait_for_writes(history: &History, since: Nanos, n: usize, when: &str) {
+    assert!(
+        eventually(Duration::from_secs(60), || count_since(
+            history,
+            since,
+            acknowledged
+        ) >= n),
+        "the load got fewer than {n} writes acknowledged {when}: {} since",
+        count_since(history, since, acknowledged)
+    );
+}
+
+/// The copy sets of `g` that the running `nodes` agree on, as the checker's holders (indices
+/// into `nodes`' order); an error while they disagree, lack a shard, or name a node not running.
+fn placement(nodes: &BTreeMap<String, Addrs>) -> Result<Holders, String> {
+    let all: Vec<Addrs> = nodes.values().copied().collect();
+    let agreed = agreed_copies(&all).ok_or("the nodes disagree on the copies")?;
+    if agreed.len() != SHARDS as usize {
+        return Err(format!("not every shard is held: {agreed:?}"));
+    }
+    let ids: Vec<&String> = nodes.keys().collect();
+    let mut holders = Holders::new();
+    for (shard, copies) in agreed {
+        let on = copies
+            .iter()
+            .map(|id| {
+                ids.iter()
+                    .position(|known| *known == id)
+                    .ok_or_else(|| format!("copy {id} of shard {shard} is not a running node"))
+            })
+            .collect::<Result<Vec<usize>, String>>()?;
+        holders.insert(("g".to_owned(), shard), on);
+    }
+    Ok(holders)
+}
+
+/// Judges the history of a stopped load against the copies on the placement the running
+/// `nodes` agree on (the new placement after a membership change): once every shard's copies
+/// there have one root (repair and purges have run; rounds every two seconds), reads every
+/// copy of every entity and asserts that the nemesis checker finds no anomaly (an acknowledged
+/// write missing or older on a copy, a delete undone, a read of a value no write made, ...).
+fn check_history(history: &History, nodes: &BTreeMap<String, Addrs>) {
+    let ops = history.ops();
+    let puts = ops
+        .iter()
+        .filter(|op| matches!(op.request, Request::Put { .. }) && acknowledged(&op.outcome))
+        .count();
+    let deletes = ops
+        .iter()
+        .filter(|op| op.request == Request::Delete && acknowledged(&op.outcome))
+        .count();
+    assert!(
+        puts > 0 && deletes > 0,
+        "the history holds acknowledged puts ({puts}) and deletes ({deletes}) to check"
+    );
+    let readers: Vec<Copyholder> = nodes
+        .iter()
+        .map(|(id, addrs)| Copyholder {
+            id: id.clone(),
+            listen: addrs.listen,
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut last = String::new();
+    let mut state = None;
+    let converged = eventually(SETTLE, || {
+        let holders = match placement(nodes) {
+            Ok(holders) => holders,
+            Err(why) => {
+                last = why;
+                return false;
+            }
+        };
+        let mut problems = Vec::new();
+        let (read, moved) = runtime.block_on(copies::final_state(
+            &readers,
+            &["g".to_owned()],
+            SHARDS,
+            &holders,
+            (0..ENTITIES).map(|i| workload(0).entity(i)),
+            &mut problems,
+        ));
+        let differing = copies::differing_shards(&read);
+        if problems.is_empty() && moved == 0 && differing == 0 {
+            state = Some(read);
+            return true;
+        }
+        last = format!(
+            "{differing} shards with differing roots, {moved} roots changed while reading, \
+             problems: {problems:?}"
+        );
+        false
+    });
+    assert!(converged, "the copies did not converge: {last}");
+    let state = state.expect("the converged state");
+    let anomalies = checker::check(&ops, &state, Tolerance::default());
+    let t0 = ops.first().map_or(0, |op| op.start);
+    let report: Vec<String> = anomalies
+        .iter()
+        .map(|anomaly| {
+            let history: Vec<String> = anomaly
+                .entity()
+                .map(|entity| {
+                    checker::entity_history(&ops, entity)
+                        .iter()
+                        .map(|op| format!("    {}", op.describe(t0)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("{anomaly}\n{}", history.join("\n"))
+        })
+        .collect();
+    assert!(
+        anomalies.is_empty(),
+        "the checker found {} anomalies in {} operations:\n{}",
+        anomalies.len(),
+        ops.len(),
+        report.join("\n")
+    );
+}
+
 fn by_id(cluster: &Cluster) -> BTreeMap<String, Addrs> {
     cluster
         .nodes
@@ -282,33 +491,15 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
     settle(&addrs(&cluster), &["n1", "n2", "n3"]);
     let before = copies(&addrs(&cluster));
 
-    // A writer keeps writing through n1 while n4 joins; it records what was acknowledged.
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        let count = Arc::clone(&count);
-        let server = cluster.nodes[0].listen;
-        std::thread::spawn(move || {
-            let mut acknowledged = BTreeMap::new();
-            let mut k = 0;
-            while !stop.load(Ordering::Relaxed) && k < 2000 {
-                let entity = format!("g/load/{k}");
-                if let Some(revision) = put(server, &entity) {
-                    acknowledged.insert(entity, revision);
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                k += 1;
-            }
-            acknowledged
-        })
-    };
-    // Some writes land before the join, more while it happens.
-    assert!(
-        eventually(Duration::from_secs(60), || count.load(Ordering::Relaxed)
-            >= 20),
-        "the writer got no writes through"
+    // The nemesis workload runs through n1..n3 while n4 joins; the checker judges its history.
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
     );
+    // Some writes land before the join, more while it happens and after it.
+    wait_for_writes(&history, 0, 20, "before the join");
     let n4 = Extra::start(cluster.dir.path(), "n4", &shared);
     nodes.insert(
         "n4".to_owned(),
@@ -319,17 +510,8 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
     );
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n3", "n4"]);
-    let at_join = count.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(60), || count.load(Ordering::Relaxed)
-            >= at_join + 20),
-        "writes go on after the join"
-    );
-    stop.store(true, Ordering::Relaxed);
-    let writes = writer.join().expect("the writer");
-    assert!(!writes.is_empty(), "the writer got writes acknowledged");
-    // Rounds after the last writes: every copy holds them.
-    settle(&all, &["n1", "n2", "n3", "n4"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the join");
+    load.stop();
     let after = copies(&all);
     let moved: usize = before
         .iter()
@@ -345,25 +527,8 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
             == moved,
         "every moved copy went to n4: {before:?} -> {after:?}"
     );
-    let rounds_ok = eventually(SETTLE, || {
-        // Background rounds every 2 s: wait until the last writes reached every copy.
-        let copies = copies(&all);
-        writes.keys().all(|entity| {
-            copies[&shard_of(entity)].iter().all(|id| {
-                cli_at(
-                    &nodes[id].listen.to_string(),
-                    &["get", entity, "--local", "--output", "json"],
-                )
-                .status
-                .success()
-            })
-        })
-    });
-    assert!(
-        rounds_ok,
-        "repair rounds did not bring every write to its copies"
-    );
-    check_placement(&nodes, &writes);
+    // Every acknowledged write on every copy of the new placement, n4's included.
+    check_history(&history, &nodes);
     drop(n4);
 }
 
@@ -374,7 +539,14 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
     let nodes = by_id(&cluster);
     let all = addrs(&cluster);
     settle(&all, &["n1", "n2", "n3", "n4"]);
-    let writes = write_all(cluster.nodes[0].listen, "drain", 40);
+    // The nemesis workload runs through all four (n4 coordinates while it drains).
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 20, "before the drain");
 
     // An active member may not be removed: the refusal names the rule.
     let refused = etcd_cli(&etcd, &["member", "remove", "n4"]);
@@ -386,6 +558,8 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
     assert_eq!(drained["state"], "draining", "{drained}");
     // The members that hold copies: n4 serves on, but no longer holds any once moves end.
     settle(&all, &["n1", "n2", "n3"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the drain");
+    load.stop();
     let copies = copies(&all);
     assert!(
         copies.values().flatten().all(|id| id != "n4"),
@@ -398,9 +572,8 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
             .is_some_and(|s| s.iter().all(|s| s["group"] != "g")),
         "n4 stopped serving every shard of g: {n4}"
     );
-    let remaining: BTreeMap<String, Addrs> =
-        nodes.into_iter().filter(|(id, _)| id != "n4").collect();
-    check_placement(&remaining, &writes);
+    // n4 still runs but holds no copy: the new placement is on n1..n3.
+    check_history(&history, &nodes);
 
     let removed = etcd_json(&etcd, &["member", "remove", "n4"]);
     assert_eq!(removed["removed"], true);
@@ -423,26 +596,32 @@ fn a_wiped_node_is_refilled_by_repair_under_its_own_id_and_in_another_nodes_plac
     let mut cluster = Cluster::start_plaintext(3, &shared);
     let mut nodes = by_id(&cluster);
     settle(&addrs(&cluster), &["n1", "n2", "n3"]);
-    let writes = write_all(cluster.nodes[0].listen, "wipe", 30);
+    // The nemesis workload runs through the three (n3 too, while it is down and once back).
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 20, "before the wipe");
 
     // Same id, empty disk: repair fills it (every shard has a copy on each of the three).
     cluster.kill(2);
     std::fs::remove_dir_all(cluster.dir.path().join("n3")).expect("wiping n3");
     cluster.start_node(2);
     cluster.wait_ready(2);
-    let n3 = cluster.nodes[2].listen.to_string();
-    assert!(
-        eventually(SETTLE, || writes.keys().all(|e| cli_at(
-            &n3,
-            &["get", e, "--local", "--output", "json"]
-        )
-        .status
-        .success())),
-        "repair did not refill the wiped n3"
-    );
-    check_placement(&nodes, &writes);
+    wait_for_writes(&history, now_nanos(), 20, "after n3 came back empty");
+    load.stop();
+    // n3's copies hold every acknowledged write again.
+    check_history(&history, &nodes);
 
-    // n3 dies for good; n5 takes its place and holds exactly its copies once repair ran.
+    // n3 dies for good; n5 takes its place and holds exactly its copies once repair ran. A
+    // second load (its clients numbered after the first's) writes through n1 and n2 meanwhile.
+    let load = Load::start(
+        &history,
+        cluster.nodes[..2].iter().map(|n| n.listen).collect(),
+        CLIENTS,
+    );
     cluster.kill(2);
     let replaced = etcd_json(&etcd, &["member", "replace", "n3", "n5"]);
     assert_eq!(replaced["slot"], "n3", "{replaced}");
@@ -457,17 +636,15 @@ fn a_wiped_node_is_refilled_by_repair_under_its_own_id_and_in_another_nodes_plac
     );
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n5"]);
-    let n5_addr = n5.listen.to_string();
+    wait_for_writes(&history, now_nanos(), 20, "after n5 took n3's place");
+    load.stop();
+    // The whole history, both loads, on the new placement: n5 holds n3's copies.
+    let placed = copies(&all);
     assert!(
-        eventually(SETTLE, || writes.keys().all(|e| cli_at(
-            &n5_addr,
-            &["get", e, "--local", "--output", "json"]
-        )
-        .status
-        .success())),
-        "repair did not fill n5"
+        placed.values().all(|on| on.contains(&"n5".to_owned())),
+        "n5 holds every shard as n3 did: {placed:?}"
     );
-    check_placement(&nodes, &writes);
+    check_history(&history, &nodes);
 }
 
 #[test]
@@ -491,6 +668,14 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("exists"));
 
+    // The nemesis workload runs through the three from before etcd stops to after it returns.
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 10, "before etcd stopped");
     etcd.stop();
     for node in &all {
         assert!(
@@ -509,12 +694,17 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
             .is_some_and(|m| m.contains("etcd unreachable")),
         "{status}"
     );
-    // Writes and reads go on, on the last membership seen.
-    let writes = write_all(cluster.nodes[1].listen, "down", 10);
-    let read = cluster.json(2, &["get", "g/down/3"]);
-    assert_eq!(
-        read["mod_revision"].as_i64(),
-        writes.get("g/down/3").copied()
+    // Writes and reads go on, on the last membership seen: the load gets writes acknowledged
+    // and reads answered that it sent once every node had lost etcd (and before it returns).
+    let lost = now_nanos();
+    wait_for_writes(&history, lost, 20, "while etcd was down");
+    assert!(
+        eventually(Duration::from_secs(60), || count_since(
+            &history,
+            lost,
+            |o| { matches!(o, Outcome::Read { found: Some(_) }) }
+        ) >= 10),
+        "reads are answered while etcd is down"
     );
 
     etcd.resume();
@@ -533,6 +723,12 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
         "the nodes took the new replicas: {:?}",
         agreed_copies(&all)
     );
+    settle(&all, &["n1", "n2", "n3"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the copies moved");
+    load.stop();
+    // Every acknowledged write, from before, during and after etcd's absence, on the two
+    // copies each shard now has.
+    check_history(&history, &by_id(&cluster));
 }
 
 /// The moves every node lists: `None` while the nodes disagree.
