@@ -22,7 +22,7 @@ use propd_tests::nemesis::copies::{self, Copyholder, Holders};
 use propd_tests::nemesis::history::{History, Nanos, Outcome, Request, now_nanos};
 use propd_tests::nemesis::workload::{self, Workload};
 use propd_tests::{
-    Certs, Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
+    Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
 };
 use serde_json::Value;
 
@@ -49,8 +49,22 @@ struct Extra {
 }
 
 impl Extra {
+    /// Starts `id` with `shared` (and a data directory in `dir`) and waits until it is healthy.
     fn start(dir: &Path, id: &str, shared: &str) -> Extra {
-        let mut holds = [PortHold::new(), PortHold::new()];
+        let extra = Extra::spawn(dir, id, [PortHold::new(), PortHold::new()], shared);
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                http_get(extra.http, "/health").is_some_and(|(code, _)| code == 200)
+            }),
+            "{id} did not become healthy: {}",
+            extra.log()
+        );
+        extra
+    }
+
+    /// Writes `id`'s config (its gRPC and HTTP ports from `holds`, released just before it
+    /// starts, then `shared`) and starts it without waiting.
+    fn spawn(dir: &Path, id: &str, mut holds: [PortHold; 2], shared: &str) -> Extra {
         let listen = SocketAddr::from(([127, 0, 0, 1], holds[0].port()));
         let http = SocketAddr::from(([127, 0, 0, 1], holds[1].port()));
         let config = dir.join(format!("{id}.toml"));
@@ -74,21 +88,20 @@ impl Extra {
             .stderr(log)
             .spawn()
             .expect("spawning propd serve");
-        let extra = Extra {
+        Extra {
             id: id.to_owned(),
             listen,
             http,
             dir: dir.to_owned(),
             child: Some(child),
-        };
-        assert!(
-            eventually(Duration::from_secs(30), || {
-                http_get(http, "/health").is_some_and(|(code, _)| code == 200)
-            }),
-            "{id} did not become healthy: {}",
-            extra.log()
-        );
-        extra
+        }
+    }
+
+    fn addrs(&self) -> Addrs {
+        Addrs {
+            listen: self.listen,
+            http: self.http,
+        }
     }
 
     fn log(&self) -> String {
@@ -501,13 +514,7 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
     // Some writes land before the join, more while it happens and after it.
     wait_for_writes(&history, 0, 20, "before the join");
     let n4 = Extra::start(cluster.dir.path(), "n4", &shared);
-    nodes.insert(
-        "n4".to_owned(),
-        Addrs {
-            listen: n4.listen,
-            http: n4.http,
-        },
-    );
+    nodes.insert("n4".to_owned(), n4.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n3", "n4"]);
     wait_for_writes(&history, now_nanos(), 20, "after the join");
@@ -627,13 +634,7 @@ fn a_wiped_node_is_refilled_by_repair_under_its_own_id_and_in_another_nodes_plac
     assert_eq!(replaced["slot"], "n3", "{replaced}");
     let n5 = Extra::start(cluster.dir.path(), "n5", &shared);
     nodes.remove("n3");
-    nodes.insert(
-        "n5".to_owned(),
-        Addrs {
-            listen: n5.listen,
-            http: n5.http,
-        },
-    );
+    nodes.insert("n5".to_owned(), n5.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n5"]);
     wait_for_writes(&history, now_nanos(), 20, "after n5 took n3's place");
@@ -795,13 +796,7 @@ fn a_node_restarted_mid_move_resumes_it_and_old_holders_drop_their_copies_when_i
     let writes = write_all(cluster.nodes[0].listen, "move", 40);
 
     let n4 = Extra::start(cluster.dir.path(), "n4", &shared);
-    nodes.insert(
-        "n4".to_owned(),
-        Addrs {
-            listen: n4.listen,
-            http: n4.http,
-        },
-    );
+    nodes.insert("n4".to_owned(), n4.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     let mut moves = Value::Null;
     assert!(
@@ -950,21 +945,10 @@ fn nodes_agree_on_group(nodes: &[Addrs], group: &str) -> Option<BTreeMap<u32, Va
     Some(copies)
 }
 
-/// Pings `node` as a member with the certificate `name` of `certs` (the ping is for members
-/// only): `Ok` or the refusal's code.
-fn ping_as(certs: &Certs, name: &str, id: &str, listen: SocketAddr) -> Result<(), tonic::Code> {
-    let read = |path: PathBuf| std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read(certs.ca())))
-        .identity(tonic::transport::Identity::from_pem(
-            read(certs.cert(name)),
-            read(certs.key(name)),
-        ))
-        .domain_name(id.to_owned());
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{listen}"))
-        .expect("a URL")
-        .tls_config(tls)
-        .expect("a TLS config");
+/// Pings node `i` of `cluster` as a member with the certificate `name` of its certificates
+/// (the ping is for members only): `Ok` or the refusal's code.
+fn ping_as(cluster: &Cluster, name: &str, i: usize) -> Result<(), tonic::Code> {
+    let endpoint = cluster.endpoint_as(i, name);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -990,53 +974,26 @@ fn with_tls_a_joined_member_is_let_in_and_a_removed_one_is_not() {
     let shared = shared(&etcd, 1);
     let cluster = Cluster::start_tls(3, &shared);
     let certs = cluster.certs.clone().expect("a TLS cluster");
-    let n1 = (&cluster.nodes[0].id, cluster.nodes[0].listen);
     // n4's member certificate, from the cluster's CA, before n4 exists anywhere.
-    let mut holds = [PortHold::new(), PortHold::new()];
+    let holds = [PortHold::new(), PortHold::new()];
     let listen = SocketAddr::from(([127, 0, 0, 1], holds[0].port()));
-    let http = SocketAddr::from(([127, 0, 0, 1], holds[1].port()));
     certs.issue(&["--member", &format!("n4={listen}")]);
     assert_eq!(
-        ping_as(&certs, "n4", n1.0, n1.1),
+        ping_as(&cluster, "n4", 0),
         Err(tonic::Code::PermissionDenied),
         "n4 is no member yet"
     );
 
-    let dir = cluster.dir.path();
-    let config = dir.join("n4.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = \"n4\"\nlisten = \"{listen}\"\nhttp = \"{http}\"\ndata_dir = {:?}\n{shared}\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
-            dir.join("n4").display().to_string(),
-            certs.cert("n4").display().to_string(),
-            certs.key("n4").display().to_string(),
-            certs.ca().display().to_string(),
-        ),
-    )
-    .expect("n4's config");
-    let log = std::fs::File::create(dir.join("n4.log")).expect("a log file");
-    for hold in &mut holds {
-        hold.release();
-    }
-    let child = Command::new(propd_binary())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log handle"))
-        .stderr(log)
-        .spawn()
-        .expect("spawning n4");
-    let _n4 = Extra {
-        id: "n4".to_owned(),
-        listen,
-        http,
-        dir: dir.to_owned(),
-        child: Some(child),
-    };
+    let with_tls = format!(
+        "{shared}\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        certs.cert("n4").display().to_string(),
+        certs.key("n4").display().to_string(),
+        certs.ca().display().to_string(),
+    );
+    let _n4 = Extra::spawn(cluster.dir.path(), "n4", holds, &with_tls);
     // Once n1 saw n4 join, n4's certificate is a member's there.
     assert!(
-        eventually(SETTLE, || ping_as(&certs, "n4", n1.0, n1.1).is_ok()),
+        eventually(SETTLE, || ping_as(&cluster, "n4", 0).is_ok()),
         "n1 let the joined n4 in; n1's log:\n{}",
         cluster.log(0)
     );
@@ -1063,7 +1020,7 @@ fn with_tls_a_joined_member_is_let_in_and_a_removed_one_is_not() {
         "n4 could be removed once its shards moved away"
     );
     assert!(
-        eventually(SETTLE, || ping_as(&certs, "n4", n1.0, n1.1)
+        eventually(SETTLE, || ping_as(&cluster, "n4", 0)
             == Err(tonic::Code::PermissionDenied)),
         "n1 refuses the removed n4 as a member"
     );

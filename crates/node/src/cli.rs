@@ -1151,7 +1151,8 @@ async fn status(args: StatusArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn parse(line: &str) -> Command {
+    /// The command of a command line (words split at spaces); panics when it does not parse.
+    pub(super) fn parse(line: &str) -> Command {
         Cli::try_parse_from(line.split(' '))
             .unwrap_or_else(|e| panic!("{line}: {e}"))
             .command

@@ -1141,7 +1141,7 @@ async fn session(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn member(port: u16, state: MemberState) -> MemberRecord {
@@ -1153,7 +1153,7 @@ mod tests {
     }
 
     /// n1 and n2 active, n3 draining, group `g` of 8 shards and one replica.
-    fn records() -> ClusterRecords {
+    pub(crate) fn records() -> ClusterRecords {
         ClusterRecords {
             revision: 7,
             members: [
@@ -1225,24 +1225,31 @@ mod tests {
             replicas: 1,
         };
         assert!(check_new_group("h", ok).is_ok());
-        let rule = refusal(check_new_group("h", GroupRecord { shard_num: 0, ..ok }));
-        assert!(rule.contains("shard_num must be at least 1"), "{rule}");
-        let rule = refusal(check_new_group(
-            "h",
-            GroupRecord {
-                shard_num: crate::config::MAX_SHARD_NUM + 1,
-                ..ok
-            },
-        ));
-        assert!(rule.contains("shards must be 1..="), "{rule}");
-        let rule = refusal(check_new_group(
-            "h",
-            GroupRecord {
-                replicas: crate::config::MAX_REPLICAS + 1,
-                ..ok
-            },
-        ));
-        assert!(rule.contains("replicas must be"), "{rule}");
+        let max_shards = crate::config::MAX_SHARD_NUM;
+        let max_replicas = crate::config::MAX_REPLICAS;
+        for (record, says) in [
+            (
+                GroupRecord { shard_num: 0, ..ok },
+                "shard_num must be at least 1".to_owned(),
+            ),
+            (
+                GroupRecord {
+                    shard_num: max_shards + 1,
+                    ..ok
+                },
+                format!("shards must be 1..={max_shards}"),
+            ),
+            (
+                GroupRecord {
+                    replicas: max_replicas + 1,
+                    ..ok
+                },
+                format!("replicas must be 0..={max_replicas}"),
+            ),
+        ] {
+            let rule = refusal(check_new_group("h", record));
+            assert!(rule.contains(&says), "{record:?}: {rule}");
+        }
         // A name an entity key cannot carry is refused by the group rules of the store.
         let rule = refusal(check_new_group("a/b", ok));
         assert!(rule.contains("must not contain '/'"), "{rule}");

@@ -328,15 +328,11 @@ mod tests {
     use clap::Parser as _;
     use clap::error::ErrorKind;
 
+    use super::super::tests::parse;
     use super::super::{Cli, Command};
     use super::*;
+    use crate::membership::tests::records;
     use crate::moves::MoveRecord;
-
-    fn parse(line: &str) -> Command {
-        Cli::try_parse_from(line.split(' '))
-            .unwrap_or_else(|e| panic!("{line}: {e}"))
-            .command
-    }
 
     fn member_command(line: &str) -> MemberCommand {
         match parse(line) {
@@ -507,18 +503,8 @@ mod tests {
 
     #[test]
     fn a_refusal_says_so_and_names_the_rule() {
-        let records = ClusterRecords {
-            groups: [(
-                "g".to_owned(),
-                GroupRecord {
-                    shard_num: 8,
-                    replicas: 1,
-                },
-            )]
-            .into_iter()
-            .collect(),
-            ..ClusterRecords::default()
-        };
+        // Group `g` of 8 shards.
+        let records = records();
         let error = refused(records.with_group_replicas("g", 1, Some(16)).unwrap_err());
         let message = error.to_string();
         assert!(
