@@ -22,7 +22,7 @@ use propd_tests::nemesis::copies::{self, Copyholder, Holders};
 use propd_tests::nemesis::history::{History, Nanos, Outcome, Request, now_nanos};
 use propd_tests::nemesis::workload::{self, Workload};
 use propd_tests::{
-    Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
+    Certs, Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
 };
 use serde_json::Value;
 
@@ -1024,4 +1024,62 @@ fn with_tls_a_joined_member_is_let_in_and_a_removed_one_is_not() {
             == Err(tonic::Code::PermissionDenied)),
         "n1 refuses the removed n4 as a member"
     );
+}
+
+#[test]
+fn with_etcd_over_tls_nodes_and_the_cli_need_its_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = Certs {
+        dir: dir.path().to_owned(),
+    };
+    let Some(etcd) = Etcd::start_tls(&certs) else {
+        return;
+    };
+    let path = |p: PathBuf| p.display().to_string();
+    let (ca, cert, key) = (
+        path(certs.ca()),
+        path(certs.cert("etcd-client")),
+        path(certs.key("etcd-client")),
+    );
+    // The nodes reach etcd with its CA and a client certificate (the `[etcd]` table is last).
+    let shared = format!(
+        "{}tls_ca = {ca:?}\ntls_cert = {cert:?}\ntls_key = {key:?}\n",
+        shared(&etcd, 1)
+    );
+    let cluster = Cluster::start_plaintext(2, &shared);
+    settle(&addrs(&cluster), &["n1", "n2"]);
+    let listed = etcd_json(
+        &etcd,
+        &[
+            "member",
+            "list",
+            "--etcd-tls-ca",
+            &ca,
+            "--etcd-tls-cert",
+            &cert,
+            "--etcd-tls-key",
+            &key,
+        ],
+    );
+    let ids: Vec<&str> = listed["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["n1", "n2"], "{listed}");
+
+    // Without a client certificate etcd refuses the connection; without the CA an https://
+    // endpoint is refused by name before anything is sent.
+    let refused = etcd_cli(&etcd, &["member", "list", "--etcd-tls-ca", &ca]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains(&format!("etcd at {}", etcd.endpoint())),
+        "{message}"
+    );
+    let refused = etcd_cli(&etcd, &["member", "list"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("etcd.tls_ca"), "{message}");
 }

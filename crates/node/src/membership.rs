@@ -61,6 +61,42 @@ pub(crate) struct EtcdConfig {
     pub(crate) endpoints: Vec<String>,
     /// `etcd.prefix`: the key prefix of this cluster (several clusters may share one etcd).
     pub(crate) prefix: String,
+    /// `etcd.tls_*`: TLS to etcd (`https://` endpoints); `None`: plaintext (`http://`).
+    pub(crate) tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signs etcd's certificate, and this client's certificate for an etcd
+/// that asks for one (`--client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EtcdTls {
+    /// `etcd.tls_ca` (PEM).
+    pub(crate) ca: PathBuf,
+    /// `etcd.tls_cert` and `etcd.tls_key` (PEM), given together.
+    pub(crate) identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// The client's TLS settings, its files read now; an error names the key of the file that
+    /// could not be read.
+    fn options(&self) -> Result<etcd_client::TlsOptions, MembershipError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| MembershipError::TlsFile {
+                key,
+                path: path.to_owned(),
+                message: e.to_string(),
+            })
+        };
+        let mut options = etcd_client::TlsOptions::new().ca_certificate(
+            etcd_client::Certificate::from_pem(read("etcd.tls_ca", &self.ca)?),
+        );
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(etcd_client::Identity::from_pem(
+                read("etcd.tls_cert", cert)?,
+                read("etcd.tls_key", key)?,
+            ));
+        }
+        Ok(options)
+    }
 }
 
 /// The default `etcd.prefix`.
@@ -89,6 +125,16 @@ pub(crate) enum MembershipError {
     /// A change that the rules of membership refuse; the message names the rule.
     #[error("{0}")]
     Refused(String),
+    /// A TLS file for etcd could not be read.
+    #[error("`{key}`: cannot read {}: {message}", path.display())]
+    TlsFile {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
 }
 
 /// A member's state in etcd.
@@ -436,10 +482,13 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Connects (bounded by the call timeout).
     pub(crate) async fn connect(config: &EtcdConfig) -> Result<Self, MembershipError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), CALL_TIMEOUT)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls.options()?);
+        }
         let connect = Client::connect(&config.endpoints, Some(options));
         let client = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
             Ok(result) => result.map_err(|source| etcd_error(config, source))?,
@@ -819,6 +868,10 @@ pub(crate) async fn prepare(mut config: Config) -> anyhow::Result<(Config, Clust
         .etcd
         .clone()
         .context("prepare needs an [etcd] table")?;
+    // A TLS file that cannot be read is the operator's to fix: said at once, not retried.
+    if let Some(tls) = &etcd.tls {
+        tls.options()?;
+    }
     let deadline = tokio::time::Instant::now() + START_PATIENCE;
     let (records, connected) = loop {
         match join(&etcd, &config).await {
