@@ -1,9 +1,13 @@
 //! Membership on etcd over real processes and a real etcd: a cluster grows under a write load,
 //! a member drains, a wiped node is refilled (same id, then in another's place), and etcd
 //! restarts while the nodes serve; a node restarted mid-move resumes the move, old holders drop
-//! their copies once it ends, a group created while the cluster runs is served at once, and with
-//! mutual TLS a member that joins is let in and one removed is not. Each test says SKIPPED and
-//! returns only where etcd cannot be installed on the machine.
+//! their copies once it ends, a group created while the cluster runs is served at once, with
+//! mutual TLS a member that joins is let in and one removed is not, and an etcd serving TLS
+//! with client certificates is reached only with them. Each test says SKIPPED and returns only
+//! where etcd cannot be installed on the machine.
+//!
+//! The first four run the nemesis workload through the change and judge its history with the
+//! nemesis checker against every copy of the new placement ([`check_history`]).
 //!
 //! The suite runs plaintext clusters (its own clients speak plaintext) also under
 //! `PROPD_TEST_TLS=1`, except the TLS test, which always runs with mutual TLS.
