@@ -166,6 +166,16 @@ fn etcd_json(etcd: &Etcd, args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON")
 }
 
+/// `value[list][*][field]` as strings (the ids of `member list`, the names of `group list`).
+fn field_of_each<'a>(value: &'a Value, list: &str, field: &str) -> Vec<&'a str> {
+    value[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array `{list}` in {value}"))
+        .iter()
+        .filter_map(|item| item[field].as_str())
+        .collect()
+}
+
 /// Waits until every node sees exactly `members` (ids) in its membership from etcd, and no
 /// shard is on the move any more.
 fn settle(nodes: &[Addrs], members: &[&str]) {
@@ -589,12 +599,7 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
     let removed = etcd_json(&etcd, &["member", "remove", "n4"]);
     assert_eq!(removed["removed"], true);
     let list = etcd_json(&etcd, &["member", "list"]);
-    let ids: Vec<&str> = list["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    let ids = field_of_each(&list, "members", "id");
     assert_eq!(ids, ["n1", "n2", "n3"], "{list}");
     settle(&all[..3], &["n1", "n2", "n3"]);
     drop(cluster);
@@ -886,12 +891,7 @@ fn a_group_created_while_the_cluster_runs_is_served_at_once() {
     );
     assert_eq!(created["shard_num"], 4, "{created}");
     let listed = etcd_json(&etcd, &["group", "list"]);
-    let names: Vec<&str> = listed["groups"]
-        .as_array()
-        .expect("groups")
-        .iter()
-        .filter_map(|g| g["name"].as_str())
-        .collect();
+    let names = field_of_each(&listed, "groups", "name");
     assert_eq!(names, ["g", "h"], "{listed}");
     let mut written = BTreeMap::new();
     assert!(
@@ -1065,12 +1065,7 @@ fn with_etcd_over_tls_nodes_and_the_cli_need_its_ca_and_a_client_certificate() {
             &key,
         ],
     );
-    let ids: Vec<&str> = listed["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    let ids = field_of_each(&listed, "members", "id");
     assert_eq!(ids, ["n1", "n2"], "{listed}");
 
     // Without a client certificate etcd refuses the connection; without the CA an https://

@@ -162,15 +162,8 @@ struct ServeArgs {
     /// `etcd.prefix`: this cluster's key prefix in etcd (default `/propd`).
     #[arg(long, env = "PROPD_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
-    /// `etcd.tls_ca`: the CA that signs etcd's certificate (PEM): TLS to etcd (`https://`).
-    #[arg(long, env = "PROPD_ETCD_TLS_CA")]
-    etcd_tls_ca: Option<PathBuf>,
-    /// `etcd.tls_cert`: a client certificate for etcd (PEM), for an etcd that asks for one.
-    #[arg(long, env = "PROPD_ETCD_TLS_CERT")]
-    etcd_tls_cert: Option<PathBuf>,
-    /// `etcd.tls_key`: that certificate's private key (PEM).
-    #[arg(long, env = "PROPD_ETCD_TLS_KEY")]
-    etcd_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_tls: members::EtcdTlsArgs,
     /// `tls.cert`: this node's certificate chain (PEM); with key and ca, turns on mutual TLS.
     #[arg(long, env = "PROPD_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -243,9 +236,9 @@ impl ServeArgs {
             etcd: PartialEtcd {
                 endpoints: (!self.etcd_endpoints.is_empty()).then_some(self.etcd_endpoints),
                 prefix: self.etcd_prefix,
-                tls_ca: self.etcd_tls_ca,
-                tls_cert: self.etcd_tls_cert,
-                tls_key: self.etcd_tls_key,
+                tls_ca: self.etcd_tls.etcd_tls_ca,
+                tls_cert: self.etcd_tls.etcd_tls_cert,
+                tls_key: self.etcd_tls.etcd_tls_key,
             },
             insecure: self.insecure,
             tls: PartialTls {

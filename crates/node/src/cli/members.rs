@@ -13,6 +13,20 @@ use crate::membership::{
     ClusterRecords, EtcdConfig, GroupRecord, MemberRecord, MemberState, MembershipError, Registry,
 };
 
+/// TLS to etcd, for `propd serve` and `propd member|group` alike.
+#[derive(Debug, Default, Args)]
+pub(super) struct EtcdTlsArgs {
+    /// `etcd.tls_ca`: the CA that signs etcd's certificate (PEM): TLS to etcd (`https://`).
+    #[arg(long, env = "PROPD_ETCD_TLS_CA")]
+    pub(super) etcd_tls_ca: Option<PathBuf>,
+    /// `etcd.tls_cert`: a client certificate for etcd (PEM), for an etcd that asks for one.
+    #[arg(long, env = "PROPD_ETCD_TLS_CERT")]
+    pub(super) etcd_tls_cert: Option<PathBuf>,
+    /// `etcd.tls_key`: that certificate's private key (PEM).
+    #[arg(long, env = "PROPD_ETCD_TLS_KEY")]
+    pub(super) etcd_tls_key: Option<PathBuf>,
+}
+
 /// Where the cluster's membership lives.
 #[derive(Debug, Args)]
 pub(super) struct EtcdClient {
@@ -27,15 +41,8 @@ pub(super) struct EtcdClient {
     /// The cluster's key prefix in etcd.
     #[arg(long, env = "PROPD_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
-    /// `etcd.tls_ca`: the CA that signs etcd's certificate (PEM): TLS to etcd (`https://`).
-    #[arg(long, env = "PROPD_ETCD_TLS_CA")]
-    etcd_tls_ca: Option<PathBuf>,
-    /// `etcd.tls_cert`: a client certificate for etcd (PEM), for an etcd that asks for one.
-    #[arg(long, env = "PROPD_ETCD_TLS_CERT")]
-    etcd_tls_cert: Option<PathBuf>,
-    /// `etcd.tls_key`: that certificate's private key (PEM).
-    #[arg(long, env = "PROPD_ETCD_TLS_KEY")]
-    etcd_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: EtcdTlsArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -46,9 +53,9 @@ impl EtcdClient {
         PartialEtcd {
             endpoints: Some(self.etcd_endpoints.clone()),
             prefix: self.etcd_prefix.clone(),
-            tls_ca: self.etcd_tls_ca.clone(),
-            tls_cert: self.etcd_tls_cert.clone(),
-            tls_key: self.etcd_tls_key.clone(),
+            tls_ca: self.tls.etcd_tls_ca.clone(),
+            tls_cert: self.tls.etcd_tls_cert.clone(),
+            tls_key: self.tls.etcd_tls_key.clone(),
         }
         .resolve()?
         .ok_or_else(|| anyhow!("--etcd: no endpoint given"))
@@ -496,9 +503,7 @@ mod tests {
         let client = |endpoints: &[&str], prefix: Option<&str>| EtcdClient {
             etcd_endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
             etcd_prefix: prefix.map(str::to_owned),
-            etcd_tls_ca: None,
-            etcd_tls_cert: None,
-            etcd_tls_key: None,
+            tls: EtcdTlsArgs::default(),
             output: Output::Text,
         };
         let config = client(&["http://a:2379"], None).config().expect("valid");
