@@ -74,12 +74,12 @@ impl PurgePace {
     }
 }
 
-/// The node's purge pace (docs/benchmarks.md, "purge"): steps of 8 removals and 16 flushed
+/// The node's purge pace (docs/benchmarks.md, "purge"): steps of 16 removals and 32 flushed
 /// leaf-log changes, one in each write's transaction; alone, transactions of at most 2 ms of
 /// writer time and 4 096 removals, given up to any write that waits.
 pub const PURGE_PACE: PurgePace = PurgePace {
     chunk: 4096,
-    step: 8,
+    step: 16,
     budget: Some(Duration::from_millis(2)),
     yield_to_writes: true,
 };
