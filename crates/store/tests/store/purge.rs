@@ -34,61 +34,54 @@ fn a_purge_ends_within_a_bounded_number_of_writes_however_steadily_they_come() {
     let store = open(dir.path());
     ok(store.repair_apply_batch("h", 0, (0..TOMBSTONES).map(tombstone).collect()));
     ok(store.flush("h", 0));
-    let step = PURGE_PACE.step as u64;
-    // Steps the purge needs: one to raise the line, one per `step` tombstones (shard `h`/0
-    // holds nothing else, and each step flushes twice as many leaf changes as it removes, so the
-    // log never grows), one that finds the end of the shard; and two to spare.
-    let steps = 1 + TOMBSTONES.div_ceil(step) + 1 + 2;
-    // A write transaction that starts while the purge is in progress carries one of its steps.
-    // Those that do not: each writer's write already under way when the purge starts, and its
-    // next one if it chose its durability before the purge started (the line is raised only in
-    // a synced transaction).
-    let bound = steps + 2 * WRITERS;
-    // The writers stop after this many writes during the purge, so that a purge they starve
-    // ends after them and the test fails rather than hangs.
-    let limit = 4 * bound;
-    let started = AtomicU64::new(0);
-    let during = AtomicU64::new(0);
-    let purging = AtomicBool::new(false);
-    let done = AtomicBool::new(false);
-    let (report, written) = std::thread::scope(|scope| {
-        for w in 0..WRITERS {
-            let (store, started, during, purging, done) =
-                (&store, &started, &during, &purging, &done);
-            scope.spawn(move || {
-                for k in 0.. {
-                    if done.load(Ordering::Acquire) || during.load(Ordering::Acquire) >= limit {
-                        break;
+    // The removal steps the purge needs once its line is raised (shard `h`/0 holds nothing but
+    // the tombstones): a write transaction that starts after that carries one of them.
+    let steps = TOMBSTONES.div_ceil(PURGE_PACE.step as u64);
+    // Writes started once the line was raised (after the one that raised it, or the purge's
+    // own transaction), and whether the writers count them.
+    let counted = AtomicU64::new(0);
+    let counting = AtomicBool::new(false);
+    let (report, left) = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (store, counted, counting) = (&store, &counted, &counting);
+                scope.spawn(move || {
+                    for k in 0.. {
+                        let counts = counting.load(Ordering::Acquire);
+                        if counts && counted.load(Ordering::Acquire) >= steps {
+                            break;
+                        }
+                        ok(store.apply(live("g", "n", &format!("w{w}-{k}"), 1, &[])));
+                        if counts {
+                            counted.fetch_add(1, Ordering::AcqRel);
+                        }
                     }
-                    let property = live("g", "n", &format!("w{w}-{k}"), 1, &[]);
-                    ok(store.apply(property));
-                    started.fetch_add(1, Ordering::AcqRel);
-                    if purging.load(Ordering::Acquire) {
-                        during.fetch_add(1, Ordering::AcqRel);
-                    }
-                }
-            });
-        }
-        // The writers are under way before the purge starts.
-        while started.load(Ordering::Acquire) < 2 * WRITERS {
+                })
+            })
+            .collect();
+        let purge = scope.spawn(|| ok(store.purge_tombstones_paced("h", 0, LINE, PURGE_PACE)));
+        // The writes count from the moment the raised line is visible: each of them starts while
+        // the purge is in progress, with its line durable.
+        while ok(store.purge_state("h", 0)).purged_below < LINE {
             std::thread::yield_now();
         }
-        purging.store(true, Ordering::Release);
-        let report = ok(store.purge_tombstones_paced("h", 0, LINE, PURGE_PACE));
-        let written = during.load(Ordering::Acquire);
-        done.store(true, Ordering::Release);
-        (report, written)
+        counting.store(true, Ordering::Release);
+        for writer in writers {
+            writer.join().unwrap_or_else(|_| panic!("a writer failed"));
+        }
+        // The writers stopped after `steps` counted writes (a purge they starved ends after
+        // them, so the test fails rather than hangs): the tombstones are gone already.
+        let snapshot = ok(store.snapshot());
+        let left = ok(snapshot.scan("h", 0)).count();
+        let report = purge.join().unwrap_or_else(|_| panic!("the purge failed"));
+        (report, left)
     });
-    assert_eq!(report.purged, TOMBSTONES, "every tombstone was purged");
-    assert!(
-        written <= bound,
-        "the purge ended after {written} writes, more than the {bound} that carry all its steps"
-    );
-    assert!(report.ridden > 0, "writes carried steps: {report:?}");
-    let snapshot = ok(store.snapshot());
     assert_eq!(
-        ok(snapshot.scan("h", 0)).count(),
+        left,
         0,
-        "no tombstone is left in the shard"
+        "tombstones left after {} writes that started during the purge, {steps} steps",
+        counted.load(Ordering::Acquire)
     );
+    assert_eq!(report.purged, TOMBSTONES, "every tombstone was purged");
+    assert!(report.ridden > 0, "writes carried steps: {report:?}");
 }
