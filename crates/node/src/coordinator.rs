@@ -1251,22 +1251,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
-        let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
-        let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
-        let (n2_listener, n2) = listener().await;
-        let (n3_listener, n3) = listener().await;
-        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
         // write_acks = 2: a read hears from two of the three copies.
-        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
-                    &second,
-                ))))
-                .serve_with_incoming(TcpListenerStream::new(n2_listener)),
-        );
-        let release = hung_peer(n3_listener);
-        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+        } = hung_third().await;
         let stored = version("a", 5, 0);
         first.store.apply(stored.clone()).unwrap();
         second.store.apply(stored.clone()).unwrap();
@@ -1361,6 +1352,40 @@ mod tests {
     }
 
     /// A listener for a node's property API, bound before its node state exists.
+    /// Three copies with `write_acks` = 2: n1 (`first`) is the node under test and is never
+    /// dialed, n2 (`second`) serves its property API on loopback, n3 accepts connections and
+    /// answers nothing until `release` is sent.
+    struct HungThird {
+        first: Arc<NodeState>,
+        second: Arc<NodeState>,
+        release: oneshot::Sender<()>,
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+    }
+
+    async fn hung_third() -> HungThird {
+        let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
+        let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
+        let (n2_listener, n2) = listener().await;
+        let (n3_listener, n3) = listener().await;
+        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
+                    &second,
+                ))))
+                .serve_with_incoming(TcpListenerStream::new(n2_listener)),
+        );
+        let release = hung_peer(n3_listener);
+        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        HungThird {
+            first,
+            second,
+            release,
+            _dirs: (n1_dir, n2_dir),
+        }
+    }
+
     async fn listener() -> (TcpListener, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -1409,21 +1434,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_answers_at_write_acks_while_a_hung_copy_is_still_being_written() {
-        let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
-        let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
-        let (n2_listener, n2) = listener().await;
-        let (n3_listener, n3) = listener().await;
-        let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
-                    &second,
-                ))))
-                .serve_with_incoming(TcpListenerStream::new(n2_listener)),
-        );
-        let release = hung_peer(n3_listener);
-        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+        } = hung_third().await;
         let api = PropertyApi::new(Arc::clone(&first));
 
         let answer = api
