@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{PortHold, http_get, run_bounded};
+use crate::{Certs, PortHold, http_get, https_get, run_bounded};
 
 /// One single-member etcd.
 #[derive(Debug)]
@@ -25,14 +25,35 @@ pub struct Etcd {
     holds: [PortHold; 2],
     binary: PathBuf,
     child: Option<Child>,
+    /// With TLS: the certificates (`etcd.pem` serves, `etcd-client.pem` is a client's).
+    certs: Option<Certs>,
 }
 
 impl Etcd {
     /// Starts an etcd and waits until it is healthy; `None`, with the reason printed as
     /// `SKIPPED: ...`, only when no etcd is installed and `.ci/install-etcd` cannot install one.
     pub fn start() -> Option<Etcd> {
+        Self::start_with(None)
+    }
+
+    /// Like [`Etcd::start`], serving clients over TLS only and asking each for a certificate
+    /// (`--client-cert-auth`): `propd cert` issues `etcd.pem` (its server certificate, for
+    /// 127.0.0.1) and `etcd-client.pem` (a client's) into `certs` from its CA.
+    pub fn start_tls(certs: &Certs) -> Option<Etcd> {
+        Self::start_with(Some(certs.clone()))
+    }
+
+    fn start_with(certs: Option<Certs>) -> Option<Etcd> {
         let binary = etcd_binary()?;
         let holds = [PortHold::new(), PortHold::new()];
+        if let Some(certs) = &certs {
+            certs.issue(&[
+                "--member",
+                &format!("etcd=127.0.0.1:{}", holds[0].port()),
+                "--client",
+                "etcd-client=read",
+            ]);
+        }
         let mut etcd = Etcd {
             dir: tempfile::tempdir().expect("temp dir"),
             client_port: holds[0].port(),
@@ -40,14 +61,20 @@ impl Etcd {
             holds,
             binary,
             child: None,
+            certs,
         };
         etcd.resume();
         Some(etcd)
     }
 
-    /// The endpoint a node or client is given: `http://127.0.0.1:PORT`.
+    /// The endpoint a node or client is given: `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills etcd (SIGKILL) and reaps it; its data stays, its ports are held again.
@@ -70,12 +97,20 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .expect("opening the etcd log");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         for hold in &mut self.holds {
             hold.release();
         }
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(certs) = &self.certs {
+            command
+                .arg(format!("--cert-file={}", certs.cert("etcd").display()))
+                .arg(format!("--key-file={}", certs.key("etcd").display()))
+                .arg(format!("--trusted-ca-file={}", certs.ca().display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!(
                 "--data-dir={}",
@@ -95,9 +130,11 @@ impl Etcd {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if http_get(addr, "/health")
-                .is_some_and(|(code, body)| code == 200 && body.contains("true"))
-            {
+            let health = match &self.certs {
+                None => http_get(addr, "/health"),
+                Some(certs) => https_get(addr, "/health", certs, "etcd-client"),
+            };
+            if health.is_some_and(|(code, body)| code == 200 && body.contains("true")) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

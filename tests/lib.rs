@@ -486,6 +486,12 @@ impl Cluster {
     /// A gRPC endpoint of node `i`: plaintext, or in a TLS cluster mutual TLS with node `i`'s
     /// own member certificate (a member may call every RPC, as anyone may in plaintext).
     pub fn endpoint(&self, i: usize) -> tonic::transport::Endpoint {
+        self.endpoint_as(i, &self.nodes[i].id)
+    }
+
+    /// Like [`Cluster::endpoint`], presenting the certificate `name` of the cluster's
+    /// certificates (`<dir>/certs/NAME.pem`) in a TLS cluster.
+    pub fn endpoint_as(&self, i: usize, name: &str) -> tonic::transport::Endpoint {
         let node = &self.nodes[i];
         let Some(certs) = &self.certs else {
             return tonic::transport::Endpoint::from_shared(format!("http://{}", node.listen))
@@ -495,8 +501,8 @@ impl Cluster {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(read(certs.ca())))
             .identity(tonic::transport::Identity::from_pem(
-                read(certs.cert(&node.id)),
-                read(certs.key(&node.id)),
+                read(certs.cert(name)),
+                read(certs.key(name)),
             ))
             .domain_name(node.id.clone());
         tonic::transport::Endpoint::from_shared(format!("https://{}", node.listen))

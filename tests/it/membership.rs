@@ -1,9 +1,13 @@
 //! Membership on etcd over real processes and a real etcd: a cluster grows under a write load,
 //! a member drains, a wiped node is refilled (same id, then in another's place), and etcd
 //! restarts while the nodes serve; a node restarted mid-move resumes the move, old holders drop
-//! their copies once it ends, a group created while the cluster runs is served at once, and with
-//! mutual TLS a member that joins is let in and one removed is not. Each test says SKIPPED and
-//! returns only where etcd cannot be installed on the machine.
+//! their copies once it ends, a group created while the cluster runs is served at once, with
+//! mutual TLS a member that joins is let in and one removed is not, and an etcd serving TLS
+//! with client certificates is reached only with them. Each test says SKIPPED and returns only
+//! where etcd cannot be installed on the machine.
+//!
+//! The first four run the nemesis workload through the change and judge its history with the
+//! nemesis checker against every copy of the new placement ([`check_history`]).
 //!
 //! The suite runs plaintext clusters (its own clients speak plaintext) also under
 //! `PROPD_TEST_TLS=1`, except the TLS test, which always runs with mutual TLS.
@@ -14,10 +18,13 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use propd_tests::etcd::Etcd;
+use propd_tests::nemesis::checker::{self, Tolerance};
+use propd_tests::nemesis::copies::{self, Copyholder, Holders};
+use propd_tests::nemesis::history::{History, Nanos, Outcome, Request, now_nanos};
+use propd_tests::nemesis::workload::{self, Workload};
 use propd_tests::{
     Certs, Cluster, PortHold, cli_at, eventually, http_get, https_get, propd_binary, run_bounded,
 };
@@ -46,8 +53,22 @@ struct Extra {
 }
 
 impl Extra {
+    /// Starts `id` with `shared` (and a data directory in `dir`) and waits until it is healthy.
     fn start(dir: &Path, id: &str, shared: &str) -> Extra {
-        let mut holds = [PortHold::new(), PortHold::new()];
+        let extra = Extra::spawn(dir, id, [PortHold::new(), PortHold::new()], shared);
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                http_get(extra.http, "/health").is_some_and(|(code, _)| code == 200)
+            }),
+            "{id} did not become healthy: {}",
+            extra.log()
+        );
+        extra
+    }
+
+    /// Writes `id`'s config (its gRPC and HTTP ports from `holds`, released just before it
+    /// starts, then `shared`) and starts it without waiting.
+    fn spawn(dir: &Path, id: &str, mut holds: [PortHold; 2], shared: &str) -> Extra {
         let listen = SocketAddr::from(([127, 0, 0, 1], holds[0].port()));
         let http = SocketAddr::from(([127, 0, 0, 1], holds[1].port()));
         let config = dir.join(format!("{id}.toml"));
@@ -71,21 +92,20 @@ impl Extra {
             .stderr(log)
             .spawn()
             .expect("spawning propd serve");
-        let extra = Extra {
+        Extra {
             id: id.to_owned(),
             listen,
             http,
             dir: dir.to_owned(),
             child: Some(child),
-        };
-        assert!(
-            eventually(Duration::from_secs(30), || {
-                http_get(http, "/health").is_some_and(|(code, _)| code == 200)
-            }),
-            "{id} did not become healthy: {}",
-            extra.log()
-        );
-        extra
+        }
+    }
+
+    fn addrs(&self) -> Addrs {
+        Addrs {
+            listen: self.listen,
+            http: self.http,
+        }
     }
 
     fn log(&self) -> String {
@@ -144,6 +164,16 @@ fn etcd_json(etcd: &Etcd, args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// `value[list][*][field]` as strings (the ids of `member list`, the names of `group list`).
+fn field_of_each<'a>(value: &'a Value, list: &str, field: &str) -> Vec<&'a str> {
+    value[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array `{list}` in {value}"))
+        .iter()
+        .filter_map(|item| item[field].as_str())
+        .collect()
 }
 
 /// Waits until every node sees exactly `members` (ids) in its membership from etcd, and no
@@ -264,6 +294,212 @@ fn write_all(server: SocketAddr, prefix: &str, n: usize) -> BTreeMap<String, i64
         .collect()
 }
 
+/// Entities of `g` the load works on.
+const ENTITIES: usize = 60;
+/// Concurrent clients of one load.
+const CLIENTS: usize = 3;
+
+/// The nemesis workload on `g`, its clients numbered from `first_client`.
+fn workload(first_client: usize) -> Workload {
+    Workload {
+        clients: CLIENTS,
+        first_client,
+        entities: ENTITIES,
+        groups: vec!["g".to_owned()],
+        timeout: Duration::from_secs(5),
+        seed: 15 + first_client as u64,
+    }
+}
+
+/// The nemesis workload (puts, deletes and gets of the `ENTITIES` entities of `g` through
+/// `coordinators`), run on a thread of its own while the membership changes. Every operation
+/// goes into a history that [`check_history`] judges with the nemesis checker at the end.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `CLIENTS` clients numbered from `first_client` (loads sharing a history number
+    /// their clients apart, so that every value written is unique).
+    fn start(history: &Arc<History>, coordinators: Vec<SocketAddr>, first_client: usize) -> Load {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let history = Arc::clone(history);
+        let thread = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(workload::run(
+                    &workload(first_client),
+                    &coordinators,
+                    history,
+                    stopped,
+                ));
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the clients and waits for their last operations to be recorded.
+    fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the load's thread");
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Operations of `history` sent at or after `since` that ended as `outcome` says.
+fn count_since(history: &History, since: Nanos, outcome: fn(&Outcome) -> bool) -> usize {
+    history
+        .ops()
+        .iter()
+        .filter(|op| op.start >= since && outcome(&op.outcome))
+        .count()
+}
+
+fn acknowledged(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Written { .. })
+}
+
+/// Waits until the load got `n` writes acknowledged that it sent at or after `since`.
+fn wait_for_writes(history: &History, since: Nanos, n: usize, when: &str) {
+    assert!(
+        eventually(Duration::from_secs(60), || count_since(
+            history,
+            since,
+            acknowledged
+        ) >= n),
+        "the load got fewer than {n} writes acknowledged {when}: {} since",
+        count_since(history, since, acknowledged)
+    );
+}
+
+/// The copy sets of `g` that the running `nodes` agree on, as the checker's holders (indices
+/// into `nodes`' order); an error while they disagree, lack a shard, or name a node not running.
+fn placement(nodes: &BTreeMap<String, Addrs>) -> Result<Holders, String> {
+    let all: Vec<Addrs> = nodes.values().copied().collect();
+    let agreed = agreed_copies(&all).ok_or("the nodes disagree on the copies")?;
+    if agreed.len() != SHARDS as usize {
+        return Err(format!("not every shard is held: {agreed:?}"));
+    }
+    let ids: Vec<&String> = nodes.keys().collect();
+    let mut holders = Holders::new();
+    for (shard, copies) in agreed {
+        let on = copies
+            .iter()
+            .map(|id| {
+                ids.iter()
+                    .position(|known| *known == id)
+                    .ok_or_else(|| format!("copy {id} of shard {shard} is not a running node"))
+            })
+            .collect::<Result<Vec<usize>, String>>()?;
+        holders.insert(("g".to_owned(), shard), on);
+    }
+    Ok(holders)
+}
+
+/// Judges the history of a stopped load against the copies on the placement the running
+/// `nodes` agree on (the new placement after a membership change): once every shard's copies
+/// there have one root (repair and purges have run; rounds every two seconds), reads every
+/// copy of every entity and asserts that the nemesis checker finds no anomaly (an acknowledged
+/// write missing or older on a copy, a delete undone, a read of a value no write made, ...).
+fn check_history(history: &History, nodes: &BTreeMap<String, Addrs>) {
+    let ops = history.ops();
+    let puts = ops
+        .iter()
+        .filter(|op| matches!(op.request, Request::Put { .. }) && acknowledged(&op.outcome))
+        .count();
+    let deletes = ops
+        .iter()
+        .filter(|op| op.request == Request::Delete && acknowledged(&op.outcome))
+        .count();
+    assert!(
+        puts > 0 && deletes > 0,
+        "the history holds acknowledged puts ({puts}) and deletes ({deletes}) to check"
+    );
+    let readers: Vec<Copyholder> = nodes
+        .iter()
+        .map(|(id, addrs)| Copyholder {
+            id: id.clone(),
+            listen: addrs.listen,
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut last = String::new();
+    let mut state = None;
+    let converged = eventually(SETTLE, || {
+        let holders = match placement(nodes) {
+            Ok(holders) => holders,
+            Err(why) => {
+                last = why;
+                return false;
+            }
+        };
+        let mut problems = Vec::new();
+        let (read, moved) = runtime.block_on(copies::final_state(
+            &readers,
+            &["g".to_owned()],
+            SHARDS,
+            &holders,
+            (0..ENTITIES).map(|i| workload(0).entity(i)),
+            &mut problems,
+        ));
+        let differing = copies::differing_shards(&read);
+        if problems.is_empty() && moved == 0 && differing == 0 {
+            state = Some(read);
+            return true;
+        }
+        last = format!(
+            "{differing} shards with differing roots, {moved} roots changed while reading, \
+             problems: {problems:?}"
+        );
+        false
+    });
+    assert!(converged, "the copies did not converge: {last}");
+    let state = state.expect("the converged state");
+    let anomalies = checker::check(&ops, &state, Tolerance::default());
+    let t0 = ops.first().map_or(0, |op| op.start);
+    let report: Vec<String> = anomalies
+        .iter()
+        .map(|anomaly| {
+            let history: Vec<String> = anomaly
+                .entity()
+                .map(|entity| {
+                    checker::entity_history(&ops, entity)
+                        .iter()
+                        .map(|op| format!("    {}", op.describe(t0)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("{anomaly}\n{}", history.join("\n"))
+        })
+        .collect();
+    assert!(
+        anomalies.is_empty(),
+        "the checker found {} anomalies in {} operations:\n{}",
+        anomalies.len(),
+        ops.len(),
+        report.join("\n")
+    );
+}
+
 fn by_id(cluster: &Cluster) -> BTreeMap<String, Addrs> {
     cluster
         .nodes
@@ -282,54 +518,21 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
     settle(&addrs(&cluster), &["n1", "n2", "n3"]);
     let before = copies(&addrs(&cluster));
 
-    // A writer keeps writing through n1 while n4 joins; it records what was acknowledged.
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        let count = Arc::clone(&count);
-        let server = cluster.nodes[0].listen;
-        std::thread::spawn(move || {
-            let mut acknowledged = BTreeMap::new();
-            let mut k = 0;
-            while !stop.load(Ordering::Relaxed) && k < 2000 {
-                let entity = format!("g/load/{k}");
-                if let Some(revision) = put(server, &entity) {
-                    acknowledged.insert(entity, revision);
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                k += 1;
-            }
-            acknowledged
-        })
-    };
-    // Some writes land before the join, more while it happens.
-    assert!(
-        eventually(Duration::from_secs(60), || count.load(Ordering::Relaxed)
-            >= 20),
-        "the writer got no writes through"
+    // The nemesis workload runs through n1..n3 while n4 joins; the checker judges its history.
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
     );
+    // Some writes land before the join, more while it happens and after it.
+    wait_for_writes(&history, 0, 20, "before the join");
     let n4 = Extra::start(cluster.dir.path(), "n4", &shared);
-    nodes.insert(
-        "n4".to_owned(),
-        Addrs {
-            listen: n4.listen,
-            http: n4.http,
-        },
-    );
+    nodes.insert("n4".to_owned(), n4.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n3", "n4"]);
-    let at_join = count.load(Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(60), || count.load(Ordering::Relaxed)
-            >= at_join + 20),
-        "writes go on after the join"
-    );
-    stop.store(true, Ordering::Relaxed);
-    let writes = writer.join().expect("the writer");
-    assert!(!writes.is_empty(), "the writer got writes acknowledged");
-    // Rounds after the last writes: every copy holds them.
-    settle(&all, &["n1", "n2", "n3", "n4"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the join");
+    load.stop();
     let after = copies(&all);
     let moved: usize = before
         .iter()
@@ -345,25 +548,8 @@ fn a_fourth_member_joins_under_writes_and_every_acknowledged_write_is_on_its_new
             == moved,
         "every moved copy went to n4: {before:?} -> {after:?}"
     );
-    let rounds_ok = eventually(SETTLE, || {
-        // Background rounds every 2 s: wait until the last writes reached every copy.
-        let copies = copies(&all);
-        writes.keys().all(|entity| {
-            copies[&shard_of(entity)].iter().all(|id| {
-                cli_at(
-                    &nodes[id].listen.to_string(),
-                    &["get", entity, "--local", "--output", "json"],
-                )
-                .status
-                .success()
-            })
-        })
-    });
-    assert!(
-        rounds_ok,
-        "repair rounds did not bring every write to its copies"
-    );
-    check_placement(&nodes, &writes);
+    // Every acknowledged write on every copy of the new placement, n4's included.
+    check_history(&history, &nodes);
     drop(n4);
 }
 
@@ -374,7 +560,14 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
     let nodes = by_id(&cluster);
     let all = addrs(&cluster);
     settle(&all, &["n1", "n2", "n3", "n4"]);
-    let writes = write_all(cluster.nodes[0].listen, "drain", 40);
+    // The nemesis workload runs through all four (n4 coordinates while it drains).
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 20, "before the drain");
 
     // An active member may not be removed: the refusal names the rule.
     let refused = etcd_cli(&etcd, &["member", "remove", "n4"]);
@@ -386,6 +579,8 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
     assert_eq!(drained["state"], "draining", "{drained}");
     // The members that hold copies: n4 serves on, but no longer holds any once moves end.
     settle(&all, &["n1", "n2", "n3"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the drain");
+    load.stop();
     let copies = copies(&all);
     assert!(
         copies.values().flatten().all(|id| id != "n4"),
@@ -398,19 +593,13 @@ fn a_drained_member_hands_over_every_shard_and_then_may_be_removed() {
             .is_some_and(|s| s.iter().all(|s| s["group"] != "g")),
         "n4 stopped serving every shard of g: {n4}"
     );
-    let remaining: BTreeMap<String, Addrs> =
-        nodes.into_iter().filter(|(id, _)| id != "n4").collect();
-    check_placement(&remaining, &writes);
+    // n4 still runs but holds no copy: the new placement is on n1..n3.
+    check_history(&history, &nodes);
 
     let removed = etcd_json(&etcd, &["member", "remove", "n4"]);
     assert_eq!(removed["removed"], true);
     let list = etcd_json(&etcd, &["member", "list"]);
-    let ids: Vec<&str> = list["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    let ids = field_of_each(&list, "members", "id");
     assert_eq!(ids, ["n1", "n2", "n3"], "{list}");
     settle(&all[..3], &["n1", "n2", "n3"]);
     drop(cluster);
@@ -423,51 +612,49 @@ fn a_wiped_node_is_refilled_by_repair_under_its_own_id_and_in_another_nodes_plac
     let mut cluster = Cluster::start_plaintext(3, &shared);
     let mut nodes = by_id(&cluster);
     settle(&addrs(&cluster), &["n1", "n2", "n3"]);
-    let writes = write_all(cluster.nodes[0].listen, "wipe", 30);
+    // The nemesis workload runs through the three (n3 too, while it is down and once back).
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 20, "before the wipe");
 
     // Same id, empty disk: repair fills it (every shard has a copy on each of the three).
     cluster.kill(2);
     std::fs::remove_dir_all(cluster.dir.path().join("n3")).expect("wiping n3");
     cluster.start_node(2);
     cluster.wait_ready(2);
-    let n3 = cluster.nodes[2].listen.to_string();
-    assert!(
-        eventually(SETTLE, || writes.keys().all(|e| cli_at(
-            &n3,
-            &["get", e, "--local", "--output", "json"]
-        )
-        .status
-        .success())),
-        "repair did not refill the wiped n3"
-    );
-    check_placement(&nodes, &writes);
+    wait_for_writes(&history, now_nanos(), 20, "after n3 came back empty");
+    load.stop();
+    // n3's copies hold every acknowledged write again.
+    check_history(&history, &nodes);
 
-    // n3 dies for good; n5 takes its place and holds exactly its copies once repair ran.
+    // n3 dies for good; n5 takes its place and holds exactly its copies once repair ran. A
+    // second load (its clients numbered after the first's) writes through n1 and n2 meanwhile.
+    let load = Load::start(
+        &history,
+        cluster.nodes[..2].iter().map(|n| n.listen).collect(),
+        CLIENTS,
+    );
     cluster.kill(2);
     let replaced = etcd_json(&etcd, &["member", "replace", "n3", "n5"]);
     assert_eq!(replaced["slot"], "n3", "{replaced}");
     let n5 = Extra::start(cluster.dir.path(), "n5", &shared);
     nodes.remove("n3");
-    nodes.insert(
-        "n5".to_owned(),
-        Addrs {
-            listen: n5.listen,
-            http: n5.http,
-        },
-    );
+    nodes.insert("n5".to_owned(), n5.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     settle(&all, &["n1", "n2", "n5"]);
-    let n5_addr = n5.listen.to_string();
+    wait_for_writes(&history, now_nanos(), 20, "after n5 took n3's place");
+    load.stop();
+    // The whole history, both loads, on the new placement: n5 holds n3's copies.
+    let placed = copies(&all);
     assert!(
-        eventually(SETTLE, || writes.keys().all(|e| cli_at(
-            &n5_addr,
-            &["get", e, "--local", "--output", "json"]
-        )
-        .status
-        .success())),
-        "repair did not fill n5"
+        placed.values().all(|on| on.contains(&"n5".to_owned())),
+        "n5 holds every shard as n3 did: {placed:?}"
     );
-    check_placement(&nodes, &writes);
+    check_history(&history, &nodes);
 }
 
 #[test]
@@ -491,6 +678,14 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("exists"));
 
+    // The nemesis workload runs through the three from before etcd stops to after it returns.
+    let history = Arc::new(History::default());
+    let load = Load::start(
+        &history,
+        cluster.nodes.iter().map(|n| n.listen).collect(),
+        0,
+    );
+    wait_for_writes(&history, 0, 10, "before etcd stopped");
     etcd.stop();
     for node in &all {
         assert!(
@@ -509,12 +704,17 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
             .is_some_and(|m| m.contains("etcd unreachable")),
         "{status}"
     );
-    // Writes and reads go on, on the last membership seen.
-    let writes = write_all(cluster.nodes[1].listen, "down", 10);
-    let read = cluster.json(2, &["get", "g/down/3"]);
-    assert_eq!(
-        read["mod_revision"].as_i64(),
-        writes.get("g/down/3").copied()
+    // Writes and reads go on, on the last membership seen: the load gets writes acknowledged
+    // and reads answered that it sent once every node had lost etcd (and before it returns).
+    let lost = now_nanos();
+    wait_for_writes(&history, lost, 20, "while etcd was down");
+    assert!(
+        eventually(Duration::from_secs(60), || count_since(
+            &history,
+            lost,
+            |o| { matches!(o, Outcome::Read { found: Some(_) }) }
+        ) >= 10),
+        "reads are answered while etcd is down"
     );
 
     etcd.resume();
@@ -533,6 +733,12 @@ fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
         "the nodes took the new replicas: {:?}",
         agreed_copies(&all)
     );
+    settle(&all, &["n1", "n2", "n3"]);
+    wait_for_writes(&history, now_nanos(), 20, "after the copies moved");
+    load.stop();
+    // Every acknowledged write, from before, during and after etcd's absence, on the two
+    // copies each shard now has.
+    check_history(&history, &by_id(&cluster));
 }
 
 /// The moves every node lists: `None` while the nodes disagree.
@@ -599,13 +805,7 @@ fn a_node_restarted_mid_move_resumes_it_and_old_holders_drop_their_copies_when_i
     let writes = write_all(cluster.nodes[0].listen, "move", 40);
 
     let n4 = Extra::start(cluster.dir.path(), "n4", &shared);
-    nodes.insert(
-        "n4".to_owned(),
-        Addrs {
-            listen: n4.listen,
-            http: n4.http,
-        },
-    );
+    nodes.insert("n4".to_owned(), n4.addrs());
     let all: Vec<Addrs> = nodes.values().copied().collect();
     let mut moves = Value::Null;
     assert!(
@@ -691,12 +891,7 @@ fn a_group_created_while_the_cluster_runs_is_served_at_once() {
     );
     assert_eq!(created["shard_num"], 4, "{created}");
     let listed = etcd_json(&etcd, &["group", "list"]);
-    let names: Vec<&str> = listed["groups"]
-        .as_array()
-        .expect("groups")
-        .iter()
-        .filter_map(|g| g["name"].as_str())
-        .collect();
+    let names = field_of_each(&listed, "groups", "name");
     assert_eq!(names, ["g", "h"], "{listed}");
     let mut written = BTreeMap::new();
     assert!(
@@ -754,21 +949,10 @@ fn nodes_agree_on_group(nodes: &[Addrs], group: &str) -> Option<BTreeMap<u32, Va
     Some(copies)
 }
 
-/// Pings `node` as a member with the certificate `name` of `certs` (the ping is for members
-/// only): `Ok` or the refusal's code.
-fn ping_as(certs: &Certs, name: &str, id: &str, listen: SocketAddr) -> Result<(), tonic::Code> {
-    let read = |path: PathBuf| std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read(certs.ca())))
-        .identity(tonic::transport::Identity::from_pem(
-            read(certs.cert(name)),
-            read(certs.key(name)),
-        ))
-        .domain_name(id.to_owned());
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{listen}"))
-        .expect("a URL")
-        .tls_config(tls)
-        .expect("a TLS config");
+/// Pings node `i` of `cluster` as a member with the certificate `name` of its certificates
+/// (the ping is for members only): `Ok` or the refusal's code.
+fn ping_as(cluster: &Cluster, name: &str, i: usize) -> Result<(), tonic::Code> {
+    let endpoint = cluster.endpoint_as(i, name);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -794,53 +978,26 @@ fn with_tls_a_joined_member_is_let_in_and_a_removed_one_is_not() {
     let shared = shared(&etcd, 1);
     let cluster = Cluster::start_tls(3, &shared);
     let certs = cluster.certs.clone().expect("a TLS cluster");
-    let n1 = (&cluster.nodes[0].id, cluster.nodes[0].listen);
     // n4's member certificate, from the cluster's CA, before n4 exists anywhere.
-    let mut holds = [PortHold::new(), PortHold::new()];
+    let holds = [PortHold::new(), PortHold::new()];
     let listen = SocketAddr::from(([127, 0, 0, 1], holds[0].port()));
-    let http = SocketAddr::from(([127, 0, 0, 1], holds[1].port()));
     certs.issue(&["--member", &format!("n4={listen}")]);
     assert_eq!(
-        ping_as(&certs, "n4", n1.0, n1.1),
+        ping_as(&cluster, "n4", 0),
         Err(tonic::Code::PermissionDenied),
         "n4 is no member yet"
     );
 
-    let dir = cluster.dir.path();
-    let config = dir.join("n4.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = \"n4\"\nlisten = \"{listen}\"\nhttp = \"{http}\"\ndata_dir = {:?}\n{shared}\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
-            dir.join("n4").display().to_string(),
-            certs.cert("n4").display().to_string(),
-            certs.key("n4").display().to_string(),
-            certs.ca().display().to_string(),
-        ),
-    )
-    .expect("n4's config");
-    let log = std::fs::File::create(dir.join("n4.log")).expect("a log file");
-    for hold in &mut holds {
-        hold.release();
-    }
-    let child = Command::new(propd_binary())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log handle"))
-        .stderr(log)
-        .spawn()
-        .expect("spawning n4");
-    let _n4 = Extra {
-        id: "n4".to_owned(),
-        listen,
-        http,
-        dir: dir.to_owned(),
-        child: Some(child),
-    };
+    let with_tls = format!(
+        "{shared}\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        certs.cert("n4").display().to_string(),
+        certs.key("n4").display().to_string(),
+        certs.ca().display().to_string(),
+    );
+    let _n4 = Extra::spawn(cluster.dir.path(), "n4", holds, &with_tls);
     // Once n1 saw n4 join, n4's certificate is a member's there.
     assert!(
-        eventually(SETTLE, || ping_as(&certs, "n4", n1.0, n1.1).is_ok()),
+        eventually(SETTLE, || ping_as(&cluster, "n4", 0).is_ok()),
         "n1 let the joined n4 in; n1's log:\n{}",
         cluster.log(0)
     );
@@ -867,8 +1024,61 @@ fn with_tls_a_joined_member_is_let_in_and_a_removed_one_is_not() {
         "n4 could be removed once its shards moved away"
     );
     assert!(
-        eventually(SETTLE, || ping_as(&certs, "n4", n1.0, n1.1)
+        eventually(SETTLE, || ping_as(&cluster, "n4", 0)
             == Err(tonic::Code::PermissionDenied)),
         "n1 refuses the removed n4 as a member"
     );
+}
+
+#[test]
+fn with_etcd_over_tls_nodes_and_the_cli_need_its_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = Certs {
+        dir: dir.path().to_owned(),
+    };
+    let Some(etcd) = Etcd::start_tls(&certs) else {
+        return;
+    };
+    let path = |p: PathBuf| p.display().to_string();
+    let (ca, cert, key) = (
+        path(certs.ca()),
+        path(certs.cert("etcd-client")),
+        path(certs.key("etcd-client")),
+    );
+    // The nodes reach etcd with its CA and a client certificate (the `[etcd]` table is last).
+    let shared = format!(
+        "{}tls_ca = {ca:?}\ntls_cert = {cert:?}\ntls_key = {key:?}\n",
+        shared(&etcd, 1)
+    );
+    let cluster = Cluster::start_plaintext(2, &shared);
+    settle(&addrs(&cluster), &["n1", "n2"]);
+    let listed = etcd_json(
+        &etcd,
+        &[
+            "member",
+            "list",
+            "--etcd-tls-ca",
+            &ca,
+            "--etcd-tls-cert",
+            &cert,
+            "--etcd-tls-key",
+            &key,
+        ],
+    );
+    let ids = field_of_each(&listed, "members", "id");
+    assert_eq!(ids, ["n1", "n2"], "{listed}");
+
+    // Without a client certificate etcd refuses the connection; without the CA an https://
+    // endpoint is refused by name before anything is sent.
+    let refused = etcd_cli(&etcd, &["member", "list", "--etcd-tls-ca", &ca]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains(&format!("etcd at {}", etcd.endpoint())),
+        "{message}"
+    );
+    let refused = etcd_cli(&etcd, &["member", "list"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("etcd.tls_ca"), "{message}");
 }

@@ -15,7 +15,6 @@ use propd_proto::v1::property_service_client::PropertyServiceClient;
 use propd_proto::v1::repair_service_client::RepairServiceClient;
 use propd_tests::{Certs, Cluster, cli_at, eventually, http_get, https_get, https_get_as};
 use serde_json::Value;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn group(name: &str, shard_num: u32, replicas: u32) -> String {
     format!(
@@ -147,37 +146,9 @@ fn a_certificate_that_names_no_member_cannot_write_a_replica_or_open_a_repair_st
     let certs = cluster.certs.clone().unwrap();
     // A node certificate from the cluster CA for a node that is not in the config.
     certs.issue(&["--member", "n9=127.0.0.1:1"]);
-    let read = |path| std::fs::read(path).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(certs.ca())))
-        .identity(Identity::from_pem(
-            read(certs.cert("n9")),
-            read(certs.key("n9")),
-        ))
-        .domain_name("n1");
-    let uri = format!("https://{}", cluster.nodes[0].listen);
-    let property = v1::Property {
-        group: "g".into(),
-        name: "p".into(),
-        id: "forged".into(),
-        tags: Vec::new(),
-        mod_revision: i64::MAX,
-        delete_time: 0,
-    };
     runtime().block_on(async {
-        let channel = Endpoint::from_shared(uri)
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let refused = PropertyServiceClient::new(channel.clone())
-            .replica_write(v1::ReplicaWriteRequest {
-                property: Some(property),
-            })
-            .await
-            .unwrap_err();
+        let channel = member_channel(&cluster, 0, "n9").await;
+        let refused = refused_replica_write(&channel, "forged", i64::MAX).await;
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(
             refused.message().contains("members only"),
@@ -185,14 +156,7 @@ fn a_certificate_that_names_no_member_cannot_write_a_replica_or_open_a_repair_st
             refused.message()
         );
 
-        let request = v1::RepairRequest {
-            msg: Some(v1::repair_request::Msg::TreeRoot(v1::TreeRoot {
-                group: "g".into(),
-                shard: 0,
-                ..v1::TreeRoot::default()
-            })),
-        };
-        let stream = tokio_stream_once(request);
+        let stream = tokio_stream_once(tree_root("g", 0, 0));
         let refused = RepairServiceClient::new(channel)
             .repair(stream)
             .await
@@ -258,37 +222,51 @@ fn a_node_certificate_rotated_mid_run_keeps_the_cluster_serving() {
     }
 }
 
-/// A channel to node `i` as the member `member` (its own certificate from the cluster CA).
-async fn member_channel(cluster: &Cluster, i: usize, member: &str) -> tonic::transport::Channel {
-    let certs = cluster.certs.clone().unwrap();
-    let read = |path| std::fs::read(path).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(certs.ca())))
-        .identity(Identity::from_pem(
-            read(certs.cert(member)),
-            read(certs.key(member)),
-        ))
-        .domain_name(cluster.nodes[i].id.clone());
-    Endpoint::from_shared(format!("https://{}", cluster.nodes[i].listen))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+/// Writes `g/p/ID` at `mod_revision` as a replica through `channel`, which must refuse it:
+/// the refusal.
+async fn refused_replica_write(
+    channel: &tonic::transport::Channel,
+    id: &str,
+    mod_revision: i64,
+) -> tonic::Status {
+    let property = v1::Property {
+        group: "g".into(),
+        name: "p".into(),
+        id: id.into(),
+        tags: Vec::new(),
+        mod_revision,
+        delete_time: 0,
+    };
+    PropertyServiceClient::new(channel.clone())
+        .replica_write(v1::ReplicaWriteRequest {
+            property: Some(property),
+        })
         .await
-        .unwrap()
+        .expect_err("the replica write is refused")
 }
 
-#[test]
-fn peer_messages_are_checked_against_what_a_member_could_send() {
-    // One copy per shard: two of the three nodes do not hold shard 0.
+/// A channel to node `i` as the member `member` (its own certificate from the cluster CA).
+async fn member_channel(cluster: &Cluster, i: usize, member: &str) -> tonic::transport::Channel {
+    cluster.endpoint_as(i, member).connect().await.unwrap()
+}
+
+/// Three TLS nodes and one copy of `g` (one shard), holding `g/p/1` written through n1: the
+/// cluster, the node holding the copy, a node that does not, and the holder's id (a member that
+/// could send the shard's messages).
+fn one_copy_cluster() -> (Cluster, usize, usize, String) {
     let cluster = Cluster::start_tls(3, &group("g", 1, 0));
     let put = cluster.cli(0, &["put", "g/p/1"]);
     assert!(put.status.success(), "{}", stderr(&put));
     let holder = (0..3)
         .find(|&i| cluster.local_copy(i, "g/p/1").is_some())
         .expect("one node holds the copy");
-    let other = (holder + 1) % 3;
     let sender = cluster.nodes[holder].id.clone();
+    (cluster, holder, (holder + 1) % 3, sender)
+}
+
+#[test]
+fn peer_messages_are_checked_against_what_a_member_could_send() {
+    let (cluster, _, other, sender) = one_copy_cluster();
 
     // A `--local` write to a node that does not hold the shard is refused.
     let local = cluster.cli_as(other, "writer", &["put", "g/p/2", "--local"]);
@@ -302,20 +280,7 @@ fn peer_messages_are_checked_against_what_a_member_could_send() {
     runtime().block_on(async {
         let channel = member_channel(&cluster, other, &sender).await;
         // A replica write from a member, for a shard the receiver does not hold.
-        let property = v1::Property {
-            group: "g".into(),
-            name: "p".into(),
-            id: "3".into(),
-            tags: Vec::new(),
-            mod_revision: 1,
-            delete_time: 0,
-        };
-        let refused = PropertyServiceClient::new(channel.clone())
-            .replica_write(v1::ReplicaWriteRequest {
-                property: Some(property),
-            })
-            .await
-            .unwrap_err();
+        let refused = refused_replica_write(&channel, "3", 1).await;
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
         assert!(
             refused.message().contains("holds no copy"),
@@ -394,15 +359,7 @@ fn tree_root(group: &str, shard: u32, protocol_version: u32) -> v1::RepairReques
 
 #[test]
 fn a_repair_stream_for_a_shard_this_node_does_not_hold_is_refused_at_admission() {
-    // One copy per shard: two of the three nodes do not hold shard 0.
-    let cluster = Cluster::start_tls(3, &group("g", 1, 0));
-    let put = cluster.cli(0, &["put", "g/p/1"]);
-    assert!(put.status.success(), "{}", stderr(&put));
-    let holder = (0..3)
-        .find(|&i| cluster.local_copy(i, "g/p/1").is_some())
-        .expect("one node holds the copy");
-    let other = (holder + 1) % 3;
-    let sender = cluster.nodes[holder].id.clone();
+    let (cluster, holder, other, sender) = one_copy_cluster();
     runtime().block_on(async {
         let channel = member_channel(&cluster, other, &sender).await;
         let mut repair = RepairServiceClient::new(channel);

@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod copies;
 pub mod corrupt;
 pub mod history;
 pub mod proxy;

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use propd_proto::v1;
 use propd_proto::v1::admin_service_client::AdminServiceClient;
-use propd_proto::v1::property_service_client::PropertyServiceClient;
 
 use super::checker::{self, Anomaly, FinalState, Tolerance};
 use super::cluster::{Cluster, Layout};
+use super::copies::{self, Copyholder};
 use super::history::{History, Op, Outcome, Version};
 use super::proxy::{Endpoint, Link, Rules};
 use super::rng::Rng;
@@ -151,6 +150,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
 
     let workload = Workload {
         clients: settings.clients,
+        first_client: 0,
         entities: settings.entities,
         groups: layout.groups.clone(),
         timeout: Duration::from_secs(3),
@@ -210,11 +210,7 @@ pub async fn run(settings: &Settings) -> Result<Summary> {
         repair_all(nemesis.cluster, &holders, &mut found).await;
         let (state, moved) =
             final_state(nemesis.cluster, &workload, &layout, &holders, &mut found).await;
-        let differing = state
-            .roots
-            .values()
-            .filter(|roots| roots.values().collect::<BTreeSet<_>>().len() > 1)
-            .count();
+        let differing = copies::differing_shards(&state);
         let (purging, other) = differing_entities(&state);
         let line = format!(
             "{:>8.3}s pass {pass}: a complete round per shard, then {differing} shards with differing copies \
@@ -766,133 +762,23 @@ async fn final_state(
     holders: &BTreeMap<(String, u32), Vec<usize>>,
     summary: &mut Summary,
 ) -> (FinalState, usize) {
-    // Roots are read before and after the copies, to see which changed meanwhile.
-    let before = read_roots(cluster, holders, summary).await;
-    let mut state = FinalState::default();
-    // node → entity → version
-    let mut held: Vec<BTreeMap<String, Version>> = vec![BTreeMap::new(); cluster.nodes.len()];
-    // (node, group) that could not be read: their copies are unknown, not empty.
-    let mut unreadable: BTreeSet<(usize, String)> = BTreeSet::new();
-    for (i, found) in held.iter_mut().enumerate() {
-        let channel = workload::channel(cluster.nodes[i].listen, Duration::from_secs(90));
-        let mut api = PropertyServiceClient::new(channel)
-            .max_decoding_message_size(propd_proto::MAX_MESSAGE_BYTES);
-        for group in &layout.groups {
-            // Every page of the copy (a page ends at its limit or about 4 MiB).
-            let mut page_token = String::new();
-            loop {
-                let answer = api
-                    .query(v1::QueryRequest {
-                        group: group.clone(),
-                        limit: 1_000_000,
-                        local: true,
-                        include_deleted: true,
-                        page_token: page_token.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                match answer {
-                    Ok(answer) => {
-                        let answer = answer.into_inner();
-                        for property in answer.properties {
-                            let entity =
-                                format!("{}/{}/{}", property.group, property.name, property.id);
-                            found.insert(entity, workload::version_of(&property));
-                        }
-                        if answer.next_page_token.is_empty() {
-                            break;
-                        }
-                        page_token = answer.next_page_token;
-                    }
-                    Err(error) => {
-                        unreadable.insert((i, group.clone()));
-                        summary.problems.push(format!(
-                            "{}: reading group {group} failed: {error}",
-                            cluster.nodes[i].id
-                        ));
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let mut entities: BTreeSet<(String, String, String)> =
-        (0..workload.entities).map(|i| workload.entity(i)).collect();
-    for found in &held {
-        for entity in found.keys() {
-            let mut parts = entity.splitn(3, '/');
-            if let (Some(g), Some(n), Some(id)) = (parts.next(), parts.next(), parts.next()) {
-                entities.insert((g.to_owned(), n.to_owned(), id.to_owned()));
-            }
-        }
-    }
-    let shards = NonZeroU32::new(layout.shards).unwrap_or(NonZeroU32::MIN);
-    for (group, name, id) in entities {
-        let Ok(parsed) = propd_merkle::Entity::new(&group, &name, &id) else {
-            continue;
-        };
-        let shard = propd_merkle::shard_of(&parsed, shards);
-        let key = format!("{group}/{name}/{id}");
-        let copies: BTreeMap<String, Option<Version>> = holders
-            .get(&(group.clone(), shard))
-            .map(|nodes| {
-                nodes
-                    .iter()
-                    .filter(|&&n| !unreadable.contains(&(n, group.clone())))
-                    .map(|&n| (cluster.nodes[n].id.clone(), held[n].get(&key).cloned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        state.copies.insert(key, copies);
-    }
-    let after = read_roots(cluster, holders, summary).await;
-    let moved = after
+    let nodes: Vec<Copyholder> = cluster
+        .nodes
         .iter()
-        .map(|(shard, roots)| {
-            roots
-                .iter()
-                .filter(|(node, root)| {
-                    before
-                        .get(shard)
-                        .and_then(|r| r.get(*node))
-                        .is_some_and(|b| b != *root)
-                })
-                .count()
+        .map(|node| Copyholder {
+            id: node.id.clone(),
+            listen: node.listen,
         })
-        .sum();
-    state.roots = after;
-    (state, moved)
-}
-
-/// Every holder's root of every shard: (group, shard) → node → root.
-async fn read_roots(
-    cluster: &Cluster,
-    holders: &BTreeMap<(String, u32), Vec<usize>>,
-    summary: &mut Summary,
-) -> BTreeMap<(String, u32), BTreeMap<String, String>> {
-    let mut all = BTreeMap::new();
-    for ((group, shard), nodes) in holders {
-        let mut roots = BTreeMap::new();
-        for &n in nodes {
-            match admin(cluster, n)
-                .tree(v1::TreeRequest {
-                    group: group.clone(),
-                    shard: *shard,
-                })
-                .await
-            {
-                Ok(tree) => {
-                    roots.insert(cluster.nodes[n].id.clone(), hex_of(&tree.into_inner().root));
-                }
-                Err(error) => summary.problems.push(format!(
-                    "{}: tree of {group}/{shard} failed: {error}",
-                    cluster.nodes[n].id
-                )),
-            }
-        }
-        all.insert((group.clone(), *shard), roots);
-    }
-    all
+        .collect();
+    copies::final_state(
+        &nodes,
+        &layout.groups,
+        layout.shards,
+        holders,
+        (0..workload.entities).map(|i| workload.entity(i)),
+        &mut summary.problems,
+    )
+    .await
 }
 
 /// Entities whose copies differ: `(only by tombstones present on some copies and purged on
@@ -922,13 +808,6 @@ fn differing_entities(state: &FinalState) -> (usize, usize) {
         }
     }
     (purging, other)
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
 }
 
 fn counts(ops: &[Op], summary: &mut Summary) {

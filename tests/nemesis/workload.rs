@@ -22,6 +22,9 @@ pub const NAME: &str = "item";
 pub struct Workload {
     /// Concurrent clients.
     pub clients: usize,
+    /// The number of the first client: loads that share one history number their clients
+    /// apart, so that every value written in it is unique (`c<client>-<sequence>`).
+    pub first_client: usize,
     /// Entities, spread round-robin over the groups.
     pub entities: usize,
     /// Groups.
@@ -108,7 +111,7 @@ pub async fn run(
         .map(|addr| channel(*addr, workload.timeout))
         .collect();
     let mut clients = tokio::task::JoinSet::new();
-    for client in 0..workload.clients {
+    for client in workload.first_client..workload.first_client + workload.clients {
         let workload = workload.clone();
         let channels = channels.clone();
         let history = Arc::clone(&history);
@@ -237,6 +240,7 @@ mod tests {
     fn entities_spread_over_the_groups() {
         let workload = Workload {
             clients: 8,
+            first_client: 0,
             entities: 6,
             groups: vec!["g0".to_owned(), "g1".to_owned(), "g2".to_owned()],
             timeout: Duration::from_secs(1),

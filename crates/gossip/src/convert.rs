@@ -370,6 +370,44 @@ mod tests {
     }
 
     #[test]
+    fn every_outcome_round_trips_through_the_wire_type() {
+        for outcome in [
+            Outcome::Completed,
+            Outcome::NoPeers,
+            Outcome::Aborted,
+            Outcome::Refused,
+            Outcome::TimedOut,
+        ] {
+            let domain = PropagationResult {
+                outcome,
+                ..result()
+            };
+            let wire = pb::PropagationResult::from(domain.clone());
+            assert_eq!(PropagationResult::try_from(wire), Ok(domain), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_round_step_keeps_every_field_on_the_wire() {
+        let r = result();
+        let span = r.trace[1].clone();
+        let step = RoundStep {
+            message_id: r.context.message_id.clone(),
+            key: r.context.key.clone(),
+            max_count: 3,
+            index: 1,
+            span: span.clone(),
+        };
+        let wire = pb::RoundStep::from(step);
+        assert_eq!(
+            (wire.message_id.as_str(), wire.group.as_str(), wire.shard),
+            ("b-1-1", "g", 4)
+        );
+        assert_eq!((wire.max_count, wire.index), (3, 1));
+        assert_eq!(wire.span, Some(pb::TraceSpan::from(span)));
+    }
+
+    #[test]
     fn unknown_outcome_is_rejected_by_name() {
         let mut wire = pb::PropagationResult::from(result());
         wire.outcome = 0;

@@ -162,6 +162,8 @@ struct ServeArgs {
     /// `etcd.prefix`: this cluster's key prefix in etcd (default `/propd`).
     #[arg(long, env = "PROPD_ETCD_PREFIX")]
     etcd_prefix: Option<String>,
+    #[command(flatten)]
+    etcd_tls: members::EtcdTlsArgs,
     /// `tls.cert`: this node's certificate chain (PEM); with key and ca, turns on mutual TLS.
     #[arg(long, env = "PROPD_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -234,6 +236,9 @@ impl ServeArgs {
             etcd: PartialEtcd {
                 endpoints: (!self.etcd_endpoints.is_empty()).then_some(self.etcd_endpoints),
                 prefix: self.etcd_prefix,
+                tls_ca: self.etcd_tls.etcd_tls_ca,
+                tls_cert: self.etcd_tls.etcd_tls_cert,
+                tls_key: self.etcd_tls.etcd_tls_key,
             },
             insecure: self.insecure,
             tls: PartialTls {
@@ -1151,7 +1156,8 @@ async fn status(args: StatusArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn parse(line: &str) -> Command {
+    /// The command of a command line (words split at spaces); panics when it does not parse.
+    pub(super) fn parse(line: &str) -> Command {
         Cli::try_parse_from(line.split(' '))
             .unwrap_or_else(|e| panic!("{line}: {e}"))
             .command

@@ -9,7 +9,7 @@ use propd_merkle::{Algorithm, Shape, ShapeError};
 use propd_store::{ConfigError as StoreConfigError, GroupDef, Groups};
 use serde::Deserialize;
 
-use crate::membership::{DEFAULT_PREFIX, EtcdConfig};
+use crate::membership::{DEFAULT_PREFIX, EtcdConfig, EtcdTls};
 use crate::tls::TlsPaths;
 
 /// The largest `shard_num` of a group: every shard is a tree and a schedule entry on each of
@@ -304,13 +304,25 @@ pub(crate) struct PartialEtcd {
     pub(crate) endpoints: Option<Vec<String>>,
     /// `etcd.prefix`
     pub(crate) prefix: Option<String>,
+    /// `etcd.tls_ca`
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// `etcd.tls_cert`
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// `etcd.tls_key`
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 impl PartialEtcd {
     pub(crate) fn resolve(self) -> Result<Option<EtcdConfig>, ConfigError> {
         let Some(endpoints) = self.endpoints.filter(|e| !e.is_empty()) else {
-            if self.prefix.is_some() {
-                return Err(invalid("etcd.prefix", "is given without `etcd.endpoints`"));
+            let given = [
+                ("etcd.prefix", self.prefix.is_some()),
+                ("etcd.tls_ca", self.tls_ca.is_some()),
+                ("etcd.tls_cert", self.tls_cert.is_some()),
+                ("etcd.tls_key", self.tls_key.is_some()),
+            ];
+            if let Some((key, _)) = given.iter().find(|(_, given)| *given) {
+                return Err(invalid(key, "is given without `etcd.endpoints`"));
             }
             return Ok(None);
         };
@@ -332,7 +344,52 @@ impl PartialEtcd {
                 format!("`{prefix}` must start with `/`, not end with `/`, and name something"),
             ));
         }
-        Ok(Some(EtcdConfig { endpoints, prefix }))
+        let identity = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "etcd.tls_key",
+                    "is missing: `etcd.tls_cert` is given",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "etcd.tls_cert",
+                    "is missing: `etcd.tls_key` is given",
+                ));
+            }
+        };
+        let tls = match self.tls_ca {
+            Some(ca) => Some(EtcdTls { ca, identity }),
+            None if identity.is_some() => {
+                return Err(invalid(
+                    "etcd.tls_ca",
+                    "is missing: a client certificate for etcd goes with the CA that signs etcd's",
+                ));
+            }
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https://" } else { "http://" };
+        if let Some(other) = endpoints.iter().find(|e| !e.starts_with(scheme)) {
+            return Err(invalid(
+                "etcd.endpoints",
+                if tls.is_some() {
+                    format!(
+                        "`{other}` is plaintext while `etcd.tls_ca` is given: every endpoint is https://"
+                    )
+                } else {
+                    format!(
+                        "`{other}` is https:// and needs `etcd.tls_ca` (the CA that signs etcd's certificate)"
+                    )
+                },
+            ));
+        }
+        Ok(Some(EtcdConfig {
+            endpoints,
+            prefix,
+            tls,
+        }))
     }
 }
 
@@ -485,6 +542,9 @@ impl Partial {
             etcd: PartialEtcd {
                 endpoints: self.etcd.endpoints.or(lower.etcd.endpoints),
                 prefix: self.etcd.prefix.or(lower.etcd.prefix),
+                tls_ca: self.etcd.tls_ca.or(lower.etcd.tls_ca),
+                tls_cert: self.etcd.tls_cert.or(lower.etcd.tls_cert),
+                tls_key: self.etcd.tls_key.or(lower.etcd.tls_key),
             },
             insecure: self.insecure.or(lower.insecure),
             tls: PartialTls {
@@ -969,8 +1029,20 @@ impl Config {
         ));
         if let Some(etcd) = &self.etcd {
             line(format!(
-                "[etcd] endpoints = {:?}, prefix = {:?} (members and groups come from etcd)",
-                etcd.endpoints, etcd.prefix
+                "[etcd] endpoints = {:?}, prefix = {:?}, {} (members and groups come from etcd)",
+                etcd.endpoints,
+                etcd.prefix,
+                match &etcd.tls {
+                    None => "plaintext".to_owned(),
+                    Some(tls) => format!(
+                        "TLS: tls_ca = {:?}, {}",
+                        tls.ca,
+                        tls.identity.as_ref().map_or_else(
+                            || "no client certificate".to_owned(),
+                            |(cert, key)| format!("tls_cert = {cert:?}, tls_key = {key:?}")
+                        )
+                    ),
+                }
             ));
         }
         let t = &self.tree;
@@ -1500,5 +1572,83 @@ mod tests {
                 "{endpoint}: `{error}` names the key"
             );
         }
+    }
+
+    #[test]
+    fn tls_to_etcd_goes_with_https_endpoints_and_a_ca() {
+        let etcd = |endpoint: &str, ca: Option<&str>, cert: Option<&str>, key: Option<&str>| {
+            PartialEtcd {
+                endpoints: Some(vec![endpoint.to_owned()]),
+                prefix: None,
+                tls_ca: ca.map(PathBuf::from),
+                tls_cert: cert.map(PathBuf::from),
+                tls_key: key.map(PathBuf::from),
+            }
+            .resolve()
+        };
+        let plain = etcd("http://e:2379", None, None, None)
+            .expect("valid")
+            .expect("etcd");
+        assert_eq!(plain.tls, None);
+        let tls = etcd(
+            "https://e:2379",
+            Some("ca.pem"),
+            Some("c.pem"),
+            Some("c.key"),
+        )
+        .expect("valid")
+        .expect("etcd");
+        assert_eq!(
+            tls.tls,
+            Some(EtcdTls {
+                ca: PathBuf::from("ca.pem"),
+                identity: Some((PathBuf::from("c.pem"), PathBuf::from("c.key"))),
+            })
+        );
+        let without_identity = etcd("https://e:2379", Some("ca.pem"), None, None)
+            .expect("valid")
+            .expect("etcd");
+        assert_eq!(without_identity.tls.expect("tls").identity, None);
+        for (wrong, key, says) in [
+            (
+                etcd("https://e:2379", None, None, None),
+                "etcd.endpoints",
+                "needs `etcd.tls_ca`",
+            ),
+            (
+                etcd("http://e:2379", Some("ca.pem"), None, None),
+                "etcd.endpoints",
+                "is plaintext",
+            ),
+            (
+                etcd("https://e:2379", Some("ca.pem"), Some("c.pem"), None),
+                "etcd.tls_key",
+                "is missing",
+            ),
+            (
+                etcd("https://e:2379", Some("ca.pem"), None, Some("c.key")),
+                "etcd.tls_cert",
+                "is missing",
+            ),
+            (
+                etcd("https://e:2379", None, Some("c.pem"), Some("c.key")),
+                "etcd.tls_ca",
+                "is missing",
+            ),
+        ] {
+            let error = wrong.expect_err(says).to_string();
+            assert!(error.contains(key) && error.contains(says), "{error}");
+        }
+        let error = PartialEtcd {
+            tls_ca: Some(PathBuf::from("ca.pem")),
+            ..PartialEtcd::default()
+        }
+        .resolve()
+        .expect_err("no endpoints")
+        .to_string();
+        assert!(
+            error.contains("etcd.tls_ca") && error.contains("without `etcd.endpoints`"),
+            "{error}"
+        );
     }
 }

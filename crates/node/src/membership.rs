@@ -61,6 +61,42 @@ pub(crate) struct EtcdConfig {
     pub(crate) endpoints: Vec<String>,
     /// `etcd.prefix`: the key prefix of this cluster (several clusters may share one etcd).
     pub(crate) prefix: String,
+    /// `etcd.tls_*`: TLS to etcd (`https://` endpoints); `None`: plaintext (`http://`).
+    pub(crate) tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signs etcd's certificate, and this client's certificate for an etcd
+/// that asks for one (`--client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EtcdTls {
+    /// `etcd.tls_ca` (PEM).
+    pub(crate) ca: PathBuf,
+    /// `etcd.tls_cert` and `etcd.tls_key` (PEM), given together.
+    pub(crate) identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// The client's TLS settings, its files read now; an error names the key of the file that
+    /// could not be read.
+    fn options(&self) -> Result<etcd_client::TlsOptions, MembershipError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| MembershipError::TlsFile {
+                key,
+                path: path.to_owned(),
+                message: e.to_string(),
+            })
+        };
+        let mut options = etcd_client::TlsOptions::new().ca_certificate(
+            etcd_client::Certificate::from_pem(read("etcd.tls_ca", &self.ca)?),
+        );
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(etcd_client::Identity::from_pem(
+                read("etcd.tls_cert", cert)?,
+                read("etcd.tls_key", key)?,
+            ));
+        }
+        Ok(options)
+    }
 }
 
 /// The default `etcd.prefix`.
@@ -89,6 +125,16 @@ pub(crate) enum MembershipError {
     /// A change that the rules of membership refuse; the message names the rule.
     #[error("{0}")]
     Refused(String),
+    /// A TLS file for etcd could not be read.
+    #[error("`{key}`: cannot read {}: {message}", path.display())]
+    TlsFile {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
 }
 
 /// A member's state in etcd.
@@ -238,6 +284,116 @@ impl ClusterRecords {
         }
         (served, waiting)
     }
+
+    /// These records with group `name`'s replicas set to `replicas`; refused when the group
+    /// does not exist, when `shard_num` asks for another shard count than the group's (it never
+    /// changes), or when the replicas are out of bounds. Pure: `Registry::alter_group` writes it.
+    pub(crate) fn with_group_replicas(
+        &self,
+        name: &str,
+        replicas: u32,
+        shard_num: Option<u32>,
+    ) -> Result<(ClusterRecords, GroupRecord), MembershipError> {
+        let Some(current) = self.groups.get(name).copied() else {
+            return Err(MembershipError::Refused(format!(
+                "group `{name}` does not exist (`group create` makes it)"
+            )));
+        };
+        if let Some(asked) = shard_num.filter(|asked| *asked != current.shard_num) {
+            return Err(MembershipError::Refused(format!(
+                "group `{name}` has {} shards and keeps them: an entity's shard is its hash modulo the shard count, so changing the count ({asked} asked) would move every entity; create a new group instead",
+                current.shard_num
+            )));
+        }
+        let altered = GroupRecord {
+            replicas,
+            ..current
+        };
+        check_group_bounds(name, altered)?;
+        let mut after = self.clone();
+        after.groups.insert(name.to_owned(), altered);
+        Ok((after, altered))
+    }
+
+    /// These records with member `id` draining; refused for an unknown id and for the last
+    /// active member (its copies would have nowhere to go). Pure: `Registry::drain` writes it.
+    pub(crate) fn with_member_draining(
+        &self,
+        id: &str,
+    ) -> Result<(ClusterRecords, MemberRecord), MembershipError> {
+        let Some(mut record) = self.members.get(id).cloned() else {
+            return Err(MembershipError::Refused(format!("`{id}` is not a member")));
+        };
+        let active = self
+            .members
+            .values()
+            .filter(|m| m.state == MemberState::Active)
+            .count();
+        if record.state == MemberState::Active && active <= 1 {
+            return Err(MembershipError::Refused(format!(
+                "`{id}` is the last active member: its copies would have nowhere to go"
+            )));
+        }
+        record.state = MemberState::Draining;
+        let mut after = self.clone();
+        after.members.insert(id.to_owned(), record.clone());
+        Ok((after, record))
+    }
+
+    /// These records without member `id`; refused unless it is draining and hands over no shard
+    /// any more. Pure: `Registry::remove` writes it.
+    pub(crate) fn without_member(&self, id: &str) -> Result<(ClusterRecords, ()), MembershipError> {
+        match self.members.get(id) {
+            None => Err(MembershipError::Refused(format!("`{id}` is not a member"))),
+            Some(record) if record.state == MemberState::Active => {
+                Err(MembershipError::Refused(format!(
+                    "`{id}` is active: a member is removed only after `member drain` has moved its copies (or `member replace` gives its place to another)"
+                )))
+            }
+            Some(_) => {
+                let handing: Vec<String> = self
+                    .moves
+                    .iter()
+                    .filter(|m| m.leaving.iter().any(|l| l == id))
+                    .map(|m| format!("{}/{}", m.group, m.shard))
+                    .collect();
+                if !handing.is_empty() {
+                    return Err(MembershipError::Refused(format!(
+                        "`{id}` still hands over shards {handing:?}: a draining member is removed once their new copies completed a round (`status` lists the moves)"
+                    )));
+                }
+                let mut after = self.clone();
+                after.members.remove(id);
+                Ok((after, ()))
+            }
+        }
+    }
+
+    /// These records with `new` in member `old`'s place (its placement slot, its address until
+    /// `new` registers its own); refused for an unknown `old` and an existing `new`. Pure:
+    /// `Registry::replace` writes it.
+    pub(crate) fn with_replacement(
+        &self,
+        old: &str,
+        new: &str,
+    ) -> Result<(ClusterRecords, MemberRecord), MembershipError> {
+        let Some(record) = self.members.get(old).cloned() else {
+            return Err(MembershipError::Refused(format!("`{old}` is not a member")));
+        };
+        if self.members.contains_key(new) {
+            return Err(MembershipError::Refused(format!(
+                "`{new}` is already a member: a replacement is a new id (or restart `{old}` itself with an empty disk)"
+            )));
+        }
+        let replacement = MemberRecord {
+            slot: Some(record.slot.clone().unwrap_or_else(|| old.to_owned())),
+            ..record
+        };
+        let mut after = self.clone();
+        after.members.remove(old);
+        after.members.insert(new.to_owned(), replacement.clone());
+        Ok((after, replacement))
+    }
 }
 
 /// What the node knows of its membership source, for `status` and `/health`.
@@ -326,10 +482,13 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Connects (bounded by the call timeout).
     pub(crate) async fn connect(config: &EtcdConfig) -> Result<Self, MembershipError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), CALL_TIMEOUT)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls.options()?);
+        }
         let connect = Client::connect(&config.endpoints, Some(options));
         let client = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
             Ok(result) => result.map_err(|source| etcd_error(config, source))?,
@@ -580,9 +739,7 @@ impl Registry {
         name: &str,
         record: GroupRecord,
     ) -> Result<(), MembershipError> {
-        Groups::new([GroupDef::new(name, record.shard_num, record.replicas)])
-            .map_err(|e| MembershipError::Refused(e.to_string()))?;
-        check_group_bounds(name, record)?;
+        check_new_group(name, record)?;
         if self
             .create_if_absent(&group_key(self.prefix(), name), &record)
             .await?
@@ -602,82 +759,20 @@ impl Registry {
         replicas: u32,
         shard_num: Option<u32>,
     ) -> Result<GroupRecord, MembershipError> {
-        self.change(|records| {
-            let Some(current) = records.groups.get(name).copied() else {
-                return Err(MembershipError::Refused(format!(
-                    "group `{name}` does not exist (`group create` makes it)"
-                )));
-            };
-            if let Some(asked) = shard_num.filter(|asked| *asked != current.shard_num) {
-                return Err(MembershipError::Refused(format!(
-                    "group `{name}` has {} shards and keeps them: an entity's shard is its hash modulo the shard count, so changing the count ({asked} asked) would move every entity; create a new group instead",
-                    current.shard_num
-                )));
-            }
-            let altered = GroupRecord {
-                replicas,
-                ..current
-            };
-            check_group_bounds(name, altered)?;
-            let mut after = records.clone();
-            after.groups.insert(name.to_owned(), altered);
-            Ok((after, altered))
-        })
-        .await
+        self.change(|records| records.with_group_replicas(name, replicas, shard_num))
+            .await
     }
 
     /// Marks member `id` as draining: it keeps serving, and its copies move to the others.
     pub(crate) async fn drain(&mut self, id: &str) -> Result<MemberRecord, MembershipError> {
-        self.change(|records| {
-            let Some(mut record) = records.members.get(id).cloned() else {
-                return Err(MembershipError::Refused(format!("`{id}` is not a member")));
-            };
-            let active = records
-                .members
-                .values()
-                .filter(|m| m.state == MemberState::Active)
-                .count();
-            if record.state == MemberState::Active && active <= 1 {
-                return Err(MembershipError::Refused(format!(
-                    "`{id}` is the last active member: its copies would have nowhere to go"
-                )));
-            }
-            record.state = MemberState::Draining;
-            let mut after = records.clone();
-            after.members.insert(id.to_owned(), record.clone());
-            Ok((after, record))
-        })
-        .await
+        self.change(|records| records.with_member_draining(id))
+            .await
     }
 
     /// Removes member `id`; only a draining member whose shards all moved may go (drain hands
     /// its copies over first).
     pub(crate) async fn remove(&mut self, id: &str) -> Result<(), MembershipError> {
-        self.change(|records| match records.members.get(id) {
-            None => Err(MembershipError::Refused(format!("`{id}` is not a member"))),
-            Some(record) if record.state == MemberState::Active => {
-                Err(MembershipError::Refused(format!(
-                    "`{id}` is active: a member is removed only after `member drain` has moved its copies (or `member replace` gives its place to another)"
-                )))
-            }
-            Some(_) => {
-                let handing: Vec<String> = records
-                    .moves
-                    .iter()
-                    .filter(|m| m.leaving.iter().any(|l| l == id))
-                    .map(|m| format!("{}/{}", m.group, m.shard))
-                    .collect();
-                if !handing.is_empty() {
-                    return Err(MembershipError::Refused(format!(
-                        "`{id}` still hands over shards {handing:?}: a draining member is removed once their new copies completed a round (`status` lists the moves)"
-                    )));
-                }
-                let mut after = records.clone();
-                after.members.remove(id);
-                Ok((after, ()))
-            }
-        })
-        .await
+        self.change(|records| records.without_member(id)).await
     }
 
     /// Gives member `old`'s place to `new`: `new` holds exactly the copies `old` held (it
@@ -688,25 +783,8 @@ impl Registry {
         old: &str,
         new: &str,
     ) -> Result<MemberRecord, MembershipError> {
-        self.change(|records| {
-            let Some(record) = records.members.get(old).cloned() else {
-                return Err(MembershipError::Refused(format!("`{old}` is not a member")));
-            };
-            if records.members.contains_key(new) {
-                return Err(MembershipError::Refused(format!(
-                    "`{new}` is already a member: a replacement is a new id (or restart `{old}` itself with an empty disk)"
-                )));
-            }
-            let replacement = MemberRecord {
-                slot: Some(record.slot.clone().unwrap_or_else(|| old.to_owned())),
-                ..record
-            };
-            let mut after = records.clone();
-            after.members.remove(old);
-            after.members.insert(new.to_owned(), replacement.clone());
-            Ok((after, replacement))
-        })
-        .await
+        self.change(|records| records.with_replacement(old, new))
+            .await
     }
 }
 
@@ -715,6 +793,14 @@ fn to_json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, MembershipErro
         key: key.to_owned(),
         message: e.to_string(),
     })
+}
+
+/// Refuses a group that `group create` may not make: an invalid name, or shards or replicas
+/// out of bounds.
+pub(crate) fn check_new_group(name: &str, record: GroupRecord) -> Result<(), MembershipError> {
+    Groups::new([GroupDef::new(name, record.shard_num, record.replicas)])
+        .map_err(|e| MembershipError::Refused(e.to_string()))?;
+    check_group_bounds(name, record)
 }
 
 fn check_group_bounds(name: &str, record: GroupRecord) -> Result<(), MembershipError> {
@@ -782,6 +868,10 @@ pub(crate) async fn prepare(mut config: Config) -> anyhow::Result<(Config, Clust
         .etcd
         .clone()
         .context("prepare needs an [etcd] table")?;
+    // A TLS file that cannot be read is the operator's to fix: said at once, not retried.
+    if let Some(tls) = &etcd.tls {
+        tls.options()?;
+    }
     let deadline = tokio::time::Instant::now() + START_PATIENCE;
     let (records, connected) = loop {
         match join(&etcd, &config).await {
@@ -1100,5 +1190,178 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn member(port: u16, state: MemberState) -> MemberRecord {
+        MemberRecord {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            state,
+            slot: None,
+        }
+    }
+
+    /// n1 and n2 active, n3 draining, group `g` of 8 shards and one replica.
+    pub(crate) fn records() -> ClusterRecords {
+        ClusterRecords {
+            revision: 7,
+            members: [
+                ("n1".to_owned(), member(7001, MemberState::Active)),
+                ("n2".to_owned(), member(7002, MemberState::Active)),
+                ("n3".to_owned(), member(7003, MemberState::Draining)),
+            ]
+            .into_iter()
+            .collect(),
+            alive: vec!["n1".to_owned()],
+            groups: [(
+                "g".to_owned(),
+                GroupRecord {
+                    shard_num: 8,
+                    replicas: 1,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            moves: Vec::new(),
+        }
+    }
+
+    fn refusal<T: std::fmt::Debug>(result: Result<T, MembershipError>) -> String {
+        match result {
+            Err(MembershipError::Refused(rule)) => rule,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn altering_a_group_changes_its_replicas_and_never_its_shard_count() {
+        let before = records();
+        let (after, altered) = before
+            .with_group_replicas("g", 2, None)
+            .expect("replicas may change");
+        assert_eq!(
+            altered,
+            GroupRecord {
+                shard_num: 8,
+                replicas: 2
+            }
+        );
+        assert_eq!(after.groups["g"], altered);
+        assert_eq!(after.members, before.members);
+        // Giving the current shard count is allowed; another one is refused with the reason.
+        assert!(before.with_group_replicas("g", 2, Some(8)).is_ok());
+        let rule = refusal(before.with_group_replicas("g", 2, Some(16)));
+        assert!(
+            rule.contains("has 8 shards and keeps them") && rule.contains("16 asked"),
+            "{rule}"
+        );
+        let rule = refusal(before.with_group_replicas("g", crate::config::MAX_REPLICAS + 1, None));
+        assert!(
+            rule.contains(&format!(
+                "replicas must be 0..={}",
+                crate::config::MAX_REPLICAS
+            )),
+            "{rule}"
+        );
+        let rule = refusal(before.with_group_replicas("h", 1, None));
+        assert!(rule.contains("group `h` does not exist"), "{rule}");
+    }
+
+    #[test]
+    fn a_new_group_must_have_a_valid_name_and_bounded_shards_and_replicas() {
+        let ok = GroupRecord {
+            shard_num: 4,
+            replicas: 1,
+        };
+        assert!(check_new_group("h", ok).is_ok());
+        let max_shards = crate::config::MAX_SHARD_NUM;
+        let max_replicas = crate::config::MAX_REPLICAS;
+        for (record, says) in [
+            (
+                GroupRecord { shard_num: 0, ..ok },
+                "shard_num must be at least 1".to_owned(),
+            ),
+            (
+                GroupRecord {
+                    shard_num: max_shards + 1,
+                    ..ok
+                },
+                format!("shards must be 1..={max_shards}"),
+            ),
+            (
+                GroupRecord {
+                    replicas: max_replicas + 1,
+                    ..ok
+                },
+                format!("replicas must be 0..={max_replicas}"),
+            ),
+        ] {
+            let rule = refusal(check_new_group("h", record));
+            assert!(rule.contains(&says), "{record:?}: {rule}");
+        }
+        // A name an entity key cannot carry is refused by the group rules of the store.
+        let rule = refusal(check_new_group("a/b", ok));
+        assert!(rule.contains("must not contain '/'"), "{rule}");
+    }
+
+    #[test]
+    fn draining_keeps_at_least_one_active_member() {
+        let before = records();
+        let (after, record) = before.with_member_draining("n2").expect("n1 stays active");
+        assert_eq!(record.state, MemberState::Draining);
+        assert_eq!(after.members["n2"].state, MemberState::Draining);
+        let rule = refusal(after.with_member_draining("n1"));
+        assert!(rule.contains("`n1` is the last active member"), "{rule}");
+        // Draining a draining member again changes nothing and is not refused.
+        assert!(after.with_member_draining("n3").is_ok());
+        let rule = refusal(before.with_member_draining("n9"));
+        assert_eq!(rule, "`n9` is not a member");
+    }
+
+    #[test]
+    fn only_a_drained_member_that_hands_over_nothing_is_removed() {
+        let mut before = records();
+        let rule = refusal(before.without_member("n1"));
+        assert!(
+            rule.contains("`n1` is active") && rule.contains("member drain"),
+            "{rule}"
+        );
+        before.moves.push(MoveRecord {
+            group: "g".to_owned(),
+            shard: 3,
+            leaving: vec!["n3".to_owned()],
+        });
+        let rule = refusal(before.without_member("n3"));
+        assert!(rule.contains("still hands over shards [\"g/3\"]"), "{rule}");
+        before.moves.clear();
+        let (after, ()) = before
+            .without_member("n3")
+            .expect("n3 handed everything over");
+        assert!(!after.members.contains_key("n3"));
+        assert_eq!(after.members.len(), 2);
+        assert_eq!(refusal(before.without_member("n9")), "`n9` is not a member");
+    }
+
+    #[test]
+    fn a_replacement_takes_the_old_members_slot_and_address() {
+        let before = records();
+        let (after, record) = before.with_replacement("n2", "n5").expect("a new id");
+        assert_eq!(record.slot.as_deref(), Some("n2"));
+        assert_eq!(record.addr, before.members["n2"].addr);
+        assert!(!after.members.contains_key("n2"));
+        assert_eq!(after.members["n5"], record);
+        // A replacement of a replacement keeps the original slot.
+        let (_, again) = after.with_replacement("n5", "n6").expect("a new id");
+        assert_eq!(again.slot.as_deref(), Some("n2"));
+        let rule = refusal(before.with_replacement("n2", "n1"));
+        assert!(rule.contains("`n1` is already a member"), "{rule}");
+        assert_eq!(
+            refusal(before.with_replacement("n9", "n5")),
+            "`n9` is not a member"
+        );
     }
 }

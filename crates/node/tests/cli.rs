@@ -290,6 +290,32 @@ fn serve_refuses_mistakes_and_names_the_key() {
             "max_property_bytes",
         ),
         (vec!["--tree-algorithm", "md5"], None, "tree.algorithm"),
+        (
+            vec!["--etcd", "https://127.0.0.1:1"],
+            None,
+            "etcd.endpoints",
+        ),
+        (
+            vec!["--etcd", "http://127.0.0.1:1", "--etcd-tls-ca", "ca.pem"],
+            None,
+            "etcd.endpoints",
+        ),
+        (
+            vec!["--etcd", "https://127.0.0.1:1", "--etcd-tls-ca", "ca.pem"],
+            Some(("PROPD_ETCD_TLS_CERT", "c.pem")),
+            "etcd.tls_key",
+        ),
+        // An unreadable file is said at once, not retried as an unreachable etcd.
+        (
+            vec![
+                "--etcd",
+                "https://127.0.0.1:1",
+                "--etcd-tls-ca",
+                "/nonexistent/ca.pem",
+            ],
+            None,
+            "etcd.tls_ca",
+        ),
     ] {
         let mut command = Command::new(env!("CARGO_BIN_EXE_propd"));
         command.args(["serve", "--data-dir", data_dir]).args(&args);

@@ -113,6 +113,9 @@ pub struct Client {
     awaiting: VecDeque<Expanded>,
     /// Version 3: nodes the server expanded, for us to compare and answer.
     to_compare: VecDeque<ToCompare>,
+    /// Version 3: buckets we settled by the server's leaf hints; the server lists them all in
+    /// full after our `NoMorePropertySync` when one check failed.
+    hinted: Vec<NodeId>,
     /// Nodes whose leaf lists the server announced or will send and has not begun, with the
     /// depth at which each list arrives.
     expected: HashMap<NodeId, u32>,
@@ -172,7 +175,9 @@ impl Client {
         // descends (a version-2 server ignores them).
         let mut awaiting = VecDeque::new();
         let mut slots = Vec::new();
-        if config.protocol_version >= wire::STEP_VERSION && leaf_count > 0 {
+        // An empty tree sends its empty expansion too (a bitmap of no slots): a preview of a
+        // wiped replica descends from the server's slots like any other sync.
+        if config.protocol_version >= wire::STEP_VERSION {
             let width = config.wire_digest_width as usize;
             let (present, digests, count) =
                 descent::expand(store, &shape, group, shard, NodeId::ROOT, width)?;
@@ -185,6 +190,7 @@ impl Client {
                 node: NodeId::ROOT,
                 present,
                 depth: 0,
+                hints: None,
             });
         }
         let mut client = Client {
@@ -204,6 +210,7 @@ impl Client {
             frontier_depth: 0,
             awaiting,
             to_compare: VecDeque::new(),
+            hinted: Vec::new(),
             expected: HashMap::new(),
             listing: None,
             partial: HashSet::new(),
@@ -328,6 +335,10 @@ impl Client {
             (Phase::Descent, In::DifferTreeSummary(summary)) => {
                 self.on_summary(summary, len).map_err(Into::into)
             }
+            (Phase::AwaitSyncEnd, In::DifferTreeSummary(summary)) if !self.hinted.is_empty() => {
+                self.recheck_hinted(store);
+                self.on_summary(summary, len).map_err(Into::into)
+            }
             (Phase::Descent, In::TreeStep(page)) if self.version >= wire::STEP_VERSION => {
                 self.on_step(page, len).map_err(Into::into)
             }
@@ -353,6 +364,20 @@ impl Client {
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    /// A hinted bucket's check failed on the server, which lists every hinted bucket in full in
+    /// answer to our `NoMorePropertySync`: they are merged as any listed node, and the sync
+    /// ends with our next `NoMorePropertySync`. The server's copies received so far are applied
+    /// first, so that the merge sees them.
+    fn recheck_hinted<S: RepairStore>(&mut self, store: &S) {
+        self.apply_pending(store);
+        let depth = self.sent_depth + 1;
+        for node in self.hinted.drain(..) {
+            self.expected.insert(node, depth);
+        }
+        self.report.rechecked += self.expected.len() as u64;
+        self.phase = Phase::Descent;
     }
 
     /// Records a server message of half-trip `depth` that decides what we send next.
@@ -420,15 +445,7 @@ impl Client {
                 reason: answer.error,
             });
         }
-        let theirs = wire::version_of(answer.protocol_version);
-        self.version = theirs.min(self.config.protocol_version);
-        if self.version < self.config.min_protocol_version {
-            return Err(SyncError::UnsupportedVersion {
-                peer: theirs,
-                min: self.config.min_protocol_version,
-                max: self.config.protocol_version,
-            });
-        }
+        self.version = wire::negotiate(answer.protocol_version, &self.config)?;
         self.report.protocol_version = self.version;
         self.saw(1);
         if self.version < wire::STEP_VERSION {
@@ -517,6 +534,7 @@ impl Client {
             width: self.wire_width,
             page_items: self.config.page_items,
             leaf_list_max: self.config.leaf_list_max,
+            hint_after: None,
         };
         let built = descent::build_step(
             store,
@@ -537,6 +555,17 @@ impl Client {
             if !bulk || settled.client_has {
                 self.expected.insert(settled.node, built.depth + 1);
             }
+        }
+        for node in &built.hinted {
+            // Settled here: our copies go now, the server's answer with SyncEnd.
+            self.listed.insert(*node);
+        }
+        self.hinted.extend(built.hinted);
+        self.report.compared += built.compared;
+        self.report.requested += built.unmatched;
+        if !built.copies.is_empty() {
+            self.reply_depth = self.reply_depth.max(built.depth);
+            self.copies.entities.extend(built.copies);
         }
         self.awaiting.extend(built.expanded);
         self.sent_depth = self.sent_depth.max(built.depth);

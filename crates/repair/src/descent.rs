@@ -2,37 +2,94 @@
 //! pieces both sides run, since each step is built and read the same way by either side.
 //!
 //! A side *expands* a node by sending the digests of its children; the peer compares them with
-//! its own and answers, in its next `TreeStep`, which children differ, which of those it settles
-//! (their leaves are listed or streamed instead of descended into), and its own expansion of the
-//! others, which the first side compares in turn. Every step answers one level and expands the
-//! next, so each half round trip descends one level.
+//! its own and answers, in its next `TreeStep`, which children differ and, for each differing
+//! child it can say something about, a 2-bit verdict (descend, settled, settled and the sender
+//! lacks it, checked by leaf hints), then its own expansion of the children it descends into,
+//! which the first side compares in turn. Every step answers one level and expands the next, so
+//! each half round trip descends one level.
+//!
+//! **Leaf hints.** When the server expands the parents of buckets while the difference is small
+//! (at most [`HINT_MAX_EXPANSIONS`] expansions in the sync so far), it also sends, for every
+//! bucket under them, its leaf count and a 12-bit *short fingerprint* of each leaf. The client
+//! then settles a differing bucket on the spot (verdict [`Verdict::Hinted`]): it sends its
+//! leaves whose short fingerprints the server's do not hold as copies at once, and for the
+//! others, which server leaves they matched (a bitmap) and the wrapping sum of their full
+//! 8-byte fingerprints. The server checks that sum against its own leaves at the matched
+//! positions: when it holds, the matched leaves are equal on both sides (to the same 64 bits as
+//! any fingerprint) and the server sends its unmatched leaves; when it fails (two different
+//! leaves shared a short fingerprint), the server lists every hinted bucket in full and the
+//! merge runs as for a settled bucket. A short-fingerprint collision therefore costs one round
+//! trip more, never a difference.
 
 use std::collections::{HashMap, VecDeque};
 
-use propd_merkle::{InnerNode, NodeId, Shape};
+use propd_merkle::{Entity, InnerNode, NodeId, Shape};
 use propd_proto::v1 as pb;
 
 use crate::error::{ProtocolError, SyncError, malformed};
 use crate::store_api::RepairStore;
 use crate::wire;
 
+/// The server attaches leaf hints only while it has expanded at most this many nodes in the
+/// sync (the hinted page included): hints pay for one or a few differences, not for many.
+pub(crate) const HINT_MAX_EXPANSIONS: usize = 8;
+
+/// Bits of a short fingerprint in a leaf hint.
+pub(crate) const SHORT_BITS: u32 = 12;
+
+/// A bucket with more leaves than this is never hinted (its count travels in one byte).
+pub(crate) const HINT_MAX_LEAVES: usize = 255;
+
+/// The short fingerprint of a leaf: the low bits of its fingerprint.
+pub(crate) fn short(fingerprint: u64) -> u16 {
+    (fingerprint & ((1 << SHORT_BITS) - 1)) as u16
+}
+
+/// A verdict on a differing child the receiver holds, 2 bits on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Both hold it; the sender's expansion of it follows.
+    Descend = 0,
+    /// Both hold it; its leaves are listed or streamed.
+    Settled = 1,
+    /// The sender lacks it; its leaves are listed (the server lacks it) or streamed.
+    SenderLacks = 2,
+    /// A bucket both hold, settled by the server's leaf hints; the client's check follows.
+    Hinted = 3,
+}
+
+impl Verdict {
+    fn from_bits(bits: u8) -> Verdict {
+        match bits & 3 {
+            0 => Verdict::Descend,
+            1 => Verdict::Settled,
+            2 => Verdict::SenderLacks,
+            _ => Verdict::Hinted,
+        }
+    }
+}
+
 /// A node this side expanded, awaiting the peer's verdict: the presence bitmap of the children
-/// we sent, and the half-trip depth of the message that carried them.
+/// we sent, the half-trip depth of the message that carried them, and, when we hinted its
+/// buckets, the full fingerprints of each present bucket's hinted leaves, in order.
 #[derive(Debug, Clone)]
 pub(crate) struct Expanded {
     pub(crate) node: NodeId,
     pub(crate) present: Vec<u8>,
     pub(crate) depth: u32,
+    pub(crate) hints: Option<Vec<Vec<u64>>>,
 }
 
 /// A node the peer expanded, to compare with our children of it: the peer's presence bitmap and
-/// digest prefixes, and the depth of the message that carried them.
+/// digest prefixes, the depth of the message that carried them, and the peer's leaf hints (the
+/// short fingerprints of each present bucket's leaves), if it sent any.
 #[derive(Debug, Clone)]
 pub(crate) struct ToCompare {
     pub(crate) node: NodeId,
     pub(crate) present: Vec<u8>,
     pub(crate) digests: Vec<u8>,
     pub(crate) depth: u32,
+    pub(crate) hints: Option<Vec<Vec<u16>>>,
 }
 
 /// A differing child settled by a step (ours or the peer's): its leaves are listed or streamed.
@@ -45,7 +102,17 @@ pub(crate) struct Settled {
     pub(crate) depth: u32,
 }
 
-/// Which side runs the step (it decides how `present` bitmaps map to client and server).
+/// A bucket the client settled by the server's hints, as the server reads it.
+#[derive(Debug, Clone)]
+pub(crate) struct HintCheck {
+    pub(crate) node: NodeId,
+    /// The sum of the matched leaves' fingerprints agrees with ours.
+    pub(crate) holds: bool,
+    /// Fingerprints of our hinted leaves the client matched none of: ours to send.
+    pub(crate) unmatched: Vec<u64>,
+}
+
+/// Which side runs the step (it decides how presence maps to client and server).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
     Client,
@@ -92,12 +159,12 @@ pub(crate) fn read_expansion(
     let n = (range.end - range.start) as usize;
     let present = reader.take(wire::bitmap_len(n))?;
     wire::check_bitmap(field, present, n)?;
-    let count = present
-        .iter()
-        .map(|b| b.count_ones() as usize)
-        .sum::<usize>();
-    let digests = reader.take(count * width)?;
+    let digests = reader.take(count_ones(present) * width)?;
     Ok((present.to_vec(), digests.to_vec()))
+}
+
+fn count_ones(bitmap: &[u8]) -> usize {
+    bitmap.iter().map(|b| b.count_ones() as usize).sum()
 }
 
 /// The rules and limits a step is built with.
@@ -106,6 +173,9 @@ pub(crate) struct StepRules {
     pub(crate) width: usize,
     pub(crate) page_items: usize,
     pub(crate) leaf_list_max: u64,
+    /// Nodes this side expanded earlier in the sync, when it may hint buckets (the server,
+    /// outside previews); `None` never hints.
+    pub(crate) hint_after: Option<usize>,
 }
 
 /// One built step page.
@@ -113,6 +183,13 @@ pub(crate) struct BuiltStep {
     pub(crate) page: pb::TreeStep,
     /// Children we settled.
     pub(crate) settled: Vec<Settled>,
+    /// Buckets we settled by the peer's hints (client), and our leaves under them the server's
+    /// hints do not hold: copies to send now.
+    pub(crate) hinted: Vec<NodeId>,
+    pub(crate) copies: Vec<Entity>,
+    /// Our leaves compared against hints, and hinted server leaves none of ours matched.
+    pub(crate) compared: u64,
+    pub(crate) unmatched: u64,
     /// Children we expanded in the page (awaiting the peer's verdict).
     pub(crate) expanded: Vec<Expanded>,
     /// The depth of the page: one more than the deepest message it answers.
@@ -140,6 +217,10 @@ pub(crate) fn build_step<S: RepairStore>(
     let mut built = BuiltStep {
         page: pb::TreeStep::default(),
         settled: Vec::new(),
+        hinted: Vec::new(),
+        copies: Vec::new(),
+        compared: 0,
+        unmatched: 0,
         expanded: Vec::new(),
         depth: 0,
         digests: 0,
@@ -166,12 +247,13 @@ pub(crate) fn build_step<S: RepairStore>(
             .map(|(child, node)| (child.index, node))
             .collect();
         let mut differ = vec![0u8; wire::bitmap_len(n)];
-        let mut settle = vec![0u8; wire::bitmap_len(n)];
-        let mut present = vec![0u8; wire::bitmap_len(n)];
+        let mut verdicts = BitWriter::default();
         let mut expand_now = Vec::new();
+        let mut checks = Vec::new();
         let mut next = 0usize;
         for i in 0..n {
             let index = range.start + i as u64;
+            let position = next;
             let theirs = if wire::bit(&item.present, i) {
                 let d = &item.digests[next * rules.width..(next + 1) * rules.width];
                 next += 1;
@@ -180,9 +262,6 @@ pub(crate) fn build_step<S: RepairStore>(
                 None
             };
             let mine = ours.get(&index);
-            if mine.is_some() {
-                wire::set_bit(&mut present, i);
-            }
             let same = match (theirs, mine) {
                 (None, None) => true,
                 (Some(t), Some(m)) => &m.digest.as_bytes()[..rules.width] == t,
@@ -193,27 +272,49 @@ pub(crate) fn build_step<S: RepairStore>(
             }
             wire::set_bit(&mut differ, i);
             let child = NodeId::new(item.node.level + 1, index);
-            let settles = child.level == bucket_level
-                || theirs.is_none()
-                || mine.is_none_or(|m| m.leaf_count <= rules.leaf_list_max);
-            if settles {
-                wire::set_bit(&mut settle, i);
-                let client_has = match rules.side {
-                    Side::Client => mine.is_some(),
-                    Side::Server => theirs.is_some(),
-                };
-                built.settled.push(Settled {
-                    node: child,
-                    client_has,
-                    depth: built.depth,
-                });
-            } else {
-                expand_now.push(child);
+            let hints = item.hints.as_ref().and_then(|h| h.get(position));
+            let verdict = match (theirs, mine) {
+                // The peer lacks it: settled, no verdict travels.
+                (None, _) => None,
+                (Some(_), None) => Some(Verdict::SenderLacks),
+                (Some(_), Some(_)) if child.level == bucket_level => {
+                    match hints.map(|h| check_hinted(store, group, shard, child, h, rules)) {
+                        Some(Ok(Some(check))) => {
+                            checks.push(check.wire);
+                            built.copies.extend(check.copies);
+                            built.compared += check.compared;
+                            built.unmatched += check.unmatched;
+                            built.hinted.push(child);
+                            Some(Verdict::Hinted)
+                        }
+                        Some(Err(err)) => return Err(err),
+                        _ => Some(Verdict::Settled),
+                    }
+                }
+                (Some(_), Some(m)) if m.leaf_count <= rules.leaf_list_max => Some(Verdict::Settled),
+                (Some(_), Some(_)) => Some(Verdict::Descend),
+            };
+            if let Some(verdict) = verdict {
+                verdicts.push(verdict as u32, 2);
+            }
+            match verdict {
+                Some(Verdict::Descend) => expand_now.push(child),
+                Some(Verdict::Hinted) => {}
+                _ => {
+                    let client_has = match rules.side {
+                        Side::Client => mine.is_some(),
+                        Side::Server => theirs.is_some(),
+                    };
+                    built.settled.push(Settled {
+                        node: child,
+                        client_has,
+                        depth: 0,
+                    });
+                }
             }
         }
         built.page.packed.extend_from_slice(&differ);
-        built.page.packed.extend_from_slice(&settle);
-        built.page.packed.extend_from_slice(&present);
+        built.page.packed.extend_from_slice(&verdicts.finish());
         for child in expand_now {
             let (bitmap, digests, count) = expand(store, shape, group, shard, child, rules.width)?;
             built.page.packed.extend_from_slice(&bitmap);
@@ -223,7 +324,11 @@ pub(crate) fn build_step<S: RepairStore>(
                 node: child,
                 present: bitmap,
                 depth: 0,
+                hints: None,
             });
+        }
+        for check in checks {
+            built.page.packed.extend_from_slice(&check);
         }
     }
     for expanded in &mut built.expanded {
@@ -232,7 +337,120 @@ pub(crate) fn build_step<S: RepairStore>(
     for settled in &mut built.settled {
         settled.depth = built.depth;
     }
+    if let Some(earlier) = rules.hint_after {
+        add_hints(store, shape, group, shard, earlier, &mut built)?;
+    }
     Ok(Some(built))
+}
+
+/// A hinted bucket's check, built by the client.
+struct BuiltCheck {
+    /// The matched bitmap over the server's hinted leaves, then the sum of the matched leaves'
+    /// fingerprints (8 bytes little-endian).
+    wire: Vec<u8>,
+    copies: Vec<Entity>,
+    compared: u64,
+    unmatched: u64,
+}
+
+/// Matches our leaves under a differing bucket against the server's short fingerprints of its
+/// leaves there. `None` when our bucket is too large to match in one read (then it is settled
+/// and listed as usual).
+fn check_hinted<S: RepairStore>(
+    store: &S,
+    group: &str,
+    shard: u32,
+    bucket: NodeId,
+    theirs: &[u16],
+    rules: &StepRules,
+) -> Result<Option<BuiltCheck>, SyncError> {
+    let limit = rules.page_items.max(HINT_MAX_LEAVES + 1);
+    let leaves = store
+        .leaves_under(group, shard, bucket, None, limit)
+        .map_err(SyncError::store("reading leaves to match hints"))?;
+    if leaves.len() >= limit {
+        return Ok(None);
+    }
+    let mut matched = vec![0u8; wire::bitmap_len(theirs.len())];
+    let mut sum = 0u64;
+    let mut copies = Vec::new();
+    for leaf in &leaves {
+        let fp = wire::fingerprint(&leaf.digest);
+        let s = short(fp);
+        let free = (0..theirs.len()).find(|&j| theirs[j] == s && !wire::bit(&matched, j));
+        match free {
+            Some(j) => {
+                wire::set_bit(&mut matched, j);
+                sum = sum.wrapping_add(fp);
+            }
+            None => copies.push(leaf.entity.clone()),
+        }
+    }
+    let unmatched = (theirs.len() - count_ones(&matched)) as u64;
+    let mut wire = matched;
+    wire.extend_from_slice(&sum.to_le_bytes());
+    Ok(Some(BuiltCheck {
+        wire,
+        copies,
+        compared: leaves.len() as u64 + unmatched,
+        unmatched,
+    }))
+}
+
+/// Appends leaf hints to a built page when the rules allow it: every node the page expands is
+/// a parent of buckets, the sync has expanded few nodes, and no bucket is too large.
+fn add_hints<S: RepairStore>(
+    store: &S,
+    shape: &Shape,
+    group: &str,
+    shard: u32,
+    earlier: usize,
+    built: &mut BuiltStep,
+) -> Result<(), SyncError> {
+    let bucket_level = shape.bucket_level();
+    if built.expanded.is_empty()
+        || earlier + built.expanded.len() > HINT_MAX_EXPANSIONS
+        || built
+            .expanded
+            .iter()
+            .any(|e| e.node.level + 1 != bucket_level)
+    {
+        return Ok(());
+    }
+    let mut writer = BitWriter::default();
+    let mut remembered = Vec::with_capacity(built.expanded.len());
+    for expanded in &built.expanded {
+        let range = shape.child_range(expanded.node);
+        let mut per_bucket = Vec::new();
+        for i in 0..(range.end - range.start) as usize {
+            if !wire::bit(&expanded.present, i) {
+                continue;
+            }
+            let bucket = NodeId::new(bucket_level, range.start + i as u64);
+            let leaves = store
+                .leaves_under(group, shard, bucket, None, HINT_MAX_LEAVES + 1)
+                .map_err(SyncError::store("reading leaves to hint"))?;
+            if leaves.len() > HINT_MAX_LEAVES {
+                return Ok(());
+            }
+            let fps: Vec<u64> = leaves
+                .iter()
+                .map(|leaf| wire::fingerprint(&leaf.digest))
+                .collect();
+            writer.push(fps.len() as u32, 8);
+            for fp in &fps {
+                writer.push(u32::from(short(*fp)), SHORT_BITS);
+            }
+            per_bucket.push(fps);
+        }
+        remembered.push(per_bucket);
+    }
+    for (expanded, hints) in built.expanded.iter_mut().zip(remembered) {
+        expanded.hints = Some(hints);
+    }
+    built.page.hints = true;
+    built.page.packed.extend_from_slice(&writer.finish());
+    Ok(())
 }
 
 /// What a received step page says, checked as a whole before any state changes.
@@ -241,6 +459,8 @@ pub(crate) struct ReadStep {
     pub(crate) answered: usize,
     /// Children the peer settled.
     pub(crate) settled: Vec<Settled>,
+    /// Buckets the client settled by our hints, checked (server).
+    pub(crate) hinted: Vec<HintCheck>,
     /// The peer's expansions, for us to compare.
     pub(crate) to_compare: Vec<ToCompare>,
     /// The depth of the page.
@@ -275,60 +495,70 @@ pub(crate) fn read_step(
     let mut read = ReadStep {
         answered,
         settled: Vec::new(),
+        hinted: Vec::new(),
         to_compare: Vec::new(),
         depth,
     };
     for parent in awaiting.iter().take(answered) {
         let range = shape.child_range(parent.node);
         let n = (range.end - range.start) as usize;
-        let len = wire::bitmap_len(n);
-        let differ = reader.take(len)?;
-        let settle = reader.take(len)?;
-        let theirs = reader.take(len)?;
-        for bitmap in [differ, settle, theirs] {
-            wire::check_bitmap(FIELD, bitmap, n)?;
-        }
+        let differ = reader.take(wire::bitmap_len(n))?;
+        wire::check_bitmap(FIELD, differ, n)?;
+        // A verdict for each differing child we hold.
+        let coded = (0..n)
+            .filter(|&i| wire::bit(differ, i) && wire::bit(&parent.present, i))
+            .count();
+        let mut verdicts = BitReader::new(FIELD, reader.take((2 * coded).div_ceil(8))?);
         let mut expand_now = Vec::new();
+        let mut checks = Vec::new();
+        let mut position = 0usize;
         for i in 0..n {
             let mine = wire::bit(&parent.present, i);
-            let their = wire::bit(theirs, i);
-            let differs = wire::bit(differ, i);
-            let settles = wire::bit(settle, i);
-            if settles && !differs {
-                return Err(malformed(FIELD, "a settled child is not marked differing"));
-            }
-            if !differs {
-                if mine != their {
-                    return Err(malformed(
-                        FIELD,
-                        "a child held by one side only is not marked differing",
-                    ));
-                }
+            let at = position;
+            position += usize::from(mine);
+            if !wire::bit(differ, i) {
                 continue;
             }
-            if !mine && !their {
-                return Err(malformed(FIELD, "a child neither side holds differs"));
-            }
             let child = NodeId::new(parent.node.level + 1, range.start + i as u64);
-            if settles {
-                let client_has = match side {
-                    Side::Client => mine,
-                    Side::Server => their,
-                };
-                read.settled.push(Settled {
+            // Without a verdict: we lack it, so the sender holds it, and it is settled.
+            let verdict = if mine {
+                Verdict::from_bits(verdicts.take(2)? as u8)
+            } else {
+                Verdict::Settled
+            };
+            let client_has = match (side, verdict) {
+                (Side::Client, Verdict::SenderLacks) => true,
+                (Side::Server, Verdict::SenderLacks) => false,
+                (Side::Client, _) => mine,
+                (Side::Server, _) => true,
+            };
+            match verdict {
+                Verdict::Descend if child.level >= bucket_level => {
+                    return Err(malformed(
+                        FIELD,
+                        format!("descends into {child}, which must be settled"),
+                    ));
+                }
+                Verdict::Descend => expand_now.push(child),
+                Verdict::Hinted => {
+                    let hints = parent
+                        .hints
+                        .as_ref()
+                        .and_then(|h| h.get(at))
+                        .filter(|_| side == Side::Server && child.level == bucket_level)
+                        .ok_or_else(|| {
+                            malformed(FIELD, format!("{child} settled by hints never sent"))
+                        })?;
+                    checks.push((child, hints));
+                }
+                Verdict::Settled | Verdict::SenderLacks => read.settled.push(Settled {
                     node: child,
                     client_has,
                     depth,
-                });
-            } else if child.level >= bucket_level || !mine || !their {
-                return Err(malformed(
-                    FIELD,
-                    format!("descends into {child}, which must be settled"),
-                ));
-            } else {
-                expand_now.push(child);
+                }),
             }
         }
+        verdicts.finish()?;
         for child in expand_now {
             let (present, digests) = read_expansion(&mut reader, shape, child, width, FIELD)?;
             read.to_compare.push(ToCompare {
@@ -336,9 +566,197 @@ pub(crate) fn read_step(
                 present,
                 digests,
                 depth,
+                hints: None,
+            });
+        }
+        for (node, hinted) in checks {
+            let matched = reader.take(wire::bitmap_len(hinted.len()))?;
+            wire::check_bitmap(FIELD, matched, hinted.len())?;
+            let mut word = [0u8; 8];
+            word.copy_from_slice(reader.take(8)?);
+            let mut sum = 0u64;
+            let mut unmatched = Vec::new();
+            for (j, fp) in hinted.iter().enumerate() {
+                if wire::bit(matched, j) {
+                    sum = sum.wrapping_add(*fp);
+                } else {
+                    unmatched.push(*fp);
+                }
+            }
+            read.hinted.push(HintCheck {
+                node,
+                holds: sum == u64::from_le_bytes(word),
+                unmatched,
             });
         }
     }
+    if page.hints {
+        read_hints(&mut reader, shape, side, &mut read.to_compare)?;
+    }
     reader.finish()?;
     Ok(read)
+}
+
+/// Reads the leaf hints at the end of a server page: for every bucket each expansion holds, its
+/// leaf count and their short fingerprints.
+fn read_hints(
+    reader: &mut wire::Reader<'_>,
+    shape: &Shape,
+    side: Side,
+    to_compare: &mut [ToCompare],
+) -> Result<(), ProtocolError> {
+    const FIELD: &str = "TreeStep.hints";
+    if side != Side::Client
+        || to_compare.is_empty()
+        || to_compare
+            .iter()
+            .any(|t| t.node.level + 1 != shape.bucket_level())
+    {
+        return Err(malformed(
+            FIELD,
+            "set on a page that expands no parents of buckets only, or sent by the client",
+        ));
+    }
+    let mut bits = BitReader::new(FIELD, reader.rest());
+    for item in to_compare.iter_mut() {
+        let mut per_bucket = Vec::new();
+        for _ in 0..count_ones(&item.present) {
+            let count = bits.take(8)? as usize;
+            let shorts = (0..count)
+                .map(|_| bits.take(SHORT_BITS).map(|s| s as u16))
+                .collect::<Result<Vec<u16>, _>>()?;
+            per_bucket.push(shorts);
+        }
+        item.hints = Some(per_bucket);
+    }
+    bits.finish()
+}
+
+/// Packs fields of a few bits, least significant bit first, into bytes.
+#[derive(Default)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    used: u32,
+}
+
+impl BitWriter {
+    fn push(&mut self, value: u32, bits: u32) {
+        for k in 0..bits {
+            if self.used.is_multiple_of(8) {
+                self.bytes.push(0);
+            }
+            if value >> k & 1 == 1
+                && let Some(last) = self.bytes.last_mut()
+            {
+                *last |= 1 << (self.used % 8);
+            }
+            self.used += 1;
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// Reads what a [`BitWriter`] packed; the padding bits of the last byte must be zero.
+struct BitReader<'a> {
+    field: &'static str,
+    bytes: &'a [u8],
+    used: usize,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(field: &'static str, bytes: &'a [u8]) -> Self {
+        BitReader {
+            field,
+            bytes,
+            used: 0,
+        }
+    }
+
+    fn take(&mut self, bits: u32) -> Result<u32, ProtocolError> {
+        let mut value = 0u32;
+        for k in 0..bits {
+            let Some(byte) = self.bytes.get(self.used / 8) else {
+                return Err(malformed(self.field, "ends early"));
+            };
+            value |= u32::from(byte >> (self.used % 8) & 1) << k;
+            self.used += 1;
+        }
+        Ok(value)
+    }
+
+    fn finish(self) -> Result<(), ProtocolError> {
+        if self.used.div_ceil(8) != self.bytes.len() {
+            return Err(malformed(
+                self.field,
+                format!(
+                    "{} trailing bytes",
+                    self.bytes.len() - self.used.div_ceil(8)
+                ),
+            ));
+        }
+        if let Some(last) = self.bytes.last()
+            && !self.used.is_multiple_of(8)
+            && last >> (self.used % 8) != 0
+        {
+            return Err(malformed(self.field, "padding bits set"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_fields_round_trip_and_reject_padding_and_short_input() {
+        let mut writer = BitWriter::default();
+        writer.push(3, 2);
+        writer.push(0xabc, SHORT_BITS);
+        writer.push(200, 8);
+        let bytes = writer.finish();
+        assert_eq!(bytes.len(), 3, "22 bits take 3 bytes");
+        let mut reader = BitReader::new("f", &bytes);
+        assert_eq!(reader.take(2).expect("verdict"), 3);
+        assert_eq!(reader.take(SHORT_BITS).expect("short"), 0xabc);
+        assert_eq!(reader.take(8).expect("count"), 200);
+        reader.finish().expect("all read");
+        // A set padding bit, a missing field and a trailing byte are each rejected.
+        let mut padded = bytes.clone();
+        if let Some(last) = padded.last_mut() {
+            *last |= 0x80;
+        }
+        let mut reader = BitReader::new("f", &padded);
+        reader.take(22).expect("fields");
+        assert!(reader.finish().is_err());
+        let mut reader = BitReader::new("f", &bytes[..2]);
+        assert!(reader.take(22).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut reader = BitReader::new("f", &longer);
+        reader.take(22).expect("fields");
+        assert!(reader.finish().is_err());
+    }
+
+    #[test]
+    fn a_short_fingerprint_is_the_low_bits_of_the_fingerprint() {
+        assert_eq!(short(0x1234_5678_9abc_def0), 0xef0);
+        assert_eq!(short(0xfff), 0xfff);
+        assert_eq!(short(0x1000), 0);
+    }
+
+    #[test]
+    fn verdicts_decode_from_their_two_bits() {
+        for verdict in [
+            Verdict::Descend,
+            Verdict::Settled,
+            Verdict::SenderLacks,
+            Verdict::Hinted,
+        ] {
+            assert_eq!(Verdict::from_bits(verdict as u8), verdict);
+        }
+    }
 }

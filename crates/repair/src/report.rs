@@ -65,6 +65,10 @@ pub struct SyncReport {
     /// received message (1 for an in-sync check). A count of the protocol's structure, the same
     /// whatever the network's timing.
     pub round_trips: u32,
+    /// Buckets settled by the server's leaf hints whose check failed (two different leaves
+    /// shared a short fingerprint), so that they were listed in full: each such sync took one
+    /// round trip more.
+    pub rechecked: u64,
 }
 
 impl SyncReport {
@@ -148,4 +152,7 @@ pub struct ServerReport {
     pub bytes_sent: u64,
     /// Bytes received.
     pub bytes_received: u64,
+    /// Buckets the client settled by our leaf hints that we listed in full, a check having
+    /// failed.
+    pub rechecked: u64,
 }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use pb::repair_request::Msg as In;
 use pb::repair_response::Msg as Out;
-use propd_merkle::{Entity, InnerNode, NodeId, Shape};
+use propd_merkle::{Entity, InnerNode, NodeId, Property, Shape};
 use propd_proto::v1 as pb;
 use prost::Message;
 
@@ -49,17 +49,98 @@ enum Job {
     /// Find the versions the client asked for, then send them.
     Resolve(Vec<Wanted>),
     Copies(CopyQueue),
-    /// Stream the whole shard in entity order (the client's tree is empty), resuming after the
-    /// entity: the bulk path of version 2 for a wiped replica.
-    Shard {
-        after: Option<Entity>,
-    },
-    /// Stream every property under these nodes (the client lacks them), resuming after the
-    /// cursor in the front one: the bulk path of version 2.
-    Bulk {
+    /// Stream properties the client lacks as `BulkSync` pages: the bulk path of version 2.
+    Stream(Stream),
+}
+
+/// What a bulk stream sends, and where it resumes.
+#[derive(Debug)]
+enum Stream {
+    /// The whole shard in entity order (the client's tree is empty), after the entity.
+    Shard { after: Option<Entity> },
+    /// Every property under these nodes (the client lacks them), after the cursor in the front
+    /// one, in `(bucket, entity)` order.
+    Nodes {
         nodes: VecDeque<NodeId>,
         after: Option<LeafKey>,
     },
+}
+
+/// A stream's cursor after one property.
+enum Cursor {
+    Entity(Entity),
+    Leaf(LeafKey),
+}
+
+/// A batch read from a stream: each property (`None`: deleted since its leaf was read) with its
+/// cursor, and whether the batch ends the current part (the shard, or the front node).
+type StreamBatch = (Vec<(Cursor, Option<Property>)>, bool);
+
+impl Stream {
+    /// The next at most `want` properties of the current part; `None` when nothing is left.
+    fn read<S: RepairStore>(
+        &self,
+        store: &S,
+        group: &str,
+        shard: u32,
+        want: usize,
+    ) -> Result<Option<StreamBatch>, SyncError> {
+        match self {
+            Stream::Shard { after } => {
+                let found = store
+                    .properties_after(group, shard, after.as_ref(), want)
+                    .map_err(SyncError::store("reading the shard to stream"))?;
+                let ends = found.len() < want;
+                let mut batch = Vec::with_capacity(found.len());
+                for property in found {
+                    let entity = property
+                        .entity()
+                        .map_err(SyncError::store("reading the shard to stream"))?;
+                    batch.push((Cursor::Entity(entity), Some(property)));
+                }
+                Ok(Some((batch, ends)))
+            }
+            Stream::Nodes { nodes, after } => {
+                let Some(&node) = nodes.front() else {
+                    return Ok(None);
+                };
+                let leaves = store
+                    .leaves_under(group, shard, node, after.as_ref(), want)
+                    .map_err(SyncError::store("listing leaves to stream"))?;
+                let entities: Vec<Entity> = leaves.iter().map(|leaf| leaf.entity.clone()).collect();
+                let found = store
+                    .get_many(group, shard, &entities)
+                    .map_err(SyncError::store("reading properties to stream"))?;
+                let ends = leaves.len() < want;
+                let batch = leaves
+                    .iter()
+                    .map(|leaf| Cursor::Leaf(leaf_key(leaf)))
+                    .zip(found)
+                    .collect();
+                Ok(Some((batch, ends)))
+            }
+        }
+    }
+
+    fn advance(&mut self, cursor: Cursor) {
+        match (self, cursor) {
+            (Stream::Shard { after }, Cursor::Entity(entity)) => *after = Some(entity),
+            (Stream::Nodes { after, .. }, Cursor::Leaf(key)) => *after = Some(key),
+            _ => {}
+        }
+    }
+
+    /// Moves past the finished part; false when the stream is spent.
+    fn next_part(&mut self) -> bool {
+        match self {
+            Stream::Shard { .. } => false,
+            Stream::Nodes { nodes, after } => {
+                nodes.pop_front();
+                *after = None;
+                !nodes.is_empty()
+            }
+        }
+    }
 }
 
 /// Versions the client asked for under one listed node, and where to look for them: the
@@ -109,6 +190,14 @@ pub struct Server {
     awaiting: VecDeque<Expanded>,
     /// Version 3: nodes the client expanded, for us to compare and answer.
     to_compare: VecDeque<ToCompare>,
+    /// Version 3: nodes we expanded so far (leaf hints go only with the first few).
+    expanded: usize,
+    /// Version 3: buckets the client settled by our leaf hints, our leaves to send under those
+    /// whose check held (sent once the client's copies are applied), and whether a check failed
+    /// (then every hinted bucket is listed in full instead).
+    hinted: Vec<NodeId>,
+    hinted_wanted: Vec<Wanted>,
+    recheck: bool,
     listed: Listed,
     /// Entities we sent back as newer: not to be sent again when the client asks for them.
     returned: HashSet<Entity>,
@@ -135,6 +224,10 @@ impl Server {
             next_frontier: Vec::new(),
             awaiting: VecDeque::new(),
             to_compare: VecDeque::new(),
+            expanded: 0,
+            hinted: Vec::new(),
+            hinted_wanted: Vec::new(),
+            recheck: false,
             listed: Listed::default(),
             returned: HashSet::new(),
             out: VecDeque::new(),
@@ -253,11 +346,32 @@ impl Server {
                     && self.to_compare.is_empty() =>
             {
                 self.apply_pending(store);
-                self.phase = Phase::Draining;
+                self.end_hinted();
                 Ok(())
             }
             (phase, _) => Err(unexpected(phase).into()),
         }
+    }
+
+    /// At the client's `NoMorePropertySync`, with its copies applied: when every check of a
+    /// hinted bucket held, our leaves under them that the client matched none of are sent and
+    /// the sync drains; when one failed, every hinted bucket is listed in full and the sync goes
+    /// on until the client's next `NoMorePropertySync`.
+    fn end_hinted(&mut self) {
+        if self.recheck {
+            self.recheck = false;
+            self.hinted_wanted.clear();
+            let nodes: VecDeque<NodeId> = std::mem::take(&mut self.hinted).into();
+            self.report.rechecked += nodes.len() as u64;
+            self.out.push_back(Job::Leaves { nodes, after: None });
+            return;
+        }
+        self.hinted.clear();
+        let wanted = std::mem::take(&mut self.hinted_wanted);
+        if !wanted.is_empty() {
+            self.out.push_back(Job::Resolve(wanted));
+        }
+        self.phase = Phase::Draining;
     }
 
     fn apply_pending<S: RepairStore>(&mut self, store: &S) {
@@ -290,8 +404,11 @@ impl Server {
         self.shard = root.shard;
         self.preview = root.preview;
         self.report.preview = root.preview;
-        let theirs = wire::version_of(root.protocol_version);
-        self.version = theirs.min(self.config.protocol_version);
+        let negotiated = wire::negotiate(root.protocol_version, &self.config);
+        self.version = match negotiated {
+            Ok(version) => version,
+            Err(refused) => refused.peer.min(refused.max),
+        };
         self.report.protocol_version = self.version;
         let ours = store.shape();
         let mut answer = pb::RootCompare {
@@ -305,14 +422,14 @@ impl Server {
             }));
             this.phase = Phase::Draining;
         };
-        if self.version < self.config.min_protocol_version {
+        if let Err(refused) = negotiated {
             // Refused before anything is read. The tree and shape flags are set so that a
             // client of any version reports a refusal (not a missing tree, which it would skip).
             answer.tree_found = true;
             answer.shape_ok = true;
             answer.error = format!(
-                "the client speaks protocol version {theirs} at most, this node speaks versions {}..={}",
-                self.config.min_protocol_version, self.config.protocol_version
+                "the client speaks protocol version {} at most, this node speaks versions {}..={}",
+                refused.peer, refused.min, refused.max
             );
             done(self, answer);
             return Ok(());
@@ -348,6 +465,10 @@ impl Server {
         }
         self.shape = ours;
         self.wire_width = width as usize;
+        if self.version >= wire::STEP_VERSION {
+            // The shapes match: the client needs ours only to report a mismatch.
+            answer.server_shape = None;
+        }
         let node = store
             .tree_node(&self.group, self.shard, NodeId::ROOT)
             .map_err(SyncError::store("reading the root"))?;
@@ -369,7 +490,8 @@ impl Server {
                 msg: Some(Out::RootCompare(answer)),
             }));
             self.listed.insert(NodeId::ROOT);
-            self.out.push_back(Job::Shard { after: None });
+            self.out
+                .push_back(Job::Stream(Stream::Shard { after: None }));
             self.phase = Phase::Descent;
             // Level 1 with an empty frontier: no LevelDigests is accepted, and the sync ends
             // with SyncEnd after the client's NoMorePropertySync.
@@ -392,6 +514,7 @@ impl Server {
                 present,
                 digests,
                 depth: 0,
+                hints: None,
             });
             self.out.push_back(Job::Message(pb::RepairResponse {
                 msg: Some(Out::RootCompare(answer)),
@@ -422,6 +545,20 @@ impl Server {
         self.awaiting.drain(..read.answered);
         let (to_list, to_stream) = self.settle(&read.settled);
         self.queue_leaves(to_list, to_stream);
+        for check in read.hinted {
+            // The client's copies under it follow this step.
+            self.listed.insert(check.node);
+            self.hinted.push(check.node);
+            self.recheck |= !check.holds;
+            if !check.unmatched.is_empty() {
+                self.hinted_wanted.push(Wanted {
+                    node: check.node,
+                    fingerprints: check.unmatched.into_iter().collect(),
+                    after: None,
+                    until: None,
+                });
+            }
+        }
         self.to_compare.extend(read.to_compare);
         Ok(())
     }
@@ -451,10 +588,10 @@ impl Server {
         }
         // After the lists, so that the client merges them while the stream flows.
         if !to_stream.is_empty() {
-            self.out.push_back(Job::Bulk {
+            self.out.push_back(Job::Stream(Stream::Nodes {
                 nodes: to_stream,
                 after: None,
-            });
+            }));
         }
     }
 
@@ -466,6 +603,7 @@ impl Server {
             width: self.wire_width,
             page_items: self.config.page_items,
             leaf_list_max: self.config.leaf_list_max,
+            hint_after: (!self.preview).then_some(self.expanded),
         };
         let Some(built) = descent::build_step(
             store,
@@ -479,6 +617,7 @@ impl Server {
             return Ok(());
         };
         let (to_list, to_stream) = self.settle(&built.settled);
+        self.expanded += built.expanded.len();
         self.awaiting.extend(built.expanded);
         self.out.push_back(Job::Message(pb::RepairResponse {
             msg: Some(Out::TreeStep(built.page)),
@@ -650,19 +789,7 @@ impl Server {
                 packed,
             })),
         }));
-        if !to_list.is_empty() {
-            self.out.push_back(Job::Leaves {
-                nodes: to_list,
-                after: None,
-            });
-        }
-        // After the lists, so that the client merges them while the stream flows.
-        if !to_stream.is_empty() {
-            self.out.push_back(Job::Bulk {
-                nodes: to_stream,
-                after: None,
-            });
-        }
+        self.queue_leaves(to_list, to_stream);
         if page.last_page {
             self.frontier = std::mem::take(&mut self.next_frontier).into();
             self.level += 1;
@@ -723,8 +850,7 @@ impl Server {
                     None
                 }
                 Job::Copies(queue) => self.send_copies(store, queue)?,
-                Job::Bulk { nodes, after } => self.bulk_page(store, nodes, after)?,
-                Job::Shard { after } => self.shard_page(store, after)?,
+                Job::Stream(stream) => self.stream_page(store, stream)?,
             };
             if msg.is_some() {
                 return Ok(msg);
@@ -858,13 +984,13 @@ impl Server {
         Ok(())
     }
 
-    /// One `BulkSync` page of the whole shard in entity order, resuming after `after`: at most
-    /// `page_items` properties and about `page_bytes` bytes, read one store range at a time;
-    /// `None` once the shard is spent.
-    fn shard_page<S: RepairStore>(
+    /// One `BulkSync` page of `stream`: at most `page_items` properties and about `page_bytes`
+    /// bytes, read one store batch at a time (a larger single property travels alone). The
+    /// stream goes back to the front of the queue unless it is spent; `None` once it is.
+    fn stream_page<S: RepairStore>(
         &mut self,
         store: &S,
-        mut after: Option<Entity>,
+        mut stream: Stream,
     ) -> Result<Option<pb::RepairResponse>, SyncError> {
         const READ_BATCH: usize = 64;
         let limit = self.config.page_items;
@@ -873,84 +999,30 @@ impl Server {
         let mut spent = false;
         'fill: while page.len() < limit && bytes < self.config.page_bytes {
             let want = (limit - page.len()).min(READ_BATCH);
-            let found = store
-                .properties_after(&self.group, self.shard, after.as_ref(), want)
-                .map_err(SyncError::store("reading the shard to stream"))?;
-            spent = found.len() < want;
-            for property in &found {
-                after = Some(
-                    property
-                        .entity()
-                        .map_err(SyncError::store("reading the shard to stream"))?,
-                );
-                let property = wire::property_to_proto(property);
-                bytes += property.encoded_len();
-                page.push(property);
-                if bytes >= self.config.page_bytes {
-                    spent = false;
-                    break 'fill;
-                }
-            }
-            if spent {
+            let Some((batch, ends_part)) = stream.read(store, &self.group, self.shard, want)?
+            else {
+                spent = true;
                 break;
-            }
-        }
-        if !spent {
-            self.out.push_front(Job::Shard { after });
-        }
-        if page.is_empty() {
-            return Ok(None);
-        }
-        self.report.sent += page.len() as u64;
-        self.report.streamed += page.len() as u64;
-        Ok(Some(pb::RepairResponse {
-            msg: Some(Out::BulkSync(pb::PropertySync { properties: page })),
-        }))
-    }
-
-    /// One `BulkSync` page of the properties under `nodes`, in `(bucket, entity)` order,
-    /// resuming after `after` in the front node: at most `page_items` properties and about
-    /// `page_bytes` bytes, read one store page at a time. The nodes not finished go back to
-    /// the front of the queue; `None` once they are spent.
-    fn bulk_page<S: RepairStore>(
-        &mut self,
-        store: &S,
-        mut nodes: VecDeque<NodeId>,
-        mut after: Option<LeafKey>,
-    ) -> Result<Option<pb::RepairResponse>, SyncError> {
-        const READ_BATCH: usize = 64;
-        let limit = self.config.page_items;
-        let mut page: Vec<pb::Property> = Vec::new();
-        let mut bytes = 0usize;
-        'fill: while page.len() < limit && bytes < self.config.page_bytes {
-            let Some(&node) = nodes.front() else { break };
-            let want = (limit - page.len()).min(READ_BATCH);
-            let leaves = store
-                .leaves_under(&self.group, self.shard, node, after.as_ref(), want)
-                .map_err(SyncError::store("listing leaves to stream"))?;
-            let entities: Vec<Entity> = leaves.iter().map(|leaf| leaf.entity.clone()).collect();
-            let found = store
-                .get_many(&self.group, self.shard, &entities)
-                .map_err(SyncError::store("reading properties to stream"))?;
-            for (leaf, property) in leaves.iter().zip(found) {
-                after = Some(leaf_key(leaf));
+            };
+            for (cursor, property) in batch {
+                stream.advance(cursor);
                 // Deleted or purged since the leaf was read: nothing to send.
                 let Some(property) = property else { continue };
                 let property = wire::property_to_proto(&property);
                 bytes += property.encoded_len();
                 page.push(property);
                 if bytes >= self.config.page_bytes {
-                    // The node stays at the front, resuming after this leaf.
+                    // The stream resumes after this property.
                     break 'fill;
                 }
             }
-            if leaves.len() < want {
-                nodes.pop_front();
-                after = None;
+            if ends_part && !stream.next_part() {
+                spent = true;
+                break;
             }
         }
-        if !nodes.is_empty() {
-            self.out.push_front(Job::Bulk { nodes, after });
+        if !spent {
+            self.out.push_front(Job::Stream(stream));
         }
         if page.is_empty() {
             return Ok(None);

@@ -32,9 +32,40 @@ pub(crate) const BULK_VERSION: u32 = 2;
 /// The first version with the alternating descent (`TreeStep`, slots in `TreeRoot`).
 pub(crate) const STEP_VERSION: u32 = 3;
 
-/// A version number as sent: 0 (a peer that predates the field) means 1.
-pub(crate) fn version_of(sent: u32) -> u32 {
-    sent.max(1)
+/// A peer whose highest protocol version is below this node's minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VersionRefused {
+    /// The peer's highest version.
+    pub(crate) peer: u32,
+    /// This node's lowest and highest versions.
+    pub(crate) min: u32,
+    pub(crate) max: u32,
+}
+
+impl From<VersionRefused> for crate::error::SyncError {
+    fn from(refused: VersionRefused) -> Self {
+        crate::error::SyncError::UnsupportedVersion {
+            peer: refused.peer,
+            min: refused.min,
+            max: refused.max,
+        }
+    }
+}
+
+/// The version of a sync with a peer that sent `sent` as its version (0, from a peer that
+/// predates the field, means 1): the lower of the peer's and ours, refused below our minimum.
+/// Both sides decide the same way (docs/protocol.md, "Versions").
+pub(crate) fn negotiate(sent: u32, config: &crate::Config) -> Result<u32, VersionRefused> {
+    let peer = sent.max(1);
+    let version = peer.min(config.protocol_version);
+    if version < config.min_protocol_version {
+        return Err(VersionRefused {
+            peer,
+            min: config.min_protocol_version,
+            max: config.protocol_version,
+        });
+    }
+    Ok(version)
 }
 
 /// The wire form of a leaf key: the bucket as 8 bytes little-endian, then the entity's bytes.
@@ -148,6 +179,11 @@ impl<'a> Reader<'a> {
         let (head, rest) = self.bytes.split_at(n);
         self.bytes = rest;
         Ok(head)
+    }
+
+    /// Everything not read yet.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
     }
 
     pub(crate) fn finish(self) -> Result<(), ProtocolError> {

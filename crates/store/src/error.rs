@@ -224,6 +224,17 @@ pub enum StoreError {
     /// the write may or may not be stored.
     #[error("the group commit this write waited in was abandoned; it may or may not be stored")]
     GroupCommitAbandoned,
+    /// A step of a tombstone purge, carried by another write's transaction, failed: that write
+    /// failed with the underlying error, and the purge stopped.
+    #[error("the purge of group {group:?} shard {shard} stopped: a step of it failed: {detail}")]
+    PurgeStep {
+        /// The purged shard's group.
+        group: String,
+        /// The purged shard.
+        shard: u32,
+        /// What the step's error said.
+        detail: String,
+    },
 }
 
 macro_rules! from_redb {

@@ -243,6 +243,7 @@ impl ModelStore {
                 purged: doomed.len() as u64,
                 purged_below: state.purged_below,
                 chunks: doomed.len().div_ceil(chunk.max(1)) as u64,
+                ridden: 0,
             })
         })
     }

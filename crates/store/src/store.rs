@@ -84,6 +84,11 @@ pub struct RedbStore {
     /// Write transactions other than a purge's waiting for redb's writer: a purge gives the
     /// writer up to them (`purge`).
     waiting_writes: AtomicUsize,
+    /// Write transactions other than a purge's waiting for redb's writer or holding it: a purge
+    /// takes the writer itself only when there is none (`purge`).
+    busy_writes: AtomicUsize,
+    /// The purges in progress, whose steps the property writes' transactions carry (`purge`).
+    purges: purge::Purges,
     /// Synced commits since the store was opened: a purge syncs its own transactions only when
     /// no other write did for a while.
     durable_commits: AtomicU64,
@@ -174,6 +179,8 @@ impl RedbStore {
             rot: Arc::default(),
             damage: Mutex::new(None),
             waiting_writes: AtomicUsize::new(0),
+            busy_writes: AtomicUsize::new(0),
+            purges: purge::Purges::default(),
             durable_commits: AtomicU64::new(0),
         };
         store.guarded(|| store.check_recorded_config(existed))?;
@@ -469,6 +476,7 @@ impl RedbStore {
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let db = self.database()?;
+        let _busy = (writer == Writer::Counted).then(|| Waiting::new(&self.busy_writes));
         let mut txn = match writer {
             Writer::Counted => {
                 let _waiting = Waiting::new(&self.waiting_writes);

@@ -58,8 +58,12 @@ impl Seed {
 /// The stores and the sync's knobs.
 #[derive(Arbitrary, Debug)]
 pub struct Setup {
-    /// 4 slots, fanout 2, depth 2 (many levels for few leaves); otherwise the default shape.
-    small_shape: bool,
+    /// 0: the default shape; 1: 4 slots, fanout 2, depth 2 (many levels for few leaves); 2: 4
+    /// slots, fanout 2, depth 1 (the slots are the buckets' parents, so the server's first
+    /// step of version 3 hints the buckets' leaves).
+    shape: u8,
+    /// The protocol version both sides speak: 1 + version % 3.
+    version: u8,
     client: Vec<Seed>,
     server: Vec<Seed>,
     /// Wire digest width 16 instead of 8.
@@ -73,15 +77,20 @@ pub struct Setup {
 
 impl Setup {
     fn shape(&self) -> Shape {
-        if self.small_shape {
-            Shape {
+        match self.shape % 3 {
+            1 => Shape {
                 slot_count: 4,
                 fanout: 2,
                 depth: 2,
                 ..Shape::default()
-            }
-        } else {
-            Shape::default()
+            },
+            2 => Shape {
+                slot_count: 4,
+                fanout: 2,
+                depth: 1,
+                ..Shape::default()
+            },
+            _ => Shape::default(),
         }
     }
 
@@ -95,9 +104,9 @@ impl Setup {
             leaf_list_max: u64::from(self.leaf_list_max % 20),
             preview: self.preview,
             max_backlog: page_items + usize::from(self.extra_backlog % 16),
-            // Both wire versions: version 1 descends and lists, version 2 streams one-sided
-            // subtrees.
-            protocol_version: if self.preview { 1 } else { 2 },
+            // Every wire version: version 1 descends and lists, version 2 streams one-sided
+            // subtrees, version 3 descends in alternating steps with leaf hints.
+            protocol_version: 1 + u32::from(self.version % 3),
             min_protocol_version: 1,
         }
     }
@@ -259,6 +268,8 @@ pub enum Request {
         leaf_count: u64,
         preview: bool,
         wire_digest_width: u32,
+        protocol_version: u8,
+        slots: Vec<u8>,
     },
     LevelDigests {
         level: u32,
@@ -269,6 +280,26 @@ pub enum Request {
     PropertyMissing(Vec<(u32, u64, Vec<u8>)>),
     PropertySync(Vec<WireProperty>),
     NoMorePropertySync,
+    TreeStep(WireStep),
+}
+
+/// A version-3 descent step of any content: answered parents, packed verdicts, expansions and
+/// hint checks, and the hints flag.
+#[derive(Arbitrary, Debug)]
+pub struct WireStep {
+    parents: u8,
+    packed: Vec<u8>,
+    hints: bool,
+}
+
+impl WireStep {
+    fn make(self) -> pb::TreeStep {
+        pb::TreeStep {
+            parents: u32::from(self.parents),
+            packed: self.packed,
+            hints: self.hints,
+        }
+    }
 }
 
 impl Request {
@@ -284,6 +315,8 @@ impl Request {
                 leaf_count,
                 preview,
                 wire_digest_width,
+                protocol_version,
+                slots,
             } => Some(Msg::TreeRoot(pb::TreeRoot {
                 group: group.make(GROUP),
                 shard,
@@ -292,8 +325,8 @@ impl Request {
                 leaf_count,
                 preview,
                 wire_digest_width,
-                protocol_version: 2,
-                slots: Vec::new(),
+                protocol_version: u32::from(protocol_version % 5),
+                slots,
             })),
             Request::LevelDigests {
                 level,
@@ -320,6 +353,7 @@ impl Request {
             })),
             Request::PropertySync(properties) => Some(Msg::PropertySync(page(properties))),
             Request::NoMorePropertySync => Some(Msg::NoMorePropertySync(pb::NoMorePropertySync {})),
+            Request::TreeStep(step) => Some(Msg::TreeStep(step.make())),
         };
         pb::RepairRequest { msg }
     }
@@ -336,6 +370,8 @@ pub enum Response {
         server_shape: WireShape,
         error: String,
         leaf_count: u64,
+        protocol_version: u8,
+        whole_shard: bool,
     },
     LevelDiff {
         level: u32,
@@ -348,6 +384,8 @@ pub enum Response {
         applied: u64,
         failed: u64,
     },
+    TreeStep(WireStep),
+    BulkSync(Vec<WireProperty>),
 }
 
 impl Response {
@@ -362,6 +400,8 @@ impl Response {
                 server_shape,
                 error,
                 leaf_count,
+                protocol_version,
+                whole_shard,
             } => Some(Msg::RootCompare(pb::RootCompare {
                 tree_found,
                 shape_ok,
@@ -369,8 +409,8 @@ impl Response {
                 server_shape: server_shape.make(),
                 error,
                 leaf_count,
-                protocol_version: 2,
-                whole_shard: false,
+                protocol_version: u32::from(protocol_version % 5),
+                whole_shard,
             })),
             Response::LevelDiff {
                 level,
@@ -402,6 +442,8 @@ impl Response {
             Response::SyncEnd { applied, failed } => {
                 Some(Msg::SyncEnd(pb::SyncEnd { applied, failed }))
             }
+            Response::TreeStep(step) => Some(Msg::TreeStep(step.make())),
+            Response::BulkSync(properties) => Some(Msg::BulkSync(page(properties))),
         };
         pb::RepairResponse { msg }
     }

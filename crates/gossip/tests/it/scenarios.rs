@@ -618,6 +618,73 @@ fn a_hand_off_delivered_twice_runs_once() {
     assert!(engine.poll_command().is_none());
 }
 
+#[test]
+fn a_late_repeat_is_recognised_after_other_rounds_were_accepted_since() {
+    // Hops are remembered beyond the last one: a hand-off retried after this node accepted a
+    // round of another shard still starts nothing.
+    let mut engine = Engine::new("a".into(), Config::default());
+    let first = context("b-0-1", "b", Millis(0));
+    let mut other = context("c-0-1", "c", Millis(0));
+    other.context.key = key(1);
+    for hop in [first.clone(), other] {
+        assert_eq!(
+            engine.handle_propagate(Millis(1), hop),
+            Ok(Admission::Accepted)
+        );
+        assert!(matches!(next_action(&mut engine), Some(Command::Sync(_))));
+    }
+    let id = MessageId("b-0-1".into());
+    engine.handle_sync_done(Millis(2), &id, "b", Ok(Default::default()));
+    assert!(matches!(
+        next_action(&mut engine),
+        Some(Command::HandOff { .. })
+    ));
+    engine.handle_hand_off(Millis(3), &id, "b", HandOffOutcome::Accepted);
+    assert!(engine.running(&key(0)).is_none());
+    assert_eq!(
+        engine.handle_propagate(Millis(4), first),
+        Ok(Admission::Accepted)
+    );
+    assert!(
+        next_action(&mut engine).is_none(),
+        "the late repeat of the first hop starts nothing"
+    );
+}
+
+#[test]
+fn rounds_started_in_the_same_millisecond_get_distinct_ids() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    assert_eq!(engine.node_id(), "a");
+    let ids: Vec<MessageId> = (0..3)
+        .map(|shard| {
+            let request = propd_gossip::StartRequest {
+                key: key(shard),
+                nodes: vec!["a".into(), "b".into(), "c".into()],
+                preview: false,
+            };
+            engine.start(Millis(5), request).expect("valid")
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            MessageId("a-5-1".into()),
+            MessageId("a-5-2".into()),
+            MessageId("a-5-3".into())
+        ]
+    );
+}
+
+#[test]
+fn an_engine_keeps_the_timeouts_it_was_given() {
+    let config = Config {
+        sync_timeout: Duration::from_secs(7),
+        ..Config::default()
+    };
+    assert_ne!(config, Config::default());
+    assert_eq!(Engine::new("a".into(), config).config(), config);
+}
+
 /// The next command other than progress (`ReportProgress`, `Step`), which a holder emits after
 /// each sync besides the command that moves the round on.
 fn next_action(engine: &mut Engine) -> Option<Command> {

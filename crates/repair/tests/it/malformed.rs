@@ -73,6 +73,7 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
             msg: Some(Msg::TreeStep(pb::TreeStep {
                 parents: 99,
                 packed: vec![0; 6],
+                ..Default::default()
             })),
         },
     ];
@@ -94,8 +95,9 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
             bad.push(pb::RepairRequest {
                 msg: Some(Msg::TreeStep(cut)),
             });
-            // A child marked differing that neither side holds, or a stray bit past the
-            // children: the first parent's `differ` bitmap with every bit set.
+            // The first parent's `differ` bitmap with every bit set: the verdicts, expansions
+            // and checks it implies no longer match the packed bytes (or a bit lies past the
+            // children).
             let mut stray = page.clone();
             if let Some(first) = stray.packed.first_mut() {
                 *first = 0xff;
@@ -146,6 +148,7 @@ fn bad_responses() -> Vec<pb::RepairResponse> {
             msg: Some(Msg::TreeStep(pb::TreeStep {
                 parents: 99,
                 packed: vec![0; 6],
+                ..Default::default()
             })),
         },
     ]

@@ -19,15 +19,19 @@ fn diverged(shape: Shape, n: usize, d: usize) -> (ModelStore, ModelStore) {
     put(&a, 0, base.clone());
     put(&b, 0, base);
     for k in 0..d {
-        let id = format!("e{:06}", k * (n / d.max(1)));
-        match k % 4 {
-            0 => put(&a, 0, vec![prop(&id, 2, "client", 0)]),
-            1 => put(&b, 0, vec![prop(&id, 2, "server", 0)]),
-            2 => put(&a, 0, vec![prop(&format!("{id}-c"), 1, "only", 0)]),
-            _ => put(&b, 0, vec![prop(&format!("{id}-s"), 1, "only", 0)]),
-        }
+        differ(&a, &b, &format!("e{:06}", k * (n / d.max(1))), k % 4);
     }
     (a, b)
+}
+
+/// One difference at `id` of the `kind`-th kind of [`diverged`].
+fn differ(a: &ModelStore, b: &ModelStore, id: &str, kind: usize) {
+    match kind {
+        0 => put(a, 0, vec![prop(id, 2, "client", 0)]),
+        1 => put(b, 0, vec![prop(id, 2, "server", 0)]),
+        2 => put(a, 0, vec![prop(&format!("{id}-c"), 1, "only", 0)]),
+        _ => put(b, 0, vec![prop(&format!("{id}-s"), 1, "only", 0)]),
+    }
 }
 
 type MakeConfig = fn(u32) -> Config;
@@ -91,22 +95,128 @@ fn the_in_sync_check_is_one_round_trip_under_512_bytes() {
 }
 
 #[test]
-fn one_difference_takes_four_round_trips_at_version_3_and_six_at_version_2() {
+fn one_difference_takes_three_round_trips_at_version_3_and_six_at_version_2() {
     // The default shape: root, 32 slots, three bucket levels, leaves. Version 3 descends one
     // level per half round trip from the slots sent with the root: the server compares the
-    // slots, the client level 2, the server level 3, the client the buckets; the server lists
-    // the bucket, the client sends its copy and requests, the server answers and ends.
-    for (protocol_version, round_trips) in [(3, 4), (2, 6)] {
+    // slots, the client level 2, the server level 3 (sending the buckets' digests with the
+    // short fingerprints of their leaves), the client the buckets and their leaves (its copy,
+    // its check and NoMorePropertySync); the server sends its copy and ends.
+    for (protocol_version, round_trips) in [(3, 3), (2, 6)] {
         let (a, b) = diverged(Shape::default(), 2000, 1);
         let (report, flights) = lockstep(&a, &b, deep(protocol_version), deep(protocol_version));
         assert_eq!(contents(&a, 0), contents(&b, 0));
         assert_eq!(report.protocol_version, protocol_version);
         assert_eq!(
-            (report.round_trips, flights.div_ceil(2)),
-            (round_trips, round_trips),
+            (report.round_trips, flights.div_ceil(2), report.rechecked),
+            (round_trips, round_trips, 0),
             "version {protocol_version}: {report:?}"
         );
     }
+}
+
+#[test]
+fn one_difference_of_each_kind_takes_at_most_three_round_trips_in_every_shape() {
+    // Each kind alone (client newer, server newer, only on the client, only on the server), in
+    // shapes of every parity of depth and with early listing on or off.
+    let shapes = [
+        Shape::default(),
+        small_shape(),
+        Shape::reference(),
+        Shape {
+            depth: 2,
+            ..Shape::default()
+        },
+        Shape {
+            depth: 1,
+            ..Shape::default()
+        },
+    ];
+    for shape in shapes {
+        for kind in 0..4 {
+            for config in [deep(3), version(3)] {
+                let (a, b) = diverged(shape, 1200, 0);
+                differ(&a, &b, "e000777", kind);
+                let expected = merged(&contents(&a, 0), &contents(&b, 0), &shape);
+                let (report, flights) = lockstep(&a, &b, config.clone(), config);
+                assert_eq!(contents(&a, 0), expected);
+                assert_eq!(contents(&b, 0), expected);
+                assert_eq!(report.round_trips, flights.div_ceil(2));
+                assert!(report.round_trips <= 3, "{shape:?} kind {kind}: {report:?}");
+            }
+        }
+    }
+}
+
+/// A property of `id` whose leaf shares the 12 low fingerprint bits of `other`'s leaf but
+/// differs from it (found by trying tag values).
+fn short_collision(id: &str, revision: i64, other: &Property, shape: &Shape) -> Property {
+    let fp = |p: &Property| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&p.leaf_digest(shape).as_bytes()[..8]);
+        u64::from_le_bytes(word)
+    };
+    let target = fp(other) & 0xfff;
+    (0..1_000_000)
+        .map(|k| prop(id, revision, &format!("c{k}"), 0))
+        .find(|p| fp(p) & 0xfff == target && fp(p) != fp(other))
+        .expect("a 12-bit collision within a million tries")
+}
+
+#[test]
+fn a_short_fingerprint_collision_falls_back_to_the_full_list_and_loses_nothing() {
+    // The same entity in two versions whose leaves share their short fingerprint: the client
+    // matches its leaf to the server's by the hint, the server's check of the full fingerprints
+    // fails, and every hinted bucket is listed in full: one round trip more, both converge.
+    let shape = Shape::default();
+    for client_newer in [true, false] {
+        let (a, b) = diverged(shape, 2000, 0);
+        // Both newer than the common version (revision 1).
+        let (ours, theirs) = if client_newer { (3, 2) } else { (2, 3) };
+        let server = prop("e000777", theirs, "server", 0);
+        let client = short_collision("e000777", ours, &server, &shape);
+        put(&a, 0, vec![client.clone()]);
+        put(&b, 0, vec![server.clone()]);
+        let (report, flights) = lockstep(&a, &b, deep(3), deep(3));
+        assert_eq!(contents(&a, 0), contents(&b, 0));
+        let winner = if client_newer { &client } else { &server };
+        assert!(contents(&b, 0).contains(winner));
+        assert_eq!(
+            (report.rechecked, report.round_trips, flights.div_ceil(2)),
+            (1, 4, 4),
+            "{report:?}"
+        );
+    }
+    // Two entities of one bucket, one only on each side, sharing their short fingerprint: the
+    // client takes them for one leaf until the server's check. (A shape of few buckets, whose
+    // slots are the buckets' parents: the server hints them in its first step.)
+    let few = Shape {
+        slot_count: 4,
+        fanout: 2,
+        depth: 1,
+        ..Shape::default()
+    };
+    let fp = |p: &Property| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&p.leaf_digest(&few).as_bytes()[..8]);
+        u64::from_le_bytes(word)
+    };
+    let (a, b) = diverged(few, 300, 0);
+    let server = prop("s-only", 1, "x", 0);
+    let bucket = few.bucket_of(&server.entity().expect("entity"));
+    let client = (0..10_000_000)
+        .map(|k| prop(&format!("c-only-{k}"), 1, "x", 0))
+        .find(|p| {
+            fp(p) & 0xfff == fp(&server) & 0xfff
+                && few.bucket_of(&p.entity().expect("entity")) == bucket
+        })
+        .expect("an entity of the same bucket with a colliding short fingerprint");
+    put(&a, 0, vec![client]);
+    put(&b, 0, vec![server]);
+    let expected = merged(&contents(&a, 0), &contents(&b, 0), &few);
+    let (report, _) = lockstep(&a, &b, deep(3), deep(3));
+    assert_eq!(contents(&a, 0), expected);
+    assert_eq!(contents(&b, 0), expected);
+    assert_eq!(report.rechecked, 1, "{report:?}");
 }
 
 #[test]
@@ -192,4 +302,23 @@ fn a_peer_below_the_minimum_version_is_refused_naming_both_versions() {
     // The same nodes with the default minimum sync.
     let (report, _) = sync_in_memory(&a, &b, GROUP, 0, version(2)).expect("sync");
     assert_eq!(report.protocol_version, 2);
+}
+
+#[test]
+fn an_empty_client_previews_and_syncs_at_version_3() {
+    // An empty client sends an empty expansion of the root; in preview the server descends from
+    // its slots and lists them (found by the repair_client fuzz target: the server failed on
+    // missing slots).
+    let (_, b) = diverged(Shape::default(), 300, 0);
+    let a = model(Shape::default(), 1);
+    let preview = Config {
+        preview: true,
+        ..version(3)
+    };
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, preview).expect("preview");
+    assert_eq!((report.protocol_version, report.requested), (3, 300));
+    assert!(contents(&a, 0).is_empty());
+    let (report, _) = sync_in_memory(&a, &b, GROUP, 0, version(3)).expect("sync");
+    assert_eq!(report.streamed, 300);
+    assert_eq!(contents(&a, 0), contents(&b, 0));
 }

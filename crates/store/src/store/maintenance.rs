@@ -22,6 +22,9 @@ pub struct PurgeReport {
     pub purged_below: i64,
     /// Write transactions the purge took (each removes at most the chunk size).
     pub chunks: u64,
+    /// Of the purge's steps, those that writes' transactions carried (docs/protocol.md, "The
+    /// life of a delete", rule 4).
+    pub ridden: u64,
 }
 
 /// What a copy knows of its shard's purging: the bookkeeping of [`RedbStore::purge_tombstones`]

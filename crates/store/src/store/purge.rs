@@ -1,56 +1,69 @@
-//! Purging a shard's tombstones below its purge line, in short write transactions that give the
-//! writer back to the node's writes (docs/protocol.md, "The life of a delete";
-//! docs/benchmarks.md, "purge").
+//! Purging a shard's tombstones below its purge line while writes keep flowing (docs/protocol.md,
+//! "The life of a delete"; docs/benchmarks.md, "purge").
 //!
-//! A purge transaction works in steps: a step removes a few tombstones (found by scanning the
-//! shard's properties, inside the transaction, from where the previous step ended) and flushes
-//! a few of the oldest leaf-log changes into the tree, so that the log stays short and no write
-//! meets a full log and pays a whole flush. The transaction commits after the step that reached
-//! the chunk or its time budget, or, as soon as another write waits for the writer, after the
-//! step in progress.
+//! A purge is a job the store's writes carry: while one is in progress, every property write
+//! transaction (`RedbStore::write_shards`, so every group of the group commit) also does one step
+//! of it before it commits: a step removes a few tombstones (found by scanning the shard's
+//! properties, inside the transaction, from where the previous step ended) and flushes a few of
+//! the oldest leaf-log changes into the tree, so that the log stays short and no write meets a
+//! full log and pays a whole flush. A write therefore never waits for a purge transaction of its
+//! own, nor for its sync: it pays one step, and its own sync writes the step's pages. And a purge
+//! cannot be starved by writes: each write transaction that starts while it is in progress moves
+//! it on by one step, however the writes contend for redb's writer.
 //!
-//! Purge transactions are not synced: a purge lost in a crash is redone by the next one (the
-//! purge line it used was made durable first, so the tombstones it had removed are neither
-//! stored again nor sent meanwhile), and each transaction leaves the properties, the leaf log
-//! and the tree consistent with each other, so any prefix of them is a consistent store. They
-//! become durable with the next synced commit of the store: a write's, or the purge's own when
-//! no write synced for a while, and always the purge's last one.
+//! When no write is in a transaction or waiting for one, and none carried a step for a moment
+//! (`PATIENCE`), the purge takes the writer itself, in transactions that commit after a time
+//! budget, a chunk of removals, or the step in progress as soon as a write waits.
+//!
+//! The line is raised first, in a synced transaction (a write's, made synced for that, or the
+//! purge's own): the removals come after it. The other purge transactions are synced as the
+//! store's writes are (a write's) or not at all (the purge's own): a purge lost in a crash is
+//! redone by the next one (the line it used was durable first, so the tombstones it had removed
+//! are neither stored again nor sent meanwhile), and each transaction leaves the properties, the
+//! leaf log and the tree consistent with each other, so any prefix of them is a consistent store.
+//! A purge whose last step was not synced ends with a synced transaction (again a write's, or its
+//! own), so it is durable when it returns.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
 use std::time::{Duration, Instant};
 
 use redb::{Durability, ReadableTable};
 
+use crate::config::ReadCheck;
 use crate::error::StoreError;
 use crate::repair_view::below_line;
 use crate::store::RedbStore;
 use crate::store::maintenance::PurgeReport;
 use crate::store::quarantine::Rotten;
-use crate::store::rows::{decode_row, read_meta};
-use crate::store::writer::ShardWriter;
-use crate::tables::META;
+use crate::store::rows::decode_row;
+use crate::store::writer::{ShardWriter, ShardWriters};
 
-/// How a purge paces its write transactions.
+/// How a purge paces its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PurgePace {
-    /// Tombstones one transaction removes at most.
+    /// Tombstones one transaction of the purge's own removes at most.
     pub chunk: usize,
-    /// Tombstones one step removes at most, and half the leaf-log changes it flushes: the
-    /// granularity at which a transaction checks its budget and whether a write waits. With a
-    /// budget, steps grow while no write waits and each takes well under the budget, and fall
-    /// back to this size as soon as one does.
+    /// Tombstones one step removes at most, and half the leaf-log changes it flushes: what a
+    /// write's transaction carries, and the granularity at which a transaction of the purge's
+    /// own checks its budget and whether a write waits. With a budget, the steps of the purge's
+    /// own transactions grow while no write waits and each takes well under the budget, and
+    /// fall back to this size as soon as one does.
     pub step: usize,
-    /// Writer time one transaction takes at most before it commits (checked after each step);
-    /// `None`: only the chunk bounds it.
+    /// Writer time one transaction of the purge's own takes at most before it commits (checked
+    /// after each step); `None`: only the chunk bounds it.
     pub budget: Option<Duration>,
-    /// Whether a transaction commits after the step in progress when another write waits for
-    /// the writer, and the next waits until that write has the writer.
+    /// Whether the purge gives way to writes: the writes' transactions carry its steps, it takes
+    /// the writer itself only while no write is under way, and a transaction of its own commits
+    /// after the step in progress when a write waits. Without it, the purge works in
+    /// transactions of its own only, whatever else happens on the node.
     pub yield_to_writes: bool,
 }
 
 impl PurgePace {
-    /// Transactions of exactly `chunk` removals each (the last may have fewer), whatever else
-    /// happens on the node: for tests that count them.
+    /// Transactions of exactly `chunk` removals each (the last may have fewer), all the purge's
+    /// own, whatever else happens on the node: for tests that count them.
     pub const fn chunks(chunk: usize) -> Self {
         PurgePace {
             chunk,
@@ -61,18 +74,18 @@ impl PurgePace {
     }
 }
 
-/// The node's purge pace (docs/benchmarks.md, "purge"): steps of 8 removals and 16 flushed
-/// leaf-log changes, transactions of at most 2 ms of writer time and 4 096 removals, given up
-/// to any write that waits.
+/// The node's purge pace (docs/benchmarks.md, "purge"): steps of 16 removals and 32 flushed
+/// leaf-log changes, one in each write's transaction; alone, transactions of at most 2 ms of
+/// writer time and 4 096 removals, given up to any write that waits.
 pub const PURGE_PACE: PurgePace = PurgePace {
     chunk: 4096,
-    step: 8,
+    step: 16,
     budget: Some(Duration::from_millis(2)),
     yield_to_writes: true,
 };
 
-/// Unsynced purge transactions in a row after which the purge syncs one itself, when no other
-/// write of the store synced meanwhile: the redb write buffer holds the pages of unsynced
+/// Unsynced purge transactions of its own in a row after which the purge syncs one, when no
+/// other write of the store synced meanwhile: the redb write buffer holds the pages of unsynced
 /// transactions and their freed pages are reused only after a synced commit.
 const SYNC_AFTER: u32 = 32;
 
@@ -80,10 +93,12 @@ const SYNC_AFTER: u32 = 32;
 /// live properties does not hold the writer for a whole scan.
 const SCAN_PER_STEP: usize = 512;
 
-/// How long a purge waits, between two transactions, for the writes that wait for the writer.
-const GIVE_WAY: Duration = Duration::from_millis(50);
+/// How long a purge waits for a write's transaction to carry its next step before it takes the
+/// writer itself, once no write is under way.
+const PATIENCE: Duration = Duration::from_millis(2);
 
 /// Where a purge's scan is.
+#[derive(Debug, Clone, Default)]
 struct Cursor {
     /// The last property key the scan examined (`None`: before the first).
     after: Option<String>,
@@ -91,20 +106,193 @@ struct Cursor {
     exhausted: bool,
 }
 
-/// What one purge transaction did.
-#[derive(Debug, Default)]
-struct Done {
-    removed: u64,
-    flushed: u64,
-    /// Leaf-log changes left after it.
-    pending: u64,
+/// What a purge does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Raise the line, in a synced transaction.
+    Raise,
+    /// Remove the tombstones below it and flush the leaf log.
+    Remove,
+    /// Make the removals durable: a synced transaction.
+    Sync,
+    /// Nothing: the purge is durable.
+    Done,
 }
 
-/// The size of the next step of a purge with a time budget: back to the pace's `step` when a
-/// write waited, doubled (up to `chunk`) after a step that took less than a quarter of the
-/// budget, halved (down to `step`) after one that took more than half of it. So a purge that no
-/// write waits for works in larger steps, which flush the tree more cheaply, while a write that
-/// comes waits for half the budget at most. Without a budget the size stays `step`.
+/// How far a purge got; changed only by transactions that committed.
+#[derive(Debug, Clone)]
+struct Progress {
+    phase: Phase,
+    cursor: Cursor,
+    /// Leaf-log changes the purge still flushes once the scan is over: those it found then
+    /// (changes that writes add later wait for the next flush).
+    flush_left: Option<u64>,
+    /// The line after the raise.
+    purged_below: i64,
+    purged: u64,
+    /// Transactions that removed some tombstones.
+    chunks: u64,
+    /// Steps carried by writes' transactions.
+    ridden: u64,
+    /// Transactions that moved the purge on (writes' and its own).
+    advanced: u64,
+    /// Whether a transaction that moved it on since its last synced one was not synced.
+    unsynced: bool,
+}
+
+/// One purge in progress.
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    group: String,
+    shard: u32,
+    line: i64,
+    /// The pace's step.
+    step: usize,
+    /// Whether writes' transactions carry its steps.
+    rides: bool,
+    progress: Progress,
+    /// The error of a write's transaction that carried a step of it: the purge stops with it.
+    failed: Option<StoreError>,
+}
+
+/// The purges in progress in a store, which its property writes carry.
+#[derive(Debug, Default)]
+pub(super) struct Purges {
+    jobs: Mutex<Vec<Job>>,
+    /// Signalled when a purge moved on or failed.
+    changed: Condvar,
+    /// Purges in progress that writes carry: a write looks at the jobs only when some are.
+    riding: AtomicUsize,
+    /// Of those, the ones with their line still to raise: the next write's transaction is synced
+    /// (read without the lock, so that a write never waits for the jobs before it has the
+    /// writer).
+    raising: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+impl Purges {
+    /// The jobs. Every change under the lock replaces whole fields, so a panic elsewhere cannot
+    /// leave a job half-changed: a poisoned lock is used as it is.
+    fn lock(&self) -> MutexGuard<'_, Vec<Job>> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the next write transaction is to be synced: a purge that writes carry has its
+    /// line to raise.
+    pub(super) fn want_sync(&self) -> bool {
+        self.raising.load(Ordering::Acquire) > 0
+    }
+
+    /// Keeps what a committed transaction did to a job, and tells its purge.
+    fn keep(&self, job: &mut Job, progress: Progress) {
+        if job.rides && job.progress.phase == Phase::Raise && progress.phase != Phase::Raise {
+            self.raising.fetch_sub(1, Ordering::AcqRel);
+        }
+        job.progress = progress;
+        self.changed.notify_all();
+    }
+
+    fn start(&self, group: &str, shard: u32, line: i64, pace: PurgePace, step: usize) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().push(Job {
+            id,
+            group: group.to_owned(),
+            shard,
+            line,
+            step,
+            rides: pace.yield_to_writes,
+            progress: Progress {
+                phase: Phase::Raise,
+                cursor: Cursor::default(),
+                flush_left: None,
+                purged_below: 0,
+                purged: 0,
+                chunks: 0,
+                ridden: 0,
+                advanced: 0,
+                unsynced: false,
+            },
+            failed: None,
+        });
+        if pace.yield_to_writes {
+            self.riding.fetch_add(1, Ordering::AcqRel);
+            self.raising.fetch_add(1, Ordering::AcqRel);
+        }
+        id
+    }
+
+    fn end(&self, id: u64) {
+        let mut jobs = self.lock();
+        if let Some(index) = jobs.iter().position(|job| job.id == id) {
+            let job = jobs.swap_remove(index);
+            if job.rides {
+                self.riding.fetch_sub(1, Ordering::AcqRel);
+                if job.progress.phase == Phase::Raise {
+                    self.raising.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}
+
+impl Job {
+    /// Whether a write's transaction carries a step of it now.
+    fn carried(&self) -> bool {
+        self.rides && self.failed.is_none() && self.progress.phase != Phase::Done
+    }
+}
+
+/// Position of job `id` among `jobs`; it is there from its start to its end, which only its own
+/// purge calls.
+fn position(jobs: &[Job], id: u64) -> usize {
+    jobs.iter()
+        .position(|job| job.id == id)
+        .unwrap_or_else(|| unreachable!("purge job {id} ended while its purge runs"))
+}
+
+/// How durable the transaction a step runs in is.
+#[derive(Debug, Clone, Copy)]
+struct Durable {
+    /// Synced.
+    synced: bool,
+    /// As durable as the store's writes are (synced, or the store does not sync).
+    as_writes: bool,
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stepped {
+    removed: u64,
+    /// Whether it changed anything stored (raised the line, removed or flushed).
+    wrote: bool,
+    /// Whether it moved the purge on (wrote, or changed its phase).
+    moved: bool,
+}
+
+/// The steps of the purges a write's transaction carried, kept once it committed (dropped
+/// unkept when it was aborted: the purges are where they were).
+pub(super) struct Carried<'a> {
+    jobs: MutexGuard<'a, Vec<Job>>,
+    purges: &'a Purges,
+    next: Vec<(usize, Progress)>,
+}
+
+impl Carried<'_> {
+    /// The transaction committed: the purges keep their steps. (The jobs were locked from the
+    /// steps until now, so no transaction in between saw them where they were.)
+    pub(super) fn committed(mut self) {
+        for (index, progress) in std::mem::take(&mut self.next) {
+            self.purges.keep(&mut self.jobs[index], progress);
+        }
+    }
+}
+
+/// The size of the next step of a purge's own transaction with a time budget: back to the
+/// pace's `step` when a write waited, doubled (up to `chunk`) after a step that took less than a
+/// quarter of the budget, halved (down to `step`) after one that took more than half of it. So a
+/// purge that no write waits for works in larger steps, which flush the tree more cheaply, while
+/// a write that comes waits for half the budget at most. Without a budget the size stays `step`.
 fn next_step(
     size: usize,
     step: usize,
@@ -132,7 +320,7 @@ impl ShardWriter<'_> {
         cursor: &mut Cursor,
         max: usize,
         flush: usize,
-        check: crate::config::ReadCheck,
+        check: ReadCheck,
     ) -> Result<(u64, u64), StoreError> {
         let line = self.meta.purged_below;
         let mut doomed = Vec::new();
@@ -180,6 +368,77 @@ impl ShardWriter<'_> {
         }
         Ok((doomed.len() as u64, flushed))
     }
+
+    /// Moves a purge to `line` on by one step of at most `size` removals and `2 * size` flushed
+    /// leaf-log changes, in a transaction as durable as `durable` says: raises the line (only in
+    /// a synced transaction), removes and flushes, or notes the purge durable (only in a
+    /// transaction as durable as the store's writes). The caller keeps `progress` if the
+    /// transaction commits.
+    fn advance_purge(
+        &mut self,
+        line: i64,
+        progress: &mut Progress,
+        size: usize,
+        durable: Durable,
+        check: ReadCheck,
+    ) -> Result<Stepped, StoreError> {
+        let mut stepped = Stepped::default();
+        let phase = progress.phase;
+        match progress.phase {
+            Phase::Raise if durable.synced => {
+                if line > self.meta.purged_below {
+                    self.meta.purged_below = line;
+                    self.meta_changed = true;
+                    stepped.wrote = true;
+                }
+                progress.purged_below = self.meta.purged_below;
+                progress.phase = Phase::Remove;
+            }
+            Phase::Remove => {
+                let flush = match progress.flush_left {
+                    Some(left) => (left as usize).min(2 * size),
+                    None => 2 * size,
+                };
+                let (removed, flushed) =
+                    self.purge_step(&mut progress.cursor, size, flush, check)?;
+                if let Some(left) = &mut progress.flush_left {
+                    *left = left.saturating_sub(flush as u64);
+                }
+                if progress.cursor.exhausted {
+                    let pending = self.pending()?;
+                    let left = progress.flush_left.get_or_insert(pending);
+                    *left = (*left).min(pending);
+                }
+                progress.purged += removed;
+                stepped.removed = removed;
+                stepped.wrote = removed + flushed > 0;
+                if progress.cursor.exhausted && progress.flush_left == Some(0) {
+                    progress.phase = Phase::Sync;
+                }
+            }
+            Phase::Sync if durable.as_writes => progress.phase = Phase::Done,
+            Phase::Raise | Phase::Sync | Phase::Done => {}
+        }
+        // A commit as durable as the writes makes every earlier one as durable.
+        if durable.as_writes {
+            progress.unsynced = false;
+        } else if stepped.wrote {
+            progress.unsynced = true;
+        }
+        if progress.phase == Phase::Sync && !progress.unsynced {
+            // The transaction that did the last removals is as durable as the writes: once
+            // it commits, so is the purge.
+            progress.phase = Phase::Done;
+        }
+        stepped.moved = stepped.wrote || progress.phase != phase;
+        if stepped.moved {
+            progress.advanced += 1;
+        }
+        if stepped.removed > 0 {
+            progress.chunks += 1;
+        }
+        Ok(stepped)
+    }
 }
 
 impl RedbStore {
@@ -202,11 +461,10 @@ impl RedbStore {
     /// tombstone whose delete time is below it, paced by `pace`; nothing else is ever removed.
     /// The caller computes the line ([`crate::purge_line`]).
     ///
-    /// The line is raised first, in its own synced transaction: from then on such tombstones are
-    /// neither stored nor sent, even if the store crashes before they are gone. The removal then
-    /// runs in short unsynced transactions (see the module's documentation), and the leaf log is
-    /// flushed along; the purge's last transaction is synced, so the purge is durable when this
-    /// returns.
+    /// The line is raised first, in a synced transaction: from then on such tombstones are
+    /// neither stored nor sent, even if the store crashes before they are gone. With a pace that
+    /// yields to writes, the writes' transactions carry the removal (see the module's
+    /// documentation); the purge is durable when this returns.
     pub fn purge_tombstones_paced(
         &self,
         group: &str,
@@ -217,107 +475,23 @@ impl RedbStore {
         self.rules.check_shard(group, shard)?;
         let chunk = pace.chunk.max(1);
         let step = pace.step.clamp(1, chunk);
-        let purged_below = self.write(Durability::Immediate, |txn| {
-            let mut table = txn.open_table(META)?;
-            let mut meta = read_meta(&table, group, shard)?;
-            if line > meta.purged_below {
-                meta.purged_below = line;
-                table.insert((group, shard), meta.encode().as_slice())?;
-            }
-            Ok(meta.purged_below)
-        })?;
-        let mut report = PurgeReport {
-            purged_below,
-            ..PurgeReport::default()
+        let id = self.purges.start(group, shard, line, pace, step);
+        let done = self.run_purge(
+            id,
+            PurgePace {
+                chunk,
+                step,
+                ..pace
+            },
+        );
+        self.purges.end(id);
+        let progress = done?;
+        let report = PurgeReport {
+            purged: progress.purged,
+            purged_below: progress.purged_below,
+            chunks: progress.chunks,
+            ridden: progress.ridden,
         };
-        let mut cursor = Cursor {
-            after: None,
-            exhausted: false,
-        };
-        // Leaf-log changes the purge still flushes once the scan is over: those it found then
-        // (changes that writes add later wait for the next flush).
-        let mut flush_left: Option<u64> = None;
-        // Unsynced purge transactions since the store's last synced commit (as far as the
-        // purge can tell), and whether any since the purge's own last synced one.
-        let mut unsynced = 0u32;
-        let mut to_sync = false;
-        // The current step size (see `next_step`).
-        let mut size = step;
-        let mut synced_seen = self.durable_commits.load(Ordering::Acquire);
-        loop {
-            let synced_now = self.durable_commits.load(Ordering::Acquire);
-            if synced_now != synced_seen {
-                (unsynced, synced_seen) = (0, synced_now);
-            }
-            let durability = if unsynced + 1 >= SYNC_AFTER {
-                self.data_durability()
-            } else {
-                Durability::None
-            };
-            let done = self.write_purge(durability, |txn| {
-                let mut writer = self.shard_writer(txn, group, shard)?;
-                let started = Instant::now();
-                let mut done = Done::default();
-                loop {
-                    let room = chunk.saturating_sub(done.removed as usize).min(size);
-                    let flush = match flush_left {
-                        Some(left) => (left as usize).min(2 * size),
-                        None => 2 * size,
-                    };
-                    if cursor.exhausted && flush == 0 {
-                        break;
-                    }
-                    let step_started = Instant::now();
-                    let (removed, flushed) =
-                        writer.purge_step(&mut cursor, room, flush, self.rules.read_check)?;
-                    let took = step_started.elapsed();
-                    done.removed += removed;
-                    done.flushed += flushed;
-                    if let Some(left) = &mut flush_left {
-                        *left = left.saturating_sub(flush as u64);
-                    }
-                    done.pending = writer.pending()?;
-                    if cursor.exhausted {
-                        let left = flush_left.get_or_insert(done.pending);
-                        *left = (*left).min(done.pending);
-                    }
-                    let full = done.removed as usize >= chunk;
-                    let finished = cursor.exhausted && flush_left == Some(0);
-                    let spent = pace
-                        .budget
-                        .is_some_and(|budget| started.elapsed() >= budget);
-                    let wanted =
-                        pace.yield_to_writes && self.waiting_writes.load(Ordering::Acquire) > 0;
-                    size = next_step(size, step, chunk, took, wanted, pace.budget);
-                    if full || finished || spent || wanted {
-                        break;
-                    }
-                }
-                writer.finish(txn)?;
-                Ok(done)
-            })?;
-            if !matches!(durability, Durability::None) {
-                (unsynced, to_sync) = (0, false);
-                synced_seen = self.durable_commits.load(Ordering::Acquire);
-            } else if done.removed + done.flushed > 0 {
-                (unsynced, to_sync) = (unsynced + 1, true);
-            }
-            if done.removed > 0 {
-                report.purged += done.removed;
-                report.chunks += 1;
-            }
-            if cursor.exhausted && flush_left == Some(0) {
-                break;
-            }
-            if pace.yield_to_writes {
-                self.give_way();
-            }
-        }
-        if to_sync {
-            // The purge's unsynced transactions become durable with this one (other writes'
-            // synced commits may have made them durable already: not worth finding out).
-            self.write(self.data_durability(), |_| Ok(()))?;
-        }
         // Rows the scans found rotten were skipped (never purged, never kept as tombstones):
         // they go to the quarantine now.
         self.settle_rot();
@@ -327,20 +501,192 @@ impl RedbStore {
                 shard,
                 purged = report.purged,
                 chunks = report.chunks,
-                purged_below,
+                ridden = report.ridden,
+                purged_below = report.purged_below,
                 "tombstones purged"
             );
         }
         Ok(report)
     }
 
-    /// Waits (a little at most) until no write waits for the writer, so that the purge's next
-    /// transaction comes after them.
-    fn give_way(&self) {
-        let started = Instant::now();
-        while self.waiting_writes.load(Ordering::Acquire) > 0 && started.elapsed() < GIVE_WAY {
-            std::thread::sleep(Duration::from_micros(20));
+    /// Waits until purge `id` is done, carried by the writes' transactions, and moves it on in
+    /// transactions of its own while no write is under way (or always, without `yield`).
+    fn run_purge(&self, id: u64, pace: PurgePace) -> Result<Progress, StoreError> {
+        // Unsynced transactions of the purge's own since the store's last synced commit (as far
+        // as the purge can tell).
+        let mut unsynced = 0u32;
+        let mut synced_seen = self.durable_commits.load(Ordering::Acquire);
+        // Whether the last round of the loop was a transaction of the purge's own, or a wait
+        // that no write's transaction ended: then the purge goes on alone if no write is under
+        // way.
+        let mut alone = !pace.yield_to_writes;
+        loop {
+            {
+                let mut jobs = self.purges.lock();
+                let index = position(&jobs, id);
+                if let Some(error) = jobs[index].failed.take() {
+                    return Err(error);
+                }
+                if jobs[index].progress.phase == Phase::Done {
+                    return Ok(jobs[index].progress.clone());
+                }
+                let before = jobs[index].progress.advanced;
+                if pace.yield_to_writes && (!alone || self.busy_writes.load(Ordering::Acquire) > 0)
+                {
+                    let (jobs, waited) = self
+                        .purges
+                        .changed
+                        .wait_timeout_while(jobs, PATIENCE, |jobs| {
+                            let job = &jobs[position(jobs, id)];
+                            job.progress.advanced == before && job.failed.is_none()
+                        })
+                        .unwrap_or_else(PoisonError::into_inner);
+                    drop(jobs);
+                    alone = waited.timed_out();
+                    continue;
+                }
+            }
+            let synced_now = self.durable_commits.load(Ordering::Acquire);
+            if synced_now != synced_seen {
+                (unsynced, synced_seen) = (0, synced_now);
+            }
+            let synced = self.purge_alone(id, pace, unsynced + 1 >= SYNC_AFTER)?;
+            if synced {
+                unsynced = 0;
+                synced_seen = self.durable_commits.load(Ordering::Acquire);
+            } else {
+                unsynced += 1;
+            }
+            alone = true;
         }
+    }
+
+    /// One transaction of the purge's own: raises the line (synced), or removes and flushes in
+    /// steps until the chunk, the budget, the end of the purge or (with `yield`) a write that
+    /// waits, or makes the purge durable. Synced when `sync`, or when the phase needs it;
+    /// returns whether it was.
+    fn purge_alone(&self, id: u64, pace: PurgePace, sync: bool) -> Result<bool, StoreError> {
+        let phase = {
+            let jobs = self.purges.lock();
+            jobs[position(&jobs, id)].progress.phase
+        };
+        let durability = match phase {
+            Phase::Raise => Durability::Immediate,
+            Phase::Sync => self.data_durability(),
+            _ if sync => self.data_durability(),
+            _ => Durability::None,
+        };
+        let durable = Durable {
+            synced: matches!(durability, Durability::Immediate),
+            as_writes: matches!(durability, Durability::Immediate)
+                || matches!(self.data_durability(), Durability::None),
+        };
+        let (mut jobs, index, progress) = self.write_purge(durability, |txn| {
+            let jobs = self.purges.lock();
+            let index = position(&jobs, id);
+            let job = &jobs[index];
+            let mut progress = job.progress.clone();
+            let mut writer = self.shard_writer(txn, &job.group, job.shard)?;
+            let started = Instant::now();
+            let mut size = job.step;
+            let mut removed = 0;
+            loop {
+                let phase = progress.phase;
+                let room = pace.chunk.saturating_sub(removed).min(size);
+                let step_started = Instant::now();
+                let stepped = writer.advance_purge(
+                    job.line,
+                    &mut progress,
+                    room,
+                    durable,
+                    self.rules.read_check,
+                )?;
+                let took = step_started.elapsed();
+                removed += stepped.removed as usize;
+                let full = removed >= pace.chunk;
+                let spent = pace
+                    .budget
+                    .is_some_and(|budget| started.elapsed() >= budget);
+                let wanted =
+                    pace.yield_to_writes && self.waiting_writes.load(Ordering::Acquire) > 0;
+                size = next_step(size, job.step, pace.chunk, took, wanted, pace.budget);
+                if phase != Phase::Remove
+                    || progress.phase != Phase::Remove
+                    || full
+                    || spent
+                    || wanted
+                {
+                    break;
+                }
+            }
+            // One transaction moved it on, however many steps it took.
+            progress.advanced = job.progress.advanced + 1;
+            progress.ridden = job.progress.ridden;
+            if progress.chunks > job.progress.chunks {
+                progress.chunks = job.progress.chunks + 1;
+            }
+            writer.finish(txn)?;
+            Ok((jobs, index, progress))
+        })?;
+        self.purges.keep(&mut jobs[index], progress);
+        Ok(durable.synced)
+    }
+
+    /// Carries one step of each purge in progress that writes carry in a write's transaction
+    /// of `durability`: the caller keeps them ([`Carried::committed`]) once the transaction
+    /// committed. A step that fails stops its purge with [`StoreError::PurgeStep`]; the write
+    /// fails with the step's error (the transaction holds part of the step).
+    pub(super) fn carry_purges(
+        &self,
+        writers: &mut ShardWriters<'_>,
+        durability: Durability,
+    ) -> Result<Option<Carried<'_>>, StoreError> {
+        if self.purges.riding.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
+        let durable = Durable {
+            synced: matches!(durability, Durability::Immediate),
+            as_writes: matches!(durability, Durability::Immediate)
+                || matches!(self.data_durability(), Durability::None),
+        };
+        let mut jobs = self.purges.lock();
+        let mut next = Vec::new();
+        for (index, job) in jobs.iter_mut().enumerate() {
+            if !job.carried() {
+                continue;
+            }
+            let mut progress = job.progress.clone();
+            let stepped = writers.shard(&job.group, job.shard).and_then(|writer| {
+                writer.advance_purge(
+                    job.line,
+                    &mut progress,
+                    job.step,
+                    durable,
+                    self.rules.read_check,
+                )
+            });
+            match stepped {
+                Ok(stepped) if stepped.moved => {
+                    progress.ridden += 1;
+                    next.push((index, progress));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    job.failed = Some(StoreError::PurgeStep {
+                        group: job.group.clone(),
+                        shard: job.shard,
+                        detail: error.to_string(),
+                    });
+                    self.purges.changed.notify_all();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(Some(Carried {
+            jobs,
+            purges: &self.purges,
+            next,
+        }))
     }
 }
 

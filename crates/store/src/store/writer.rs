@@ -371,11 +371,17 @@ impl RedbStore {
 
     /// Runs `f` on the writers of the shards it touches in one write transaction with the
     /// configured durability, then flushes each shard whose leaf log reached the flush threshold.
+    /// The transaction also carries one step of each purge in progress (`purge`), and is synced
+    /// when one of them has its line to raise.
     fn write_shards<T>(
         &self,
         f: impl FnOnce(&mut ShardWriters<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let (value, full) = self.write(self.data_durability(), |txn| {
+        let durability = match self.purges.want_sync() {
+            true => redb::Durability::Immediate,
+            false => self.data_durability(),
+        };
+        let (value, full, carried) = self.write(durability, |txn| {
             let mut writers = ShardWriters {
                 txn,
                 shape: self.rules.shape,
@@ -384,8 +390,12 @@ impl RedbStore {
                 open: BTreeMap::new(),
             };
             let value = f(&mut writers)?;
-            Ok((value, writers.finish(self.flush_threshold)?))
+            let carried = self.carry_purges(&mut writers, durability)?;
+            Ok((value, writers.finish(self.flush_threshold)?, carried))
         })?;
+        if let Some(carried) = carried {
+            carried.committed();
+        }
         for (group, shard) in full {
             // The write is committed; a failed flush only leaves the log for the next one.
             if let Err(error) = self.flush(&group, shard) {

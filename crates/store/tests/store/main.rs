@@ -7,6 +7,7 @@ mod disk_full;
 mod integrity;
 mod laws;
 mod model;
+mod purge;
 mod snapshots;
 mod store;
 mod validation;

@@ -453,7 +453,8 @@ fn purge_removes_tombstones_below_the_line_in_chunks_and_the_line_never_moves_ba
         PurgeReport {
             purged: 4,
             purged_below: 45,
-            chunks: 2
+            chunks: 2,
+            ridden: 0
         },
         "a to d, two per transaction"
     );
