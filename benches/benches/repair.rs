@@ -4,7 +4,8 @@
 //!   properties (`PROPD_BENCH_REPAIR_N`, default 1 000 000) with the default shape at protocol
 //!   versions 3 and 2 and the reference's shape (no bucket levels), against the ideal (the
 //!   differing records alone) and against the `negentropy` 0.5.3 crate on the same data
-//!   (`PROPD_BENCH_NEGENTROPY=0` skips it). The protocol
+//!   (`PROPD_BENCH_NEGENTROPY=0` skips it; `PROPD_BENCH_BANDWIDTH_SHAPES` and
+//!   `PROPD_BENCH_BANDWIDTH_D` narrow the shapes and the d's, then the in-sync check). The protocol
 //!   runs in memory through `propd_repair::pair`, over a bench store whose tree is a merkle
 //!   `LiveTree` and whose properties are generated on demand; the byte counts are the encoded
 //!   protobuf sizes of every message, exactly what the tonic driver sends (without the 5-byte
@@ -363,14 +364,30 @@ fn bandwidth(n: u64) {
     let mut rows = Vec::new();
     let negentropy_wanted = std::env::var("PROPD_BENCH_NEGENTROPY").map_or(true, |v| v != "0");
     let mut negentropy_rows = Vec::new();
+    // `PROPD_BENCH_BANDWIDTH_SHAPES` and `PROPD_BENCH_BANDWIDTH_D` narrow a run (comma lists;
+    // every shape and d by default): at n = 10 M each shape's tree takes minutes to build.
+    let listed = |key: &str, all: &str| -> String { std::env::var(key).unwrap_or(all.to_owned()) };
+    let shapes = listed("PROPD_BENCH_BANDWIDTH_SHAPES", "default,reference");
+    let ds: Vec<u64> = listed("PROPD_BENCH_BANDWIDTH_D", "1,10,1000,10000")
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .parse()
+                .expect("PROPD_BENCH_BANDWIDTH_D: a comma list of numbers")
+        })
+        .collect();
+    let mut default_base = None;
     for (label, shape) in [
         ("default", Shape::default()),
         ("reference", Shape::reference()),
     ] {
+        if !shapes.split(',').any(|s| s.trim() == label) {
+            continue;
+        }
         let started = Instant::now();
         let base = BenchStore::build(shape, n);
         let built = started.elapsed();
-        for d in [1u64, 10, 1000, 10_000] {
+        for &d in &ds {
             // The current protocol (3) and the one before it (2), on the same data.
             for version in [3, 2] {
                 if label == "reference" && version == 2 {
@@ -413,6 +430,9 @@ fn bandwidth(n: u64) {
             }
         }
         println!("  ({label}: building the {n}-leaf tree took {built:.1?})");
+        if label == "default" {
+            default_base = Some(base);
+        }
     }
     propd_benches::results::record("repair_bandwidth", &format!("[{}]", rows.join(",")));
     // negentropy 0.5.3 on the same data (the default rows' divergence): 32-byte ids, no frame
@@ -433,7 +453,7 @@ fn bandwidth(n: u64) {
         );
     }
     // The in-sync check: one round trip, at each version.
-    let base = BenchStore::build(Shape::default(), n);
+    let base = default_base.unwrap_or_else(|| BenchStore::build(Shape::default(), n));
     for version in [3, 2] {
         let config = Config {
             protocol_version: version,

@@ -87,6 +87,14 @@ mod tests {
     }
 
     #[test]
+    fn empty_until_a_result_is_kept() {
+        let mut store = RecentResults::new(2);
+        assert!(store.is_empty());
+        store.insert(result("1"));
+        assert!(!store.is_empty());
+    }
+
+    #[test]
     fn keeps_the_newest_up_to_capacity() {
         let mut store = RecentResults::new(2);
         for id in ["1", "2", "3"] {

@@ -291,6 +291,16 @@ mod tests {
     }
 
     #[test]
+    fn times_and_shards_read_as_errors_and_logs_name_them() {
+        assert_eq!(Millis(1_500).to_string(), "1500ms");
+        let key = ShardKey {
+            group: "orders".into(),
+            shard: 3,
+        };
+        assert_eq!(key.to_string(), "orders/3");
+    }
+
+    #[test]
     fn millis_arithmetic_saturates() {
         assert_eq!(Millis(5).since(Millis(9)), Duration::ZERO);
         assert_eq!(Millis(9).since(Millis(5)), Duration::from_millis(4));

@@ -450,6 +450,20 @@ fn a_node_list_longer_than_any_placement_is_refused_before_it_is_read() {
 }
 
 #[test]
+fn a_node_list_of_exactly_the_largest_size_is_admitted() {
+    let mut engine = Engine::new("a".into(), Config::default());
+    let mut largest = context("b-0-1", "b", Millis(0));
+    largest.context.nodes = (0..MAX_NODES).map(|i| format!("n{i}")).collect();
+    largest.context.nodes[0] = "a".into();
+    largest.context.nodes[1] = "b".into();
+    largest.context.max_count = u32::try_from(2 * MAX_NODES - 3).unwrap();
+    assert_eq!(
+        engine.handle_propagate(Millis(0), largest),
+        Ok(Admission::Accepted)
+    );
+}
+
+#[test]
 fn a_hand_off_started_further_ahead_than_the_skew_bound_is_refused() {
     let config = Config::default();
     let skew = config.max_clock_skew;

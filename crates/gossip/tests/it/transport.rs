@@ -506,3 +506,29 @@ async fn a_watch_yields_one_event_per_step_over_tonic_and_ends_with_the_result()
         Err(WaitError::Unknown { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_yields_only_its_own_round_while_another_runs_beside_it() {
+    let cluster = cluster(&[("a", 1), ("b", 2), ("c", 3), ("d", 4)], &[], None).await;
+    let nodes = ["a", "b", "c", "d"];
+    let first = cluster.start("d", 0, &nodes);
+    let second = cluster.start("d", 1, &nodes);
+    let (first_events, second_events) = tokio::join!(
+        watch_all(&cluster, "d", &first),
+        watch_all(&cluster, "d", &second)
+    );
+    for (id, events) in [(&first, first_events), (&second, second_events)] {
+        let Some((RoundEvent::Finished(result), steps)) = events.split_last() else {
+            panic!("the watch of {id:?} ends with a result: {events:?}");
+        };
+        assert_eq!(&result.context.message_id, id, "its own result");
+        assert_eq!(steps.len(), result.trace.len(), "{events:?}");
+        for (index, event) in steps.iter().enumerate() {
+            let RoundEvent::Step(step) = event else {
+                panic!("only steps before the result: {event:?}");
+            };
+            assert_eq!(&step.message_id, id, "a step of another round: {step:?}");
+            assert_eq!(step.index as usize, index, "each step once, in order");
+        }
+    }
+}
