@@ -147,6 +147,30 @@ fn one_difference_of_each_kind_takes_at_most_three_round_trips_in_every_shape() 
     }
 }
 
+#[test]
+fn buckets_too_full_to_hint_cost_half_a_round_trip_more_not_their_hints() {
+    // Depth 1: the server's first step expands slots whose children are buckets. 1 200
+    // properties put about 37 leaves under a slot: their hints fit the step's budget and one
+    // difference takes two round trips. 12 000 put about 375 leaves under a slot, whose hints
+    // (over 560 B) would cost more than the level they skip: the step goes without them, the
+    // client descends to the buckets itself, and the sync takes one round trip more.
+    let shape = Shape {
+        depth: 1,
+        ..Shape::default()
+    };
+    let mut seen = Vec::new();
+    for n in [1_200, 12_000] {
+        let (a, b) = diverged(shape, n, 1);
+        let expected = merged(&contents(&a, 0), &contents(&b, 0), &shape);
+        let (report, flights) = lockstep(&a, &b, deep(3), deep(3));
+        assert_eq!(contents(&a, 0), expected, "n = {n}");
+        assert_eq!(contents(&b, 0), expected, "n = {n}");
+        assert_eq!(report.round_trips, flights.div_ceil(2));
+        seen.push(report.round_trips);
+    }
+    assert_eq!(seen, [2, 3], "hinted at 1 200, not at 12 000");
+}
+
 /// A property of `id` whose leaf shares the 12 low fingerprint bits of `other`'s leaf but
 /// differs from it (found by trying tag values).
 fn short_collision(id: &str, revision: i64, other: &Property, shape: &Shape) -> Property {
