@@ -200,3 +200,264 @@ impl Applier {
         done
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use propd_merkle::TagValue;
+    use propd_store::{GroupDef, Groups, ModelStore};
+
+    use super::*;
+
+    fn store() -> ModelStore {
+        let groups = Groups::new([GroupDef::new("g", 1, 2)]).expect("groups");
+        ModelStore::new(groups, Shape::default()).expect("model store")
+    }
+
+    /// `g/n/p{i:02}`, every one the same encoded length.
+    fn property(i: usize) -> Property {
+        let mut property = Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: format!("p{i:02}"),
+            mod_revision: 1,
+            ..Property::default()
+        };
+        property
+            .tags
+            .insert("v".into(), TagValue::Str("x".repeat(40)));
+        property
+    }
+
+    fn entity(i: usize) -> Entity {
+        Entity::new("g", "n", &format!("p{i:02}")).expect("entity")
+    }
+
+    /// A queue of entities 0..10 with entity 3 no longer stored (deleted since it was queued).
+    fn queue(store: &ModelStore) -> CopyQueue {
+        let stored: Vec<Property> = (0..10).filter(|&i| i != 3).map(property).collect();
+        store.repair_apply_batch("g", 0, stored).expect("seed");
+        CopyQueue {
+            entities: (0..10).map(entity).collect(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn ids(page: &pb::PropertySync) -> Vec<String> {
+        page.properties.iter().map(|p| p.id.clone()).collect()
+    }
+
+    #[test]
+    fn copy_pages_stop_at_their_item_limit_skip_vanished_entities_and_keep_order() {
+        let store = store();
+        let mut copies = queue(&store);
+        assert_eq!(copies.len(), 10);
+        let one = wire::property_to_proto(&property(0)).encoded_len() as u64;
+        let (page, bytes) = copies
+            .next_page(&store, "g", 0, 4, usize::MAX)
+            .expect("read")
+            .expect("a page");
+        assert_eq!(ids(&page), ["p00", "p01", "p02", "p04"], "p03 vanished");
+        assert_eq!(
+            bytes,
+            4 * one,
+            "the page's bytes are its copies' encoded lengths"
+        );
+        // Five entities were read (one vanished), none is left ready.
+        assert_eq!(copies.len(), 5);
+        assert!(!copies.is_empty());
+        // Copies are read when their page is built, not ahead of it: a version written since
+        // the first page goes out, not the one the queue started with.
+        let mut newer = property(6);
+        newer.mod_revision = 2;
+        store
+            .repair_apply_batch("g", 0, vec![newer])
+            .expect("newer p06");
+        let (page, _) = copies
+            .next_page(&store, "g", 0, 4, usize::MAX)
+            .expect("read")
+            .expect("a page");
+        assert_eq!(ids(&page), ["p05", "p06", "p07", "p08"]);
+        assert_eq!(page.properties[1].mod_revision, 2, "p06 as it is now");
+        assert_eq!(copies.len(), 1);
+        let (page, bytes) = copies
+            .next_page(&store, "g", 0, 4, usize::MAX)
+            .expect("read")
+            .expect("a page");
+        assert_eq!(ids(&page), ["p09"]);
+        assert_eq!(bytes, one);
+        assert_eq!(copies.len(), 0);
+        assert!(copies.is_empty());
+        assert!(
+            copies
+                .next_page(&store, "g", 0, 4, usize::MAX)
+                .expect("read")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn copy_pages_stop_at_their_byte_limit_and_a_copy_larger_than_the_limit_goes_alone() {
+        let store = store();
+        let mut copies = queue(&store);
+        let one = wire::property_to_proto(&property(0)).encoded_len();
+        // Exactly two copies fit: a page may reach its byte limit, not pass it.
+        let mut pages = Vec::new();
+        while let Some((page, bytes)) = copies
+            .next_page(&store, "g", 0, 100, 2 * one)
+            .expect("read")
+        {
+            assert_eq!(bytes, (page.properties.len() * one) as u64);
+            pages.push(ids(&page));
+        }
+        assert_eq!(
+            pages,
+            [
+                vec!["p00", "p01"],
+                vec!["p02", "p04"],
+                vec!["p05", "p06"],
+                vec!["p07", "p08"],
+                vec!["p09"],
+            ]
+        );
+        // A limit below one copy still sends every copy, one per page.
+        let store = self::store();
+        let mut copies = queue(&store);
+        let mut sizes = Vec::new();
+        while let Some((page, _)) = copies
+            .next_page(&store, "g", 0, 100, one - 1)
+            .expect("read")
+        {
+            sizes.push(page.properties.len());
+        }
+        assert_eq!(sizes, [1; 9]);
+    }
+
+    #[test]
+    fn an_entity_is_covered_only_under_a_listed_node() {
+        let shape = Shape::default();
+        let entity = entity(1);
+        let bucket = shape.bucket_of(&entity);
+        let mut listed = Listed::default();
+        assert!(!listed.covers(&shape, &entity), "nothing listed");
+        // A node of the bucket's level that is not its ancestor covers nothing of it.
+        let other = NodeId::new(
+            bucket.level,
+            (bucket.index + 1) % shape.level_width(bucket.level),
+        );
+        listed.insert(other);
+        assert!(listed.contains(other));
+        assert!(!listed.covers(&shape, &entity));
+        let parent = shape.ancestor(bucket, bucket.level - 1);
+        listed.insert(parent);
+        assert!(
+            listed.covers(&shape, &entity),
+            "its bucket's parent is listed"
+        );
+        let mut root = Listed::default();
+        root.insert(NodeId::ROOT);
+        assert!(root.covers(&shape, &entity), "the root covers everything");
+        let mut exact = Listed::default();
+        exact.insert(bucket);
+        assert!(exact.covers(&shape, &entity), "its own bucket is listed");
+    }
+
+    fn page(properties: impl IntoIterator<Item = Property>) -> pb::PropertySync {
+        pb::PropertySync {
+            properties: properties
+                .into_iter()
+                .map(|p| wire::property_to_proto(&p))
+                .collect(),
+        }
+    }
+
+    fn entity_of(property: &Property) -> Entity {
+        Entity::new(&property.group, &property.name, &property.id).expect("entity")
+    }
+
+    #[test]
+    fn a_received_page_is_queued_whole_or_refused_whole() {
+        let shape = Shape::default();
+        let mut everything = Listed::default();
+        everything.insert(NodeId::ROOT);
+        let mut applier = Applier::default();
+        // Exactly the most copies a page may hold is accepted; one more is refused.
+        let full = page((0..wire::MAX_PAGE_ITEMS).map(|i| {
+            let mut p = property(0);
+            p.id = format!("q{i}");
+            p
+        }));
+        let bytes: usize = full.properties.iter().map(Message::encoded_len).sum();
+        applier
+            .push_page(&shape, "g", &everything, full.clone())
+            .expect("a full page");
+        assert!(applier.is_full(wire::MAX_PAGE_ITEMS, usize::MAX));
+        assert!(!applier.is_full(wire::MAX_PAGE_ITEMS + 1, usize::MAX));
+        assert!(applier.is_full(usize::MAX, bytes));
+        assert!(!applier.is_full(usize::MAX, bytes + 1));
+        let mut over = full;
+        over.properties.push(wire::property_to_proto(&property(1)));
+        let mut fresh = Applier::default();
+        let refused = fresh.push_page(&shape, "g", &everything, over);
+        assert!(
+            matches!(refused, Err(ProtocolError::PageTooLarge { count, .. }) if count == wire::MAX_PAGE_ITEMS + 1),
+            "{refused:?}"
+        );
+        assert!(!fresh.is_full(1, 1), "nothing of a refused page is queued");
+        // A copy outside every listed node refuses its whole page.
+        let bucket = shape.bucket_of(&entity(1));
+        let mut one_bucket = Listed::default();
+        one_bucket.insert(bucket);
+        let outside = (0..200)
+            .map(property)
+            .find(|p| shape.bucket_of(&entity_of(p)) != bucket)
+            .expect("a property in another bucket");
+        let refused = fresh.push_page(&shape, "g", &one_bucket, page([property(1), outside]));
+        assert!(
+            matches!(
+                refused,
+                Err(ProtocolError::Property {
+                    reason: PropertyError::Unlisted,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(!fresh.is_full(1, 1), "nothing of a refused page is queued");
+        fresh
+            .push_page(&shape, "g", &one_bucket, page([property(1)]))
+            .expect("a listed copy");
+        assert!(fresh.is_full(1, usize::MAX));
+    }
+
+    #[test]
+    fn a_refused_batch_is_applied_item_by_item_and_only_the_bad_items_fail() {
+        let store = store();
+        let mut held = property(2);
+        held.mod_revision = 5;
+        store.repair_apply_batch("g", 0, vec![held]).expect("seed");
+        let mut bad = property(1);
+        bad.mod_revision = 0;
+        let mut applier = Applier::default();
+        applier.pending = vec![property(0), bad, property(2), property(3)];
+        applier.bytes = 1;
+        let done = applier.flush(&store, "g", 0);
+        assert_eq!((done.applied, done.failed), (2, 1));
+        let newer: Vec<(String, i64)> = done
+            .newer_here
+            .iter()
+            .map(|p| (p.id.clone(), p.mod_revision))
+            .collect();
+        assert_eq!(newer, [("p02".to_owned(), 5)]);
+        let stored = store
+            .get_many("g", 0, &[entity(0), entity(1), entity(2), entity(3)])
+            .expect("read");
+        let revisions: Vec<Option<i64>> = stored
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.mod_revision))
+            .collect();
+        assert_eq!(revisions, [Some(1), None, Some(5), Some(1)]);
+        assert!(!applier.is_full(1, 1), "a flush empties the queue");
+        let nothing = applier.flush(&store, "g", 0);
+        assert_eq!((nothing.applied, nothing.failed), (0, 0));
+    }
+}

@@ -154,4 +154,132 @@ mod tests {
         ));
         assert!(Config::default().page_bytes * 4 <= propd_proto::MAX_MESSAGE_BYTES);
     }
+
+    /// Each bound at its edges: the last value accepted on either side, and the first refused,
+    /// naming its field.
+    #[test]
+    fn every_bound_is_checked_at_its_edges() {
+        use crate::wire::{MAX_PAGE_ITEMS, PROTOCOL_VERSION};
+        let max_message = propd_proto::MAX_MESSAGE_BYTES;
+        let accepted = |config: Config| {
+            config
+                .validate()
+                .unwrap_or_else(|err| panic!("{config:?} refused: {err}"));
+        };
+        let refused = |config: Config, named: &str| match config.validate() {
+            Err(SyncError::Config { field, .. }) => assert_eq!(field, named, "{config:?}"),
+            other => panic!("{config:?}: expected {named} refused, got {other:?}"),
+        };
+        let wide = || Config {
+            max_backlog: MAX_PAGE_ITEMS,
+            ..Config::default()
+        };
+        for width in [8, 64] {
+            accepted(Config {
+                wire_digest_width: width,
+                ..wide()
+            });
+        }
+        for width in [7, 65] {
+            refused(
+                Config {
+                    wire_digest_width: width,
+                    ..wide()
+                },
+                "wire_digest_width",
+            );
+        }
+        for items in [1, MAX_PAGE_ITEMS] {
+            accepted(Config {
+                page_items: items,
+                ..wide()
+            });
+        }
+        for items in [0, MAX_PAGE_ITEMS + 1] {
+            refused(
+                Config {
+                    page_items: items,
+                    ..wide()
+                },
+                "page_items",
+            );
+        }
+        for bytes in [4096, max_message / 4] {
+            accepted(Config {
+                page_bytes: bytes,
+                ..wide()
+            });
+        }
+        for bytes in [4095, max_message / 4 + 1] {
+            refused(
+                Config {
+                    page_bytes: bytes,
+                    ..wide()
+                },
+                "page_bytes",
+            );
+        }
+        for batch in [1, MAX_PAGE_ITEMS] {
+            accepted(Config {
+                apply_batch: batch,
+                ..wide()
+            });
+        }
+        for batch in [0, MAX_PAGE_ITEMS + 1] {
+            refused(
+                Config {
+                    apply_batch: batch,
+                    ..wide()
+                },
+                "apply_batch",
+            );
+        }
+        for version in [1, PROTOCOL_VERSION] {
+            accepted(Config {
+                protocol_version: version,
+                ..wide()
+            });
+        }
+        for version in [0, PROTOCOL_VERSION + 1] {
+            refused(
+                Config {
+                    protocol_version: version,
+                    ..wide()
+                },
+                "protocol_version",
+            );
+        }
+        let v2 = || Config {
+            protocol_version: 2,
+            ..wide()
+        };
+        for min in [1, 2] {
+            accepted(Config {
+                min_protocol_version: min,
+                ..v2()
+            });
+        }
+        for min in [0, 3] {
+            refused(
+                Config {
+                    min_protocol_version: min,
+                    ..v2()
+                },
+                "min_protocol_version",
+            );
+        }
+        accepted(Config {
+            page_items: 100,
+            max_backlog: 100,
+            ..wide()
+        });
+        refused(
+            Config {
+                page_items: 100,
+                max_backlog: 99,
+                ..wide()
+            },
+            "max_backlog",
+        );
+    }
 }
