@@ -983,9 +983,10 @@ impl PropertyService for PropertyApi {
 mod tests {
     use std::net::SocketAddr;
     use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use propd_proto::v1::property_service_server::PropertyServiceServer;
-    use propd_store::{RedbStore, StoreConfig};
+    use propd_store::{RedbStore, StoreConfig, ValidationError};
     use tokio::net::TcpListener;
     use tokio::sync::oneshot;
     use tokio_stream::wrappers::TcpListenerStream;
@@ -1033,6 +1034,146 @@ mod tests {
         assert!(
             multibyte.starts_with(&"é".repeat(256)),
             "cut on a character boundary"
+        );
+    }
+
+    /// The code tells the client what to do: fix the request, free space, try another node or
+    /// later, or report a bug.
+    #[test]
+    fn store_errors_map_to_the_status_a_client_can_act_on() {
+        let refused = StoreError::Invalid(ValidationError::UnknownGroup { group: "h".into() });
+        let status = store_status(refused);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "unknown group \"h\"");
+        let full = StoreError::DiskFull {
+            path: "/data/propd.redb".into(),
+            detail: "No space left on device".into(),
+        };
+        let status = store_status(full);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().starts_with("disk full"),
+            "{}",
+            status.message()
+        );
+        let failing = StoreError::WritesFailing {
+            path: "/data/propd.redb".into(),
+            detail: "Input/output error".into(),
+        };
+        assert_eq!(store_status(failing).code(), tonic::Code::Unavailable);
+        let corrupt = StoreError::Corrupt {
+            table: "properties".into(),
+            detail: "bad length".into(),
+        };
+        let status = store_status(corrupt);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            status.message().starts_with("store: corrupt record"),
+            "{}",
+            status.message()
+        );
+    }
+
+    /// A node with members n1, n2 and n3 at addresses nothing listens on, for the checks that
+    /// call no copy.
+    fn lone_node(me: &str, write_acks: u32, dir: &Path) -> Arc<NodeState> {
+        let addrs = [1, 2, 3].map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+        node_state(me, addrs, write_acks, dir)
+    }
+
+    #[tokio::test]
+    async fn a_write_short_of_its_acknowledgements_because_disks_are_full_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = PropertyApi::new(lone_node("n1", 2, dir.path()));
+        let mut full = Refusals::default();
+        full.add(Status::resource_exhausted("disk full: writes to /d fail"));
+        full.add(Status::unavailable("connection refused"));
+        let status = api
+            .require_acks(1, 3, &full, "the write")
+            .expect_err("one of two acknowledgements");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert_eq!(
+            status.message(),
+            "only 1 of 3 copies acknowledged the write, 2 required: disk full: writes to /d fail"
+        );
+        let mut down = Refusals::default();
+        down.add(Status::unavailable("connection refused"));
+        down.add(Status::unavailable("connection refused"));
+        let status = api
+            .require_acks(1, 3, &down, "the write")
+            .expect_err("one of two acknowledgements");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().ends_with("will be repaired"), "{status}");
+        api.require_acks(2, 3, &down, "the write")
+            .expect("two of two acknowledgements");
+    }
+
+    #[tokio::test]
+    async fn a_node_refuses_to_write_its_own_copy_of_a_shard_it_does_not_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = PropertyApi::new(lone_node("n1", 1, dir.path()));
+        // One copy per shard: each shard lives on one of the three members.
+        let single = GroupDef::new("single", 12, 0);
+        let (mut held, mut elsewhere) = (0, 0);
+        for shard in 0..12 {
+            let holders = api.node.node_ids(&single, shard);
+            assert_eq!(holders.len(), 1);
+            match api.check_held(&single, shard) {
+                Ok(()) => {
+                    assert_eq!(holders, ["n1"], "shard {shard}");
+                    held += 1;
+                }
+                Err(status) => {
+                    assert_ne!(holders, ["n1"], "shard {shard}");
+                    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+                    assert!(
+                        status.message().starts_with(&format!(
+                            "n1 holds no copy of group \"single\" shard {shard} "
+                        )),
+                        "{status}"
+                    );
+                    elsewhere += 1;
+                }
+            }
+        }
+        assert!(
+            held > 0 && elsewhere > 0,
+            "{held} held, {elsewhere} elsewhere"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_property_of_the_size_limit_is_taken_and_one_byte_more_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = PropertyApi::new(lone_node("n1", 1, dir.path()));
+        let max = api.node.config.max_property_bytes;
+        let mut property = version("a", 1, 0);
+        property
+            .tags
+            .insert("v".into(), propd_merkle::TagValue::Str(String::new()));
+        // Grow a tag until the canonical encoding is exactly the limit.
+        for _ in 0..4 {
+            let size = property.canonical_bytes().len();
+            let Some(propd_merkle::TagValue::Str(value)) = property.tags.get_mut("v") else {
+                panic!("a string tag");
+            };
+            let len = (value.len() + max).saturating_sub(size);
+            *value = "x".repeat(len);
+        }
+        assert_eq!(property.canonical_bytes().len(), max);
+        api.check_size(&property).expect("at the limit");
+        let Some(propd_merkle::TagValue::Str(value)) = property.tags.get_mut("v") else {
+            panic!("a string tag");
+        };
+        value.push('x');
+        let status = api.check_size(&property).expect_err("over the limit");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            format!(
+                "property: {} bytes is over the limit of {max} bytes",
+                max + 1
+            )
         );
     }
 
@@ -1249,6 +1390,112 @@ mod tests {
         );
     }
 
+    /// With `write_acks` = 2 a read must hear from two copies: one of them holds every
+    /// acknowledged write, here the newer version only n2 has (n1's own copy answers first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_get_hears_from_its_read_quorum_and_answers_the_newest_copy() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third().await;
+        first.store.apply(version("a", 5, 0)).unwrap();
+        let newest = version("a", 9, 0);
+        second.store.apply(newest.clone()).unwrap();
+        let got = PropertyApi::new(Arc::clone(&first))
+            .get(Request::new(v1::GetRequest {
+                group: "g".into(),
+                name: "n".into(),
+                id: "a".into(),
+                local: false,
+                include_deleted: false,
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(got.property, Some(property_to_wire(&newest)));
+        release.send(()).unwrap();
+    }
+
+    /// With `write_acks` = 3 a read answers from the first copy that holds a version; the copies
+    /// that answer after it are still compared, and an older one is rewritten once every call
+    /// has ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_that_answers_after_the_read_is_still_repaired() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third_with(3).await;
+        let newest = version("a", 9, 0);
+        first.store.apply(newest.clone()).unwrap();
+        second.store.apply(version("a", 5, 0)).unwrap();
+        let got = PropertyApi::new(Arc::clone(&first))
+            .get(Request::new(v1::GetRequest {
+                group: "g".into(),
+                name: "n".into(),
+                id: "a".into(),
+                local: false,
+                include_deleted: false,
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert!(got.property.is_some());
+        // The read cannot have compared n2 with n1 before it answered (it stopped at the first
+        // copy that answered); n3's call ends when n3 lets go.
+        release.send(()).unwrap();
+        let entity = Entity::new("g", "n", "a").unwrap();
+        eventually(
+            "n2's older copy is rewritten by the late read repair",
+            || second.store.get(&entity).unwrap() == Some(newest.clone()),
+        )
+        .await;
+    }
+
+    /// A query without tag filters that reads a copy without an entity another copy holds
+    /// rewrites that copy (a copy that paged past the entity lacks it); a query of one shard
+    /// reads that shard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_rewrites_a_copy_that_lacks_an_entity_and_reads_the_shard_it_names() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third().await;
+        let stored = version("a", 5, 0);
+        first.store.apply(stored.clone()).unwrap();
+        let api = PropertyApi::new(Arc::clone(&first));
+        for shard in [None, Some(0)] {
+            let found = api
+                .query(Request::new(v1::QueryRequest {
+                    group: "g".into(),
+                    shard,
+                    ..v1::QueryRequest::default()
+                }))
+                .await
+                .unwrap_or_else(|status| panic!("shard {shard:?}: {status}"))
+                .into_inner();
+            assert_eq!(
+                found.properties,
+                vec![property_to_wire(&stored)],
+                "{shard:?}"
+            );
+        }
+        let entity = Entity::new("g", "n", "a").unwrap();
+        eventually("the query's read repair writes n2's missing copy", || {
+            second.store.get(&entity).unwrap() == Some(stored.clone())
+        })
+        .await;
+        release.send(()).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
         // write_acks = 2: a read hears from two of the three copies.
@@ -1257,6 +1504,7 @@ mod tests {
             second,
             release,
             _dirs,
+            ..
         } = hung_third().await;
         let stored = version("a", 5, 0);
         first.store.apply(stored.clone()).unwrap();
@@ -1359,16 +1607,23 @@ mod tests {
         first: Arc<NodeState>,
         second: Arc<NodeState>,
         release: oneshot::Sender<()>,
+        /// Connections n3 accepted (and holds unanswered).
+        accepted: Arc<AtomicUsize>,
         _dirs: (tempfile::TempDir, tempfile::TempDir),
     }
 
     async fn hung_third() -> HungThird {
+        hung_third_with(2).await
+    }
+
+    /// [`hung_third`] with n1 and n2 at the given `write_acks`.
+    async fn hung_third_with(write_acks: u32) -> HungThird {
         let (n1_dir, n2_dir) = (tempfile::tempdir(), tempfile::tempdir());
         let (n1_dir, n2_dir) = (n1_dir.unwrap(), n2_dir.unwrap());
         let (n2_listener, n2) = listener().await;
         let (n3_listener, n3) = listener().await;
         let n1: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let second = node_state("n2", [n1, n2, n3], 2, n2_dir.path());
+        let second = node_state("n2", [n1, n2, n3], write_acks, n2_dir.path());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(PropertyServiceServer::new(PropertyApi::new(Arc::clone(
@@ -1376,12 +1631,14 @@ mod tests {
                 ))))
                 .serve_with_incoming(TcpListenerStream::new(n2_listener)),
         );
-        let release = hung_peer(n3_listener);
-        let first = node_state("n1", [n1, n2, n3], 2, n1_dir.path());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let release = counted_hung_peer(n3_listener, Arc::clone(&accepted));
+        let first = node_state("n1", [n1, n2, n3], write_acks, n1_dir.path());
         HungThird {
             first,
             second,
             release,
+            accepted,
             _dirs: (n1_dir, n2_dir),
         }
     }
@@ -1397,15 +1654,21 @@ mod tests {
     /// A peer that accepts connections and never answers, until `release` is sent: then it
     /// closes every connection and stops listening, and the calls to it fail.
     fn hung_peer(listener: TcpListener) -> oneshot::Sender<()> {
+        counted_hung_peer(listener, Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// [`hung_peer`], counting the connections it accepted in `accepted`.
+    fn counted_hung_peer(listener: TcpListener, accepted: Arc<AtomicUsize>) -> oneshot::Sender<()> {
         let (release, released) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let mut held = Vec::new();
             let mut released = released;
             loop {
                 tokio::select! {
-                    accepted = listener.accept() => {
-                        if let Ok((socket, _)) = accepted {
+                    connection = listener.accept() => {
+                        if let Ok((socket, _)) = connection {
                             held.push(socket);
+                            accepted.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                     _ = &mut released => return,
@@ -1439,6 +1702,7 @@ mod tests {
             second,
             release,
             _dirs,
+            ..
         } = hung_third().await;
         let api = PropertyApi::new(Arc::clone(&first));
 

@@ -772,4 +772,222 @@ mod tests {
             assert_eq!(Verdict::from_bits(verdict as u8), verdict);
         }
     }
+
+    use propd_merkle::{Leaf, Property, TagValue};
+    use propd_store::{GroupDef, Groups, ModelStore};
+
+    use crate::store_api::{LeafKey, RepairOutcome};
+
+    /// 4 slots of 4 children of 4 buckets: level 1 holds the slots, level 3 the buckets.
+    fn small_shape() -> Shape {
+        Shape {
+            slot_count: 4,
+            fanout: 4,
+            depth: 2,
+            ..Shape::default()
+        }
+    }
+
+    /// A store of `g` (one shard) holding `g/n/{i}` for `i` in `ids` at `revision`.
+    fn store(shape: Shape, ids: std::ops::Range<usize>, revision: i64) -> ModelStore {
+        let groups = Groups::new([GroupDef::new("g", 1, 2)]).expect("groups");
+        let store = ModelStore::new(groups, shape).expect("model store");
+        let properties = ids
+            .map(|i| {
+                let mut property = Property {
+                    group: "g".into(),
+                    name: "n".into(),
+                    id: i.to_string(),
+                    mod_revision: revision,
+                    ..Property::default()
+                };
+                property.tags.insert("v".into(), TagValue::Int(i as i64));
+                property
+            })
+            .collect();
+        store.repair_apply_batch("g", 0, properties).expect("seed");
+        store
+    }
+
+    /// A store that also reports, among a node's children, an empty child in range and a
+    /// non-empty one outside the node: what the repair view's contract excludes, and what
+    /// expansions and steps must ignore if a store ever reports it.
+    struct Padded(ModelStore);
+
+    impl RepairStore for Padded {
+        type Error = propd_store::StoreError;
+
+        fn shape(&self) -> Shape {
+            self.0.shape()
+        }
+
+        fn has_shard(&self, group: &str, shard: u32) -> bool {
+            self.0.has_shard(group, shard)
+        }
+
+        fn tree_node(
+            &self,
+            group: &str,
+            shard: u32,
+            node: NodeId,
+        ) -> Result<Option<InnerNode>, Self::Error> {
+            self.0.tree_node(group, shard, node)
+        }
+
+        fn tree_children(
+            &self,
+            group: &str,
+            shard: u32,
+            node: NodeId,
+        ) -> Result<Vec<(NodeId, InnerNode)>, Self::Error> {
+            let mut children = self.0.tree_children(group, shard, node)?;
+            let shape = self.0.shape();
+            let range = shape.child_range(node);
+            let level = node.level + 1;
+            let width = shape.width();
+            if let Some(absent) = range
+                .clone()
+                .find(|index| !children.iter().any(|(child, _)| child.index == *index))
+            {
+                children.push((NodeId::new(level, absent), InnerNode::empty(width)));
+            }
+            let mut foreign = InnerNode::empty(width);
+            foreign.leaf_count = 3;
+            children.push((NodeId::new(level, range.end), foreign));
+            Ok(children)
+        }
+
+        fn leaves_under(
+            &self,
+            group: &str,
+            shard: u32,
+            node: NodeId,
+            after: Option<&LeafKey>,
+            limit: usize,
+        ) -> Result<Vec<Leaf>, Self::Error> {
+            self.0.leaves_under(group, shard, node, after, limit)
+        }
+
+        fn properties_after(
+            &self,
+            group: &str,
+            shard: u32,
+            after: Option<&Entity>,
+            limit: usize,
+        ) -> Result<Vec<Property>, Self::Error> {
+            self.0.properties_after(group, shard, after, limit)
+        }
+
+        fn get_many(
+            &self,
+            group: &str,
+            shard: u32,
+            entities: &[Entity],
+        ) -> Result<Vec<Option<Property>>, Self::Error> {
+            self.0.get_many(group, shard, entities)
+        }
+
+        fn repair_apply_batch(
+            &self,
+            group: &str,
+            shard: u32,
+            batch: Vec<Property>,
+        ) -> Result<Vec<RepairOutcome>, Self::Error> {
+            self.0.repair_apply_batch(group, shard, batch)
+        }
+    }
+
+    const WIDTH: usize = 8;
+
+    fn rules(page_items: usize) -> StepRules {
+        StepRules {
+            side: Side::Client,
+            width: WIDTH,
+            page_items,
+            leaf_list_max: 0,
+            hint_after: None,
+        }
+    }
+
+    /// What `peer` sends for each of its slots: the expansion a step compares.
+    fn slots_of<S: RepairStore>(peer: &S, shape: &Shape) -> VecDeque<ToCompare> {
+        shape
+            .children(NodeId::ROOT)
+            .map(|slot| {
+                let (present, digests, _) =
+                    expand(peer, shape, "g", 0, slot, WIDTH).expect("expand");
+                ToCompare {
+                    node: slot,
+                    present,
+                    digests,
+                    depth: 0,
+                    hints: None,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_expansion_holds_only_the_nodes_own_children_with_leaves() {
+        let shape = small_shape();
+        let sparse = store(shape, 0..1, 1);
+        let plain = expand(&sparse, &shape, "g", 0, NodeId::ROOT, WIDTH).expect("expand");
+        assert_eq!(plain.2, 1, "one slot holds the one property");
+        assert_eq!(count_ones(&plain.0), 1);
+        assert_eq!(plain.1.len(), WIDTH);
+        let padded = Padded(store(shape, 0..1, 1));
+        let seen = expand(&padded, &shape, "g", 0, NodeId::ROOT, WIDTH).expect("expand");
+        assert_eq!(seen, plain, "the empty and the foreign child are left out");
+    }
+
+    #[test]
+    fn a_step_packs_parents_while_their_worst_case_fits_the_page() {
+        let shape = small_shape();
+        // Every entity differs (another revision on each side), so every child of every slot
+        // differs and, listing nothing at once (`leaf_list_max` 0), is expanded: a slot adds
+        // its 4 children's 4 children, 16 digests, the most a slot can add.
+        let ours = store(shape, 0..2000, 2);
+        let theirs = store(shape, 0..2000, 1);
+        let mut queue = slots_of(&theirs, &shape);
+        // Two slots fill a page of 32 digests exactly; a third could not fit.
+        let mut pages = Vec::new();
+        while let Some(step) =
+            build_step(&ours, &shape, "g", 0, &mut queue, &rules(32)).expect("step")
+        {
+            pages.push((step.page.parents, step.digests, step.expanded.len()));
+        }
+        assert_eq!(pages, [(2, 32, 8), (2, 32, 8)]);
+        // One slot always goes in, however small the page.
+        let mut queue = slots_of(&theirs, &shape);
+        let step = build_step(&ours, &shape, "g", 0, &mut queue, &rules(1))
+            .expect("step")
+            .expect("a page");
+        assert_eq!((step.page.parents, step.digests), (1, 16));
+        assert_eq!(queue.len(), 3);
+    }
+
+    #[test]
+    fn a_step_ignores_empty_and_foreign_children_a_store_reports() {
+        let shape = small_shape();
+        let theirs = store(shape, 0..3, 1);
+        let build = |ours: &dyn Fn(&mut VecDeque<ToCompare>) -> BuiltStep| {
+            let mut queue = slots_of(&theirs, &shape);
+            let step = ours(&mut queue);
+            (step.page.packed, step.page.parents, step.settled.len())
+        };
+        let plain = store(shape, 0..5, 1);
+        let padded = Padded(store(shape, 0..5, 1));
+        let expected = build(&|queue| {
+            build_step(&plain, &shape, "g", 0, queue, &rules(1024))
+                .expect("step")
+                .expect("a page")
+        });
+        let seen = build(&|queue| {
+            build_step(&padded, &shape, "g", 0, queue, &rules(1024))
+                .expect("step")
+                .expect("a page")
+        });
+        assert_eq!(seen, expected);
+        assert!(expected.2 > 0, "the sides differ");
+    }
 }
