@@ -957,6 +957,16 @@ mod tests {
             pages.push((step.page.parents, step.digests, step.expanded.len()));
         }
         assert_eq!(pages, [(2, 32, 8), (2, 32, 8)]);
+        // With 24, a second slot might add 16 more: each page holds one slot, though the
+        // second would in fact have fitted had it added 8 or fewer.
+        let mut queue = slots_of(&theirs, &shape);
+        let mut pages = Vec::new();
+        while let Some(step) =
+            build_step(&ours, &shape, "g", 0, &mut queue, &rules(24)).expect("step")
+        {
+            pages.push((step.page.parents, step.digests));
+        }
+        assert_eq!(pages, [(1, 16); 4]);
         // One slot always goes in, however small the page.
         let mut queue = slots_of(&theirs, &shape);
         let step = build_step(&ours, &shape, "g", 0, &mut queue, &rules(1))
