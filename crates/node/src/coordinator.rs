@@ -1496,6 +1496,115 @@ mod tests {
         release.send(()).unwrap();
     }
 
+    fn apply_at(id: &str, mod_revision: i64) -> Request<v1::ApplyRequest> {
+        Request::new(v1::ApplyRequest {
+            property: Some(property_to_wire(&version(id, mod_revision, 0))),
+            local: false,
+        })
+    }
+
+    fn delete_of(id: &str) -> Request<v1::DeleteRequest> {
+        Request::new(v1::DeleteRequest {
+            group: "g".into(),
+            name: "n".into(),
+            id: id.into(),
+            ..v1::DeleteRequest::default()
+        })
+    }
+
+    /// A write that loses, on the coordinator's own copy or on another, to a newer version
+    /// says by which revision; a delete finds the entity only where a copy held it live; a
+    /// revision past the clock skew is refused by field.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_says_what_superseded_it_and_a_delete_what_it_found() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third().await;
+        let api = PropertyApi::new(Arc::clone(&first));
+        first.store.apply(version("mine", 9, 0)).unwrap();
+        second.store.apply(version("theirs", 8, 0)).unwrap();
+        let answer = api.apply(apply_at("mine", 5)).await.unwrap().into_inner();
+        assert_eq!((answer.acknowledged, answer.superseded), (2, 9));
+        let answer = api.apply(apply_at("theirs", 5)).await.unwrap().into_inner();
+        assert_eq!((answer.acknowledged, answer.superseded), (2, 8));
+        let answer = api.apply(apply_at("new", 5)).await.unwrap().into_inner();
+        assert_eq!((answer.acknowledged, answer.superseded), (2, 0));
+
+        for node in [&first, &second] {
+            node.store.repair_apply(version("gone", 4, 4)).unwrap();
+        }
+        let answer = api.delete(delete_of("gone")).await.unwrap().into_inner();
+        assert!(!answer.found, "only tombstones were there");
+        let answer = api.delete(delete_of("new")).await.unwrap().into_inner();
+        assert!(answer.found, "both copies held it live");
+        let answer = api.delete(delete_of("never")).await.unwrap().into_inner();
+        assert!(!answer.found);
+
+        let ahead = now_nanos() + 3_600 * 1_000_000_000;
+        let status = api
+            .apply(apply_at("late", ahead))
+            .await
+            .expect_err("an hour ahead of the clock");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("property.mod_revision: "),
+            "{status}"
+        );
+        release.send(()).unwrap();
+    }
+
+    /// A local write of an entity goes to the entity's own shard: taken where this node holds
+    /// that shard, refused where it does not.
+    #[tokio::test]
+    async fn a_local_write_is_checked_against_its_entitys_own_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs = [1, 2, 3].map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+        let single = GroupDef::new("single", 12, 0);
+        let node = node_state_of("n1", addrs, 1, dir.path(), vec![single.clone()]);
+        let api = PropertyApi::new(Arc::clone(&node));
+        let (mut taken, mut refused) = (0, 0);
+        for i in 0..40 {
+            let mut property = version(&i.to_string(), 0, 0);
+            property.group = "single".into();
+            let entity = entity_of(&property).unwrap();
+            let held = node.node_ids(&single, shard_for(&entity, &single)) == ["n1"];
+            let answer = api
+                .apply(Request::new(v1::ApplyRequest {
+                    property: Some(property_to_wire(&property)),
+                    local: true,
+                }))
+                .await;
+            match answer {
+                Ok(_) => {
+                    assert!(held, "{entity} taken on a node without its shard");
+                    assert!(node.store.get(&entity).unwrap().is_some());
+                    taken += 1;
+                }
+                Err(status) => {
+                    assert!(!held, "{entity} refused on its own shard's node: {status}");
+                    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+        // Which shards n1 holds, other than shard 0, decided the answers: a node that took
+        // every entity as shard 0 would take all or none.
+        let shards: std::collections::BTreeSet<u32> = (0..40)
+            .map(|i| {
+                shard_for(
+                    &Entity::new("single", "n", &i.to_string()).unwrap(),
+                    &single,
+                )
+            })
+            .collect();
+        assert!(shards.len() > 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
         // write_acks = 2: a read hears from two of the three copies.
@@ -1571,6 +1680,17 @@ mod tests {
     /// Node `me` of a cluster of n1, n2 and n3 at `addrs`, holding group `g` (one shard, a copy
     /// on every node), with its store in `dir`.
     fn node_state(me: &str, addrs: [SocketAddr; 3], write_acks: u32, dir: &Path) -> Arc<NodeState> {
+        node_state_of(me, addrs, write_acks, dir, vec![GroupDef::new("g", 1, 2)])
+    }
+
+    /// [`node_state`] holding `groups`.
+    fn node_state_of(
+        me: &str,
+        addrs: [SocketAddr; 3],
+        write_acks: u32,
+        dir: &Path,
+        groups: Vec<GroupDef>,
+    ) -> Arc<NodeState> {
         let listen = ["n1", "n2", "n3"]
             .into_iter()
             .zip(addrs)
@@ -1589,7 +1709,7 @@ mod tests {
             data_dir: Some(dir.to_owned()),
             write_acks: Some(write_acks),
             members: Some(members),
-            groups: Some(vec![GroupDef::new("g", 1, 2)]),
+            groups: Some(groups),
             ..Partial::default()
         }
         .resolve()
