@@ -1000,4 +1000,209 @@ mod tests {
         assert_eq!(seen, expected);
         assert!(expected.2 > 0, "the sides differ");
     }
+
+    /// A store of `g` holding, in each bucket `i` (of level 3, under bucket parent `2:0`),
+    /// `counts[i]` properties.
+    fn store_with_buckets(shape: Shape, counts: &[usize]) -> ModelStore {
+        let groups = Groups::new([GroupDef::new("g", 1, 2)]).expect("groups");
+        let store = ModelStore::new(groups, shape).expect("model store");
+        let mut left = counts.to_vec();
+        let mut properties = Vec::new();
+        let mut k = 0u64;
+        while left.iter().any(|&n| n > 0) {
+            let id = format!("e{k}");
+            k += 1;
+            let entity = Entity::new("g", "n", &id).expect("entity");
+            let bucket = shape.bucket_of(&entity);
+            let Some(n) = left.get_mut(bucket.index as usize).filter(|n| **n > 0) else {
+                continue;
+            };
+            *n -= 1;
+            properties.push(Property {
+                group: "g".into(),
+                name: "n".into(),
+                id,
+                mod_revision: 1,
+                ..Property::default()
+            });
+        }
+        store.repair_apply_batch("g", 0, properties).expect("seed");
+        store
+    }
+
+    /// Whether a page expanding bucket parent `2:0` of `store`, after `earlier` expansions, is
+    /// given hints, and how many leaves each bucket's hints hold.
+    fn hinted(store: &ModelStore, earlier: usize) -> Option<Vec<usize>> {
+        let shape = store.shape();
+        let parent = NodeId::new(2, 0);
+        let (present, _, _) = expand(store, &shape, "g", 0, parent, WIDTH).expect("expand");
+        let mut built = BuiltStep {
+            page: pb::TreeStep::default(),
+            settled: Vec::new(),
+            hinted: Vec::new(),
+            copies: Vec::new(),
+            compared: 0,
+            unmatched: 0,
+            expanded: vec![Expanded {
+                node: parent,
+                present,
+                depth: 0,
+                hints: None,
+            }],
+            depth: 1,
+            digests: 0,
+            level: 2,
+        };
+        add_hints(store, &shape, "g", 0, earlier, &mut built).expect("hints");
+        let hints = built.expanded[0].hints.clone();
+        assert_eq!(built.page.hints, hints.is_some());
+        hints.map(|buckets| buckets.iter().map(Vec::len).collect())
+    }
+
+    #[test]
+    fn hints_go_while_the_sync_has_expanded_few_nodes() {
+        let store = store_with_buckets(small_shape(), &[1, 2]);
+        assert_eq!(hinted(&store, 0), Some(vec![1, 2]));
+        assert_eq!(hinted(&store, HINT_MAX_EXPANSIONS - 1), Some(vec![1, 2]));
+        assert_eq!(hinted(&store, HINT_MAX_EXPANSIONS), None);
+    }
+
+    #[test]
+    fn hints_go_for_buckets_of_at_most_255_leaves() {
+        let store = store_with_buckets(small_shape(), &[HINT_MAX_LEAVES]);
+        assert_eq!(hinted(&store, 0), Some(vec![HINT_MAX_LEAVES]));
+        let store = store_with_buckets(small_shape(), &[HINT_MAX_LEAVES + 1]);
+        assert_eq!(hinted(&store, 0), None);
+    }
+
+    #[test]
+    fn hints_go_while_they_fit_their_byte_budget() {
+        // Two buckets: 2 counts of 8 bits and 340 short fingerprints of 12 bits are 4 096
+        // bits, exactly HINT_MAX_BYTES.
+        assert_eq!(HINT_MAX_BYTES * 8, 16 + 340 * SHORT_BITS as usize);
+        let store = store_with_buckets(small_shape(), &[170, 170]);
+        assert_eq!(hinted(&store, 0), Some(vec![170, 170]));
+        let store = store_with_buckets(small_shape(), &[170, 171]);
+        assert_eq!(hinted(&store, 0), None);
+    }
+
+    /// A page answering our expansion of `parent` (whose child 0 we hold): child 0 differs with
+    /// `verdict`, then, for a descent, the peer's expansion of that child holding its child 0,
+    /// then `hints` (bits of one bucket's count and short fingerprints) when given.
+    fn answer(verdict: Verdict, hints: Option<&[(u32, u32)]>) -> pb::TreeStep {
+        let mut packed = vec![0b0001];
+        let mut verdicts = BitWriter::default();
+        verdicts.push(verdict as u32, 2);
+        packed.extend(verdicts.finish());
+        if verdict == Verdict::Descend {
+            packed.push(0b0001);
+            packed.extend([7u8; WIDTH]);
+        }
+        if let Some(fields) = hints {
+            let mut bits = BitWriter::default();
+            for &(value, width) in fields {
+                bits.push(value, width);
+            }
+            packed.extend(bits.finish());
+        }
+        pb::TreeStep {
+            parents: 1,
+            packed,
+            hints: hints.is_some(),
+            ..pb::TreeStep::default()
+        }
+    }
+
+    fn awaiting(parent: NodeId, hints: Option<Vec<Vec<u64>>>) -> VecDeque<Expanded> {
+        VecDeque::from([Expanded {
+            node: parent,
+            present: vec![0b0001],
+            depth: 0,
+            hints,
+        }])
+    }
+
+    fn refusal(read: Result<ReadStep, ProtocolError>) -> String {
+        match read {
+            Ok(_) => panic!("the page was accepted"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_step_may_not_descend_into_a_bucket() {
+        let shape = small_shape();
+        // Our expansion of bucket parent 2:0: its children are buckets.
+        let page = answer(Verdict::Descend, None);
+        let read = read_step(
+            &page,
+            &awaiting(NodeId::new(2, 0), None),
+            &shape,
+            WIDTH,
+            Side::Client,
+        );
+        let refused = refusal(read);
+        assert!(refused.contains("must be settled"), "{refused}");
+        // One level up, the same page descends into a bucket parent: accepted.
+        let read = read_step(
+            &page,
+            &awaiting(NodeId::new(1, 0), None),
+            &shape,
+            WIDTH,
+            Side::Client,
+        )
+        .expect("a descent into a bucket parent");
+        assert_eq!(read.to_compare.len(), 1);
+        assert_eq!(read.to_compare[0].node, NodeId::new(2, 0));
+    }
+
+    #[test]
+    fn only_the_server_takes_a_hinted_verdict_and_only_on_buckets_it_hinted() {
+        let shape = small_shape();
+        let bucket_parent = NodeId::new(2, 0);
+        let page = answer(Verdict::Hinted, None);
+        let with_hints = || Some(vec![vec![42u64]]);
+        // The client never hints, so a hinted verdict sent to it is refused, whatever it
+        // remembers of its expansion.
+        let read = read_step(
+            &page,
+            &awaiting(bucket_parent, with_hints()),
+            &shape,
+            WIDTH,
+            Side::Client,
+        );
+        assert!(refusal(read).contains("hints never sent"));
+        // The server refuses one on a bucket it did not hint.
+        let read = read_step(
+            &page,
+            &awaiting(bucket_parent, None),
+            &shape,
+            WIDTH,
+            Side::Server,
+        );
+        assert!(refusal(read).contains("hints never sent"));
+    }
+
+    #[test]
+    fn leaf_hints_are_read_by_the_client_on_expansions_of_bucket_parents_only() {
+        let shape = small_shape();
+        let hints = [(1, 8), (0xabc, SHORT_BITS)];
+        // The server's answer descends from slot 1:0 into bucket parent 2:0 and hints its one
+        // present bucket.
+        let page = answer(Verdict::Descend, Some(&hints));
+        let slot = awaiting(NodeId::new(1, 0), None);
+        let read = read_step(&page, &slot, &shape, WIDTH, Side::Client).expect("hints on buckets");
+        assert_eq!(read.to_compare[0].hints, Some(vec![vec![0xabc]]));
+        // Sent by the client (the server reads them): refused.
+        let refused = refusal(read_step(&page, &slot, &shape, WIDTH, Side::Server));
+        assert!(refused.contains("sent by the client"), "{refused}");
+        // Hints on an expansion of a slot, whose children are no buckets: refused.
+        let root = awaiting(NodeId::ROOT, None);
+        let refused = refusal(read_step(&page, &root, &shape, WIDTH, Side::Client));
+        assert!(refused.contains("parents of buckets only"), "{refused}");
+        // Hints on a page that expands nothing: refused.
+        let page = answer(Verdict::Settled, Some(&[]));
+        let refused = refusal(read_step(&page, &slot, &shape, WIDTH, Side::Client));
+        assert!(refused.contains("parents of buckets only"), "{refused}");
+    }
 }
