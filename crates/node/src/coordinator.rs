@@ -1109,6 +1109,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bad_numbers_in_a_write_or_a_delete_are_refused_by_field_and_store_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = lone_node("n1", 1, dir.path());
+        let api = PropertyApi::new(Arc::clone(&node));
+        let field_of = |status: Status| {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            status
+                .message()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        for (mod_revision, delete_time, field) in [
+            (-1, 0, "property.mod_revision"),
+            (1, 5, "property.delete_time"),
+        ] {
+            let status = api
+                .apply(Request::new(v1::ApplyRequest {
+                    property: Some(property_to_wire(&version("a", mod_revision, delete_time))),
+                    local: true,
+                }))
+                .await
+                .expect_err("refused");
+            assert_eq!(field_of(status), field, "{mod_revision} {delete_time}");
+        }
+        for (mod_revision, delete_time, field) in [(-1, 0, "mod_revision"), (0, -1, "delete_time")]
+        {
+            let status = api
+                .delete(Request::new(v1::DeleteRequest {
+                    mod_revision,
+                    delete_time,
+                    local: true,
+                    ..delete_of("a").into_inner()
+                }))
+                .await
+                .expect_err("refused");
+            assert_eq!(field_of(status), field, "{mod_revision} {delete_time}");
+        }
+        let entity = Entity::new("g", "n", "a").unwrap();
+        assert_eq!(node.store.get(&entity).unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn a_node_refuses_to_write_its_own_copy_of_a_shard_it_does_not_hold() {
         let dir = tempfile::tempdir().unwrap();
         let api = PropertyApi::new(lone_node("n1", 1, dir.path()));

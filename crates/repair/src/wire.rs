@@ -362,6 +362,42 @@ mod tests {
     }
 
     #[test]
+    fn a_fingerprint_field_holds_at_most_a_page_of_fingerprints() {
+        let full = vec![0u8; MAX_PAGE_ITEMS * FINGERPRINT_BYTES];
+        assert_eq!(
+            fingerprints("f", &full).expect("a page").len(),
+            MAX_PAGE_ITEMS
+        );
+        let over = vec![0u8; (MAX_PAGE_ITEMS + 1) * FINGERPRINT_BYTES];
+        let refused = fingerprints("f", &over);
+        assert!(
+            matches!(
+                refused,
+                Err(ProtocolError::PageTooLarge { field: "f", count, max })
+                    if count == MAX_PAGE_ITEMS + 1 && max == MAX_PAGE_ITEMS
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn leaf_keys_round_trip_and_short_ones_are_refused_by_field() {
+        let key = LeafKey {
+            bucket: 0x0102_0304_0506_0708,
+            entity: Entity::new("g", "n", "id").expect("entity"),
+        };
+        let bytes = leaf_key_to_bytes(&key);
+        assert_eq!(leaf_key_from_bytes("k", &bytes).expect("a key"), Some(key));
+        assert_eq!(leaf_key_from_bytes("k", &[]).expect("none"), None);
+        for len in [1, 7] {
+            let refused = leaf_key_from_bytes("k", &bytes[..len]).expect_err("too short");
+            assert!(refused.to_string().contains("at least 9"), "{refused}");
+        }
+        // A bucket without an entity is refused by the entity's decoder.
+        assert!(leaf_key_from_bytes("k", &bytes[..8]).is_err());
+    }
+
+    #[test]
     fn properties_round_trip_and_bad_ones_are_named() {
         let mut property = Property {
             group: "g".into(),
