@@ -362,6 +362,31 @@ mod tests {
     }
 
     #[test]
+    fn shapes_of_either_algorithm_round_trip_and_unknown_ones_are_refused() {
+        for algorithm in [Algorithm::Sha512, Algorithm::Blake3] {
+            let shape = Shape {
+                algorithm,
+                slot_count: 8,
+                fanout: 4,
+                depth: 2,
+                digest_width: 12,
+                ..Shape::default()
+            };
+            assert_eq!(
+                shape_from_proto(&shape_to_proto(&shape)).expect("valid"),
+                shape
+            );
+        }
+        let mut unknown = shape_to_proto(&Shape::default());
+        unknown.algorithm = 99;
+        let refused = shape_from_proto(&unknown).expect_err("unknown algorithm");
+        assert!(refused.to_string().contains("shape.algorithm"), "{refused}");
+        let mut invalid = shape_to_proto(&Shape::default());
+        invalid.fanout = 1;
+        assert!(shape_from_proto(&invalid).is_err());
+    }
+
+    #[test]
     fn a_fingerprint_field_holds_at_most_a_page_of_fingerprints() {
         let full = vec![0u8; MAX_PAGE_ITEMS * FINGERPRINT_BYTES];
         assert_eq!(
