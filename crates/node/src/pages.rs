@@ -740,4 +740,62 @@ mod tests {
         };
         assert_eq!(store_query(&request, &group).unwrap().1, 1000);
     }
+
+    /// `g/n/{id}` with a string tag that makes its canonical encoding exactly `size` bytes.
+    fn sized(id: &str, size: usize) -> Property {
+        let mut property = version(id, 1);
+        property
+            .tags
+            .insert("v".into(), propd_merkle::TagValue::Str(String::new()));
+        for _ in 0..4 {
+            let now = property.canonical_bytes().len();
+            let Some(propd_merkle::TagValue::Str(value)) = property.tags.get_mut("v") else {
+                panic!("a string tag");
+            };
+            let len = (value.len() + size).saturating_sub(now);
+            *value = "x".repeat(len);
+        }
+        assert_eq!(property.canonical_bytes().len(), size);
+        property
+    }
+
+    #[test]
+    fn an_answer_fills_to_a_quarter_of_a_message_and_refuses_what_no_answer_could_hold() {
+        // Four properties of a sixteenth of a message fill an answer exactly.
+        let part = PAGE_BYTES / 4;
+        let mut answer = Answer::default();
+        for i in 0..4 {
+            let property = sized(&i.to_string(), part);
+            assert!(answer.fits(&property).unwrap(), "{i} fits");
+            let full = answer.push(&property, usize::MAX).unwrap();
+            assert_eq!(full, i == 3, "full after the fourth only");
+        }
+        assert!(
+            !answer.fits(&sized("4", 1_000)).unwrap(),
+            "nothing more fits"
+        );
+        // An answer holds at most `limit` properties.
+        let mut answer = Answer::default();
+        assert!(!answer.push(&sized("a", 100), 2).unwrap());
+        assert!(answer.push(&sized("b", 100), 2).unwrap());
+        // A property larger than a page goes alone, up to a message less its headroom...
+        let largest = propd_proto::MAX_MESSAGE_BYTES - ANSWER_HEADROOM;
+        let mut answer = Answer::default();
+        let big = sized("big", largest);
+        assert!(answer.fits(&big).unwrap());
+        assert!(answer.push(&big, usize::MAX).unwrap());
+        // ... and the answer that carries it still fits in one message, with a page token.
+        let response = v1::QueryResponse {
+            properties: std::mem::take(&mut answer.properties),
+            next_page_token: page_token(&entity(&"z".repeat(200))),
+            page_version: PAGE_VERSION,
+        };
+        assert!(prost::Message::encoded_len(&response) <= propd_proto::MAX_MESSAGE_BYTES);
+        let answer = Answer::default();
+        let status = answer
+            .fits(&sized("big", largest + 1))
+            .expect_err("over the largest answer");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("g/n/big"), "{status}");
+    }
 }
