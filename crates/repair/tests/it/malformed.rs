@@ -273,3 +273,62 @@ fn out_of_order_messages_are_named_in_the_error() {
     );
     let _ = Shape::default();
 }
+
+/// Copies the client's sync does not take are refused at every step, even an empty page: a
+/// preview exchanges no copies, and bulk copies exist from protocol version 2 on.
+#[test]
+fn the_client_refuses_pages_its_sync_does_not_take_even_empty_ones() {
+    use pb::repair_response::Msg;
+    let cases = [
+        (
+            Config {
+                preview: true,
+                ..config()
+            },
+            Msg::PropertySync(pb::PropertySync::default()),
+        ),
+        (
+            Config {
+                preview: true,
+                ..config()
+            },
+            Msg::BulkSync(pb::PropertySync::default()),
+        ),
+        (
+            Config {
+                protocol_version: 1,
+                ..config()
+            },
+            Msg::BulkSync(pb::PropertySync::default()),
+        ),
+    ];
+    for (config, msg) in cases {
+        let (a, b) = stores();
+        let steps = {
+            let mut pair = Pair::new(&a, &b, GROUP, 0, config.clone()).expect("pair");
+            pair.drive_bounded(10_000).expect("clean sync");
+            pair.steps()
+        };
+        for at in 0..steps {
+            let (a, b) = stores();
+            let mut pair = Pair::new(&a, &b, GROUP, 0, config.clone()).expect("pair");
+            for _ in 0..at {
+                pair.step().expect("clean prefix");
+            }
+            if pair.is_finished() {
+                continue;
+            }
+            let before = snapshot(&a);
+            let msg = pb::RepairResponse {
+                msg: Some(msg.clone()),
+            };
+            let result = pair.client.handle(&a, msg.clone());
+            assert!(
+                matches!(result, Err(SyncError::Protocol(_))),
+                "step {at}, {msg:?}: {result:?}"
+            );
+            assert!(pair.client.is_failed());
+            assert_eq!(snapshot(&a), before);
+        }
+    }
+}

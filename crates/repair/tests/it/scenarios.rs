@@ -414,5 +414,24 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
             "v{version}: the two older copies went out, the two newer came back"
         );
         assert_eq!(contents(&a, 0), contents(&b, 0));
+        // What one side sent, the other received, and the tree traffic is counted per level.
+        assert_eq!(
+            (report.bytes_sent, report.bytes_received),
+            (server.bytes_received, server.bytes_sent),
+            "v{version}"
+        );
+        let level = |n: u32| report.levels.iter().find(|l| l.level == n);
+        assert!(
+            level(0).is_some_and(|l| l.bytes_received > 0),
+            "v{version}: the root"
+        );
+        if version < 3 {
+            assert!(
+                level(1).is_some_and(|l| l.bytes_received > 0),
+                "v{version}: the slot level"
+            );
+        }
+        let tree: u64 = report.levels.iter().map(|l| l.bytes_received).sum();
+        assert!(tree <= report.bytes_received, "v{version}");
     }
 }
