@@ -1649,6 +1649,35 @@ mod tests {
         assert!(shards.len() > 1);
     }
 
+    /// A coordinated query reads the copies' tombstones too: a copy's older live version of an
+    /// entity another copy deleted is not answered, nor is the tombstone unless asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_does_not_answer_a_version_another_copy_deleted() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third().await;
+        let tombstone = version("a", 9, 9);
+        first.store.repair_apply(tombstone.clone()).unwrap();
+        second.store.apply(version("a", 5, 0)).unwrap();
+        let api = PropertyApi::new(Arc::clone(&first));
+        let query = |include_deleted| {
+            Request::new(v1::QueryRequest {
+                group: "g".into(),
+                include_deleted,
+                ..v1::QueryRequest::default()
+            })
+        };
+        let found = api.query(query(false)).await.unwrap().into_inner();
+        assert_eq!(found.properties, Vec::new(), "the delete stands");
+        let found = api.query(query(true)).await.unwrap().into_inner();
+        assert_eq!(found.properties, vec![property_to_wire(&tombstone)]);
+        release.send(()).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
         // write_acks = 2: a read hears from two of the three copies.
