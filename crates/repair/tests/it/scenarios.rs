@@ -435,3 +435,28 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
         assert!(tree <= report.bytes_received, "v{version}");
     }
 }
+
+/// Copies a store refuses are counted as failed on the side that refused them, and each side
+/// hears the other's counts: a round with a failed apply must not count for purging.
+#[test]
+fn copies_a_store_refuses_are_counted_failed_where_refused() {
+    let shape = Shape::default();
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(&a, 0, vec![prop("k1", 1, "a", 0), prop("k2", 1, "a", 0)]);
+    put(&b, 0, vec![prop("k3", 1, "b", 0), prop("k4", 1, "b", 0)]);
+    let (a, b) = (Watched::refusing(a, &["k3"]), Watched::refusing(b, &["k1"]));
+    let (report, server) = sync_in_memory(&a, &b, GROUP, 0, Config::default()).expect("sync");
+    assert_eq!(
+        (report.applied, report.failed),
+        (1, 1),
+        "the client refused k3"
+    );
+    assert_eq!(
+        (server.applied, server.failed),
+        (1, 1),
+        "the server refused k1"
+    );
+    assert_eq!((report.peer_applied, report.peer_failed), (1, 1));
+    assert_eq!(contents(&a.inner, 0).len(), 3);
+    assert_eq!(contents(&b.inner, 0).len(), 3);
+}

@@ -9,7 +9,7 @@ use propd_merkle::{
 use propd_repair::Config;
 use propd_store::{
     GroupDef, Groups, LeafKey, ModelStore, RedbStore, RepairOutcome, RepairStore, StoreConfig,
-    WriteDurability,
+    ValidationError, WriteDurability,
 };
 
 pub(crate) const GROUP: &str = "g";
@@ -126,6 +126,8 @@ pub(crate) struct Watched<S> {
     leaves_read: AtomicU64,
     pages_read: AtomicU64,
     before_page: Box<dyn Fn(u64) + Send + Sync>,
+    /// Ids whose copies `repair_apply_batch` refuses (a batch holding one is refused whole).
+    refused_ids: Vec<String>,
 }
 
 impl<S> Watched<S> {
@@ -142,6 +144,15 @@ impl<S> Watched<S> {
             leaves_read: AtomicU64::new(0),
             pages_read: AtomicU64::new(0),
             before_page: Box::new(before_page),
+            refused_ids: Vec::new(),
+        }
+    }
+
+    /// A store that refuses to apply copies of these ids, as a store refuses bad input.
+    pub(crate) fn refusing(inner: S, ids: &[&str]) -> Self {
+        Watched {
+            refused_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+            ..Self::new(inner)
         }
     }
 
@@ -156,7 +167,10 @@ impl<S> Watched<S> {
     }
 }
 
-impl<S: RepairStore> RepairStore for Watched<S> {
+impl<S: RepairStore> RepairStore for Watched<S>
+where
+    S::Error: From<ValidationError>,
+{
     type Error = S::Error;
 
     fn shape(&self) -> Shape {
@@ -225,6 +239,15 @@ impl<S: RepairStore> RepairStore for Watched<S> {
         shard: u32,
         batch: Vec<Property>,
     ) -> Result<Vec<RepairOutcome>, Self::Error> {
+        if let Some(refused) = batch.iter().find(|p| self.refused_ids.contains(&p.id)) {
+            return Err(ValidationError::Field {
+                entity: refused.id.clone(),
+                field: "mod_revision",
+                value: refused.mod_revision,
+                expected: "refused by this test's store",
+            }
+            .into());
+        }
         self.inner.repair_apply_batch(group, shard, batch)
     }
 }
