@@ -332,3 +332,46 @@ fn the_client_refuses_pages_its_sync_does_not_take_even_empty_ones() {
         }
     }
 }
+
+/// A server may answer "the whole shard comes as a stream" only to an empty client in a sync
+/// that streams (version 2 or later, not a preview): a client that holds data would otherwise
+/// skip the descent and never send what only it has.
+#[test]
+fn only_an_empty_client_of_a_streaming_sync_takes_a_whole_shard_answer() {
+    use pb::repair_response::Msg;
+    let whole = |protocol_version| pb::RepairResponse {
+        msg: Some(Msg::RootCompare(pb::RootCompare {
+            tree_found: true,
+            shape_ok: true,
+            root_match: false,
+            whole_shard: true,
+            protocol_version,
+            leaf_count: 12,
+            ..pb::RootCompare::default()
+        })),
+    };
+    let (held, server) = stores();
+    let empty = model(small_shape(), 1);
+    let preview = Config {
+        preview: true,
+        ..config()
+    };
+    let first = Config {
+        protocol_version: 1,
+        ..config()
+    };
+    for (name, client, config, version, taken) in [
+        ("an empty client", &empty, config(), 3, true),
+        ("a client with data", &held, config(), 3, false),
+        ("an empty client's preview", &empty, preview, 3, false),
+        ("an empty client at version 1", &empty, first, 1, false),
+    ] {
+        let mut pair = Pair::new(client, &server, GROUP, 0, config).expect("pair");
+        pair.client
+            .poll_transmit(client)
+            .expect("the first message")
+            .expect("the root digest");
+        let result = pair.client.handle(client, whole(version));
+        assert_eq!(result.is_ok(), taken, "{name}: {result:?}");
+    }
+}

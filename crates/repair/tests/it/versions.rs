@@ -346,3 +346,37 @@ fn an_empty_client_previews_and_syncs_at_version_3() {
     assert_eq!(report.streamed, 300);
     assert_eq!(contents(&a, 0), contents(&b, 0));
 }
+
+/// The report of a version 3 sync accounts its traffic by tree level: the client sends the root
+/// and the slots (levels 0 and 1 go out with the root), then its steps at levels 2 and 4, and
+/// receives the server's steps, which answer its expansions one level down (levels 1 and 3), with
+/// the digests they carry counted at the level of the nodes they describe.
+#[test]
+fn a_version_3_report_counts_each_levels_traffic_where_it_happened() {
+    let (a, b) = diverged(Shape::default(), 2000, 1);
+    let (report, _) = lockstep(&a, &b, deep(3), deep(3));
+    let received: Vec<bool> = report.levels.iter().map(|l| l.bytes_received > 0).collect();
+    let sent: Vec<bool> = report.levels.iter().map(|l| l.bytes_sent > 0).collect();
+    assert_eq!(
+        received,
+        [true, true, false, true, false, false],
+        "{report:?}"
+    );
+    assert_eq!(sent, [true, false, true, false, true, false], "{report:?}");
+    // The slots sent with the root, then the 16 children of the differing slot received.
+    assert_eq!(
+        (report.levels[1].digests, report.levels[2].digests),
+        (32, 16)
+    );
+    assert!(
+        report.levels[4].digests > 0,
+        "the buckets the server expanded"
+    );
+    // The client settled the differing bucket by the server's hints: it compared its one leaf
+    // there (sent, the client's copy is newer) and the server's unmatched one (requested).
+    assert_eq!(
+        (report.compared, report.sent, report.requested),
+        (2, 1, 1),
+        "{report:?}"
+    );
+}
