@@ -369,6 +369,10 @@ fn a_version_3_report_counts_each_levels_traffic_where_it_happened() {
         (32, 16)
     );
     assert!(
+        report.levels[3].digests > 0,
+        "the client's expansion of level 2"
+    );
+    assert!(
         report.levels[4].digests > 0,
         "the buckets the server expanded"
     );
