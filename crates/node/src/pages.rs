@@ -739,6 +739,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(store_query(&request, &group).unwrap().1, 1000);
+        let request = v1::QueryRequest {
+            group: "g".into(),
+            limit: MAX_QUERY_LIMIT,
+            ..Default::default()
+        };
+        let (query, limit) = store_query(&request, &group).expect("the largest limit");
+        assert_eq!(
+            (query.limit, limit),
+            (MAX_QUERY_LIMIT as usize, MAX_QUERY_LIMIT as usize)
+        );
+        // Shards are numbered below the group's shard_num.
+        let group = GroupDef::new("g", 4, 0);
+        for (shard, taken) in [(0, true), (3, true), (4, false), (u32::MAX, false)] {
+            let request = v1::QueryRequest {
+                group: "g".into(),
+                shard: Some(shard),
+                ..Default::default()
+            };
+            match store_query(&request, &group) {
+                Ok((query, _)) => {
+                    assert!(taken, "shard {shard} taken");
+                    assert_eq!(query.shard, Some(shard));
+                }
+                Err(status) => {
+                    assert!(!taken, "shard {shard} refused: {status}");
+                    assert!(status.message().starts_with("shard: "), "{status}");
+                }
+            }
+        }
     }
 
     /// `g/n/{id}` with a string tag that makes its canonical encoding exactly `size` bytes.
