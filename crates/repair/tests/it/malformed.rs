@@ -375,3 +375,75 @@ fn only_an_empty_client_of_a_streaming_sync_takes_a_whole_shard_answer() {
         assert_eq!(result.is_ok(), taken, "{name}: {result:?}");
     }
 }
+
+/// A leaf list that contradicts itself is refused: a node said not to exist yet with
+/// fingerprints or more chunks, and (from version 2) a chunk end given without more chunks or
+/// more chunks without their end. Each is a real list of a clean sync, altered.
+#[test]
+fn the_client_refuses_a_leaf_list_that_contradicts_itself() {
+    use pb::repair_response::Msg;
+    type Alter = fn(&mut pb::NodeLeaves);
+    let alterations: [(&str, Alter); 4] = [
+        ("absent, with fingerprints", |node| node.exists = false),
+        ("absent, with more", |node| {
+            node.exists = false;
+            node.fingerprints.clear();
+            node.more = true;
+        }),
+        ("an end without more", |node| {
+            node.more = false;
+            node.until = vec![0; 8];
+        }),
+        ("more without an end", |node| {
+            node.more = true;
+            node.until.clear();
+        }),
+    ];
+    let config = Config {
+        protocol_version: 2,
+        ..config()
+    };
+    for (name, alter) in alterations {
+        let (a, b) = stores();
+        let mut pair = Pair::new(&a, &b, GROUP, 0, config.clone()).expect("pair");
+        // Run the clean sync, message by message, until the server sends a list with
+        // fingerprints.
+        let mut list = None;
+        for _ in 0..1000 {
+            if let Some(request) = pair.client.poll_transmit(&a).expect("client") {
+                pair.server.handle(&b, request).expect("server");
+            }
+            while let Some(response) = pair.server.poll_transmit(&b).expect("server") {
+                match response.msg {
+                    Some(Msg::DifferTreeSummary(summary))
+                        if summary
+                            .nodes
+                            .first()
+                            .is_some_and(|n| !n.fingerprints.is_empty()) =>
+                    {
+                        list = Some(summary);
+                        break;
+                    }
+                    _ => pair.client.handle(&a, response).expect("client"),
+                }
+            }
+            if list.is_some() {
+                break;
+            }
+        }
+        let mut bad = list.expect("a list with fingerprints");
+        if let Some(node) = bad.nodes.first_mut() {
+            alter(node);
+        }
+        let result = pair.client.handle(
+            &a,
+            pb::RepairResponse {
+                msg: Some(Msg::DifferTreeSummary(bad)),
+            },
+        );
+        assert!(
+            matches!(result, Err(SyncError::Protocol(_))),
+            "{name}: {result:?}"
+        );
+    }
+}
