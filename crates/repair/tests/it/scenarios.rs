@@ -431,6 +431,14 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
                 "v{version}: the slot level"
             );
         }
+        // The bucket's lists are counted at its level, with the bytes that carried them.
+        let bucket = level(1).expect("the bucket level");
+        assert!(
+            bucket.fingerprints > 0 && bucket.bytes_received >= 8 * bucket.fingerprints,
+            "v{version}: {} fingerprints in {} bytes",
+            bucket.fingerprints,
+            bucket.bytes_received
+        );
         let tree: u64 = report.levels.iter().map(|l| l.bytes_received).sum();
         assert!(tree <= report.bytes_received, "v{version}");
     }
