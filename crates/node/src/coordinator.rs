@@ -1678,6 +1678,44 @@ mod tests {
         release.send(()).unwrap();
     }
 
+    /// A query whose answer takes several rounds of page calls matches each copy's later
+    /// pages to that copy: the stale copy is the one rewritten.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_over_several_rounds_repairs_the_copy_its_later_pages_show_stale() {
+        let HungThird {
+            first,
+            second,
+            release,
+            _dirs,
+            ..
+        } = hung_third().await;
+        // Two tombstones first: with a limit of one, "a" comes in the third round of pages.
+        for id in ["0", "1"] {
+            let tombstone = version(id, 4, 4);
+            first.store.repair_apply(tombstone.clone()).unwrap();
+            second.store.repair_apply(tombstone).unwrap();
+        }
+        first.store.apply(version("a", 5, 0)).unwrap();
+        let newest = version("a", 9, 0);
+        second.store.apply(newest.clone()).unwrap();
+        let found = PropertyApi::new(Arc::clone(&first))
+            .query(Request::new(v1::QueryRequest {
+                group: "g".into(),
+                limit: 1,
+                ..v1::QueryRequest::default()
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!(found.properties, vec![property_to_wire(&newest)]);
+        let entity = Entity::new("g", "n", "a").unwrap();
+        eventually("n1's older copy is rewritten", || {
+            first.store.get(&entity).unwrap() == Some(newest.clone())
+        })
+        .await;
+        release.send(()).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_get_and_a_query_answer_while_a_hung_copy_is_still_being_read() {
         // write_acks = 2: a read hears from two of the three copies.
