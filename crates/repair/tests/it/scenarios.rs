@@ -413,6 +413,8 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
             (2, 2, 2, 0),
             "v{version}: the two older copies went out, the two newer came back"
         );
+        // Each of the client's 40 leaves was compared once, and the server's two it lacked.
+        assert_eq!((report.compared, report.requested), (42, 2), "v{version}");
         assert_eq!(contents(&a, 0), contents(&b, 0));
         // What one side sent, the other received, and the tree traffic is counted per level.
         assert_eq!(
