@@ -384,3 +384,23 @@ fn a_version_3_report_counts_each_levels_traffic_where_it_happened() {
         "{report:?}"
     );
 }
+
+/// Version 2 answers each level's digests with a `LevelDiff` counted at that level, and lists
+/// the differing bucket's leaves at the bucket level.
+#[test]
+fn a_version_2_report_counts_each_levels_answer_at_its_level() {
+    let (a, b) = diverged(Shape::default(), 2000, 1);
+    let (report, _) = lockstep(&a, &b, deep(2), deep(2));
+    for level in 1..=3 {
+        let traffic = &report.levels[level];
+        assert!(
+            traffic.bytes_received > 0 && traffic.fingerprints == 0,
+            "level {level}: {traffic:?}"
+        );
+    }
+    let bucket = &report.levels[4];
+    assert!(
+        bucket.fingerprints > 0 && bucket.bytes_received >= 8 * bucket.fingerprints,
+        "{bucket:?}"
+    );
+}
