@@ -441,6 +441,12 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
             bucket.fingerprints,
             bucket.bytes_received
         );
+        // The two fingerprints requested are counted at the leaf level, below the bucket.
+        let leaves = level(2).expect("the leaf level");
+        assert!(
+            leaves.fingerprints == 2 && leaves.bytes_sent >= 16,
+            "v{version}: {leaves:?}"
+        );
         let tree: u64 = report.levels.iter().map(|l| l.bytes_received).sum();
         assert!(tree <= report.bytes_received, "v{version}");
     }
