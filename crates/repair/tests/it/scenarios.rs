@@ -476,3 +476,88 @@ fn copies_a_store_refuses_are_counted_failed_where_refused() {
     assert_eq!(contents(&a.inner, 0).len(), 3);
     assert_eq!(contents(&b.inner, 0).len(), 3);
 }
+
+/// The parents of each `LevelDigests` page of a version 2 sync where each of 2 000 entities
+/// differs, as `(level, parents)` in order.
+fn digest_pages(shape: Shape, config: Config) -> Vec<(u32, u32)> {
+    use pb::repair_request::Msg;
+    use propd_proto::v1 as pb;
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(
+        &a,
+        0,
+        (0..2000)
+            .map(|i| prop(&format!("e{i}"), 1, "a", 0))
+            .collect(),
+    );
+    put(
+        &b,
+        0,
+        (0..2000)
+            .map(|i| prop(&format!("e{i}"), 2, "b", 0))
+            .collect(),
+    );
+    let mut pair = Pair::new(&a, &b, GROUP, 0, config).expect("pair");
+    let mut pages = Vec::new();
+    for _ in 0..100_000 {
+        if pair.client.is_done() {
+            break;
+        }
+        if let Some(request) = pair.client.poll_transmit(&a).expect("client") {
+            if let Some(Msg::LevelDigests(page)) = &request.msg {
+                pages.push((page.level, page.parents));
+            }
+            pair.server.handle(&b, request).expect("server");
+        }
+        while let Some(response) = pair.server.poll_transmit(&b).expect("server") {
+            pair.client.handle(&a, response).expect("client");
+        }
+    }
+    assert!(pair.client.is_done());
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    pages
+}
+
+/// A `LevelDigests` page takes parents while their worst case (every child present) fits its
+/// item and byte limits; the first parent always goes in.
+#[test]
+fn a_digest_page_packs_parents_while_their_worst_case_fits() {
+    let v2 = Config {
+        protocol_version: 2,
+        leaf_list_max: 0,
+        ..Config::default()
+    };
+    // Level 2 of the default shape holds the 32 slots' children, 16 per slot: 32 digests fit
+    // two slots exactly.
+    let pages = digest_pages(
+        Shape::default(),
+        Config {
+            page_items: 32,
+            max_backlog: 1024,
+            ..v2.clone()
+        },
+    );
+    let level_2: Vec<u32> = pages.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
+    assert_eq!(level_2, [2; 16], "{pages:?}");
+    // By bytes: 4 slots of 16 buckets, every bucket holding leaves; a slot's bitmap and 16
+    // digests of 64 bytes are 1 026 bytes, so four fit in 4 104 bytes and three in 4 103.
+    let wide = Shape {
+        slot_count: 4,
+        fanout: 16,
+        depth: 1,
+        digest_width: 64,
+        ..Shape::default()
+    };
+    for (page_bytes, expected) in [(4104, vec![4]), (4103, vec![3, 1])] {
+        let pages = digest_pages(
+            wide,
+            Config {
+                wire_digest_width: 64,
+                page_bytes,
+                ..v2.clone()
+            },
+        );
+        let buckets: Vec<u32> = pages.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
+        assert_eq!(buckets, expected, "{page_bytes} bytes: {pages:?}");
+    }
+}
