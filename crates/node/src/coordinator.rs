@@ -1152,6 +1152,46 @@ mod tests {
         assert_eq!(node.store.get(&entity).unwrap(), None);
     }
 
+    /// A replica write says what it did to the copy and whether the copy was live before, and
+    /// only a write it applied counts in `propd_properties_applied`.
+    #[tokio::test]
+    async fn a_replica_write_answers_its_outcome_and_counts_only_what_it_applied() {
+        use v1::replica_write_response::Outcome;
+        let dir = tempfile::tempdir().unwrap();
+        let node = lone_node("n1", 1, dir.path());
+        let api = PropertyApi::new(Arc::clone(&node));
+        let applied = || {
+            node.metrics
+                .encode()
+                .lines()
+                .find(|line| line.starts_with("propd_properties_applied_total{"))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(|count| count.parse::<u64>().unwrap())
+                .unwrap_or(0)
+        };
+        let steps = [
+            (version("a", 5, 0), Outcome::Applied, false, None, 1),
+            (version("a", 5, 0), Outcome::Same, true, None, 1),
+            (version("a", 3, 0), Outcome::LocalNewer, true, Some(5), 1),
+            (version("a", 6, 6), Outcome::Applied, true, None, 2),
+            (version("a", 7, 0), Outcome::Applied, false, None, 3),
+        ];
+        for (property, outcome, had_live, current, count) in steps {
+            let answer = api
+                .replica_write(Request::new(v1::ReplicaWriteRequest {
+                    property: Some(property_to_wire(&property)),
+                }))
+                .await
+                .unwrap_or_else(|status| panic!("{status}"))
+                .into_inner();
+            let what = format!("revision {}", property.mod_revision);
+            assert_eq!(answer.outcome, outcome as i32, "{what}");
+            assert_eq!(answer.had_live, had_live, "{what}");
+            assert_eq!(answer.current.map(|c| c.mod_revision), current, "{what}");
+            assert_eq!(applied(), count, "{what}");
+        }
+    }
+
     #[tokio::test]
     async fn a_node_refuses_to_write_its_own_copy_of_a_shard_it_does_not_hold() {
         let dir = tempfile::tempdir().unwrap();
