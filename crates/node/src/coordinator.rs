@@ -1627,6 +1627,18 @@ mod tests {
         assert!(answer.found, "both copies held it live");
         let answer = api.delete(delete_of("never")).await.unwrap().into_inner();
         assert!(!answer.found);
+        // A delete time and revision the client gives, within the clock skew, are kept.
+        let now = now_nanos();
+        let answer = api
+            .delete(Request::new(v1::DeleteRequest {
+                mod_revision: now,
+                delete_time: now,
+                ..delete_of("given").into_inner()
+            }))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert_eq!((answer.mod_revision, answer.delete_time), (now, now));
 
         let ahead = now_nanos() + 3_600 * 1_000_000_000;
         let status = api
