@@ -983,7 +983,6 @@ impl PropertyService for PropertyApi {
 mod tests {
     use std::net::SocketAddr;
     use std::path::Path;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use propd_proto::v1::property_service_server::PropertyServiceServer;
     use propd_store::{RedbStore, StoreConfig, ValidationError};
@@ -1890,8 +1889,6 @@ mod tests {
         first: Arc<NodeState>,
         second: Arc<NodeState>,
         release: oneshot::Sender<()>,
-        /// Connections n3 accepted (and holds unanswered).
-        accepted: Arc<AtomicUsize>,
         _dirs: (tempfile::TempDir, tempfile::TempDir),
     }
 
@@ -1914,14 +1911,12 @@ mod tests {
                 ))))
                 .serve_with_incoming(TcpListenerStream::new(n2_listener)),
         );
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let release = counted_hung_peer(n3_listener, Arc::clone(&accepted));
+        let release = hung_peer(n3_listener);
         let first = node_state("n1", [n1, n2, n3], write_acks, n1_dir.path());
         HungThird {
             first,
             second,
             release,
-            accepted,
             _dirs: (n1_dir, n2_dir),
         }
     }
@@ -1937,11 +1932,6 @@ mod tests {
     /// A peer that accepts connections and never answers, until `release` is sent: then it
     /// closes every connection and stops listening, and the calls to it fail.
     fn hung_peer(listener: TcpListener) -> oneshot::Sender<()> {
-        counted_hung_peer(listener, Arc::new(AtomicUsize::new(0)))
-    }
-
-    /// [`hung_peer`], counting the connections it accepted in `accepted`.
-    fn counted_hung_peer(listener: TcpListener, accepted: Arc<AtomicUsize>) -> oneshot::Sender<()> {
         let (release, released) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let mut held = Vec::new();
@@ -1951,7 +1941,6 @@ mod tests {
                     connection = listener.accept() => {
                         if let Ok((socket, _)) = connection {
                             held.push(socket);
-                            accepted.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                     _ = &mut released => return,

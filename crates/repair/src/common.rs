@@ -437,9 +437,10 @@ mod tests {
         store.repair_apply_batch("g", 0, vec![held]).expect("seed");
         let mut bad = property(1);
         bad.mod_revision = 0;
-        let mut applier = Applier::default();
-        applier.pending = vec![property(0), bad, property(2), property(3)];
-        applier.bytes = 1;
+        let mut applier = Applier {
+            pending: vec![property(0), bad, property(2), property(3)],
+            bytes: 1,
+        };
         let done = applier.flush(&store, "g", 0);
         assert_eq!((done.applied, done.failed), (2, 1));
         let newer: Vec<(String, i64)> = done

@@ -1109,7 +1109,6 @@ mod tests {
             parents: 1,
             packed,
             hints: hints.is_some(),
-            ..pb::TreeStep::default()
         }
     }
 
