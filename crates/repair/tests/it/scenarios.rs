@@ -561,3 +561,39 @@ fn a_digest_page_packs_parents_while_their_worst_case_fits() {
         assert_eq!(buckets, expected, "{page_bytes} bytes: {pages:?}");
     }
 }
+
+/// The in-memory driver stops a sync at its step bound, counted from where each call began, and
+/// a later call takes the sync on from there.
+#[test]
+fn the_in_memory_driver_stops_at_its_step_bound_and_resumes() {
+    let shape = Shape::default();
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(
+        &a,
+        0,
+        (0..50).map(|i| prop(&format!("e{i}"), 1, "a", 0)).collect(),
+    );
+    put(
+        &b,
+        0,
+        (0..50).map(|i| prop(&format!("e{i}"), 2, "b", 0)).collect(),
+    );
+    let mut pair = Pair::new(&a, &b, GROUP, 0, Config::default()).expect("pair");
+    assert!(matches!(
+        pair.drive_bounded(1),
+        Err(PairError::Stalled { steps: 1 })
+    ));
+    assert!(matches!(
+        pair.drive_bounded(2),
+        Err(PairError::Stalled { steps: 2 })
+    ));
+    assert_eq!(pair.steps(), 3);
+    let (report, _) = pair.drive_bounded(10_000).expect("the rest of the sync");
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    // The tree traffic is what went both ways besides the property records.
+    assert!(report.record_bytes > 0);
+    assert_eq!(
+        report.tree_bytes() + report.record_bytes,
+        report.bytes_sent + report.bytes_received
+    );
+}
