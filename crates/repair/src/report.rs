@@ -156,3 +156,69 @@ pub struct ServerReport {
     /// failed.
     pub rechecked: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field of a report crosses to its wire form, each to its own field (distinct
+    /// values, so that a swap shows).
+    #[test]
+    fn a_report_keeps_every_field_on_the_wire() {
+        let report = SyncReport {
+            in_sync: true,
+            preview: true,
+            compared: 1,
+            sent: 2,
+            requested: 3,
+            received: 4,
+            applied: 5,
+            failed: 6,
+            peer_applied: 7,
+            peer_failed: 8,
+            bytes_sent: 9,
+            bytes_received: 10,
+            record_bytes: 11,
+            levels: vec![LevelTraffic {
+                level: 12,
+                digests: 13,
+                fingerprints: 14,
+                bytes_sent: 15,
+                bytes_received: 16,
+            }],
+            streamed: 17,
+            protocol_version: 18,
+            round_trips: 19,
+            rechecked: 20,
+        };
+        let wire = pb::SyncReport::from(&report);
+        assert_eq!(
+            wire,
+            pb::SyncReport {
+                compared: 1,
+                sent: 2,
+                received: 4,
+                applied: 5,
+                failed: 6,
+                bytes_sent: 9,
+                bytes_received: 10,
+                levels: vec![pb::LevelBytes {
+                    level: 12,
+                    digests: 13,
+                    bytes: 15,
+                    bytes_received: 16,
+                    fingerprints: 14,
+                }],
+                peer_applied: 7,
+                peer_failed: 8,
+                record_bytes: 11,
+                requested: 3,
+                preview: true,
+                in_sync: true,
+                streamed: 17,
+                protocol_version: 18,
+                round_trips: 19,
+            }
+        );
+    }
+}
