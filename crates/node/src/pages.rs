@@ -654,6 +654,32 @@ mod tests {
         assert_eq!(merge.step(all), Step::Done);
     }
 
+    /// A copy that paged past an entity lacks it only if it holds the entity's shard: in a
+    /// query over several shards, a copy of another shard is not rewritten with it.
+    #[test]
+    fn only_a_holder_of_the_entitys_shard_is_judged_to_lack_it() {
+        let mut merge = PageMerge::new(vec![
+            ("n1".into(), page(&[("a", 1)], false)),
+            ("n2".into(), page(&[("b", 1)], false)),
+            ("n3".into(), page(&[("b", 1)], false)),
+        ]);
+        let holders = |entity: &Entity| {
+            if *entity == self::entity("a") {
+                vec!["n1".to_owned(), "n2".to_owned()]
+            } else {
+                vec!["n2".to_owned(), "n3".to_owned()]
+            }
+        };
+        assert_eq!(
+            merge.step(holders),
+            Step::Entity(
+                entity("a"),
+                vec![("n1".into(), Some(version("a", 1))), ("n2".into(), None)]
+            ),
+            "n3 holds another shard"
+        );
+    }
+
     #[test]
     fn a_copy_that_fails_later_is_not_judged_past_its_reach() {
         let mut merge = PageMerge::new(vec![
