@@ -1156,6 +1156,17 @@ mod tests {
     }
 
     #[test]
+    fn a_step_with_bytes_past_its_fields_is_refused() {
+        let shape = small_shape();
+        let slot = awaiting(NodeId::new(1, 0), None);
+        let mut page = answer(Verdict::Settled, None);
+        read_step(&page, &slot, &shape, WIDTH, Side::Client).expect("the page as built");
+        page.packed.push(0);
+        let refused = refusal(read_step(&page, &slot, &shape, WIDTH, Side::Client));
+        assert!(refused.contains("1 trailing bytes"), "{refused}");
+    }
+
+    #[test]
     fn only_the_server_takes_a_hinted_verdict_and_only_on_buckets_it_hinted() {
         let shape = small_shape();
         let bucket_parent = NodeId::new(2, 0);
