@@ -1167,6 +1167,18 @@ mod tests {
     }
 
     #[test]
+    fn a_step_answers_at_least_one_and_at_most_the_awaited_expansions() {
+        let shape = small_shape();
+        let slot = awaiting(NodeId::new(1, 0), None);
+        for parents in [0, 2] {
+            let mut page = answer(Verdict::Settled, None);
+            page.parents = parents;
+            let refused = refusal(read_step(&page, &slot, &shape, WIDTH, Side::Client));
+            assert!(refused.contains("TreeStep.parents"), "{parents}: {refused}");
+        }
+    }
+
+    #[test]
     fn only_the_server_takes_a_hinted_verdict_and_only_on_buckets_it_hinted() {
         let shape = small_shape();
         let bucket_parent = NodeId::new(2, 0);
