@@ -385,7 +385,8 @@ fn a_version_3_report_counts_each_levels_traffic_where_it_happened() {
     );
 }
 
-/// Version 2 answers each level's digests with a `LevelDiff` counted at that level, and lists
+/// Version 2 sends each level's digests and answers them with a `LevelDiff`, both counted at
+/// that level, and lists
 /// the differing bucket's leaves at the bucket level.
 #[test]
 fn a_version_2_report_counts_each_levels_answer_at_its_level() {
@@ -394,7 +395,7 @@ fn a_version_2_report_counts_each_levels_answer_at_its_level() {
     for level in 1..=3 {
         let traffic = &report.levels[level];
         assert!(
-            traffic.bytes_received > 0 && traffic.fingerprints == 0,
+            traffic.bytes_sent > 0 && traffic.bytes_received > 0 && traffic.fingerprints == 0,
             "level {level}: {traffic:?}"
         );
     }
