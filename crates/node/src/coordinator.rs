@@ -1488,13 +1488,7 @@ mod tests {
         let newest = version("a", 9, 0);
         second.store.apply(newest.clone()).unwrap();
         let got = PropertyApi::new(Arc::clone(&first))
-            .get(Request::new(v1::GetRequest {
-                group: "g".into(),
-                name: "n".into(),
-                id: "a".into(),
-                local: false,
-                include_deleted: false,
-            }))
+            .get(get_of("a"))
             .await
             .unwrap_or_else(|status| panic!("{status}"))
             .into_inner();
@@ -1518,13 +1512,7 @@ mod tests {
         first.store.apply(newest.clone()).unwrap();
         second.store.apply(version("a", 5, 0)).unwrap();
         let got = PropertyApi::new(Arc::clone(&first))
-            .get(Request::new(v1::GetRequest {
-                group: "g".into(),
-                name: "n".into(),
-                id: "a".into(),
-                local: false,
-                include_deleted: false,
-            }))
+            .get(get_of("a"))
             .await
             .unwrap_or_else(|status| panic!("{status}"))
             .into_inner();
@@ -1741,11 +1729,7 @@ mod tests {
             ..
         } = hung_third().await;
         // Two tombstones first: with a limit of one, "a" comes in the third round of pages.
-        for id in ["0", "1"] {
-            let tombstone = version(id, 4, 4);
-            first.store.repair_apply(tombstone.clone()).unwrap();
-            second.store.repair_apply(tombstone).unwrap();
-        }
+        tombstones_first(&first, &second);
         first.store.apply(version("a", 5, 0)).unwrap();
         let newest = version("a", 9, 0);
         second.store.apply(newest.clone()).unwrap();
@@ -1782,21 +1766,11 @@ mod tests {
         second.store.apply(stored.clone()).unwrap();
         // Two tombstones before it in entity order: a query of one visible property at a time
         // takes three rounds of page calls (each copy pages one entity at a time).
-        for id in ["0", "1"] {
-            let tombstone = version(id, 4, 4);
-            first.store.repair_apply(tombstone.clone()).unwrap();
-            second.store.repair_apply(tombstone).unwrap();
-        }
+        tombstones_first(&first, &second);
         let api = PropertyApi::new(Arc::clone(&first));
 
         let got = api
-            .get(Request::new(v1::GetRequest {
-                group: "g".into(),
-                name: "n".into(),
-                id: "a".into(),
-                local: false,
-                include_deleted: false,
-            }))
+            .get(get_of("a"))
             .await
             .unwrap_or_else(|status| panic!("{status}"))
             .into_inner();
@@ -1948,6 +1922,27 @@ mod tests {
             }
         });
         release
+    }
+
+    /// A coordinated get of `g/n/{id}`.
+    fn get_of(id: &str) -> Request<v1::GetRequest> {
+        Request::new(v1::GetRequest {
+            group: "g".into(),
+            name: "n".into(),
+            id: id.into(),
+            local: false,
+            include_deleted: false,
+        })
+    }
+
+    /// Tombstones of `g/n/0` and `g/n/1` on both nodes: before any other id in entity order, so
+    /// that a query of one visible property at a time takes two rounds of page calls more.
+    fn tombstones_first(first: &NodeState, second: &NodeState) {
+        for id in ["0", "1"] {
+            let tombstone = version(id, 4, 4);
+            first.store.repair_apply(tombstone.clone()).unwrap();
+            second.store.repair_apply(tombstone).unwrap();
+        }
     }
 
     fn apply_request(id: &str) -> Request<v1::ApplyRequest> {
