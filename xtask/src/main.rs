@@ -37,7 +37,8 @@ commands:
            ([--seconds S] [TARGET...]; see --help)
   mutants  mutation testing with cargo-mutants (installed when missing):
              cargo xtask mutants [--crate CRATE]... [--file GLOB]... [ARGS for cargo mutants]
-           (default --output target/mutants, --timeout 300)
+           (default --output target/mutants, --timeout 300); --copy DIR runs it in a copy of
+           the working tree at DIR, every crate but the mutated one built optimised (faster)
            e.g. `cargo xtask mutants --crate propd-repair --file crates/repair/src/server.rs`;
            results under target/mutants/mutants.out (see docs/testing.md)
   help     this text
@@ -208,15 +209,23 @@ fn mutants(args: &[String]) -> Result<()> {
     let mut rest = args.iter();
     let mut timeout_given = false;
     let mut output_given = false;
+    let mut copy = None;
+    let mut crates = Vec::new();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--crate" => {
                 let krate = rest.next().context("--crate needs a package name")?;
                 command.args(["--package", krate]);
+                crates.push(krate.clone());
             }
             "--file" => {
                 let file = rest.next().context("--file needs a path or glob")?;
                 command.args(["--file", file]);
+            }
+            "--copy" => {
+                copy = Some(PathBuf::from(
+                    rest.next().context("--copy needs a directory")?,
+                ));
             }
             other => {
                 timeout_given |= other.starts_with("--timeout");
@@ -233,7 +242,100 @@ fn mutants(args: &[String]) -> Result<()> {
         // take at most this long (the unmutated tests take seconds).
         command.args(["--timeout", "300"]);
     }
+    if let Some(dir) = copy {
+        let dir =
+            std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?;
+        cheap_copy(&dir, &crates)?;
+        command.current_dir(&dir);
+        // The copy builds in its own target directory, whatever the caller's environment says.
+        command.env_remove("CARGO_TARGET_DIR");
+    }
     status(command)
+}
+
+/// Writes the working tree (tracked and untracked files, but not ignored ones) into `dir`,
+/// with a cargo configuration that makes each mutant cheap: the dependencies and every
+/// workspace crate but `mutated` are built optimised and without debug information, so that a
+/// mutant rebuilds only the mutated crate, unoptimised, and its tests run against fast hashing
+/// and storage. A crate's tests ran about ten times faster so (docs/testing.md).
+fn cheap_copy(dir: &Path, mutated: &[String]) -> Result<()> {
+    if mutated.is_empty() {
+        bail!("--copy needs --crate: the copy builds every other workspace crate optimised");
+    }
+    let listed = Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .output()
+        .context("listing the working tree with git")?;
+    if !listed.status.success() {
+        bail!(
+            "git ls-files failed: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+    let mut copied = 0usize;
+    for path in listed.stdout.split(|&b| b == 0).filter(|p| !p.is_empty()) {
+        let path = Path::new(std::str::from_utf8(path).context("a path that is not UTF-8")?);
+        // Listed but deleted in the working tree: nothing to copy.
+        if !path.is_file() {
+            continue;
+        }
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Only files that changed are written, so the copy's build stays incremental.
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if std::fs::read(&target).ok().as_deref() != Some(&bytes[..]) {
+            std::fs::write(&target, &bytes)
+                .with_context(|| format!("writing {}", target.display()))?;
+            copied += 1;
+        }
+    }
+    let mut config = String::from(
+        "# Written by `cargo xtask mutants --copy`: a cheap build for mutation runs.\n\
+         [profile.dev]\ndebug = false\n\n[profile.dev.package.\"*\"]\nopt-level = 2\n",
+    );
+    for krate in workspace_crates()? {
+        if !mutated.contains(&krate) {
+            config.push_str(&format!("\n[profile.dev.package.{krate}]\nopt-level = 2\n"));
+        }
+    }
+    let cargo_dir = dir.join(".cargo");
+    std::fs::create_dir_all(&cargo_dir)?;
+    let alias = std::fs::read_to_string(".cargo/config.toml").unwrap_or_default();
+    std::fs::write(cargo_dir.join("config.toml"), format!("{alias}\n{config}"))
+        .context("writing the copy's cargo configuration")?;
+    eprintln!(
+        "xtask mutants: {copied} files updated in {}; building there",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The package names of the workspace's library crates (`crates/*`).
+fn workspace_crates() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("crates").context("reading crates/")? {
+        let manifest = entry?.path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        if let Some(name) = text.lines().find_map(|line| {
+            line.strip_prefix("name = \"")
+                .and_then(|rest| rest.strip_suffix('"'))
+        }) {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn has_nextest() -> bool {

@@ -259,3 +259,121 @@ fn the_server_reads_a_bounded_number_of_leaves_per_missing_page() {
         "version 1 read at most {old_most} per page"
     );
 }
+
+/// The fingerprints each `PropertyMissing` page asks for, chunk by chunk, in the order the
+/// server answered the pages.
+fn missing_pages<C: RepairStore, S: RepairStore>(
+    client_store: &C,
+    server_store: &S,
+    client_config: Config,
+    server_config: Config,
+) -> Vec<Vec<usize>> {
+    let mut pages = Vec::new();
+    drive_with(
+        client_store,
+        server_store,
+        client_config,
+        server_config,
+        |_| {},
+        |answered| {
+            if let Some(pb::RepairRequest {
+                msg: Some(pb::repair_request::Msg::PropertyMissing(missing)),
+            }) = answered
+            {
+                pages.push(
+                    missing
+                        .nodes
+                        .iter()
+                        .map(|node| node.fingerprints.len() / 8)
+                        .collect(),
+                );
+            }
+        },
+    );
+    pages
+}
+
+/// One bucket of `n` copies on the server; the client holds every other one, in the order the
+/// server lists them, so each chunk the server lists is half missing on the client.
+fn half_missing_bucket(n: usize) -> (ModelStore, ModelStore) {
+    let shape = Shape {
+        slot_count: 1,
+        depth: 0,
+        ..Shape::default()
+    };
+    let (client, server) = (model(shape, 1), model(shape, 1));
+    let data = props("e", n);
+    put(&server, 0, data.clone());
+    let bucket = propd_merkle::NodeId {
+        level: shape.bucket_level(),
+        index: 0,
+    };
+    let order = server
+        .leaves_under(GROUP, 0, bucket, None, n + 1)
+        .expect("server leaves");
+    assert_eq!(order.len(), n);
+    let held: Vec<Property> = order
+        .iter()
+        .step_by(2)
+        .map(|leaf| {
+            data.iter()
+                .find(|p| p.entity().expect("entity") == leaf.entity)
+                .expect("a listed leaf is a stored copy")
+                .clone()
+        })
+        .collect();
+    put(&client, 0, held);
+    (client, server)
+}
+
+#[test]
+fn missing_pages_pack_whole_chunks_up_to_the_page_by_their_listed_size() {
+    // The server lists 16 leaves a chunk; the client lacks 8 of each. A request page costs the
+    // server the chunks' listed leaves, not the fingerprints asked for: so a page of 64 takes
+    // four chunks (64 listed, 32 asked), not the eight that 64 fingerprints would allow.
+    let (client, server) = half_missing_bucket(160);
+    let server_config = Config {
+        page_items: 16,
+        max_backlog: 16,
+        ..small_pages()
+    };
+    let pages = missing_pages(&client, &server, small_pages(), server_config.clone());
+    assert_eq!(contents(&client, 0), contents(&server, 0));
+    assert_eq!(
+        pages,
+        vec![vec![8, 8, 8, 8], vec![8, 8, 8, 8], vec![8, 8]],
+        "chunks asked for per PropertyMissing page"
+    );
+
+    // A page of 40 takes two chunks (32 listed): a third would cost 48.
+    let (client, server) = half_missing_bucket(160);
+    let forty = Config {
+        page_items: 40,
+        max_backlog: 40,
+        ..small_pages()
+    };
+    let pages = missing_pages(&client, &server, forty, server_config);
+    assert_eq!(contents(&client, 0), contents(&server, 0));
+    assert_eq!(
+        pages,
+        vec![vec![8, 8]; 5],
+        "chunks asked for per page of 40"
+    );
+}
+
+#[test]
+fn a_chunk_larger_than_the_clients_page_is_asked_for_in_pieces_alone() {
+    // The server lists 64 leaves a chunk and the client lacks 32 of each; the client's pages
+    // hold 12 fingerprints: each chunk goes in pieces of 12, 12 and 8, never sharing a page.
+    let (client, server) = half_missing_bucket(256);
+    let client_config = Config {
+        page_items: 12,
+        max_backlog: 12,
+        ..small_pages()
+    };
+    let pages = missing_pages(&client, &server, client_config, small_pages());
+    assert_eq!(contents(&client, 0), contents(&server, 0));
+    let per_chunk = [vec![12], vec![12], vec![8]];
+    let expected: Vec<Vec<usize>> = per_chunk.iter().cycle().take(12).cloned().collect();
+    assert_eq!(pages, expected, "pieces asked for per page of 12");
+}

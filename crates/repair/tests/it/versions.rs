@@ -5,7 +5,7 @@
 use propd_merkle::{Property, Shape};
 use propd_repair::pair::{Pair, PairError, sync_in_memory};
 use propd_repair::{Config, SyncError, SyncReport};
-use propd_store::ModelStore;
+use propd_store::{ModelStore, RepairStore};
 
 use crate::support::*;
 
@@ -241,6 +241,45 @@ fn a_short_fingerprint_collision_falls_back_to_the_full_list_and_loses_nothing()
     assert_eq!(contents(&a, 0), expected);
     assert_eq!(contents(&b, 0), expected);
     assert_eq!(report.rechecked, 1, "{report:?}");
+}
+
+/// A bucket settled by the server's hints among many matching leaves: the client compares each
+/// of its leaves there and each hinted server leaf none of its own matched, and requests only
+/// those: one, whichever side lacks or holds the older copy.
+#[test]
+fn a_hinted_bucket_of_many_leaves_requests_only_the_unmatched_ones() {
+    // Eight buckets under four slots (the slots are the buckets' parents: the server hints them
+    // in its first step); 300 properties put about 37 leaves in each.
+    let few = Shape {
+        slot_count: 4,
+        fanout: 2,
+        depth: 1,
+        ..Shape::default()
+    };
+    for kind in [1, 3] {
+        let (a, b) = diverged(few, 300, 0);
+        differ(&a, &b, "e000000", kind);
+        let id = if kind == 1 { "e000000" } else { "e000000-s" };
+        let entity = prop(id, 1, "x", 0).entity().expect("entity");
+        let bucket = few.bucket_of(&entity);
+        let ours = a
+            .leaves_under(GROUP, 0, bucket, None, 1000)
+            .expect("client leaves")
+            .len() as u64;
+        assert!(ours >= 10, "the bucket holds {ours} leaves of the client");
+        let expected = merged(&contents(&a, 0), &contents(&b, 0), &few);
+        let (report, _) = lockstep(&a, &b, deep(3), deep(3));
+        assert_eq!(contents(&a, 0), expected);
+        assert_eq!(contents(&b, 0), expected);
+        // Kind 1: the server's newer copy is unmatched and the client's older one unmatched too
+        // (sent, the server keeps its own); kind 3: only the server holds the entity.
+        let sent = if kind == 1 { 1 } else { 0 };
+        assert_eq!(
+            (report.compared, report.requested, report.sent),
+            (ours + 1, 1, sent),
+            "kind {kind}: {report:?}"
+        );
+    }
 }
 
 #[test]
