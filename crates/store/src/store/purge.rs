@@ -692,9 +692,118 @@ impl RedbStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use super::next_step;
+    use propd_merkle::{Property, Shape};
+
+    use super::{PURGE_PACE, Phase, PurgePace, next_step, position};
+    use crate::config::{GroupDef, Groups, StoreConfig, WriteDurability};
+    use crate::error::StoreError;
+    use crate::store::RedbStore;
+
+    /// A store whose writes are not synced: a synced commit is one a purge asked for.
+    fn unsynced_store(dir: &std::path::Path) -> RedbStore {
+        let groups = Groups::new([GroupDef::new("g", 1, 0)]).unwrap_or_else(|e| panic!("{e}"));
+        let mut config = StoreConfig::new(dir, groups, Shape::default());
+        config.durability = WriteDurability::NotSynced;
+        RedbStore::open(config).unwrap_or_else(|e| panic!("open: {e}"))
+    }
+
+    fn write(store: &RedbStore, id: &str) {
+        let property = Property {
+            group: "g".to_owned(),
+            name: "n".to_owned(),
+            id: id.to_owned(),
+            tags: Default::default(),
+            mod_revision: 1,
+            delete_time: 0,
+        };
+        store.apply(property).unwrap_or_else(|e| panic!("write {id}: {e}"));
+    }
+
+    fn synced(store: &RedbStore) -> u64 {
+        store.durable_commits.load(Ordering::Acquire)
+    }
+
+    /// A job's phase and the steps writes carried of it.
+    fn job(store: &RedbStore, id: u64) -> (Phase, u64) {
+        let jobs = store.purges.lock();
+        let job = &jobs[position(&jobs, id)];
+        (job.progress.phase, job.progress.ridden)
+    }
+
+    #[test]
+    fn a_write_is_synced_to_carry_a_purges_raise_and_only_then() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        let purges = &store.purges;
+        write(&store, "a");
+        assert_eq!((synced(&store), purges.want_sync()), (0, false));
+
+        // A purge that writes carry, its line still to raise: the next write is synced and raises
+        // it; the writes after it carry its removals unsynced, as the store's writes are.
+        let id = purges.start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
+        assert!(purges.want_sync());
+        write(&store, "b");
+        assert_eq!(synced(&store), 1, "the write that raised the line");
+        assert_eq!(job(&store, id), (Phase::Remove, 1));
+        let state = store.purge_state("g", 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state.purged_below, 1_000);
+        assert!(!purges.want_sync(), "the line is raised");
+        write(&store, "c");
+        write(&store, "d");
+        assert_eq!(synced(&store), 1, "removals ride unsynced writes");
+        assert_eq!(job(&store, id).0, Phase::Done, "nothing to remove, durable as the writes");
+        purges.end(id);
+        assert!(!purges.want_sync(), "a purge that ended past its raise");
+        write(&store, "e");
+        assert_eq!(synced(&store), 1);
+
+        // A purge ended before its raise no longer asks for one.
+        let id = purges.start("g", 0, 2_000, PURGE_PACE, PURGE_PACE.step);
+        assert!(purges.want_sync());
+        purges.end(id);
+        assert!(!purges.want_sync());
+        write(&store, "f");
+        assert_eq!(synced(&store), 1);
+    }
+
+    #[test]
+    fn writes_carry_only_the_purges_that_yield_to_them_and_have_not_failed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        let purges = &store.purges;
+        let alone = PurgePace {
+            yield_to_writes: false,
+            ..PURGE_PACE
+        };
+        let own = purges.start("g", 0, 1_000, alone, PURGE_PACE.step);
+        let failing = purges.start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
+        let riding = purges.start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
+        {
+            let mut jobs = purges.lock();
+            let index = position(&jobs, failing);
+            jobs[index].failed = Some(StoreError::PurgeStep {
+                group: "g".to_owned(),
+                shard: 0,
+                detail: "planted".to_owned(),
+            });
+        }
+        assert_eq!(position(&purges.lock(), riding), 2);
+        write(&store, "a");
+        assert_eq!(job(&store, riding), (Phase::Remove, 1), "carried");
+        assert_eq!(job(&store, own), (Phase::Raise, 0), "runs its own transactions");
+        assert_eq!(job(&store, failing), (Phase::Raise, 0), "stopped by its error");
+        // The purges that writes do not carry ask for no sync.
+        purges.end(riding);
+        purges.end(failing);
+        assert!(!purges.want_sync());
+        write(&store, "b");
+        assert_eq!(job(&store, own), (Phase::Raise, 0));
+        assert_eq!(synced(&store), 1, "only the write that carried a raise");
+        purges.end(own);
+    }
 
     #[test]
     fn steps_grow_while_no_write_waits_and_fall_back_when_one_does() {
