@@ -719,7 +719,9 @@ mod tests {
             mod_revision: 1,
             delete_time: 0,
         };
-        store.apply(property).unwrap_or_else(|e| panic!("write {id}: {e}"));
+        store
+            .apply(property)
+            .unwrap_or_else(|e| panic!("write {id}: {e}"));
     }
 
     fn synced(store: &RedbStore) -> u64 {
@@ -754,7 +756,11 @@ mod tests {
         write(&store, "c");
         write(&store, "d");
         assert_eq!(synced(&store), 1, "removals ride unsynced writes");
-        assert_eq!(job(&store, id).0, Phase::Done, "nothing to remove, durable as the writes");
+        assert_eq!(
+            job(&store, id).0,
+            Phase::Done,
+            "nothing to remove, durable as the writes"
+        );
         purges.end(id);
         assert!(!purges.want_sync(), "a purge that ended past its raise");
         write(&store, "e");
@@ -793,8 +799,16 @@ mod tests {
         assert_eq!(position(&purges.lock(), riding), 2);
         write(&store, "a");
         assert_eq!(job(&store, riding), (Phase::Remove, 1), "carried");
-        assert_eq!(job(&store, own), (Phase::Raise, 0), "runs its own transactions");
-        assert_eq!(job(&store, failing), (Phase::Raise, 0), "stopped by its error");
+        assert_eq!(
+            job(&store, own),
+            (Phase::Raise, 0),
+            "runs its own transactions"
+        );
+        assert_eq!(
+            job(&store, failing),
+            (Phase::Raise, 0),
+            "stopped by its error"
+        );
         // The purges that writes do not carry ask for no sync.
         purges.end(riding);
         purges.end(failing);
