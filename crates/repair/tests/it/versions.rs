@@ -282,6 +282,65 @@ fn a_hinted_bucket_of_many_leaves_requests_only_the_unmatched_ones() {
     }
 }
 
+/// A bucket as large as hints go (255 leaves) is matched by them on the client too, whatever
+/// its page size: a client of small pages still reads up to 256 leaves of a hinted bucket.
+#[test]
+fn a_hinted_bucket_of_the_largest_hinted_size_is_matched_by_a_client_of_small_pages() {
+    // One slot over two buckets: the server's first step expands the slot and hints both.
+    let two = Shape {
+        slot_count: 1,
+        fanout: 2,
+        depth: 1,
+        ..Shape::default()
+    };
+    let bucket_of = |id: &str| two.bucket_of(&prop(id, 1, "x", 0).entity().expect("entity"));
+    let first = bucket_of("e0");
+    // 255 entities of the first bucket, 10 of the other (the hints' bits stay within budget).
+    let (mut large, mut small) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        if large.len() == 255 && small.len() == 10 {
+            break;
+        }
+        let id = format!("e{i}");
+        if bucket_of(&id) == first {
+            if large.len() < 255 {
+                large.push(id);
+            }
+        } else if small.len() < 10 {
+            small.push(id);
+        }
+    }
+    let (a, b) = (model(two, 1), model(two, 1));
+    let base: Vec<Property> = large
+        .iter()
+        .chain(&small)
+        .map(|id| prop(id, 1, "x", 0))
+        .collect();
+    put(&a, 0, base.clone());
+    put(&b, 0, base);
+    differ(&a, &b, "e0", 1);
+    let leaves = a.leaves_under(GROUP, 0, first, None, 1000).expect("leaves");
+    assert_eq!(leaves.len(), 255);
+    let expected = merged(&contents(&a, 0), &contents(&b, 0), &two);
+    let small = Config {
+        page_items: 64,
+        ..deep(3)
+    };
+    let (report, _) = lockstep(&a, &b, small, deep(3));
+    assert_eq!(contents(&a, 0), expected);
+    assert_eq!(contents(&b, 0), expected);
+    assert_eq!(
+        (
+            report.compared,
+            report.requested,
+            report.sent,
+            report.round_trips
+        ),
+        (256, 1, 1, 2),
+        "{report:?}"
+    );
+}
+
 #[test]
 fn the_counted_round_trips_match_a_lockstep_run() {
     for shape in [Shape::default(), small_shape()] {
