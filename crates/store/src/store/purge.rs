@@ -851,6 +851,15 @@ mod tests {
         );
         let middling = Duration::from_micros(700);
         assert_eq!(next_step(64, 8, 4096, middling, false, budget), 64, "stays");
+        // The edges: exactly a quarter of the budget does not grow, exactly half does not shrink.
+        let quarter = Duration::from_micros(500);
+        let half = Duration::from_millis(1);
+        assert_eq!(
+            next_step(64, 8, 4096, quarter, false, budget),
+            64,
+            "a quarter"
+        );
+        assert_eq!(next_step(64, 8, 4096, half, false, budget), 64, "a half");
         assert_eq!(
             next_step(8, 8, 4096, quick, false, None),
             8,
