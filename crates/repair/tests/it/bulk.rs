@@ -377,3 +377,24 @@ fn a_chunk_larger_than_the_clients_page_is_asked_for_in_pieces_alone() {
     let expected: Vec<Vec<usize>> = per_chunk.iter().cycle().take(12).cloned().collect();
     assert_eq!(pages, expected, "pieces asked for per page of 12");
 }
+
+#[test]
+fn the_server_names_its_group_and_shard_once_the_tree_root_arrives() {
+    let shape = small_shape();
+    let (a, b) = (model(shape, 4), model(shape, 4));
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|id| shard_of_id(id, 4) == 3)
+        .take(3)
+        .collect();
+    put(&b, 3, ids.iter().map(|id| prop(id, 1, "v", 0)).collect());
+    let mut client = Client::new(&a, GROUP, 3, Config::default()).expect("client");
+    let mut server = Server::new(Config::default()).expect("server");
+    assert_eq!(server.target(), ("", 0), "nothing named before the root");
+    let root = client
+        .poll_transmit(&a)
+        .expect("client sends")
+        .expect("the tree root");
+    server.handle(&b, root).expect("server handles the root");
+    assert_eq!(server.target(), (GROUP, 3));
+}
