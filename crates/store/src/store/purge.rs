@@ -697,7 +697,7 @@ mod tests {
 
     use propd_merkle::{Property, Shape};
 
-    use super::{PURGE_PACE, Phase, PurgePace, next_step, position};
+    use super::{PURGE_PACE, Phase, PurgePace, SCAN_PER_STEP, next_step, position};
     use crate::config::{GroupDef, Groups, StoreConfig, WriteDurability};
     use crate::error::StoreError;
     use crate::store::RedbStore;
@@ -773,6 +773,35 @@ mod tests {
         assert!(!purges.want_sync());
         write(&store, "f");
         assert_eq!(synced(&store), 1);
+    }
+
+    /// A step carried by a write scans at most `SCAN_PER_STEP` rows, however few of them it
+    /// removes: a shard of live properties does not hold a write for a whole scan.
+    #[test]
+    fn a_carried_step_examines_at_most_a_scans_worth_of_rows() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        let rows = SCAN_PER_STEP + SCAN_PER_STEP / 2;
+        for k in 0..rows {
+            write(&store, &format!("live{k}"));
+        }
+        let id = store
+            .purges
+            .start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
+        let exhausted = || {
+            let jobs = store.purges.lock();
+            jobs[position(&jobs, id)].progress.cursor.exhausted
+        };
+        write(&store, "raise");
+        assert_eq!(job(&store, id).0, Phase::Remove);
+        write(&store, "first-step");
+        assert!(
+            !exhausted(),
+            "one step scanned more than {SCAN_PER_STEP} rows"
+        );
+        write(&store, "second-step");
+        assert!(exhausted(), "two steps scan {rows} rows and the writes'");
+        store.purges.end(id);
     }
 
     #[test]
