@@ -447,3 +447,53 @@ fn the_client_refuses_a_leaf_list_that_contradicts_itself() {
         );
     }
 }
+
+/// Steps `pair` until the client's next message to the server is of the kind `is` picks, and
+/// returns that message (the server has not read it).
+fn next_of_kind(
+    pair: &mut Pair<'_, ModelStore, ModelStore>,
+    is: impl Fn(&pb::repair_request::Msg) -> bool,
+) -> pb::RepairRequest {
+    for _ in 0..1_000 {
+        if let Some(msg) = pair.to_server.front()
+            && msg.msg.as_ref().is_some_and(&is)
+        {
+            return msg.clone();
+        }
+        pair.step().expect("clean sync");
+    }
+    panic!("no such message in the sync");
+}
+
+/// Each version's descent message is refused by a server of the other version's descent, even
+/// well formed: a version 2 sync takes level pages only, a version 3 sync steps only.
+#[test]
+fn a_well_formed_descent_message_of_the_other_version_is_refused() {
+    use pb::repair_request::Msg;
+    let (a, b) = stores();
+    let v2 = Config {
+        protocol_version: 2,
+        ..config()
+    };
+    let v3 = Config {
+        protocol_version: 3,
+        ..config()
+    };
+    let mut old = Pair::new(&a, &b, GROUP, 0, v2).expect("pair");
+    let level = next_of_kind(&mut old, |m| matches!(m, Msg::LevelDigests(_)));
+    let mut new = Pair::new(&a, &b, GROUP, 0, v3).expect("pair");
+    let step = next_of_kind(&mut new, |m| matches!(m, Msg::TreeStep(_)));
+    let before = snapshot(&b);
+    for (pair, msg, kind) in [
+        (&mut new, level, "LevelDigests"),
+        (&mut old, step, "TreeStep"),
+    ] {
+        let err = pair.server.handle(&b, msg).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!("unexpected {kind} while answering the descent")
+        );
+        assert!(pair.server.is_failed());
+    }
+    assert_eq!(snapshot(&b), before);
+}
