@@ -697,7 +697,8 @@ mod tests {
 
     use propd_merkle::{Property, Shape};
 
-    use super::{PURGE_PACE, Phase, PurgePace, SCAN_PER_STEP, next_step, position};
+    use super::{Durable, PURGE_PACE, Phase, PurgePace, SCAN_PER_STEP, next_step, position};
+    use crate::config::ReadCheck;
     use crate::config::{GroupDef, Groups, StoreConfig, WriteDurability};
     use crate::error::StoreError;
     use crate::store::RedbStore;
@@ -801,6 +802,60 @@ mod tests {
         );
         write(&store, "second-step");
         assert!(exhausted(), "two steps scan {rows} rows and the writes'");
+        store.purges.end(id);
+    }
+
+    /// The line is raised only in a synced transaction: a step in an unsynced one leaves the
+    /// purge waiting to raise it, and the line where it was.
+    #[test]
+    fn a_step_raises_the_line_only_in_a_synced_transaction() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        let alone = PurgePace {
+            yield_to_writes: false,
+            ..PURGE_PACE
+        };
+        let id = store.purges.start("g", 0, 1_000, alone, PURGE_PACE.step);
+        let start = {
+            let jobs = store.purges.lock();
+            jobs[position(&jobs, id)].progress.clone()
+        };
+        for synced in [false, true] {
+            let mut progress = start.clone();
+            let durability = if synced {
+                redb::Durability::Immediate
+            } else {
+                redb::Durability::None
+            };
+            let stepped = store
+                .write_purge(durability, |txn| {
+                    let mut writer = store.shard_writer(txn, "g", 0)?;
+                    let durable = Durable {
+                        synced,
+                        as_writes: true,
+                    };
+                    let stepped =
+                        writer.advance_purge(1_000, &mut progress, 16, durable, ReadCheck::On)?;
+                    writer.finish(txn)?;
+                    Ok(stepped)
+                })
+                .unwrap_or_else(|e| panic!("step: {e}"));
+            let line = store
+                .purge_state("g", 0)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .purged_below;
+            if synced {
+                assert_eq!(
+                    (progress.phase, line, stepped.wrote),
+                    (Phase::Remove, 1_000, true)
+                );
+            } else {
+                assert_eq!(
+                    (progress.phase, line, stepped.moved),
+                    (Phase::Raise, 0, false)
+                );
+            }
+        }
         store.purges.end(id);
     }
 
