@@ -497,3 +497,58 @@ fn a_well_formed_descent_message_of_the_other_version_is_refused() {
     }
     assert_eq!(snapshot(&b), before);
 }
+
+/// Messages a server takes only at some point of its descent are refused at another, even well
+/// formed: copies and requests in a preview (which exchanges none), a level page once the levels
+/// are done, and the client's end while the server still awaits its digests.
+#[test]
+fn a_well_formed_message_at_the_wrong_point_of_the_descent_is_refused() {
+    use pb::repair_request::Msg;
+    let (a, b) = stores();
+    let v2 = Config {
+        protocol_version: 2,
+        ..config()
+    };
+    let before = snapshot(&b);
+    let expect_refused = |pair: &mut Pair<'_, ModelStore, ModelStore>, msg, kind: &str| {
+        let err = pair.server.handle(&b, msg).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!("unexpected {kind} while answering the descent")
+        );
+        assert!(pair.server.is_failed());
+    };
+
+    // A sync's copies and requests, then the same stores' preview at the same point.
+    let mut sync = Pair::new(&a, &b, GROUP, 0, v2.clone()).expect("pair");
+    let level = next_of_kind(&mut sync, |m| matches!(m, Msg::LevelDigests(_)));
+    let copies = next_of_kind(&mut sync, |m| matches!(m, Msg::PropertySync(_)));
+    let (a2, b2) = stores();
+    let mut other = Pair::new(&a2, &b2, GROUP, 0, v2.clone()).expect("pair");
+    let missing = next_of_kind(&mut other, |m| matches!(m, Msg::PropertyMissing(_)));
+    for (msg, kind) in [(copies, "PropertySync"), (missing, "PropertyMissing")] {
+        let preview = Config {
+            preview: true,
+            ..v2.clone()
+        };
+        let mut pair = Pair::new(&a, &b, GROUP, 0, preview).expect("pair");
+        next_of_kind(&mut pair, |m| matches!(m, Msg::LevelDigests(_)));
+        expect_refused(&mut pair, msg, kind);
+    }
+
+    // A level page once the client has gone past the levels.
+    let mut pair = Pair::new(&a, &b, GROUP, 0, v2.clone()).expect("pair");
+    next_of_kind(&mut pair, |m| {
+        matches!(m, Msg::PropertyMissing(_) | Msg::NoMorePropertySync(_))
+    });
+    expect_refused(&mut pair, level, "LevelDigests");
+
+    // The client's end while the server awaits the first level's digests.
+    let mut pair = Pair::new(&a, &b, GROUP, 0, v2).expect("pair");
+    next_of_kind(&mut pair, |m| matches!(m, Msg::LevelDigests(_)));
+    let end = pb::RepairRequest {
+        msg: Some(Msg::NoMorePropertySync(pb::NoMorePropertySync {})),
+    };
+    expect_refused(&mut pair, end, "NoMorePropertySync");
+    assert_eq!(snapshot(&b), before);
+}
