@@ -697,7 +697,10 @@ mod tests {
 
     use propd_merkle::{Property, Shape};
 
-    use super::{Durable, PURGE_PACE, Phase, PurgePace, SCAN_PER_STEP, next_step, position};
+    use super::{
+        Durable, PURGE_PACE, Phase, Progress, PurgePace, SCAN_PER_STEP, Stepped, next_step,
+        position,
+    };
     use crate::config::ReadCheck;
     use crate::config::{GroupDef, Groups, StoreConfig, WriteDurability};
     use crate::error::StoreError;
@@ -805,6 +808,31 @@ mod tests {
         store.purges.end(id);
     }
 
+    fn synced_as_writes() -> Durable {
+        Durable {
+            synced: true,
+            as_writes: true,
+        }
+    }
+
+    /// One step of a purge to line 1 000 of shard `g`/0, with steps of 16, in a transaction of
+    /// the purge's own as durable as `durable` says.
+    fn step(store: &RedbStore, progress: &mut Progress, durable: Durable) -> Stepped {
+        let durability = if durable.synced {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        store
+            .write_purge(durability, |txn| {
+                let mut writer = store.shard_writer(txn, "g", 0)?;
+                let stepped = writer.advance_purge(1_000, progress, 16, durable, ReadCheck::On)?;
+                writer.finish(txn)?;
+                Ok(stepped)
+            })
+            .unwrap_or_else(|e| panic!("step: {e}"))
+    }
+
     /// The line is raised only in a synced transaction: a step in an unsynced one leaves the
     /// purge waiting to raise it, and the line where it was.
     #[test]
@@ -822,24 +850,11 @@ mod tests {
         };
         for synced in [false, true] {
             let mut progress = start.clone();
-            let durability = if synced {
-                redb::Durability::Immediate
-            } else {
-                redb::Durability::None
+            let durable = Durable {
+                synced,
+                as_writes: true,
             };
-            let stepped = store
-                .write_purge(durability, |txn| {
-                    let mut writer = store.shard_writer(txn, "g", 0)?;
-                    let durable = Durable {
-                        synced,
-                        as_writes: true,
-                    };
-                    let stepped =
-                        writer.advance_purge(1_000, &mut progress, 16, durable, ReadCheck::On)?;
-                    writer.finish(txn)?;
-                    Ok(stepped)
-                })
-                .unwrap_or_else(|e| panic!("step: {e}"));
+            let stepped = step(&store, &mut progress, durable);
             let line = store
                 .purge_state("g", 0)
                 .unwrap_or_else(|e| panic!("{e}"))
@@ -856,6 +871,24 @@ mod tests {
                 );
             }
         }
+        // The line is raised already: raising it to the same line writes nothing.
+        let mut again = start.clone();
+        let stepped = step(&store, &mut again, synced_as_writes());
+        assert_eq!((again.phase, stepped.wrote), (Phase::Remove, false));
+
+        // A purge whose removals are not yet durable is done only in a transaction as durable
+        // as the store's writes.
+        let mut syncing = start.clone();
+        syncing.phase = Phase::Sync;
+        syncing.unsynced = true;
+        let not_durable = Durable {
+            synced: false,
+            as_writes: false,
+        };
+        step(&store, &mut syncing, not_durable);
+        assert_eq!(syncing.phase, Phase::Sync, "an unsynced transaction");
+        step(&store, &mut syncing, synced_as_writes());
+        assert_eq!(syncing.phase, Phase::Done);
         store.purges.end(id);
     }
 
