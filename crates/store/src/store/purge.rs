@@ -98,7 +98,7 @@ const SCAN_PER_STEP: usize = 512;
 const PATIENCE: Duration = Duration::from_millis(2);
 
 /// Where a purge's scan is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Cursor {
     /// The last property key the scan examined (`None`: before the first).
     after: Option<String>,
@@ -266,7 +266,9 @@ struct Stepped {
     removed: u64,
     /// Whether it changed anything stored (raised the line, removed or flushed).
     wrote: bool,
-    /// Whether it moved the purge on (wrote, or changed its phase).
+    /// Whether its scan moved on (examined rows, or reached the end).
+    scanned: bool,
+    /// Whether it moved the purge on (wrote, scanned, or changed its phase).
     moved: bool,
 }
 
@@ -395,6 +397,7 @@ impl ShardWriter<'_> {
                 progress.phase = Phase::Remove;
             }
             Phase::Remove => {
+                let from = progress.cursor.clone();
                 let flush = match progress.flush_left {
                     Some(left) => (left as usize).min(2 * size),
                     None => 2 * size,
@@ -412,6 +415,10 @@ impl ShardWriter<'_> {
                 progress.purged += removed;
                 stepped.removed = removed;
                 stepped.wrote = removed + flushed > 0;
+                // A scan that found nothing to remove still moved on: kept, the next step
+                // starts where it ended (else steps carried by writes to other shards would scan
+                // the same rows for ever).
+                stepped.scanned = progress.cursor != from;
                 if progress.cursor.exhausted && progress.flush_left == Some(0) {
                     progress.phase = Phase::Sync;
                 }
@@ -430,7 +437,7 @@ impl ShardWriter<'_> {
             // it commits, so is the purge.
             progress.phase = Phase::Done;
         }
-        stepped.moved = stepped.wrote || progress.phase != phase;
+        stepped.moved = stepped.wrote || stepped.scanned || progress.phase != phase;
         if stepped.moved {
             progress.advanced += 1;
         }
@@ -889,6 +896,51 @@ mod tests {
         assert_eq!(syncing.phase, Phase::Sync, "an unsynced transaction");
         step(&store, &mut syncing, synced_as_writes());
         assert_eq!(syncing.phase, Phase::Done);
+        store.purges.end(id);
+    }
+
+    /// Writes to other shards carry a purge of a shard of many live properties, whose leaf log
+    /// is flushed, to its end: a step that only scanned (removed and flushed nothing) still
+    /// moves the purge's scan on.
+    #[test]
+    fn steps_that_only_scan_move_a_carried_purge_on() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let groups = Groups::new([GroupDef::new("g", 1, 0), GroupDef::new("h", 1, 0)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut config = StoreConfig::new(dir.path(), groups, Shape::default());
+        config.durability = WriteDurability::NotSynced;
+        let store = RedbStore::open(config).unwrap_or_else(|e| panic!("open: {e}"));
+        let rows = SCAN_PER_STEP + SCAN_PER_STEP / 2;
+        for k in 0..rows {
+            write(&store, &format!("live{k}"));
+        }
+        store.flush("g", 0).unwrap_or_else(|e| panic!("{e}"));
+        let elsewhere = |id: &str| {
+            let property = Property {
+                group: "h".to_owned(),
+                name: "n".to_owned(),
+                id: id.to_owned(),
+                tags: Default::default(),
+                mod_revision: 1,
+                delete_time: 0,
+            };
+            store
+                .apply(property)
+                .unwrap_or_else(|e| panic!("write {id}: {e}"));
+        };
+        let id = store
+            .purges
+            .start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
+        elsewhere("raise");
+        assert_eq!(job(&store, id).0, Phase::Remove);
+        for k in 0..4 {
+            elsewhere(&format!("w{k}"));
+        }
+        assert_eq!(
+            job(&store, id).0,
+            Phase::Done,
+            "four steps scan {rows} rows (two would do)"
+        );
         store.purges.end(id);
     }
 
