@@ -209,6 +209,12 @@ fn a_short_fingerprint_collision_falls_back_to_the_full_list_and_loses_nothing()
             (1, 4, 4),
             "{report:?}"
         );
+        // The server counts the hinted buckets it listed again (at least the one that differs).
+        let (a, b) = diverged(shape, 2000, 0);
+        put(&a, 0, vec![client.clone()]);
+        put(&b, 0, vec![server.clone()]);
+        let (_, served) = sync_in_memory(&a, &b, GROUP, 0, deep(3)).expect("sync");
+        assert!(served.rechecked >= 1, "{served:?}");
     }
     // Two entities of one bucket, one only on each side, sharing their short fingerprint: the
     // client takes them for one leaf until the server's check. (A shape of few buckets, whose
