@@ -409,9 +409,16 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
             "v{version}"
         );
         assert_eq!(
-            (report.sent, report.received, report.applied, server.applied),
-            (2, 2, 2, 0),
-            "v{version}: the two older copies went out, the two newer came back"
+            (
+                report.sent,
+                report.received,
+                report.applied,
+                server.received,
+                server.applied
+            ),
+            (2, 2, 2, 2, 0),
+            "v{version}: the two older copies went out (received, not applied), the two newer \
+             came back"
         );
         // Each of the client's 40 leaves was compared once, and the server's two it lacked.
         assert_eq!((report.compared, report.requested), (42, 2), "v{version}");
