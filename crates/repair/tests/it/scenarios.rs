@@ -604,3 +604,54 @@ fn the_in_memory_driver_stops_at_its_step_bound_and_resumes() {
         report.bytes_sent + report.bytes_received
     );
 }
+
+/// The server's copy changes while the sync runs: by the time the client's newer copy arrives,
+/// the server holds a newer one still, which it sends back in answer (the version the client
+/// asked for is gone), so the client ends with the newest.
+#[test]
+fn a_copy_the_server_holds_newer_by_the_time_the_clients_arrives_is_sent_back() {
+    use propd_proto::v1::repair_request::Msg;
+    use propd_repair::{Client, Server};
+    for version in [2, 3] {
+        let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+        let base: Vec<_> = (0..50).map(|i| prop(&format!("p{i}"), 1, "v", 0)).collect();
+        put(&a, 0, base.clone());
+        put(&b, 0, base);
+        put(&a, 0, vec![prop("x", 2, "client", 0)]);
+        put(&b, 0, vec![prop("x", 1, "server", 0)]);
+        let config = Config {
+            protocol_version: version,
+            ..Config::default()
+        };
+        let mut client = Client::new(&a, GROUP, 0, config.clone()).expect("client");
+        let mut server = Server::new(config).expect("server");
+        let mut to_server = std::collections::VecDeque::new();
+        let mut written = false;
+        for _ in 0..10_000 {
+            while let Some(msg) = client.poll_transmit(&a).expect("client sends") {
+                to_server.push_back(msg);
+            }
+            while let Some(msg) = server.poll_transmit(&b).expect("server sends") {
+                client.handle(&a, msg).expect("client handles");
+                while let Some(msg) = client.poll_transmit(&a).expect("client sends") {
+                    to_server.push_back(msg);
+                }
+            }
+            if client.is_done() && server.is_done() {
+                break;
+            }
+            let msg = to_server.pop_front().expect("a stalled sync");
+            if !written && matches!(msg.msg, Some(Msg::PropertySync(_))) {
+                // A write on the server, between the client's sending and the server's reading.
+                put(&b, 0, vec![prop("x", 3, "server-later", 0)]);
+                written = true;
+            }
+            server.handle(&b, msg).expect("server handles");
+        }
+        assert!(written, "v{version}: the client sent its copy");
+        assert!(client.is_done() && server.is_done(), "v{version}");
+        let newest = prop("x", 3, "server-later", 0);
+        assert!(contents(&a, 0).contains(&newest), "v{version}");
+        assert_eq!(contents(&a, 0), contents(&b, 0), "v{version}");
+    }
+}
