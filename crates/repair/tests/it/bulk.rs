@@ -398,3 +398,39 @@ fn the_server_names_its_group_and_shard_once_the_tree_root_arrives() {
     server.handle(&b, root).expect("server handles the root");
     assert_eq!(server.target(), (GROUP, 3));
 }
+
+/// A server of version 3 leaves its shape out of a `RootCompare` whose shapes match (the
+/// client needs it only to report a mismatch); one of version 2 always sends it.
+#[test]
+fn the_root_compare_carries_the_shape_only_before_version_3_or_on_a_mismatch() {
+    let shape = small_shape();
+    for (version, expect_shape) in [(2, true), (3, false)] {
+        let (a, b) = (model(shape, 1), model(shape, 1));
+        put(&b, 0, props("s", 3));
+        let config = Config {
+            protocol_version: version,
+            ..Config::default()
+        };
+        let mut shapes = Vec::new();
+        drive(&a, &b, config.clone(), config, |msg| {
+            if let Some(pb::repair_response::Msg::RootCompare(compare)) = &msg.msg {
+                shapes.push(compare.server_shape.is_some());
+            }
+        });
+        assert_eq!(shapes, [expect_shape], "v{version}");
+    }
+    // A shape mismatch is reported with the server's shape, whatever the version.
+    let (a, b) = (model(Shape::default(), 1), model(shape, 1));
+    let mut client = Client::new(&a, GROUP, 0, Config::default()).expect("client");
+    let mut server = Server::new(Config::default()).expect("server");
+    let root = client.poll_transmit(&a).expect("client").expect("root");
+    server.handle(&b, root).expect("server");
+    let answer = server.poll_transmit(&b).expect("server").expect("answer");
+    let Some(pb::repair_response::Msg::RootCompare(compare)) = answer.msg else {
+        panic!("{answer:?}");
+    };
+    assert!(
+        !compare.shape_ok && compare.server_shape.is_some(),
+        "{compare:?}"
+    );
+}
