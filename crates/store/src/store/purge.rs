@@ -758,15 +758,22 @@ mod tests {
         // it; the writes after it carry its removals unsynced, as the store's writes are.
         let id = purges.start("g", 0, 1_000, PURGE_PACE, PURGE_PACE.step);
         assert!(purges.want_sync());
+        let advanced = |id| {
+            let jobs = store.purges.lock();
+            jobs[position(&jobs, id)].progress.advanced
+        };
+        assert_eq!(advanced(id), 0);
         write(&store, "b");
         assert_eq!(synced(&store), 1, "the write that raised the line");
         assert_eq!(job(&store, id), (Phase::Remove, 1));
+        assert_eq!(advanced(id), 1, "what the purge waits on: a write moved it");
         let state = store.purge_state("g", 0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state.purged_below, 1_000);
         assert!(!purges.want_sync(), "the line is raised");
         write(&store, "c");
         write(&store, "d");
         assert_eq!(synced(&store), 1, "removals ride unsynced writes");
+        assert_eq!(advanced(id), 2, "c finished it; d carried nothing");
         assert_eq!(
             job(&store, id).0,
             Phase::Done,
