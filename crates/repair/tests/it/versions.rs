@@ -347,6 +347,24 @@ fn a_hinted_bucket_of_the_largest_hinted_size_is_matched_by_a_client_of_small_pa
     );
 }
 
+/// The server hints buckets only while the sync has expanded few nodes: its hinted step comes
+/// after its expansion of the differing slots, and both count. Four differences in four slots
+/// expand 4 + 4 nodes (hinted: three round trips in the default shape); five expand 5 + 5, past
+/// the eight that hints pay for (four round trips: the client descends to the buckets itself).
+#[test]
+fn hints_stop_once_the_syncs_expansions_pass_eight() {
+    let mut seen = Vec::new();
+    for d in [4, 5] {
+        let (a, b) = diverged(Shape::default(), 2000, d);
+        let expected = merged(&contents(&a, 0), &contents(&b, 0), &Shape::default());
+        let (report, _) = lockstep(&a, &b, deep(3), deep(3));
+        assert_eq!(contents(&a, 0), expected, "d = {d}");
+        assert_eq!(contents(&b, 0), expected, "d = {d}");
+        seen.push(report.round_trips);
+    }
+    assert_eq!(seen, [3, 4], "hinted with 4 differences, not with 5");
+}
+
 #[test]
 fn the_counted_round_trips_match_a_lockstep_run() {
     for shape in [Shape::default(), small_shape()] {
