@@ -951,6 +951,37 @@ mod tests {
         store.purges.end(id);
     }
 
+    /// A pace of zero tombstones a chunk or a step is taken as one: the purge still ends, one
+    /// tombstone a transaction.
+    #[test]
+    fn a_pace_of_zero_is_taken_as_one() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        let tombstones = (0..5)
+            .map(|k| Property {
+                group: "g".to_owned(),
+                name: "n".to_owned(),
+                id: format!("t{k}"),
+                tags: Default::default(),
+                mod_revision: 1,
+                delete_time: 10,
+            })
+            .collect();
+        store
+            .repair_apply_batch("g", 0, tombstones)
+            .unwrap_or_else(|e| panic!("tombstones: {e}"));
+        let zero = PurgePace {
+            chunk: 0,
+            step: 0,
+            budget: None,
+            yield_to_writes: false,
+        };
+        let report = store
+            .purge_tombstones_paced("g", 0, 1_000, zero)
+            .unwrap_or_else(|e| panic!("purge: {e}"));
+        assert_eq!((report.purged, report.chunks), (5, 5));
+    }
+
     #[test]
     fn writes_carry_only_the_purges_that_yield_to_them_and_have_not_failed() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
