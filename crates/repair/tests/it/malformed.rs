@@ -83,9 +83,17 @@ fn bad_requests(next: Option<&pb::RepairRequest>) -> Vec<pb::RepairRequest> {
         }) if !page.packed.is_empty() => {
             let mut cut = page.clone();
             cut.packed.pop();
-            bad.push(pb::RepairRequest {
-                msg: Some(Msg::LevelDigests(cut)),
-            });
+            // The page as sent but for its end flag, or naming one parent more than it has
+            // (more than the server's frontier holds when it is the level's last page).
+            let mut flipped = page.clone();
+            flipped.last_page = !page.last_page;
+            let mut more = page.clone();
+            more.parents += 1;
+            for page in [cut, flipped, more] {
+                bad.push(pb::RepairRequest {
+                    msg: Some(Msg::LevelDigests(page)),
+                });
+            }
         }
         Some(pb::RepairRequest {
             msg: Some(Msg::TreeStep(page)),
@@ -159,59 +167,66 @@ fn snapshot(store: &ModelStore) -> (Vec<Property>, Option<Vec<u8>>) {
 }
 
 /// Steps in a clean run, so that every phase gets an injection.
-fn clean_steps() -> usize {
+fn clean_steps(config: Config) -> usize {
     let (a, b) = stores();
-    let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
+    let mut pair = Pair::new(&a, &b, GROUP, 0, config).expect("pair");
     pair.drive_bounded(10_000).expect("clean sync");
     pair.steps()
 }
 
 #[test]
 fn the_server_rejects_bad_messages_at_every_step_and_changes_nothing() {
-    let steps = clean_steps();
-    assert!(
-        steps > 8,
-        "the clean run should have several phases, took {steps} steps"
-    );
-    for at in 0..steps {
-        for index in 0..7 {
-            let (a, b) = stores();
-            let mut pair = Pair::new(&a, &b, GROUP, 0, config()).expect("pair");
-            for _ in 0..at {
-                pair.step().expect("clean prefix");
+    // Version 2's level pages and version 3's steps each get their bad variants.
+    let versions = [2, 3].map(|version| Config {
+        protocol_version: version,
+        ..config()
+    });
+    for config in versions {
+        let steps = clean_steps(config.clone());
+        assert!(
+            steps > 8,
+            "the clean run should have several phases, took {steps} steps"
+        );
+        for at in 0..steps {
+            for index in 0..9 {
+                let (a, b) = stores();
+                let mut pair = Pair::new(&a, &b, GROUP, 0, config.clone()).expect("pair");
+                for _ in 0..at {
+                    pair.step().expect("clean prefix");
+                }
+                if pair.is_finished() {
+                    continue;
+                }
+                let bad = bad_requests(pair.to_server.front());
+                let Some(msg) = bad.into_iter().nth(index) else {
+                    continue;
+                };
+                let before = snapshot(&b);
+                let result = pair.server.handle(&b, msg.clone());
+                assert!(
+                    matches!(result, Err(SyncError::Protocol(_))),
+                    "step {at}, {msg:?}: {result:?}"
+                );
+                assert!(pair.server.is_failed());
+                assert_eq!(
+                    pair.server
+                        .poll_transmit(&b)
+                        .expect("failed server is quiet"),
+                    None
+                );
+                // Whatever the client still sends is ignored: nothing more is applied.
+                while let Some(next) = pair.to_server.pop_front() {
+                    pair.server.handle(&b, next).expect("ignored after failure");
+                }
+                assert_eq!(snapshot(&b), before, "step {at}, {msg:?}");
             }
-            if pair.is_finished() {
-                continue;
-            }
-            let bad = bad_requests(pair.to_server.front());
-            let Some(msg) = bad.into_iter().nth(index) else {
-                continue;
-            };
-            let before = snapshot(&b);
-            let result = pair.server.handle(&b, msg.clone());
-            assert!(
-                matches!(result, Err(SyncError::Protocol(_))),
-                "step {at}, {msg:?}: {result:?}"
-            );
-            assert!(pair.server.is_failed());
-            assert_eq!(
-                pair.server
-                    .poll_transmit(&b)
-                    .expect("failed server is quiet"),
-                None
-            );
-            // Whatever the client still sends is ignored: nothing more is applied.
-            while let Some(next) = pair.to_server.pop_front() {
-                pair.server.handle(&b, next).expect("ignored after failure");
-            }
-            assert_eq!(snapshot(&b), before, "step {at}, {msg:?}");
         }
     }
 }
 
 #[test]
 fn the_client_rejects_bad_messages_at_every_step_and_changes_nothing() {
-    let steps = clean_steps();
+    let steps = clean_steps(config());
     for at in 0..steps {
         for msg in bad_responses() {
             let (a, b) = stores();
