@@ -507,6 +507,41 @@ fn a_version_3_report_counts_each_levels_traffic_where_it_happened() {
     );
 }
 
+/// Version 2's server answers a level page with exactly the children that differ: one
+/// difference among 2 000 properties (one entity newer on either side) is followed down one
+/// path, level by level, to its bucket: the client sends the present children of one parent a
+/// level (32 slots, then 14, 2 and 1 children there), one fingerprint of its bucket's leaf, and
+/// asks for the server's one.
+#[test]
+fn a_version_2_descent_follows_only_the_differing_children() {
+    for kind in [0, 1] {
+        let (a, b) = (model(Shape::default(), 1), model(Shape::default(), 1));
+        let base: Vec<Property> = (0..2000)
+            .map(|i| prop(&format!("e{i:06}"), 1, "x", 0))
+            .collect();
+        put(&a, 0, base.clone());
+        put(&b, 0, base);
+        differ(&a, &b, "e000777", kind);
+        let expected = merged(&contents(&a, 0), &contents(&b, 0), &Shape::default());
+        let (report, _) = lockstep(&a, &b, deep(2), deep(2));
+        assert_eq!(contents(&a, 0), expected);
+        assert_eq!(contents(&b, 0), expected);
+        let digests: Vec<u64> = report.levels.iter().map(|l| l.digests).collect();
+        let fingerprints: Vec<u64> = report.levels.iter().map(|l| l.fingerprints).collect();
+        assert_eq!(
+            (
+                digests,
+                fingerprints,
+                report.compared,
+                report.sent,
+                report.requested
+            ),
+            (vec![0, 32, 14, 2, 1, 0], vec![0, 0, 0, 0, 1, 1], 2, 1, 1),
+            "kind {kind}: {report:?}"
+        );
+    }
+}
+
 /// Version 2 sends each level's digests and answers them with a `LevelDiff`, both counted at
 /// that level, and lists
 /// the differing bucket's leaves at the bucket level.
