@@ -434,3 +434,100 @@ fn the_root_compare_carries_the_shape_only_before_version_3_or_on_a_mismatch() {
         "{compare:?}"
     );
 }
+
+/// A leaf list names at most `page_items` nodes, even nodes the server holds nothing under
+/// (which cost no leaves).
+#[test]
+fn a_leaf_list_page_names_at_most_page_items_nodes_even_empty_ones() {
+    let shape = small_shape();
+    for version in [2, 3] {
+        let (a, b) = (model(shape, 1), model(shape, 1));
+        put(&a, 0, props("c", 40));
+        put(&b, 0, props("s", 1));
+        let config = Config {
+            protocol_version: version,
+            page_items: 3,
+            max_backlog: 3,
+            leaf_list_max: 1,
+            ..Config::default()
+        };
+        let mut sizes = Vec::new();
+        drive(&a, &b, config.clone(), config, |msg| {
+            if let Some(pb::repair_response::Msg::DifferTreeSummary(summary)) = &msg.msg {
+                sizes.push(summary.nodes.len());
+            }
+        });
+        assert_eq!(contents(&a, 0), contents(&b, 0), "v{version}");
+        assert!(sizes.iter().all(|&n| n <= 3), "v{version}: {sizes:?}");
+        assert!(sizes.contains(&3), "v{version}: {sizes:?}");
+    }
+}
+
+/// A request page is refused past `MAX_PAGE_ITEMS` fingerprints in all, and taken at exactly
+/// that many.
+#[test]
+fn a_missing_page_of_more_than_the_page_bound_is_refused() {
+    use pb::repair_request::Msg;
+    let shape = Shape {
+        slot_count: 1,
+        depth: 0,
+        ..Shape::default()
+    };
+    let bound = propd_repair::MAX_PAGE_ITEMS;
+    for (count, refused) in [(bound, false), (bound + 1, true)] {
+        let (a, b) = (model(shape, 1), model(shape, 1));
+        let data = props("e", 20);
+        put(&a, 0, data[..1].to_vec());
+        put(&b, 0, data);
+        let mut client = Client::new(&a, GROUP, 0, small_pages()).expect("client");
+        let mut server = Server::new(small_pages()).expect("server");
+        let mut to_server = VecDeque::new();
+        let mut result = None;
+        for _ in 0..1_000 {
+            while let Some(msg) = client.poll_transmit(&a).expect("client sends") {
+                to_server.push_back(msg);
+            }
+            while let Some(msg) = server.poll_transmit(&b).expect("server sends") {
+                client.handle(&a, msg).expect("client handles");
+                while let Some(msg) = client.poll_transmit(&a).expect("client sends") {
+                    to_server.push_back(msg);
+                }
+            }
+            let msg = to_server.pop_front().expect("a request before the end");
+            let Some(Msg::PropertyMissing(mut request)) = msg.msg else {
+                server.handle(&b, msg).expect("server handles");
+                continue;
+            };
+            // The request's first node, asking for `count` fingerprints in all (over two
+            // entries).
+            let first = request.nodes[0].clone();
+            let fingerprints =
+                |range: std::ops::Range<u64>| range.flat_map(|k| k.to_le_bytes()).collect();
+            let half = (count / 2) as u64;
+            request.nodes = vec![
+                pb::MissingLeaves {
+                    fingerprints: fingerprints(0..half),
+                    ..first.clone()
+                },
+                pb::MissingLeaves {
+                    fingerprints: fingerprints(half..count as u64),
+                    ..first
+                },
+            ];
+            result = Some(server.handle(
+                &b,
+                pb::RepairRequest {
+                    msg: Some(Msg::PropertyMissing(request)),
+                },
+            ));
+            break;
+        }
+        match result.expect("the client asked for the server's leaves") {
+            Err(err) if refused => {
+                assert!(err.to_string().contains("PropertyMissing.nodes"), "{err}")
+            }
+            Ok(()) if !refused => {}
+            other => panic!("{count} fingerprints: {other:?}"),
+        }
+    }
+}
