@@ -982,6 +982,69 @@ mod tests {
         assert_eq!((report.purged, report.chunks), (5, 5));
     }
 
+    /// A purge's own transactions are unsynced but for one in `SYNC_AFTER` (so that redb can
+    /// reuse the pages they free), the raise, and the last, which makes the purge durable.
+    #[test]
+    fn a_purge_alone_syncs_its_raise_one_transaction_in_thirty_two_and_its_end() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let groups = Groups::new([GroupDef::new("g", 1, 0)]).unwrap_or_else(|e| panic!("{e}"));
+        let store = RedbStore::open(StoreConfig::new(dir.path(), groups, Shape::default()))
+            .unwrap_or_else(|e| panic!("open: {e}"));
+        let tombstones = (0..100)
+            .map(|k| Property {
+                group: "g".to_owned(),
+                name: "n".to_owned(),
+                id: format!("t{k}"),
+                tags: Default::default(),
+                mod_revision: 1,
+                delete_time: 10,
+            })
+            .collect();
+        store
+            .repair_apply_batch("g", 0, tombstones)
+            .unwrap_or_else(|e| panic!("tombstones: {e}"));
+        let one_by_one = PurgePace {
+            chunk: 1,
+            step: 1,
+            budget: None,
+            yield_to_writes: false,
+        };
+        let before = synced(&store);
+        let report = store
+            .purge_tombstones_paced("g", 0, 1_000, one_by_one)
+            .unwrap_or_else(|e| panic!("purge: {e}"));
+        assert_eq!((report.purged, report.chunks), (100, 100));
+        // The raise; the 32nd, 64th and 96th of the 100 removals; the end.
+        assert_eq!(synced(&store) - before, 5, "{report:?}");
+    }
+
+    /// A purge whose removals are not yet durable takes a transaction as durable as the
+    /// store's writes to end, whenever its own are unsynced.
+    #[test]
+    fn the_end_of_a_purge_alone_is_as_durable_as_the_writes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let groups = Groups::new([GroupDef::new("g", 1, 0)]).unwrap_or_else(|e| panic!("{e}"));
+        let store = RedbStore::open(StoreConfig::new(dir.path(), groups, Shape::default()))
+            .unwrap_or_else(|e| panic!("open: {e}"));
+        let alone = PurgePace {
+            yield_to_writes: false,
+            ..PURGE_PACE
+        };
+        let id = store.purges.start("g", 0, 1_000, alone, PURGE_PACE.step);
+        {
+            let mut jobs = store.purges.lock();
+            let index = position(&jobs, id);
+            jobs[index].progress.phase = Phase::Sync;
+            jobs[index].progress.unsynced = true;
+        }
+        let synced_it = store
+            .purge_alone(id, alone, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(synced_it);
+        assert_eq!(job(&store, id).0, Phase::Done);
+        store.purges.end(id);
+    }
+
     #[test]
     fn writes_carry_only_the_purges_that_yield_to_them_and_have_not_failed() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
