@@ -1018,6 +1018,48 @@ mod tests {
         assert_eq!(synced(&store) - before, 5, "{report:?}");
     }
 
+    /// A purge's own transaction goes on step after step until its chunk is full, its budget
+    /// spent, or a write waits for the writer (then it commits after every step).
+    #[test]
+    fn a_purge_alone_fills_its_transactions_until_a_write_waits() {
+        let pace = PurgePace {
+            chunk: 64,
+            step: 1,
+            budget: Some(Duration::from_secs(3600)),
+            yield_to_writes: true,
+        };
+        for waiting in [false, true] {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let store = unsynced_store(dir.path());
+            let tombstones = (0..64)
+                .map(|k| Property {
+                    group: "g".to_owned(),
+                    name: "n".to_owned(),
+                    id: format!("t{k}"),
+                    tags: Default::default(),
+                    mod_revision: 1,
+                    delete_time: 10,
+                })
+                .collect();
+            store
+                .repair_apply_batch("g", 0, tombstones)
+                .unwrap_or_else(|e| panic!("tombstones: {e}"));
+            if waiting {
+                // A write waiting for the writer (none comes: the purge runs alone).
+                store.waiting_writes.fetch_add(1, Ordering::AcqRel);
+            }
+            let report = store
+                .purge_tombstones_paced("g", 0, 1_000, pace)
+                .unwrap_or_else(|e| panic!("purge: {e}"));
+            let expected = if waiting { 64 } else { 1 };
+            assert_eq!(
+                (report.purged, report.chunks),
+                (64, expected),
+                "a write waiting: {waiting}"
+            );
+        }
+    }
+
     /// A purge whose removals are not yet durable takes a transaction as durable as the
     /// store's writes to end, whenever its own are unsynced.
     #[test]
