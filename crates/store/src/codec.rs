@@ -471,6 +471,35 @@ mod tests {
         assert!(decode_property(&other, &property.canonical_bytes()).is_err());
     }
 
+    /// Fields come in number order, once each but for the tags: a record with two fields
+    /// swapped or one repeated is refused, and one with two tags decodes.
+    #[test]
+    fn fields_out_of_order_or_repeated_are_refused() {
+        let mut property = Property {
+            group: "g".into(),
+            name: "n".into(),
+            id: "i".into(),
+            mod_revision: 1,
+            ..Property::default()
+        };
+        property.tags.insert("a".into(), TagValue::Int(1));
+        property.tags.insert("b".into(), TagValue::Int(2));
+        let entity = property.entity().unwrap_or_else(|e| panic!("{e}"));
+        let bytes = property.canonical_bytes();
+        assert_eq!(decode_property(&entity, &bytes), Ok(property.clone()));
+        // Group, name and id are the first three fields, three bytes each (key, length, byte).
+        assert_eq!(&bytes[..9], b"\x0a\x01g\x12\x01n\x1a\x01i");
+        let swapped = [&bytes[3..6], &bytes[..3], &bytes[6..]].concat();
+        let repeated = [&bytes[..3], &bytes[..3], &bytes[3..]].concat();
+        for (what, bad) in [("swapped", swapped), ("repeated", repeated)] {
+            let err = decode_property(&entity, &bad).expect_err(what);
+            assert!(
+                err.0.contains("out of order or repeated"),
+                "{what}: {err:?}"
+            );
+        }
+    }
+
     #[test]
     fn meta_and_inner_nodes_round_trip() {
         let meta = ShardMeta {
