@@ -467,8 +467,14 @@ mod tests {
             mod_revision: 1,
             ..Property::default()
         };
-        let other = Entity::new("g", "n", "j").unwrap_or_else(|e| panic!("{e}"));
-        assert!(decode_property(&other, &property.canonical_bytes()).is_err());
+        // Another group, name or id, each alone.
+        for (group, name, id) in [("h", "n", "i"), ("g", "m", "i"), ("g", "n", "j")] {
+            let other = Entity::new(group, name, id).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                decode_property(&other, &property.canonical_bytes()).is_err(),
+                "{other}"
+            );
+        }
     }
 
     /// Fields come in number order, once each but for the tags: a record with two fields
