@@ -531,3 +531,96 @@ fn a_missing_page_of_more_than_the_page_bound_is_refused() {
         }
     }
 }
+
+/// The bulk path's pages fill up to `page_items` properties or until they pass `page_bytes`
+/// (the property that passes it ends the page), and the server counts each copy it sent.
+#[test]
+fn bulk_pages_fill_to_their_item_or_byte_bound() {
+    use prost::Message;
+    let shape = small_shape();
+    let page_bytes = 4096;
+    let config = Config {
+        page_items: 64,
+        page_bytes,
+        ..small_pages()
+    };
+    // Copies of about 230 bytes (the byte bound ends each page) and of about 20 (the item
+    // bound does).
+    for value_len in [200, 1] {
+        let full = model(shape, 1);
+        let data: Vec<Property> = (0..300)
+            .map(|i| prop(&format!("e{i:03}"), 1, &"v".repeat(value_len), 0))
+            .collect();
+        put(&full, 0, data);
+        let empty = model(shape, 1);
+        let mut pages: Vec<Vec<usize>> = Vec::new();
+        let mut client = Client::new(&empty, GROUP, 0, config.clone()).expect("client");
+        let mut server = Server::new(config.clone()).expect("server");
+        let mut to_server = VecDeque::new();
+        for _ in 0..10_000 {
+            while let Some(msg) = client.poll_transmit(&empty).expect("client sends") {
+                to_server.push_back(msg);
+            }
+            while let Some(msg) = server.poll_transmit(&full).expect("server sends") {
+                if let Some(pb::repair_response::Msg::BulkSync(page)) = &msg.msg {
+                    pages.push(page.properties.iter().map(|p| p.encoded_len()).collect());
+                }
+                client.handle(&empty, msg).expect("client handles");
+                while let Some(msg) = client.poll_transmit(&empty).expect("client sends") {
+                    to_server.push_back(msg);
+                }
+            }
+            if client.is_done() && server.is_done() {
+                break;
+            }
+            let msg = to_server.pop_front().expect("a stalled sync");
+            server.handle(&full, msg).expect("server handles");
+        }
+        assert_eq!(contents(&empty, 0), contents(&full, 0));
+        let counts: Vec<usize> = pages.iter().map(Vec::len).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 300);
+        let (last, full_pages) = pages.split_last().expect("pages");
+        assert!(!last.is_empty());
+        for page in full_pages {
+            let bytes: usize = page.iter().sum();
+            let before_last: usize = bytes - page.last().copied().unwrap_or(0);
+            let by_items = page.len() == 64 && bytes < page_bytes;
+            let by_bytes = page.len() <= 64 && bytes >= page_bytes && before_last < page_bytes;
+            assert!(by_items || by_bytes, "value of {value_len}: {counts:?}");
+        }
+        if value_len == 1 {
+            assert_eq!(&counts[..4], [64; 4], "the item bound: {counts:?}");
+        } else {
+            assert!(
+                counts[0] > 1 && counts[0] < 64,
+                "the byte bound: {counts:?}"
+            );
+        }
+        assert_eq!((server.report().sent, server.report().streamed), (300, 300));
+    }
+}
+
+/// Pages streamed over several subtrees the client lacks (a store read per subtree) hold at
+/// most `page_items` copies, whatever the reads return.
+#[test]
+fn pages_streamed_over_several_subtrees_stay_within_page_items() {
+    let shape = Shape::default();
+    let (a, b) = (model(shape, 1), model(shape, 1));
+    put(&a, 0, props("m", 20));
+    put(&b, 0, props("s", 500));
+    let config = Config {
+        page_items: 40,
+        max_backlog: 40,
+        ..small_pages()
+    };
+    let mut sizes = Vec::new();
+    drive(&a, &b, config.clone(), config, |msg| {
+        if let Some(pb::repair_response::Msg::BulkSync(page)) = &msg.msg {
+            sizes.push(page.properties.len());
+        }
+    });
+    assert_eq!(contents(&a, 0), contents(&b, 0));
+    assert!(sizes.len() > 2, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 40), "{sizes:?}");
+    assert!(sizes.contains(&40), "{sizes:?}");
+}
