@@ -414,9 +414,10 @@ fn a_bucket_listed_in_chunks_exchanges_only_the_copies_that_differ() {
                 report.received,
                 report.applied,
                 server.received,
-                server.applied
+                server.applied,
+                server.sent
             ),
-            (2, 2, 2, 2, 0),
+            (2, 2, 2, 2, 0, 2),
             "v{version}: the two older copies went out (received, not applied), the two newer \
              came back"
         );
