@@ -450,3 +450,66 @@ async fn the_server_ends_a_stream_whose_client_goes_silent() {
         "{status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_admission_serves_the_shards_it_admits_and_refuses_the_others() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = redb(&dir_a, Shape::default(), 2);
+    let b = Arc::new(redb(&dir_b, Shape::default(), 2));
+    for shard in [0, 1] {
+        let ids: Vec<String> = (0..)
+            .map(|i| format!("k{i}"))
+            .filter(|id| shard_of_id(id, 2) == shard)
+            .take(5)
+            .collect();
+        put(
+            &*b,
+            shard,
+            ids.iter().map(|id| prop(id, 1, "b", 0)).collect(),
+        );
+    }
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&asked);
+    let admission: propd_repair::transport::Admission = Arc::new(move |group, shard| {
+        seen.lock().expect("lock").push((group.to_owned(), shard));
+        if shard == 0 {
+            Ok(())
+        } else {
+            Err(tonic::Status::failed_precondition(format!(
+                "this node holds no copy of {group}/{shard}"
+            )))
+        }
+    });
+    let config = TransportConfig::default();
+    let uri = spawn_server(
+        RepairServer::new(Arc::clone(&b), config.clone())
+            .with_admission(admission)
+            .into_service(),
+    )
+    .await;
+    let channel = Channel::from_shared(uri)
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let report = sync(channel.clone(), &a, GROUP, 0, &config)
+        .await
+        .expect("shard 0 is admitted");
+    assert_eq!(report.received, 5);
+    assert_eq!(contents(&a, 0), contents(&*b, 0));
+    let err = sync(channel, &a, GROUP, 1, &config)
+        .await
+        .expect_err("shard 1 is refused");
+    assert_refused(&err, tonic::Code::FailedPrecondition, "no copy of g/1");
+    assert!(
+        contents(&a, 1).is_empty(),
+        "nothing of the refused shard came"
+    );
+    assert_eq!(
+        *asked.lock().expect("lock"),
+        [(GROUP.to_owned(), 0), (GROUP.to_owned(), 1)]
+    );
+}
