@@ -535,3 +535,22 @@ fn a_tombstone_below_the_line_is_never_stored_nor_sent_and_removes_an_older_vers
     assert_eq!(ok(store.get(&entity)), None);
     assert_eq!(ok(store.get_many("h", 0, &[entity])), [None]);
 }
+
+/// A write whose transaction leaves `flush_threshold` leaf changes or more in its shard's log
+/// flushes them into the tree: after ten writes at a threshold of five the tree is clean (a
+/// flush recomputes nothing), after one more it is not.
+#[test]
+fn writes_flush_the_leaf_log_once_it_reaches_the_threshold() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = open(dir.path());
+    for k in 0..10 {
+        ok(store.apply(live("h", "n", &format!("{k:02}"), 1, &[])));
+    }
+    assert_eq!(
+        ok(store.flush("h", 0)),
+        0,
+        "flushed by the fifth and tenth writes"
+    );
+    ok(store.apply(live("h", "n", "10", 1, &[])));
+    assert!(ok(store.flush("h", 0)) > 0, "one change pending");
+}
