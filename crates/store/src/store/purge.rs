@@ -847,6 +847,93 @@ mod tests {
             .unwrap_or_else(|e| panic!("step: {e}"))
     }
 
+    /// Leaf changes waiting in shard `g`/0's log.
+    fn pending(store: &RedbStore) -> u64 {
+        store
+            .write_purge(redb::Durability::None, |txn| {
+                let writer = store.shard_writer(txn, "g", 0)?;
+                let pending = writer.pending()?;
+                writer.finish(txn)?;
+                Ok(pending)
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A removal step flushes twice its size of the oldest leaf changes (fewer when the purge
+    /// has fewer left to flush); one that removed or flushed in a transaction less durable than
+    /// the writes leaves the purge to make it durable, one that did neither does not.
+    #[test]
+    fn a_step_flushes_twice_its_size_and_what_it_wrote_unsynced_is_synced_later() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = unsynced_store(dir.path());
+        for k in 0..80 {
+            write(&store, &format!("live{k}"));
+        }
+        let tombstone = Property {
+            group: "g".to_owned(),
+            name: "n".to_owned(),
+            id: "t".to_owned(),
+            tags: Default::default(),
+            mod_revision: 1,
+            delete_time: 10,
+        };
+        store
+            .repair_apply_batch("g", 0, vec![tombstone])
+            .unwrap_or_else(|e| panic!("tombstone: {e}"));
+        assert_eq!(pending(&store), 81);
+        let id = store.purges.start(
+            "g",
+            0,
+            1_000,
+            PurgePace {
+                yield_to_writes: false,
+                ..PURGE_PACE
+            },
+            PURGE_PACE.step,
+        );
+        let mut raised = {
+            let jobs = store.purges.lock();
+            jobs[position(&jobs, id)].progress.clone()
+        };
+        step(&store, &mut raised, synced_as_writes());
+        assert_eq!(raised.phase, Phase::Remove);
+        let not_durable = Durable {
+            synced: false,
+            as_writes: false,
+        };
+        let scanned = |flush_left| {
+            let mut progress = raised.clone();
+            progress.cursor.exhausted = true;
+            progress.flush_left = flush_left;
+            progress
+        };
+
+        // Flushing only, steps of 16: 32 changes, then at most what is left to flush.
+        let mut flushing = scanned(None);
+        step(&store, &mut flushing, not_durable);
+        assert_eq!(pending(&store), 81 - 32);
+        assert!(flushing.unsynced, "it flushed");
+        let mut flushing = scanned(Some(100));
+        step(&store, &mut flushing, not_durable);
+        assert_eq!(pending(&store), 81 - 64);
+        let mut flushing = scanned(Some(5));
+        step(&store, &mut flushing, not_durable);
+        assert_eq!(pending(&store), 81 - 69);
+
+        // Removing only (nothing left to flush for it).
+        let mut removing = raised.clone();
+        removing.flush_left = Some(0);
+        let stepped = step(&store, &mut removing, not_durable);
+        assert_eq!(stepped.removed, 1);
+        assert!(removing.unsynced, "it removed");
+
+        // Neither: the purge has nothing to make durable.
+        let mut idle = scanned(Some(0));
+        step(&store, &mut idle, not_durable);
+        assert!(!idle.unsynced);
+        store.purges.end(id);
+    }
+
     /// The line is raised only in a synced transaction: a step in an unsynced one leaves the
     /// purge waiting to raise it, and the line where it was.
     #[test]
