@@ -477,6 +477,20 @@ mod tests {
         }
     }
 
+    /// A varint is at most ten bytes, and its tenth holds only the top bit of a `u64`.
+    #[test]
+    fn varints_past_64_bits_are_refused() {
+        let read = |bytes: &[u8]| Reader { bytes, at: 0 }.varint();
+        let top = [[0xff; 9].as_slice(), &[0x01]].concat();
+        assert_eq!(read(&top), Ok(u64::MAX));
+        let zero_tenth = [[0x80; 9].as_slice(), &[0x00]].concat();
+        assert_eq!(read(&zero_tenth), Ok(0), "padded, but within 64 bits");
+        let over = [[0xff; 9].as_slice(), &[0x02]].concat();
+        assert!(read(&over).is_err(), "a 65th bit");
+        let long = [0x80; 11];
+        assert!(read(&long).is_err(), "longer than ten bytes");
+    }
+
     /// Fields come in number order, once each but for the tags: a record with two fields
     /// swapped or one repeated is refused, and one with two tags decodes.
     #[test]
