@@ -128,6 +128,8 @@ pub(crate) struct Watched<S> {
     before_page: Box<dyn Fn(u64) + Send + Sync>,
     /// Ids whose copies `repair_apply_batch` refuses (a batch holding one is refused whole).
     refused_ids: Vec<String>,
+    /// Whether `tree_node` fails (a store that cannot read its tree).
+    tree_unreadable: bool,
 }
 
 impl<S> Watched<S> {
@@ -145,6 +147,7 @@ impl<S> Watched<S> {
             pages_read: AtomicU64::new(0),
             before_page: Box::new(before_page),
             refused_ids: Vec::new(),
+            tree_unreadable: false,
         }
     }
 
@@ -152,6 +155,14 @@ impl<S> Watched<S> {
     pub(crate) fn refusing(inner: S, ids: &[&str]) -> Self {
         Watched {
             refused_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+            ..Self::new(inner)
+        }
+    }
+
+    /// A store whose every `tree_node` read fails.
+    pub(crate) fn tree_unreadable(inner: S) -> Self {
+        Watched {
+            tree_unreadable: true,
             ..Self::new(inner)
         }
     }
@@ -187,6 +198,15 @@ where
         shard: u32,
         node: NodeId,
     ) -> Result<Option<InnerNode>, Self::Error> {
+        if self.tree_unreadable {
+            return Err(ValidationError::Field {
+                entity: format!("{group}/{shard}"),
+                field: "tree",
+                value: 0,
+                expected: "readable (this test's store fails every tree read)",
+            }
+            .into());
+        }
         self.inner.tree_node(group, shard, node)
     }
 

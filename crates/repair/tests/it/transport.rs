@@ -513,3 +513,43 @@ async fn a_server_with_admission_serves_the_shards_it_admits_and_refuses_the_oth
         [(GROUP.to_owned(), 0), (GROUP.to_owned(), 1)]
     );
 }
+
+/// The real server ends a failed sync with a status its peer can act on: a protocol violation
+/// is INVALID_ARGUMENT, its own store's failure INTERNAL; both abort the peer's round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_ends_a_failed_sync_with_the_status_of_its_cause() {
+    // A message with no body after a valid opening: a protocol violation.
+    let dir = tempfile::tempdir().expect("dir");
+    let b = Arc::new(one_property_store(&dir));
+    let channel = serve(Arc::clone(&b), TransportConfig::default()).await;
+    let mut answers = pb::repair_service_client::RepairServiceClient::new(channel)
+        .repair(tokio_stream::iter(vec![
+            opening(0, propd_repair::PROTOCOL_VERSION),
+            pb::RepairRequest { msg: None },
+        ]))
+        .await
+        .expect("the server takes the stream")
+        .into_inner();
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A server whose store cannot read its tree.
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = one_property_store(&dir_a);
+    let broken = Arc::new(Watched::tree_unreadable(redb(&dir_b, Shape::default(), 1)));
+    let config = with_timeout(Duration::from_secs(30));
+    let channel = serve(broken, config.clone()).await;
+    let err = sync(channel, &a, GROUP, 0, &config)
+        .await
+        .expect_err("the server's store fails");
+    assert_refused(&err, tonic::Code::Internal, "reading the root");
+}
