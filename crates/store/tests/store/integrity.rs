@@ -327,3 +327,49 @@ fn a_table_whose_stored_definition_is_damaged_refuses_the_file_at_start() {
         other => panic!("a damaged table definition must be refused, got {other:?}"),
     }
 }
+
+/// A redb file that records no store configuration (no tree shape) is not a store: refused,
+/// never taken as a new, empty one.
+#[test]
+fn a_redb_file_that_records_no_store_configuration_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("propd.redb");
+    {
+        let db = redb::Database::create(&file).unwrap_or_else(|e| panic!("{e}"));
+        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("other"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+    }
+    match propd_store::RedbStore::open(config(dir.path())) {
+        Err(StoreError::DamagedFile { path, detail }) => {
+            assert_eq!(path, file);
+            assert!(detail.contains("no tree shape"), "{detail}");
+        }
+        other => panic!("a file that is not a store must be refused, got {other:?}"),
+    }
+}
+
+/// A file whose rows are of another format than this build reads is refused at start, naming
+/// both formats.
+#[test]
+fn a_file_of_another_row_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    filled(dir.path(), 3);
+    let file = dir.path().join("propd.redb");
+    {
+        let db = redb::Database::open(&file).unwrap_or_else(|e| panic!("{e}"));
+        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("config"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .insert("row_format", 1u32.to_le_bytes().as_slice())
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+    }
+    match propd_store::RedbStore::open(config(dir.path())) {
+        Err(StoreError::Config(propd_store::ConfigError::RowFormat { stored, supported })) => {
+            assert_eq!((stored, supported), (Some(1), 2));
+        }
+        other => panic!("another row format must be refused, got {other:?}"),
+    }
+}
