@@ -554,3 +554,37 @@ fn writes_flush_the_leaf_log_once_it_reaches_the_threshold() {
     ok(store.apply(live("h", "n", "10", 1, &[])));
     assert!(ok(store.flush("h", 0)) > 0, "one change pending");
 }
+
+/// A running store gains groups: it records and serves a new one, leaves known ones as they
+/// are, refuses a shard count its file recorded otherwise, and keeps what it recorded across a
+/// restart.
+#[test]
+fn a_running_store_adds_groups_and_records_them() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = open(dir.path());
+    let added = ok(store.add_groups(&[GroupDef::new("h", 1, 0), GroupDef::new("new", 2, 1)]));
+    assert_eq!(added, ["new"], "h is known already");
+    ok(store.apply(live("new", "n", "a", 1, &[])));
+    assert_eq!(
+        ok(store.add_groups(&[GroupDef::new("new", 2, 1)])),
+        Vec::<String>::new()
+    );
+    drop(store);
+
+    // Reopened with the group configured as recorded, it serves what was written; configured
+    // with another shard count, the file refuses it.
+    let mut groups: Vec<GroupDef> = groups().iter().cloned().collect();
+    groups.push(GroupDef::new("new", 2, 1));
+    let mut config = config(dir.path());
+    config.groups = Groups::new(groups.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let store = ok(RedbStore::open(config.clone()));
+    assert_eq!(ok(store.query(&Query::group("new"))).len(), 1);
+    drop(store);
+    let store = open(dir.path());
+    match store.add_groups(&[GroupDef::new("new", 4, 1)]) {
+        Err(StoreError::Config(ConfigError::ShardNumChanged { stored, given, .. })) => {
+            assert_eq!((stored, given), (2, 4));
+        }
+        other => panic!("a recorded shard count must not change, got {other:?}"),
+    }
+}
