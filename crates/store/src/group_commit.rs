@@ -266,6 +266,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// Each group is numbered apart from every other, so that what was synced is told apart
+    /// group by group (an acknowledgement matches only its own group's sync).
+    #[test]
+    fn each_group_has_a_number_of_its_own() {
+        let commits = GroupCommit::<u32, u32>::default();
+        let seen = Mutex::new(Vec::new());
+        for op in 0..3 {
+            let done = commits.submit(op, &|group, ops| {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push(group);
+                ops.iter().map(|&op| Ok(op)).collect()
+            });
+            assert_eq!(done.ok(), Some(op));
+        }
+        assert_eq!(*seen.lock().unwrap_or_else(|e| e.into_inner()), [0, 1, 2]);
+    }
+
     #[test]
     fn a_lone_write_commits_at_once_and_writes_that_queue_meanwhile_share_the_next_commit() {
         let commits = Arc::new(GroupCommit::<u32, u32>::default());
