@@ -173,3 +173,27 @@ proptest! {
         prop_assert_eq!(&right_sorted, &expected);
     }
 }
+
+/// The model's change counter moves once per stored change (a write, a delete) and not for a
+/// copy the version order turns away.
+#[test]
+fn the_models_revision_counts_its_changes() {
+    let store = ModelStore::new(groups(), Shape::default()).unwrap_or_else(|e| panic!("{e}"));
+    let revision = || store.revision("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    let live = |mod_revision| Property {
+        group: "h".to_owned(),
+        name: "n".to_owned(),
+        id: "a".to_owned(),
+        mod_revision,
+        ..Property::default()
+    };
+    assert_eq!(revision(), 0);
+    store.apply(live(2)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(revision(), 1);
+    store.apply(live(1)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(revision(), 1, "an older copy changes nothing");
+    store
+        .delete(&entity_of(&live(3)), 3, 10)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(revision(), 2);
+}
