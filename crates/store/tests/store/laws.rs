@@ -197,3 +197,50 @@ fn the_models_revision_counts_its_changes() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(revision(), 2);
 }
+
+/// The model keeps what the redb store keeps: a read returns the stored copy, a delete says
+/// whether it found a live version, a complete round is recorded (never moving back), and a
+/// purge removes its tombstones from the copies and the tree (one change each).
+#[test]
+fn the_model_reads_deletes_records_and_purges_as_a_store() {
+    let store = ModelStore::new(groups(), Shape::default()).unwrap_or_else(|e| panic!("{e}"));
+    let live = Property {
+        group: "h".to_owned(),
+        name: "n".to_owned(),
+        id: "a".to_owned(),
+        mod_revision: 1,
+        ..Property::default()
+    };
+    let entity = entity_of(&live);
+    store.apply(live.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.get(&entity).ok(), Some(Some(live.clone())));
+    let first = store
+        .delete(&entity, 2, 10)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.found, "a live version was there");
+    let again = store
+        .delete(&entity, 3, 20)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!again.found, "only a tombstone was there");
+
+    store
+        .record_complete_round("h", 0, 100, 50)
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .record_complete_round("h", 0, 90, 40)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let state = store.purge_state("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (state.last_complete_round, state.cutoff),
+        (Some(100), Some(50))
+    );
+
+    let before = store.revision("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    let report = store
+        .purge_tombstones("h", 0, 30, 8)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.purged, 1);
+    assert_eq!(store.get(&entity).ok(), Some(None));
+    assert_eq!(store.tree("h", 0).map(|t| t.leaf_count()).ok(), Some(0));
+    assert_eq!(store.revision("h", 0).ok(), Some(before + 1));
+}
