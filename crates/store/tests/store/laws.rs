@@ -223,6 +223,11 @@ fn the_model_reads_deletes_records_and_purges_as_a_store() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!again.found, "only a tombstone was there");
 
+    let fresh = store.purge_state("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (fresh.last_complete_round, fresh.cutoff, fresh.purged_below),
+        (None, None, 0)
+    );
     store
         .record_complete_round("h", 0, 100, 50)
         .unwrap_or_else(|e| panic!("{e}"));
