@@ -262,6 +262,11 @@ fn tree_view_and_export_show_the_live_tree() {
     let decoded = snapshot::decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(decoded, tree, "the export decodes to the live tree");
     assert_eq!(decoded, ok(ok(store.snapshot()).rebuild_tree("h", 0)));
+    assert_eq!(
+        ok(ok(store.snapshot()).export_tree("h", 0)),
+        bytes,
+        "a snapshot exports the same tree"
+    );
 }
 
 #[test]
