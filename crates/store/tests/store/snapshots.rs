@@ -201,3 +201,43 @@ fn a_snapshot_lists_leaves_of_changes_not_yet_flushed() {
         );
     }
 }
+
+/// A cursor from before a node's range lists the node's leaves from its start: never a leaf
+/// of an earlier bucket (the flushed tree read from its table).
+#[test]
+fn a_cursor_before_a_nodes_range_lists_only_the_nodes_leaves() {
+    use propd_merkle::NodeId;
+    use propd_store::LeafKey;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = open(dir.path());
+    for i in 0..60 {
+        store
+            .apply(live("h", "n", &format!("{i}"), 1, &[]))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    store.flush("h", 0).unwrap_or_else(|e| panic!("{e}"));
+    let snapshot = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+    let tree = snapshot
+        .rebuild_tree("h", 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = LeafKey::of(&tree.leaves_under(NodeId::ROOT)[0]);
+    let slots: Vec<NodeId> = tree
+        .children(NodeId::ROOT)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut checked = 0;
+    for node in slots {
+        let under = tree.leaves_under(node);
+        if under.is_empty() || under[0].bucket <= first.bucket {
+            continue;
+        }
+        let listed = snapshot
+            .leaves_under("h", 0, node, Some(&first), 1_000)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(listed.as_slice(), under, "leaves under {node}");
+        checked += 1;
+    }
+    assert!(checked > 0, "some slot lies after the first leaf's bucket");
+}
