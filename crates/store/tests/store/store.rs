@@ -593,3 +593,21 @@ fn a_running_store_adds_groups_and_records_them() {
         other => panic!("a recorded shard count must not change, got {other:?}"),
     }
 }
+
+/// A store answers with the tree shape it was opened with, through its own API and the repair
+/// view alike.
+#[test]
+fn a_store_reports_the_shape_it_was_opened_with() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let shape = Shape {
+        slot_count: 8,
+        fanout: 4,
+        depth: 2,
+        ..Shape::default()
+    };
+    let mut config = config(dir.path());
+    config.shape = shape;
+    let store = ok(RedbStore::open(config));
+    assert_eq!(store.shape(), shape);
+    assert_eq!(RepairStore::shape(&store), shape);
+}
