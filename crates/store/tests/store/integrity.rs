@@ -141,6 +141,13 @@ fn queries_scans_repair_reads_and_leaf_lists_skip_a_rotten_row() {
     assert_eq!(ok(store.quarantined_count()), 1);
     drop(store);
 
+    // A list cut at its limit reads past the rotten row and still returns exactly the limit.
+    let whole = ok(fresh().leaves_under("h", 0, NodeId::ROOT, None, 100));
+    for limit in 1..9 {
+        let cut = ok(fresh().leaves_under("h", 0, NodeId::ROOT, None, limit));
+        assert_eq!(cut.as_slice(), &whole[..limit], "limit {limit}");
+    }
+
     let store = fresh();
     let copies = ok(store.get_many("h", 0, &[rotten.clone(), entity_of(&written[4])]));
     assert_eq!(
