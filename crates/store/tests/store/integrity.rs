@@ -229,6 +229,16 @@ fn an_empty_database_file_is_refused_unless_the_operator_starts_empty() {
         dir.path().join("propd.redb.damaged").exists(),
         "the damaged file is kept"
     );
+    drop(store);
+
+    // Damaged again, twice: each damaged file is kept under a name of its own.
+    for kept in ["propd.redb.damaged.1", "propd.redb.damaged.2"] {
+        std::fs::write(&file, b"").unwrap_or_else(|e| panic!("{e}"));
+        let mut start_empty = config(dir.path());
+        start_empty.start_empty_if_damaged = true;
+        drop(ok(propd_store::RedbStore::open(start_empty)));
+        assert!(dir.path().join(kept).exists(), "{kept}");
+    }
 }
 
 #[test]
