@@ -187,6 +187,14 @@ fn query_pages_resume_after_their_last_entity_and_add_up_to_the_whole() {
             .collect::<Vec<_>>(),
         ["03/x", "06/x", "33/x"]
     );
+    // A cursor before the name's first entity (an entity of a name that sorts first, with
+    // another name's entities between) starts the name's query at its beginning.
+    let mut query = Query::group("g");
+    query.name = Some("ab".into());
+    let from_start = pages(query.clone());
+    assert_eq!(from_start.len(), 20);
+    query.after = Some(entity_of(&live("g", "a-b", "02/x", 1, &[])));
+    assert_eq!(pages(query), from_start, "a cursor before the name");
     let mut shards = Vec::new();
     for shard in 0..4 {
         let mut query = Query::group("g");
