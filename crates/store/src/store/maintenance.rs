@@ -299,3 +299,45 @@ impl RedbStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use propd_merkle::{Digest, Entity, Leaf};
+
+    use super::differing_leaves;
+
+    fn leaf(bucket: u64, id: &str, byte: u8) -> Leaf {
+        Leaf {
+            bucket,
+            entity: Entity::new("g", "n", id).unwrap_or_else(|e| panic!("{e}")),
+            digest: Digest::from_slice(&[byte; 32]).unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    /// Leaves missing on either side, extra ones, and ones whose digests differ each count once,
+    /// whichever list runs out first.
+    #[test]
+    fn differing_leaves_counts_each_missing_extra_or_changed_leaf() {
+        let (a, b, c) = (leaf(1, "a", 1), leaf(1, "b", 1), leaf(2, "c", 1));
+        let changed = leaf(1, "b", 2);
+        let all = [a.clone(), b.clone(), c.clone()];
+        assert_eq!(differing_leaves(&all, &all), 0);
+        assert_eq!(
+            differing_leaves(&[a.clone()], &all),
+            2,
+            "the left runs out first"
+        );
+        assert_eq!(
+            differing_leaves(&all, &[a.clone()]),
+            2,
+            "the right runs out first"
+        );
+        assert_eq!(differing_leaves(&[], &all), 3);
+        assert_eq!(differing_leaves(&[a.clone(), c.clone()], &[b, c]), 2);
+        assert_eq!(
+            differing_leaves(&[a.clone(), changed], &all),
+            2,
+            "b changed, c missing"
+        );
+    }
+}
