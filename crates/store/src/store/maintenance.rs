@@ -323,12 +323,12 @@ mod tests {
         let all = [a.clone(), b.clone(), c.clone()];
         assert_eq!(differing_leaves(&all, &all), 0);
         assert_eq!(
-            differing_leaves(&[a.clone()], &all),
+            differing_leaves(std::slice::from_ref(&a), &all),
             2,
             "the left runs out first"
         );
         assert_eq!(
-            differing_leaves(&all, &[a.clone()]),
+            differing_leaves(&all, std::slice::from_ref(&a)),
             2,
             "the right runs out first"
         );
