@@ -195,6 +195,32 @@ fn query_pages_resume_after_their_last_entity_and_add_up_to_the_whole() {
     assert_eq!(from_start.len(), 20);
     query.after = Some(entity_of(&live("g", "a-b", "02/x", 1, &[])));
     assert_eq!(pages(query), from_start, "a cursor before the name");
+    // Ids of a name looked up one shard at a time: each shard answers its own, and the byte
+    // bound of a lookup counts each copy's canonical bytes and its framing.
+    let mut query = Query::group("g");
+    query.name = Some("a".into());
+    query.ids = (0..60).step_by(3).map(|i| format!("{i:02}/x")).collect();
+    let looked_up = pages(query.clone());
+    assert_eq!(looked_up.len(), 19, "00/x is deleted");
+    let four = std::num::NonZeroU32::new(4).unwrap_or_else(|| panic!("four shards"));
+    let mut by_shard = Vec::new();
+    for shard in 0..4 {
+        let mut one = query.clone();
+        one.shard = Some(shard);
+        let found = pages(one);
+        assert!(
+            found
+                .iter()
+                .all(|p| propd_merkle::shard_of(&entity_of(p), four) == shard),
+            "shard {shard}"
+        );
+        by_shard.extend(found);
+    }
+    by_shard.sort_by_key(key);
+    assert_eq!(by_shard, looked_up);
+    let framed = |p: &Property| p.canonical_bytes().len() + 16;
+    query.max_bytes = 3 * framed(&looked_up[0]) + 5;
+    assert_eq!(ok(store.query_page(&query)).properties.len(), 3);
     let mut shards = Vec::new();
     for shard in 0..4 {
         let mut query = Query::group("g");
