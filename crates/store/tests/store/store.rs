@@ -218,6 +218,12 @@ fn query_pages_resume_after_their_last_entity_and_add_up_to_the_whole() {
     }
     by_shard.sort_by_key(key);
     assert_eq!(by_shard, looked_up);
+    // A lookup whose last id fills the page says no page follows.
+    let mut exact = query.clone();
+    exact.ids = vec!["03/x".into(), "06/x".into(), "33/x".into()];
+    exact.limit = 3;
+    let page = ok(store.query_page(&exact));
+    assert_eq!((page.properties.len(), page.resume_after), (3, None));
     let framed = |p: &Property| p.canonical_bytes().len() + 16;
     query.max_bytes = 3 * framed(&looked_up[0]) + 5;
     assert_eq!(ok(store.query_page(&query)).properties.len(), 3);
