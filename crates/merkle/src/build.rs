@@ -457,6 +457,22 @@ mod tests {
     }
 
     #[test]
+    fn a_builder_keeps_its_shape() {
+        let shape = Shape {
+            slot_count: 8,
+            depth: 1,
+            ..Shape::default()
+        };
+        assert_eq!(TreeBuilder::new(shape).expect("valid").shape(), &shape);
+        assert_eq!(
+            TreeBuilder::with_capacity(shape, 10)
+                .expect("valid")
+                .shape(),
+            &shape
+        );
+    }
+
+    #[test]
     fn a_single_leaf_hashes_up_its_path() {
         let shape = Shape {
             depth: 1,
