@@ -93,6 +93,20 @@ fn refused_requests_change_nothing() {
         other => panic!("oversize: {other:?}"),
     }
     expect_invalid(store.repair_apply(oversize), "bytes");
+    // At the edge: one byte over the bound is refused (exactly the bound is taken, below).
+    let sized = |n: usize| {
+        with(&|p| {
+            p.id = "edge".into();
+            p.tags.insert("blob".into(), TagValue::Binary(vec![0; n]));
+        })
+    };
+    let fill = (0..300)
+        .find(|&n| sized(n).canonical_len() == 200)
+        .unwrap_or_else(|| panic!("a blob that makes the property 200 bytes"));
+    match expect_invalid(store.apply(sized(fill + 1)), "bytes") {
+        ValidationError::TooLarge { size, max, .. } => assert_eq!((size, max), (201, 200)),
+        other => panic!("one byte over: {other:?}"),
+    }
     expect_invalid(
         store.repair_apply(with(&|p| p.delete_time = -1)),
         "delete_time",
@@ -150,4 +164,7 @@ fn refused_requests_change_nothing() {
     expect_invalid(store.query(&query), "name");
 
     assert_eq!(state(&store), before, "nothing stored changed");
+    store
+        .apply(sized(fill))
+        .unwrap_or_else(|e| panic!("a property of exactly the bound: {e}"));
 }
