@@ -109,6 +109,34 @@ mod tests {
         )
     }
 
+    /// A shard whose only row was deleted and purged, its leaf log flushed, holds nothing
+    /// though its tables exist; with the row still there, or only its leaf change, it holds
+    /// something.
+    #[test]
+    fn a_shard_of_empty_tables_holds_no_rows() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = store(dir.path());
+        let id = (0..)
+            .map(|i| format!("e{i}"))
+            .find(|id| shard(id) == 0)
+            .unwrap_or_else(|| panic!("an id of shard 0"));
+        let holds = || store.holds_rows("g", 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!holds(), "nothing written");
+        store.apply(property(&id)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(holds(), "a row and its pending leaf change");
+        store.flush("g", 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(holds(), "a row and its leaf");
+        let entity = Entity::new("g", "n", &id).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .delete(&entity, 2, 10)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .purge_tombstones("g", 0, 1_000, 64)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.flush("g", 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!holds(), "empty tables");
+    }
+
     #[test]
     fn dropping_a_shard_empties_it_and_leaves_the_other_shard_alone() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
