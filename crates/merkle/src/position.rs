@@ -187,6 +187,36 @@ impl Shape {
 mod tests {
     use super::*;
 
+    /// The shift-and-mask path and the arithmetic one place a position in the same bucket, and
+    /// shapes of other counts (not powers of two) use the digits the definition gives.
+    #[test]
+    fn bucket_indexes_follow_the_definition_whatever_the_counts() {
+        for (slot_count, fanout, depth) in [(4, 16, 2), (3, 16, 2), (4, 3, 2), (5, 7, 3), (1, 2, 4)]
+        {
+            let shape = Shape {
+                slot_count,
+                fanout,
+                depth,
+                ..Shape::default()
+            };
+            let (slots, fan) = (u64::from(slot_count), u64::from(fanout));
+            for position in (0..5_000u64).chain([u64::MAX - 3, u64::MAX]) {
+                let mut expected = position % slots;
+                let mut rest = position / slots;
+                for _ in 0..depth {
+                    expected = expected * fan + rest % fan;
+                    rest /= fan;
+                }
+                assert_eq!(
+                    shape.bucket_index(position),
+                    expected,
+                    "{slot_count} slots, fanout {fanout}, position {position}"
+                );
+            }
+        }
+        assert_eq!(NodeId::new(2, 5).to_string(), "2:5");
+    }
+
     #[test]
     fn bucket_digits_follow_the_documented_rule() {
         let shape = Shape {
