@@ -168,3 +168,42 @@ fn refused_requests_change_nothing() {
         .apply(sized(fill))
         .unwrap_or_else(|e| panic!("a property of exactly the bound: {e}"));
 }
+
+/// A refusal for bad input carries its validation error, alone or as a batch item (what the
+/// node answers as INVALID_ARGUMENT); other errors carry none.
+#[test]
+fn a_refusal_for_bad_input_carries_its_validation_error() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = small_store(dir.path());
+    let mut bad = live("h", "n", "1", 1, &[]);
+    bad.mod_revision = 0;
+    let alone = store.apply(bad.clone()).expect_err("refused");
+    assert!(
+        alone
+            .validation()
+            .is_some_and(|e| e.to_string().contains("mod_revision")),
+        "{alone:?}"
+    );
+    let in_batch = store
+        .repair_apply_batch("h", 0, vec![live("h", "n", "2", 1, &[]), bad])
+        .expect_err("refused");
+    assert!(
+        in_batch
+            .validation()
+            .is_some_and(|e| e.to_string().contains("mod_revision")),
+        "{in_batch:?}"
+    );
+    let other = StoreError::GroupCommitAbandoned;
+    assert!(other.validation().is_none());
+}
+
+/// The fuzz targets' decoder of a stored row takes the canonical bytes of the property its key
+/// names and refuses another's.
+#[test]
+fn a_stored_row_decodes_to_its_property() {
+    let property = live("h", "n", "1", 3, &[("t", TagValue::Int(7))]);
+    let decoded = propd_store::decode_property_row("h/n/1", &property.canonical_bytes());
+    assert_eq!(decoded.ok(), Some(property.clone()));
+    assert!(propd_store::decode_property_row("h/n/2", &property.canonical_bytes()).is_err());
+    assert!(propd_store::decode_property_row("h/n", &property.canonical_bytes()).is_err());
+}
