@@ -84,6 +84,7 @@ fn a_full_disk_fails_writes_by_name_and_the_store_recovers_once_space_is_freed()
     assert!(matches!(full, StoreError::DiskFull { .. }), "{full}");
     assert!(full.to_string().contains("disk full"), "{full}");
     assert!(matches!(store.health(), StoreHealth::DiskFull(_)));
+    assert!(store.writes_failing());
     let again = store.apply(big(99_999));
     assert!(
         matches!(again, Err(StoreError::DiskFull { .. })),
@@ -108,6 +109,7 @@ fn a_full_disk_fails_writes_by_name_and_the_store_recovers_once_space_is_freed()
         "writes work once space is freed"
     );
     assert_eq!(store.health(), StoreHealth::Ok);
+    assert!(!store.writes_failing());
     let after = big(acknowledged.len());
     store
         .apply(after.clone())
