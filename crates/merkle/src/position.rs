@@ -217,6 +217,28 @@ mod tests {
         assert_eq!(NodeId::new(2, 5).to_string(), "2:5");
     }
 
+    /// A node exists only at a level of the shape and within its level's width; a slot's
+    /// position under the root is its index, however many slots there are.
+    #[test]
+    fn nodes_exist_within_their_levels_and_slots_sit_at_their_index() {
+        let shape = Shape {
+            slot_count: 40,
+            fanout: 16,
+            depth: 2,
+            ..Shape::default()
+        };
+        let buckets = shape.bucket_level();
+        assert!(shape.contains(NodeId::ROOT));
+        assert!(shape.contains(NodeId::new(1, 39)));
+        assert!(!shape.contains(NodeId::new(1, 40)));
+        assert!(shape.contains(NodeId::new(buckets, 40 * 256 - 1)));
+        assert!(!shape.contains(NodeId::new(buckets, 40 * 256)));
+        assert!(!shape.contains(NodeId::new(buckets + 1, 0)));
+        assert_eq!(shape.child_position(NodeId::new(1, 20)), 20);
+        assert_eq!(shape.child_position(NodeId::new(2, 20 * 16 + 5)), 5);
+        assert_eq!(shape.child_position(NodeId::ROOT), 0);
+    }
+
     #[test]
     fn bucket_digits_follow_the_documented_rule() {
         let shape = Shape {
