@@ -33,11 +33,17 @@ fn sample(i: usize) -> Property {
 /// Flips one byte of the stored row of `property` (in its canonical bytes, past the check
 /// digest) behind the store's back, as rot on the disk would.
 fn flip_stored_byte(dir: &Path, property: &Property) {
+    flip_stored_byte_in(dir, property, 0);
+}
+
+/// [`flip_stored_byte`] for a property of shard `shard` of its group.
+fn flip_stored_byte_in(dir: &Path, property: &Property, shard: u32) {
     let db = redb::Database::create(dir.join("propd.redb")).unwrap_or_else(|e| panic!("{e}"));
     let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
     {
+        let table_name = format!("props/{}/{shard}", property.group);
         let definition: redb::TableDefinition<'_, &str, &[u8]> =
-            redb::TableDefinition::new("props/h/0");
+            redb::TableDefinition::new(&table_name);
         let mut table = txn.open_table(definition).unwrap_or_else(|e| panic!("{e}"));
         let key = entity_of(property).as_str().to_owned();
         let mut row = table
@@ -389,4 +395,38 @@ fn a_file_of_another_row_format_is_refused() {
         }
         other => panic!("another row format must be refused, got {other:?}"),
     }
+}
+
+/// Rows found rotten by one read in several shards, several in a shard, are each quarantined.
+#[test]
+fn every_rotten_row_a_read_meets_is_quarantined_whatever_its_shard() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let four = std::num::NonZeroU32::new(4).unwrap_or_else(|| panic!("four shards"));
+    let shard = |p: &Property| propd_merkle::shard_of(&entity_of(p), four);
+    let written: Vec<Property> = (0..40)
+        .map(|i| live("g", "n", &format!("{i:02}"), 1, &[]))
+        .collect();
+    {
+        let store = open(dir.path());
+        for property in &written {
+            ok(store.apply(property.clone()));
+        }
+    }
+    // Two rows of one shard and one of another.
+    let first = shard(&written[0]);
+    let same: Vec<&Property> = written
+        .iter()
+        .filter(|p| shard(p) == first)
+        .take(2)
+        .collect();
+    let other = written
+        .iter()
+        .find(|p| shard(p) != first)
+        .unwrap_or_else(|| panic!("a row of another shard"));
+    for property in same.iter().copied().chain([other]) {
+        flip_stored_byte_in(dir.path(), property, shard(property));
+    }
+    let store = open(dir.path());
+    assert_eq!(ok(store.query(&Query::group("g"))).len(), 37);
+    assert_eq!(ok(store.quarantined_count()), 3);
 }
