@@ -429,4 +429,5 @@ fn every_rotten_row_a_read_meets_is_quarantined_whatever_its_shard() {
     let store = open(dir.path());
     assert_eq!(ok(store.query(&Query::group("g"))).len(), 37);
     assert_eq!(ok(store.quarantined_count()), 3);
+    assert_eq!(store.quarantined_since_open(), 3);
 }
