@@ -430,4 +430,7 @@ fn every_rotten_row_a_read_meets_is_quarantined_whatever_its_shard() {
     assert_eq!(ok(store.query(&Query::group("g"))).len(), 37);
     assert_eq!(ok(store.quarantined_count()), 3);
     assert_eq!(store.quarantined_since_open(), 3);
+    // Handing the first shard over drops its quarantined rows, not the other shard's.
+    ok(store.drop_shard("g", first));
+    assert_eq!(ok(store.quarantined_count()), 1);
 }
