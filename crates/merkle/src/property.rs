@@ -191,6 +191,32 @@ mod tests {
         }
     }
 
+    /// The length a property announces is the length of its canonical bytes, tombstones and
+    /// long varints included.
+    #[test]
+    fn canonical_len_is_the_length_of_the_canonical_bytes() {
+        let mut cases = vec![sample()];
+        for (mod_revision, delete_time) in [(1, 1), (300, 1_700_000_000_000_000_000), (-1, 5)] {
+            cases.push(Property {
+                tags: BTreeMap::new(),
+                mod_revision,
+                delete_time,
+                ..sample()
+            });
+        }
+        cases.push(Property {
+            mod_revision: 0,
+            ..sample()
+        });
+        for property in cases {
+            assert_eq!(
+                property.canonical_len(),
+                property.canonical_bytes().len(),
+                "{property:?}"
+            );
+        }
+    }
+
     #[test]
     fn canonical_bytes_match_a_hand_encoded_message() {
         let expected: Vec<u8> = [
