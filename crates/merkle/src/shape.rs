@@ -123,12 +123,6 @@ impl Shape {
         self.depth + 1
     }
 
-    /// The level whose nodes hold the leaves: the same as [`Shape::bucket_level`]. Leaves
-    /// themselves have no `NodeId`; in a diff's cost list they are level `bucket_level() + 1`.
-    pub fn leaf_level(&self) -> u32 {
-        self.bucket_level()
-    }
-
     /// The number of nodes at `level` (0 for a level below the buckets):
     /// 1, `slot_count`, `slot_count * fanout`, ...
     pub fn level_width(&self, level: u32) -> u64 {
