@@ -205,6 +205,38 @@ impl fmt::Debug for Entity {
 mod tests {
     use super::*;
 
+    /// The parts' check bounds the whole key, separators included, at `MAX_LEN` bytes, and
+    /// says the length.
+    #[test]
+    fn checked_parts_are_bounded_by_the_whole_keys_length() {
+        let id = |n: usize| "i".repeat(n);
+        let longest = Entity::MAX_LEN - "gg/nnn/".len();
+        assert_eq!(
+            Entity::check_parts("gg", "nnn", &id(longest)),
+            Ok(Entity::MAX_LEN)
+        );
+        assert_eq!(
+            Entity::check_parts("gg", "nnn", &id(longest + 1)),
+            Err(EntityError::TooLong {
+                len: Entity::MAX_LEN + 1,
+                max: Entity::MAX_LEN
+            })
+        );
+        assert_eq!(Entity::check_parts("g", "n", "i"), Ok(5));
+    }
+
+    /// An entity rebuilt from checked bytes has the parts of the text, and shows as its key.
+    #[test]
+    fn an_entity_from_checked_bytes_has_its_parts_and_shows_its_key() {
+        let entity = Entity::from_checked_bytes(b"grp/name/a/b").expect("valid");
+        assert_eq!(
+            (entity.group(), entity.name(), entity.id()),
+            ("grp", "name", "a/b")
+        );
+        assert_eq!(entity.to_string(), "grp/name/a/b");
+        assert_eq!(format!("{entity:?}"), "Entity(\"grp/name/a/b\")");
+    }
+
     #[test]
     fn parts_round_trip_and_id_may_hold_slashes() {
         let entity = Entity::parse("g/n/a/b").expect("valid");
