@@ -293,6 +293,20 @@ mod tests {
         bytes
     }
 
+    /// Fewer bytes than a header and a checksum are refused as too short, naming both lengths;
+    /// exactly that many get as far as the magic.
+    #[test]
+    fn a_snapshot_shorter_than_its_frame_is_too_short() {
+        let min = HEADER_LEN + CHECKSUM_LEN;
+        assert_eq!(
+            decode(&vec![0; min - 1]).err(),
+            Some(SnapshotError::TooShort { len: min - 1, min })
+        );
+        assert!(matches!(
+            decode(&vec![0; min]),
+            Err(SnapshotError::BadMagic { .. })
+        ));
+    }
     #[test]
     fn round_trip_for_every_algorithm_and_the_empty_tree() {
         for shape in [
