@@ -327,6 +327,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_node_hasher_counts_the_leaves_pushed() {
+        let entity = |id: &str| Entity::new("g", "n", id).expect("valid");
+        let digest = Algorithm::Blake3.hash(b"leaf", 16);
+        let mut hasher = NodeHasher::bucket(Algorithm::Blake3, 16);
+        assert_eq!(hasher.leaf_count(), 0);
+        hasher.push_leaf(&entity("a"), &digest);
+        hasher.push_leaf(&entity("b"), &digest);
+        assert_eq!(hasher.leaf_count(), 2);
+        assert_eq!(hasher.finish().1, 2);
+    }
+
+    #[test]
     fn sha512_prefix_matches_known_vector() {
         // SHA-512("abc") starts with ddaf35a193617aba.
         let digest = Algorithm::Sha512.hash(b"abc", 8);
