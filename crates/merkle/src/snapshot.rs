@@ -133,6 +133,17 @@ pub fn encode(tree: &Tree) -> Vec<u8> {
     out
 }
 
+/// The leaves to reserve room for when a snapshot declares `leaf_count` of them and `remaining`
+/// bytes follow: never more than those bytes can hold, since each leaf takes at least a length,
+/// the shortest entity (`g/n/i`) and a digest. A declared count is never trusted for an
+/// allocation.
+fn leaf_reservation(leaf_count: u64, remaining: usize, width: usize) -> usize {
+    let smallest_leaf = 2 + "g/n/i".len() + width;
+    usize::try_from(leaf_count)
+        .unwrap_or(usize::MAX)
+        .min(remaining / smallest_leaf)
+}
+
 /// Decodes and verifies a snapshot: magic, checksum, version, shape, every leaf (valid entity,
 /// strict `(bucket, entity)` order), no trailing bytes, and the stored root against the root
 /// rebuilt from the leaves. Returns a typed error for any malformed input; never panics.
@@ -184,9 +195,7 @@ pub fn decode(bytes: &[u8]) -> Result<Tree, SnapshotError> {
     let root = Digest::from_slice(reader.take(width, "root")?)
         .map_err(|_| truncated("root", reader.offset))?;
 
-    // Never trust the declared count for an allocation: each leaf takes at least this many bytes.
-    let smallest_leaf = 2 + "g/n/i".len() + width;
-    let capacity = (leaf_count as usize).min(reader.remaining() / smallest_leaf);
+    let capacity = leaf_reservation(leaf_count, reader.remaining(), width);
     let mut builder = TreeBuilder::with_capacity(shape, capacity)?;
     let mut previous: Option<(u64, Entity)> = None;
     for index in 0..leaf_count {
@@ -291,6 +300,17 @@ mod tests {
         let checksum = xxh3_64(&bytes[..body]);
         bytes[body..].copy_from_slice(&checksum.to_le_bytes());
         bytes
+    }
+
+    /// A declared leaf count reserves room for no more leaves than the bytes that follow can hold.
+    #[test]
+    fn a_declared_leaf_count_reserves_no_more_than_the_bytes_hold() {
+        // The smallest leaf at width 16: 2 + 5 + 16 = 23 bytes.
+        assert_eq!(leaf_reservation(u64::MAX, 23 * 1000, 16), 1000);
+        assert_eq!(leaf_reservation(u64::MAX, 23 * 1000 + 22, 16), 1000);
+        assert_eq!(leaf_reservation(10, 23 * 1000, 16), 10);
+        assert_eq!(leaf_reservation(u64::MAX, 22, 16), 0);
+        assert_eq!(leaf_reservation(u64::MAX, 7 * 1000, 0), 1000);
     }
 
     /// Fewer bytes than a header and a checksum are refused as too short, naming both lengths;
